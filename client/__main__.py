@@ -1,0 +1,57 @@
+"""`python -m client`: a stateless worker configured from the environment only."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+import torch
+
+from client.loop import ClientLoop, make_transport_factory
+from client.work import LocalData, PartitionMismatch
+from stack.settings import ClientSettings
+
+log = logging.getLogger("client")
+
+
+def main() -> int:
+    try:
+        settings = ClientSettings.from_env()
+    except ValueError as error:
+        print(f"client: bad configuration: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s [client %(process)d] %(name)s: %(message)s",
+    )
+    torch.set_num_threads(settings.torch_threads)
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second signal: stop now, even mid-step
+        log.info("%s received: stopping after the current step", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    make_transport = make_transport_factory(settings.server_url, settings.token, stop)
+    loop = ClientLoop(make_transport, LocalData(Path(settings.data_dir)), stop)
+    try:
+        loop.run()
+    except PartitionMismatch as error:
+        log.error("%s", error)
+        return 3
+    except KeyboardInterrupt:
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The client loop: register, ask for a task, train or wait, report; forever until stopped."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from client.transport import ApiError, Conflict, Stopped, Transport, UnknownClient
+from client.work import LocalData, load_weights, run_round
+from fedland.spec import ExperimentSpec
+
+log = logging.getLogger(__name__)
+
+TransportFactory = Callable[..., Transport]  # (max_attempts: int | None = None) -> Transport
+
+
+class Heartbeat:
+    """Background thread posting a heartbeat every `interval_s` while the client works."""
+
+    def __init__(self, make_transport: TransportFactory, client_id: str, interval_s: float) -> None:
+        self.transport = make_transport(max_attempts=1)  # a missed beat is retried at the next beat
+        self.client_id = client_id
+        self.interval_s = interval_s
+        self.lost = threading.Event()  # the server no longer knows this client
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        transport = self.transport
+        try:
+            while not self._done.wait(self.interval_s):
+                try:
+                    transport.heartbeat(self.client_id)
+                except UnknownClient:
+                    log.warning("heartbeat: server does not know client %s", self.client_id)
+                    self.lost.set()
+                    return
+                except Stopped:
+                    return
+                except Exception as error:  # noqa: BLE001 - a missed beat is not fatal; the next may pass
+                    log.warning("heartbeat failed: %s", error)
+        finally:
+            transport.close()
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._done.set()
+        self._thread.join(timeout=5.0)
+
+
+class ClientLoop:
+    """Works for the server until `stop` is set."""
+
+    def __init__(
+        self,
+        make_transport: TransportFactory,
+        local_data: LocalData,
+        stop: threading.Event,
+    ) -> None:
+        self.make_transport = make_transport
+        self.transport = make_transport()
+        self.local_data = local_data
+        self.stop = stop
+        self._specs: dict[str, ExperimentSpec] = {}
+        self._tasks_done = 0  # tasks received under the current registration
+
+    def run(self) -> None:
+        """Loop until stopped; returns normally on stop."""
+        forgotten = 0  # consecutive registrations the server forgot before giving a task
+        try:
+            while not self.stop.is_set():
+                registration = self.transport.register(socket.gethostname(), os.getpid())
+                log.info("registered as client %s", registration.client_id)
+                try:
+                    self._work(registration.client_id, registration.heartbeat_interval_s)
+                except UnknownClient as error:
+                    # back off only if the server keeps forgetting fresh registrations
+                    forgotten = 0 if self._tasks_done else forgotten + 1
+                    delay_s = self.transport.backoff.delay_s(forgotten - 1, self.transport.rng) if forgotten else 0.0
+                    log.warning(
+                        "server forgot client %s (%s); registering again in %.1f s",
+                        registration.client_id, error, delay_s,
+                    )
+                    self.stop.wait(delay_s)
+        except Stopped:
+            pass
+        finally:
+            self.transport.close()
+        log.info("client stopped")
+
+    def _work(self, client_id: str, heartbeat_interval_s: float) -> None:
+        self._tasks_done = 0
+        failures = 0  # consecutive tasks that failed
+        while not self.stop.is_set():
+            task = self.transport.next_task(client_id)
+            self._tasks_done += 1  # the 404 that ends this loop is raised before this line
+            action = task.get("action")
+            if action == "wait":
+                self.stop.wait(float(task.get("retry_after_s", 1.0)))
+                continue
+            heartbeat = Heartbeat(self.make_transport, client_id, heartbeat_interval_s)
+            try:
+                if action != "train":
+                    raise ValueError(f"unknown task action {action!r}")
+                with heartbeat:
+                    self._train(client_id, task)
+                failures = 0
+            except (ApiError, ValueError, KeyError, TypeError) as error:
+                # the server refused or sent something unusable: log, back off, ask again
+                delay_s = self.transport.backoff.delay_s(failures, self.transport.rng)
+                failures += 1
+                log.error("task failed (%s: %s); asking again in %.1f s", type(error).__name__, error, delay_s)
+                self.stop.wait(delay_s)
+            if heartbeat.lost.is_set():
+                raise UnknownClient("heartbeat answered 404")
+
+    def _spec(self, experiment_id: str, spec_dict: dict[str, Any]) -> ExperimentSpec:
+        if experiment_id not in self._specs:
+            self._specs = {experiment_id: ExperimentSpec.from_dict(spec_dict)}
+        return self._specs[experiment_id]
+
+    def _train(self, client_id: str, task: dict[str, Any]) -> None:
+        experiment_id = str(task["experiment_id"])
+        client_index = int(task["client_index"])
+        server_round = int(task["round"])
+        spec = self._spec(experiment_id, task["spec"])
+        data = self.local_data.client_data(experiment_id, client_index, spec, str(task["partition_digest"]))
+        log.info("experiment %s round %d/%d as client %d", experiment_id, server_round, spec.rounds, client_index)
+
+        started = time.perf_counter()
+        payload = self.transport.fetch_model(experiment_id, server_round)
+        global_model = load_weights(spec, payload)
+        fetch_s = time.perf_counter() - started
+        if self.stop.is_set():
+            return
+        result = run_round(spec, data, global_model, server_round, fetch_s)
+        if self.stop.is_set():
+            log.info("stopping: abandoning round %d of experiment %s", server_round, experiment_id)
+            return
+        meta = {
+            "client_id": client_id,
+            "client_index": client_index,
+            "num_examples": result.num_examples,
+            "stats": result.stats,
+        }
+        try:
+            answer = self.transport.post_update(experiment_id, server_round, meta, result.weights)
+        except Conflict as error:
+            log.warning("update for experiment %s round %d refused: %s", experiment_id, server_round, error)
+            return
+        log.info(
+            "experiment %s round %d: local test accuracy %.4f, aggregated=%s",
+            experiment_id, server_round, result.stats["local"]["test_accuracy"], answer.get("aggregated"),
+        )
+
+
+def make_transport_factory(
+    server_url: str, token: str, stop: threading.Event, seed: int | None = None
+) -> TransportFactory:
+    """A factory of transports sharing `stop`; each gets its own jitter RNG."""
+    seeds = random.Random(seed)
+
+    def make(max_attempts: int | None = None) -> Transport:
+        return Transport(
+            server_url, token, stop=stop, rng=random.Random(seeds.getrandbits(64)), max_attempts=max_attempts
+        )
+
+    return make

@@ -1,0 +1,192 @@
+"""HTTP transport to the fedland server: one method per API call, retries with backoff."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+
+
+class Stopped(Exception):
+    """The stop event was set while waiting for the server."""
+
+
+class UnknownClient(Exception):
+    """The server does not know this client id (404 on a client route): register again."""
+
+
+class Conflict(Exception):
+    """The server refused an update as late, duplicate, or from a slot this client lost (409)."""
+
+
+class ApiError(RuntimeError):
+    """The server answered a 4xx other than the ones the loop handles."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        detail = f" (field {field!r})" if field else ""
+        super().__init__(f"HTTP {status}: {message}{detail}")
+        self.status = status
+        self.message = message
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter: attempt `n` (0-based) waits in [cap/2, cap], cap = base * factor**n."""
+
+    base_s: float = 0.5
+    factor: float = 2.0
+    max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.base_s <= 0:
+            raise ValueError(f"base_s must be > 0, got {self.base_s}")
+        if self.factor < 1:
+            raise ValueError(f"factor must be >= 1, got {self.factor}")
+        if self.max_s < self.base_s:
+            raise ValueError(f"max_s must be >= base_s, got {self.max_s} < {self.base_s}")
+
+    def delay_s(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait before retry number `attempt + 1`."""
+        cap = min(self.max_s, self.base_s * self.factor ** min(attempt, 64))
+        return rng.uniform(cap / 2, cap)
+
+
+@dataclass(frozen=True)
+class Registration:
+    client_id: str
+    heartbeat_interval_s: float
+
+
+class Transport:
+    """Calls the server's HTTP API, retrying connection failures and 5xx answers.
+
+    Retries go on until `max_attempts` (None: forever) or until `stop` is set, in
+    which case `Stopped` is raised. Not thread-safe: give each thread its own.
+    """
+
+    def __init__(
+        self,
+        server_url: str,
+        token: str,
+        *,
+        stop: threading.Event,
+        rng: random.Random,
+        backoff: Backoff = Backoff(),
+        max_attempts: int | None = None,
+        timeout_s: tuple[float, float] = (5.0, 120.0),  # (connect, read)
+    ) -> None:
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1 or None, got {max_attempts}")
+        self.base_url = server_url.rstrip("/") + API_PREFIX
+        self.stop = stop
+        self.rng = rng
+        self.backoff = backoff
+        self.max_attempts = max_attempts
+        self.timeout_s = timeout_s
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def close(self) -> None:
+        self.session.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """One API call; retries connection errors, timeouts and 5xx; returns any other answer."""
+        url = self.base_url + path
+        attempt = 0
+        while True:
+            if self.stop.is_set():
+                raise Stopped(f"{method} {path}")
+            try:
+                response = self.session.request(method, url, timeout=self.timeout_s, **kwargs)
+            except (requests.ConnectionError, requests.Timeout) as error:
+                problem = f"{type(error).__name__}: {error}"
+            else:
+                if response.status_code < 500:
+                    return response
+                problem = f"HTTP {response.status_code}: {_error_message(response)}"
+            attempt += 1
+            if self.max_attempts is not None and attempt >= self.max_attempts:
+                raise ConnectionError(f"{method} {path} failed after {attempt} attempts: {problem}")
+            delay_s = self.backoff.delay_s(attempt - 1, self.rng)
+            log.warning("%s %s failed (%s); retry %d in %.1f s", method, path, problem, attempt, delay_s)
+            if self.stop.wait(delay_s):
+                raise Stopped(f"{method} {path}")
+
+    # -- API calls -----------------------------------------------------------
+
+    def health(self) -> bool:
+        return self.request("GET", "/health").status_code == 200
+
+    def register(self, hostname: str, pid: int) -> Registration:
+        body = _json(self.request("POST", "/clients", json={"hostname": hostname, "pid": pid}), 201)
+        return Registration(str(body["client_id"]), float(body["heartbeat_interval_s"]))
+
+    def heartbeat(self, client_id: str) -> None:
+        _json(self.request("POST", f"/clients/{client_id}/heartbeat"), 200, unknown_client=True)
+
+    def next_task(self, client_id: str) -> dict[str, Any]:
+        return _json(self.request("POST", f"/clients/{client_id}/task"), 200, unknown_client=True)
+
+    def fetch_model(self, experiment_id: str, server_round: int) -> bytes:
+        """Safetensors bytes of the global model that round `server_round` trains from."""
+        response = self.request("GET", f"/experiments/{experiment_id}/rounds/{server_round}/model")
+        _check(response, 200)
+        return response.content
+
+    def post_update(
+        self, experiment_id: str, server_round: int, meta: dict[str, Any], weights: bytes
+    ) -> dict[str, Any]:
+        """Send a client update; raises `Conflict` on 409."""
+        response = self.request(
+            "POST",
+            f"/experiments/{experiment_id}/rounds/{server_round}/updates",
+            data={"meta": json.dumps(meta)},
+            files={"weights": ("weights.safetensors", weights, "application/octet-stream")},
+        )
+        if response.status_code == 409:
+            raise Conflict(_error_message(response))
+        return _json(response, 202)
+
+    def submit_experiments(self, specs: list[dict[str, Any]]) -> list[str]:
+        """Queue experiments (all or nothing); returns their ids."""
+        return [str(i) for i in _json(self.request("POST", "/experiments", json=specs), 201)["ids"]]
+
+    def list_experiments(self) -> list[dict[str, Any]]:
+        return list(_json(self.request("GET", "/experiments"), 200)["experiments"])
+
+    def get_experiment(self, experiment_id: str) -> dict[str, Any]:
+        return _json(self.request("GET", f"/experiments/{experiment_id}"), 200)
+
+
+def _error_message(response: requests.Response) -> str:
+    try:
+        return str(response.json().get("error", response.text[:200]))
+    except (ValueError, AttributeError):
+        return response.text[:200]
+
+
+def _check(response: requests.Response, expected: int, *, unknown_client: bool = False) -> None:
+    if response.status_code == expected:
+        return
+    if unknown_client and response.status_code == 404:
+        raise UnknownClient(_error_message(response))
+    try:
+        field = response.json().get("field")
+    except (ValueError, AttributeError):
+        field = None
+    raise ApiError(response.status_code, _error_message(response), field)
+
+
+def _json(response: requests.Response, expected: int, *, unknown_client: bool = False) -> Any:
+    _check(response, expected, unknown_client=unknown_client)
+    return response.json()

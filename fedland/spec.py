@@ -1,0 +1,341 @@
+"""The experiment spec: a validated, JSON-able description of one FL experiment.
+
+An ``ExperimentSpec`` cannot exist invalid: ``__post_init__`` validates every
+field (including that the partition is feasible on the dataset's class counts)
+and raises ``SpecError`` naming the field. Validation is pure: it reads no
+file and writes nothing.
+
+``from_dict`` ignores the keys the store adds to an experiment document
+(``STORE_KEYS``: ``_id``, ``status``, ``current_round``, ``created_at``,
+``started_at``, ``finished_at``, ``error``) so a stored document reads back as
+its spec; any other unknown key is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fedland.datasets import DATASETS
+from fedland.models import MODEL_NAMES
+from fedland.partition import PartitionError, plan_counts
+
+__all__ = [
+    "STORE_KEYS",
+    "STRATEGY_NAMES",
+    "ExperimentSpec",
+    "SpecError",
+    "StrategySpec",
+    "load_specs",
+]
+
+STRATEGY_NAMES: tuple[str, ...] = (
+    "FedAvg",
+    "FedAvgM",
+    "FedProx",
+    "FedAdam",
+    "FedYogi",
+    "FedAdagrad",
+    "FedMedian",
+    "FedTrimmedAvg",
+    "Krum",
+)
+
+STORE_KEYS: frozenset[str] = frozenset(
+    {"_id", "status", "current_round", "created_at", "started_at", "finished_at", "error"}
+)
+
+RATIO_TOLERANCE = 1e-6
+
+
+class SpecError(ValueError):
+    """An invalid experiment spec; ``field`` names the input, the message the rule."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """An aggregation strategy by name, with its parameters (checked by the server).
+
+    ``FedProx`` requires ``params["mu"] >= 0``: clients read it (``prox_mu``).
+    """
+
+    name: str = "FedAvg"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in STRATEGY_NAMES:
+            raise SpecError("strategy.name", f"unknown strategy {self.name!r}; valid: {', '.join(STRATEGY_NAMES)}")
+        object.__setattr__(self, "params", _json_object(self.params, "strategy.params"))
+        if self.name == "FedProx":
+            mu = self.params.get("mu")
+            if not _is_real(mu) or not mu >= 0:
+                raise SpecError("strategy.params.mu", f"FedProx needs a proximal weight mu >= 0, got {mu!r}")
+
+    @property
+    def prox_mu(self) -> float:
+        """The FedProx proximal weight clients train with (0.0 for other strategies)."""
+        return float(self.params["mu"]) if self.name == "FedProx" else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": json.loads(json.dumps(self.params))}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StrategySpec:
+        if not isinstance(data, Mapping):
+            raise SpecError("strategy", f"must be an object with 'name' and 'params', got {data!r}")
+        for key in data:
+            if key not in ("name", "params"):
+                raise SpecError(f"strategy.{key}", "unknown key; valid keys: name, params")
+        if "name" not in data:
+            raise SpecError("strategy.name", "missing")
+        return cls(name=data["name"], params=data.get("params", {}))
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentSpec:
+    """One experiment: data partition, model, optimisation and aggregation settings.
+
+    ``target_balance_ratios[i]`` is client ``i``'s class distribution (one
+    frequency per class, summing to 1) and ``subset_fractions[i]`` the share of
+    ``floor(N / num_clients)`` training samples it gets (see
+    ``fedland.partition``). ``seed`` seeds the partition and the initial model.
+    ``landscape`` holds the loss-landscape measurement settings (free-form).
+    Lists are stored as tuples; ``to_dict`` gives lists back.
+    """
+
+    target_balance_ratios: Sequence[Sequence[float]]
+    subset_fractions: Sequence[float]
+    description: str = ""
+    dataset_name: str = "MNIST"
+    model: str = "FedNet"
+    rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.01
+    momentum: float = 0.0
+    strategy: StrategySpec = field(default_factory=StrategySpec)
+    seed: int = 0
+    landscape: dict[str, Any] = field(default_factory=dict)
+    timestamp: str = field(default_factory=_now_iso)
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        _validate_and_normalise(self)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.target_balance_ratios)
+
+    def with_id(self, experiment_id: str) -> ExperimentSpec:
+        """Return a copy carrying the id the store assigned."""
+        return dataclasses.replace(self, id=experiment_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able dict that ``from_dict`` turns back into an equal spec."""
+        return {
+            "id": self.id,
+            "description": self.description,
+            "dataset_name": self.dataset_name,
+            "model": self.model,
+            "timestamp": self.timestamp,
+            "target_balance_ratios": [list(r) for r in self.target_balance_ratios],
+            "subset_fractions": list(self.subset_fractions),
+            "rounds": self.rounds,
+            "local_epochs": self.local_epochs,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "momentum": self.momentum,
+            "strategy": self.strategy.to_dict(),
+            "seed": self.seed,
+            "landscape": json.loads(json.dumps(self.landscape)),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExperimentSpec:
+        """Build and validate a spec from a dict (e.g. parsed JSON or a store document).
+
+        Store-only keys (``STORE_KEYS``) are ignored; other unknown keys and a
+        missing ``target_balance_ratios``/``subset_fractions`` raise ``SpecError``.
+        """
+        if not isinstance(data, Mapping):
+            raise SpecError("experiment", f"must be an object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in STORE_KEYS:
+                continue
+            if key not in names:
+                raise SpecError(str(key), f"unknown key; valid keys: {', '.join(sorted(names))}")
+            kwargs[key] = value
+        for required in ("target_balance_ratios", "subset_fractions"):
+            if required not in kwargs:
+                raise SpecError(required, "missing (one entry per client)")
+        if "strategy" in kwargs:
+            kwargs["strategy"] = StrategySpec.from_dict(kwargs["strategy"])
+        return cls(**kwargs)
+
+
+def load_specs(path: str | Path) -> list[ExperimentSpec]:
+    """Read a list of experiments from a JSON or TOML file.
+
+    JSON: a list of spec objects, or ``{"experiments": [...]}``. TOML: an
+    ``[[experiments]]`` table per experiment. A bad entry raises ``SpecError``
+    whose field starts with ``experiments[<index>]``.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".toml"):
+        raise ValueError(f"path: expected a .json or .toml file, got {path.name!r}")
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".toml":
+        try:
+            import tomllib  # Python >= 3.11
+        except ImportError:
+            raise ValueError("path: reading TOML needs Python >= 3.11 (tomllib); use a .json file") from None
+        document: Any = tomllib.loads(text)
+    else:
+        document = json.loads(text)
+    entries = document.get("experiments") if isinstance(document, dict) else document
+    if isinstance(document, dict) and set(document) - {"experiments"}:
+        extra = sorted(set(document) - {"experiments"})[0]
+        raise SpecError(extra, "unknown top-level key; the file holds only 'experiments'")
+    if not isinstance(entries, list):
+        raise SpecError("experiments", "the file must hold a list of experiments")
+    specs = []
+    for index, entry in enumerate(entries):
+        try:
+            specs.append(ExperimentSpec.from_dict(entry))
+        except SpecError as error:
+            raise SpecError(f"experiments[{index}].{error.field}", error.rule) from error
+    return specs
+
+
+# --- validation ------------------------------------------------------------
+
+
+def _validate_and_normalise(spec: ExperimentSpec) -> None:
+    def put(name: str, value: Any) -> None:
+        object.__setattr__(spec, name, value)
+
+    if spec.id is not None and not isinstance(spec.id, str):
+        raise SpecError("id", f"must be a string or None, got {spec.id!r}")
+    if not isinstance(spec.description, str):
+        raise SpecError("description", f"must be a string, got {spec.description!r}")
+    if not isinstance(spec.timestamp, str):
+        raise SpecError("timestamp", f"must be an ISO 8601 string, got {spec.timestamp!r}")
+    try:
+        datetime.fromisoformat(spec.timestamp)
+    except ValueError:
+        raise SpecError("timestamp", f"must be an ISO 8601 string, got {spec.timestamp!r}") from None
+    if spec.dataset_name not in DATASETS:
+        raise SpecError("dataset_name", f"unknown dataset {spec.dataset_name!r}; valid: {', '.join(DATASETS)}")
+    if spec.model not in MODEL_NAMES:
+        raise SpecError("model", f"unknown model {spec.model!r}; valid: {', '.join(MODEL_NAMES)}")
+    if not isinstance(spec.strategy, StrategySpec):
+        raise SpecError("strategy", f"must be a StrategySpec, got {type(spec.strategy).__name__}")
+    for name in ("rounds", "local_epochs", "batch_size"):
+        value = getattr(spec, name)
+        if not _is_int(value) or value <= 0:
+            raise SpecError(name, f"must be a positive integer, got {value!r}")
+    if not _is_int(spec.seed) or spec.seed < 0:
+        raise SpecError("seed", f"must be a non-negative integer, got {spec.seed!r}")
+    if not _is_real(spec.learning_rate) or not spec.learning_rate > 0:
+        raise SpecError("learning_rate", f"must be a finite number > 0, got {spec.learning_rate!r}")
+    put("learning_rate", float(spec.learning_rate))
+    if not _is_real(spec.momentum) or not 0 <= spec.momentum < 1:
+        raise SpecError("momentum", f"must be a number in [0, 1), got {spec.momentum!r}")
+    put("momentum", float(spec.momentum))
+    put("landscape", _json_object(spec.landscape, "landscape"))
+
+    info = DATASETS[spec.dataset_name]
+    ratios = _ratio_table(spec.target_balance_ratios, info.num_classes)
+    fractions = _fractions(spec.subset_fractions)
+    if len(fractions) != len(ratios):
+        raise SpecError(
+            "subset_fractions",
+            f"has {len(fractions)} entries but target_balance_ratios has {len(ratios)}: one per client",
+        )
+    try:
+        plan_counts(info.train_class_counts, info.test_class_counts, ratios, fractions)
+    except PartitionError as error:
+        raise SpecError(error.field, error.rule) from None
+    put("target_balance_ratios", ratios)
+    put("subset_fractions", fractions)
+
+
+def _ratio_table(value: Any, num_classes: int) -> tuple[tuple[float, ...], ...]:
+    name = "target_balance_ratios"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
+        raise SpecError(name, f"must be a non-empty list (one class-ratio list per client), got {value!r}")
+    table = []
+    for i, row in enumerate(value):
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+            raise SpecError(f"{name}[{i}]", f"must be a list of {num_classes} class ratios, got {row!r}")
+        if len(row) != num_classes:
+            raise SpecError(f"{name}[{i}]", f"has {len(row)} entries but the dataset has {num_classes} classes")
+        for c, ratio in enumerate(row):
+            if not _is_real(ratio):
+                raise SpecError(f"{name}[{i}][{c}]", f"must be a finite number, got {ratio!r}")
+            if ratio < 0:
+                raise SpecError(f"{name}[{i}][{c}]", f"must be >= 0, got {ratio}")
+        total = math.fsum(row)
+        if abs(total - 1.0) > RATIO_TOLERANCE:
+            raise SpecError(f"{name}[{i}]", f"must sum to 1 (within {RATIO_TOLERANCE:g}), got {total!r}")
+        table.append(tuple(float(r) for r in row))
+    return tuple(table)
+
+
+def _fractions(value: Any) -> tuple[float, ...]:
+    name = "subset_fractions"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
+        raise SpecError(name, f"must be a non-empty list (one fraction per client), got {value!r}")
+    for i, fraction in enumerate(value):
+        if not _is_real(fraction) or not 0 < fraction <= 1:
+            raise SpecError(f"{name}[{i}]", f"must be a number in (0, 1], got {fraction!r}")
+    return tuple(float(f) for f in value)
+
+
+def _json_object(value: Any, name: str) -> dict[str, Any]:
+    """Return a deep copy of a JSON-able dict with string keys, or raise ``SpecError``."""
+    if not isinstance(value, Mapping):
+        raise SpecError(name, f"must be an object, got {type(value).__name__}")
+    _check_keys(value, name)
+    try:
+        return json.loads(json.dumps(dict(value), allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise SpecError(name, f"must be JSON-able with string keys and finite numbers ({error})") from None
+
+
+def _check_keys(value: Any, name: str) -> None:
+    # json.dumps would silently turn a key 1 into "1"; refuse instead.
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise SpecError(name, f"keys must be strings, got {key!r}")
+            _check_keys(item, f"{name}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_keys(item, f"{name}[{index}]")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

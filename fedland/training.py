@@ -1,0 +1,171 @@
+"""Local training and evaluation: pure functions over tensors, no I/O."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["Evaluation", "TrainReport", "batches", "evaluate", "train_local"]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Mean cross-entropy (nats per example), accuracy in [0, 1], and the examples seen."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What ``train_local`` did: training-set size, per-epoch mean loss, wall time.
+
+    ``epoch_losses[e]`` is the mean cross-entropy over epoch ``e``'s batches
+    (weighted by batch size, measured while training, without the proximal term).
+    """
+
+    num_examples: int
+    epoch_losses: list[float]
+    duration_s: float
+
+
+def batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(inputs, targets)`` mini-batches, shuffled when a generator is given.
+
+    Args:
+        x: inputs, first dimension is the example.
+        y: targets, same length as ``x``.
+        batch_size: examples per batch (the last batch may be smaller).
+        generator: draws the shuffle order; ``None`` keeps the given order.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
+    if len(x) != len(y):
+        raise ValueError(f"y: has {len(y)} examples but x has {len(x)}")
+    order = torch.randperm(len(y), generator=generator) if generator is not None else None
+    for start in range(0, len(y), batch_size):
+        if order is None:
+            yield x[start : start + batch_size], y[start : start + batch_size]
+        else:
+            chosen = order[start : start + batch_size]
+            yield x[chosen], y[chosen]
+
+
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Evaluation:
+    """Mean cross-entropy and accuracy of ``model`` over ``batches``.
+
+    Runs in eval mode without gradients and restores each submodule's
+    train/eval mode afterwards.
+
+    Args:
+        model: a classifier returning logits ``(batch, classes)``.
+        batches: ``(inputs, targets)`` pairs, e.g. from ``batches(x, y, 512)``.
+
+    Returns:
+        The loss and accuracy averaged over all examples.
+    """
+    modes = {module: module.training for module in model.modules()}
+    total_loss, correct, count = 0.0, 0, 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for inputs, targets in batches:
+                logits = model(inputs)  # (batch, classes)
+                total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
+                correct += int((logits.argmax(dim=1) == targets).sum())
+                count += len(targets)
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    if count == 0:
+        raise ValueError("batches: no examples to evaluate")
+    return Evaluation(loss=total_loss / count, accuracy=correct / count, num_examples=count)
+
+
+def train_local(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    momentum: float,
+    seed: int,
+    prox_mu: float = 0.0,
+) -> tuple[nn.Module, TrainReport]:
+    """Train a copy of ``model`` with SGD (momentum), optionally with FedProx's proximal term.
+
+    The objective per batch is ``cross_entropy + (prox_mu / 2) * ||w - w_0||^2``
+    where ``w_0`` are the weights of ``model`` as given. ``model`` itself is
+    not modified.
+
+    Args:
+        model: the starting (global) model.
+        x: training inputs ``(N, ...)``.
+        y: training targets ``(N,)`` int64.
+        epochs: passes over the data.
+        batch_size: examples per SGD step.
+        learning_rate: SGD step size.
+        momentum: SGD momentum in [0, 1).
+        seed: seeds the shuffle order; same seed and inputs, same result.
+        prox_mu: proximal weight (0 disables it).
+
+    Returns:
+        The trained copy (in the train/eval mode ``model`` was in, no gradients
+        left attached) and a ``TrainReport``.
+    """
+    _check_training_args(x, y, epochs, learning_rate, momentum, prox_mu)
+    started = time.perf_counter()
+    trained = copy.deepcopy(model)
+    trained.train()
+    anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else []
+    optimizer = torch.optim.SGD(trained.parameters(), lr=learning_rate, momentum=momentum)
+    generator = torch.Generator().manual_seed(seed)
+    epoch_losses = []
+    for _ in range(epochs):
+        epoch_loss, seen = 0.0, 0
+        for inputs, targets in batches(x, y, batch_size, generator):
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(trained(inputs), targets)
+            objective = loss
+            if anchor:
+                distance = sum(((p - p0) ** 2).sum() for p, p0 in zip(trained.parameters(), anchor))
+                objective = loss + 0.5 * prox_mu * distance
+            objective.backward()
+            optimizer.step()
+            epoch_loss += loss.item() * len(targets)
+            seen += len(targets)
+        epoch_losses.append(epoch_loss / seen)
+    optimizer.zero_grad(set_to_none=True)
+    for source, copied in zip(model.modules(), trained.modules()):
+        copied.train(source.training)
+    report = TrainReport(num_examples=len(y), epoch_losses=epoch_losses, duration_s=time.perf_counter() - started)
+    return trained, report
+
+
+def _check_training_args(
+    x: torch.Tensor, y: torch.Tensor, epochs: int, learning_rate: float, momentum: float, prox_mu: float
+) -> None:
+    if len(y) == 0:
+        raise ValueError("y: no training examples")
+    if len(x) != len(y):
+        raise ValueError(f"y: has {len(y)} examples but x has {len(x)}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
+        raise ValueError(f"epochs: must be a positive integer, got {epochs!r}")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate: must be a finite number > 0, got {learning_rate!r}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum: must be in [0, 1), got {momentum!r}")
+    if not (math.isfinite(prox_mu) and prox_mu >= 0):
+        raise ValueError(f"prox_mu: must be a finite number >= 0, got {prox_mu!r}")

@@ -1,0 +1,74 @@
+"""The researcher's file: the experiments to run, and `python main.py` to run them.
+
+    python main.py                      # all of EXPERIMENTS on this machine (embedded store)
+    python main.py --rounds 1           # a quick pass over every experiment
+    python main.py --only non-IID       # experiments whose description contains the text
+    python main.py --experiments x.toml # experiments from a JSON/TOML file instead
+    python main.py --server URL         # only queue them on a running stack (FEDLAND_TOKEN)
+
+`subset_fractions[i]` is client i's share of floor(60000 / num_clients) MNIST
+training images; the spec refuses fractions the class counts cannot satisfy
+and names the largest feasible one.
+"""
+
+from __future__ import annotations
+
+from fedland import schemes
+from fedland.spec import ExperimentSpec, StrategySpec
+from stack.launcher import main
+
+COMMON = dict(dataset_name="MNIST", model="FedNet", rounds=5, local_epochs=1, batch_size=32, seed=42)
+SGD = dict(learning_rate=0.05, momentum=0.5)
+
+IID_RATIOS, IID_FRACTIONS = schemes.iid(3, fraction=0.25)
+DIRICHLET_RATIOS, DIRICHLET_FRACTIONS = schemes.dirichlet(3, alpha=0.5, seed=42, fraction=0.25)
+CENTRAL_RATIOS, CENTRAL_FRACTIONS = schemes.centralized()
+
+EXPERIMENTS: list[ExperimentSpec] = [
+    ExperimentSpec(
+        description="IID balanced, 3 clients, FedAvg",
+        target_balance_ratios=IID_RATIOS,  # natural MNIST class frequencies
+        subset_fractions=IID_FRACTIONS,  # 5,000 images each
+        strategy=StrategySpec("FedAvg"),
+        **COMMON, **SGD,
+    ),
+    ExperimentSpec(
+        description="non-IID unbalanced, 3 clients, FedAvg",
+        target_balance_ratios=[
+            [0.1] * 10,
+            [0.9, 0.1, 0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0.2, 0.2, 0.2, 0.2, 0.2, 0, 0, 0],
+        ],
+        subset_fractions=[0.25, 0.25, 0.25],  # client 1 alone needs 4,500 of MNIST's 5,923 zeros
+        strategy=StrategySpec("FedAvg"),
+        **COMMON, **SGD,
+    ),
+    ExperimentSpec(
+        description="non-IID unbalanced, 3 clients, FedProx mu=0.01",
+        target_balance_ratios=[
+            [0.1] * 10,
+            [0.9, 0.1, 0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0.2, 0.2, 0.2, 0.2, 0.2, 0, 0, 0],
+        ],
+        subset_fractions=[0.25, 0.25, 0.25],
+        strategy=StrategySpec("FedProx", {"mu": 0.01}),
+        **COMMON, **SGD,
+    ),
+    ExperimentSpec(
+        description="Dirichlet alpha=0.5, 3 clients, FedAvg",
+        target_balance_ratios=DIRICHLET_RATIOS,
+        subset_fractions=DIRICHLET_FRACTIONS,
+        strategy=StrategySpec("FedAvg"),
+        **COMMON, **SGD,
+    ),
+    ExperimentSpec(
+        description="centralized baseline, 1 client",
+        target_balance_ratios=CENTRAL_RATIOS,  # all 60,000 training images
+        subset_fractions=CENTRAL_FRACTIONS,
+        strategy=StrategySpec("FedAvg"),
+        **COMMON, **SGD,
+    ),
+]
+
+if __name__ == "__main__":
+    raise SystemExit(main(EXPERIMENTS))

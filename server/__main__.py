@@ -1,0 +1,54 @@
+"""`python -m server`: the aggregation server (waitress) configured from FEDLAND_* variables."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+from types import FrameType
+
+import waitress
+
+from server.api import create_app
+from server.store import Store
+from stack.embedded import EmbeddedMongo
+from stack.settings import ServerSettings, configure_logging, set_torch_threads
+
+log = logging.getLogger("server")
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def main() -> int:
+    try:
+        settings = ServerSettings.from_env()
+    except ValueError as error:
+        print(f"server: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    set_torch_threads(settings.torch_threads)
+    with contextlib.ExitStack() as stack:
+        uri = settings.mongo_uri
+        if uri is None:
+            # no store configured: run an embedded one beside the data
+            uri = stack.enter_context(EmbeddedMongo(settings.data_dir / "store"))
+        store = Store(uri, settings.db_name)
+        stack.callback(store.close)
+        app = create_app(settings, store)
+        server = waitress.create_server(app, host=settings.host, port=settings.port, threads=8)
+        stack.callback(server.close)
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        log.info("serving on http://%s:%s/api/v1", settings.host, server.effective_port)  # type: ignore[union-attr]
+        try:
+            server.run()
+        except SystemExit:
+            log.info("stopping")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

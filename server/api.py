@@ -1,0 +1,167 @@
+"""The HTTP layer: a thin Flask blueprint under /api/v1 over the Coordinator."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from server.coordinator import Coordinator
+from server.errors import BadRequest, Conflict, NotFound
+from server.resources import Resources
+from server.store import Store
+from stack.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+api = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+def create_app(
+    settings: ServerSettings,
+    store: Store | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+    recover: bool = True,
+) -> Flask:
+    """A Flask app serving the fedland API on `store` (opened from the settings if not given)."""
+    if store is None:
+        if settings.mongo_uri is None:
+            raise ValueError("FEDLAND_MONGO_URI must be set to serve without an explicit store")
+        store = Store(settings.mongo_uri, settings.db_name)
+    coordinator = Coordinator(
+        store,
+        Resources(settings.data_dir),
+        heartbeat_timeout_s=settings.heartbeat_timeout_s,
+        clock=clock,
+    )
+    if recover:
+        coordinator.recover()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["FEDLAND_TOKEN"] = settings.token
+    app.extensions["fedland.store"] = store
+    app.extensions["fedland.coordinator"] = coordinator
+    app.before_request(_authorise)
+    app.register_blueprint(api)
+    app.register_error_handler(HTTPException, _http_error)
+    return app
+
+
+def coordinator_of(app: Flask) -> Coordinator:
+    return app.extensions["fedland.coordinator"]  # type: ignore[no-any-return]
+
+
+def store_of(app: Flask) -> Store:
+    return app.extensions["fedland.store"]  # type: ignore[no-any-return]
+
+
+def _coordinator() -> Coordinator:
+    return coordinator_of(current_app)  # type: ignore[arg-type]
+
+
+def _error(status: int, message: str, field: str | None = None) -> tuple[Response, int]:
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return jsonify(body), status
+
+
+def _http_error(error: HTTPException) -> tuple[Response, int]:
+    return _error(error.code or 500, error.description or error.name)
+
+
+def _authorise() -> tuple[Response, int] | None:
+    expected = f"Bearer {current_app.config['FEDLAND_TOKEN']}".encode()
+    given = request.headers.get("Authorization", "").encode()
+    if not hmac.compare_digest(given, expected):
+        response, status = _error(401, "missing or wrong bearer token")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response, status
+    return None
+
+
+@api.errorhandler(NotFound)
+def _not_found(error: NotFound) -> tuple[Response, int]:
+    return _error(404, str(error))
+
+
+@api.errorhandler(Conflict)
+def _conflict(error: Conflict) -> tuple[Response, int]:
+    return _error(409, str(error))
+
+
+@api.errorhandler(BadRequest)
+def _bad_request(error: BadRequest) -> tuple[Response, int]:
+    return _error(400, str(error), error.field)
+
+
+def _json_body() -> Any:
+    body = request.get_json(silent=True)
+    if body is None:
+        raise BadRequest("body must be JSON (Content-Type: application/json)", "body")
+    return body
+
+
+@api.get("/health")
+def health() -> Response:
+    return jsonify({"status": "ok"})
+
+
+@api.post("/experiments")
+def submit_experiments() -> tuple[Response, int]:
+    return jsonify({"ids": _coordinator().submit(_json_body())}), 201
+
+
+@api.get("/experiments")
+def list_experiments() -> Response:
+    return jsonify({"experiments": _coordinator().list_experiments()})
+
+
+@api.get("/experiments/<experiment_id>")
+def get_experiment(experiment_id: str) -> Response:
+    return jsonify(_coordinator().experiment(experiment_id))
+
+
+@api.post("/clients")
+def register_client() -> tuple[Response, int]:
+    return jsonify(_coordinator().register(_json_body())), 201
+
+
+@api.post("/clients/<client_id>/heartbeat")
+def heartbeat(client_id: str) -> Response:
+    _coordinator().heartbeat(client_id)
+    return jsonify({"ok": True})
+
+
+@api.post("/clients/<client_id>/task")
+def task(client_id: str) -> Response:
+    return jsonify(_coordinator().task(client_id))
+
+
+@api.get("/experiments/<experiment_id>/rounds/<int:server_round>/model")
+def global_model(experiment_id: str, server_round: int) -> Response:
+    data = _coordinator().global_model(experiment_id, server_round)
+    return Response(data, status=200, mimetype="application/octet-stream")
+
+
+@api.post("/experiments/<experiment_id>/rounds/<int:server_round>/updates")
+def submit_update(experiment_id: str, server_round: int) -> tuple[Response, int]:
+    raw_meta = request.form.get("meta")
+    if raw_meta is None:
+        raise BadRequest("multipart field 'meta' (JSON) is missing", "meta")
+    try:
+        meta = json.loads(raw_meta)
+    except ValueError:
+        raise BadRequest("meta is not valid JSON", "meta") from None
+    upload = request.files.get("weights")
+    if upload is None:
+        raise BadRequest("multipart file 'weights' (safetensors) is missing", "weights")
+    result = _coordinator().submit_update(experiment_id, server_round, meta, upload.read())
+    return jsonify(result), 202

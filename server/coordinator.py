@@ -1,0 +1,408 @@
+"""Round logic of the aggregation server: experiments, slots, updates, aggregation.
+
+No HTTP here (see server/api.py). Every piece of state lives in the Store, so a
+new Coordinator on the same store resumes where the last one stopped; call
+`recover()` once at start-up to finish a round whose aggregation was cut off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from bson import ObjectId
+
+from fedland.spec import ExperimentSpec, SpecError
+from server.errors import BadRequest, Conflict, NotFound
+from server.resources import Resources
+from server.store import DONE, DuplicateError, Store
+from server.strategies import ClientUpdate, make_strategy, validate_strategy
+from stack import wire
+
+log = logging.getLogger(__name__)
+
+Doc = dict[str, Any]
+SUMMARY_KEYS = (
+    "id", "description", "status", "current_round", "rounds", "created_at", "started_at", "finished_at", "error",
+)
+
+
+class Coordinator:
+    """Assigns client slots, accepts updates and aggregates each round exactly once."""
+
+    def __init__(
+        self,
+        store: Store,
+        resources: Resources,
+        *,
+        heartbeat_timeout_s: float = 30.0,
+        retry_after_s: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.resources = resources
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.retry_after_s = retry_after_s
+        self.clock = clock
+        self._assign_lock = threading.Lock()
+        self._aggregate_lock = threading.Lock()
+        store.ensure_indexes()
+
+    # experiments -----------------------------------------------------------
+
+    def submit(self, body: Any) -> list[str]:
+        """Validate one spec or a list (all of them first), then store them; returns their ids."""
+        items = body if isinstance(body, list) else [body]
+        if not items:
+            raise BadRequest("body: an empty list holds no experiment", "body")
+        specs: list[ExperimentSpec] = []
+        for position, item in enumerate(items):
+            prefix = f"experiments[{position}]." if isinstance(body, list) else ""
+            try:
+                spec = ExperimentSpec.from_dict(item)
+                validate_strategy(spec.strategy)
+            except SpecError as error:
+                raise BadRequest(f"{prefix}{error}", f"{prefix}{error.field}") from None
+            specs.append(spec)
+        prepared = []
+        for position, spec in enumerate(specs):
+            try:
+                slots = self.resources.client_stats(spec)
+            except ValueError as error:
+                field = getattr(error, "field", "target_balance_ratios")
+                raise BadRequest(f"{error}", field) from None
+            prepared.append((spec, slots, wire.encode(self.resources.initial_weights(spec))))
+        # Nothing was written so far. Round-0 models go first: an orphan file is
+        # harmless, an experiment without its initial model is not.
+        now = self.clock()
+        experiments, all_slots = [], []
+        for spec, slots, initial in prepared:
+            experiment_id = str(ObjectId())  # sorts by creation within a process
+            self.store.save_model(initial, experiment_id, 0, "global")
+            experiments.append(
+                {
+                    **spec.with_id(experiment_id).to_dict(),
+                    "status": "queued",
+                    "current_round": 1,
+                    "created_at": now,
+                    "started_at": None,
+                    "finished_at": None,
+                    "error": None,
+                }
+            )
+            for stats in slots:
+                all_slots.append(
+                    {
+                        "experiment_id": experiment_id,
+                        **stats,
+                        "client_id": None,
+                        "heartbeat_at": None,
+                        "reported_round": 0,
+                    }
+                )
+        self.store.insert_experiments(experiments, all_slots)
+        ids = [doc["id"] for doc in experiments]
+        log.info("queued experiments %s", ", ".join(ids))
+        return ids
+
+    def list_experiments(self) -> list[Doc]:
+        summaries = []
+        for doc in self.store.list_experiments():
+            summary = {key: doc.get(key) for key in SUMMARY_KEYS}
+            summary["num_clients"] = len(doc.get("target_balance_ratios", []))
+            rounds = self.store.rounds_of(doc["id"]) if doc.get("status") != "queued" else []
+            summary["last_round"] = (
+                {key: rounds[-1].get(key) for key in ("round", "test_loss", "test_accuracy")} if rounds else None
+            )
+            summaries.append(summary)
+        return summaries
+
+    def experiment(self, experiment_id: str) -> Doc:
+        doc = self.store.get_experiment(experiment_id)
+        if doc is None:
+            raise NotFound(f"experiment {experiment_id!r} not found")
+        return doc
+
+    # clients ---------------------------------------------------------------
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return self.heartbeat_timeout_s / 3.0
+
+    def register(self, body: Any) -> Doc:
+        if not isinstance(body, Mapping):
+            raise BadRequest("body must be an object with hostname and pid", "body")
+        hostname, pid = body.get("hostname"), body.get("pid")
+        if not isinstance(hostname, str) or not hostname or len(hostname) > 255:
+            raise BadRequest("hostname must be a non-empty string of at most 255 characters", "hostname")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
+            raise BadRequest("pid must be an integer >= 0", "pid")
+        now = self.clock()
+        client_id = uuid.uuid4().hex
+        self.store.insert_worker(
+            {"client_id": client_id, "hostname": hostname, "pid": pid, "registered_at": now, "last_seen": now}
+        )
+        log.info("registered client %s (%s pid %d)", client_id, hostname, pid)
+        return {"client_id": client_id, "heartbeat_interval_s": self.heartbeat_interval_s}
+
+    def heartbeat(self, client_id: str) -> None:
+        now = self.clock()
+        if not self.store.touch_worker(client_id, now):
+            raise NotFound(f"client {client_id!r} not registered")
+        self.store.touch_slots(client_id, now)
+
+    def reap(self) -> int:
+        """Free slots whose holder has been silent longer than the heartbeat timeout."""
+        freed = self.store.reap_slots(self.clock() - self.heartbeat_timeout_s)
+        for slot in freed:
+            log.warning(
+                "freed slot %d of experiment %s: client %s silent for over %.0f s",
+                slot["client_index"], slot["experiment_id"], slot["client_id"], self.heartbeat_timeout_s,
+            )
+        return len(freed)
+
+    def task(self, client_id: str) -> Doc:
+        """The client's next action: train its slot's current round, or wait (counts as a heartbeat)."""
+        with self._assign_lock:
+            self.heartbeat(client_id)
+            self.reap()
+            slot = self.store.slot_held_by(client_id)
+            if slot is not None:
+                experiment = self.store.get_experiment(slot["experiment_id"])
+                if experiment is not None and experiment["status"] not in DONE:
+                    return self._task_for(experiment, slot)
+                self.store.release_slot(slot["experiment_id"], slot["client_index"], client_id)
+            for experiment in self.store.active_experiments():
+                slot = self.store.claim_slot(experiment["id"], client_id, self.clock())
+                if slot is None:
+                    continue
+                if experiment["status"] == "queued":
+                    now = self.clock()
+                    self.store.update_experiment(
+                        experiment["id"], {"status": "running", "started_at": now}, where={"status": "queued"}
+                    )
+                    experiment = self.experiment(experiment["id"])
+                log.info(
+                    "client %s takes slot %d of experiment %s", client_id, slot["client_index"], experiment["id"]
+                )
+                return self._task_for(experiment, slot)
+            return self._wait()
+
+    def _wait(self) -> Doc:
+        return {"action": "wait", "retry_after_s": self.retry_after_s}
+
+    def _task_for(self, experiment: Doc, slot: Doc) -> Doc:
+        if experiment["status"] != "running" or slot["reported_round"] >= experiment["current_round"]:
+            return self._wait()
+        spec = {key: value for key, value in experiment.items() if key in ExperimentSpec.__dataclass_fields__}
+        return {
+            "action": "train",
+            "experiment_id": experiment["id"],
+            "client_index": slot["client_index"],
+            "round": experiment["current_round"],
+            "spec": spec,
+            "partition_digest": slot["partition_digest"],
+        }
+
+    # models and updates ----------------------------------------------------
+
+    def global_model(self, experiment_id: str, server_round: int) -> bytes:
+        """The safetensors model that round `server_round` trains from (round 1: the initial model)."""
+        experiment = self.experiment(experiment_id)
+        if not 1 <= server_round <= experiment["rounds"]:
+            raise NotFound(f"round {server_round} is outside 1..{experiment['rounds']}")
+        file_id = self._model_file_id(experiment_id, server_round - 1)
+        if file_id is None:
+            raise NotFound(f"round {server_round - 1} of experiment {experiment_id} is not aggregated yet")
+        return self.store.load_model(file_id)
+
+    def _model_file_id(self, experiment_id: str, aggregated_round: int) -> str | None:
+        if aggregated_round == 0:
+            return self.store.find_model_id(experiment_id, 0, "global")
+        doc = self.store.get_round(experiment_id, aggregated_round)
+        return None if doc is None else str(doc["model_file_id"])
+
+    def submit_update(self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes) -> Doc:
+        """Accept one client's weights and stats for a round; aggregates when the round is complete."""
+        experiment = self.experiment(experiment_id)
+        client_id, client_index, num_examples, stats = _parse_meta(meta, len(experiment["target_balance_ratios"]))
+        if experiment["status"] != "running":
+            raise Conflict(f"experiment {experiment_id} is {experiment['status']}")
+        if server_round != experiment["current_round"]:
+            raise Conflict(f"round {server_round} is not the current round {experiment['current_round']}")
+        slot = self.store.slot(experiment_id, client_index)
+        if slot is None or slot["client_id"] != client_id:
+            raise Conflict(f"slot {client_index} is not held by client {client_id}")
+        if slot["reported_round"] >= server_round:
+            raise Conflict(f"slot {client_index} already reported round {server_round}")
+        try:
+            weights = wire.decode(weights_data)
+            wire.check_compatible(weights, self.resources.reference(experiment["model"]))
+        except ValueError as error:
+            raise BadRequest(str(error), "weights") from None
+
+        now = self.clock()
+        file_id = self.store.save_client_model(weights_data, experiment_id, server_round, client_index)
+        doc = {
+            **stats,
+            "experiment_id": experiment_id,
+            "client_index": client_index,
+            "client_id": client_id,
+            "round": server_round,
+            "num_examples": num_examples,
+            "weights_file_id": file_id,
+            "received_at": now,
+        }
+        try:
+            self.store.insert_client_stats(doc)
+        except DuplicateError:
+            self.store.delete_client_model(file_id)
+            raise Conflict(f"slot {client_index} already reported round {server_round}") from None
+        self.store.mark_reported(experiment_id, client_index, server_round, now)
+        self.store.touch_worker(client_id, now)
+        self.store.touch_slots(client_id, now)
+        log.info("experiment %s round %d: update from slot %d", experiment_id, server_round, client_index)
+        return {"accepted": True, "aggregated": self._maybe_aggregate(experiment_id, server_round)}
+
+    # aggregation -----------------------------------------------------------
+
+    def recover(self) -> int:
+        """Finish rounds cut off by a crash (all updates stored, no rounds document); returns how many."""
+        finished = 0
+        for experiment in self.store.active_experiments():
+            if experiment["status"] != "running":
+                continue
+            server_round = experiment["current_round"]
+            for stats in self.store.client_stats_for(experiment["id"], server_round):
+                self.store.mark_reported(experiment["id"], stats["client_index"], server_round, self.clock())
+            finished += self._maybe_aggregate(experiment["id"], server_round)
+        return finished
+
+    def _maybe_aggregate(self, experiment_id: str, server_round: int) -> bool:
+        with self._aggregate_lock:
+            experiment = self.experiment(experiment_id)
+            if experiment["status"] != "running" or experiment["current_round"] != server_round:
+                return False
+            if self.store.get_round(experiment_id, server_round) is None:
+                num_clients = len(experiment["target_balance_ratios"])
+                if self.store.count_client_stats(experiment_id, server_round) < num_clients:
+                    return False
+                try:
+                    self._aggregate(experiment, server_round)
+                except Exception as error:  # any failure ends the experiment, visibly
+                    log.exception("experiment %s round %d: aggregation failed", experiment_id, server_round)
+                    self._fail(experiment_id, f"round {server_round}: {type(error).__name__}: {error}")
+                    return False
+            self._advance(experiment, server_round)
+            return True
+
+    def _aggregate(self, experiment: Doc, server_round: int) -> None:
+        started = time.perf_counter()
+        experiment_id = experiment["id"]
+        spec = ExperimentSpec.from_dict(experiment)
+        stats = self.store.client_stats_for(experiment_id, server_round)
+        updates = [
+            ClientUpdate(wire.decode(self.store.load_client_model(doc["weights_file_id"])), doc["num_examples"])
+            for doc in stats
+        ]
+        previous_id = self._model_file_id(experiment_id, server_round - 1)
+        if previous_id is None:
+            raise RuntimeError(f"global model of round {server_round - 1} is missing")
+        current = wire.decode(self.store.load_model(previous_id))
+        state_id = self._state_file_id(experiment_id, server_round - 1)
+        state = {} if state_id is None else wire.decode(self.store.load_model(state_id))
+
+        new_global, new_state = make_strategy(spec.strategy).aggregate(current, updates, state)
+        wire.check_compatible(new_global, self.resources.reference(spec.model))
+        evaluation = self.resources.evaluate(spec, new_global)
+        if not math.isfinite(evaluation.loss):
+            raise ValueError(f"test loss of the aggregated model is {evaluation.loss}")
+
+        # files of an attempt cut off before its rounds document stay unreferenced: harmless
+        model_file_id = self.store.save_model(wire.encode(new_global), experiment_id, server_round, "global")
+        state_file_id = self.store.save_model(wire.encode(new_state), experiment_id, server_round, "strategy_state")
+        finished_at = self.clock()
+        started_at = self._round_started_at(experiment, server_round)
+        doc = {
+            "experiment_id": experiment_id,
+            "round": server_round,
+            "test_loss": float(evaluation.loss),
+            "test_accuracy": float(evaluation.accuracy),
+            "num_test": int(evaluation.num_examples),
+            "participants": [int(d["client_index"]) for d in stats],
+            "num_examples": int(sum(d["num_examples"] for d in stats)),
+            "strategy": spec.strategy.name,
+            "started_at": started_at,
+            "finished_at": finished_at,
+            "duration_s": None if started_at is None else finished_at - started_at,
+            "aggregation_s": time.perf_counter() - started,
+            "model_file_id": model_file_id,
+            "strategy_state_file_id": state_file_id,
+        }
+        try:
+            self.store.insert_round(doc)
+        except DuplicateError:
+            log.warning("experiment %s round %d was already aggregated", experiment_id, server_round)
+            self.store.delete_model(model_file_id)
+            self.store.delete_model(state_file_id)
+            return
+        log.info(
+            "experiment %s round %d/%d: test loss %.4f, accuracy %.4f",
+            experiment_id, server_round, spec.rounds, evaluation.loss, evaluation.accuracy,
+        )
+
+    def _state_file_id(self, experiment_id: str, aggregated_round: int) -> str | None:
+        if aggregated_round == 0:
+            return None
+        doc = self.store.get_round(experiment_id, aggregated_round)
+        return None if doc is None else doc.get("strategy_state_file_id")
+
+    def _round_started_at(self, experiment: Doc, server_round: int) -> float | None:
+        if server_round == 1:
+            return experiment.get("started_at")
+        previous = self.store.get_round(experiment["id"], server_round - 1)
+        return None if previous is None else previous.get("finished_at")
+
+    def _advance(self, experiment: Doc, server_round: int) -> None:
+        experiment_id = experiment["id"]
+        where = {"status": "running", "current_round": server_round}
+        if server_round >= experiment["rounds"]:
+            self.store.update_experiment(experiment_id, {"status": "finished", "finished_at": self.clock()}, where=where)
+            self.store.release_experiment_slots(experiment_id)
+            log.info("experiment %s finished", experiment_id)
+        else:
+            self.store.update_experiment(experiment_id, {"current_round": server_round + 1}, where=where)
+
+    def _fail(self, experiment_id: str, error: str) -> None:
+        self.store.update_experiment(
+            experiment_id, {"status": "failed", "error": error, "finished_at": self.clock()}
+        )
+        self.store.release_experiment_slots(experiment_id)
+
+
+def _parse_meta(meta: Any, num_clients: int) -> tuple[str, int, int, Doc]:
+    """(client_id, client_index, num_examples, stats) from the update's `meta`, or BadRequest."""
+    if not isinstance(meta, Mapping):
+        raise BadRequest("meta must be a JSON object", "meta")
+    client_id = meta.get("client_id")
+    if not isinstance(client_id, str) or not client_id:
+        raise BadRequest("meta.client_id must be a non-empty string", "meta.client_id")
+    client_index = meta.get("client_index")
+    if not isinstance(client_index, int) or isinstance(client_index, bool) or not 0 <= client_index < num_clients:
+        raise BadRequest(f"meta.client_index must be an integer in [0, {num_clients})", "meta.client_index")
+    num_examples = meta.get("num_examples")
+    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
+        raise BadRequest("meta.num_examples must be an integer > 0", "meta.num_examples")
+    stats = meta.get("stats", {})
+    if not isinstance(stats, Mapping):
+        raise BadRequest("meta.stats must be a JSON object", "meta.stats")
+    reserved = {"_id", "experiment_id", "client_index", "client_id", "round", "num_examples", "weights_file_id"}
+    clash = sorted(reserved & set(stats))
+    if clash:
+        raise BadRequest(f"meta.stats.{clash[0]} is set by the server", f"meta.stats.{clash[0]}")
+    return client_id, client_index, num_examples, dict(stats)

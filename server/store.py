@@ -1,0 +1,279 @@
+"""The server's store: collections and GridFS buckets over pymongo (nx-27017 or MongoDB).
+
+All raw pymongo calls live here; the coordinator speaks in the methods below.
+Times are float seconds since the epoch (from the coordinator's clock).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import gridfs
+import pymongo
+import pymongo.errors
+from bson import ObjectId
+from pymongo import ReturnDocument
+from pymongo.collection import Collection
+from pymongo.database import Database
+
+Doc = dict[str, Any]
+
+ACTIVE = ("queued", "running")
+DONE = ("finished", "failed")
+
+
+class DuplicateError(Exception):
+    """A write hit a unique index (duplicate update, round already aggregated)."""
+
+
+def _plain(doc: Mapping[str, Any] | None) -> Doc | None:
+    if doc is None:
+        return None
+    return {key: value for key, value in doc.items() if key != "_id"}
+
+
+class Store:
+    """The fedland database: see DEVELOPERS.md "Store" for the schema."""
+
+    def __init__(self, uri: str, db_name: str, *, timeout_ms: int = 10_000) -> None:
+        self._client: pymongo.MongoClient[Doc] | None = pymongo.MongoClient(
+            uri, serverSelectionTimeoutMS=timeout_ms, tz_aware=False
+        )
+        self.db: Database[Doc] = self._client[db_name]
+        self._init_buckets()
+
+    @classmethod
+    def from_database(cls, db: Database[Doc]) -> Store:
+        """Wrap an existing database handle (the caller keeps ownership of its client)."""
+        store = cls.__new__(cls)
+        store._client = None
+        store.db = db
+        store._init_buckets()
+        return store
+
+    def _init_buckets(self) -> None:
+        self.models = gridfs.GridFSBucket(self.db, bucket_name="models")
+        self.client_models = gridfs.GridFSBucket(self.db, bucket_name="client_models")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def ping(self) -> None:
+        self.db.command("ping")
+
+    # collections -----------------------------------------------------------
+
+    @property
+    def experiments(self) -> Collection[Doc]:
+        return self.db["experiments"]
+
+    @property
+    def clients(self) -> Collection[Doc]:
+        return self.db["clients"]
+
+    @property
+    def workers(self) -> Collection[Doc]:
+        return self.db["workers"]
+
+    @property
+    def client_stats(self) -> Collection[Doc]:
+        return self.db["client_stats"]
+
+    @property
+    def rounds(self) -> Collection[Doc]:
+        return self.db["rounds"]
+
+    @property
+    def landscapes(self) -> Collection[Doc]:
+        return self.db["landscapes"]
+
+    def ensure_indexes(self) -> None:
+        """Create the unique indexes of the schema (idempotent)."""
+        self.clients.create_index([("experiment_id", 1), ("client_index", 1)], unique=True)
+        self.clients.create_index([("client_id", 1)])
+        self.workers.create_index([("client_id", 1)], unique=True)
+        self.client_stats.create_index(
+            [("experiment_id", 1), ("client_index", 1), ("round", 1)], unique=True
+        )
+        self.rounds.create_index([("experiment_id", 1), ("round", 1)], unique=True)
+        self.landscapes.create_index([("experiment_id", 1), ("round", 1), ("kind", 1)], unique=True)
+        self.experiments.create_index([("status", 1), ("created_at", 1)])
+
+    # experiments -----------------------------------------------------------
+
+    def insert_experiments(self, experiments: list[Doc], slots: list[Doc]) -> None:
+        """Insert experiment documents (`_id` is their `id`) and their client slots."""
+        if experiments:
+            self.experiments.insert_many([{"_id": e["id"], **e} for e in experiments])
+        if slots:
+            self.clients.insert_many([dict(slot) for slot in slots])
+
+    def get_experiment(self, experiment_id: str) -> Doc | None:
+        return _plain(self.experiments.find_one({"_id": experiment_id}))
+
+    def list_experiments(self) -> list[Doc]:
+        cursor = self.experiments.find({}).sort([("created_at", 1), ("_id", 1)])
+        return [doc for doc in (_plain(d) for d in cursor) if doc is not None]
+
+    def active_experiments(self) -> list[Doc]:
+        """Queued and running experiments, oldest first."""
+        cursor = self.experiments.find({"status": {"$in": list(ACTIVE)}}).sort(
+            [("created_at", 1), ("_id", 1)]
+        )
+        return [doc for doc in (_plain(d) for d in cursor) if doc is not None]
+
+    def update_experiment(
+        self, experiment_id: str, changes: Mapping[str, Any], *, where: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Set `changes` if the experiment matches `where`; True if a document matched."""
+        result = self.experiments.update_one({"_id": experiment_id, **(where or {})}, {"$set": dict(changes)})
+        return result.matched_count > 0
+
+    # client slots ----------------------------------------------------------
+
+    def slot(self, experiment_id: str, client_index: int) -> Doc | None:
+        return _plain(self.clients.find_one({"experiment_id": experiment_id, "client_index": client_index}))
+
+    def slots(self, experiment_id: str) -> list[Doc]:
+        cursor = self.clients.find({"experiment_id": experiment_id}).sort([("client_index", 1)])
+        return [doc for doc in (_plain(d) for d in cursor) if doc is not None]
+
+    def slot_held_by(self, client_id: str) -> Doc | None:
+        return _plain(self.clients.find_one({"client_id": client_id}))
+
+    def claim_slot(self, experiment_id: str, client_id: str, now: float) -> Doc | None:
+        """Atomically take the lowest free slot of the experiment; None if all are held."""
+        return _plain(
+            self.clients.find_one_and_update(
+                {"experiment_id": experiment_id, "client_id": None},
+                {"$set": {"client_id": client_id, "heartbeat_at": now}},
+                sort=[("client_index", 1)],
+                return_document=ReturnDocument.AFTER,
+            )
+        )
+
+    def release_slot(self, experiment_id: str, client_index: int, client_id: str) -> bool:
+        result = self.clients.update_one(
+            {"experiment_id": experiment_id, "client_index": client_index, "client_id": client_id},
+            {"$set": {"client_id": None, "heartbeat_at": None}},
+        )
+        return result.modified_count > 0
+
+    def release_experiment_slots(self, experiment_id: str) -> int:
+        result = self.clients.update_many(
+            {"experiment_id": experiment_id, "client_id": {"$ne": None}},
+            {"$set": {"client_id": None, "heartbeat_at": None}},
+        )
+        return result.modified_count
+
+    def touch_slots(self, client_id: str, now: float) -> int:
+        result = self.clients.update_many({"client_id": client_id}, {"$set": {"heartbeat_at": now}})
+        return result.matched_count
+
+    def reap_slots(self, cutoff: float) -> list[Doc]:
+        """Free every held slot whose heartbeat is older than `cutoff`; returns the freed slots."""
+        freed = []
+        for doc in self.clients.find({"client_id": {"$ne": None}, "heartbeat_at": {"$lt": cutoff}}):
+            # conditional on the same holder and heartbeat: a fresh heartbeat wins the race
+            result = self.clients.update_one(
+                {"_id": doc["_id"], "client_id": doc["client_id"], "heartbeat_at": doc["heartbeat_at"]},
+                {"$set": {"client_id": None, "heartbeat_at": None}},
+            )
+            if result.modified_count:
+                freed.append(_plain(doc))
+        return [doc for doc in freed if doc is not None]
+
+    def mark_reported(self, experiment_id: str, client_index: int, server_round: int, now: float) -> None:
+        self.clients.update_one(
+            {"experiment_id": experiment_id, "client_index": client_index},
+            {"$max": {"reported_round": server_round}, "$set": {"heartbeat_at_report": now}},
+        )
+
+    # workers ---------------------------------------------------------------
+
+    def insert_worker(self, doc: Doc) -> None:
+        self.workers.insert_one(dict(doc))
+
+    def touch_worker(self, client_id: str, now: float) -> bool:
+        result = self.workers.update_one({"client_id": client_id}, {"$set": {"last_seen": now}})
+        return result.matched_count > 0
+
+    # client updates and rounds ---------------------------------------------
+
+    def insert_client_stats(self, doc: Doc) -> None:
+        try:
+            self.client_stats.insert_one(dict(doc))
+        except pymongo.errors.DuplicateKeyError as error:
+            raise DuplicateError(str(error)) from None
+
+    def client_stats_for(self, experiment_id: str, server_round: int) -> list[Doc]:
+        cursor = self.client_stats.find({"experiment_id": experiment_id, "round": server_round}).sort(
+            [("client_index", 1)]
+        )
+        return [doc for doc in (_plain(d) for d in cursor) if doc is not None]
+
+    def count_client_stats(self, experiment_id: str, server_round: int) -> int:
+        return self.client_stats.count_documents({"experiment_id": experiment_id, "round": server_round})
+
+    def insert_round(self, doc: Doc) -> None:
+        try:
+            self.rounds.insert_one(dict(doc))
+        except pymongo.errors.DuplicateKeyError as error:
+            raise DuplicateError(str(error)) from None
+
+    def get_round(self, experiment_id: str, server_round: int) -> Doc | None:
+        return _plain(self.rounds.find_one({"experiment_id": experiment_id, "round": server_round}))
+
+    def rounds_of(self, experiment_id: str) -> list[Doc]:
+        cursor = self.rounds.find({"experiment_id": experiment_id}).sort([("round", 1)])
+        return [doc for doc in (_plain(d) for d in cursor) if doc is not None]
+
+    # GridFS ------------------------------------------------------------------
+
+    def save_model(self, data: bytes, experiment_id: str, server_round: int, kind: str) -> str:
+        """Store a `models` file (kind "global" or "strategy_state"); returns its id as a string."""
+        metadata = {"experiment_id": experiment_id, "round": server_round, "kind": kind}
+        name = f"{experiment_id}-{kind}-{server_round}.safetensors"
+        return str(self.models.upload_from_stream(name, data, metadata=metadata))
+
+    def find_model_id(self, experiment_id: str, server_round: int, kind: str) -> str | None:
+        """Id of the newest `models` file with this metadata, or None."""
+        query = {"metadata.experiment_id": experiment_id, "metadata.round": server_round, "metadata.kind": kind}
+        files = list(self.db["models.files"].find(query, {"_id": 1}))
+        if not files:
+            return None
+        return str(max(file["_id"] for file in files))
+
+    def delete_model(self, file_id: str) -> None:
+        try:
+            self.models.delete(ObjectId(file_id))
+        except gridfs.errors.NoFile:
+            pass
+
+    def load_model(self, file_id: str) -> bytes:
+        return bytes(self.models.open_download_stream(ObjectId(file_id)).read())
+
+    def save_client_model(self, data: bytes, experiment_id: str, server_round: int, client_index: int) -> str:
+        metadata = {"experiment_id": experiment_id, "round": server_round, "client_index": client_index}
+        name = f"{experiment_id}-client{client_index}-{server_round}.safetensors"
+        return str(self.client_models.upload_from_stream(name, data, metadata=metadata))
+
+    def load_client_model(self, file_id: str) -> bytes:
+        return bytes(self.client_models.open_download_stream(ObjectId(file_id)).read())
+
+    def delete_client_model(self, file_id: str) -> None:
+        try:
+            self.client_models.delete(ObjectId(file_id))
+        except gridfs.errors.NoFile:
+            pass
+
+    def count(self, collection: str, query: Mapping[str, Any] | None = None) -> int:
+        """Number of documents in `collection` matching `query` (tests and reports)."""
+        # find, not count_documents: nx-27017 cannot count GridFS collections with a filter
+        return len(list(self.db[collection].find(dict(query or {}), {"_id": 1})))
+
+    def drop_all(self, names: Iterable[str] | None = None) -> None:
+        for name in names if names is not None else self.db.list_collection_names():
+            self.db.drop_collection(name)

@@ -1,0 +1,241 @@
+"""The local launcher behind `python main.py`: store, server and clients on this machine.
+
+`run` validates every experiment, starts what is missing (an embedded nx-27017
+unless a MongoDB URI is given, then `python -m server` and N `python -m client`),
+queues the experiments, shows progress, prints a summary and tears it all down.
+With `--server URL` it only queues the experiments on a running stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import random
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from client.transport import Transport
+from fedland.datasets import load_dataset
+from fedland.spec import ExperimentSpec, SpecError, load_specs
+from stack.embedded import EmbeddedMongo, free_port
+from stack.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
+from stack.progress import Progress, summary_table
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("run",)  # `report` comes with the reports issue
+DONE = ("finished", "failed")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    clients: int | None = None  # None: the largest num_clients of the experiments
+    rounds: int | None = None  # override every experiment's rounds
+    server_url: str | None = None  # queue on a running stack and return
+    store_uri: str | None = None  # None: FEDLAND_MONGO_URI, else an embedded store
+    store_dir: Path = Path("./data/store")
+    log_dir: Path = Path("./data/logs")
+    poll_interval_s: float = 1.0
+    show_progress: bool = True
+
+
+def prepare(specs: Sequence[ExperimentSpec], rounds: int | None, only: str | None) -> list[ExperimentSpec]:
+    """Filter by `only` (a substring of the description), override rounds, and validate all.
+
+    Raises ValueError listing every invalid experiment; nothing is submitted then.
+    """
+    chosen = [s for s in specs if only is None or only.lower() in _description(s).lower()]
+    if not chosen:
+        raise ValueError(f"no experiment matches --only {only!r}" if only else "no experiments given")
+    valid: list[ExperimentSpec] = []
+    errors: list[str] = []
+    for position, spec in enumerate(chosen):
+        data = spec.to_dict()
+        if rounds is not None:
+            data["rounds"] = rounds
+        try:
+            valid.append(ExperimentSpec.from_dict(data))
+        except SpecError as error:
+            errors.append(f"experiment {position} ({_description(spec)!r}): {error}")
+    if errors:
+        raise ValueError("invalid experiments, nothing submitted:\n  " + "\n  ".join(errors))
+    return valid
+
+
+def _description(spec: ExperimentSpec) -> str:
+    return str(getattr(spec, "description", "") or "")
+
+
+def make_transport(url: str, token: str, stop: threading.Event | None = None) -> Transport:
+    return Transport(url, token, stop=stop or threading.Event(), rng=random.Random(), max_attempts=5)
+
+
+def queue_only(specs: Sequence[ExperimentSpec], server_url: str, env: Mapping[str, str]) -> int:
+    """Submit `specs` to a running server (token from FEDLAND_TOKEN); print their ids."""
+    token = env.get("FEDLAND_TOKEN", "").strip()
+    if not token:
+        raise ValueError("FEDLAND_TOKEN must be set to queue experiments on --server")
+    transport = make_transport(server_url, token)
+    try:
+        ids = transport.submit_experiments([spec.to_dict() for spec in specs])
+    finally:
+        transport.close()
+    for experiment_id, spec in zip(ids, specs):
+        print(f"queued {experiment_id}  {_description(spec)}")
+    return 0
+
+
+class LocalRun:
+    """Store, server and clients on this machine for the duration of one `run`."""
+
+    def __init__(self, options: RunOptions, env: Mapping[str, str]) -> None:
+        self.options = options
+        self.env = dict(env)
+        self.token = secrets.token_urlsafe(24)
+        self.store: EmbeddedMongo | None = None
+        self.server: Child | None = None
+        self.clients: list[Child] = []
+        self.url = ""
+
+    def start(self, num_clients: int) -> None:
+        uri = self.options.store_uri or self.env.get("FEDLAND_MONGO_URI", "").strip() or None
+        if uri is None:
+            self.store = EmbeddedMongo(self.options.store_dir)
+            uri = self.store.start()
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        server_env = child_env(
+            self.env,
+            FEDLAND_MONGO_URI=uri,
+            FEDLAND_TOKEN=self.token,
+            FEDLAND_HOST="127.0.0.1",
+            FEDLAND_PORT=str(port),
+        )
+        self.server = start_server(server_env, self.options.log_dir / "server.log")
+        wait_healthy(self.server, self.url, self.token)
+        client_env = child_env(self.env, FEDLAND_SERVER_URL=self.url, FEDLAND_TOKEN=self.token)
+        client_env.pop("FEDLAND_MONGO_URI", None)
+        self.clients = start_clients(num_clients, client_env, self.options.log_dir)
+        log.info("server %s, %d clients, logs in %s", self.url, num_clients, self.options.log_dir)
+
+    def stop(self) -> None:
+        stop_all(self.clients)
+        self.clients = []
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        if self.store is not None:
+            self.store.stop()
+            self.store = None
+
+
+def watch(
+    transport: Transport,
+    ids: Sequence[str],
+    local: LocalRun,
+    poll_interval_s: float,
+    progress: Progress,
+) -> dict[str, dict[str, Any]]:
+    """Poll the server until every experiment in `ids` is finished or failed; return their documents."""
+    wanted = set(ids)
+    while True:
+        if local.server is not None and not local.server.alive():
+            raise RuntimeError(f"server exited; log {local.server.log_path}:\n{local.server.log_tail()}")
+        if local.clients and not any(c.alive() for c in local.clients):
+            raise RuntimeError(f"all clients exited; see {local.options.log_dir}")
+        summaries = {e["id"]: e for e in transport.list_experiments() if e["id"] in wanted}
+        progress.update(summaries)
+        if len(summaries) == len(wanted) and all(e["status"] in DONE for e in summaries.values()):
+            return {experiment_id: transport.get_experiment(experiment_id) for experiment_id in ids}
+        time.sleep(poll_interval_s)
+
+
+def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping[str, str]) -> int:
+    """Run `specs` on a local stack; 0 if every experiment finished."""
+    data_dir = Path(env.get("FEDLAND_DATA_DIR", "").strip() or "./data")
+    for name in sorted({spec.dataset_name for spec in specs}):
+        load_dataset(name, data_dir)  # download once here, not in every client at the same time
+    num_clients = options.clients or max(spec.num_clients for spec in specs)
+    local = LocalRun(options, env)
+    started = time.monotonic()
+    try:
+        local.start(num_clients)
+        transport = make_transport(local.url, local.token)
+        earlier = [e for e in transport.list_experiments() if e["status"] not in DONE]
+        if earlier:
+            log.warning("%d unfinished experiments from earlier runs are queued ahead of these", len(earlier))
+        ids = transport.submit_experiments([spec.to_dict() for spec in specs])
+        with Progress(ids, specs, enabled=options.show_progress) as progress:
+            documents = watch(transport, ids, local, options.poll_interval_s, progress)
+        last_rounds = {i: progress.last_round(i) for i in ids}
+        transport.close()
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping clients, server and store", file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        local.stop()
+    print(summary_table(ids, documents, last_rounds))
+    print(f"wall time {time.monotonic() - started:.1f} s; logs in {options.log_dir}")
+    failed = [d for d in documents.values() if d.get("status") != "finished"]
+    for doc in failed:
+        print(f"experiment {doc.get('id')} {doc.get('status')}: {doc.get('error')}", file=sys.stderr)
+    return 0 if not failed else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py", description="Run fedland experiments.")
+    commands = parser.add_subparsers(dest="command")
+    run = commands.add_parser("run", help="run the experiments (default)")
+    run.add_argument("--clients", type=int, help="client processes (default: the most any experiment needs)")
+    run.add_argument("--rounds", type=int, help="override every experiment's rounds (quick runs)")
+    run.add_argument("--server", metavar="URL", help="only queue the experiments on this running server")
+    run.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
+    run.add_argument("--experiments", metavar="FILE", type=Path, help="JSON/TOML experiments instead of main.py's")
+    run.add_argument("--only", metavar="TEXT", help="only experiments whose description contains TEXT")
+    run.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    argv = list(argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]
+    return build_parser().parse_args(argv)
+
+
+def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = None) -> int:
+    """CLI entry point of main.py; returns the exit code."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    env = os.environ
+    logging.basicConfig(
+        level=env.get("FEDLAND_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.clients is not None and args.clients < 1:
+        print("--clients must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        specs = load_specs(args.experiments) if args.experiments else list(experiments)
+        specs = prepare(specs, args.rounds, args.only)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.server:
+        return queue_only(specs, args.server, env)
+    options = RunOptions(
+        clients=args.clients,
+        store_uri=args.store_uri,
+        store_dir=Path(env.get("FEDLAND_STORE_DIR", "").strip() or "./data/store"),
+        log_dir=Path(env.get("FEDLAND_LOG_DIR", "").strip() or "./data/logs"),
+        show_progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    return run_local(specs, options, env)

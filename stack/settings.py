@@ -1,0 +1,143 @@
+"""Settings of server and client, read from FEDLAND_* environment variables."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _text(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip()
+    return value if value else default
+
+
+def _token(env: Mapping[str, str]) -> str:
+    value = env.get("FEDLAND_TOKEN", "").strip()
+    if not value:
+        raise ValueError("FEDLAND_TOKEN is required: set it to the shared bearer token")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int | None = None) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        upper = f" and <= {high}" if high is not None else ""
+        raise ValueError(f"{name} must be >= {low}{upper}, got {value}")
+    return value
+
+
+def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {raw!r}")
+    return value
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    value = _text(env, "FEDLAND_LOG_LEVEL", "INFO").upper()
+    if value not in LOG_LEVELS:
+        raise ValueError(f"FEDLAND_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, default: str) -> str:
+    value = _text(env, name, default).rstrip("/")
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"{name} must start with http:// or https://, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Configuration of `python -m server` (and of the launcher's store)."""
+
+    token: str
+    data_dir: Path = Path("./data")
+    mongo_uri: str | None = None
+    db_name: str = "fedland"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    heartbeat_timeout_s: float = 30.0
+    max_body_mb: int = 64
+    torch_threads: int = 1
+    log_level: str = "INFO"
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.max_body_mb * 1024 * 1024
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ServerSettings:
+        """Parse FEDLAND_* variables; a bad value raises ValueError naming the variable."""
+        mongo_uri = env.get("FEDLAND_MONGO_URI", "").strip() or None
+        if mongo_uri is not None and not mongo_uri.startswith(("mongodb://", "mongodb+srv://")):
+            raise ValueError(f"FEDLAND_MONGO_URI must start with mongodb://, got {mongo_uri!r}")
+        return cls(
+            token=_token(env),
+            data_dir=Path(_text(env, "FEDLAND_DATA_DIR", "./data")),
+            mongo_uri=mongo_uri,
+            db_name=_text(env, "FEDLAND_DB", "fedland"),
+            host=_text(env, "FEDLAND_HOST", "127.0.0.1"),
+            port=_int(env, "FEDLAND_PORT", 8080, low=0, high=65535),
+            heartbeat_timeout_s=_positive_float(env, "FEDLAND_HEARTBEAT_TIMEOUT_S", 30.0),
+            max_body_mb=_int(env, "FEDLAND_MAX_BODY_MB", 64, low=1),
+            torch_threads=_int(env, "FEDLAND_TORCH_THREADS", 1, low=1),
+            log_level=_log_level(env),
+        )
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Configuration of `python -m client`."""
+
+    token: str
+    data_dir: Path = Path("./data")
+    server_url: str = "http://127.0.0.1:8080"
+    torch_threads: int = 1
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ClientSettings:
+        """Parse FEDLAND_* variables; a bad value raises ValueError naming the variable."""
+        return cls(
+            token=_token(env),
+            data_dir=Path(_text(env, "FEDLAND_DATA_DIR", "./data")),
+            server_url=_url(env, "FEDLAND_SERVER_URL", "http://127.0.0.1:8080"),
+            torch_threads=_int(env, "FEDLAND_TORCH_THREADS", 1, low=1),
+            log_level=_log_level(env),
+        )
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Log to stderr with timestamps at `level` (a name such as "INFO")."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def set_torch_threads(num_threads: int) -> None:
+    """Limit torch's intra-op thread pool (the machines share few cores)."""
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    import torch  # local: settings stay importable without initialising torch
+
+    torch.set_num_threads(num_threads)

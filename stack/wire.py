@@ -1,0 +1,61 @@
+"""Model weights on the wire and in the store: safetensors by name, never pickle."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import safetensors.numpy
+import torch
+
+Weights = dict[str, np.ndarray]
+
+
+def _as_array(name: str, value: object) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return np.ascontiguousarray(value.detach().cpu().numpy())
+    if isinstance(value, np.ndarray):
+        return np.ascontiguousarray(value)
+    raise ValueError(f"weights[{name!r}] must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+
+
+def encode(state: Mapping[str, object]) -> bytes:
+    """Serialise named tensors/arrays to safetensors bytes, keeping each dtype."""
+    arrays = {str(name): _as_array(str(name), value) for name, value in state.items()}
+    return bytes(safetensors.numpy.save(arrays))
+
+
+def decode(data: bytes) -> Weights:
+    """Parse safetensors bytes into named numpy arrays; bad bytes raise ValueError."""
+    try:
+        return dict(safetensors.numpy.load(bytes(data)))
+    except Exception as error:  # untrusted bytes: any parse failure is the sender's fault
+        raise ValueError(f"weights: not a valid safetensors payload ({error})") from None
+
+
+def check_compatible(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:
+    """Raise ValueError naming the key if `weights` differ from `reference` in layout or hold NaN/Inf."""
+    missing = sorted(set(reference) - set(weights))
+    if missing:
+        raise ValueError(f"weights: missing key {missing[0]!r}")
+    unexpected = sorted(set(weights) - set(reference))
+    if unexpected:
+        raise ValueError(f"weights: unexpected key {unexpected[0]!r}")
+    for name, expected in reference.items():
+        value = weights[name]
+        if value.shape != expected.shape:
+            raise ValueError(f"weights[{name!r}]: shape {value.shape} != expected {expected.shape}")
+        if value.dtype != expected.dtype:
+            raise ValueError(f"weights[{name!r}]: dtype {value.dtype} != expected {expected.dtype}")
+        if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+            raise ValueError(f"weights[{name!r}]: contains NaN or Inf")
+
+
+def to_state_dict(weights: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Copy named arrays into tensors for `module.load_state_dict`."""
+    return {name: torch.from_numpy(np.array(value, copy=True)) for name, value in weights.items()}
+
+
+def from_module(model: torch.nn.Module) -> Weights:
+    """Copy a module's state dict (parameters and buffers) into named numpy arrays."""
+    return {name: value.detach().cpu().numpy().copy() for name, value in model.state_dict().items()}

@@ -1,0 +1,123 @@
+"""Server test fixtures: an app on the test store served over loopback HTTP, and a small client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+
+from server.api import create_app
+from server.store import Store
+from stack import wire
+from stack.settings import ServerSettings
+
+
+def small_spec(**overrides: Any) -> dict[str, Any]:
+    """A 2-client MNIST experiment small enough to partition in well under a second."""
+    spec: dict[str, Any] = {
+        "description": "server test",
+        "target_balance_ratios": [[0.1] * 10, [0.1] * 10],
+        "subset_fractions": [0.02, 0.02],
+        "rounds": 2,
+        "model": "FedNet",
+        "seed": 7,
+        "strategy": {"name": "FedAvg", "params": {}},
+    }
+    spec.update(overrides)
+    return spec
+
+
+class Api:
+    """requests against one server, with the bearer token set."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.base = f"{base_url}/api/v1"
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.session.get(self.base + path, timeout=60, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.session.post(self.base + path, timeout=60, **kwargs)
+
+    def submit(self, *specs: dict[str, Any]) -> list[str]:
+        body: Any = specs[0] if len(specs) == 1 else list(specs)
+        response = self.post("/experiments", json=body)
+        assert response.status_code == 201, response.text
+        return list(response.json()["ids"])
+
+    def register(self, hostname: str = "test-host") -> str:
+        response = self.post("/clients", json={"hostname": hostname, "pid": 1234})
+        assert response.status_code == 201, response.text
+        return str(response.json()["client_id"])
+
+    def task(self, client_id: str) -> dict[str, Any]:
+        response = self.post(f"/clients/{client_id}/task")
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def model(self, experiment_id: str, server_round: int) -> dict[str, np.ndarray]:
+        response = self.get(f"/experiments/{experiment_id}/rounds/{server_round}/model")
+        assert response.status_code == 200, response.text
+        assert response.headers["Content-Type"] == "application/octet-stream"
+        return wire.decode(response.content)
+
+    def update(
+        self,
+        experiment_id: str,
+        server_round: int,
+        client_id: str,
+        client_index: int,
+        weights: dict[str, np.ndarray] | bytes,
+        num_examples: int = 100,
+        stats: dict[str, Any] | None = None,
+    ) -> requests.Response:
+        meta = {
+            "client_id": client_id,
+            "client_index": client_index,
+            "num_examples": num_examples,
+            "stats": stats if stats is not None else {"duration_s": {"train": 0.5}},
+        }
+        data = weights if isinstance(weights, bytes) else wire.encode(weights)
+        return self.post(
+            f"/experiments/{experiment_id}/rounds/{server_round}/updates",
+            data={"meta": json.dumps(meta)},
+            files={"weights": ("weights.safetensors", data, "application/octet-stream")},
+        )
+
+
+@pytest.fixture
+def make_settings(token: str, data_dir: Path) -> Callable[..., ServerSettings]:
+    def make(**overrides: Any) -> ServerSettings:
+        return ServerSettings(token=token, data_dir=data_dir, **overrides)
+
+    return make
+
+
+@pytest.fixture
+def start_api(
+    store: Store, token: str, clock: Any, serve: Callable[[Any], str], make_settings: Callable[..., ServerSettings]
+) -> Callable[..., Api]:
+    """start_api(**settings) -> Api on a fresh app over the test store (call again to "restart")."""
+
+    def start(**overrides: Any) -> Api:
+        app = create_app(make_settings(**overrides), Store.from_database(store.db), clock=clock)
+        return Api(serve(app), token)
+
+    return start
+
+
+@pytest.fixture
+def api(start_api: Callable[..., Api]) -> Api:
+    return start_api()
+
+
+@pytest.fixture
+def make_spec() -> Callable[..., dict[str, Any]]:
+    return small_spec

@@ -1,0 +1,178 @@
+"""Rounds end to end over HTTP: aggregation, conflicts, heartbeat expiry, failure, restart safety."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import numpy as np
+
+from server.api import coordinator_of, create_app
+from server.store import Store
+from stack import wire
+
+
+def shifted(weights: dict[str, np.ndarray], offset: float, scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Client weights made by hand: scale * global + offset, float32 like the model."""
+    return {name: (scale * value + offset).astype(np.float32) for name, value in weights.items()}
+
+
+def start_two(api: Any, experiment_id: str) -> tuple[str, str]:
+    first, second = api.register("a"), api.register("b")
+    assert api.task(first)["client_index"] == 0
+    assert api.task(second)["client_index"] == 1
+    return first, second
+
+
+def test_round_aggregates_with_fedavg_then_finishes(api: Any, store: Store, make_spec: Callable[..., dict]) -> None:
+    (experiment_id,) = api.submit(make_spec(rounds=2))
+    first, second = start_two(api, experiment_id)
+    global_0 = api.model(experiment_id, 1)
+    update_0, update_1 = shifted(global_0, 0.01), shifted(global_0, -0.03, scale=0.5)
+
+    response = api.update(experiment_id, 1, first, 0, update_0, num_examples=100,
+                          stats={"duration_s": {"train": 1.5}, "global": {"train_loss": 2.3}, "local": {"train_loss": 1.1}})
+    assert (response.status_code, response.json()) == (202, {"accepted": True, "aggregated": False})
+    assert api.update(experiment_id, 1, first, 0, update_0).status_code == 409  # duplicate
+    assert api.task(first)["action"] == "wait"  # its slot already reported round 1
+    assert store.get_round(experiment_id, 1) is None
+
+    response = api.update(experiment_id, 1, second, 1, update_1, num_examples=300)
+    assert (response.status_code, response.json()) == (202, {"accepted": True, "aggregated": True})
+    assert api.update(experiment_id, 1, second, 1, update_1).status_code == 409  # late
+
+    # the global model of round 1 is the example-weighted mean, computed here by hand
+    global_1 = api.model(experiment_id, 2)
+    for name, value in global_0.items():
+        expected = (100 * update_0[name].astype(np.float64) + 300 * update_1[name].astype(np.float64)) / 400
+        np.testing.assert_allclose(global_1[name], expected, rtol=0, atol=1e-6)
+        assert global_1[name].dtype == np.float32
+
+    round_doc = store.get_round(experiment_id, 1)
+    assert round_doc is not None
+    assert round_doc["participants"] == [0, 1] and round_doc["num_examples"] == 400
+    assert round_doc["num_test"] == 10_000 and np.isfinite(round_doc["test_loss"])
+    assert 0.0 <= round_doc["test_accuracy"] <= 1.0
+    assert round_doc["finished_at"] >= round_doc["started_at"] and round_doc["duration_s"] >= 0
+    stored = wire.decode(store.load_model(round_doc["model_file_id"]))
+    np.testing.assert_array_equal(stored["fc1.weight"], global_1["fc1.weight"])
+
+    stats = store.client_stats_for(experiment_id, 1)
+    assert [(s["client_index"], s["client_id"], s["num_examples"]) for s in stats] == [(0, first, 100), (1, second, 300)]
+    assert stats[0]["global"] == {"train_loss": 2.3} and stats[0]["duration_s"] == {"train": 1.5}
+    assert api.get(f"/experiments/{experiment_id}").json()["current_round"] == 2
+
+    # round 2, then the experiment is finished and its slots are released
+    assert [api.task(c)["round"] for c in (first, second)] == [2, 2]
+    assert api.update(experiment_id, 2, first, 0, shifted(global_1, 0.0)).status_code == 202
+    assert api.update(experiment_id, 2, second, 1, shifted(global_1, 0.0)).json()["aggregated"] is True
+    doc = api.get(f"/experiments/{experiment_id}").json()
+    assert (doc["status"], doc["current_round"]) == ("finished", 2)
+    assert all(slot["client_id"] is None for slot in store.slots(experiment_id))
+    assert api.task(first)["action"] == "wait"
+    assert api.update(experiment_id, 2, first, 0, shifted(global_1, 0.0)).status_code == 409
+    assert api.get(f"/experiments/{experiment_id}/rounds/3/model").status_code == 404
+    assert store.count("rounds", {"experiment_id": experiment_id}) == 2
+
+
+def test_heartbeat_expiry_frees_the_slot(api: Any, clock: Any, make_spec: Callable[..., dict]) -> None:
+    (experiment_id,) = api.submit(make_spec())
+    stale, alive = start_two(api, experiment_id)
+    newcomer = api.register("c")
+    assert api.task(newcomer)["action"] == "wait"
+
+    clock.advance(20)
+    api.post(f"/clients/{alive}/heartbeat")
+    clock.advance(15)  # stale silent for 35 s > 30 s; alive for 15 s
+    task = api.task(newcomer)
+    assert (task["action"], task["client_index"], task["round"]) == ("train", 0, 1)
+
+    weights = api.model(experiment_id, 1)
+    assert api.update(experiment_id, 1, stale, 0, weights).status_code == 409
+    assert api.update(experiment_id, 1, newcomer, 0, weights).status_code == 202
+    assert api.update(experiment_id, 1, alive, 1, weights).json()["aggregated"] is True
+    task = api.task(stale)  # comes back: every slot is held
+    assert task["action"] == "wait"
+
+
+def test_diverged_aggregate_marks_the_experiment_failed(api: Any, store: Store, make_spec: Callable[..., dict]) -> None:
+    (experiment_id,) = api.submit(make_spec())
+    first, second = start_two(api, experiment_id)
+    weights = api.model(experiment_id, 1)
+    huge = {name: np.full(value.shape, 3e38, np.float32) for name, value in weights.items()}  # finite, overflows
+    assert api.update(experiment_id, 1, first, 0, huge).status_code == 202
+    response = api.update(experiment_id, 1, second, 1, huge)
+    assert (response.status_code, response.json()["aggregated"]) == (202, False)
+    doc = api.get(f"/experiments/{experiment_id}").json()
+    assert doc["status"] == "failed" and "round 1" in doc["error"]
+    assert all(slot["client_id"] is None for slot in store.slots(experiment_id))
+    assert api.task(first)["action"] == "wait"
+
+
+def put_update_like_a_crashed_server(store: Store, experiment_id: str, server_round: int, client_index: int,
+                                     client_id: str, weights: dict[str, np.ndarray], num_examples: int) -> None:
+    """What submit_update writes before it aggregates: the state a crash mid-aggregation leaves."""
+    file_id = store.save_client_model(wire.encode(weights), experiment_id, server_round, client_index)
+    store.insert_client_stats({"experiment_id": experiment_id, "client_index": client_index, "client_id": client_id,
+                               "round": server_round, "num_examples": num_examples, "weights_file_id": file_id})
+
+
+def test_new_app_on_the_same_store_resumes(
+    api: Any, store: Store, start_api: Callable[..., Any], make_spec: Callable[..., dict]
+) -> None:
+    (experiment_id,) = api.submit(make_spec(rounds=3))
+    first, second = start_two(api, experiment_id)
+    global_0 = api.model(experiment_id, 1)
+    update_0, update_1 = shifted(global_0, 0.5), shifted(global_0, -0.5)
+    assert api.update(experiment_id, 1, first, 0, update_0, num_examples=1).status_code == 202
+    # the server dies after storing the second update, before aggregating it
+    put_update_like_a_crashed_server(store, experiment_id, 1, 1, second, update_1, num_examples=3)
+    assert store.get_round(experiment_id, 1) is None
+
+    restarted = start_api()  # recovers on start
+    assert restarted.get(f"/experiments/{experiment_id}").json()["current_round"] == 2
+    global_1 = restarted.model(experiment_id, 2)
+    expected = (update_0["fc3.bias"].astype(np.float64) + 3 * update_1["fc3.bias"].astype(np.float64)) / 4
+    np.testing.assert_allclose(global_1["fc3.bias"], expected, atol=1e-6)
+    # the same clients carry on with their slots against the new server
+    assert [restarted.task(c)["round"] for c in (first, second)] == [2, 2]
+    assert [restarted.task(c)["client_index"] for c in (first, second)] == [0, 1]
+    assert restarted.update(experiment_id, 2, first, 0, global_1).status_code == 202
+
+
+def test_concurrent_recovery_aggregates_exactly_once(
+    store: Store, clock: Any, make_settings: Callable[..., Any], make_spec: Callable[..., dict]
+) -> None:
+    app = create_app(make_settings(), Store.from_database(store.db), clock=clock)
+    coordinator = coordinator_of(app)
+    (experiment_id,) = coordinator.submit(make_spec(rounds=3, strategy={"name": "FedAvgM", "params": {}}))
+    clients = [coordinator.register({"hostname": "h", "pid": i})["client_id"] for i in range(2)]
+    for client_id in clients:
+        assert coordinator.task(client_id)["action"] == "train"
+    weights = wire.decode(coordinator.global_model(experiment_id, 1))
+    for index, client_id in enumerate(clients):
+        put_update_like_a_crashed_server(store, experiment_id, 1, index, client_id, shifted(weights, 0.1), 10)
+
+    others = [coordinator_of(create_app(make_settings(), Store.from_database(store.db), clock=clock, recover=False))
+              for _ in range(3)]
+    barrier = threading.Barrier(len(others) + 1)
+    results: list[int] = []
+
+    def run(target: Any) -> None:
+        barrier.wait()
+        results.append(target.recover())
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in [coordinator, *others]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert store.count("rounds", {"experiment_id": experiment_id}) == 1
+    assert coordinator.experiment(experiment_id)["current_round"] == 2
+    round_doc = store.get_round(experiment_id, 1)
+    assert round_doc is not None
+    assert set(wire.decode(store.load_model(round_doc["strategy_state_file_id"]))) == {f"momentum/{k}" for k in weights}
+    global_1 = wire.decode(coordinator.global_model(experiment_id, 2))
+    # FedAvgM's first step (momentum from zero, server rate 1) equals FedAvg: global + 0.1
+    np.testing.assert_allclose(global_1["fc2.bias"], weights["fc2.bias"] + np.float32(0.1), atol=1e-6)
+    assert store.count("models.files", {"metadata.round": 1, "metadata.kind": "global"}) == 1

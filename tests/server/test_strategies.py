@@ -1,0 +1,194 @@
+"""Aggregation strategies against hand-computed numbers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedland.spec import SpecError, StrategySpec
+from server.strategies import (
+    STRATEGIES,
+    ClientUpdate,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+    Krum,
+    Median,
+    TrimmedMean,
+    make_strategy,
+    validate_strategy,
+)
+from stack import wire
+
+
+def arr(*values: float) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32)
+
+
+def updates_1_3() -> list[ClientUpdate]:
+    # weighted mean: (1 * [1, 2] + 3 * [3, 6]) / 4 = [2.5, 5.0]
+    return [ClientUpdate({"w": arr(1, 2)}, 1), ClientUpdate({"w": arr(3, 6)}, 3)]
+
+
+def test_fedavg_is_the_example_weighted_mean() -> None:
+    new, state = FedAvg().aggregate({"w": arr(0, 0)}, updates_1_3(), {})
+    np.testing.assert_allclose(new["w"], [2.5, 5.0], rtol=0, atol=1e-7)
+    assert new["w"].dtype == np.float32
+    assert state == {}
+
+
+def test_fedprox_aggregates_like_fedavg() -> None:
+    new, _ = FedProx(mu=0.1).aggregate({"w": arr(0, 0)}, updates_1_3(), {})
+    np.testing.assert_allclose(new["w"], [2.5, 5.0], atol=1e-7)
+
+
+def test_integer_keys_are_rounded_back_to_their_dtype() -> None:
+    current = {"n": np.asarray([0], dtype=np.int64)}
+    ups = [ClientUpdate({"n": np.asarray([1], dtype=np.int64)}, 1), ClientUpdate({"n": np.asarray([4], dtype=np.int64)}, 2)]
+    new, _ = FedAvg().aggregate(current, ups, {})
+    assert new["n"].dtype == np.int64 and new["n"].tolist() == [3]  # (1 + 8) / 3 = 3
+
+
+def test_fedavgm_first_step_equals_fedavg_then_momentum_accumulates() -> None:
+    strategy = FedAvgM(server_learning_rate=1.0, server_momentum=0.9)
+    new, state = strategy.aggregate({"w": arr(0, 0)}, updates_1_3(), {})
+    np.testing.assert_allclose(new["w"], [2.5, 5.0], atol=1e-7)
+    np.testing.assert_allclose(state["momentum/w"], [-2.5, -5.0])
+    # x = [2.5, 5], avg = [3.5, 5]: delta = x - avg = [-1, 0]; v = 0.9 * [-2.5, -5] + [-1, 0] = [-3.25, -4.5]
+    ups = [ClientUpdate({"w": arr(3.5, 5)}, 2)]
+    new, state = strategy.aggregate(new, ups, state)
+    np.testing.assert_allclose(state["momentum/w"], [-3.25, -4.5], atol=1e-6)
+    np.testing.assert_allclose(new["w"], [5.75, 9.5], atol=1e-6)
+
+
+def test_fedavgm_server_learning_rate_scales_the_step() -> None:
+    new, _ = FedAvgM(server_learning_rate=0.5, server_momentum=0.9).aggregate({"w": arr(0, 0)}, updates_1_3(), {})
+    np.testing.assert_allclose(new["w"], [1.25, 2.5], atol=1e-7)
+
+
+def test_fedadam_first_step() -> None:
+    # delta = [2.5, 5]; m = 0.1 delta = [0.25, 0.5]; v = 0.01 delta^2 = [0.0625, 0.25]
+    new, state = FedAdam().aggregate({"w": arr(0, 0)}, updates_1_3(), {})
+    np.testing.assert_allclose(state["m/w"], [0.25, 0.5])
+    np.testing.assert_allclose(state["v/w"], [0.0625, 0.25])
+    expected = [0.01 * 0.25 / (0.25 + 1e-3), 0.01 * 0.5 / (0.5 + 1e-3)]  # [0.00996016, 0.00998004]
+    np.testing.assert_allclose(new["w"], expected, rtol=1e-6)
+    np.testing.assert_allclose(new["w"], [0.0099601594, 0.0099800399], rtol=1e-6)
+
+
+SECOND_STATE = {"m/w": np.asarray([0.25, 0.5]), "v/w": np.asarray([0.0625, 0.25])}
+SECOND_UPDATES = [ClientUpdate({"w": arr(1.0, 0.1)}, 5)]  # delta = [1, 0.1], delta^2 = [1, 0.01]
+SECOND_M = [0.325, 0.46]  # 0.9 * [0.25, 0.5] + 0.1 * [1, 0.1]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected_v"),
+    [
+        (FedAdam(), [0.071875, 0.2476]),  # 0.99 v + 0.01 delta^2
+        (FedYogi(), [0.0725, 0.2499]),  # v - 0.01 delta^2 sign(v - delta^2): signs -1, +1
+        (FedAdagrad(), [1.0625, 0.26]),  # v + delta^2
+    ],
+)
+def test_adaptive_second_step(strategy: FedAdam, expected_v: list[float]) -> None:
+    new, state = strategy.aggregate({"w": arr(0, 0)}, SECOND_UPDATES, SECOND_STATE)
+    np.testing.assert_allclose(state["m/w"], SECOND_M, rtol=1e-6)
+    np.testing.assert_allclose(state["v/w"], expected_v, rtol=1e-6)
+    expected = [0.01 * m / (math.sqrt(v) + 1e-3) for m, v in zip(SECOND_M, expected_v)]
+    np.testing.assert_allclose(new["w"], expected, rtol=1e-5)
+
+
+def test_state_survives_the_wire_format() -> None:
+    strategy = FedYogi(eta=0.1)
+    x, state = {"w": arr(0, 0)}, {}
+    direct_x, direct_state = x, state
+    for target in (arr(1, 2), arr(-1, 3), arr(0.5, 0.5)):
+        ups = [ClientUpdate({"w": target}, 1)]
+        direct_x, direct_state = strategy.aggregate(direct_x, ups, direct_state)
+        x, state = strategy.aggregate(x, ups, wire.decode(wire.encode(state)))
+    np.testing.assert_array_equal(x["w"], direct_x["w"])
+
+
+def test_median_is_coordinatewise_and_unweighted() -> None:
+    ups = [
+        ClientUpdate({"w": arr(1, 10)}, 100),
+        ClientUpdate({"w": arr(5, 20)}, 1),
+        ClientUpdate({"w": arr(2, -4)}, 1),
+    ]
+    new, _ = Median().aggregate({"w": arr(0, 0)}, ups, {})
+    np.testing.assert_array_equal(new["w"], [2, 10])
+    new, _ = Median().aggregate({"w": arr(0, 0)}, ups[:2], {})
+    np.testing.assert_array_equal(new["w"], [3, 15])
+
+
+def test_trimmed_mean_drops_beta_of_each_end() -> None:
+    ups = [ClientUpdate({"w": arr(v, -v)}, 1) for v in (1, 2, 3, 100)]
+    new, _ = TrimmedMean(beta=0.25).aggregate({"w": arr(0, 0)}, ups, {})  # drop 1 each end
+    np.testing.assert_allclose(new["w"], [2.5, -2.5])
+    new, _ = TrimmedMean(beta=0.2).aggregate({"w": arr(0, 0)}, ups, {})  # floor(0.8) = 0 dropped
+    np.testing.assert_allclose(new["w"], [26.5, -26.5])
+
+
+def test_krum_picks_the_most_central_update() -> None:
+    # f = 0, n = 4: each score sums the n - 2 = 2 nearest squared distances.
+    # 0: 1 + 9 = 10; 1: 1 + 4 = 5; 3: 4 + 9 = 13; 10: 49 + 81 = 130
+    ups = [ClientUpdate({"w": arr(v)}, n) for v, n in ((0, 1), (1, 3), (3, 1), (10, 1))]
+    krum = Krum(num_malicious=0)
+    np.testing.assert_allclose(krum.scores(ups), [10, 5, 13, 130])
+    new, _ = krum.aggregate({"w": arr(0)}, ups, {})
+    np.testing.assert_array_equal(new["w"], [1])
+    # Multi-Krum: the 2 best (1 with 3 examples, 0 with 1) averaged by examples = 0.75
+    new, _ = Krum(num_malicious=0, num_selected=2).aggregate({"w": arr(0)}, ups, {})
+    np.testing.assert_allclose(new["w"], [0.75])
+    # f = 1: one neighbour each: 0 -> 1, 1 -> 1, 3 -> 4, 10 -> 49; ties broken by order
+    np.testing.assert_allclose(Krum(num_malicious=1).scores(ups), [1, 1, 4, 49])
+
+
+def test_inputs_are_not_mutated() -> None:
+    current = {"w": arr(0, 0)}
+    ups = updates_1_3()
+    state = {"m/w": np.asarray([0.25, 0.5]), "v/w": np.asarray([0.0625, 0.25])}
+    FedAdam().aggregate(current, ups, state)
+    np.testing.assert_array_equal(current["w"], [0, 0])
+    np.testing.assert_array_equal(ups[1].weights["w"], [3, 6])
+    np.testing.assert_array_equal(state["m/w"], [0.25, 0.5])
+
+
+def test_bad_updates_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        FedAvg().aggregate({"w": arr(0)}, [], {})
+    with pytest.raises(ValueError, match=r"updates\[0\].num_examples"):
+        FedAvg().aggregate({"w": arr(0)}, [ClientUpdate({"w": arr(1)}, 0)], {})
+
+
+def test_make_strategy_builds_every_named_strategy_with_params() -> None:
+    assert set(STRATEGIES) == {
+        "FedAvg", "FedAvgM", "FedProx", "FedAdam", "FedYogi", "FedAdagrad", "FedMedian", "FedTrimmedAvg", "Krum"
+    }
+    assert make_strategy(StrategySpec("FedAvgM", {"server_momentum": 0.5})) == FedAvgM(server_momentum=0.5)
+    assert make_strategy(StrategySpec("FedProx", {"mu": 0.1})) == FedProx(mu=0.1)
+    assert make_strategy(StrategySpec("FedAdam", {"eta": 0.1, "tau": 1e-9})) == FedAdam(eta=0.1, tau=1e-9)
+    assert make_strategy(StrategySpec("Krum", {"num_malicious": 2, "num_selected": 3})) == Krum(2, 3)
+    assert make_strategy(StrategySpec("FedTrimmedAvg", {"beta": 0.3})) == TrimmedMean(beta=0.3)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "field"),
+    [
+        ("FedAvg", {"lr": 1.0}, "strategy.params.lr"),
+        ("FedAvgM", {"server_momentum": 1.5}, "strategy.params.server_momentum"),
+        ("FedAdam", {"eta": -1}, "strategy.params.eta"),
+        ("FedYogi", {"beta_2": "high"}, "strategy.params.beta_2"),
+        ("FedTrimmedAvg", {"beta": 0.5}, "strategy.params.beta"),
+        ("Krum", {"num_selected": 1.5}, "strategy.params.num_selected"),
+        ("Krum", {"num_malicious": True}, "strategy.params.num_malicious"),
+    ],
+)
+def test_validate_strategy_names_the_bad_param(name: str, params: dict, field: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        validate_strategy(StrategySpec(name, params))
+    assert caught.value.field == field

@@ -1,0 +1,83 @@
+"""Settings from the environment: defaults and refusals naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stack.settings import ClientSettings, ServerSettings
+
+
+def test_server_defaults() -> None:
+    settings = ServerSettings.from_env({"FEDLAND_TOKEN": "t"})
+    assert settings == ServerSettings(
+        token="t",
+        data_dir=Path("./data"),
+        mongo_uri=None,
+        db_name="fedland",
+        host="127.0.0.1",
+        port=8080,
+        heartbeat_timeout_s=30.0,
+        max_body_mb=64,
+        torch_threads=1,
+        log_level="INFO",
+    )
+    assert settings.max_body_bytes == 64 * 1024 * 1024
+
+
+def test_server_reads_every_variable() -> None:
+    settings = ServerSettings.from_env(
+        {
+            "FEDLAND_TOKEN": "secret",
+            "FEDLAND_DATA_DIR": "/srv/data",
+            "FEDLAND_MONGO_URI": "mongodb://db:27017/",
+            "FEDLAND_DB": "exp",
+            "FEDLAND_HOST": "0.0.0.0",
+            "FEDLAND_PORT": "9000",
+            "FEDLAND_HEARTBEAT_TIMEOUT_S": "2.5",
+            "FEDLAND_MAX_BODY_MB": "8",
+            "FEDLAND_TORCH_THREADS": "2",
+            "FEDLAND_LOG_LEVEL": "debug",
+        }
+    )
+    assert (settings.data_dir, settings.mongo_uri, settings.db_name) == (Path("/srv/data"), "mongodb://db:27017/", "exp")
+    assert (settings.host, settings.port, settings.heartbeat_timeout_s) == ("0.0.0.0", 9000, 2.5)
+    assert (settings.max_body_mb, settings.torch_threads, settings.log_level) == (8, 2, "DEBUG")
+
+
+def test_client_defaults_and_url() -> None:
+    settings = ClientSettings.from_env({"FEDLAND_TOKEN": "t"})
+    assert settings.server_url == "http://127.0.0.1:8080" and settings.torch_threads == 1
+    settings = ClientSettings.from_env({"FEDLAND_TOKEN": "t", "FEDLAND_SERVER_URL": "http://server:8080/"})
+    assert settings.server_url == "http://server:8080"
+
+
+@pytest.mark.parametrize("env", [{}, {"FEDLAND_TOKEN": ""}, {"FEDLAND_TOKEN": "   "}])
+def test_token_is_required(env: dict[str, str]) -> None:
+    for cls in (ServerSettings, ClientSettings):
+        with pytest.raises(ValueError, match="FEDLAND_TOKEN"):
+            cls.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("FEDLAND_PORT", "http"),
+        ("FEDLAND_PORT", "70000"),
+        ("FEDLAND_HEARTBEAT_TIMEOUT_S", "0"),
+        ("FEDLAND_HEARTBEAT_TIMEOUT_S", "nan"),
+        ("FEDLAND_MAX_BODY_MB", "0"),
+        ("FEDLAND_TORCH_THREADS", "1.5"),
+        ("FEDLAND_LOG_LEVEL", "LOUD"),
+        ("FEDLAND_MONGO_URI", "localhost:27017"),
+    ],
+)
+def test_bad_server_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        ServerSettings.from_env({"FEDLAND_TOKEN": "t", name: value})
+
+
+def test_bad_client_url_names_the_variable() -> None:
+    with pytest.raises(ValueError, match="FEDLAND_SERVER_URL"):
+        ClientSettings.from_env({"FEDLAND_TOKEN": "t", "FEDLAND_SERVER_URL": "server:8080"})

@@ -1,0 +1,292 @@
+"""End to end: real nx-27017, `python -m server` and `python -m client` processes, real MNIST.
+
+Every test uses a fresh database on the session's nx-27017 and loopback ports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pymongo
+import pytest
+
+from client.transport import Transport
+from fedland.datasets import load_dataset
+from fedland.partition import partition
+from fedland.spec import ExperimentSpec
+from stack.embedded import free_port
+from stack.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "e2e-token"
+IID = [[0.1] * 10]
+
+
+def small_spec(num_clients: int, rounds: int, fraction: float = 0.04, **overrides: Any) -> dict[str, Any]:
+    """A quick FedNet experiment: `fraction` of floor(60000 / num_clients) images per client."""
+    spec = ExperimentSpec(
+        description=f"e2e {num_clients} clients x {rounds} rounds",
+        target_balance_ratios=IID * num_clients,
+        subset_fractions=[fraction] * num_clients,
+        rounds=rounds,
+        learning_rate=0.05,
+        momentum=0.5,
+        seed=7,
+        **overrides,
+    )
+    return spec.to_dict()
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, logs: Callable[[], str]) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{logs()}")
+        time.sleep(0.2)
+
+
+class LocalStack:
+    """A server and clients as child processes on one database of the test store."""
+
+    def __init__(self, mongo_uri: str, db_name: str, data_dir: Path, log_dir: Path, **server_env: str) -> None:
+        self.db = pymongo.MongoClient(mongo_uri)[db_name]
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        base = child_env(os.environ, FEDLAND_DATA_DIR=str(data_dir), FEDLAND_TOKEN=TOKEN, FEDLAND_LOG_LEVEL="INFO")
+        self.server_env = child_env(
+            base, FEDLAND_MONGO_URI=mongo_uri, FEDLAND_DB=db_name, FEDLAND_PORT=str(self.port), **server_env
+        )
+        self.client_env = child_env(base, FEDLAND_SERVER_URL=self.url)
+        self.log_dir = log_dir
+        self.server: Child | None = None
+        self.clients: list[Child] = []
+        self.api = Transport(self.url, TOKEN, stop=threading.Event(), rng=random.Random(0), max_attempts=20)
+
+    def start_server(self) -> None:
+        self.server = start_server(self.server_env, self.log_dir / "server.log")
+        wait_healthy(self.server, self.url, TOKEN)
+
+    def add_clients(self, count: int) -> list[Child]:
+        new = start_clients(count, self.client_env, self.log_dir, first=len(self.clients))
+        self.clients += new
+        return new
+
+    def experiment(self, experiment_id: str) -> dict[str, Any]:
+        doc = self.db.experiments.find_one({"_id": experiment_id})
+        assert doc is not None
+        return doc
+
+    def wait_done(self, experiment_id: str, timeout_s: float = 90.0) -> dict[str, Any]:
+        wait_until(
+            lambda: self.experiment(experiment_id)["status"] in ("finished", "failed"),
+            timeout_s, f"experiment {experiment_id} to finish", self.logs,
+        )
+        return self.experiment(experiment_id)
+
+    def logs(self) -> str:
+        parts = []
+        for child in [c for c in [self.server, *self.clients] if c is not None]:
+            parts.append(f"--- {child.name} ({child.log_path})\n{child.log_tail(15)}")
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        stop_all(self.clients, timeout_s=10)
+        if self.server is not None:
+            self.server.stop(timeout_s=10)
+        self.api.close()
+        self.db.client.close()
+
+
+@pytest.fixture
+def local_stack(
+    mongo_uri: str, mongo_db_name: str, data_dir: Path, tmp_path: Path
+) -> Iterator[Callable[..., LocalStack]]:
+    stacks: list[LocalStack] = []
+
+    def make(**server_env: str) -> LocalStack:
+        stack = LocalStack(mongo_uri, mongo_db_name, data_dir, tmp_path / "logs", **server_env)
+        stacks.append(stack)
+        stack.start_server()
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def assert_complete(stack: LocalStack, experiment_id: str, num_clients: int, rounds: int) -> None:
+    """Exactly one stats doc per client x round, one rounds doc per round, global models 0..rounds."""
+    doc = stack.experiment(experiment_id)
+    assert doc["status"] == "finished", (doc.get("error"), stack.logs())
+    stats = list(stack.db.client_stats.find({"experiment_id": experiment_id}))
+    keys = sorted((s["client_index"], s["round"]) for s in stats)
+    assert keys == [(i, r) for i in range(num_clients) for r in range(1, rounds + 1)]
+    rounds_docs = list(stack.db.rounds.find({"experiment_id": experiment_id}))
+    assert sorted(r["round"] for r in rounds_docs) == list(range(1, rounds + 1))
+    for round_doc in rounds_docs:
+        assert finite(round_doc["test_loss"]) and 0.0 <= round_doc["test_accuracy"] <= 1.0
+    model_rounds = sorted(
+        f["metadata"]["round"]
+        for f in stack.db["models.files"].find({"metadata.experiment_id": experiment_id, "metadata.kind": "global"})
+    )
+    assert model_rounds == list(range(rounds + 1))
+
+
+def test_two_clients_two_rounds(local_stack: Callable[..., LocalStack], data_dir: Path) -> None:
+    stack = local_stack()
+    spec = small_spec(num_clients=2, rounds=2)
+    [experiment_id] = stack.api.submit_experiments([spec])
+    stack.add_clients(2)
+    stack.wait_done(experiment_id)
+    assert_complete(stack, experiment_id, num_clients=2, rounds=2)
+
+    # the partition each client trained on is the one computed here from the spec and real MNIST
+    mnist = load_dataset("MNIST", data_dir)
+    parts = partition(mnist.train_y, mnist.test_y, spec["target_balance_ratios"], spec["subset_fractions"], 7)
+    slots = {d["client_index"]: d for d in stack.db.clients.find({"experiment_id": experiment_id})}
+    assert sorted(slots) == [0, 1]
+    for index, part in enumerate(parts):
+        assert slots[index]["class_counts"] == list(part.class_counts)
+        assert slots[index]["partition_digest"] == part.digest()
+
+    for stats in stack.db.client_stats.find({"experiment_id": experiment_id}):
+        part = parts[stats["client_index"]]
+        assert stats["num_examples"] == part.num_train
+        for phase in ("global", "local"):
+            for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+                assert finite(stats[phase][key]), (phase, key, stats[phase])
+        assert 0.0 <= stats["local"]["train_accuracy"] <= 1.0
+        assert len(stats["train_loss_per_epoch"]) == 1 and finite(stats["train_loss_per_epoch"][0])
+        durations = stats["duration_s"]
+        assert set(durations) == {"fetch", "eval_global", "train", "eval_local", "total"}
+        assert durations["total"] >= durations["train"] > 0
+    # round 2 starts from the aggregate of round 1: the clients' "global" stats there beat round 1's
+    round1, round2 = (
+        stack.db.client_stats.find_one({"experiment_id": experiment_id, "client_index": 0, "round": r})
+        for r in (1, 2)
+    )
+    assert round2["global"]["train_loss"] < round1["global"]["train_loss"]
+
+    [summary] = [e for e in stack.api.list_experiments() if e["id"] == experiment_id]
+    last = stack.db.rounds.find_one({"experiment_id": experiment_id, "round": 2})
+    assert summary["last_round"] == {"round": 2, "test_loss": last["test_loss"], "test_accuracy": last["test_accuracy"]}
+
+
+def test_killed_client_slot_is_reassigned(local_stack: Callable[..., LocalStack]) -> None:
+    stack = local_stack(FEDLAND_HEARTBEAT_TIMEOUT_S="3")
+    rounds = 6
+    [experiment_id] = stack.api.submit_experiments([small_spec(num_clients=2, rounds=rounds)])
+    first, second = stack.add_clients(2)
+    wait_until(
+        lambda: stack.db.rounds.count_documents({"experiment_id": experiment_id}) >= 1,
+        60, "round 1", stack.logs,
+    )
+    first.process.send_signal(signal.SIGKILL)
+    first.wait(10)
+    assert stack.experiment(experiment_id)["status"] == "running"
+    [third] = stack.add_clients(1)
+    stack.wait_done(experiment_id)
+    assert_complete(stack, experiment_id, num_clients=2, rounds=rounds)
+    assert second.alive() and third.alive()
+
+    worker_ids = {w["pid"]: w["client_id"] for w in stack.db.workers.find()}
+    holders = {s["client_id"] for s in stack.db.client_stats.find({"experiment_id": experiment_id})}
+    assert {worker_ids[first.pid], worker_ids[second.pid], worker_ids[third.pid]} <= holders
+
+
+def test_server_restart_resumes_on_the_same_store(local_stack: Callable[..., LocalStack]) -> None:
+    stack = local_stack()
+    rounds = 5
+    [experiment_id] = stack.api.submit_experiments([small_spec(num_clients=2, rounds=rounds)])
+    stack.add_clients(2)
+    wait_until(
+        lambda: stack.db.rounds.count_documents({"experiment_id": experiment_id}) >= 2,
+        60, "round 2", stack.logs,
+    )
+    assert stack.server is not None
+    stack.server.process.send_signal(signal.SIGKILL)
+    stack.server.wait(10)
+    done_before = stack.db.rounds.count_documents({"experiment_id": experiment_id})
+    assert done_before < rounds
+    time.sleep(1.0)  # clients meet a dead port and back off
+    stack.start_server()
+    stack.wait_done(experiment_id)
+    assert_complete(stack, experiment_id, num_clients=2, rounds=rounds)
+    assert all(c.alive() for c in stack.clients)
+    assert "retry" in "".join(c.log_path.read_text() for c in stack.clients)
+
+
+def run_main(args: list[str], env: dict[str, str], timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "main.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+@pytest.fixture
+def main_env(mongo_uri: str, mongo_db_name: str, data_dir: Path, tmp_path: Path) -> dict[str, str]:
+    return child_env(
+        os.environ,
+        FEDLAND_DATA_DIR=str(data_dir),
+        FEDLAND_DB=mongo_db_name,
+        FEDLAND_MONGO_URI=mongo_uri,
+        FEDLAND_LOG_DIR=str(tmp_path / "logs"),
+        FEDLAND_STORE_DIR=str(tmp_path / "store"),
+    )
+
+
+def test_main_quick_run_from_an_experiments_file(
+    main_env: dict[str, str], tmp_path: Path, mongo_uri: str, mongo_db_name: str
+) -> None:
+    experiments = tmp_path / "experiments.json"
+    experiments.write_text(json.dumps([small_spec(2, rounds=3), small_spec(1, rounds=3, fraction=0.02)]))
+    result = run_main(["--rounds", "1", "--experiments", str(experiments)], main_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    db = pymongo.MongoClient(mongo_uri)[mongo_db_name]
+    try:
+        docs = list(db.experiments.find())
+        assert sorted(d["status"] for d in docs) == ["finished", "finished"]
+        assert [d["rounds"] for d in docs] == [1, 1]  # --rounds overrides the file
+        assert db.rounds.count_documents({}) == 2
+    finally:
+        db.client.close()
+    table = result.stdout
+    assert "e2e 2 clients x 3 rounds" in table and table.count("finished") == 2
+    assert not (tmp_path / "store").exists()  # a given store URI means no embedded store
+
+
+def test_main_refuses_invalid_experiments_before_submitting(
+    main_env: dict[str, str], tmp_path: Path, mongo_uri: str, mongo_db_name: str
+) -> None:
+    good = small_spec(2, rounds=1)
+    bad = {**small_spec(2, rounds=1), "subset_fractions": [1.0, 1.0]}
+    bad["target_balance_ratios"] = [[1.0] + [0.0] * 9] * 2  # 30,000 zeros each; MNIST has 5,923
+    experiments = tmp_path / "experiments.json"
+    experiments.write_text(json.dumps([good, bad]))
+    result = run_main(["--experiments", str(experiments)], main_env, timeout_s=60)
+    assert result.returncode == 2
+    assert "experiments[1]" in result.stderr
+    db = pymongo.MongoClient(mongo_uri)[mongo_db_name]
+    try:
+        assert db.experiments.count_documents({}) == 0
+    finally:
+        db.client.close()
