@@ -46,14 +46,15 @@ cleanup() {
         "${compose[@]}" logs --no-color --tail 40 >&2 || true
     fi
     if [ "${SMOKE_KEEP:-0}" = 1 ]; then
-        log "SMOKE_KEEP=1: leaving the stack up; remove it with: ${compose[*]} down -v"
+        log "SMOKE_KEEP=1: leaving the stack up; remove it with: ${compose[*]} down -v && rm -r $work_dir"
     else
         "${compose[@]}" down -v --remove-orphans >&2 || true
+        rm -rf "$work_dir"
     fi
-    rm -rf "$work_dir"
     exit "$status"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 env_value() { sed -n "s/^$1=//p" "$env_file" | tail -n 1; }
 

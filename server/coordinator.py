@@ -115,9 +115,9 @@ class Coordinator:
         for doc in self.store.list_experiments():
             summary = {key: doc.get(key) for key in SUMMARY_KEYS}
             summary["num_clients"] = len(doc.get("target_balance_ratios", []))
-            rounds = self.store.rounds_of(doc["id"]) if doc.get("status") != "queued" else []
+            last = self.store.latest_round(doc["id"]) if doc.get("status") != "queued" else None
             summary["last_round"] = (
-                {key: rounds[-1].get(key) for key in ("round", "test_loss", "test_accuracy")} if rounds else None
+                None if last is None else {key: last.get(key) for key in ("round", "test_loss", "test_accuracy")}
             )
             summaries.append(summary)
         return summaries

@@ -226,6 +226,10 @@ class Store:
     def get_round(self, experiment_id: str, server_round: int) -> Doc | None:
         return _plain(self.rounds.find_one({"experiment_id": experiment_id, "round": server_round}))
 
+    def latest_round(self, experiment_id: str) -> Doc | None:
+        cursor = self.rounds.find({"experiment_id": experiment_id}).sort([("round", -1)]).limit(1)
+        return next((_plain(doc) for doc in cursor), None)
+
     def rounds_of(self, experiment_id: str) -> list[Doc]:
         cursor = self.rounds.find({"experiment_id": experiment_id}).sort([("round", 1)])
         return [doc for doc in (_plain(d) for d in cursor) if doc is not None]

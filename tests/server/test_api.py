@@ -43,7 +43,7 @@ def test_submit_stores_experiment_slots_and_initial_model(
     assert [s["id"] for s in summaries] == [experiment_id]
     summary = summaries[0]
     assert (summary["status"], summary["current_round"], summary["rounds"], summary["num_clients"]) == ("queued", 1, 2, 2)
-    assert summary["description"] == "server test"
+    assert summary["description"] == "server test" and summary["last_round"] is None
 
     doc = api.get(f"/experiments/{experiment_id}").json()
     spec = ExperimentSpec.from_dict(doc)  # the document is a spec plus store fields

@@ -61,6 +61,10 @@ def test_round_aggregates_with_fedavg_then_finishes(api: Any, store: Store, make
     assert [(s["client_index"], s["client_id"], s["num_examples"]) for s in stats] == [(0, first, 100), (1, second, 300)]
     assert stats[0]["global"] == {"train_loss": 2.3} and stats[0]["duration_s"] == {"train": 1.5}
     assert api.get(f"/experiments/{experiment_id}").json()["current_round"] == 2
+    (summary,) = api.get("/experiments").json()["experiments"]
+    assert summary["last_round"] == {"round": 1, "test_loss": round_doc["test_loss"],
+                                     "test_accuracy": round_doc["test_accuracy"]}
+    assert summary["status"] == "running" and summary["started_at"] is not None and summary["error"] is None
 
     # round 2, then the experiment is finished and its slots are released
     assert [api.task(c)["round"] for c in (first, second)] == [2, 2]
