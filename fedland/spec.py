@@ -9,6 +9,9 @@ file and writes nothing.
 (``STORE_KEYS``: ``_id``, ``status``, ``current_round``, ``created_at``,
 ``started_at``, ``finished_at``, ``error``) so a stored document reads back as
 its spec; any other unknown key is refused.
+
+``LandscapeSpec`` is the ``landscape`` section: when and how the loss
+landscape is measured (see DEVELOPERS.md "Landscape measurements").
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ __all__ = [
     "STORE_KEYS",
     "STRATEGY_NAMES",
     "ExperimentSpec",
+    "LandscapeSpec",
     "SpecError",
     "StrategySpec",
     "load_specs",
@@ -102,6 +106,70 @@ class StrategySpec:
         return cls(name=data["name"], params=data.get("params", {}))
 
 
+@dataclass(frozen=True, kw_only=True)
+class LandscapeSpec:
+    """When and how the loss landscape is measured; every field has a default.
+
+    Measured in rounds where ``round % every == 0`` and always in the last
+    round (``scheduled``). ``num_samples`` is the size of the fixed subset each
+    measurement uses, ``top_k`` the number of Hessian eigenvalues,
+    ``trace_probes`` the Hutch++ products for the trace, ``sharpness_rho`` the
+    SAM radius, ``interpolation_points`` the alphas in [0, 1] from global to
+    local, ``grid_points`` the odd 2D surface resolution per axis and
+    ``grid_radius`` its extent in units of the principal directions.
+    """
+
+    enabled: bool = True
+    every: int = 1
+    num_samples: int = 512
+    top_k: int = 2
+    trace_probes: int = 24
+    sharpness_rho: float = 0.05
+    interpolation_points: int = 11
+    grid_points: int = 11
+    grid_radius: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise SpecError("landscape.enabled", f"must be true or false, got {self.enabled!r}")
+        for name in ("every", "num_samples", "top_k", "trace_probes"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise SpecError(f"landscape.{name}", f"must be a positive integer, got {value!r}")
+        if not _is_int(self.interpolation_points) or self.interpolation_points < 2:
+            raise SpecError(
+                "landscape.interpolation_points", f"must be an integer >= 2, got {self.interpolation_points!r}"
+            )
+        if not _is_int(self.grid_points) or self.grid_points < 3 or self.grid_points % 2 == 0:
+            raise SpecError(
+                "landscape.grid_points",
+                f"must be an odd integer >= 3 (the centre is the model itself), got {self.grid_points!r}",
+            )
+        for name in ("sharpness_rho", "grid_radius"):
+            value = getattr(self, name)
+            if not _is_real(value) or not value > 0:
+                raise SpecError(f"landscape.{name}", f"must be a finite number > 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+
+    def scheduled(self, server_round: int, rounds: int) -> bool:
+        """Whether round ``server_round`` of an experiment of ``rounds`` rounds is measured."""
+        return self.enabled and (server_round % self.every == 0 or server_round == rounds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LandscapeSpec:
+        """Build from a dict; missing keys take their defaults, unknown keys raise ``SpecError``."""
+        if not isinstance(data, Mapping):
+            raise SpecError("landscape", f"must be an object, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                raise SpecError(f"landscape.{key}", f"unknown key; valid keys: {', '.join(names)}")
+        return cls(**data)
+
+
 def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -114,7 +182,7 @@ class ExperimentSpec:
     frequency per class, summing to 1) and ``subset_fractions[i]`` the share of
     ``floor(N / num_clients)`` training samples it gets (see
     ``fedland.partition``). ``seed`` seeds the partition and the initial model.
-    ``landscape`` holds the loss-landscape measurement settings (free-form).
+    ``landscape`` holds the loss-landscape measurement settings.
     Lists are stored as tuples; ``to_dict`` gives lists back.
     """
 
@@ -130,7 +198,7 @@ class ExperimentSpec:
     momentum: float = 0.0
     strategy: StrategySpec = field(default_factory=StrategySpec)
     seed: int = 0
-    landscape: dict[str, Any] = field(default_factory=dict)
+    landscape: LandscapeSpec = field(default_factory=LandscapeSpec)
     timestamp: str = field(default_factory=_now_iso)
     id: str | None = None
 
@@ -162,7 +230,7 @@ class ExperimentSpec:
             "momentum": self.momentum,
             "strategy": self.strategy.to_dict(),
             "seed": self.seed,
-            "landscape": json.loads(json.dumps(self.landscape)),
+            "landscape": self.landscape.to_dict(),
         }
 
     @classmethod
@@ -187,6 +255,8 @@ class ExperimentSpec:
                 raise SpecError(required, "missing (one entry per client)")
         if "strategy" in kwargs:
             kwargs["strategy"] = StrategySpec.from_dict(kwargs["strategy"])
+        if "landscape" in kwargs:
+            kwargs["landscape"] = LandscapeSpec.from_dict(kwargs["landscape"])
         return cls(**kwargs)
 
 
@@ -260,7 +330,8 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
     if not _is_real(spec.momentum) or not 0 <= spec.momentum < 1:
         raise SpecError("momentum", f"must be a number in [0, 1), got {spec.momentum!r}")
     put("momentum", float(spec.momentum))
-    put("landscape", _json_object(spec.landscape, "landscape"))
+    if not isinstance(spec.landscape, LandscapeSpec):
+        raise SpecError("landscape", f"must be a LandscapeSpec, got {type(spec.landscape).__name__}")
 
     info = DATASETS[spec.dataset_name]
     ratios = _ratio_table(spec.target_balance_ratios, info.num_classes)

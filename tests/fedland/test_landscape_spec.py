@@ -1,0 +1,94 @@
+"""The spec's `landscape` section: defaults, validation naming `landscape.<field>`, schedule, round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+
+from fedland.spec import ExperimentSpec, LandscapeSpec, SpecError
+
+UNIFORM = [0.1] * 10
+
+
+def experiment(**landscape: Any) -> dict[str, Any]:
+    return {
+        "target_balance_ratios": [UNIFORM, UNIFORM],
+        "subset_fractions": [0.1, 0.1],
+        "rounds": 7,
+        "timestamp": "2025-01-02T03:04:05+00:00",
+        "landscape": landscape,
+    }
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    assert LandscapeSpec().to_dict() == {
+        "enabled": True,
+        "every": 1,
+        "num_samples": 512,
+        "top_k": 2,
+        "trace_probes": 24,
+        "sharpness_rho": 0.05,
+        "interpolation_points": 11,
+        "grid_points": 11,
+        "grid_radius": 1.0,
+    }
+    spec = ExperimentSpec.from_dict({k: v for k, v in experiment().items() if k != "landscape"})
+    assert spec.landscape == LandscapeSpec()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.landscape.every = 3  # type: ignore[misc]
+
+
+def test_partial_dict_fills_defaults_and_round_trips_through_json() -> None:
+    spec = ExperimentSpec.from_dict(experiment(every=3, top_k=4, grid_radius=2))
+    assert spec.landscape == LandscapeSpec(every=3, top_k=4, grid_radius=2.0)
+    assert isinstance(spec.landscape.grid_radius, float)
+    data = json.loads(json.dumps(spec.to_dict()))
+    assert data["landscape"] == {**LandscapeSpec().to_dict(), "every": 3, "top_k": 4, "grid_radius": 2.0}
+    assert ExperimentSpec.from_dict(data) == spec
+
+
+BAD = [
+    ({"enabled": 1}, "landscape.enabled", "must be true or false"),
+    ({"every": 0}, "landscape.every", "must be a positive integer"),
+    ({"every": 1.5}, "landscape.every", "must be a positive integer"),
+    ({"num_samples": -4}, "landscape.num_samples", "must be a positive integer"),
+    ({"top_k": True}, "landscape.top_k", "must be a positive integer"),
+    ({"trace_probes": 0}, "landscape.trace_probes", "must be a positive integer"),
+    ({"interpolation_points": 1}, "landscape.interpolation_points", "must be an integer >= 2"),
+    ({"grid_points": 10}, "landscape.grid_points", "must be an odd integer >= 3"),
+    ({"grid_points": 1}, "landscape.grid_points", "must be an odd integer >= 3"),
+    ({"sharpness_rho": 0}, "landscape.sharpness_rho", "must be a finite number > 0"),
+    ({"grid_radius": float("inf")}, "landscape.grid_radius", "must be a finite number > 0"),
+    ({"grid_radius": "1"}, "landscape.grid_radius", "must be a finite number > 0"),
+    ({"evry": 2}, "landscape.evry", "unknown key; valid keys: enabled, every, num_samples"),
+]
+
+
+@pytest.mark.parametrize(("landscape", "field", "rule"), BAD, ids=[b[1] + ":" + str(b[0]) for b in BAD])
+def test_bad_values_name_the_field(landscape: dict[str, Any], field: str, rule: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        ExperimentSpec.from_dict(experiment(**landscape))
+    assert caught.value.field == field
+    assert str(caught.value).startswith(f"{field}: ") and rule in str(caught.value)
+
+
+def test_not_an_object_is_refused() -> None:
+    with pytest.raises(SpecError, match=r"^landscape: must be an object, got list"):
+        ExperimentSpec.from_dict({**experiment(), "landscape": [1]})
+    with pytest.raises(SpecError, match=r"^landscape: must be a LandscapeSpec, got dict"):
+        ExperimentSpec(target_balance_ratios=[UNIFORM], subset_fractions=[0.1], landscape={"every": 2})  # type: ignore[arg-type]
+
+
+def test_schedule_every_k_rounds_and_always_the_last() -> None:
+    def measured(landscape: LandscapeSpec, rounds: int) -> list[int]:
+        return [r for r in range(1, rounds + 1) if landscape.scheduled(r, rounds)]
+
+    assert measured(LandscapeSpec(), 4) == [1, 2, 3, 4]
+    assert measured(LandscapeSpec(every=3), 7) == [3, 6, 7]
+    assert measured(LandscapeSpec(every=3), 6) == [3, 6]
+    assert measured(LandscapeSpec(every=10), 4) == [4]
+    assert measured(LandscapeSpec(enabled=False), 4) == []
+    assert measured(LandscapeSpec(enabled=False, every=2), 4) == []

@@ -1,0 +1,66 @@
+"""The launcher's pure parts: argument parsing, spec preparation, the summary table, main.py's experiments."""
+
+from __future__ import annotations
+
+import pytest
+
+import main
+from fedland.spec import ExperimentSpec
+from stack.launcher import parse_args, prepare
+from stack.progress import summary_table
+
+
+def spec(description: str, rounds: int = 5, fraction: float = 0.1) -> ExperimentSpec:
+    return ExperimentSpec(
+        description=description, target_balance_ratios=[[0.1] * 10] * 2, subset_fractions=[fraction] * 2, rounds=rounds
+    )
+
+
+def test_run_is_the_default_command() -> None:
+    assert parse_args([]).command == "run"
+    args = parse_args(["--clients", "4", "--rounds", "1", "--only", "IID"])
+    assert (args.command, args.clients, args.rounds, args.only) == ("run", 4, 1, "IID")
+    assert parse_args(["run", "--server", "http://h:8080"]).server == "http://h:8080"
+
+
+def test_prepare_overrides_rounds_and_filters_by_description() -> None:
+    specs = [spec("IID a", rounds=5), spec("non-IID b", rounds=7), spec("IID c", rounds=3)]
+    prepared = prepare(specs, rounds=2, only="iid a")
+    assert [(s.description, s.rounds) for s in prepared] == [("IID a", 2)]
+    assert [s.rounds for s in prepare(specs, rounds=None, only=None)] == [5, 7, 3]
+    assert [s.description for s in prepare(specs, rounds=None, only="IID")] == ["IID a", "non-IID b", "IID c"]
+
+
+def test_prepare_lists_every_invalid_experiment() -> None:
+    with pytest.raises(ValueError) as raised:
+        prepare([spec("first"), spec("second")], rounds=0, only=None)
+    message = str(raised.value)
+    assert "experiment 0 ('first'): rounds" in message and "experiment 1 ('second'): rounds" in message
+    with pytest.raises(ValueError, match="no experiment matches --only 'zzz'"):
+        prepare([spec("first")], rounds=None, only="zzz")
+
+
+def test_summary_table_rows() -> None:
+    documents = {
+        "e1": {"description": "IID", "status": "finished", "rounds": 5, "started_at": 100.0, "finished_at": 112.5},
+        "e2": {"description": "skewed", "status": "failed", "rounds": 5, "started_at": None, "finished_at": 101.0},
+    }
+    last = {"e1": {"round": 5, "test_loss": 0.16484, "test_accuracy": 0.95}, "e2": {}}
+    lines = summary_table(["e1", "e2"], documents, last).splitlines()
+    assert lines[0].split() == ["experiment", "status", "rounds", "test", "acc", "test", "loss", "duration", "s"]
+    assert lines[2].split() == ["IID", "finished", "5/5", "0.9500", "0.1648", "12.5"]
+    assert lines[3].split() == ["skewed", "failed", "0/5", "-", "-", "-"]
+
+
+def test_main_experiments_cover_the_issue() -> None:
+    experiments = prepare(main.EXPERIMENTS, rounds=None, only=None)  # all valid
+    assert all(s.model == "FedNet" and s.seed == 42 and s.local_epochs == 1 for s in experiments)
+    ratios = {tuple(map(tuple, s.target_balance_ratios)) for s in experiments}
+    prototype = (
+        tuple([0.1] * 10),
+        (0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        (0.0, 0.0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.0, 0.0, 0.0),
+    )
+    assert prototype in ratios
+    assert [s.num_clients for s in experiments if "centralized" in s.description] == [1]
+    assert {s.strategy.name for s in experiments} >= {"FedAvg", "FedProx"}
