@@ -1,0 +1,243 @@
+"""Read one experiment's documents from the store into plain dataclasses and series.
+
+Documents are the shapes of DEVELOPERS.md ("Store", "Landscape measurements").
+Everything is read once; the figures and pages work on these objects only.
+A value that is missing, ``null`` or not finite reads as absent, never as 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pymongo.database import Database
+
+from fedland.spec import STORE_KEYS
+
+Doc = dict[str, Any]
+Path_ = Sequence[str | int]  # keys and list indices into a document, e.g. ("landscape", "local", "trace")
+
+
+@dataclass(frozen=True)
+class Series:
+    """Values by round; rounds where the value is absent are left out."""
+
+    rounds: tuple[int, ...]
+    values: tuple[float, ...]
+
+    def __bool__(self) -> bool:
+        return len(self.rounds) > 0
+
+
+@dataclass(frozen=True)
+class ClientPartition:
+    """One client's share of the data, as the server stored it."""
+
+    client_index: int
+    num_train: int
+    num_test: int
+    gini_index: float | None
+    class_counts: tuple[int, ...]
+    test_class_counts: tuple[int, ...]
+    class_frequencies: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Surface:
+    """A ``pca_surface`` landscape: ``losses`` (len(y), len(x)) over the two principal directions."""
+
+    round: int
+    x: np.ndarray  # (nx,)
+    y: np.ndarray  # (ny,)
+    losses: np.ndarray  # (ny, nx)
+    explained_variance_ratio: tuple[float, ...]
+    client_points: tuple[tuple[int, float, float], ...]  # (client_index, x, y)
+
+
+@dataclass(frozen=True)
+class ExperimentData:
+    """Everything the report shows about one experiment."""
+
+    experiment_id: str
+    description: str
+    status: str
+    error: str | None
+    spec: Doc  # the stored spec fields, without the store's own keys
+    clients: tuple[ClientPartition, ...]
+    rounds: tuple[Doc, ...]  # `rounds` documents, by round
+    client_stats: tuple[Doc, ...]  # `client_stats` documents, by (round, client_index)
+    surfaces: tuple[Surface, ...]  # by round
+
+    @property
+    def num_clients(self) -> int:
+        return max(len(self.spec.get("target_balance_ratios") or []), len(self.clients))
+
+    @property
+    def planned_rounds(self) -> int:
+        return int(self.spec.get("rounds") or 0)
+
+    @property
+    def landscape_enabled(self) -> bool:
+        landscape = self.spec.get("landscape")
+        return not isinstance(landscape, Mapping) or bool(landscape.get("enabled", True))
+
+    @property
+    def has_landscape(self) -> bool:
+        """Whether any landscape measurement was stored."""
+        return bool(self.surfaces) or any(
+            isinstance(doc.get("landscape"), Mapping) for doc in (*self.rounds, *self.client_stats)
+        )
+
+    @property
+    def label(self) -> str:
+        """The description, or the id when there is none."""
+        return self.description or self.experiment_id
+
+    def round_series(self, path: Path_) -> Series:
+        """A value of the ``rounds`` documents, e.g. ``("landscape", "gradient_dissimilarity")``."""
+        return _series((doc["round"], value_at(doc, path)) for doc in self.rounds)
+
+    def client_series(self, client_index: int, path: Path_) -> Series:
+        """A value of one client's ``client_stats`` documents, e.g. ``("local", "test_accuracy")``."""
+        return _series(
+            (doc["round"], value_at(doc, path)) for doc in self.client_stats if doc["client_index"] == client_index
+        )
+
+    def client_mean_series(self, path: Path_) -> Series:
+        """Per round, the mean over the clients that have the value."""
+        by_round: dict[int, list[float]] = {}
+        for doc in self.client_stats:
+            value = value_at(doc, path)
+            if value is not None:
+                by_round.setdefault(doc["round"], []).append(value)
+        return _series((r, math.fsum(v) / len(v)) for r, v in by_round.items())
+
+    def round_client_series(self, list_path: Path_, client_index: int, key: str) -> Series:
+        """A per-client entry of a list in the ``rounds`` documents (e.g. ``landscape.leave_one_out``)."""
+        pairs = []
+        for doc in self.rounds:
+            entries = _get(doc, list_path)
+            if isinstance(entries, list):
+                for entry in entries:
+                    if isinstance(entry, Mapping) and entry.get("client_index") == client_index:
+                        pairs.append((doc["round"], value_at(entry, (key,))))
+        return _series(pairs)
+
+    def client_indices(self) -> list[int]:
+        seen = {c.client_index for c in self.clients} | {int(d["client_index"]) for d in self.client_stats}
+        return sorted(seen) if seen else list(range(self.num_clients))
+
+    def stats_of(self, server_round: int) -> list[Doc]:
+        return [doc for doc in self.client_stats if doc["round"] == server_round]
+
+
+def value_at(doc: Any, path: Path_) -> float | None:
+    """The finite number at ``path`` in a document, or None."""
+    value = _get(doc, path)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _get(doc: Any, path: Path_) -> Any:
+    for key in path:
+        if isinstance(key, int) and isinstance(doc, list) and -len(doc) <= key < len(doc):
+            doc = doc[key]
+        elif isinstance(key, str) and isinstance(doc, Mapping):
+            doc = doc.get(key)
+        else:
+            return None
+    return doc
+
+
+def _series(pairs: Iterable[tuple[int, float | None]]) -> Series:
+    kept = sorted((int(r), v) for r, v in pairs if v is not None)
+    return Series(tuple(r for r, _ in kept), tuple(v for _, v in kept))
+
+
+# --- loading -----------------------------------------------------------------
+
+
+def experiment_ids(db: Database[Doc], *, status: str | None = "finished") -> list[str]:
+    """Ids of the experiments with this status (all when None), oldest first."""
+    query = {} if status is None else {"status": status}
+    cursor = db["experiments"].find(query, {"_id": 1, "id": 1}).sort([("created_at", 1), ("_id", 1)])
+    return [str(doc.get("id") or doc["_id"]) for doc in cursor]
+
+
+def load_experiment(db: Database[Doc], experiment_id: str) -> ExperimentData:
+    """Read an experiment and its clients, rounds, client stats and surfaces.
+
+    Raises ValueError naming ``experiment_id`` when the store has no such experiment.
+    """
+    doc = db["experiments"].find_one({"_id": experiment_id}) or db["experiments"].find_one({"id": experiment_id})
+    if doc is None:
+        known = ", ".join(experiment_ids(db, status=None)) or "none"
+        raise ValueError(f"experiment_id: no experiment {experiment_id!r} in the store (known: {known})")
+    query = {"experiment_id": experiment_id}
+    clients = sorted(
+        (_partition(c) for c in db["clients"].find(query)), key=lambda c: c.client_index
+    )
+    rounds = sorted((_plain(r) for r in db["rounds"].find(query)), key=lambda r: r["round"])
+    stats = sorted(
+        (_plain(s) for s in db["client_stats"].find(query)), key=lambda s: (s["round"], s["client_index"])
+    )
+    surfaces = sorted(
+        (_surface(s) for s in db["landscapes"].find({**query, "kind": "pca_surface"})), key=lambda s: s.round
+    )
+    spec = {k: v for k, v in doc.items() if k not in STORE_KEYS}
+    return ExperimentData(
+        experiment_id=experiment_id,
+        description=str(doc.get("description") or ""),
+        status=str(doc.get("status") or "unknown"),
+        error=doc.get("error"),
+        spec=spec,
+        clients=tuple(clients),
+        rounds=tuple(rounds),
+        client_stats=tuple(stats),
+        surfaces=tuple(s for s in surfaces if s is not None),
+    )
+
+
+def _plain(doc: Mapping[str, Any]) -> Doc:
+    return {k: v for k, v in doc.items() if k != "_id"}
+
+
+def _partition(doc: Mapping[str, Any]) -> ClientPartition:
+    return ClientPartition(
+        client_index=int(doc["client_index"]),
+        num_train=int(doc.get("num_train") or 0),
+        num_test=int(doc.get("num_test") or 0),
+        gini_index=value_at(doc, ("gini_index",)),
+        class_counts=tuple(int(c) for c in doc.get("class_counts") or ()),
+        test_class_counts=tuple(int(c) for c in doc.get("test_class_counts") or ()),
+        class_frequencies=tuple(float(f) for f in doc.get("class_frequencies") or ()),
+    )
+
+
+def _surface(doc: Mapping[str, Any]) -> Surface | None:
+    """A surface document, or None when its grid is malformed (it is then left out)."""
+    try:
+        x = np.asarray(doc["x"], dtype=np.float64)
+        y = np.asarray(doc["y"], dtype=np.float64)
+        losses = np.asarray(doc["losses"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if x.ndim != 1 or y.ndim != 1 or losses.shape != (y.size, x.size) or x.size < 2 or y.size < 2:
+        return None
+    points = tuple(
+        (int(p["client_index"]), float(p["x"]), float(p["y"]))
+        for p in doc.get("client_points") or ()
+        if value_at(p, ("x",)) is not None and value_at(p, ("y",)) is not None
+    )
+    return Surface(
+        round=int(doc["round"]),
+        x=x,
+        y=y,
+        losses=losses,
+        explained_variance_ratio=tuple(float(v) for v in doc.get("explained_variance_ratio") or ()),
+        client_points=points,
+    )
