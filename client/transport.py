@@ -108,7 +108,7 @@ class Transport:
                 raise Stopped(f"{method} {path}")
             try:
                 response = self.session.request(method, url, timeout=self.timeout_s, **kwargs)
-            except (requests.ConnectionError, requests.Timeout) as error:
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
                 problem = f"{type(error).__name__}: {error}"
             else:
                 if response.status_code < 500:

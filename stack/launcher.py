@@ -201,7 +201,11 @@ def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="main.py", description="Run fedland experiments.")
+    parser = argparse.ArgumentParser(
+        prog="main.py",
+        description="Run fedland experiments (`run` is the default command).",
+        epilog="See `python main.py run --help` for the options of a run.",
+    )
     commands = parser.add_subparsers(dest="command")
     run = commands.add_parser("run", help="run the experiments (default)")
     run.add_argument("--clients", type=int, help="client processes (default: the most any experiment needs)")

@@ -72,7 +72,7 @@ class Progress:
 
 def _label(spec: ExperimentSpec) -> str:
     text = str(getattr(spec, "description", "") or "experiment")
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= 48 else text[:45] + "..."
 
 
 def _duration_s(doc: Mapping[str, Any]) -> float | None:
@@ -107,7 +107,7 @@ def summary_table(
         description = str(doc.get("description") or experiment_id)
         rows.append(
             (
-                description if len(description) <= 40 else description[:37] + "...",
+                description if len(description) <= 48 else description[:45] + "...",
                 str(doc.get("status", "?")),
                 f"{last.get('round', 0)}/{doc.get('rounds', '?')}",
                 _number(last.get("test_accuracy"), 4),

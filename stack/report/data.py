@@ -161,7 +161,7 @@ def _series(pairs: Iterable[tuple[int, float | None]]) -> Series:
 # --- loading -----------------------------------------------------------------
 
 
-def experiment_ids(db: Database[Doc], *, status: str | None = "finished") -> list[str]:
+def list_experiment_ids(db: Database[Doc], *, status: str | None = "finished") -> list[str]:
     """Ids of the experiments with this status (all when None), oldest first."""
     query = {} if status is None else {"status": status}
     cursor = db["experiments"].find(query, {"_id": 1, "id": 1}).sort([("created_at", 1), ("_id", 1)])
@@ -175,7 +175,7 @@ def load_experiment(db: Database[Doc], experiment_id: str) -> ExperimentData:
     """
     doc = db["experiments"].find_one({"_id": experiment_id}) or db["experiments"].find_one({"id": experiment_id})
     if doc is None:
-        known = ", ".join(experiment_ids(db, status=None)) or "none"
+        known = ", ".join(list_experiment_ids(db, status=None)) or "none"
         raise ValueError(f"experiment_id: no experiment {experiment_id!r} in the store (known: {known})")
     query = {"experiment_id": experiment_id}
     clients = sorted(

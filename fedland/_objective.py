@@ -1,0 +1,232 @@
+"""The mean loss of a model over a fixed dataset, as a function of its parameters.
+
+Every metric in fedland is about one quantity: the loss averaged over a fixed
+dataset given as ``(inputs, targets)`` batches, each batch's (mean-reduced)
+loss weighted by its size::
+
+    L(theta) = sum_b n_b * loss_fn(model(x_b; theta), y_b) / sum_b n_b
+
+evaluated in eval mode. :class:`Objective` computes it functionally
+(``torch.func.functional_call``) from a flat parameter vector, so the model
+itself is never written to, and :func:`preserved` guarantees it on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+Batch = tuple[Tensor, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: Samples per forward call. Small micro-batches keep activations in cache on
+#: CPU (measured ~2x faster than 2,000-sample batches for a 200k-parameter CNN).
+DEFAULT_CHUNK_SIZE = 64
+#: Batches are grouped into groups of at most this many samples; one group is
+#: the unit of a retained autograd graph (see ``hessian.HessianOperator``).
+DEFAULT_GROUP_SIZE = 4096
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[nn.Module]:
+    """Snapshot the model and restore it exactly on exit.
+
+    Restores parameter and buffer values, ``requires_grad``, ``.grad`` (the
+    same tensor object, with its old values) and every submodule's mode.
+    """
+    tensors = [t for t in model.parameters()] + [b for b in model.buffers()]
+    values = [t.detach().clone() for t in tensors]
+    flags = [p.requires_grad for p in model.parameters()]
+    grads = [(p.grad, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for t, v in zip(tensors, values):
+                t.copy_(v)
+        for p, flag, (grad, saved) in zip(model.parameters(), flags, grads):
+            p.requires_grad_(flag)
+            if grad is not None and saved is not None:
+                with torch.no_grad():
+                    grad.copy_(saved)
+            p.grad = grad
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def materialize(data: Iterable[Batch], field: str = "data") -> list[Batch]:
+    """Read an iterable of ``(inputs, targets)`` batches once into a list."""
+    batches: list[Batch] = []
+    for i, batch in enumerate(data):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(f"{field}: batch {i} must be an (inputs, targets) pair")
+        x, y = batch
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise ValueError(f"{field}: batch {i} must hold tensors")
+        if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"{field}: batch {i} must be non-empty with len(inputs) == len(targets)")
+        batches.append((x, y))
+    if not batches:
+        raise ValueError(f"{field}: must contain at least one batch")
+    return batches
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters the metrics act on: those with ``requires_grad``, by name."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("model: has no parameter with requires_grad=True")
+    return params
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Consecutive user batches concatenated, with their boundaries."""
+
+    inputs: Tensor  # (n_group, ...)
+    targets: Tensor  # (n_group, ...)
+    sizes: tuple[int, ...]  # samples per user batch
+
+
+class Objective:
+    """The dataset-mean loss of ``model`` as a function of a flat parameter vector.
+
+    The flat vector concatenates the trainable parameters in
+    ``named_parameters()`` order. Frozen parameters and buffers stay at the
+    model's values. Each group of batches is forwarded in micro-batches of
+    ``chunk_size`` samples; the loss is still computed per user batch, so any
+    mean-reduced ``loss_fn`` is weighted exactly as defined.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Iterable[Batch],
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        group_size: int = DEFAULT_GROUP_SIZE,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size: must be >= 1")
+        if group_size < 1:
+            raise ValueError("group_size: must be >= 1")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.chunk_size = chunk_size
+        params = trainable_parameters(model)
+        self.names = list(params)
+        self.shapes = [p.shape for p in params.values()]
+        self.numels = [p.numel() for p in params.values()]
+        self.dim = sum(self.numels)
+        self.dtype = next(iter(params.values())).dtype
+        self.device = next(iter(params.values())).device
+        self.theta = torch.cat([p.detach().reshape(-1) for p in params.values()]).clone()
+        batches = materialize(data)
+        self.num_examples = sum(int(x.shape[0]) for x, _ in batches)
+        self.groups = _group(batches, group_size, self.device)
+
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """Views of a flat ``(dim,)`` vector shaped like the trainable parameters."""
+        return {n: t.view(s) for n, t, s in zip(self.names, vector.split(self.numels), self.shapes)}
+
+    def flatten(self, tensors: Mapping[str, Tensor], field: str = "direction") -> Tensor:
+        """A flat ``(dim,)`` vector from tensors keyed by trainable parameter name."""
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise ValueError(f"{field}: missing parameter {missing[0]!r}")
+        out = []
+        for n, s in zip(self.names, self.shapes):
+            t = tensors[n]
+            if t.shape != s:
+                raise ValueError(f"{field}: {n!r} has shape {tuple(t.shape)}, expected {tuple(s)}")
+            out.append(t.detach().reshape(-1).to(self.dtype))
+        return torch.cat(out)
+
+    def group_loss(
+        self, theta: Tensor, group: _Group, buffers: Mapping[str, Tensor] | None = None
+    ) -> tuple[Tensor, int | None]:
+        """This group's share of the mean loss, and its correct-prediction count."""
+        state: dict[str, Tensor] = dict(self.unflatten(theta))
+        if buffers is not None:
+            state.update(buffers)
+        with _eval_mode(self.model):
+            outputs = torch.cat(
+                [
+                    functional_call(self.model, state, (group.inputs[i : i + self.chunk_size],))
+                    for i in range(0, group.inputs.shape[0], self.chunk_size)
+                ]
+            )
+        total = outputs.new_zeros(())
+        for out, y in zip(outputs.split(group.sizes), group.targets.split(group.sizes)):
+            total = total + self.loss_fn(out, y) * (y.shape[0] / self.num_examples)
+        return total, _correct(outputs, group.targets)
+
+    def evaluate(self, theta: Tensor, buffers: Mapping[str, Tensor] | None = None) -> tuple[float, float | None]:
+        """Mean loss and accuracy (None when outputs are not class scores) at ``theta``."""
+        loss, correct = 0.0, 0
+        with torch.no_grad():
+            for group in self.groups:
+                g_loss, g_correct = self.group_loss(theta, group, buffers)
+                loss += float(g_loss)
+                correct = None if g_correct is None or correct is None else correct + g_correct
+        return loss, None if correct is None else correct / self.num_examples
+
+    def gradient(self, theta: Tensor) -> tuple[float, Tensor]:
+        """Mean loss and its gradient ``(dim,)`` at ``theta``."""
+        leaf = theta.detach().clone().requires_grad_(True)
+        loss, grad = 0.0, torch.zeros_like(leaf)
+        with torch.enable_grad():
+            for group in self.groups:
+                g_loss, _ = self.group_loss(leaf, group)
+                (g,) = torch.autograd.grad(g_loss, leaf)
+                loss += float(g_loss)
+                grad += g
+        return loss, grad
+
+
+def _group(batches: Sequence[Batch], group_size: int, device: torch.device) -> list[_Group]:
+    groups: list[_Group] = []
+    pending: list[Batch] = []
+
+    def close() -> None:
+        if pending:
+            groups.append(
+                _Group(
+                    inputs=torch.cat([x for x, _ in pending]).to(device),
+                    targets=torch.cat([y for _, y in pending]).to(device),
+                    sizes=tuple(int(x.shape[0]) for x, _ in pending),
+                )
+            )
+            pending.clear()
+
+    for x, y in batches:
+        if pending and sum(int(p.shape[0]) for p, _ in pending) + x.shape[0] > group_size:
+            close()
+        pending.append((x, y))
+    close()
+    return groups
+
+
+def _correct(outputs: Tensor, targets: Tensor) -> int | None:
+    """Correct argmax predictions, or None when outputs are not (N, classes) scores."""
+    if outputs.dim() != 2 or targets.dim() != 1 or targets.dtype not in (torch.int64, torch.int32):
+        return None
+    return int((outputs.argmax(dim=1) == targets).sum())

@@ -1,0 +1,300 @@
+"""Curvature of the dataset-mean loss: Hessian-vector products, top eigenvalues, trace, density.
+
+The Hessian is that of the *mean* loss over the whole dataset (per-batch
+products are averaged with batch-size weights, never summed), with respect to
+the trainable parameters in ``named_parameters()`` order. Every function leaves
+the model exactly as it found it and draws randomness only from a
+``torch.Generator`` seeded by its ``seed`` argument.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fedland import _krylov
+from fedland._objective import DEFAULT_CHUNK_SIZE, Batch, LossFn, Objective, preserved
+
+logger = logging.getLogger(__name__)
+
+#: Up to this many samples, the gradient graph is built once and reused by every product.
+RETAIN_GRAPH_MAX_SAMPLES = 4096
+
+
+class HessianOperator:
+    """Exact Hessian-vector products of the dataset-mean loss, as a ``(dim,) -> (dim,)`` map.
+
+    Products are double backward passes. For data up to ``retain_graph_max_samples``
+    the gradient's autograd graph is built once and kept, so each product costs one
+    backward pass through it (measured ~1.6x faster than rebuilding it, and faster
+    than ``torch.func`` forward-over-reverse, with or without ``vmap``); larger data
+    is processed group by group, rebuilding the graph each time to bound memory.
+
+    The operator reads the model's parameter values when it is built and never
+    writes to the model; build it again if the model changes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Iterable[Batch],
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        retain_graph_max_samples: int = RETAIN_GRAPH_MAX_SAMPLES,
+    ) -> None:
+        self._objective = Objective(model, loss_fn, data, chunk_size=chunk_size, group_size=retain_graph_max_samples)
+        self._retain = self._objective.num_examples <= retain_graph_max_samples
+        self._graphs: list[tuple[Tensor, Tensor]] | None = None
+        self.num_hvps = 0
+
+    @property
+    def dim(self) -> int:
+        """Number of trainable parameters."""
+        return self._objective.dim
+
+    @property
+    def param_names(self) -> list[str]:
+        """Names of the parameters, in the order of the flat vectors."""
+        return list(self._objective.names)
+
+    @property
+    def params(self) -> Tensor:
+        """The point the Hessian is taken at, as a flat ``(dim,)`` vector."""
+        return self._objective.theta
+
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """A flat ``(dim,)`` vector as tensors keyed by parameter name."""
+        return self._objective.unflatten(vector)
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        """``H @ vector`` for a flat ``(dim,)`` vector."""
+        if vector.shape != (self.dim,):
+            raise ValueError(f"vector: must have shape ({self.dim},), got {tuple(vector.shape)}")
+        v = vector.to(self._objective.dtype)
+        self.num_hvps += 1
+        out = torch.zeros_like(self._objective.theta)
+        with torch.enable_grad():
+            for leaf, grad in self._gradient_graphs():
+                (hv,) = torch.autograd.grad(grad, leaf, grad_outputs=v, retain_graph=self._retain)
+                out += hv
+        return out
+
+    __call__ = matvec
+
+    def _gradient_graphs(self) -> Iterable[tuple[Tensor, Tensor]]:
+        if self._graphs is not None:
+            yield from self._graphs
+            return
+        graphs = []
+        for group in self._objective.groups:
+            leaf = self._objective.theta.clone().requires_grad_(True)
+            loss, _ = self._objective.group_loss(leaf, group)
+            (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+            if self._retain:
+                graphs.append((leaf, grad))
+            yield leaf, grad
+        if self._retain:
+            self._graphs = graphs
+
+
+def hessian_vector_product(
+    model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], vector: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """``H v`` of the dataset-mean loss for ``v`` keyed by trainable parameter name.
+
+    Returns:
+        Tensors keyed like ``vector``.
+    """
+    with preserved(model):
+        op = HessianOperator(model, loss_fn, data)
+        flat = op._objective.flatten(vector, "vector")
+        return {n: t.clone() for n, t in op.unflatten(op.matvec(flat)).items()}
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Top Hessian eigenvalues.
+
+    Attributes:
+        values: eigenvalues, descending.
+        vectors: ``(k, dim)`` unit eigenvector estimates, flat in parameter order.
+        residuals: ``||H x - lambda x||`` bounds per eigenpair.
+        num_hvps: Hessian-vector products used.
+        converged: whether every pair met the tolerance within the iteration cap.
+    """
+
+    values: np.ndarray
+    vectors: Tensor
+    residuals: np.ndarray
+    num_hvps: int
+    converged: bool
+
+
+def top_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    k: int = 1,
+    *,
+    method: Literal["lanczos", "power"] = "lanczos",
+    tol: float = 1e-5,
+    max_iter: int = 100,
+    seed: int = 0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> EigenResult:
+    """The ``k`` largest eigenvalues of the Hessian of the dataset-mean loss.
+
+    Args:
+        k: how many eigenvalues.
+        method: ``"lanczos"`` (full reorthogonalization; algebraically largest) or
+            ``"power"`` (power iteration with deflation; largest in magnitude).
+        tol: relative residual tolerance. Lanczos stops when every wanted Ritz pair
+            has ``|beta_m s_{m,i}| <= tol * |theta_i|``; power iteration when
+            ``||H q - theta q|| <= tol * |theta|``. The eigenvalue error is
+            typically far smaller (about residual^2 / spectral gap).
+        max_iter: cap on products (Lanczos, in total) or per eigenvalue (power).
+        seed: seeds the starting vectors.
+        chunk_size: samples per forward call.
+
+    Returns:
+        An :class:`EigenResult`; ``converged`` is False if the cap was hit first.
+    """
+    if k < 1:
+        raise ValueError("k: must be >= 1")
+    if tol <= 0:
+        raise ValueError("tol: must be > 0")
+    if max_iter < 1:
+        raise ValueError("max_iter: must be >= 1")
+    if method not in ("lanczos", "power"):
+        raise ValueError("method: must be 'lanczos' or 'power'")
+    with preserved(model):
+        op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size)
+        if k > op.dim:
+            raise ValueError(f"k: must be <= the number of parameters ({op.dim})")
+        generator = torch.Generator().manual_seed(seed)
+        start = torch.randn(op.dim, generator=generator, dtype=op.params.dtype).to(op.params.device)
+        algorithm = _krylov.lanczos_top if method == "lanczos" else _krylov.power_top
+        ritz = algorithm(op.matvec, start, k, tol=tol, max_iter=max_iter, generator=generator)
+    if not ritz.converged:
+        logger.warning("top_eigenvalues: not converged after %d products (tol=%g)", op.num_hvps, tol)
+    return EigenResult(ritz.values, ritz.vectors, ritz.residuals, op.num_hvps, ritz.converged)
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """A stochastic estimate of the Hessian trace.
+
+    Attributes:
+        estimate: the trace estimate.
+        std_error: its standard error (for Hutch++, that of the Hutchinson part
+            on the deflated remainder, the only random term once the sketch is fixed).
+        num_hvps: Hessian-vector products used.
+        method: ``"hutch++"`` or ``"hutchinson"``.
+    """
+
+    estimate: float
+    std_error: float
+    num_hvps: int
+    method: str
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    *,
+    method: Literal["hutch++", "hutchinson"] = "hutch++",
+    num_hvps: int = 60,
+    seed: int = 0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> TraceResult:
+    """Estimate the trace of the Hessian of the dataset-mean loss with Rademacher probes.
+
+    Args:
+        method: ``"hutch++"`` (Meyer et al. 2021; far lower variance when a few
+            eigenvalues dominate, as in neural networks) or ``"hutchinson"``.
+        num_hvps: product budget (>= 4 for Hutch++, >= 2 for Hutchinson).
+        seed: seeds the probes.
+        chunk_size: samples per forward call.
+    """
+    minimum = {"hutch++": 4, "hutchinson": 2}
+    if method not in minimum:
+        raise ValueError("method: must be 'hutch++' or 'hutchinson'")
+    if num_hvps < minimum[method]:
+        raise ValueError(f"num_hvps: must be >= {minimum[method]} for {method}")
+    with preserved(model):
+        op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size)
+        generator = torch.Generator().manual_seed(seed)
+        estimator = _krylov.hutch_plus_plus if method == "hutch++" else _krylov.hutchinson
+        est = estimator(op.matvec, op.dim, num_hvps, generator, op.params)
+    return TraceResult(est.estimate, est.std_error, est.num_matvecs, method)
+
+
+@dataclass(frozen=True)
+class SpectralDensity:
+    """An estimate of the Hessian's eigenvalue density.
+
+    Attributes:
+        nodes: quadrature nodes (Ritz values of every probe).
+        weights: their weights; all together sum to 1.
+        grid: points the smoothed density is evaluated at.
+        density: Gaussian-smoothed density on ``grid``; integrates to 1 (trapezoid rule).
+        sigma: the kernel's standard deviation.
+        num_hvps: Hessian-vector products used.
+    """
+
+    nodes: np.ndarray
+    weights: np.ndarray
+    grid: np.ndarray
+    density: np.ndarray
+    sigma: float
+    num_hvps: int
+
+
+def spectral_density(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    *,
+    num_probes: int = 4,
+    lanczos_steps: int = 80,
+    grid_points: int = 1000,
+    sigma: float | None = None,
+    seed: int = 0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> SpectralDensity:
+    """Eigenvalue density of the Hessian by stochastic Lanczos quadrature (Ghorbani et al. 2019).
+
+    Args:
+        num_probes: independent Rademacher starting vectors.
+        lanczos_steps: Lanczos steps (products) per probe.
+        grid_points: size of the evaluation grid, spanning the nodes +- 5 sigma.
+        sigma: Gaussian kernel width; default 1% of the nodes' range.
+        seed: seeds the probes.
+        chunk_size: samples per forward call.
+    """
+    if num_probes < 1:
+        raise ValueError("num_probes: must be >= 1")
+    if lanczos_steps < 1:
+        raise ValueError("lanczos_steps: must be >= 1")
+    if grid_points < 2:
+        raise ValueError("grid_points: must be >= 2")
+    if sigma is not None and sigma <= 0:
+        raise ValueError("sigma: must be > 0")
+    with preserved(model):
+        op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size)
+        generator = torch.Generator().manual_seed(seed)
+        nodes, weights, products = _krylov.slq_nodes(op.matvec, op.dim, lanczos_steps, num_probes, generator, op.params)
+    span = float(nodes.max() - nodes.min())
+    width = sigma if sigma is not None else max(0.01 * span, 1e-12 * max(abs(nodes).max(), 1.0))
+    grid = np.linspace(nodes.min() - 5 * width, nodes.max() + 5 * width, grid_points)
+    density = weights @ np.exp(-0.5 * ((nodes[:, None] - grid[None, :]) / width) ** 2)  # (grid_points,)
+    density /= np.trapezoid(density, grid)
+    return SpectralDensity(nodes, weights, grid, density, width, products)

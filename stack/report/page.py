@@ -1,0 +1,193 @@
+"""Self-contained HTML pages: one per experiment, and an index comparing them (inline CSS, relative images)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from matplotlib.colors import to_hex
+
+from stack.report.data import ExperimentData, value_at
+from stack.report.style import client_colour
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td.text, th.text { text-align: left; }
+figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.85em; color: #555; max-width: 900px; }
+.skipped { color: #8a5a00; background: #fff7e0; padding: 0.4em 0.8em; border-left: 3px solid #e0a800; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.3em; vertical-align: middle; }
+.failed { color: #a00; } pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+"""
+
+
+@dataclass(frozen=True)
+class FigureEntry:
+    """A figure of a page: written (``file_name`` relative to the page) or skipped (``reason``)."""
+
+    title: str
+    caption: str
+    file_name: str | None
+    reason: str | None = None
+
+
+def _document(title: str, body: str) -> str:
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}g}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1) -> str:
+    def cell(tag: str, position: int, content: str) -> str:
+        kind = ' class="text"' if position < text_columns else ""
+        return f"<{tag}{kind}>{content}</{tag}>"
+
+    head = "".join(cell("th", p, escape(h)) for p, h in enumerate(header))
+    body = "".join("<tr>" + "".join(cell("td", p, c) for p, c in enumerate(row)) + "</tr>\n" for row in rows)
+    return f"<table><tr>{head}</tr>\n{body}</table>"
+
+
+def _figures(entries: Sequence[FigureEntry]) -> str:
+    parts = []
+    for entry in entries:
+        parts.append(f"<h2>{escape(entry.title)}</h2>")
+        if entry.file_name is None:
+            parts.append(f'<p class="skipped">Skipped: {escape(entry.reason or "no data")}.</p>')
+        else:
+            parts.append(
+                f'<figure><img src="{escape(entry.file_name)}" alt="{escape(entry.title)}">'
+                f"<figcaption>{escape(entry.caption)}</figcaption></figure>"
+            )
+    return "\n".join(parts)
+
+
+def _client_label(data: ExperimentData, client_index: int) -> str:
+    colour = to_hex(client_colour(client_index, data.num_clients))
+    return f'<span class="swatch" style="background:{colour}"></span>client {client_index}'
+
+
+def _last_with(data: ExperimentData, key: str) -> int | None:
+    rounds = [d["round"] for d in data.client_stats if isinstance(d.get(key), dict)]
+    return max(rounds) if rounds else None
+
+
+def _summary(data: ExperimentData) -> str:
+    if not data.rounds and not data.client_stats:
+        return "<p>No round has been completed.</p>"
+    parts = []
+    if data.rounds:
+        last = data.rounds[-1]
+        parts.append(
+            f"<p>Round {last['round']} of {data.planned_rounds}: global model on the full test split, "
+            f"accuracy <b>{_number(value_at(last, ('test_accuracy',)))}</b>, "
+            f"loss <b>{_number(value_at(last, ('test_loss',)))}</b>.</p>"
+        )
+    stats_round = max(d["round"] for d in data.client_stats) if data.client_stats else None
+    landscape_round = _last_with(data, "landscape")
+    landscape_stats = {d["client_index"]: d for d in data.stats_of(landscape_round)} if landscape_round else {}
+    round_doc = next((r for r in data.rounds if r["round"] == landscape_round), {})
+    rows = []
+    for doc in data.stats_of(stats_round) if stats_round is not None else []:
+        i = doc["client_index"]
+        measured = landscape_stats.get(i, {})
+        row = [
+            _client_label(data, i),
+            _number(value_at(doc, ("local", "test_accuracy"))),
+            _number(value_at(doc, ("local", "test_loss"))),
+            _number(value_at(doc, ("global", "test_accuracy"))),
+            _number(value_at(doc, ("global", "test_loss"))),
+        ]
+        if landscape_round is not None:
+            row += [
+                _number(value_at(measured, ("landscape", "local", "top_eigenvalues", 0))),
+                _number(value_at(measured, ("landscape", "global", "top_eigenvalues", 0))),
+                _number(value_at(measured, ("landscape", "local", "trace"))),
+                _number(value_at(measured, ("landscape", "interpolation", "barrier"))),
+                _number(_entry(round_doc, "client_alignment", i, "cosine")),
+                _number(_entry(round_doc, "leave_one_out", i, "delta_test_accuracy")),
+            ]
+        rows.append(row)
+    header = ["client", "local acc.", "local loss", "global acc.", "global loss"]
+    if landscape_round is not None:
+        header += ["top eig. local", "top eig. global", "trace local", "barrier", "alignment", "LOO Δ acc."]
+        parts.append(
+            f"<p>Clients in round {stats_round} (accuracy and loss on each client's test data); "
+            f"landscape columns from round {landscape_round}, the last measured.</p>"
+        )
+    else:
+        parts.append(f"<p>Clients in round {stats_round} (accuracy and loss on each client's test data).</p>")
+    parts.append(_table(header, rows))
+    return "\n".join(parts)
+
+
+def _entry(round_doc: dict[str, Any], key: str, client_index: int, field: str) -> float | None:
+    for entry in (round_doc.get("landscape") or {}).get(key) or []:
+        if isinstance(entry, dict) and entry.get("client_index") == client_index:
+            return value_at(entry, (field,))
+    return None
+
+
+def experiment_page(data: ExperimentData, figures: Sequence[FigureEntry], index_href: str) -> str:
+    """The HTML of one experiment's page."""
+    status = escape(data.status)
+    if data.error:
+        status += f' — <span class="failed">{escape(str(data.error))}</span>'
+    partition_rows = [
+        [_client_label(data, c.client_index), str(c.num_train), str(c.num_test), _number(c.gini_index)]
+        for c in data.clients
+    ]
+    body = "\n".join([
+        f'<p><a href="{escape(index_href)}">← all experiments</a></p>',
+        f"<h1>{escape(data.label)}</h1>",
+        f"<p>Experiment <code>{escape(data.experiment_id)}</code>, status {status}; "
+        f"{len(data.rounds)} of {data.planned_rounds} rounds aggregated, {data.num_clients} clients.</p>",
+        "<h2>Final round</h2>",
+        _summary(data),
+        "<h2>Partition</h2>",
+        _table(["client", "num_train", "num_test", "gini_index"], partition_rows)
+        if partition_rows else "<p>No client partition stored.</p>",
+        _figures(figures),
+        "<h2>Spec</h2>",
+        f"<pre>{escape(json.dumps(data.spec, indent=2, sort_keys=True, default=str))}</pre>",
+    ])
+    return _document(f"fedland: {data.label}", body)
+
+
+def index_page(experiments: Sequence[tuple[ExperimentData, str]], figures: Sequence[FigureEntry]) -> str:
+    """The HTML of the index: a table linking every experiment page, then the comparison figures."""
+    rows = []
+    for data, href in experiments:
+        last = data.rounds[-1] if data.rounds else {}
+        rows.append([
+            f'<a href="{escape(href)}">{escape(data.label)}</a>',
+            f"<code>{escape(data.experiment_id)}</code>",
+            escape(data.status),
+            f"{len(data.rounds)}/{data.planned_rounds}",
+            str(data.num_clients),
+            _number(value_at(last, ("test_accuracy",))),
+            _number(value_at(last, ("test_loss",))),
+            "yes" if data.has_landscape else ("disabled" if not data.landscape_enabled else "none stored"),
+        ])
+    table = _table(
+        ["experiment", "id", "status", "rounds", "clients", "final test acc.", "final test loss", "landscape"],
+        rows, text_columns=3,
+    ) if rows else "<p>No experiments to report.</p>"
+    body = "\n".join([
+        "<h1>fedland experiments</h1>",
+        table,
+        "<p>Comparison: one line per experiment, labelled by description.</p>" if rows else "",
+        _figures(figures),
+    ])
+    return _document("fedland experiments", body)

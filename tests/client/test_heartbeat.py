@@ -1,0 +1,39 @@
+"""The heartbeat thread against a real HTTP stub on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from client.loop import Heartbeat, make_transport_factory
+
+
+def test_beats_every_interval_until_the_block_ends(stub_server: Any) -> None:
+    script = stub_server(routes={("POST", "/api/v1/clients/c-1/heartbeat"): (200, {"ok": True})})
+    make = make_transport_factory(script.url, "t", threading.Event(), seed=1)
+    with Heartbeat(make, "c-1", interval_s=0.1) as heartbeat:
+        time.sleep(0.75)
+    beats = len(script.calls)
+    assert 4 <= beats <= 8
+    assert {(method, path) for method, path, _, _ in script.calls} == {("POST", "/api/v1/clients/c-1/heartbeat")}
+    assert not heartbeat.lost.is_set()
+    time.sleep(0.3)
+    assert len(script.calls) == beats  # stopped with the block
+
+
+def test_a_404_marks_the_client_lost(stub_server: Any) -> None:
+    script = stub_server(status=404, body={"error": "unknown client"})
+    make = make_transport_factory(script.url, "t", threading.Event(), seed=1)
+    with Heartbeat(make, "c-1", interval_s=0.05) as heartbeat:
+        assert heartbeat.lost.wait(5.0)
+    assert len(script.calls) == 1  # no more beats once lost
+
+
+def test_an_unreachable_server_is_not_fatal(stub_server: Any) -> None:
+    script = stub_server(fail_first=2, routes={("POST", "/api/v1/clients/c-1/heartbeat"): (200, {"ok": True})})
+    make = make_transport_factory(script.url, "t", threading.Event(), seed=1)
+    with Heartbeat(make, "c-1", interval_s=0.05) as heartbeat:
+        time.sleep(0.5)
+    assert len(script.calls) >= 4  # one try per beat: two 503s, then beats that pass
+    assert not heartbeat.lost.is_set()

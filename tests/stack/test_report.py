@@ -1,0 +1,227 @@
+"""Reports from a real nx-27017 store: every figure a valid PNG, every page linked, missing data said."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from fedland.datasets import DATASETS
+from fedland.partition import gini_coefficient, plan_counts
+from fedland.spec import ExperimentSpec, LandscapeSpec
+from server.store import Store
+from stack.report import report_main, write_reports
+from stack.report.data import load_experiment
+
+LANDSCAPE_FIGURES = {"curvature.png", "barriers.png", "surfaces.png", "contributions.png"}
+BASE_FIGURES = {"accuracy_loss.png", "class_balance.png"}
+COMPARISON_FIGURES = {
+    "global_accuracy.png", "global_top_eigenvalue.png", "global_trace.png",
+    "mean_local_top_eigenvalue.png", "mean_barrier.png",
+}
+ALPHAS = [k / 10 for k in range(11)]
+
+
+def metrics(loss: float, top: float) -> dict[str, Any]:
+    """A landscape metric block (DEVELOPERS.md): eigenvalues spanning decades over the rounds."""
+    return {"loss": loss, "accuracy": 1 - loss / 4, "grad_norm": loss / 2, "top_eigenvalues": [top, top / 3],
+            "trace": 10 * top, "trace_stderr": top / 5, "sharpness": loss / 20}
+
+
+def barrier_of(i: int, r: int) -> float:
+    return 0.05 * (i + 1) * r
+
+
+def insert_experiment(store: Store, experiment_id: str, spec: ExperimentSpec, status: str = "finished") -> None:
+    """Store an experiment with every round, in the documents the server and clients write."""
+    info = DATASETS[spec.dataset_name]
+    train, test = plan_counts(info.train_class_counts, info.test_class_counts,
+                              spec.target_balance_ratios, spec.subset_fractions)
+    slots = [
+        {"experiment_id": experiment_id, "client_index": i, "class_counts": counts, "test_class_counts": test[i],
+         "class_frequencies": [c / sum(counts) for c in counts], "gini_index": gini_coefficient(counts),
+         "num_train": sum(counts), "num_test": sum(test[i]), "partition_digest": f"digest-{i}",
+         "client_id": None, "heartbeat_at": None, "reported_round": spec.rounds}
+        for i, counts in enumerate(train)
+    ]
+    experiment = {**spec.with_id(experiment_id).to_dict(), "status": status, "current_round": spec.rounds,
+                  "created_at": 1.0, "started_at": 2.0, "finished_at": 3.0, "error": None}
+    store.insert_experiments([experiment], slots)
+    for r in range(1, spec.rounds + 1):
+        measured = spec.landscape.scheduled(r, spec.rounds)
+        for i in range(spec.num_clients):
+            local_loss, global_loss = 0.3 + 1.5 / (r + 1) + 0.2 * i, 0.5 + 2.0 / (r + 1)
+            doc: dict[str, Any] = {
+                "experiment_id": experiment_id, "client_index": i, "client_id": f"c{i}", "round": r,
+                "num_examples": slots[i]["num_train"], "duration_s": {"train": 1.0, "total": 1.5},
+                "global": {"train_loss": global_loss, "train_accuracy": 1 - global_loss / 4,
+                           "test_loss": global_loss, "test_accuracy": 1 - global_loss / 4},
+                "local": {"train_loss": local_loss, "train_accuracy": 1 - local_loss / 4,
+                          "test_loss": local_loss, "test_accuracy": 1 - local_loss / 4},
+            }
+            if measured:
+                line = [(1 - a) * global_loss + a * local_loss for a in ALPHAS]
+                doc["landscape"] = {
+                    "num_samples": spec.landscape.num_samples, "duration_s": 2.0,
+                    "global": metrics(global_loss, 1.5 * 4**r), "local": metrics(local_loss, 2.0 * 4**r * (1 + i)),
+                    "interpolation": {"alphas": ALPHAS, "barrier": barrier_of(i, r),
+                                      "losses": [v + barrier_of(i, r) * 4 * a * (1 - a) for v, a in zip(line, ALPHAS)]},
+                    "update": {"distance": 0.1 * r, "cosine_to_previous_update": None if r == 1 else 0.5},
+                }
+            store.insert_client_stats(doc)
+        round_doc: dict[str, Any] = {
+            "experiment_id": experiment_id, "round": r, "test_loss": 0.4 + 1.8 / (r + 1),
+            "test_accuracy": 0.9 - 0.45 / (r + 1), "participants": list(range(spec.num_clients)),
+            "num_examples": sum(s["num_train"] for s in slots), "duration_s": 4.0, "model_file_id": f"m{r}",
+        }
+        if measured:
+            surface_id = f"{experiment_id}-surface-{r}"
+            round_doc["landscape"] = {
+                "num_samples": spec.landscape.num_samples, "duration_s": 3.0, "global": metrics(0.4, 3.0 * 4**r),
+                "client_alignment": [{"client_index": i, "cosine": 0.9 - 0.6 * i / spec.num_clients - 0.05 * r}
+                                     for i in range(spec.num_clients)],
+                "gradient_dissimilarity": 1.2 + 0.3 * r,
+                "leave_one_out": [{"client_index": i, "delta_test_loss": 0.02 * (i + 1) * r,
+                                   "delta_test_accuracy": -0.01 * (i + 1) * r} for i in range(spec.num_clients)],
+                "surface_id": surface_id,
+            }
+            grid = np.linspace(-spec.landscape.grid_radius, spec.landscape.grid_radius, spec.landscape.grid_points)
+            x, y = np.meshgrid(grid, grid)  # (ny, nx)
+            store.landscapes.insert_one({
+                "_id": surface_id, "experiment_id": experiment_id, "round": r, "kind": "pca_surface",
+                "x": grid.tolist(), "y": grid.tolist(), "losses": (0.3 + r * (x**2 + 3 * (y - 0.2) ** 2)).tolist(),
+                "explained_variance_ratio": [0.7, 0.2],
+                "client_points": [{"client_index": i, "x": 0.5 * (-1) ** i, "y": 0.3 * (i + 1)}
+                                  for i in range(spec.num_clients)],
+            })
+        store.insert_round(round_doc)
+
+
+def two_experiments(store: Store) -> tuple[str, str]:
+    """A non-IID pair measured every round, and an IID pair with landscapes disabled."""
+    common = dict(rounds=3, timestamp="2025-01-02T03:04:05+00:00", seed=3)
+    measured = ExperimentSpec(description="non-IID unbalanced, 2 clients",
+                              target_balance_ratios=[[0.1] * 10, [0.5, 0.5] + [0.0] * 8],
+                              subset_fractions=[0.1, 0.05], landscape=LandscapeSpec(every=1), **common)
+    plain = ExperimentSpec(description="IID balanced, 2 clients", target_balance_ratios=[[0.1] * 10] * 2,
+                           subset_fractions=[0.1, 0.1], landscape=LandscapeSpec(enabled=False), **common)
+    insert_experiment(store, "exp-landscape", measured)
+    insert_experiment(store, "exp-plain", plain)
+    return "exp-landscape", "exp-plain"
+
+
+class Links(HTMLParser):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.anchors: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "img" and values.get("src"):
+            self.images.append(str(values["src"]))
+        if tag == "a" and values.get("href"):
+            self.anchors.append(str(values["href"]))
+
+
+def assert_valid_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert len(data) > 10_000, f"{path} is only {len(data)} bytes"
+    pixels = matplotlib.image.imread(path)  # (height, width, channels) in [0, 1]
+    assert pixels.shape[0] >= 300 and pixels.shape[1] >= 400, (path, pixels.shape)
+    assert float(pixels[..., :3].std()) > 0.05, f"{path} is nearly blank"
+
+
+def page_images(page: Path) -> set[str]:
+    return set(Links(page.read_text(encoding="utf-8")).images)
+
+
+def test_reports_of_two_experiments(store: Store, tmp_path: Path) -> None:
+    measured_id, plain_id = two_experiments(store)
+    index = write_reports(store.db, None, tmp_path)
+
+    assert index == tmp_path / "index.html"
+    links = Links(index.read_text(encoding="utf-8"))
+    assert set(links.anchors) == {f"{measured_id}/index.html", f"{plain_id}/index.html"}
+    assert {p.name for p in (tmp_path / "comparison").iterdir()} == COMPARISON_FIGURES
+    assert set(links.images) == {f"comparison/{name}" for name in COMPARISON_FIGURES}
+    for name in COMPARISON_FIGURES:
+        assert_valid_png(tmp_path / "comparison" / name)
+
+    measured_dir, plain_dir = tmp_path / measured_id, tmp_path / plain_id
+    assert {p.name for p in measured_dir.glob("*.png")} == BASE_FIGURES | LANDSCAPE_FIGURES
+    assert {p.name for p in plain_dir.glob("*.png")} == BASE_FIGURES
+    for directory in (measured_dir, plain_dir):
+        page = directory / "index.html"
+        assert page_images(page) == {p.name for p in directory.glob("*.png")}
+        assert "../index.html" in Links(page.read_text(encoding="utf-8")).anchors
+        for png in directory.glob("*.png"):
+            assert_valid_png(png)
+
+    measured_page = (measured_dir / "index.html").read_text(encoding="utf-8")
+    plain_page = (plain_dir / "index.html").read_text(encoding="utf-8")
+    assert "Skipped" not in measured_page
+    assert plain_page.count("Skipped: landscape measurement is disabled") == len(LANDSCAPE_FIGURES)
+    # the partition table and the spec, from the stored documents
+    for slot in store.slots(measured_id):
+        assert f"<td>{slot['num_train']}</td><td>{slot['num_test']}</td><td>{slot['gini_index']:.4g}</td>" in measured_page
+    assert "&quot;description&quot;: &quot;non-IID unbalanced, 2 clients&quot;" in measured_page
+    final = store.get_round(measured_id, 3)
+    assert final is not None and f"<b>{final['test_accuracy']:.4g}</b>" in measured_page
+
+
+def test_landscape_only_experiments_compare_and_rewrites_drop_stale_figures(store: Store, tmp_path: Path) -> None:
+    measured_id, plain_id = two_experiments(store)
+    write_reports(store.db, [measured_id], tmp_path)
+    assert len(list((tmp_path / measured_id).glob("*.png"))) == 6
+    # the plain experiment alone has no landscape: comparisons of landscape values are skipped, said so
+    index = write_reports(store.db, [plain_id], tmp_path)
+    text = index.read_text(encoding="utf-8")
+    assert {p.name for p in (tmp_path / "comparison").iterdir()} == {"global_accuracy.png"}
+    assert page_images(index) == {"comparison/global_accuracy.png"}
+    assert text.count("Skipped: no experiment has this measurement") == len(COMPARISON_FIGURES) - 1
+    assert Links(text).anchors == [f"{plain_id}/index.html"]
+
+
+def test_series_read_back_the_stored_values(store: Store) -> None:
+    measured_id, plain_id = two_experiments(store)
+    data = load_experiment(store.db, measured_id)
+    barrier = data.client_mean_series(("landscape", "interpolation", "barrier"))
+    assert barrier.rounds == (1, 2, 3)
+    assert barrier.values == pytest.approx([(barrier_of(0, r) + barrier_of(1, r)) / 2 for r in (1, 2, 3)])
+    loo = data.round_client_series(("landscape", "leave_one_out"), 1, "delta_test_accuracy")
+    assert loo.values == pytest.approx([-0.02, -0.04, -0.06])
+    assert [s.round for s in data.surfaces] == [1, 2, 3] and data.surfaces[0].losses.shape == (11, 11)
+    plain = load_experiment(store.db, plain_id)
+    assert not plain.has_landscape and not plain.landscape_enabled
+    assert not plain.round_series(("landscape", "global", "trace"))
+    assert [c.num_train for c in plain.clients] == [3000, 3000]  # 0.1 of floor(60000 / 2) each
+
+
+def test_unknown_id_and_unfinished_experiments(store: Store, tmp_path: Path) -> None:
+    measured_id, _ = two_experiments(store)
+    running = ExperimentSpec(description="still running", target_balance_ratios=[[0.1] * 10],
+                             subset_fractions=[0.05], rounds=2, timestamp="2025-01-02T03:04:05+00:00")
+    insert_experiment(store, "exp-running", running, status="running")
+    with pytest.raises(ValueError, match=r"^experiment_id: no experiment 'nope' in the store \(known: .*exp-running"):
+        write_reports(store.db, [measured_id, "nope"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
+    index = write_reports(store.db, None, tmp_path / "all")
+    assert "exp-running/index.html" not in Links(index.read_text(encoding="utf-8")).anchors
+    index = write_reports(store.db, ["exp-running"], tmp_path / "one")
+    assert Links(index.read_text(encoding="utf-8")).anchors == ["exp-running/index.html"]
+
+
+def test_report_main(store: Store, mongo_uri: str, mongo_db_name: str, tmp_path: Path,
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    measured_id, _ = two_experiments(store)
+    assert report_main([measured_id], mongo_uri, mongo_db_name, tmp_path, env={}) == 0
+    assert str((tmp_path / "index.html").resolve()) in capsys.readouterr().out
+    assert report_main(["nope"], mongo_uri, mongo_db_name, tmp_path / "x", env={}) == 2
+    assert "experiment_id: no experiment 'nope'" in capsys.readouterr().err
