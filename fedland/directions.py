@@ -73,6 +73,9 @@ def model_direction(model_from: nn.Module | Mapping[str, Tensor], model_to: nn.M
     """
     start = _param_values(model_from, None, "model_from")
     end = _param_values(model_to, list(start), "model_to")
+    for n in start:
+        if end[n].shape != start[n].shape:
+            raise ValueError(f"model_to: {n!r} has shape {tuple(end[n].shape)}, expected {tuple(start[n].shape)}")
     return {n: end[n] - start[n] for n in start}
 
 

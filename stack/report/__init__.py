@@ -81,7 +81,7 @@ def write_reports(db: Database[Any], experiment_ids: Sequence[str] | None, out_d
             (out / "comparison" / kind.file_name).unlink(missing_ok=True)
             entries.append(FigureEntry(kind.title, "", None, "no experiment has this measurement"))
         else:
-            entries.append(FigureEntry(kind.title, kind.ylabel, f"comparison/{path.name}"))
+            entries.append(FigureEntry(kind.title, "", f"comparison/{path.name}"))
     index = out / "index.html"
     index.write_text(index_page(linked, entries), encoding="utf-8")
     return index

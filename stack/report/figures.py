@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -22,7 +23,7 @@ from stack.report.style import (
     GLOBAL_COLOUR,
     client_colour,
     integer_rounds,
-    legend,
+    figure_legend,
     new_figure,
     save,
     use_log_scale,
@@ -50,15 +51,17 @@ def _plot(ax: Axes, series: Series, **style: object) -> list[float]:
     return list(series.values)
 
 
-def _style_legend(figure: Figure, ax: Axes, data: ExperimentData, server_label: str | None, local: str, glob: str) -> None:
+def _style_legend(figure: Figure, data: ExperimentData, server_label: str | None, local: str, glob: str) -> None:
     """Client colours plus one grey entry per line style."""
-    clients = data.client_indices()
-    handles = [Line2D([], [], color=client_colour(i, data.num_clients), linewidth=2, label=f"client {i}") for i in clients]
+    handles = [
+        Line2D([], [], color=client_colour(i, data.num_clients), linewidth=2, label=f"client {i}")
+        for i in data.client_indices()
+    ]
     handles.append(Line2D([], [], color="grey", **{**LOCAL_STYLE, "label": local}))  # type: ignore[arg-type]
     handles.append(Line2D([], [], color="grey", **{**GLOBAL_STYLE, "label": glob}))  # type: ignore[arg-type]
     if server_label:
         handles.append(Line2D([], [], **{**SERVER_STYLE, "label": server_label}))  # type: ignore[arg-type]
-    figure.legend(handles=handles, loc="outside right upper", fontsize="small", ncol=1 + len(handles) // 24)
+    figure_legend(figure, handles)
 
 
 def _client_panels(
@@ -94,7 +97,7 @@ def _client_panels(
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         integer_rounds(ax)
-    _style_legend(figure, axes[0], data, server_label, local_label, global_label)
+    _style_legend(figure, data, server_label, local_label, global_label)
     figure.suptitle(data.label, fontsize="medium")
     return save(figure, path)
 
@@ -161,18 +164,18 @@ def barriers(data: ExperimentData, out_dir: Path) -> Path | None:
     if curves:
         ax = axes[position]
         for i, (alphas, losses) in sorted(curves.items()):
-            ax.plot(alphas, losses, color=client_colour(i, data.num_clients), label=f"client {i}", **LOCAL_STYLE)  # type: ignore[arg-type]
+            colour = client_colour(i, data.num_clients)
+            ax.plot(alphas, losses, color=colour, label=f"client {i}", **LOCAL_STYLE)  # type: ignore[arg-type]
         ax.set_title(f"loss along the line, round {last_round}")
         ax.set_xlabel("alpha (0 = global model, 1 = local model)")
         ax.set_ylabel("loss on the client's train subset")
         ax.grid(True, alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside right upper", fontsize="small", ncol=1 + len(labels) // 24)
+    figure_legend(figure, axes[0].get_legend_handles_labels()[0])
     figure.suptitle(data.label, fontsize="medium")
     return save(figure, out_dir / "barriers.png")
 
 
-def _curve(doc: dict) -> tuple[list[float], list[float]] | None:
+def _curve(doc: dict[str, Any]) -> tuple[list[float], list[float]] | None:
     interpolation = (doc.get("landscape") or {}).get("interpolation") or {}
     alphas, losses = interpolation.get("alphas"), interpolation.get("losses")
     if not isinstance(alphas, list) or not isinstance(losses, list) or len(alphas) != len(losses) or len(alphas) < 2:
@@ -288,8 +291,7 @@ def contributions(data: ExperimentData, out_dir: Path) -> Path | None:
     for ax in axes[used:]:
         ax.set_visible(False)
     if panels:
-        handles, labels = axes[0].get_legend_handles_labels()
-        figure.legend(handles, labels, loc="outside right upper", fontsize="small", ncol=1 + len(labels) // 24)
+        figure_legend(figure, axes[0].get_legend_handles_labels()[0])
     figure.suptitle(f"{data.label}: client contributions", fontsize="medium")
     return save(figure, out_dir / "contributions.png")
 

@@ -6,7 +6,6 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
-from pathlib import Path
 from typing import Any
 
 from matplotlib.colors import to_hex
@@ -66,10 +65,8 @@ def _figures(entries: Sequence[FigureEntry]) -> str:
         if entry.file_name is None:
             parts.append(f'<p class="skipped">Skipped: {escape(entry.reason or "no data")}.</p>')
         else:
-            parts.append(
-                f'<figure><img src="{escape(entry.file_name)}" alt="{escape(entry.title)}">'
-                f"<figcaption>{escape(entry.caption)}</figcaption></figure>"
-            )
+            caption = f"<figcaption>{escape(entry.caption)}</figcaption>" if entry.caption else ""
+            parts.append(f'<figure><img src="{escape(entry.file_name)}" alt="{escape(entry.title)}">{caption}</figure>')
     return "\n".join(parts)
 
 
@@ -119,7 +116,7 @@ def _summary(data: ExperimentData) -> str:
                 _number(_entry(round_doc, "leave_one_out", i, "delta_test_accuracy")),
             ]
         rows.append(row)
-    header = ["client", "local acc.", "local loss", "global acc.", "global loss"]
+    header = ["client", "local model acc.", "local model loss", "global model acc.", "global model loss"]
     if landscape_round is not None:
         header += ["top eig. local", "top eig. global", "trace local", "barrier", "alignment", "LOO Δ acc."]
         parts.append(
@@ -137,6 +134,17 @@ def _entry(round_doc: dict[str, Any], key: str, client_index: int, field: str) -
         if isinstance(entry, dict) and entry.get("client_index") == client_index:
             return value_at(entry, (field,))
     return None
+
+
+def pretty_json(value: Any, level: int = 0) -> str:
+    """Indented JSON with lists of numbers kept on one line (the ratio tables stay readable)."""
+    pad, inner = "  " * level, "  " * (level + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(str(k))}: {pretty_json(v, level + 1)}" for k, v in sorted(value.items())]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
+        return "[\n" + ",\n".join(f"{inner}{pretty_json(v, level + 1)}" for v in value) + f"\n{pad}]"
+    return json.dumps(value, default=str)
 
 
 def experiment_page(data: ExperimentData, figures: Sequence[FigureEntry], index_href: str) -> str:
@@ -160,7 +168,7 @@ def experiment_page(data: ExperimentData, figures: Sequence[FigureEntry], index_
         if partition_rows else "<p>No client partition stored.</p>",
         _figures(figures),
         "<h2>Spec</h2>",
-        f"<pre>{escape(json.dumps(data.spec, indent=2, sort_keys=True, default=str))}</pre>",
+        f"<pre>{escape(pretty_json(data.spec))}</pre>",
     ])
     return _document(f"fedland: {data.label}", body)
 

@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 DPI = 110
 GLOBAL_COLOUR = "black"  # the server's global model on the full (or held-out) test split
-MANY_CLIENTS = 8  # above this, legends go outside the axes in columns
 
 
 def client_colour(client_index: int, num_clients: int) -> tuple[float, float, float, float]:
@@ -51,17 +51,9 @@ def integer_rounds(ax: Axes) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def legend(figure: Figure, ax: Axes, count: int, **kwargs: object) -> None:
-    """A compact legend in the axes for few entries, outside on the right for many."""
-    if count == 0:
-        return
-    if count <= MANY_CLIENTS:
-        ax.legend(fontsize="small", framealpha=0.8, **kwargs)  # type: ignore[arg-type]
-    else:
-        ncol = 1 + count // 16
-        figure.legend(
-            *ax.get_legend_handles_labels(), loc="outside right upper", fontsize="x-small", ncol=ncol, **kwargs
-        )  # type: ignore[arg-type]
+def figure_legend(figure: Figure, handles: Sequence[Artist]) -> None:
+    """One legend for the whole figure, outside on the right; extra columns past 24 entries."""
+    figure.legend(handles=list(handles), loc="outside right upper", fontsize="small", ncol=1 + len(handles) // 24)
 
 
 def save(figure: Figure, path: Path) -> Path:

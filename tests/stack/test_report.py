@@ -170,7 +170,8 @@ def test_reports_of_two_experiments(store: Store, tmp_path: Path) -> None:
     assert plain_page.count("Skipped: landscape measurement is disabled") == len(LANDSCAPE_FIGURES)
     # the partition table and the spec, from the stored documents
     for slot in store.slots(measured_id):
-        assert f"<td>{slot['num_train']}</td><td>{slot['num_test']}</td><td>{slot['gini_index']:.4g}</td>" in measured_page
+        row = f"<td>{slot['num_train']}</td><td>{slot['num_test']}</td><td>{slot['gini_index']:.4g}</td>"
+        assert row in measured_page
     assert "&quot;description&quot;: &quot;non-IID unbalanced, 2 clients&quot;" in measured_page
     final = store.get_round(measured_id, 3)
     assert final is not None and f"<b>{final['test_accuracy']:.4g}</b>" in measured_page
@@ -225,3 +226,26 @@ def test_report_main(store: Store, mongo_uri: str, mongo_db_name: str, tmp_path:
     assert str((tmp_path / "index.html").resolve()) in capsys.readouterr().out
     assert report_main(["nope"], mongo_uri, mongo_db_name, tmp_path / "x", env={}) == 2
     assert "experiment_id: no experiment 'nope'" in capsys.readouterr().err
+
+
+def test_single_client_nulls_and_an_unstarted_experiment(store: Store, tmp_path: Path) -> None:
+    single = ExperimentSpec(description="centralized", target_balance_ratios=[[0.1] * 10], subset_fractions=[0.05],
+                            rounds=2, timestamp="2025-01-02T03:04:05+00:00")
+    insert_experiment(store, "exp-single", single)
+    # leave-one-out is undefined with one client: the server stores nulls
+    store.rounds.update_many({"experiment_id": "exp-single"}, {"$set": {
+        "landscape.leave_one_out": [{"client_index": 0, "delta_test_loss": None, "delta_test_accuracy": None}]}})
+    queued = ExperimentSpec(description="queued", target_balance_ratios=[[0.1] * 10], subset_fractions=[0.05],
+                            rounds=2, timestamp="2025-01-02T03:04:05+00:00")
+    store.insert_experiments([{**queued.with_id("exp-queued").to_dict(), "status": "queued", "current_round": 0,
+                               "created_at": 1.0, "started_at": None, "finished_at": None, "error": None}], [])
+    write_reports(store.db, ["exp-single", "exp-queued"], tmp_path)
+
+    single_page = (tmp_path / "exp-single" / "index.html").read_text(encoding="utf-8")
+    assert {p.name for p in (tmp_path / "exp-single").glob("*.png")} == BASE_FIGURES | LANDSCAPE_FIGURES
+    assert "Skipped" not in single_page  # contributions still drawn: alignment and B, without the null deltas
+    assert list((tmp_path / "exp-queued").glob("*.png")) == []
+    queued_page = (tmp_path / "exp-queued" / "index.html").read_text(encoding="utf-8")
+    assert "No round has been completed." in queued_page
+    assert queued_page.count("Skipped: the store holds no data for this figure") == 2
+    assert queued_page.count("Skipped: no landscape measurements are stored") == len(LANDSCAPE_FIGURES)
