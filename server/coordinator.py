@@ -19,6 +19,7 @@ from bson import ObjectId
 
 from fedland.spec import ExperimentSpec, SpecError
 from server.errors import BadRequest, Conflict, NotFound
+from server.landscape import measure_round
 from server.resources import Resources
 from server.store import DONE, DuplicateError, Store
 from server.strategies import ClientUpdate, make_strategy, validate_strategy
@@ -27,6 +28,7 @@ from stack import wire
 log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
+ROUND_POLL_S = 0.2  # how soon a client that has reported its round asks again
 SUMMARY_KEYS = (
     "id", "description", "status", "current_round", "rounds", "created_at", "started_at", "finished_at", "error",
 )
@@ -193,12 +195,14 @@ class Coordinator:
                 return self._task_for(experiment, slot)
             return self._wait()
 
-    def _wait(self) -> Doc:
-        return {"action": "wait", "retry_after_s": self.retry_after_s}
+    def _wait(self, retry_after_s: float | None = None) -> Doc:
+        return {"action": "wait", "retry_after_s": self.retry_after_s if retry_after_s is None else retry_after_s}
 
     def _task_for(self, experiment: Doc, slot: Doc) -> Doc:
         if experiment["status"] != "running" or slot["reported_round"] >= experiment["current_round"]:
-            return self._wait()
+            # The slot waits for the round's other clients: the next round is near, so poll
+            # more often than an idle client does (the poll is one indexed lookup).
+            return self._wait(min(self.retry_after_s, ROUND_POLL_S))
         spec = {key: value for key, value in experiment.items() if key in ExperimentSpec.__dataclass_fields__}
         return {
             "action": "train",
@@ -323,6 +327,13 @@ class Coordinator:
         evaluation = self.resources.evaluate(spec, new_global)
         if not math.isfinite(evaluation.loss):
             raise ValueError(f"test loss of the aggregated model is {evaluation.loss}")
+        aggregation_s = time.perf_counter() - started
+        landscape = None
+        if spec.landscape.scheduled(server_round, spec.rounds):
+            landscape = measure_round(  # never raises: a failure is stored as {"error": ...}
+                self.store, self.resources, spec, experiment_id, server_round, current, state, updates,
+                [int(d["client_index"]) for d in stats], new_global, (evaluation.loss, evaluation.accuracy),
+            )
 
         # files of an attempt cut off before its rounds document stay unreferenced: harmless
         model_file_id = self.store.save_model(wire.encode(new_global), experiment_id, server_round, "global")
@@ -341,10 +352,12 @@ class Coordinator:
             "started_at": started_at,
             "finished_at": finished_at,
             "duration_s": None if started_at is None else finished_at - started_at,
-            "aggregation_s": time.perf_counter() - started,
+            "aggregation_s": aggregation_s,
             "model_file_id": model_file_id,
             "strategy_state_file_id": state_file_id,
         }
+        if landscape is not None:
+            doc["landscape"] = landscape
         try:
             self.store.insert_round(doc)
         except DuplicateError:

@@ -32,7 +32,7 @@ from stack.progress import Progress, summary_table
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("run",)  # `report` comes with the reports issue
+COMMANDS = ("run", "report")
 DONE = ("finished", "failed")
 
 
@@ -46,6 +46,7 @@ class RunOptions:
     log_dir: Path = Path("./data/logs")
     poll_interval_s: float = 1.0
     show_progress: bool = True
+    reports_dir: Path | None = Path("reports")  # None: no reports at the end of the run
 
 
 def prepare(specs: Sequence[ExperimentSpec], rounds: int | None, only: str | None) -> list[ExperimentSpec]:
@@ -105,12 +106,14 @@ class LocalRun:
         self.server: Child | None = None
         self.clients: list[Child] = []
         self.url = ""
+        self.store_uri = ""
 
     def start(self, num_clients: int) -> None:
         uri = self.options.store_uri or self.env.get("FEDLAND_MONGO_URI", "").strip() or None
         if uri is None:
             self.store = EmbeddedMongo(self.options.store_dir)
             uri = self.store.start()
+        self.store_uri = uri
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         server_env = child_env(
@@ -159,6 +162,23 @@ def watch(
         time.sleep(poll_interval_s)
 
 
+def write_run_reports(
+    store_uri: str, env: Mapping[str, str], ids: Sequence[str], reports_dir: Path | None
+) -> Path | None:
+    """Write the reports of this run's experiments while the store is still up; the index page."""
+    if reports_dir is None:
+        return None
+    import pymongo
+
+    from stack.report import write_reports
+
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(store_uri, serverSelectionTimeoutMS=10_000)
+    try:
+        return write_reports(client[env.get("FEDLAND_DB", "").strip() or "fedland"], list(ids), reports_dir)
+    finally:
+        client.close()
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C
 
@@ -184,6 +204,7 @@ def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping
             documents = watch(transport, ids, local, options.poll_interval_s, progress)
         last_rounds = {i: progress.last_round(i) for i in ids}
         transport.close()
+        reports = write_run_reports(local.store_uri, env, ids, options.reports_dir)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping clients, server and store", file=sys.stderr)
         return 130
@@ -194,6 +215,8 @@ def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping
         local.stop()
     print(summary_table(ids, documents, last_rounds))
     print(f"wall time {time.monotonic() - started:.1f} s; logs in {options.log_dir}")
+    if reports is not None:
+        print(f"reports: {reports.resolve()}")
     failed = [d for d in documents.values() if d.get("status") != "finished"]
     for doc in failed:
         print(f"experiment {doc.get('id')} {doc.get('status')}: {doc.get('error')}", file=sys.stderr)
@@ -215,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--experiments", metavar="FILE", type=Path, help="JSON/TOML experiments instead of main.py's")
     run.add_argument("--only", metavar="TEXT", help="only experiments whose description contains TEXT")
     run.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    run.add_argument("--reports", metavar="DIR", type=Path, default=Path("reports"), help="where to write reports")
+    run.add_argument("--no-reports", action="store_true", help="skip the reports at the end of the run")
+    report = commands.add_parser("report", help="write PNG/HTML reports of stored experiments")
+    report.add_argument("experiment_ids", nargs="*", metavar="EXPERIMENT_ID", help="default: every finished one")
+    report.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
+    report.add_argument("--out", metavar="DIR", type=Path, default=Path("reports"), help="output directory")
     return parser
 
 
@@ -232,6 +261,11 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
     logging.basicConfig(
         level=env.get("FEDLAND_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "report":
+        from stack.report import report_main
+
+        store_dir = Path(env.get("FEDLAND_STORE_DIR", "").strip() or "./data/store")
+        return report_main(args.experiment_ids, args.store_uri, None, args.out, store_dir=store_dir, env=env)
     if args.clients is not None and args.clients < 1:
         print("--clients must be >= 1", file=sys.stderr)
         return 2
@@ -249,5 +283,6 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
         store_dir=Path(env.get("FEDLAND_STORE_DIR", "").strip() or "./data/store"),
         log_dir=Path(env.get("FEDLAND_LOG_DIR", "").strip() or "./data/logs"),
         show_progress=not args.no_progress and sys.stderr.isatty(),
+        reports_dir=None if args.no_reports else args.reports,
     )
     return run_local(specs, options, env)

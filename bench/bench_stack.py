@@ -1,0 +1,183 @@
+"""Benchmark of the federated stack: 3 clients x 3 rounds of FedNet on MNIST, real processes.
+
+    FEDLAND_DATA_DIR=../shared/data python bench/bench_stack.py [--rounds 3] [--clients 3]
+
+Runs the same IID experiment twice on one local stack (embedded nx-27017, `python -m
+server`, N `python -m client`), once with landscape measurements off and once with the
+defaults, and prints per round:
+
+- wall time (previous round's end, or the experiment's start, to this round's end);
+- client compute: the slowest client's train + evaluation seconds (the critical path);
+- framework overhead: wall time minus client compute (HTTP, serialization, store,
+  aggregation, global evaluation, waiting), and its share of the wall time;
+- bytes moved: model downloads + uploads + stats documents (payloads, not HTTP headers
+  or task polling), from the sizes stored in the store.
+
+The second run's extra time per round is the cost of measuring the loss landscape.
+A benchmark, not a test: it prints figures and asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import bson
+import pymongo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fedland import schemes  # noqa: E402
+from fedland.spec import ExperimentSpec, LandscapeSpec, StrategySpec  # noqa: E402
+from stack.launcher import LocalRun, RunOptions, make_transport  # noqa: E402
+
+DONE = ("finished", "failed")
+
+
+def experiment(rounds: int, clients: int, landscape: bool) -> ExperimentSpec:
+    ratios, fractions = schemes.iid(clients, fraction=0.25)
+    return ExperimentSpec(
+        description=f"bench IID {clients}x{rounds} landscape={'on' if landscape else 'off'}",
+        dataset_name="MNIST",
+        model="FedNet",
+        target_balance_ratios=ratios,
+        subset_fractions=fractions,
+        rounds=rounds,
+        local_epochs=1,
+        batch_size=32,
+        learning_rate=0.05,
+        momentum=0.5,
+        strategy=StrategySpec("FedAvg"),
+        seed=42,
+        landscape=LandscapeSpec(enabled=landscape),
+    )
+
+
+def wait_finished(run: LocalRun, ids: list[str], timeout_s: float = 900.0) -> None:
+    transport = make_transport(run.url, run.token)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            status = {e["id"]: e["status"] for e in transport.list_experiments() if e["id"] in ids}
+            if len(status) == len(ids) and all(s in DONE for s in status.values()):
+                failed = [i for i, s in status.items() if s != "finished"]
+                if failed:
+                    raise RuntimeError(f"experiments failed: {failed}")
+                return
+            time.sleep(0.5)
+    finally:
+        transport.close()
+    raise TimeoutError(f"experiments not finished after {timeout_s:.0f} s")
+
+
+def per_round(db: Any, experiment_id: str) -> list[dict[str, float]]:
+    exp = db.experiments.find_one({"_id": experiment_id})
+    rounds = sorted(db.rounds.find({"experiment_id": experiment_id}), key=lambda d: d["round"])
+    file_sizes = {
+        (f["metadata"]["round"], f["metadata"].get("kind")): f["length"]
+        for f in db["models.files"].find({"metadata.experiment_id": experiment_id})
+    }
+    uploads: dict[int, int] = {}
+    for f in db["client_models.files"].find({"metadata.experiment_id": experiment_id}):
+        uploads[f["metadata"]["round"]] = uploads.get(f["metadata"]["round"], 0) + f["length"]
+    rows = []
+    previous_end = exp["started_at"]
+    for doc in rounds:
+        r = doc["round"]
+        stats = list(db.client_stats.find({"experiment_id": experiment_id, "round": r}))
+        compute = max(
+            s["duration_s"]["train"] + s["duration_s"]["eval_global"] + s["duration_s"]["eval_local"] for s in stats
+        )
+        measure = max(float(s.get("landscape", {}).get("duration_s") or 0.0) for s in stats)
+        server_measure = float((doc.get("landscape") or {}).get("duration_s") or 0.0)
+        wall = doc["finished_at"] - previous_end
+        previous_end = doc["finished_at"]
+        downloads = len(stats) * file_sizes.get((r - 1, "global"), 0)
+        stats_bytes = sum(len(bson.encode(s)) for s in stats)
+        rows.append(
+            {
+                "round": r,
+                "wall_s": wall,
+                "train_s": max(s["duration_s"]["train"] for s in stats),
+                "compute_s": compute,
+                "client_landscape_s": measure,
+                "server_landscape_s": server_measure,
+                "overhead_s": wall - compute - measure - server_measure,
+                "bytes": downloads + uploads.get(r, 0) + stats_bytes,
+                "test_accuracy": doc["test_accuracy"],
+            }
+        )
+    return rows
+
+
+def print_table(title: str, rows: list[dict[str, float]]) -> None:
+    print(f"\n{title}")
+    header = (
+        "round  wall s  slowest train s  client compute s  landscape s (client/server)  "
+        "overhead s  overhead %  bytes/round  test acc"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(
+            f"{row['round']:>5}  {row['wall_s']:>6.2f}  {row['train_s']:>15.2f}  {row['compute_s']:>16.2f}  "
+            f"{row['client_landscape_s']:>13.2f} / {row['server_landscape_s']:<11.2f}  {row['overhead_s']:>10.2f}  "
+            f"{100 * row['overhead_s'] / row['wall_s']:>9.1f}%  {row['bytes']:>11,d}  {row['test_accuracy']:>8.4f}"
+        )
+    mean = {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
+    print(
+        f" mean  {mean['wall_s']:>6.2f}  {mean['train_s']:>15.2f}  {mean['compute_s']:>16.2f}  "
+        f"{mean['client_landscape_s']:>13.2f} / {mean['server_landscape_s']:<11.2f}  {mean['overhead_s']:>10.2f}  "
+        f"{100 * mean['overhead_s'] / mean['wall_s']:>9.1f}%  {int(mean['bytes']):>11,d}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=3)
+    args = parser.parse_args()
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix="fedland-bench-") as tmp:
+        options = RunOptions(store_dir=Path(tmp) / "store", log_dir=Path(tmp) / "logs", reports_dir=None)
+        run = LocalRun(options, env)
+        env.pop("FEDLAND_MONGO_URI", None)
+        try:
+            run.start(args.clients)
+            results = {}
+            # A discarded 1-round pass first: clients load MNIST and torch warms up.
+            for landscape in (None, False, True):
+                transport = make_transport(run.url, run.token)
+                spec = experiment(1 if landscape is None else args.rounds, args.clients, bool(landscape))
+                [experiment_id] = transport.submit_experiments([spec.to_dict()])
+                transport.close()
+                wait_finished(run, [experiment_id])
+                if landscape is None:
+                    continue
+                client = pymongo.MongoClient(run.store_uri)
+                results[landscape] = per_round(client[env.get("FEDLAND_DB", "fedland")], experiment_id)
+                client.close()
+        finally:
+            run.stop()
+    print(f"fedland stack benchmark: {args.clients} clients x {args.rounds} rounds, FedNet, MNIST IID, "
+          f"5,000 samples per client, 1 local epoch, 1 torch thread per process, {os.cpu_count()} cores")
+    print_table("landscape measurements off", results[False])
+    print_table("landscape measurements on (defaults)", results[True])
+    off = statistics.fmean(r["wall_s"] for r in results[False])
+    on = statistics.fmean(r["wall_s"] for r in results[True])
+    train = statistics.fmean(r["train_s"] for r in results[False])
+    print(
+        f"\nlandscape cost: {on - off:+.2f} s per round ({on:.2f} vs {off:.2f} s), "
+        f"{(on - off) / train:.2f}x the slowest client's training time ({train:.2f} s); target <= 0.5x"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
