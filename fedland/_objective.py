@@ -185,7 +185,7 @@ class Objective:
         with torch.no_grad():
             for group in self.groups:
                 g_loss, g_correct = self.group_loss(theta, group, buffers)
-                loss += float(g_loss)
+                loss += float(g_loss.detach())
                 correct = None if g_correct is None or correct is None else correct + g_correct
         return loss, None if correct is None else correct / self.num_examples
 
@@ -197,7 +197,7 @@ class Objective:
             for group in self.groups:
                 g_loss, _ = self.group_loss(leaf, group)
                 (g,) = torch.autograd.grad(g_loss, leaf)
-                loss += float(g_loss)
+                loss += float(g_loss.detach())
                 grad += g
         return loss, grad
 

@@ -1,0 +1,44 @@
+"""The README's library example runs as written and prints what it promises."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ten_line_example() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### In ten lines") :]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None, "README has no python block under 'In ten lines'"
+    return match.group(1)
+
+
+def test_example_is_at_most_ten_lines_of_code() -> None:
+    code = [line for line in ten_line_example().splitlines() if line.strip() and not line.startswith(("import", "from"))]
+    assert len(code) <= 10, code
+
+
+def test_readme_example_runs_as_written(tmp_path: Path) -> None:
+    if not os.environ.get("FEDLAND_DATA_DIR"):
+        pytest.skip("FEDLAND_DATA_DIR is not set: the example needs MNIST")
+    script = tmp_path / "example.py"
+    script.write_text(ten_line_example(), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    # "[l1 l2 l3] True trace +- stderr centre_loss"
+    numbers = [float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", result.stdout)]
+    assert "True" in result.stdout, result.stdout
+    top, second, third = numbers[:3]
+    assert top >= second >= third > 0
+    trace, std_error, centre = numbers[3:6]
+    assert trace > top and std_error > 0 and centre > 0
