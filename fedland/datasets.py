@@ -9,6 +9,7 @@ is true, fetches them from public mirrors first.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -18,6 +19,7 @@ import struct
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,21 +269,44 @@ def _download(info: DatasetInfo, directory: Path, missing: list[DataFile]) -> No
 
 
 def _fetch(url: str, target: Path, data_file: DataFile) -> None:
-    """Download ``url`` to ``target`` (atomically), logging progress, then verify it."""
+    """Download ``url`` to ``target`` (atomically) with a progress bar, then verify it.
+
+    The bar is tqdm's when tqdm is installed (the stack has it; the library does
+    not depend on it), else progress is logged every 25%.
+    """
     partial = target.with_name(target.name + ".part")
     logger.info("downloading %s", url)
     try:
         with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
-            received, next_report = 0, 0.25
-            while chunk := response.read(1 << 16):
-                out.write(chunk)
-                received += len(chunk)
-                if total and received / total >= next_report:
-                    logger.info("%s: %d%% of %.1f MB", data_file.name, 100 * received // total, total / 1e6)
-                    next_report += 0.25
+            with _progress(data_file.name, total) as advance:
+                while chunk := response.read(1 << 16):
+                    out.write(chunk)
+                    advance(len(chunk))
         _read_verified(partial, data_file, compressed=True)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     partial.replace(target)
+
+
+@contextlib.contextmanager
+def _progress(name: str, total_bytes: int) -> Iterator[Callable[[int], None]]:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        with tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc=name, leave=False) as bar:
+            yield bar.update
+        return
+    received, next_report = 0, 0.25
+
+    def advance(num_bytes: int) -> None:
+        nonlocal received, next_report
+        received += num_bytes
+        if total_bytes and received / total_bytes >= next_report:
+            logger.info("%s: %d%% of %.1f MB", name, 100 * received // total_bytes, total_bytes / 1e6)
+            next_report += 0.25
+
+    yield advance
