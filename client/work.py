@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fedland.datasets import Dataset, load_dataset
+from fedland.measure import landscape_subset, measure_client_round
 from fedland.models import build_model
 from fedland.partition import ClientPartition, partition
 from fedland.spec import ExperimentSpec
@@ -47,6 +48,9 @@ class ClientData:
     train_y: torch.Tensor  # (n_train,)
     test_x: torch.Tensor  # (n_test, *input_shape)
     test_y: torch.Tensor  # (n_test,)
+    # (round, weights): the global model this client trained from in its latest round,
+    # kept for the landscape's `cosine_to_previous_update`
+    last_global: tuple[int, dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -132,7 +136,12 @@ def run_round(
     server_round: int,
     fetch_s: float,
 ) -> RoundResult:
-    """Evaluate the global model, train locally, evaluate the local model; time each step."""
+    """Evaluate the global model, train locally, evaluate the local model; time each step.
+
+    In rounds the spec's landscape schedules, also measures the landscape on the
+    client's fixed subset (`stats["landscape"]`; `{"error": ...}` if that fails,
+    the round goes on). Records the global model in `data.last_global`.
+    """
     started = time.perf_counter()
     global_stats = _measure(global_model, data)
     evaluated = time.perf_counter()
@@ -150,6 +159,12 @@ def run_round(
     trained = time.perf_counter()
     local_stats = _measure(local_model, data)
     done = time.perf_counter()
+    previous = data.last_global[1] if data.last_global and data.last_global[0] == server_round - 1 else None
+    data.last_global = (server_round, {n: t.detach().clone() for n, t in global_model.state_dict().items()})
+    landscape = None
+    if spec.landscape.scheduled(server_round, spec.rounds):
+        landscape = _landscape(spec, data, global_model, local_model, previous, server_round)
+    finished = time.perf_counter()
     num_examples = int(data.train_y.shape[0])
     stats = {  # num_examples travels beside the stats, in the update's meta
         "duration_s": {
@@ -157,10 +172,42 @@ def run_round(
             "eval_global": evaluated - started,
             "train": trained - evaluated,
             "eval_local": done - trained,
-            "total": fetch_s + done - started,
+            "total": fetch_s + finished - started,  # includes the landscape (its own duration_s)
         },
         "global": global_stats,
         "local": local_stats,
         "train_loss_per_epoch": [float(loss) for loss in report.epoch_losses],
     }
+    if landscape is not None:
+        stats["landscape"] = landscape
     return RoundResult(wire.encode(local_model.state_dict()), num_examples, stats)
+
+
+def landscape_batch(spec: ExperimentSpec, data: ClientData) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The client's fixed landscape subset of its train data, as one batch (the server draws the same)."""
+    indices = torch.from_numpy(
+        landscape_subset(int(data.train_y.shape[0]), spec.landscape.num_samples, (spec.seed, data.client_index))
+    )
+    return [(data.train_x[indices], data.train_y[indices])]
+
+
+def _landscape(
+    spec: ExperimentSpec,
+    data: ClientData,
+    global_model: torch.nn.Module,
+    local_model: torch.nn.Module,
+    previous: dict[str, torch.Tensor] | None,
+    server_round: int,
+) -> dict[str, Any]:
+    try:
+        return measure_client_round(
+            global_model,
+            local_model,
+            previous,
+            landscape_batch(spec, data),
+            spec.landscape,
+            round_seed(spec.seed, data.client_index, server_round),
+        )
+    except Exception as error:  # noqa: BLE001 - a failed measurement must not cost the round
+        log.exception("experiment %s round %d: landscape measurement failed", data.experiment_id, server_round)
+        return {"error": f"{type(error).__name__}: {error}"}

@@ -6,150 +6,33 @@ Every test uses a fresh database on the session's nx-27017 and loopback ports.
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pymongo
 import pytest
 
-from client.transport import Transport
 from fedland.datasets import load_dataset
 from fedland.partition import partition
-from fedland.spec import ExperimentSpec
-from stack.embedded import free_port
-from stack.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
+from stack.processes import child_env
+from tests.helpers import (  # noqa: F401 (local_stack is a fixture)
+    TOKEN,
+    LocalStack,
+    assert_complete,
+    finite,
+    local_stack,
+    small_spec,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "e2e-token"
-IID = [[0.1] * 10]
-
-
-def small_spec(num_clients: int, rounds: int, fraction: float = 0.04, **overrides: Any) -> dict[str, Any]:
-    """A quick FedNet experiment: `fraction` of floor(60000 / num_clients) images per client."""
-    spec = ExperimentSpec(
-        description=f"e2e {num_clients} clients x {rounds} rounds",
-        target_balance_ratios=IID * num_clients,
-        subset_fractions=[fraction] * num_clients,
-        rounds=rounds,
-        learning_rate=0.05,
-        momentum=0.5,
-        seed=7,
-        **overrides,
-    )
-    return spec.to_dict()
-
-
-def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, logs: Callable[[], str]) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{logs()}")
-        time.sleep(0.2)
-
-
-class LocalStack:
-    """A server and clients as child processes on one database of the test store."""
-
-    def __init__(self, mongo_uri: str, db_name: str, data_dir: Path, log_dir: Path, **server_env: str) -> None:
-        self.db = pymongo.MongoClient(mongo_uri)[db_name]
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        base = child_env(os.environ, FEDLAND_DATA_DIR=str(data_dir), FEDLAND_TOKEN=TOKEN, FEDLAND_LOG_LEVEL="INFO")
-        self.server_env = child_env(
-            base, FEDLAND_MONGO_URI=mongo_uri, FEDLAND_DB=db_name, FEDLAND_PORT=str(self.port), **server_env
-        )
-        self.client_env = child_env(base, FEDLAND_SERVER_URL=self.url)
-        self.log_dir = log_dir
-        self.server: Child | None = None
-        self.clients: list[Child] = []
-        self.api = Transport(self.url, TOKEN, stop=threading.Event(), rng=random.Random(0), max_attempts=20)
-
-    def start_server(self) -> None:
-        self.server = start_server(self.server_env, self.log_dir / "server.log")
-        wait_healthy(self.server, self.url, TOKEN)
-
-    def add_clients(self, count: int) -> list[Child]:
-        new = start_clients(count, self.client_env, self.log_dir, first=len(self.clients))
-        self.clients += new
-        return new
-
-    def experiment(self, experiment_id: str) -> dict[str, Any]:
-        doc = self.db.experiments.find_one({"_id": experiment_id})
-        assert doc is not None
-        return doc
-
-    def wait_done(self, experiment_id: str, timeout_s: float = 90.0) -> dict[str, Any]:
-        wait_until(
-            lambda: self.experiment(experiment_id)["status"] in ("finished", "failed"),
-            timeout_s, f"experiment {experiment_id} to finish", self.logs,
-        )
-        return self.experiment(experiment_id)
-
-    def logs(self) -> str:
-        parts = []
-        for child in [c for c in [self.server, *self.clients] if c is not None]:
-            parts.append(f"--- {child.name} ({child.log_path})\n{child.log_tail(15)}")
-        return "\n".join(parts)
-
-    def stop(self) -> None:
-        stop_all(self.clients, timeout_s=10)
-        if self.server is not None:
-            self.server.stop(timeout_s=10)
-        self.api.close()
-        self.db.client.close()
-
-
-@pytest.fixture
-def local_stack(
-    mongo_uri: str, mongo_db_name: str, data_dir: Path, tmp_path: Path
-) -> Iterator[Callable[..., LocalStack]]:
-    stacks: list[LocalStack] = []
-
-    def make(**server_env: str) -> LocalStack:
-        stack = LocalStack(mongo_uri, mongo_db_name, data_dir, tmp_path / "logs", **server_env)
-        stacks.append(stack)
-        stack.start_server()
-        return stack
-
-    yield make
-    for stack in stacks:
-        stack.stop()
-
-
-def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def assert_complete(stack: LocalStack, experiment_id: str, num_clients: int, rounds: int) -> None:
-    """Exactly one stats doc per client x round, one rounds doc per round, global models 0..rounds."""
-    doc = stack.experiment(experiment_id)
-    assert doc["status"] == "finished", (doc.get("error"), stack.logs())
-    stats = list(stack.db.client_stats.find({"experiment_id": experiment_id}))
-    keys = sorted((s["client_index"], s["round"]) for s in stats)
-    assert keys == [(i, r) for i in range(num_clients) for r in range(1, rounds + 1)]
-    rounds_docs = list(stack.db.rounds.find({"experiment_id": experiment_id}))
-    assert sorted(r["round"] for r in rounds_docs) == list(range(1, rounds + 1))
-    for round_doc in rounds_docs:
-        assert finite(round_doc["test_loss"]) and 0.0 <= round_doc["test_accuracy"] <= 1.0
-    model_rounds = sorted(
-        f["metadata"]["round"]
-        for f in stack.db["models.files"].find({"metadata.experiment_id": experiment_id, "metadata.kind": "global"})
-    )
-    assert model_rounds == list(range(rounds + 1))
 
 
 def test_two_clients_two_rounds(local_stack: Callable[..., LocalStack], data_dir: Path) -> None:

@@ -27,12 +27,12 @@ def test_defaults_are_the_documented_ones() -> None:
     assert LandscapeSpec().to_dict() == {
         "enabled": True,
         "every": 1,
-        "num_samples": 512,
+        "num_samples": 256,
         "top_k": 2,
-        "trace_probes": 24,
+        "trace_probes": 12,
         "sharpness_rho": 0.05,
         "interpolation_points": 11,
-        "grid_points": 11,
+        "grid_points": 9,
         "grid_radius": 1.0,
     }
     spec = ExperimentSpec.from_dict({k: v for k, v in experiment().items() if k != "landscape"})

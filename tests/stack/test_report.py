@@ -198,7 +198,8 @@ def test_series_read_back_the_stored_values(store: Store) -> None:
     assert barrier.values == pytest.approx([(barrier_of(0, r) + barrier_of(1, r)) / 2 for r in (1, 2, 3)])
     loo = data.round_client_series(("landscape", "leave_one_out"), 1, "delta_test_accuracy")
     assert loo.values == pytest.approx([-0.02, -0.04, -0.06])
-    assert [s.round for s in data.surfaces] == [1, 2, 3] and data.surfaces[0].losses.shape == (11, 11)
+    assert [s.round for s in data.surfaces] == [1, 2, 3]
+    assert data.surfaces[0].losses.shape == (LandscapeSpec().grid_points,) * 2
     plain = load_experiment(store.db, plain_id)
     assert not plain.has_landscape and not plain.landscape_enabled
     assert not plain.round_series(("landscape", "global", "trace"))

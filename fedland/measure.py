@@ -1,0 +1,304 @@
+"""The landscape measurements of a federated round, as JSON-able dicts (DEVELOPERS.md, issue 5).
+
+Pure functions over the metrics of ``fedland`` (``top_eigenvalues``,
+``hessian_trace``, ``gradient_norm``, ``sharpness``, ``interpolate``,
+``loss_slice_2d``, ...): the client and the server call them on a fixed subset
+of their data, materialised once as a single batch, and store what they return.
+Every float in a returned dict is finite or ``None`` (undefined, e.g. the cosine
+with a zero update), so the dicts travel as strict JSON. Models are not modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedland.directions import model_direction
+from fedland.hessian import hessian_trace, top_eigenvalues
+from fedland.scalars import cosine_similarity, distance, gradient_norm, sharpness
+from fedland.slices import interpolate, loss_slice_2d
+from fedland.spec import LandscapeSpec
+
+__all__ = [
+    "EIGEN_MAX_ITER",
+    "EIGEN_TOL",
+    "finite_or_none",
+    "landscape_subset",
+    "mean_loss",
+    "measure_client_round",
+    "measure_model",
+    "pca_surface",
+]
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[Tensor, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs, targets) -> scalar mean loss
+
+#: Lanczos residual tolerance for the top eigenvalues: the eigenvalue error is about
+#: residual^2 / gap (~1e-4 relative here), far below the sampling noise of a 256-example subset.
+EIGEN_TOL = 1e-2
+EIGEN_MAX_ITER = 60
+
+
+def landscape_subset(num_examples: int, num_samples: int, seed: int | Sequence[int]) -> np.ndarray:
+    """The fixed subset a landscape measurement uses: sorted indices into ``num_examples`` examples.
+
+    Args:
+        num_examples: size of the data the subset is drawn from.
+        num_samples: wanted size; all examples when there are fewer.
+        seed: an integer or a sequence of non-negative integers (e.g.
+            ``(spec.seed, client_index)``), fed to ``numpy.random.default_rng``.
+
+    Returns:
+        ``(min(num_samples, num_examples),)`` int64 indices, ascending, without repeats.
+    """
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise ValueError(f"num_examples: must be a positive integer, got {num_examples!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples: must be a positive integer, got {num_samples!r}")
+    if num_samples >= num_examples:
+        return np.arange(num_examples, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(num_examples, size=num_samples, replace=False)).astype(np.int64)
+
+
+def measure_model(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    lspec: LandscapeSpec,
+    seed: int,
+) -> dict[str, Any]:
+    """Loss, accuracy and curvature scalars of one model on fixed data.
+
+    Args:
+        model: not modified.
+        loss_fn: mean-reduced loss ``(outputs, targets) -> scalar``.
+        batches: the data; read once.
+        lspec: ``top_k``, ``trace_probes`` and ``sharpness_rho`` are used.
+        seed: seeds the Lanczos start and the trace probes.
+
+    Returns:
+        ``{"loss", "accuracy", "grad_norm", "top_eigenvalues": [top_k], "trace",
+        "trace_stderr", "sharpness"}``.
+    """
+    if lspec.trace_probes < 4:
+        raise ValueError(f"lspec.trace_probes: Hutch++ needs at least 4 products, got {lspec.trace_probes}")
+    data = list(batches)
+    loss, accuracy = mean_loss(model, loss_fn, data)
+    eigen = top_eigenvalues(model, loss_fn, data, k=lspec.top_k, tol=EIGEN_TOL, max_iter=EIGEN_MAX_ITER, seed=seed)
+    trace = hessian_trace(model, loss_fn, data, num_hvps=lspec.trace_probes, seed=seed)
+    return {
+        "loss": finite_or_none(loss),
+        "accuracy": finite_or_none(accuracy),
+        "grad_norm": finite_or_none(gradient_norm(model, loss_fn, data)),
+        "top_eigenvalues": [finite_or_none(v) for v in eigen.values],
+        "trace": finite_or_none(trace.estimate),
+        "trace_stderr": finite_or_none(trace.std_error),
+        "sharpness": finite_or_none(sharpness(model, loss_fn, data, rho=lspec.sharpness_rho)),
+    }
+
+
+def measure_client_round(
+    global_model: nn.Module,
+    local_model: nn.Module,
+    previous_global_weights: Mapping[str, Tensor] | None,
+    batches: Iterable[Batch],
+    lspec: LandscapeSpec,
+    seed: int,
+    *,
+    loss_fn: LossFn = F.cross_entropy,
+) -> dict[str, Any]:
+    """The ``client_stats.landscape`` document of one client in one round.
+
+    Args:
+        global_model: the model the client trained from; not modified.
+        local_model: the model it trained; not modified.
+        previous_global_weights: the global model the client trained from in the
+            previous round (by parameter name), or None when unknown.
+        batches: the client's landscape subset.
+        lspec: the experiment's landscape settings.
+        seed: seeds the stochastic metrics (the same for both models).
+        loss_fn: mean-reduced loss; cross-entropy by default.
+
+    Returns:
+        ``{"num_samples", "duration_s", "global", "local", "interpolation", "update"}``.
+    """
+    started = time.perf_counter()
+    data = list(batches)
+    alphas = np.linspace(0.0, 1.0, lspec.interpolation_points)
+    path = interpolate(global_model, local_model, loss_fn, data, alphas)
+    update = model_direction(global_model, local_model)
+    previous: float | None = None
+    if previous_global_weights is not None:
+        # global - previous, over the global model's trainable parameters (buffers in the weights are ignored)
+        previous_update = {n: -t for n, t in model_direction(global_model, previous_global_weights).items()}
+        previous = finite_or_none(cosine_similarity(update, previous_update))
+    return {
+        "num_samples": sum(int(y.shape[0]) for _, y in data),
+        "global": measure_model(global_model, loss_fn, data, lspec, seed),
+        "local": measure_model(local_model, loss_fn, data, lspec, seed),
+        "interpolation": {
+            "alphas": [float(a) for a in path.alphas],
+            "losses": [finite_or_none(v) for v in path.losses],
+            "barrier": finite_or_none(path.barrier),
+        },
+        "update": {
+            "distance": finite_or_none(distance(local_model, global_model)),
+            "cosine_to_previous_update": previous,
+        },
+        "duration_s": time.perf_counter() - started,
+    }
+
+
+def pca_surface(
+    center_model: nn.Module,
+    client_models: Sequence[nn.Module],
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    grid_points: int,
+    radius: float,
+    *,
+    reference: nn.Module | Mapping[str, Tensor] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Loss on the plane through ``center_model`` spanned by the clients' two principal update directions.
+
+    The updates ``u_i = client_i - reference`` (trainable parameters, flattened)
+    are stacked and decomposed, ``U = P S V^T`` (uncentred: the plane holds the
+    updates themselves); ``v_1, v_2`` are the first two rows of ``V^T``, signed so
+    the clients' mean coordinate is >= 0. With one client (or updates of rank 1)
+    the second direction is a seeded random unit vector orthogonal to ``v_1``
+    (``second_direction: "random"``, explained variance 0). Both axes are in the
+    same unit ``scale = sqrt(mean_i ||u_i||^2)``, the clients' RMS update norm,
+    so ``radius=1`` spans a typical update: the grid point ``(x, y)`` is
+    ``center + scale * (x v_1 + y v_2)``, and client ``i`` sits at the
+    projection of ``client_i - center`` onto the plane.
+
+    Args:
+        center_model: the surface's centre, e.g. the aggregated model; not modified.
+        client_models: the clients' trained models, in client order.
+        loss_fn: mean-reduced loss.
+        batches: the data the loss is measured on.
+        grid_points: odd number of points per axis.
+        radius: each axis spans ``[-radius, radius]`` (in units of ``scale``).
+        reference: the point the updates start from (the model the clients
+            trained from); default ``center_model``.
+        seed: seeds the random second direction when one is needed.
+
+    Returns:
+        ``{"x", "y", "losses" (len(y) rows of len(x)), "explained_variance_ratio": [2],
+        "client_points": [{"client_index", "x", "y"}], "scale", "second_direction"}``;
+        ``client_index`` is the position in ``client_models``.
+    """
+    if len(client_models) < 1:
+        raise ValueError("client_models: must hold at least one model")
+    start = center_model if reference is None else reference
+    names = list(model_direction(center_model, center_model))  # trainable parameters, in order
+    updates = -torch.stack(
+        [_flat(model_direction(client, start), names).double() for client in client_models]
+    )  # (clients, dim): client - start; `start` may be a state dict with buffers, so it goes second
+    offsets = torch.stack(
+        [_flat(model_direction(center_model, client), names).double() for client in client_models]
+    )  # (clients, dim)
+    _, singular, vt = torch.linalg.svd(updates, full_matrices=False)  # singular: (min(clients, dim),)
+    total = float((singular**2).sum())
+    if total == 0.0:
+        raise ValueError("client_models: every client update is zero; the plane is undefined")
+    scale = math.sqrt(total / len(client_models))
+    v1 = _signed(vt[0], updates)
+    if singular.shape[0] >= 2 and float(singular[1]) > 1e-12 * float(singular[0]):
+        v2, second = _signed(vt[1], updates), "principal"
+        ratio = [float(singular[0] ** 2) / total, float(singular[1] ** 2) / total]
+    else:
+        v2, second = _random_orthogonal(v1, seed), "random"
+        ratio = [float(singular[0] ** 2) / total, 0.0]
+    directions = (_unflat(scale * v1, center_model, names), _unflat(scale * v2, center_model, names))
+    surface = loss_slice_2d(center_model, loss_fn, list(batches), directions, radius=radius, num_points=grid_points)
+    coords = offsets @ torch.stack([v1, v2]).T / scale  # (clients, 2)
+    return {
+        "x": [float(v) for v in surface.xs],
+        "y": [float(v) for v in surface.ys],
+        "losses": [[finite_or_none(v) for v in row] for row in surface.losses.T],  # (len(y), len(x))
+        "explained_variance_ratio": ratio,
+        "client_points": [
+            {"client_index": i, "x": float(coords[i, 0]), "y": float(coords[i, 1])} for i in range(len(client_models))
+        ],
+        "scale": scale,
+        "second_direction": second,
+    }
+
+
+def mean_loss(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch]) -> tuple[float, float | None]:
+    """Size-weighted mean of ``loss_fn`` over the batches, and accuracy (None unless class scores), in eval mode.
+
+    Restores every submodule's train/eval mode; parameters are only read.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    total, correct, count = 0.0, 0, 0
+    scores = True
+    try:
+        model.eval()
+        with torch.no_grad():
+            for inputs, targets in batches:
+                outputs = model(inputs)  # (batch, classes)
+                total += float(loss_fn(outputs, targets)) * int(targets.shape[0])
+                count += int(targets.shape[0])
+                scores = scores and outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point()
+                if scores:
+                    correct += int((outputs.argmax(dim=1) == targets).sum())
+    finally:
+        for module, training in modes:
+            module.training = training
+    if count == 0:
+        raise ValueError("batches: no examples")
+    return total / count, (correct / count if scores else None)
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``float(value)`` when finite, else None (JSON has no NaN or infinity)."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _flat(direction: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
+    return torch.cat([direction[n].reshape(-1) for n in names])
+
+
+def _unflat(vector: Tensor, model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
+    params = dict(model.named_parameters())
+    out, offset = {}, 0
+    for n in names:
+        p = params[n]
+        out[n] = vector[offset : offset + p.numel()].reshape(p.shape).to(p.dtype)
+        offset += p.numel()
+    return out
+
+
+def _signed(direction: Tensor, updates: Tensor) -> Tensor:
+    """``direction`` or its negative, whichever gives the updates a mean coordinate >= 0."""
+    return -direction if float((updates @ direction).sum()) < 0 else direction
+
+
+def _random_orthogonal(direction: Tensor, seed: int) -> Tensor:
+    """A seeded Gaussian unit vector orthogonal to the unit vector ``direction``."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(8):
+        draw = torch.randn(direction.shape[0], generator=generator, dtype=torch.float64)
+        draw = draw - (draw @ direction) * direction
+        draw = draw - (draw @ direction) * direction
+        norm = float(draw.norm())
+        if norm > 0:
+            return draw / norm
+    raise ValueError("client_models: no direction orthogonal to the update exists (one parameter?)")

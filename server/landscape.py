@@ -1,0 +1,200 @@
+"""The round-level landscape measurement of the server (DEVELOPERS.md "Landscape measurements").
+
+Called by the coordinator right after aggregating a scheduled round: the
+aggregated model's scalars on a held-out subset of the test split, each
+client's alignment with the aggregate update, the gradient dissimilarity B over
+the clients' own landscape subsets, leave-one-out contributions on the full
+test split, and the PCA loss surface (stored as a ``landscapes`` document).
+A failure never fails the round: the round gets ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pymongo
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedland.measure import finite_or_none, landscape_subset, measure_model, pca_surface
+from fedland.models import build_model
+from fedland.partition import partition
+from fedland.scalars import cosine_similarity, gradient_dissimilarity
+from fedland.spec import ExperimentSpec
+from server.resources import Resources
+from server.store import Store
+from server.strategies import ClientUpdate, Weights, make_strategy
+from stack import wire
+
+log = logging.getLogger(__name__)
+
+Doc = dict[str, Any]
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+#: Second word of the seed of the server's held-out test subset; no client has this index.
+HELD_OUT_STREAM = 2**32
+
+
+def held_out_indices(spec: ExperimentSpec, num_test: int) -> np.ndarray:
+    """Indices into the test split of the server's landscape subset (drawn by ``spec.seed``)."""
+    return landscape_subset(num_test, spec.landscape.num_samples, (spec.seed, HELD_OUT_STREAM))
+
+
+def client_batches(resources: Resources, spec: ExperimentSpec) -> list[list[Batch]]:
+    """Each client's landscape subset, as one batch: the partition recomputed, then the client's subset rule."""
+    data = resources.dataset(spec.dataset_name)
+    indices = _client_subset_indices(
+        resources, spec.dataset_name, spec.target_balance_ratios, spec.subset_fractions, spec.seed,
+        spec.landscape.num_samples,
+    )
+    return [[(data.train_x[chosen], data.train_y[chosen])] for chosen in indices]
+
+
+@functools.lru_cache(maxsize=16)  # every measured round of an experiment needs the same subsets
+def _client_subset_indices(
+    resources: Resources,
+    dataset_name: str,
+    ratios: tuple[tuple[float, ...], ...],
+    fractions: tuple[float, ...],
+    seed: int,
+    num_samples: int,
+) -> tuple[torch.Tensor, ...]:
+    data = resources.dataset(dataset_name)
+    parts = partition(data.train_y, data.test_y, ratios, fractions, seed)
+    return tuple(
+        torch.from_numpy(part.train_indices[landscape_subset(len(part.train_indices), num_samples, (seed, i))])
+        for i, part in enumerate(parts)
+    )
+
+
+def leave_one_out(
+    aggregate: Callable[[Sequence[ClientUpdate]], Weights],
+    updates: Sequence[ClientUpdate],
+    client_indices: Sequence[int],
+    evaluate: Callable[[Weights], tuple[float, float]],
+    full: tuple[float, float],
+) -> list[Doc]:
+    """Per client, ``metric(aggregate without it) - metric(aggregate of all)`` for test loss and accuracy.
+
+    Args:
+        aggregate: the round's aggregation (same previous weights and strategy state) of some updates.
+        updates: the round's updates, in the order of ``client_indices``.
+        client_indices: the clients' indices.
+        evaluate: ``weights -> (test_loss, test_accuracy)``.
+        full: ``(test_loss, test_accuracy)`` of the aggregate of all updates.
+
+    Returns:
+        ``[{"client_index", "delta_test_loss", "delta_test_accuracy"}]``; the deltas
+        are None with a single client or when the strategy cannot aggregate the rest.
+    """
+    if len(updates) != len(client_indices):
+        raise ValueError("client_indices: must have one entry per update")
+    out = []
+    for position, client_index in enumerate(client_indices):
+        delta_loss: float | None = None
+        delta_accuracy: float | None = None
+        rest = [u for i, u in enumerate(updates) if i != position]
+        if rest:
+            try:
+                loss, accuracy = evaluate(aggregate(rest))
+                delta_loss, delta_accuracy = finite_or_none(loss - full[0]), finite_or_none(accuracy - full[1])
+            except ValueError as error:  # e.g. Krum needs more clients than remain
+                log.warning("leave-one-out without client %d: %s", client_index, error)
+        out.append(
+            {"client_index": int(client_index), "delta_test_loss": delta_loss, "delta_test_accuracy": delta_accuracy}
+        )
+    return out
+
+
+def measure_round(
+    store: Store,
+    resources: Resources,
+    spec: ExperimentSpec,
+    experiment_id: str,
+    server_round: int,
+    previous: Weights,
+    state: Weights,
+    updates: Sequence[ClientUpdate],
+    client_indices: Sequence[int],
+    new_global: Weights,
+    full: tuple[float, float],
+) -> Doc:
+    """The ``rounds.landscape`` document (and its stored surface), or ``{"error": ...}``; never raises."""
+    try:
+        return _measure_round(
+            store, resources, spec, experiment_id, server_round, previous, state, updates, client_indices,
+            new_global, full,
+        )
+    except Exception as error:  # noqa: BLE001 - a failed measurement must not cost the round
+        log.exception("experiment %s round %d: landscape measurement failed", experiment_id, server_round)
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def _measure_round(
+    store: Store,
+    resources: Resources,
+    spec: ExperimentSpec,
+    experiment_id: str,
+    server_round: int,
+    previous: Weights,
+    state: Weights,
+    updates: Sequence[ClientUpdate],
+    client_indices: Sequence[int],
+    new_global: Weights,
+    full: tuple[float, float],
+) -> Doc:
+    started = time.perf_counter()
+    lspec = spec.landscape
+    seed = int(np.random.SeedSequence([spec.seed, server_round, HELD_OUT_STREAM]).generate_state(1)[0])
+    data = resources.dataset(spec.dataset_name)
+    chosen = torch.from_numpy(held_out_indices(spec, int(data.test_y.shape[0])))
+    held_out = [(data.test_x[chosen], data.test_y[chosen])]
+
+    def module(weights: Weights) -> nn.Module:
+        model = build_model(spec.model, spec.seed)
+        model.load_state_dict(wire.to_state_dict(weights))
+        return model
+
+    previous_model, global_model = module(previous), module(new_global)
+    local_models = [module(dict(update.weights)) for update in updates]
+    subsets = client_batches(resources, spec)
+    strategy = make_strategy(spec.strategy)
+
+    def evaluate(weights: Weights) -> tuple[float, float]:
+        evaluation = resources.evaluate(spec, weights)
+        return float(evaluation.loss), float(evaluation.accuracy)
+
+    surface = pca_surface(
+        global_model, local_models, F.cross_entropy, held_out, lspec.grid_points, lspec.grid_radius,
+        reference=previous_model, seed=seed,
+    )
+    for point in surface["client_points"]:
+        point["client_index"] = int(client_indices[point["client_index"]])
+    doc: Doc = {
+        "num_samples": int(chosen.shape[0]),
+        "global": measure_model(global_model, F.cross_entropy, held_out, lspec, seed),
+        "client_alignment": [
+            {"client_index": int(i), "cosine": finite_or_none(cosine_similarity(local, global_model, previous_model))}
+            for i, local in zip(client_indices, local_models)
+        ],
+        "gradient_dissimilarity": finite_or_none(
+            gradient_dissimilarity(global_model, F.cross_entropy, [subsets[i] for i in client_indices])
+        ),
+        "leave_one_out": leave_one_out(
+            lambda rest: strategy.aggregate(previous, rest, state)[0], updates, client_indices, evaluate, full
+        ),
+    }
+    key = {"experiment_id": experiment_id, "round": server_round, "kind": "pca_surface"}
+    saved = store.landscapes.find_one_and_replace(
+        key, {**key, **surface}, upsert=True,  # a round aggregated again after a crash replaces its surface
+        return_document=pymongo.ReturnDocument.AFTER,
+    )
+    doc["surface_id"] = str(saved["_id"])
+    doc["duration_s"] = time.perf_counter() - started
+    return doc

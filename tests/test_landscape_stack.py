@@ -1,0 +1,213 @@
+"""Landscape measurements in the running stack: documents, values against fedland, reports, failures.
+
+A 2-client and a 1-client experiment (2 rounds each, an MNIST subset) run on real
+`python -m server` / `python -m client` processes; the stored documents are
+checked against DEVELOPERS.md and recomputed from the stored models and data.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from bson import ObjectId
+
+from client.work import ClientData, round_seed, run_round
+from fedland.datasets import load_dataset
+from fedland.hessian import top_eigenvalues
+from fedland.measure import EIGEN_MAX_ITER, EIGEN_TOL, landscape_subset, mean_loss
+from fedland.models import build_model
+from fedland.partition import partition
+from fedland.scalars import gradient_dissimilarity
+from fedland.spec import ExperimentSpec, LandscapeSpec
+from server.landscape import held_out_indices, leave_one_out, measure_round
+from server.resources import Resources
+from server.store import Store
+from server.strategies import ClientUpdate, make_strategy, weighted_mean
+from stack import wire
+from stack.report import write_reports
+from stack.report.compare import COMPARISONS
+from stack.report.figures import EXPERIMENT_FIGURES
+from tests.helpers import LocalStack, assert_complete, finite, local_stack, small_spec  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.slow
+torch.set_num_threads(1)  # as the client and server processes (FEDLAND_TORCH_THREADS=1)
+
+LSPEC = LandscapeSpec(num_samples=128, top_k=2, trace_probes=8, interpolation_points=5, grid_points=5)
+METRIC_KEYS = {"loss", "accuracy", "grad_norm", "top_eigenvalues", "trace", "trace_stderr", "sharpness"}
+
+
+def assert_metrics(block: dict[str, Any], top_k: int) -> None:
+    assert set(block) == METRIC_KEYS
+    assert len(block["top_eigenvalues"]) == top_k
+    assert all(finite(v) for v in block["top_eigenvalues"]), block
+    assert all(finite(block[k]) for k in METRIC_KEYS - {"top_eigenvalues"}), block
+    assert block["top_eigenvalues"][0] >= block["top_eigenvalues"][1] and 0 <= block["accuracy"] <= 1
+
+
+def model_from(payload: bytes, spec: ExperimentSpec) -> torch.nn.Module:
+    model = build_model(spec.model, spec.seed)
+    model.load_state_dict(wire.to_state_dict(wire.decode(payload)))
+    return model
+
+
+def client_subsets(spec: ExperimentSpec, data_dir: Path) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each client's landscape subset, recomputed here from the spec and MNIST (the rule of DEVELOPERS.md)."""
+    mnist = load_dataset(spec.dataset_name, data_dir)
+    parts = partition(mnist.train_y, mnist.test_y, spec.target_balance_ratios, spec.subset_fractions, spec.seed)
+    out = []
+    for index, part in enumerate(parts):
+        subset = landscape_subset(part.num_train, LSPEC.num_samples, (spec.seed, index))
+        chosen = torch.from_numpy(part.train_indices[subset])
+        out.append([(mnist.train_x[chosen], mnist.train_y[chosen])])
+    return out
+
+
+def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: ExperimentSpec, data_dir: Path) -> None:
+    num_clients = spec.num_clients
+    subsets = client_subsets(spec, data_dir)
+    for stats in stack.db.client_stats.find({"experiment_id": experiment_id}):
+        doc = stats["landscape"]
+        assert set(doc) == {"num_samples", "duration_s", "global", "local", "interpolation", "update"}, doc
+        assert doc["num_samples"] == LSPEC.num_samples and doc["duration_s"] > 0
+        assert_metrics(doc["global"], LSPEC.top_k)
+        assert_metrics(doc["local"], LSPEC.top_k)
+        path = doc["interpolation"]
+        assert path["alphas"] == pytest.approx(np.linspace(0, 1, LSPEC.interpolation_points).tolist())
+        assert len(path["losses"]) == LSPEC.interpolation_points and all(finite(v) for v in path["losses"])
+        assert path["losses"][0] == pytest.approx(doc["global"]["loss"], rel=1e-5)
+        assert path["losses"][-1] == pytest.approx(doc["local"]["loss"], rel=1e-5)
+        assert finite(path["barrier"]) and finite(doc["update"]["distance"]) and doc["update"]["distance"] > 0
+        cosine = doc["update"]["cosine_to_previous_update"]
+        assert cosine is None if stats["round"] == 1 else (finite(cosine) and -1 <= cosine <= 1)
+
+    # the stack's numbers are fedland's on the stored model and the recomputed subset
+    stats = stack.db.client_stats.find_one({"experiment_id": experiment_id, "round": 2, "client_index": 0})
+    local = model_from(store.load_client_model(stats["weights_file_id"]), spec)
+    eigen = top_eigenvalues(
+        local, F.cross_entropy, subsets[0], k=LSPEC.top_k, tol=EIGEN_TOL, max_iter=EIGEN_MAX_ITER,
+        seed=round_seed(spec.seed, 0, 2),
+    )
+    assert stats["landscape"]["local"]["top_eigenvalues"] == pytest.approx(eigen.values.tolist(), rel=1e-6)
+    expected_loss, _ = mean_loss(local, F.cross_entropy, subsets[0])
+    assert stats["landscape"]["local"]["loss"] == pytest.approx(expected_loss, rel=1e-6)
+
+    for round_doc in stack.db.rounds.find({"experiment_id": experiment_id}):
+        doc = round_doc["landscape"]
+        assert set(doc) == {
+            "num_samples", "duration_s", "global", "client_alignment", "gradient_dissimilarity", "leave_one_out",
+            "surface_id",
+        }, doc
+        assert doc["num_samples"] == LSPEC.num_samples and doc["duration_s"] > 0
+        assert_metrics(doc["global"], LSPEC.top_k)
+        assert [a["client_index"] for a in doc["client_alignment"]] == list(range(num_clients))
+        assert all(finite(a["cosine"]) and -1 <= a["cosine"] <= 1 + 1e-9 for a in doc["client_alignment"])
+        assert finite(doc["gradient_dissimilarity"]) and doc["gradient_dissimilarity"] >= 1 - 1e-9
+        assert [e["client_index"] for e in doc["leave_one_out"]] == list(range(num_clients))
+        for entry in doc["leave_one_out"]:
+            values = (entry["delta_test_loss"], entry["delta_test_accuracy"])
+            assert values == (None, None) if num_clients == 1 else all(finite(v) for v in values), entry
+        surface = stack.db.landscapes.find_one({"_id": ObjectId(doc["surface_id"])})
+        key = (surface["experiment_id"], surface["round"], surface["kind"])
+        assert key == (experiment_id, round_doc["round"], "pca_surface")
+        assert len(surface["x"]) == len(surface["y"]) == LSPEC.grid_points
+        losses = np.array(surface["losses"], dtype=np.float64)
+        assert losses.shape == (LSPEC.grid_points, LSPEC.grid_points) and np.isfinite(losses).all()
+        ratio = surface["explained_variance_ratio"]
+        assert len(ratio) == 2 and all(finite(v) for v in ratio) and 0 < sum(ratio) <= 1 + 1e-9
+        assert [p["client_index"] for p in surface["client_points"]] == list(range(num_clients))
+        assert all(finite(p["x"]) and finite(p["y"]) for p in surface["client_points"])
+        assert surface["second_direction"] == ("random" if num_clients == 1 else "principal")
+
+        # the server's global metrics and B, recomputed from the stored model and the recomputed subsets
+        global_model = model_from(store.load_model(round_doc["model_file_id"]), spec)
+        mnist = load_dataset(spec.dataset_name, data_dir)
+        held = torch.from_numpy(held_out_indices(spec, int(mnist.test_y.shape[0])))
+        expected_loss, _ = mean_loss(global_model, F.cross_entropy, [(mnist.test_x[held], mnist.test_y[held])])
+        assert doc["global"]["loss"] == pytest.approx(expected_loss, rel=1e-6)
+        assert losses[LSPEC.grid_points // 2, LSPEC.grid_points // 2] == pytest.approx(expected_loss, rel=1e-6)
+        expected_b = gradient_dissimilarity(global_model, F.cross_entropy, subsets)
+        assert doc["gradient_dissimilarity"] == pytest.approx(expected_b, rel=1e-6)
+
+
+def test_landscapes_in_the_running_stack(
+    local_stack: Callable[..., LocalStack], data_dir: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    stack = local_stack()
+    store = Store.from_database(stack.db)
+    specs = [small_spec(2, rounds=2, landscape=LSPEC), small_spec(1, rounds=2, fraction=0.02, landscape=LSPEC)]
+    ids = stack.api.submit_experiments(specs)
+    stack.add_clients(3)
+    for experiment_id, spec in zip(ids, specs):
+        stack.wait_done(experiment_id)
+        parsed = ExperimentSpec.from_dict(spec)
+        assert_complete(stack, experiment_id, num_clients=parsed.num_clients, rounds=2)
+        check_documents(stack, store, experiment_id, parsed, data_dir)
+
+    index = write_reports(stack.db, ids, tmp_path / "reports")
+    pages = [index.parent / experiment_id / "index.html" for experiment_id in ids]
+    for page in pages:
+        html = page.read_text(encoding="utf-8")
+        assert "Skipped" not in html, html
+        for kind in EXPERIMENT_FIGURES:
+            assert (page.parent / kind.file_name).stat().st_size > 0 and f'src="{kind.file_name}"' in html
+    html = index.read_text(encoding="utf-8")
+    assert "Skipped" not in html
+    for kind in COMPARISONS:
+        assert (index.parent / "comparison" / kind.file_name).is_file() and f"comparison/{kind.file_name}" in html
+
+
+def _weights(seed: int) -> dict[str, np.ndarray]:
+    return wire.from_module(build_model("FedNet", seed))
+
+
+def test_leave_one_out_of_identical_clients_is_zero(data_dir: Path) -> None:
+    resources = Resources(data_dir)
+    spec = ExperimentSpec.from_dict(small_spec(3, rounds=1))
+    previous = _weights(0)
+    strategy = make_strategy(spec.strategy)
+
+    def evaluate(weights: dict[str, np.ndarray]) -> tuple[float, float]:
+        evaluation = resources.evaluate(spec, weights)
+        return evaluation.loss, evaluation.accuracy
+
+    def loo(updates: list[ClientUpdate]) -> list[dict[str, Any]]:
+        full = evaluate(strategy.aggregate(previous, updates, {})[0])
+        return leave_one_out(lambda rest: strategy.aggregate(previous, rest, {})[0], updates, [0, 1, 2], evaluate, full)
+
+    same = [ClientUpdate(_weights(1), 100) for _ in range(3)]
+    assert loo(same) == [{"client_index": i, "delta_test_loss": 0.0, "delta_test_accuracy": 0.0} for i in range(3)]
+
+    distinct = [ClientUpdate(_weights(1 + i), 100 * (i + 1)) for i in range(3)]
+    full = evaluate(strategy.aggregate(previous, distinct, {})[0])
+    without_1 = evaluate({k: v.astype(np.float32) for k, v in weighted_mean([distinct[0], distinct[2]]).items()})
+    assert loo(distinct)[1] == {
+        "client_index": 1, "delta_test_loss": without_1[0] - full[0], "delta_test_accuracy": without_1[1] - full[1],
+    }
+    single = leave_one_out(lambda rest: previous, distinct[:1], [4], evaluate, full)
+    assert single == [{"client_index": 4, "delta_test_loss": None, "delta_test_accuracy": None}]
+
+
+def test_a_failing_measurement_is_stored_as_an_error(store: Store, data_dir: Path) -> None:
+    bad = LandscapeSpec(trace_probes=3)  # valid spec, but Hutch++ needs 4 products: every measurement fails
+    spec = ExperimentSpec.from_dict(small_spec(1, rounds=1, fraction=0.01, landscape=bad))
+    previous = _weights(0)
+    updates = [ClientUpdate(_weights(1), 600)]
+    doc = measure_round(store, Resources(data_dir), spec, "exp", 1, previous, {}, updates, [0], _weights(1), (1.0, 0.5))
+    assert doc == {"error": "ValueError: lspec.trace_probes: Hutch++ needs at least 4 products, got 3"}
+
+    mnist = load_dataset("MNIST", data_dir)
+    data = ClientData("exp", 0, mnist.train_x[:64], mnist.train_y[:64], mnist.test_x[:32], mnist.test_y[:32])
+    global_model = build_model("FedNet", 0)
+    before = copy.deepcopy(global_model.state_dict())
+    result = run_round(spec, data, global_model, 1, fetch_s=0.0)
+    assert result.stats["landscape"] == doc
+    assert all(torch.equal(before[k], v) for k, v in global_model.state_dict().items())
+    assert math.isfinite(result.stats["local"]["test_loss"])  # the round itself went on
