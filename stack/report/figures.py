@@ -93,7 +93,10 @@ def _client_panels(
             values += _plot(ax, local, color=colour, **LOCAL_STYLE)
             values += _plot(ax, glob, color=colour, **GLOBAL_STYLE)
         values += _plot(ax, server, **SERVER_STYLE)
-        use_log_scale(ax, values)
+        if ylabel == "accuracy":
+            ax.set_ylim(0.0, 1.02)  # a fraction: always on a linear 0..1 axis
+        else:
+            use_log_scale(ax, values)
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         integer_rounds(ax)
