@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fedland import _krylov
-from fedland._objective import DEFAULT_CHUNK_SIZE, Batch, LossFn, Objective, preserved
+from fedland._objective import Batch, LossFn, Objective, preserved
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,10 @@ class HessianOperator:
     Products are double backward passes. For data up to ``retain_graph_max_samples``
     the gradient's autograd graph is built once and kept, so each product costs one
     backward pass through it (measured ~1.6x faster than rebuilding it, and faster
-    than ``torch.func`` forward-over-reverse, with or without ``vmap``); larger data
-    is processed group by group, rebuilding the graph each time to bound memory.
+    than ``torch.func`` forward-over-reverse, with or without ``vmap``, and than
+    batched ``is_grads_batched`` products); larger data is processed group by group,
+    rebuilding the graph each time to bound memory. The pass that builds the graph
+    also yields the loss, accuracy and gradient (:meth:`value_and_gradient`).
 
     The operator reads the model's parameter values when it is built and never
     writes to the model; build it again if the model changes.
@@ -46,12 +48,13 @@ class HessianOperator:
         loss_fn: LossFn,
         data: Iterable[Batch],
         *,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
         retain_graph_max_samples: int = RETAIN_GRAPH_MAX_SAMPLES,
     ) -> None:
         self._objective = Objective(model, loss_fn, data, chunk_size=chunk_size, group_size=retain_graph_max_samples)
         self._retain = self._objective.num_examples <= retain_graph_max_samples
         self._graphs: list[tuple[Tensor, Tensor]] | None = None
+        self._first_order: tuple[float, float | None, Tensor] | None = None
         self.num_hvps = 0
 
     @property
@@ -68,6 +71,11 @@ class HessianOperator:
     def params(self) -> Tensor:
         """The point the Hessian is taken at, as a flat ``(dim,)`` vector."""
         return self._objective.theta
+
+    @property
+    def objective(self) -> Objective:
+        """The dataset-mean loss the operator differentiates (for evaluations at other points)."""
+        return self._objective
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         """A flat ``(dim,)`` vector as tensors keyed by parameter name."""
@@ -88,18 +96,38 @@ class HessianOperator:
 
     __call__ = matvec
 
+    def value_and_gradient(self) -> tuple[float, float | None, Tensor]:
+        """Mean loss, accuracy (None unless outputs are class scores) and gradient ``(dim,)`` at :attr:`params`.
+
+        Read off the pass that builds the products' graph (run now if no product has run yet).
+        """
+        if self._first_order is None:
+            with torch.enable_grad():
+                for _ in self._gradient_graphs():
+                    pass
+        assert self._first_order is not None
+        loss, accuracy, grad = self._first_order
+        return loss, accuracy, grad.clone()
+
     def _gradient_graphs(self) -> Iterable[tuple[Tensor, Tensor]]:
         if self._graphs is not None:
             yield from self._graphs
             return
         graphs = []
+        loss_sum, correct_sum, grad_sum = 0.0, 0, torch.zeros_like(self._objective.theta)
         for group in self._objective.groups:
             leaf = self._objective.theta.clone().requires_grad_(True)
-            loss, _ = self._objective.group_loss(leaf, group)
+            loss, correct = self._objective.group_loss(leaf, group)
             (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+            loss_sum += float(loss.detach())
+            correct_sum = None if correct is None or correct_sum is None else correct_sum + correct
+            grad_sum += grad.detach()
             if self._retain:
                 graphs.append((leaf, grad))
             yield leaf, grad
+        if self._first_order is None:
+            accuracy = None if correct_sum is None else correct_sum / self._objective.num_examples
+            self._first_order = (loss_sum, accuracy, grad_sum)
         if self._retain:
             self._graphs = graphs
 
@@ -147,7 +175,7 @@ def top_eigenvalues(
     tol: float = 1e-5,
     max_iter: int = 100,
     seed: int = 0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> EigenResult:
     """The ``k`` largest eigenvalues of the Hessian of the dataset-mean loss.
 
@@ -161,7 +189,7 @@ def top_eigenvalues(
             typically far smaller (about residual^2 / spectral gap).
         max_iter: cap on products (Lanczos, in total) or per eigenvalue (power).
         seed: seeds the starting vectors.
-        chunk_size: samples per forward call.
+        chunk_size: samples per forward call; None chooses it from the model's activation size.
 
     Returns:
         An :class:`EigenResult`; ``converged`` is False if the cap was hit first.
@@ -176,15 +204,29 @@ def top_eigenvalues(
         raise ValueError("method: must be 'lanczos' or 'power'")
     with preserved(model):
         op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size)
-        if k > op.dim:
-            raise ValueError(f"k: must be <= the number of parameters ({op.dim})")
-        generator = torch.Generator().manual_seed(seed)
-        start = torch.randn(op.dim, generator=generator, dtype=op.params.dtype).to(op.params.device)
-        algorithm = _krylov.lanczos_top if method == "lanczos" else _krylov.power_top
-        ritz = algorithm(op.matvec, start, k, tol=tol, max_iter=max_iter, generator=generator)
+        return operator_top_eigenvalues(op, k, method=method, tol=tol, max_iter=max_iter, seed=seed)
+
+
+def operator_top_eigenvalues(
+    op: HessianOperator,
+    k: int,
+    *,
+    method: Literal["lanczos", "power"] = "lanczos",
+    tol: float = 1e-5,
+    max_iter: int = 100,
+    seed: int = 0,
+) -> EigenResult:
+    """:func:`top_eigenvalues` on an existing operator (shared with other metrics of the same model and data)."""
+    if k > op.dim:
+        raise ValueError(f"k: must be <= the number of parameters ({op.dim})")
+    used = op.num_hvps
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn(op.dim, generator=generator, dtype=op.params.dtype).to(op.params.device)
+    algorithm = _krylov.lanczos_top if method == "lanczos" else _krylov.power_top
+    ritz = algorithm(op.matvec, start, k, tol=tol, max_iter=max_iter, generator=generator)
     if not ritz.converged:
-        logger.warning("top_eigenvalues: not converged after %d products (tol=%g)", op.num_hvps, tol)
-    return EigenResult(ritz.values, ritz.vectors, ritz.residuals, op.num_hvps, ritz.converged)
+        logger.warning("top_eigenvalues: not converged after %d products (tol=%g)", op.num_hvps - used, tol)
+    return EigenResult(ritz.values, ritz.vectors, ritz.residuals, op.num_hvps - used, ritz.converged)
 
 
 @dataclass(frozen=True)
@@ -213,7 +255,7 @@ def hessian_trace(
     method: Literal["hutch++", "hutchinson"] = "hutch++",
     num_hvps: int = 60,
     seed: int = 0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> TraceResult:
     """Estimate the trace of the Hessian of the dataset-mean loss with Rademacher probes.
 
@@ -222,7 +264,7 @@ def hessian_trace(
             eigenvalues dominate, as in neural networks) or ``"hutchinson"``.
         num_hvps: product budget (>= 4 for Hutch++, >= 2 for Hutchinson).
         seed: seeds the probes.
-        chunk_size: samples per forward call.
+        chunk_size: samples per forward call; None chooses it from the model's activation size.
     """
     minimum = {"hutch++": 4, "hutchinson": 2}
     if method not in minimum:
@@ -231,9 +273,25 @@ def hessian_trace(
         raise ValueError(f"num_hvps: must be >= {minimum[method]} for {method}")
     with preserved(model):
         op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size)
-        generator = torch.Generator().manual_seed(seed)
-        estimator = _krylov.hutch_plus_plus if method == "hutch++" else _krylov.hutchinson
-        est = estimator(op.matvec, op.dim, num_hvps, generator, op.params)
+        return operator_trace(op, method=method, num_hvps=num_hvps, seed=seed)
+
+
+def operator_trace(
+    op: HessianOperator,
+    *,
+    method: Literal["hutch++", "hutchinson"] = "hutch++",
+    num_hvps: int = 60,
+    seed: int = 0,
+) -> TraceResult:
+    """:func:`hessian_trace` on an existing operator (shared with other metrics of the same model and data)."""
+    minimum = {"hutch++": 4, "hutchinson": 2}
+    if method not in minimum:
+        raise ValueError("method: must be 'hutch++' or 'hutchinson'")
+    if num_hvps < minimum[method]:
+        raise ValueError(f"num_hvps: must be >= {minimum[method]} for {method}")
+    generator = torch.Generator().manual_seed(seed)
+    estimator = _krylov.hutch_plus_plus if method == "hutch++" else _krylov.hutchinson
+    est = estimator(op.matvec, op.dim, num_hvps, generator, op.params)
     return TraceResult(est.estimate, est.std_error, est.num_matvecs, method)
 
 
@@ -268,7 +326,7 @@ def spectral_density(
     grid_points: int = 1000,
     sigma: float | None = None,
     seed: int = 0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> SpectralDensity:
     """Eigenvalue density of the Hessian by stochastic Lanczos quadrature (Ghorbani et al. 2019).
 
@@ -278,7 +336,7 @@ def spectral_density(
         grid_points: size of the evaluation grid, spanning the nodes +- 5 sigma.
         sigma: Gaussian kernel width; default 1% of the nodes' range.
         seed: seeds the probes.
-        chunk_size: samples per forward call.
+        chunk_size: samples per forward call; None chooses it from the model's activation size.
     """
     if num_probes < 1:
         raise ValueError("num_probes: must be >= 1")

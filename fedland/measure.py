@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedland.directions import model_direction
-from fedland.hessian import hessian_trace, top_eigenvalues
-from fedland.scalars import cosine_similarity, distance, gradient_norm, sharpness
+from fedland._objective import auto_chunk_size, materialize, preserved
+from fedland.hessian import HessianOperator, operator_top_eigenvalues, operator_trace
+from fedland.scalars import cosine_similarity, distance
 from fedland.slices import interpolate, loss_slice_2d
 from fedland.spec import LandscapeSpec
 
@@ -80,6 +81,12 @@ def measure_model(
 ) -> dict[str, Any]:
     """Loss, accuracy and curvature scalars of one model on fixed data.
 
+    The numbers are those of ``mean_loss``, ``gradient_norm``, ``sharpness``,
+    ``top_eigenvalues(tol=EIGEN_TOL, max_iter=EIGEN_MAX_ITER, seed=seed)`` and
+    ``hessian_trace(num_hvps=lspec.trace_probes, seed=seed)`` (up to rounding),
+    computed from one ``HessianOperator``: the pass that builds its gradient
+    graph gives loss, accuracy and gradient, and both Krylov methods reuse it.
+
     Args:
         model: not modified.
         loss_fn: mean-reduced loss ``(outputs, targets) -> scalar``.
@@ -93,18 +100,24 @@ def measure_model(
     """
     if lspec.trace_probes < 4:
         raise ValueError(f"lspec.trace_probes: Hutch++ needs at least 4 products, got {lspec.trace_probes}")
-    data = list(batches)
-    loss, accuracy = mean_loss(model, loss_fn, data)
-    eigen = top_eigenvalues(model, loss_fn, data, k=lspec.top_k, tol=EIGEN_TOL, max_iter=EIGEN_MAX_ITER, seed=seed)
-    trace = hessian_trace(model, loss_fn, data, num_hvps=lspec.trace_probes, seed=seed)
+    with preserved(model):
+        op = HessianOperator(model, loss_fn, batches)
+        loss, accuracy, grad = op.value_and_gradient()
+        eigen = operator_top_eigenvalues(op, lspec.top_k, tol=EIGEN_TOL, max_iter=EIGEN_MAX_ITER, seed=seed)
+        trace = operator_trace(op, num_hvps=lspec.trace_probes, seed=seed)
+        norm = grad.norm()
+        sharp = 0.0
+        if float(norm) != 0.0:
+            ascended, _ = op.objective.evaluate(op.params + (lspec.sharpness_rho / norm) * grad)
+            sharp = ascended - loss
     return {
         "loss": finite_or_none(loss),
         "accuracy": finite_or_none(accuracy),
-        "grad_norm": finite_or_none(gradient_norm(model, loss_fn, data)),
+        "grad_norm": finite_or_none(norm),
         "top_eigenvalues": [finite_or_none(v) for v in eigen.values],
         "trace": finite_or_none(trace.estimate),
         "trace_stderr": finite_or_none(trace.std_error),
-        "sharpness": finite_or_none(sharpness(model, loss_fn, data, rho=lspec.sharpness_rho)),
+        "sharpness": finite_or_none(sharp),
     }
 
 
@@ -134,9 +147,10 @@ def measure_client_round(
         ``{"num_samples", "duration_s", "global", "local", "interpolation", "update"}``.
     """
     started = time.perf_counter()
-    data = list(batches)
+    data = materialize(batches)
     alphas = np.linspace(0.0, 1.0, lspec.interpolation_points)
-    path = interpolate(global_model, local_model, loss_fn, data, alphas)
+    chunk = auto_chunk_size(global_model, data[0][0])
+    path = interpolate(global_model, local_model, loss_fn, data, alphas, chunk_size=chunk)
     update = model_direction(global_model, local_model)
     previous: float | None = None
     if previous_global_weights is not None:
@@ -223,7 +237,11 @@ def pca_surface(
         v2, second = _random_orthogonal(v1, seed), "random"
         ratio = [float(singular[0] ** 2) / total, 0.0]
     directions = (_unflat(scale * v1, center_model, names), _unflat(scale * v2, center_model, names))
-    surface = loss_slice_2d(center_model, loss_fn, list(batches), directions, radius=radius, num_points=grid_points)
+    data = materialize(batches)
+    surface = loss_slice_2d(
+        center_model, loss_fn, data, directions, radius=radius, num_points=grid_points,
+        chunk_size=auto_chunk_size(center_model, data[0][0]),
+    )
     coords = offsets @ torch.stack([v1, v2]).T / scale  # (clients, 2)
     return {
         "x": [float(v) for v in surface.xs],

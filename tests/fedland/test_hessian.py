@@ -17,13 +17,18 @@ from tests.fedland._landscape_helpers import (
 )
 from torch import nn
 
+from fedland._objective import DEFAULT_CHUNK_SIZE, Objective, auto_chunk_size
 from fedland.hessian import (
     HessianOperator,
     hessian_trace,
     hessian_vector_product,
+    operator_top_eigenvalues,
+    operator_trace,
     spectral_density,
     top_eigenvalues,
 )
+from fedland.models import build_model
+from fedland.scalars import gradient_norm
 
 torch.set_num_threads(1)
 LOSS = nn.CrossEntropyLoss()
@@ -55,6 +60,44 @@ def test_hvp_without_retained_graph_matches() -> None:
     rebuilt = HessianOperator(model, LOSS, data, retain_graph_max_samples=16, chunk_size=3)  # several groups
     torch.testing.assert_close(rebuilt.matvec(v), kept, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(rebuilt.matvec(v), kept, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("retain", [4096, 16])
+def test_value_and_gradient_from_the_products_graph(retain: int) -> None:
+    model, data = _case("mlp")
+    before = snapshot(model)
+    op = HessianOperator(model, LOSS, data, retain_graph_max_samples=retain, chunk_size=3)
+    loss, accuracy, grad = op.value_and_gradient()  # before any product: builds the graph itself
+    expected_loss, expected_grad = Objective(model, LOSS, data).gradient(op.params)
+    assert loss == pytest.approx(expected_loss, rel=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-14)
+    assert float(grad.norm()) == pytest.approx(gradient_norm(model, LOSS, data), rel=1e-12)
+    outputs = torch.cat([model(x) for x, _ in data])
+    targets = torch.cat([y for _, y in data])
+    assert accuracy == float((outputs.argmax(1) == targets).double().mean())
+    op.matvec(grad)
+    assert op.value_and_gradient()[0] == loss and op.num_hvps == 1  # no products spent on it
+    assert_unchanged(model, before)
+
+
+def test_shared_operator_gives_the_same_numbers_as_separate_calls() -> None:
+    model, data = _case("cnn")
+    op = HessianOperator(model, LOSS, data)
+    eigen = operator_top_eigenvalues(op, 2, tol=1e-3, seed=4)
+    trace = operator_trace(op, num_hvps=9, seed=4)
+    assert op.num_hvps == eigen.num_hvps + trace.num_hvps and trace.num_hvps == 9
+    separate = top_eigenvalues(model, LOSS, data, k=2, tol=1e-3, seed=4)
+    assert np.array_equal(eigen.values, separate.values) and eigen.num_hvps == separate.num_hvps
+    assert trace == hessian_trace(model, LOSS, data, num_hvps=9, seed=4)
+
+
+def test_automatic_chunk_size_follows_the_activation_size() -> None:
+    x = torch.zeros(3, 1, 28, 28)
+    small, large = auto_chunk_size(build_model("FedNet", 0), x), auto_chunk_size(build_model("FedCNN", 0), x)
+    assert small > 256  # a 256-sample landscape subset is one forward call
+    assert large == DEFAULT_CHUNK_SIZE
+    model, data = _case("mlp")
+    assert Objective(model, LOSS, data, chunk_size=None).chunk_size == auto_chunk_size(model, data[0][0])
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
