@@ -123,7 +123,7 @@ class LandscapeSpec:
     """
 
     enabled: bool = True
-    every: int = 1
+    every: int = 2
     num_samples: int = 256
     top_k: int = 2
     trace_probes: int = 12
@@ -139,6 +139,8 @@ class LandscapeSpec:
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise SpecError(f"landscape.{name}", f"must be a positive integer, got {value!r}")
+        if self.trace_probes < 4:
+            raise SpecError("landscape.trace_probes", f"Hutch++ needs at least 4 products, got {self.trace_probes}")
         if not _is_int(self.interpolation_points) or self.interpolation_points < 2:
             raise SpecError(
                 "landscape.interpolation_points", f"must be an integer >= 2, got {self.interpolation_points!r}"

@@ -40,7 +40,7 @@ from tests.helpers import LocalStack, assert_complete, finite, local_stack, smal
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)  # as the client and server processes (FEDLAND_TORCH_THREADS=1)
 
-LSPEC = LandscapeSpec(num_samples=128, top_k=2, trace_probes=8, interpolation_points=5, grid_points=5)
+LSPEC = LandscapeSpec(every=1, num_samples=128, top_k=2, trace_probes=8, interpolation_points=5, grid_points=5)
 METRIC_KEYS = {"loss", "accuracy", "grad_norm", "top_eigenvalues", "trace", "trace_stderr", "sharpness"}
 
 
@@ -195,13 +195,20 @@ def test_leave_one_out_of_identical_clients_is_zero(data_dir: Path) -> None:
     assert single == [{"client_index": 4, "delta_test_loss": None, "delta_test_accuracy": None}]
 
 
-def test_a_failing_measurement_is_stored_as_an_error(store: Store, data_dir: Path) -> None:
-    bad = LandscapeSpec(trace_probes=3)  # valid spec, but Hutch++ needs 4 products: every measurement fails
-    spec = ExperimentSpec.from_dict(small_spec(1, rounds=1, fraction=0.01, landscape=bad))
+def test_a_failing_measurement_is_stored_as_an_error(
+    store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise FloatingPointError("injected failure")
+
+    # The measurement's own maths fails; the round must go on and store the error.
+    monkeypatch.setattr("server.landscape.measure_model", broken)
+    monkeypatch.setattr("client.work.measure_client_round", broken)
+    spec = ExperimentSpec.from_dict(small_spec(1, rounds=1, fraction=0.01, landscape=LandscapeSpec(every=1)))
     previous = _weights(0)
     updates = [ClientUpdate(_weights(1), 600)]
     doc = measure_round(store, Resources(data_dir), spec, "exp", 1, previous, {}, updates, [0], _weights(1), (1.0, 0.5))
-    assert doc == {"error": "ValueError: lspec.trace_probes: Hutch++ needs at least 4 products, got 3"}
+    assert doc == {"error": "FloatingPointError: injected failure"}
 
     mnist = load_dataset("MNIST", data_dir)
     data = ClientData("exp", 0, mnist.train_x[:64], mnist.train_y[:64], mnist.test_x[:32], mnist.test_y[:32])

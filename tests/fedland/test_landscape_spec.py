@@ -26,7 +26,7 @@ def experiment(**landscape: Any) -> dict[str, Any]:
 def test_defaults_are_the_documented_ones() -> None:
     assert LandscapeSpec().to_dict() == {
         "enabled": True,
-        "every": 1,
+        "every": 2,
         "num_samples": 256,
         "top_k": 2,
         "trace_probes": 12,
@@ -57,6 +57,7 @@ BAD = [
     ({"num_samples": -4}, "landscape.num_samples", "must be a positive integer"),
     ({"top_k": True}, "landscape.top_k", "must be a positive integer"),
     ({"trace_probes": 0}, "landscape.trace_probes", "must be a positive integer"),
+    ({"trace_probes": 3}, "landscape.trace_probes", "Hutch++ needs at least 4 products"),
     ({"interpolation_points": 1}, "landscape.interpolation_points", "must be an integer >= 2"),
     ({"grid_points": 10}, "landscape.grid_points", "must be an odd integer >= 3"),
     ({"grid_points": 1}, "landscape.grid_points", "must be an odd integer >= 3"),
@@ -87,7 +88,8 @@ def test_schedule_every_k_rounds_and_always_the_last() -> None:
     def measured(landscape: LandscapeSpec, rounds: int) -> list[int]:
         return [r for r in range(1, rounds + 1) if landscape.scheduled(r, rounds)]
 
-    assert measured(LandscapeSpec(), 4) == [1, 2, 3, 4]
+    assert measured(LandscapeSpec(every=1), 4) == [1, 2, 3, 4]
+    assert measured(LandscapeSpec(), 5) == [2, 4, 5]  # the default: every second round and the last
     assert measured(LandscapeSpec(every=3), 7) == [3, 6, 7]
     assert measured(LandscapeSpec(every=3), 6) == [3, 6]
     assert measured(LandscapeSpec(every=10), 4) == [4]
