@@ -187,6 +187,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=125, help="125 divides 2000: every peer then averages the same loss")
     parser.add_argument("--slice-points", type=int, default=21)
+    parser.add_argument("--train-samples", type=int, default=None,
+                        help="train the CNN one epoch on this many training images (default: --samples)")
     parser.add_argument("--sections", default="eig,trace,slice", help="comma-separated subset of eig,trace,slice")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -195,11 +197,15 @@ def main() -> None:
 
     data = load_dataset("MNIST", os.environ.get("FEDLAND_DATA_DIR", "./data"), download=False)
     x, y = data.train_x[: args.samples], data.train_y[: args.samples]
-    model, _ = train_local(build_model("FedCNN", seed=0), x, y, epochs=1, batch_size=32, learning_rate=0.05, momentum=0.9, seed=0)
+    train_samples = args.train_samples or args.samples
+    model, _ = train_local(
+        build_model("FedCNN", seed=0), data.train_x[:train_samples], data.train_y[:train_samples],
+        epochs=1, batch_size=32, learning_rate=0.05, momentum=0.9, seed=0,
+    )
     model.eval()
     batches = [(x[i : i + args.batch_size], y[i : i + args.batch_size]) for i in range(0, args.samples, args.batch_size)]
     loss_fn = nn.CrossEntropyLoss()
-    print(f"model FedCNN ({sum(p.numel() for p in model.parameters())} parameters, 1 epoch of SGD), "
+    print(f"model FedCNN ({sum(p.numel() for p in model.parameters())} parameters, 1 epoch of SGD on {train_samples} images), "
           f"{args.samples} MNIST training samples in batches of {args.batch_size}")
 
     sections = set(args.sections.split(","))

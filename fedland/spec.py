@@ -123,7 +123,7 @@ class LandscapeSpec:
     """
 
     enabled: bool = True
-    every: int = 2
+    every: int = 1
     num_samples: int = 256
     top_k: int = 2
     trace_probes: int = 12

@@ -19,7 +19,7 @@ from bson import ObjectId
 
 from fedland.spec import ExperimentSpec, SpecError
 from server.errors import BadRequest, Conflict, NotFound
-from server.landscape import measure_round
+from server.landscape import AggregatedRound, measure_round
 from server.resources import Resources
 from server.store import DONE, DuplicateError, Store
 from server.strategies import ClientUpdate, make_strategy, validate_strategy
@@ -330,10 +330,11 @@ class Coordinator:
         aggregation_s = time.perf_counter() - started
         landscape = None
         if spec.landscape.scheduled(server_round, spec.rounds):
-            landscape = measure_round(  # never raises: a failure is stored as {"error": ...}
-                self.store, self.resources, spec, experiment_id, server_round, current, state, updates,
+            aggregated = AggregatedRound(
+                spec, experiment_id, server_round, current, state, updates,
                 [int(d["client_index"]) for d in stats], new_global, (evaluation.loss, evaluation.accuracy),
             )
+            landscape = measure_round(self.store, self.resources, aggregated)  # a failure is stored, not raised
 
         # files of an attempt cut off before its rounds document stay unreferenced: harmless
         model_file_id = self.store.save_model(wire.encode(new_global), experiment_id, server_round, "global")

@@ -14,6 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -112,43 +113,36 @@ def leave_one_out(
     return out
 
 
-def measure_round(
-    store: Store,
-    resources: Resources,
-    spec: ExperimentSpec,
-    experiment_id: str,
-    server_round: int,
-    previous: Weights,
-    state: Weights,
-    updates: Sequence[ClientUpdate],
-    client_indices: Sequence[int],
-    new_global: Weights,
-    full: tuple[float, float],
-) -> Doc:
+@dataclass(frozen=True)
+class AggregatedRound:
+    """What the coordinator knows right after aggregating a round: the inputs of its measurement."""
+
+    spec: ExperimentSpec
+    experiment_id: str
+    server_round: int
+    previous: Weights  # the global model the round trained from
+    state: Weights  # the strategy state the round started from
+    updates: Sequence[ClientUpdate]
+    client_indices: Sequence[int]  # of each update, same order
+    new_global: Weights
+    full_evaluation: tuple[float, float]  # (loss, accuracy) of new_global on the full test split
+
+
+def measure_round(store: Store, resources: Resources, aggregated: AggregatedRound) -> Doc:
     """The ``rounds.landscape`` document (and its stored surface), or ``{"error": ...}``; never raises."""
     try:
-        return _measure_round(
-            store, resources, spec, experiment_id, server_round, previous, state, updates, client_indices,
-            new_global, full,
-        )
+        return _measure_round(store, resources, aggregated)
     except Exception as error:  # noqa: BLE001 - a failed measurement must not cost the round
-        log.exception("experiment %s round %d: landscape measurement failed", experiment_id, server_round)
+        log.exception(
+            "experiment %s round %d: landscape measurement failed", aggregated.experiment_id, aggregated.server_round
+        )
         return {"error": f"{type(error).__name__}: {error}"}
 
 
-def _measure_round(
-    store: Store,
-    resources: Resources,
-    spec: ExperimentSpec,
-    experiment_id: str,
-    server_round: int,
-    previous: Weights,
-    state: Weights,
-    updates: Sequence[ClientUpdate],
-    client_indices: Sequence[int],
-    new_global: Weights,
-    full: tuple[float, float],
-) -> Doc:
+def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRound) -> Doc:
+    spec, experiment_id, server_round = aggregated.spec, aggregated.experiment_id, aggregated.server_round
+    previous, state, updates = aggregated.previous, aggregated.state, aggregated.updates
+    client_indices, new_global, full = aggregated.client_indices, aggregated.new_global, aggregated.full_evaluation
     started = time.perf_counter()
     lspec = spec.landscape
     seed = int(np.random.SeedSequence([spec.seed, server_round, HELD_OUT_STREAM]).generate_state(1)[0])

@@ -27,7 +27,7 @@ from fedland.models import build_model
 from fedland.partition import partition
 from fedland.scalars import gradient_dissimilarity
 from fedland.spec import ExperimentSpec, LandscapeSpec
-from server.landscape import held_out_indices, leave_one_out, measure_round
+from server.landscape import AggregatedRound, held_out_indices, leave_one_out, measure_round
 from server.resources import Resources
 from server.store import Store
 from server.strategies import ClientUpdate, make_strategy, weighted_mean
@@ -207,7 +207,8 @@ def test_a_failing_measurement_is_stored_as_an_error(
     spec = ExperimentSpec.from_dict(small_spec(1, rounds=1, fraction=0.01, landscape=LandscapeSpec(every=1)))
     previous = _weights(0)
     updates = [ClientUpdate(_weights(1), 600)]
-    doc = measure_round(store, Resources(data_dir), spec, "exp", 1, previous, {}, updates, [0], _weights(1), (1.0, 0.5))
+    aggregated = AggregatedRound(spec, "exp", 1, previous, {}, updates, [0], _weights(1), (1.0, 0.5))
+    doc = measure_round(store, Resources(data_dir), aggregated)
     assert doc == {"error": "FloatingPointError: injected failure"}
 
     mnist = load_dataset("MNIST", data_dir)

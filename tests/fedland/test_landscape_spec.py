@@ -26,7 +26,7 @@ def experiment(**landscape: Any) -> dict[str, Any]:
 def test_defaults_are_the_documented_ones() -> None:
     assert LandscapeSpec().to_dict() == {
         "enabled": True,
-        "every": 2,
+        "every": 1,
         "num_samples": 256,
         "top_k": 2,
         "trace_probes": 12,
@@ -89,7 +89,8 @@ def test_schedule_every_k_rounds_and_always_the_last() -> None:
         return [r for r in range(1, rounds + 1) if landscape.scheduled(r, rounds)]
 
     assert measured(LandscapeSpec(every=1), 4) == [1, 2, 3, 4]
-    assert measured(LandscapeSpec(), 5) == [2, 4, 5]  # the default: every second round and the last
+    assert measured(LandscapeSpec(every=2), 5) == [2, 4, 5]
+    assert measured(LandscapeSpec(), 3) == [1, 2, 3]  # the default: every round
     assert measured(LandscapeSpec(every=3), 7) == [3, 6, 7]
     assert measured(LandscapeSpec(every=3), 6) == [3, 6]
     assert measured(LandscapeSpec(every=10), 4) == [4]
