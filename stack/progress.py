@@ -32,7 +32,7 @@ class Progress:
                     position=position,
                     unit="round",
                     leave=True,
-                    bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} rounds [{elapsed}] {postfix}",
+                    bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} rounds [{elapsed}]{postfix}",
                 )
 
     def update(self, summaries: Mapping[str, Mapping[str, Any]]) -> None:
