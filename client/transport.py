@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
+import urllib3
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,13 @@ class Transport:
     def close(self) -> None:
         self.session.close()
 
-    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        """One API call; retries connection errors, timeouts and 5xx; returns any other answer."""
+    def request(self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any) -> requests.Response:
+        """One API call; retries connection errors, timeouts and 5xx; returns any other answer.
+
+        A call that is not `idempotent` is retried only when the request cannot have
+        reached the server (the connection was never made): resending one that may
+        have been applied would apply it twice.
+        """
         url = self.base_url + path
         attempt = 0
         while True:
@@ -110,10 +116,18 @@ class Transport:
                 response = self.session.request(method, url, timeout=self.timeout_s, **kwargs)
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
                 problem = f"{type(error).__name__}: {error}"
+                if not idempotent and not _never_sent(error):
+                    raise ConnectionError(
+                        f"{method} {path} failed ({problem}); it may have been applied: check before repeating it"
+                    ) from error
             else:
                 if response.status_code < 500:
                     return response
                 problem = f"HTTP {response.status_code}: {_error_message(response)}"
+                if not idempotent:
+                    raise ConnectionError(
+                        f"{method} {path} failed ({problem}); it may have been applied: check before repeating it"
+                    )
             attempt += 1
             if self.max_attempts is not None and attempt >= self.max_attempts:
                 raise ConnectionError(f"{method} {path} failed after {attempt} attempts: {problem}")
@@ -159,13 +173,23 @@ class Transport:
 
     def submit_experiments(self, specs: list[dict[str, Any]]) -> list[str]:
         """Queue experiments (all or nothing); returns their ids."""
-        return [str(i) for i in _json(self.request("POST", "/experiments", json=specs), 201)["ids"]]
+        response = self.request("POST", "/experiments", json=specs, idempotent=False)
+        return [str(i) for i in _json(response, 201)["ids"]]
 
     def list_experiments(self) -> list[dict[str, Any]]:
         return list(_json(self.request("GET", "/experiments"), 200)["experiments"])
 
     def get_experiment(self, experiment_id: str) -> dict[str, Any]:
         return _json(self.request("GET", f"/experiments/{experiment_id}"), 200)
+
+
+def _never_sent(error: Exception) -> bool:
+    """True when the connection itself failed, so the server cannot have seen the request."""
+    if isinstance(error, requests.exceptions.ConnectTimeout):
+        return True
+    reason = error.args[0] if error.args else None
+    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
+    return isinstance(reason, (urllib3.exceptions.NewConnectionError, ConnectionRefusedError))
 
 
 def _error_message(response: requests.Response) -> str:

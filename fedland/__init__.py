@@ -3,7 +3,7 @@
 Every metric is about the mean loss of a model over a fixed dataset, given as an
 iterable of ``(inputs, targets)`` batches, each batch's mean-reduced loss
 weighted by its size; it is evaluated in eval mode, leaves the model exactly as
-it found it, and draws randomness only from its ``seed``. See ``docs/metrics.md``.
+it found it, and draws randomness only from its ``seed``. See the README's library section.
 """
 
 from fedland.datasets import DATASETS, load_dataset

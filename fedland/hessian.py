@@ -105,7 +105,8 @@ class HessianOperator:
             with torch.enable_grad():
                 for _ in self._gradient_graphs():
                     pass
-        assert self._first_order is not None
+        if self._first_order is None:
+            raise RuntimeError("the gradient pass did not record the loss and gradient")
         loss, accuracy, grad = self._first_order
         return loss, accuracy, grad.clone()
 

@@ -98,8 +98,6 @@ def measure_model(
         ``{"loss", "accuracy", "grad_norm", "top_eigenvalues": [top_k], "trace",
         "trace_stderr", "sharpness"}``.
     """
-    if lspec.trace_probes < 4:
-        raise ValueError(f"lspec.trace_probes: Hutch++ needs at least 4 products, got {lspec.trace_probes}")
     with preserved(model):
         op = HessianOperator(model, loss_fn, batches)
         loss, accuracy, grad = op.value_and_gradient()

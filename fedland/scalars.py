@@ -79,9 +79,11 @@ def path_norm(model: nn.Module, input_shape: Sequence[int]) -> float:
             if module.weight is not None:
                 scale = scale * module.weight.detach()
             state[f"{prefix}running_mean"] = torch.zeros_like(module.running_mean)
-            state[f"{prefix}running_var"] = torch.full_like(module.running_var, 1.0 - module.eps)
-            if module.weight is not None:
+            if module.weight is not None:  # x * weight / sqrt(1 - eps + eps) = x * scale^2
+                state[f"{prefix}running_var"] = torch.full_like(module.running_var, 1.0 - module.eps)
                 state[f"{prefix}weight"] = scale**2
+            else:  # no weight to carry the scale: x / sqrt(var' + eps) = x * scale^2
+                state[f"{prefix}running_var"] = scale**-4 - module.eps
             if module.bias is not None:
                 state[f"{prefix}bias"] = torch.zeros_like(module.bias)
     for name, param in model.named_parameters():

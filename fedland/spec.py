@@ -56,6 +56,7 @@ STORE_KEYS: frozenset[str] = frozenset(
 )
 
 RATIO_TOLERANCE = 1e-6
+INT64_MAX = 2**63 - 1  # the store keeps integers as BSON int64
 
 
 class SpecError(ValueError):
@@ -325,10 +326,10 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
         raise SpecError("strategy", f"must be a StrategySpec, got {type(spec.strategy).__name__}")
     for name in ("rounds", "local_epochs", "batch_size"):
         value = getattr(spec, name)
-        if not _is_int(value) or value <= 0:
-            raise SpecError(name, f"must be a positive integer, got {value!r}")
-    if not _is_int(spec.seed) or spec.seed < 0:
-        raise SpecError("seed", f"must be a non-negative integer, got {spec.seed!r}")
+        if not _is_int(value) or not 0 < value <= INT64_MAX:
+            raise SpecError(name, f"must be a positive integer (at most 2**63 - 1), got {value!r}")
+    if not _is_int(spec.seed) or not 0 <= spec.seed <= INT64_MAX:
+        raise SpecError("seed", f"must be an integer in [0, 2**63 - 1] (stored as int64), got {spec.seed!r}")
     if not _is_real(spec.learning_rate) or not spec.learning_rate > 0:
         raise SpecError("learning_rate", f"must be a finite number > 0, got {spec.learning_rate!r}")
     put("learning_rate", float(spec.learning_rate))

@@ -145,7 +145,12 @@ class FedAvgM:
 
 @dataclass(frozen=True)
 class _Adaptive:
-    """Reddi et al. 2021 server optimisers on the weighted mean pseudo-gradient Δ = avg - x."""
+    """Reddi et al. 2021 server optimisers on the pseudo-gradient Δ = avg - x.
+
+    As in Flower, not exactly the paper: Δ is the num_examples-weighted mean (the
+    paper's Algorithm 2 takes the plain mean) and both moments start at 0 (the paper
+    starts v at >= tau^2); neither has bias correction.
+    """
 
     eta: float = 1e-2
     beta_1: float = 0.9
@@ -237,7 +242,8 @@ class TrimmedMean:
 class Krum:
     """Blanchard et al. 2017: the update(s) closest to their n-f-2 nearest neighbours.
 
-    score(i) = sum of squared distances from update i to its max(1, n-f-2) nearest
+    score(i) = sum of squared distances from update i to its n-f-2 nearest (Blanchard et
+    al. 2017 require n > 2f + 2; fewer updates are refused),
     other updates; the `num_selected` lowest scores are averaged by num_examples
     (num_selected=1 is Krum, more is Multi-Krum).
     """
@@ -246,15 +252,18 @@ class Krum:
     num_selected: int = 1
 
     def scores(self, updates: Sequence[ClientUpdate]) -> np.ndarray:
+        n, f = len(updates), self.num_malicious
+        if n <= 2 * f + 2:
+            raise ValueError(
+                f"num_malicious: Krum needs more than 2 * num_malicious + 2 = {2 * f + 2} updates, got {n}"
+            )
         names = sorted(updates[0].weights)
         flat = np.stack([_flat(update.weights, names) for update in updates])  # (n, params)
-        squared = ((flat[:, None, :] - flat[None, :, :]) ** 2).sum(axis=2)  # (n, n)
-        neighbours = max(1, len(updates) - self.num_malicious - 2)
-        scores = []
-        for i in range(len(updates)):
-            others = np.sort(np.delete(squared[i], i))
-            scores.append(others[:neighbours].sum())
-        return np.asarray(scores)
+        gram = flat @ flat.T  # (n, n): pairwise distances without an (n, n, params) array
+        norms = np.diag(gram)
+        squared = np.maximum(norms[:, None] + norms[None, :] - 2.0 * gram, 0.0)
+        neighbours = n - f - 2
+        return np.asarray([np.sort(np.delete(squared[i], i))[:neighbours].sum() for i in range(n)])
 
     def aggregate(
         self,

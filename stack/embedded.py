@@ -100,7 +100,8 @@ class EmbeddedMongo:
         return self.uri
 
     def _wait_ready(self) -> None:
-        assert self._process is not None
+        if self._process is None:
+            raise RuntimeError("the embedded store was not started")
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             if self._process.poll() is not None:

@@ -26,6 +26,7 @@ from typing import Any
 from client.transport import Transport
 from fedland.datasets import load_dataset
 from fedland.spec import ExperimentSpec, SpecError, load_specs
+from server.strategies import validate_strategy
 from stack.embedded import EmbeddedMongo, free_port
 from stack.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
 from stack.progress import Progress, summary_table
@@ -64,7 +65,9 @@ def prepare(specs: Sequence[ExperimentSpec], rounds: int | None, only: str | Non
         if rounds is not None:
             data["rounds"] = rounds
         try:
-            valid.append(ExperimentSpec.from_dict(data))
+            spec = ExperimentSpec.from_dict(data)
+            validate_strategy(spec.strategy)  # the server's rule for strategy parameters
+            valid.append(spec)
         except SpecError as error:
             errors.append(f"experiment {position} ({_description(spec)!r}): {error}")
     if errors:
@@ -277,6 +280,10 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
         return 2
     if args.server:
         return queue_only(specs, args.server, env)
+    needed = max(spec.num_clients for spec in specs)
+    if args.clients is not None and args.clients < needed:
+        print(f"--clients {args.clients}: an experiment needs {needed} clients; it would wait forever", file=sys.stderr)
+        return 2
     options = RunOptions(
         clients=args.clients,
         store_uri=args.store_uri,

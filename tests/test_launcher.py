@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import main
-from fedland.spec import ExperimentSpec
+from fedland.spec import ExperimentSpec, StrategySpec
+from stack.launcher import main as launcher_main
 from stack.launcher import parse_args, prepare
 from stack.progress import summary_table
 
@@ -38,6 +39,20 @@ def test_prepare_lists_every_invalid_experiment() -> None:
     assert "experiment 0 ('first'): rounds" in message and "experiment 1 ('second'): rounds" in message
     with pytest.raises(ValueError, match="no experiment matches --only 'zzz'"):
         prepare([spec("first")], rounds=None, only="zzz")
+
+
+def test_prepare_checks_strategy_parameters_before_anything_starts() -> None:
+    bad = ExperimentSpec(
+        description="adam", target_balance_ratios=[[0.1] * 10] * 2, subset_fractions=[0.1] * 2,
+        strategy=StrategySpec("FedAdam", {"bogus": 1}),
+    )
+    with pytest.raises(ValueError, match=r"experiment 0 \('adam'\): strategy.params.bogus"):
+        prepare([bad], rounds=None, only=None)
+
+
+def test_too_few_clients_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert launcher_main([spec("two clients")], ["--clients", "1", "--no-reports"]) == 2
+    assert "--clients 1: an experiment needs 2 clients" in capsys.readouterr().err
 
 
 def test_summary_table_rows() -> None:

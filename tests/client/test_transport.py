@@ -108,3 +108,20 @@ def test_backoff_grows_with_jitter_and_caps() -> None:
 def test_backoff_rejects_bad_parameters(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         Backoff(**kwargs)
+
+
+def test_a_submission_that_may_have_been_applied_is_not_repeated(stub_server: Any) -> None:
+    # A 5xx after the server read the request: resending would queue the experiments twice.
+    script = stub_server(fail_first=1, status=201, body={"ids": ["e-1"]})
+    with pytest.raises(ConnectionError, match="may have been applied"):
+        transport(script.url, max_attempts=5).submit_experiments([{"description": "x"}])
+    assert len(script.calls) == 1
+
+
+def test_a_submission_is_retried_while_the_server_refuses_connections(stub_server: Any) -> None:
+    port = free_port()
+    started: list[Any] = []
+    threading.Timer(0.3, lambda: started.append(stub_server(port=port, status=201, body={"ids": ["e-1"]}))).start()
+    ids = transport(f"http://127.0.0.1:{port}", backoff=Backoff(base_s=0.05, max_s=0.2)).submit_experiments([{}])
+    assert ids == ["e-1"]
+    assert len(started[0].calls) == 1

@@ -81,6 +81,20 @@ def test_path_norm_folds_eval_batchnorm_scale_and_drops_shift() -> None:
     assert_unchanged(net, before)
 
 
+def test_path_norm_folds_a_batchnorm_without_affine_parameters() -> None:
+    gen = torch.Generator().manual_seed(2)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False), nn.ReLU(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        net[1].running_var.copy_(torch.rand(4, generator=gen, dtype=torch.float64) + 0.5)
+    bn = net[1]
+    scale = 1.0 / torch.sqrt(bn.running_var + bn.eps)
+    w1, w2 = net[0].weight.detach(), net[3].weight.detach()
+    paths = float(((w2**2) @ torch.diag(scale**2) @ (w1**2)).sum())
+    assert path_norm(net, (3,)) == pytest.approx(math.sqrt(paths), rel=1e-12)
+
+
 def test_distance_and_cosine_by_hand() -> None:
     a, b, ref = tiny_mlp(0), tiny_mlp(1), tiny_mlp(2)
     flat = lambda m: torch.cat([p.detach().reshape(-1) for p in m.parameters()])  # noqa: E731

@@ -111,6 +111,9 @@ def test_state_survives_the_wire_format() -> None:
         direct_x, direct_state = strategy.aggregate(direct_x, ups, direct_state)
         x, state = strategy.aggregate(x, ups, wire.decode(wire.encode(state)))
     np.testing.assert_array_equal(x["w"], direct_x["w"])
+    assert sorted(state) == sorted(direct_state) == ["m/w", "v/w"]
+    for name in state:
+        np.testing.assert_array_equal(state[name], direct_state[name])
 
 
 def test_median_is_coordinatewise_and_unweighted() -> None:
@@ -144,8 +147,14 @@ def test_krum_picks_the_most_central_update() -> None:
     # Multi-Krum: the 2 best (1 with 3 examples, 0 with 1) averaged by examples = 0.75
     new, _ = Krum(num_malicious=0, num_selected=2).aggregate({"w": arr(0)}, ups, {})
     np.testing.assert_allclose(new["w"], [0.75])
-    # f = 1: one neighbour each: 0 -> 1, 1 -> 1, 3 -> 4, 10 -> 49; ties broken by order
-    np.testing.assert_allclose(Krum(num_malicious=1).scores(ups), [1, 1, 4, 49])
+    # f = 1 needs n > 2f + 2 = 4 updates: refused with 4, two neighbours each with 5
+    with pytest.raises(ValueError, match="num_malicious: Krum needs more than 2 \\* num_malicious \\+ 2 = 4"):
+        Krum(num_malicious=1).scores(ups)
+    five = [*ups, ClientUpdate({"w": arr(20)}, 1)]
+    # 0: 1 + 9; 1: 1 + 4; 3: 4 + 9; 10: 49 + 81; 20: 100 + 289
+    np.testing.assert_allclose(Krum(num_malicious=1).scores(five), [10, 5, 13, 130, 389])
+    with pytest.raises(ValueError, match="Krum needs more than"):
+        Krum(num_malicious=0).aggregate({"w": arr(0)}, ups[:2], {})
 
 
 def test_inputs_are_not_mutated() -> None:
