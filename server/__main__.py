@@ -10,7 +10,7 @@ from types import FrameType
 
 import waitress
 
-from server.api import create_app
+from server.api import coordinator_of, create_app
 from server.store import Store
 from stack.embedded import EmbeddedMongo
 from stack.settings import ServerSettings, configure_logging, set_torch_threads
@@ -38,6 +38,7 @@ def main() -> int:
         store = Store(uri, settings.db_name)
         stack.callback(store.close)
         app = create_app(settings, store)
+        stack.callback(coordinator_of(app).close)  # before the store closes: ends the measurement thread
         server = waitress.create_server(app, host=settings.host, port=settings.port, threads=8)
         stack.callback(server.close)
         signal.signal(signal.SIGTERM, _stop)

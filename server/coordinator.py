@@ -2,7 +2,14 @@
 
 No HTTP here (see server/api.py). Every piece of state lives in the Store, so a
 new Coordinator on the same store resumes where the last one stopped; call
-`recover()` once at start-up to finish a round whose aggregation was cut off.
+`recover()` once at start-up to finish a round whose aggregation was cut off and
+to measure rounds whose landscape measurement was lost.
+
+Landscape measurements (server/landscape.py) run on one background thread after
+their round is written and advanced, so clients never wait for them; the last
+round of an experiment waits for its pending measurements and is measured before
+the experiment is marked finished. `close()` stops the thread (queued
+measurements are dropped and recovered at the next start).
 """
 
 from __future__ import annotations
@@ -13,13 +20,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from bson import ObjectId
 
 from fedland.spec import ExperimentSpec, SpecError
 from server.errors import BadRequest, Conflict, NotFound
-from server.landscape import AggregatedRound, measure_round
+from server.landscape import measure_stored_round
 from server.resources import Resources
 from server.store import DONE, DuplicateError, Store
 from server.strategies import ClientUpdate, make_strategy, validate_strategy
@@ -53,7 +62,15 @@ class Coordinator:
         self.clock = clock
         self._assign_lock = threading.Lock()
         self._aggregate_lock = threading.Lock()
+        #: The one thread that measures the landscape of aggregated rounds (see `queue_measurement`).
+        self.landscape_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landscape")
+        self._pending: dict[tuple[str, int], Future[None]] = {}
+        self._pending_lock = threading.Lock()
         store.ensure_indexes()
+
+    def close(self) -> None:
+        """Stop the measurement thread: the running measurement ends, queued ones are dropped (see `recover`)."""
+        self.landscape_executor.shutdown(wait=True, cancel_futures=True)
 
     # experiments -----------------------------------------------------------
 
@@ -76,8 +93,9 @@ class Coordinator:
             try:
                 slots = self.resources.client_stats(spec)
             except ValueError as error:
+                prefix = f"experiments[{position}]." if isinstance(body, list) else ""
                 field = getattr(error, "field", "target_balance_ratios")
-                raise BadRequest(f"{error}", field) from None
+                raise BadRequest(f"{prefix}{error}", f"{prefix}{field}") from None
             prepared.append((spec, slots, wire.encode(self.resources.initial_weights(spec))))
         # Nothing was written so far. Round-0 models go first: an orphan file is
         # harmless, an experiment without its initial model is not.
@@ -220,16 +238,10 @@ class Coordinator:
         experiment = self.experiment(experiment_id)
         if not 1 <= server_round <= experiment["rounds"]:
             raise NotFound(f"round {server_round} is outside 1..{experiment['rounds']}")
-        file_id = self._model_file_id(experiment_id, server_round - 1)
+        file_id = self.store.global_model_id(experiment_id, server_round - 1)
         if file_id is None:
             raise NotFound(f"round {server_round - 1} of experiment {experiment_id} is not aggregated yet")
         return self.store.load_model(file_id)
-
-    def _model_file_id(self, experiment_id: str, aggregated_round: int) -> str | None:
-        if aggregated_round == 0:
-            return self.store.find_model_id(experiment_id, 0, "global")
-        doc = self.store.get_round(experiment_id, aggregated_round)
-        return None if doc is None else str(doc["model_file_id"])
 
     def submit_update(self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes) -> Doc:
         """Accept one client's weights and stats for a round; aggregates when the round is complete."""
@@ -244,6 +256,11 @@ class Coordinator:
             raise Conflict(f"slot {client_index} is not held by client {client_id}")
         if slot["reported_round"] >= server_round:
             raise Conflict(f"slot {client_index} already reported round {server_round}")
+        if num_examples != slot["num_train"]:  # strategies weight by it: a client may not inflate its share
+            raise BadRequest(
+                f"meta.num_examples must be the slot's {slot['num_train']} training examples, got {num_examples}",
+                "meta.num_examples",
+            )
         try:
             weights = wire.decode(weights_data)
             wire.check_compatible(weights, self.resources.reference(experiment["model"]))
@@ -276,7 +293,11 @@ class Coordinator:
     # aggregation -----------------------------------------------------------
 
     def recover(self) -> int:
-        """Finish rounds cut off by a crash (all updates stored, no rounds document); returns how many."""
+        """Finish rounds cut off by a crash (all updates stored, no rounds document); returns how many.
+
+        Then queues the measurement of every scheduled round of a running or finished
+        experiment that has no `landscape` (a restart dropped it).
+        """
         finished = 0
         for experiment in self.store.active_experiments():
             self.resources.dataset(experiment["dataset_name"])  # load now, not in a request
@@ -286,7 +307,72 @@ class Coordinator:
             for stats in self.store.client_stats_for(experiment["id"], server_round):
                 self.store.mark_reported(experiment["id"], stats["client_index"], server_round, self.clock())
             finished += self._maybe_aggregate(experiment["id"], server_round)
+        for experiment in self.store.list_experiments():
+            if experiment.get("status") in ("running", "finished"):
+                for server_round in self._unmeasured_rounds(experiment):
+                    self.queue_measurement(experiment["id"], server_round)
         return finished
+
+    # landscape measurements --------------------------------------------------
+
+    def queue_measurement(self, experiment_id: str, server_round: int) -> None:
+        """Measure the stored round's landscape on the background thread (once; dropped after `close`)."""
+        key = (experiment_id, server_round)
+        with self._pending_lock:
+            if key in self._pending:
+                return
+            try:
+                future = self.landscape_executor.submit(self._measure_safely, experiment_id, server_round)
+            except RuntimeError:  # closed: the next start recovers it
+                log.info("experiment %s round %d: measurement not queued, shutting down", experiment_id, server_round)
+                return
+            self._pending[key] = future
+        future.add_done_callback(lambda done: self._forget(key, done))
+
+    def wait_for_measurements(self, experiment_id: str | None = None, timeout_s: float | None = None) -> bool:
+        """Wait for the measurements queued so far (of one experiment, or all); True if none is left."""
+        with self._pending_lock:
+            futures = [f for (eid, _), f in self._pending.items() if experiment_id is None or eid == experiment_id]
+        return not wait_futures(futures, timeout=timeout_s).not_done
+
+    def _forget(self, key: tuple[str, int], future: Future[None]) -> None:
+        with self._pending_lock:
+            if self._pending.get(key) is future:
+                del self._pending[key]
+
+    def _unmeasured_rounds(self, experiment: Doc) -> list[int]:
+        spec = ExperimentSpec.from_dict(experiment)
+        return [
+            r for r in self.store.rounds_without_landscape(experiment["id"]) if spec.landscape.scheduled(r, spec.rounds)
+        ]
+
+    def _measure_safely(self, experiment_id: str, server_round: int) -> None:
+        try:
+            self._measure(experiment_id, server_round)
+        except Exception:  # noqa: BLE001 - the measurement thread must outlive any job
+            log.exception("experiment %s round %d: landscape measurement not stored", experiment_id, server_round)
+
+    def _measure(self, experiment_id: str, server_round: int) -> None:
+        experiment = self.store.get_experiment(experiment_id)
+        if experiment is None:
+            log.info("experiment %s is gone: round %d not measured", experiment_id, server_round)
+            return
+        round_doc = self.store.get_round(experiment_id, server_round)
+        if round_doc is None or "landscape" in round_doc:
+            return
+        spec = ExperimentSpec.from_dict(experiment)
+        landscape = measure_stored_round(self.store, self.resources, spec, experiment_id, server_round)
+        if self.store.set_round_landscape(experiment_id, server_round, landscape) and "error" not in landscape:
+            log.info(
+                "experiment %s round %d: landscape measured in %.2f s",
+                experiment_id, server_round, landscape["duration_s"],
+            )
+
+    def _finish_measurements(self, experiment: Doc) -> None:
+        """Before the experiment is finished: its queued measurements, then any still missing, here."""
+        self.wait_for_measurements(experiment["id"])
+        for server_round in self._unmeasured_rounds(experiment):
+            self._measure_safely(experiment["id"], server_round)
 
     def _maybe_aggregate(self, experiment_id: str, server_round: int) -> bool:
         with self._aggregate_lock:
@@ -304,6 +390,10 @@ class Coordinator:
                     self._fail(experiment_id, f"round {server_round}: {type(error).__name__}: {error}")
                     return False
             self._advance(experiment, server_round)
+            if server_round < experiment["rounds"]:
+                spec = ExperimentSpec.from_dict(experiment)
+                if spec.landscape.scheduled(server_round, spec.rounds):
+                    self.queue_measurement(experiment_id, server_round)
             return True
 
     def _aggregate(self, experiment: Doc, server_round: int) -> None:
@@ -315,11 +405,11 @@ class Coordinator:
             ClientUpdate(wire.decode(self.store.load_client_model(doc["weights_file_id"])), doc["num_examples"])
             for doc in stats
         ]
-        previous_id = self._model_file_id(experiment_id, server_round - 1)
+        previous_id = self.store.global_model_id(experiment_id, server_round - 1)
         if previous_id is None:
             raise RuntimeError(f"global model of round {server_round - 1} is missing")
         current = wire.decode(self.store.load_model(previous_id))
-        state_id = self._state_file_id(experiment_id, server_round - 1)
+        state_id = self.store.strategy_state_id(experiment_id, server_round - 1)
         state = {} if state_id is None else wire.decode(self.store.load_model(state_id))
 
         new_global, new_state = make_strategy(spec.strategy).aggregate(current, updates, state)
@@ -328,13 +418,6 @@ class Coordinator:
         if not math.isfinite(evaluation.loss):
             raise ValueError(f"test loss of the aggregated model is {evaluation.loss}")
         aggregation_s = time.perf_counter() - started
-        landscape = None
-        if spec.landscape.scheduled(server_round, spec.rounds):
-            aggregated = AggregatedRound(
-                spec, experiment_id, server_round, current, state, updates,
-                [int(d["client_index"]) for d in stats], new_global, (evaluation.loss, evaluation.accuracy),
-            )
-            landscape = measure_round(self.store, self.resources, aggregated)  # a failure is stored, not raised
 
         # files of an attempt cut off before its rounds document stay unreferenced: harmless
         model_file_id = self.store.save_model(wire.encode(new_global), experiment_id, server_round, "global")
@@ -357,8 +440,6 @@ class Coordinator:
             "model_file_id": model_file_id,
             "strategy_state_file_id": state_file_id,
         }
-        if landscape is not None:
-            doc["landscape"] = landscape
         try:
             self.store.insert_round(doc)
         except DuplicateError:
@@ -371,12 +452,6 @@ class Coordinator:
             experiment_id, server_round, spec.rounds, evaluation.loss, evaluation.accuracy,
         )
 
-    def _state_file_id(self, experiment_id: str, aggregated_round: int) -> str | None:
-        if aggregated_round == 0:
-            return None
-        doc = self.store.get_round(experiment_id, aggregated_round)
-        return None if doc is None else doc.get("strategy_state_file_id")
-
     def _round_started_at(self, experiment: Doc, server_round: int) -> float | None:
         if server_round == 1:
             return experiment.get("started_at")
@@ -387,6 +462,7 @@ class Coordinator:
         experiment_id = experiment["id"]
         where = {"status": "running", "current_round": server_round}
         if server_round >= experiment["rounds"]:
+            self._finish_measurements(experiment)  # "finished" promises every scheduled round's landscape
             self.store.update_experiment(experiment_id, {"status": "finished", "finished_at": self.clock()}, where=where)
             self.store.release_experiment_slots(experiment_id)
             log.info("experiment %s finished", experiment_id)
@@ -416,7 +492,9 @@ def _parse_meta(meta: Any, num_clients: int) -> tuple[str, int, int, Doc]:
     stats = meta.get("stats", {})
     if not isinstance(stats, Mapping):
         raise BadRequest("meta.stats must be a JSON object", "meta.stats")
-    reserved = {"_id", "experiment_id", "client_index", "client_id", "round", "num_examples", "weights_file_id"}
+    reserved = {
+        "_id", "experiment_id", "client_index", "client_id", "round", "num_examples", "weights_file_id", "received_at",
+    }
     clash = sorted(reserved & set(stats))
     if clash:
         raise BadRequest(f"meta.stats.{clash[0]} is set by the server", f"meta.stats.{clash[0]}")

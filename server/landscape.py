@@ -1,11 +1,14 @@
 """The round-level landscape measurement of the server (DEVELOPERS.md "Landscape measurements").
 
-Called by the coordinator right after aggregating a scheduled round: the
+Run by the coordinator for each scheduled round after its ``rounds`` document is
+written (in the background, the last round before the experiment finishes): the
 aggregated model's scalars on a held-out subset of the test split, each
 client's alignment with the aggregate update, the gradient dissimilarity B over
 the clients' own landscape subsets, leave-one-out contributions on the full
 test split, and the PCA loss surface (stored as a ``landscapes`` document).
-A failure never fails the round: the round gets ``{"error": "..."}``.
+A failure never fails the round: the round gets ``{"error": "..."}``. The
+inputs are rebuilt from the store by ``load_aggregated_round``, the one way both
+the normal path and the recovery at start-up get them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pymongo
+import pymongo.errors
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -128,6 +132,58 @@ class AggregatedRound:
     full_evaluation: tuple[float, float]  # (loss, accuracy) of new_global on the full test split
 
 
+def load_aggregated_round(store: Store, spec: ExperimentSpec, experiment_id: str, server_round: int) -> AggregatedRound:
+    """The inputs of a stored round's measurement, rebuilt from the store.
+
+    The previous global model and strategy state come through the previous round's
+    file ids, the updates from ``client_models`` through the participants'
+    ``client_stats.weights_file_id``, the new global model from the round's
+    ``model_file_id`` and the full evaluation from its ``test_loss``/``test_accuracy``.
+
+    Raises:
+        LookupError: the round, the previous model or a participant's update is not stored.
+    """
+    round_doc = store.get_round(experiment_id, server_round)
+    if round_doc is None:
+        raise LookupError(f"round {server_round} of experiment {experiment_id} is not aggregated")
+    previous_id = store.global_model_id(experiment_id, server_round - 1)
+    if previous_id is None:
+        raise LookupError(f"global model of round {server_round - 1} of experiment {experiment_id} is missing")
+    state_id = store.strategy_state_id(experiment_id, server_round - 1)
+    participants = [int(index) for index in round_doc["participants"]]
+    stats = {int(doc["client_index"]): doc for doc in store.client_stats_for(experiment_id, server_round)}
+    missing = [index for index in participants if index not in stats]
+    if missing:
+        raise LookupError(f"round {server_round} of experiment {experiment_id}: no update of clients {missing}")
+    updates = [
+        ClientUpdate(wire.decode(store.load_client_model(stats[i]["weights_file_id"])), int(stats[i]["num_examples"]))
+        for i in participants
+    ]
+    return AggregatedRound(
+        spec=spec,
+        experiment_id=experiment_id,
+        server_round=server_round,
+        previous=wire.decode(store.load_model(previous_id)),
+        state={} if state_id is None else wire.decode(store.load_model(state_id)),
+        updates=updates,
+        client_indices=participants,
+        new_global=wire.decode(store.load_model(str(round_doc["model_file_id"]))),
+        full_evaluation=(float(round_doc["test_loss"]), float(round_doc["test_accuracy"])),
+    )
+
+
+def measure_stored_round(
+    store: Store, resources: Resources, spec: ExperimentSpec, experiment_id: str, server_round: int
+) -> Doc:
+    """``measure_round`` of a round rebuilt by ``load_aggregated_round``, or ``{"error": ...}``; never raises."""
+    try:
+        aggregated = load_aggregated_round(store, spec, experiment_id, server_round)
+    except Exception as error:  # noqa: BLE001 - a round that cannot be rebuilt gets an error, not a crash
+        log.exception("experiment %s round %d: cannot rebuild the round to measure it", experiment_id, server_round)
+        return {"error": f"{type(error).__name__}: {error}"}
+    return measure_round(store, resources, aggregated)
+
+
 def measure_round(store: Store, resources: Resources, aggregated: AggregatedRound) -> Doc:
     """The ``rounds.landscape`` document (and its stored surface), or ``{"error": ...}``; never raises."""
     try:
@@ -185,10 +241,18 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
         ),
     }
     key = {"experiment_id": experiment_id, "round": server_round, "kind": "pca_surface"}
-    saved = store.landscapes.find_one_and_replace(
-        key, {**key, **surface}, upsert=True,  # a round aggregated again after a crash replaces its surface
-        return_document=pymongo.ReturnDocument.AFTER,
-    )
+    try:
+        saved = _save_surface(store, key, surface)
+    except pymongo.errors.DuplicateKeyError:  # a concurrent measurement of the round inserted it first
+        saved = _save_surface(store, key, surface)
     doc["surface_id"] = str(saved["_id"])
     doc["duration_s"] = time.perf_counter() - started
     return doc
+
+
+def _save_surface(store: Store, key: Doc, surface: Doc) -> Doc:
+    # a round measured again (after a restart) replaces its surface and keeps its id
+    saved = store.landscapes.find_one_and_replace(
+        key, {**key, **surface}, upsert=True, return_document=pymongo.ReturnDocument.AFTER
+    )
+    return dict(saved)

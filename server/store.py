@@ -230,6 +230,35 @@ class Store:
         cursor = self.rounds.find({"experiment_id": experiment_id}).sort([("round", -1)]).limit(1)
         return next((_plain(doc) for doc in cursor), None)
 
+    def set_round_landscape(self, experiment_id: str, server_round: int, landscape: Mapping[str, Any]) -> bool:
+        """Set the round's `landscape` unless it already has one; True if this call set it."""
+        result = self.rounds.update_one(
+            {"experiment_id": experiment_id, "round": server_round, "landscape": {"$exists": False}},
+            {"$set": {"landscape": dict(landscape)}},
+        )
+        return result.modified_count > 0
+
+    def rounds_without_landscape(self, experiment_id: str) -> list[int]:
+        """Numbers of the experiment's aggregated rounds that have no `landscape` yet, ascending."""
+        cursor = self.rounds.find(
+            {"experiment_id": experiment_id, "landscape": {"$exists": False}}, {"round": 1}
+        ).sort([("round", 1)])
+        return [int(doc["round"]) for doc in cursor]
+
+    def global_model_id(self, experiment_id: str, aggregated_round: int) -> str | None:
+        """Id of the global model after `aggregated_round` (0: the initial model), or None if not aggregated."""
+        if aggregated_round == 0:
+            return self.find_model_id(experiment_id, 0, "global")
+        doc = self.get_round(experiment_id, aggregated_round)
+        return None if doc is None else str(doc["model_file_id"])
+
+    def strategy_state_id(self, experiment_id: str, aggregated_round: int) -> str | None:
+        """Id of the strategy state after `aggregated_round`; None before round 1 (empty state) or if absent."""
+        if aggregated_round == 0:
+            return None
+        doc = self.get_round(experiment_id, aggregated_round)
+        return None if doc is None else doc.get("strategy_state_file_id")
+
     def rounds_of(self, experiment_id: str) -> list[Doc]:
         cursor = self.rounds.find({"experiment_id": experiment_id}).sort([("round", 1)])
         return [doc for doc in (_plain(d) for d in cursor) if doc is not None]

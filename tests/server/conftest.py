@@ -75,7 +75,7 @@ class Api:
         client_id: str,
         client_index: int,
         weights: dict[str, np.ndarray] | bytes,
-        num_examples: int = 100,
+        num_examples: int = 600,  # small_spec's clients hold round(30000 * 0.02) examples
         stats: dict[str, Any] | None = None,
     ) -> requests.Response:
         meta = {

@@ -6,8 +6,10 @@ import threading
 from typing import Any, Callable
 
 import numpy as np
+import pytest
 
 from server.api import coordinator_of, create_app
+from server.coordinator import Coordinator
 from server.store import Store
 from stack import wire
 
@@ -25,32 +27,34 @@ def start_two(api: Any, experiment_id: str) -> tuple[str, str]:
 
 
 def test_round_aggregates_with_fedavg_then_finishes(api: Any, store: Store, make_spec: Callable[..., dict]) -> None:
-    (experiment_id,) = api.submit(make_spec(rounds=2))
+    (experiment_id,) = api.submit(make_spec(rounds=2, subset_fractions=[0.02, 0.06]))  # 600 and 1,800 examples
     first, second = start_two(api, experiment_id)
     global_0 = api.model(experiment_id, 1)
     update_0, update_1 = shifted(global_0, 0.01), shifted(global_0, -0.03, scale=0.5)
 
-    response = api.update(experiment_id, 1, first, 0, update_0, num_examples=100,
+    inflated = api.update(experiment_id, 1, first, 0, update_0, num_examples=10**6)
+    assert (inflated.status_code, inflated.json()["field"]) == (400, "meta.num_examples")  # not the slot's 600
+    response = api.update(experiment_id, 1, first, 0, update_0, num_examples=600,
                           stats={"duration_s": {"train": 1.5}, "global": {"train_loss": 2.3}, "local": {"train_loss": 1.1}})
     assert (response.status_code, response.json()) == (202, {"accepted": True, "aggregated": False})
     assert api.update(experiment_id, 1, first, 0, update_0).status_code == 409  # duplicate
     assert api.task(first)["action"] == "wait"  # its slot already reported round 1
     assert store.get_round(experiment_id, 1) is None
 
-    response = api.update(experiment_id, 1, second, 1, update_1, num_examples=300)
+    response = api.update(experiment_id, 1, second, 1, update_1, num_examples=1800)
     assert (response.status_code, response.json()) == (202, {"accepted": True, "aggregated": True})
     assert api.update(experiment_id, 1, second, 1, update_1).status_code == 409  # late
 
     # the global model of round 1 is the example-weighted mean, computed here by hand
     global_1 = api.model(experiment_id, 2)
     for name, value in global_0.items():
-        expected = (100 * update_0[name].astype(np.float64) + 300 * update_1[name].astype(np.float64)) / 400
+        expected = (600 * update_0[name].astype(np.float64) + 1800 * update_1[name].astype(np.float64)) / 2400
         np.testing.assert_allclose(global_1[name], expected, rtol=0, atol=1e-6)
         assert global_1[name].dtype == np.float32
 
     round_doc = store.get_round(experiment_id, 1)
     assert round_doc is not None
-    assert round_doc["participants"] == [0, 1] and round_doc["num_examples"] == 400
+    assert round_doc["participants"] == [0, 1] and round_doc["num_examples"] == 2400
     assert round_doc["num_test"] == 10_000 and np.isfinite(round_doc["test_loss"])
     assert 0.0 <= round_doc["test_accuracy"] <= 1.0
     assert round_doc["finished_at"] >= round_doc["started_at"] and round_doc["duration_s"] >= 0
@@ -58,7 +62,7 @@ def test_round_aggregates_with_fedavg_then_finishes(api: Any, store: Store, make
     np.testing.assert_array_equal(stored["fc1.weight"], global_1["fc1.weight"])
 
     stats = store.client_stats_for(experiment_id, 1)
-    assert [(s["client_index"], s["client_id"], s["num_examples"]) for s in stats] == [(0, first, 100), (1, second, 300)]
+    assert [(s["client_index"], s["client_id"], s["num_examples"]) for s in stats] == [(0, first, 600), (1, second, 1800)]
     assert stats[0]["global"] == {"train_loss": 2.3} and stats[0]["duration_s"] == {"train": 1.5}
     assert api.get(f"/experiments/{experiment_id}").json()["current_round"] == 2
     (summary,) = api.get("/experiments").json()["experiments"]
@@ -69,7 +73,8 @@ def test_round_aggregates_with_fedavg_then_finishes(api: Any, store: Store, make
     # round 2, then the experiment is finished and its slots are released
     assert [api.task(c)["round"] for c in (first, second)] == [2, 2]
     assert api.update(experiment_id, 2, first, 0, shifted(global_1, 0.0)).status_code == 202
-    assert api.update(experiment_id, 2, second, 1, shifted(global_1, 0.0)).json()["aggregated"] is True
+    last = api.update(experiment_id, 2, second, 1, shifted(global_1, 0.0), num_examples=1800)
+    assert last.json()["aggregated"] is True
     doc = api.get(f"/experiments/{experiment_id}").json()
     assert (doc["status"], doc["current_round"]) == ("finished", 2)
     assert all(slot["client_id"] is None for slot in store.slots(experiment_id))
@@ -124,13 +129,13 @@ def put_update_like_a_crashed_server(store: Store, experiment_id: str, server_ro
 def test_new_app_on_the_same_store_resumes(
     api: Any, store: Store, start_api: Callable[..., Any], make_spec: Callable[..., dict]
 ) -> None:
-    (experiment_id,) = api.submit(make_spec(rounds=3))
+    (experiment_id,) = api.submit(make_spec(rounds=3, subset_fractions=[0.02, 0.06]))  # 600 and 1,800 examples
     first, second = start_two(api, experiment_id)
     global_0 = api.model(experiment_id, 1)
     update_0, update_1 = shifted(global_0, 0.5), shifted(global_0, -0.5)
-    assert api.update(experiment_id, 1, first, 0, update_0, num_examples=1).status_code == 202
+    assert api.update(experiment_id, 1, first, 0, update_0, num_examples=600).status_code == 202
     # the server dies after storing the second update, before aggregating it
-    put_update_like_a_crashed_server(store, experiment_id, 1, 1, second, update_1, num_examples=3)
+    put_update_like_a_crashed_server(store, experiment_id, 1, 1, second, update_1, num_examples=1800)
     assert store.get_round(experiment_id, 1) is None
 
     restarted = start_api()  # recovers on start
@@ -180,3 +185,126 @@ def test_concurrent_recovery_aggregates_exactly_once(
     # FedAvgM's first step (momentum from zero, server rate 1) equals FedAvg: global + 0.1
     np.testing.assert_allclose(global_1["fc2.bias"], weights["fc2.bias"] + np.float32(0.1), atol=1e-6)
     assert store.count("models.files", {"metadata.round": 1, "metadata.kind": "global"}) == 1
+
+
+# landscape measurements in the background --------------------------------------------------------
+
+CHEAP_LANDSCAPE = {"num_samples": 64, "trace_probes": 4, "interpolation_points": 2, "grid_points": 3}
+
+
+def play_rounds(coordinator: Coordinator, clients: list[str], experiment_id: str, rounds: range) -> None:
+    """Each client trains (by hand: a shift of the global model) and reports every round in `rounds`."""
+    for server_round in rounds:
+        weights = wire.decode(coordinator.global_model(experiment_id, server_round))
+        for client_id in clients:
+            task = coordinator.task(client_id)
+            assert (task["action"], task["experiment_id"], task["round"]) == ("train", experiment_id, server_round)
+            index = task["client_index"]
+            num_train = coordinator.store.slot(experiment_id, index)["num_train"]
+            meta = {"client_id": client_id, "client_index": index, "num_examples": num_train}
+            update = shifted(weights, 0.01 * (index + 1) * (-1) ** server_round, scale=1.0 - 0.1 * index)
+            coordinator.submit_update(experiment_id, server_round, meta, wire.encode(update))
+
+
+def landscapes_of(store: Store, experiment_id: str) -> dict[int, Any]:
+    return {doc["round"]: doc.get("landscape") for doc in store.rounds_of(experiment_id)}
+
+
+def assert_same_measurement(after: Any, before: Any, path: str = "landscape") -> None:
+    """Equal documents up to float noise, `duration_s` (the measurement's own time) aside."""
+    if isinstance(before, dict):
+        assert set(after) == set(before), path
+        for key in before:
+            if key != "duration_s":
+                assert_same_measurement(after[key], before[key], f"{path}.{key}")
+    elif isinstance(before, list):
+        assert len(after) == len(before), path
+        for position, (a, b) in enumerate(zip(after, before)):
+            assert_same_measurement(a, b, f"{path}[{position}]")
+    elif isinstance(before, float):
+        assert after == pytest.approx(before, rel=1e-6, abs=1e-9), path
+    else:
+        assert after == before, path
+
+
+def test_finished_means_measured_and_a_restart_measures_lost_landscapes(
+    store: Store, clock: Any, make_settings: Callable[..., Any], make_spec: Callable[..., dict]
+) -> None:
+    first = coordinator_of(create_app(make_settings(), Store.from_database(store.db), clock=clock))
+    landscape = {**CHEAP_LANDSCAPE, "every": 2}
+    finished_id, running_id = first.submit([make_spec(rounds=3, landscape=landscape),
+                                            make_spec(rounds=3, landscape=CHEAP_LANDSCAPE)])
+    clients = [first.register({"hostname": "h", "pid": i})["client_id"] for i in range(2)]
+    play_rounds(first, clients, finished_id, range(1, 4))
+    # read at once: "finished" promises every scheduled round (2, and the last) is measured
+    assert first.experiment(finished_id)["status"] == "finished"
+    before = landscapes_of(store, finished_id)
+    assert before[1] is None and before[2] is not None and before[3] is not None
+    assert "error" not in before[2] and "error" not in before[3]
+    for server_round in (2, 3):
+        round_doc = store.get_round(finished_id, server_round)
+        assert round_doc is not None and round_doc["aggregation_s"] > 0
+        assert 0 < before[server_round]["duration_s"]
+    play_rounds(first, clients, running_id, range(1, 3))  # the second experiment stops in round 3
+    assert first.wait_for_measurements(timeout_s=300)
+    assert first.experiment(running_id)["current_round"] == 3
+    running_before = landscapes_of(store, running_id)
+    assert set(running_before) == {1, 2} and all("error" not in doc for doc in running_before.values())
+    first.close()
+
+    # the server stops before measuring: its documents lack the landscape (surfaces stay, as after a crash)
+    lost = [(finished_id, 2), (finished_id, 3), (running_id, 1)]
+    for experiment_id, server_round in lost:
+        store.rounds.update_one({"experiment_id": experiment_id, "round": server_round}, {"$unset": {"landscape": ""}})
+    surfaces = store.count("landscapes")
+    restarted = coordinator_of(create_app(make_settings(), Store.from_database(store.db), clock=clock))
+    assert restarted.wait_for_measurements(timeout_s=300)
+    after, running_after = landscapes_of(store, finished_id), landscapes_of(store, running_id)
+    assert after[1] is None  # not scheduled: still not measured
+    for server_round in (2, 3):
+        assert_same_measurement(after[server_round], before[server_round])
+    for server_round in (1, 2):
+        assert_same_measurement(running_after[server_round], running_before[server_round])
+    assert store.count("landscapes") == surfaces  # measured again in place: the same surface ids
+    restarted.close()
+
+
+def test_measurements_of_broken_or_deleted_rounds_leave_the_worker_alive(
+    store: Store, clock: Any, make_settings: Callable[..., Any], make_spec: Callable[..., dict]
+) -> None:
+    coordinator = coordinator_of(create_app(make_settings(), Store.from_database(store.db), clock=clock))
+    (experiment_id,) = coordinator.submit(make_spec(rounds=3, landscape=CHEAP_LANDSCAPE))
+    clients = [coordinator.register({"hostname": "h", "pid": i})["client_id"] for i in range(2)]
+    play_rounds(coordinator, clients, experiment_id, range(1, 4))
+    measured = landscapes_of(store, experiment_id)
+    for server_round in (1, 2, 3):
+        store.rounds.update_one({"experiment_id": experiment_id, "round": server_round}, {"$unset": {"landscape": ""}})
+
+    # queued while the worker is busy; then round 1's updates vanish and the experiment fails
+    gate = threading.Event()
+    blocker = coordinator.landscape_executor.submit(gate.wait)
+    for server_round in (1, 2, 3):
+        coordinator.queue_measurement(experiment_id, server_round)
+    for stats in store.client_stats_for(experiment_id, 1):
+        store.delete_client_model(stats["weights_file_id"])
+    store.update_experiment(experiment_id, {"status": "failed", "error": "stopped by the test"})
+    gate.set()
+    assert coordinator.wait_for_measurements(timeout_s=300) and blocker.result() is True
+    after = landscapes_of(store, experiment_id)
+    assert after[1]["error"].startswith("NoFile")  # stored as an error, like any failed measurement
+    for server_round in (2, 3):  # the rounds are real: measured as before
+        assert_same_measurement(after[server_round], measured[server_round])
+
+    # queued, then the whole experiment is deleted
+    store.rounds.update_one({"experiment_id": experiment_id, "round": 2}, {"$unset": {"landscape": ""}})
+    gate.clear()
+    blocker = coordinator.landscape_executor.submit(gate.wait)
+    coordinator.queue_measurement(experiment_id, 2)
+    store.experiments.delete_one({"_id": experiment_id})
+    gate.set()
+    assert coordinator.wait_for_measurements(timeout_s=300)
+    assert "landscape" not in (store.get_round(experiment_id, 2) or {})
+    # the same worker thread still takes jobs
+    name = coordinator.landscape_executor.submit(lambda: threading.current_thread().name).result(timeout=60)
+    assert name.startswith("landscape")
+    coordinator.close()
