@@ -55,6 +55,7 @@ class Surface:
     losses: np.ndarray  # (ny, nx)
     explained_variance_ratio: tuple[float, ...]
     client_points: tuple[tuple[int, float, float], ...]  # (client_index, x, y)
+    second_direction: str = "principal"  # "random" when one client leaves no second principal direction
 
 
 @dataclass(frozen=True)
@@ -240,4 +241,5 @@ def _surface(doc: Mapping[str, Any]) -> Surface | None:
         losses=losses,
         explained_variance_ratio=tuple(float(v) for v in doc.get("explained_variance_ratio") or ()),
         client_points=points,
+        second_direction=str(doc.get("second_direction") or "principal"),
     )

@@ -211,7 +211,7 @@ def surfaces(data: ExperimentData, out_dir: Path) -> Path | None:
         ax.contour(surface.x, surface.y, losses, levels=filled.levels, colors="white", linewidths=0.4, alpha=0.5)
         figure.colorbar(filled, ax=ax, label="loss", format="%.3g")
         ax.plot([0.0], [0.0], marker="*", color="white", markeredgecolor="black", markersize=13, linestyle="none")
-        ax.annotate("centre", (0.0, 0.0), textcoords="offset points", xytext=(6, -12), fontsize="small",
+        ax.annotate("global model", (0.0, 0.0), textcoords="offset points", xytext=(6, -12), fontsize="small",
                     path_effects=HALO)
         for i, x, y in surface.client_points:
             colour = client_colour(i, data.num_clients)
@@ -220,7 +220,10 @@ def surfaces(data: ExperimentData, out_dir: Path) -> Path | None:
                         fontweight="bold", path_effects=HALO)
         ratios = surface.explained_variance_ratio
         ax.set_xlabel("PC 1" + (f" ({ratios[0]:.0%} of variance)" if len(ratios) > 0 else ""))
-        ax.set_ylabel("PC 2" + (f" ({ratios[1]:.0%} of variance)" if len(ratios) > 1 else ""))
+        if surface.second_direction == "random":
+            ax.set_ylabel("random direction orthogonal to PC 1")
+        else:
+            ax.set_ylabel("PC 2" + (f" ({ratios[1]:.0%} of variance)" if len(ratios) > 1 else ""))
         ax.set_title(f"round {surface.round}")
     figure.suptitle(f"{data.label}: loss surface, client models as numbered points", fontsize="medium")
     return save(figure, out_dir / "surfaces.png")
