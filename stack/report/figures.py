@@ -318,7 +318,7 @@ EXPERIMENT_FIGURES: tuple[FigureKind, ...] = (
                "(alpha 1), per round; right: the loss along that line in the last measured round.", barriers, True),
     FigureKind("surfaces.png", "Loss surface",
                "Loss over the two principal directions of the client updates (first, middle and last measured "
-               "round); numbered points are the client models, the star the centre of the grid.", surfaces, True),
+               "round); numbered points are the client models, the star the aggregated global model at the centre of the grid.", surfaces, True),
     FigureKind("contributions.png", "Client contributions",
                "Leave-one-out: the global test metric without the client minus with all clients (full test split). "
                "Alignment: cosine between the client's update and the aggregate update. B: gradient dissimilarity "
