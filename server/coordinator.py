@@ -20,15 +20,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from bson import ObjectId
 
 from fedland.spec import ExperimentSpec, SpecError
 from server.errors import BadRequest, Conflict, NotFound
-from server.landscape import measure_stored_round
+from server.measurements import LandscapeWorker
 from server.resources import Resources
 from server.store import DONE, DuplicateError, Store
 from server.strategies import ClientUpdate, make_strategy, validate_strategy
@@ -62,15 +60,13 @@ class Coordinator:
         self.clock = clock
         self._assign_lock = threading.Lock()
         self._aggregate_lock = threading.Lock()
-        #: The one thread that measures the landscape of aggregated rounds (see `queue_measurement`).
-        self.landscape_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landscape")
-        self._pending: dict[tuple[str, int], Future[None]] = {}
-        self._pending_lock = threading.Lock()
+        #: Measures the landscape of aggregated rounds on one background thread.
+        self.measurements = LandscapeWorker(store, resources)
         store.ensure_indexes()
 
     def close(self) -> None:
         """Stop the measurement thread: the running measurement ends, queued ones are dropped (see `recover`)."""
-        self.landscape_executor.shutdown(wait=True, cancel_futures=True)
+        self.measurements.close()
 
     # experiments -----------------------------------------------------------
 
@@ -309,70 +305,8 @@ class Coordinator:
             finished += self._maybe_aggregate(experiment["id"], server_round)
         for experiment in self.store.list_experiments():
             if experiment.get("status") in ("running", "finished"):
-                for server_round in self._unmeasured_rounds(experiment):
-                    self.queue_measurement(experiment["id"], server_round)
+                self.measurements.queue_unmeasured(experiment)
         return finished
-
-    # landscape measurements --------------------------------------------------
-
-    def queue_measurement(self, experiment_id: str, server_round: int) -> None:
-        """Measure the stored round's landscape on the background thread (once; dropped after `close`)."""
-        key = (experiment_id, server_round)
-        with self._pending_lock:
-            if key in self._pending:
-                return
-            try:
-                future = self.landscape_executor.submit(self._measure_safely, experiment_id, server_round)
-            except RuntimeError:  # closed: the next start recovers it
-                log.info("experiment %s round %d: measurement not queued, shutting down", experiment_id, server_round)
-                return
-            self._pending[key] = future
-        future.add_done_callback(lambda done: self._forget(key, done))
-
-    def wait_for_measurements(self, experiment_id: str | None = None, timeout_s: float | None = None) -> bool:
-        """Wait for the measurements queued so far (of one experiment, or all); True if none is left."""
-        with self._pending_lock:
-            futures = [f for (eid, _), f in self._pending.items() if experiment_id is None or eid == experiment_id]
-        return not wait_futures(futures, timeout=timeout_s).not_done
-
-    def _forget(self, key: tuple[str, int], future: Future[None]) -> None:
-        with self._pending_lock:
-            if self._pending.get(key) is future:
-                del self._pending[key]
-
-    def _unmeasured_rounds(self, experiment: Doc) -> list[int]:
-        spec = ExperimentSpec.from_dict(experiment)
-        return [
-            r for r in self.store.rounds_without_landscape(experiment["id"]) if spec.landscape.scheduled(r, spec.rounds)
-        ]
-
-    def _measure_safely(self, experiment_id: str, server_round: int) -> None:
-        try:
-            self._measure(experiment_id, server_round)
-        except Exception:  # noqa: BLE001 - the measurement thread must outlive any job
-            log.exception("experiment %s round %d: landscape measurement not stored", experiment_id, server_round)
-
-    def _measure(self, experiment_id: str, server_round: int) -> None:
-        experiment = self.store.get_experiment(experiment_id)
-        if experiment is None:
-            log.info("experiment %s is gone: round %d not measured", experiment_id, server_round)
-            return
-        round_doc = self.store.get_round(experiment_id, server_round)
-        if round_doc is None or "landscape" in round_doc:
-            return
-        spec = ExperimentSpec.from_dict(experiment)
-        landscape = measure_stored_round(self.store, self.resources, spec, experiment_id, server_round)
-        if self.store.set_round_landscape(experiment_id, server_round, landscape) and "error" not in landscape:
-            log.info(
-                "experiment %s round %d: landscape measured in %.2f s",
-                experiment_id, server_round, landscape["duration_s"],
-            )
-
-    def _finish_measurements(self, experiment: Doc) -> None:
-        """Before the experiment is finished: its queued measurements, then any still missing, here."""
-        self.wait_for_measurements(experiment["id"])
-        for server_round in self._unmeasured_rounds(experiment):
-            self._measure_safely(experiment["id"], server_round)
 
     def _maybe_aggregate(self, experiment_id: str, server_round: int) -> bool:
         with self._aggregate_lock:
@@ -393,7 +327,7 @@ class Coordinator:
             if server_round < experiment["rounds"]:
                 spec = ExperimentSpec.from_dict(experiment)
                 if spec.landscape.scheduled(server_round, spec.rounds):
-                    self.queue_measurement(experiment_id, server_round)
+                    self.measurements.queue(experiment_id, server_round)
             return True
 
     def _aggregate(self, experiment: Doc, server_round: int) -> None:
@@ -462,7 +396,7 @@ class Coordinator:
         experiment_id = experiment["id"]
         where = {"status": "running", "current_round": server_round}
         if server_round >= experiment["rounds"]:
-            self._finish_measurements(experiment)  # "finished" promises every scheduled round's landscape
+            self.measurements.finish(experiment)  # "finished" promises every scheduled round's landscape
             self.store.update_experiment(experiment_id, {"status": "finished", "finished_at": self.clock()}, where=where)
             self.store.release_experiment_slots(experiment_id)
             log.info("experiment %s finished", experiment_id)

@@ -246,7 +246,7 @@ def test_finished_means_measured_and_a_restart_measures_lost_landscapes(
         assert round_doc is not None and round_doc["aggregation_s"] > 0
         assert 0 < before[server_round]["duration_s"]
     play_rounds(first, clients, running_id, range(1, 3))  # the second experiment stops in round 3
-    assert first.wait_for_measurements(timeout_s=300)
+    assert first.measurements.wait(timeout_s=300)
     assert first.experiment(running_id)["current_round"] == 3
     running_before = landscapes_of(store, running_id)
     assert set(running_before) == {1, 2} and all("error" not in doc for doc in running_before.values())
@@ -258,7 +258,7 @@ def test_finished_means_measured_and_a_restart_measures_lost_landscapes(
         store.rounds.update_one({"experiment_id": experiment_id, "round": server_round}, {"$unset": {"landscape": ""}})
     surfaces = store.count("landscapes")
     restarted = coordinator_of(create_app(make_settings(), Store.from_database(store.db), clock=clock))
-    assert restarted.wait_for_measurements(timeout_s=300)
+    assert restarted.measurements.wait(timeout_s=300)
     after, running_after = landscapes_of(store, finished_id), landscapes_of(store, running_id)
     assert after[1] is None  # not scheduled: still not measured
     for server_round in (2, 3):
@@ -282,14 +282,14 @@ def test_measurements_of_broken_or_deleted_rounds_leave_the_worker_alive(
 
     # queued while the worker is busy; then round 1's updates vanish and the experiment fails
     gate = threading.Event()
-    blocker = coordinator.landscape_executor.submit(gate.wait)
+    blocker = coordinator.measurements.executor.submit(gate.wait)
     for server_round in (1, 2, 3):
-        coordinator.queue_measurement(experiment_id, server_round)
+        coordinator.measurements.queue(experiment_id, server_round)
     for stats in store.client_stats_for(experiment_id, 1):
         store.delete_client_model(stats["weights_file_id"])
     store.update_experiment(experiment_id, {"status": "failed", "error": "stopped by the test"})
     gate.set()
-    assert coordinator.wait_for_measurements(timeout_s=300) and blocker.result() is True
+    assert coordinator.measurements.wait(timeout_s=300) and blocker.result() is True
     after = landscapes_of(store, experiment_id)
     assert after[1]["error"].startswith("NoFile")  # stored as an error, like any failed measurement
     for server_round in (2, 3):  # the rounds are real: measured as before
@@ -298,13 +298,13 @@ def test_measurements_of_broken_or_deleted_rounds_leave_the_worker_alive(
     # queued, then the whole experiment is deleted
     store.rounds.update_one({"experiment_id": experiment_id, "round": 2}, {"$unset": {"landscape": ""}})
     gate.clear()
-    blocker = coordinator.landscape_executor.submit(gate.wait)
-    coordinator.queue_measurement(experiment_id, 2)
+    blocker = coordinator.measurements.executor.submit(gate.wait)
+    coordinator.measurements.queue(experiment_id, 2)
     store.experiments.delete_one({"_id": experiment_id})
     gate.set()
-    assert coordinator.wait_for_measurements(timeout_s=300)
+    assert coordinator.measurements.wait(timeout_s=300)
     assert "landscape" not in (store.get_round(experiment_id, 2) or {})
     # the same worker thread still takes jobs
-    name = coordinator.landscape_executor.submit(lambda: threading.current_thread().name).result(timeout=60)
+    name = coordinator.measurements.executor.submit(lambda: threading.current_thread().name).result(timeout=60)
     assert name.startswith("landscape")
     coordinator.close()

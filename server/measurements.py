@@ -1,0 +1,105 @@
+"""The server's background landscape measurements: one thread, each scheduled round once.
+
+The coordinator writes a round's `rounds` document and advances the experiment
+first, then queues the round here, so clients start the next round while the
+server measures (DEVELOPERS.md "Who measures what"). Before an experiment is
+marked finished, `finish` waits for its queued rounds and measures what is still
+missing, so a finished experiment has every scheduled round's landscape. A
+restart drops queued rounds; `queue_unmeasured` finds them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from typing import Any
+
+from fedland.spec import ExperimentSpec
+from server.landscape import measure_stored_round
+from server.resources import Resources
+from server.store import Store
+
+log = logging.getLogger(__name__)
+
+Doc = dict[str, Any]
+
+
+class LandscapeWorker:
+    """Measures stored rounds on one background thread; a job never kills the thread."""
+
+    def __init__(self, store: Store, resources: Resources) -> None:
+        self.store = store
+        self.resources = resources
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landscape")
+        self._pending: dict[tuple[str, int], Future[None]] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """The running measurement ends; queued ones are dropped (the next start recovers them)."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def queue(self, experiment_id: str, server_round: int) -> None:
+        """Measure the stored round's landscape on the background thread (once; dropped after `close`)."""
+        key = (experiment_id, server_round)
+        with self._lock:
+            if key in self._pending:
+                return
+            try:
+                future = self.executor.submit(self._measure_safely, experiment_id, server_round)
+            except RuntimeError:  # closed: the next start recovers it
+                log.info("experiment %s round %d: measurement not queued, shutting down", experiment_id, server_round)
+                return
+            self._pending[key] = future
+        future.add_done_callback(lambda done: self._forget(key, done))
+
+    def queue_unmeasured(self, experiment: Doc) -> None:
+        """Queue every scheduled round of `experiment` whose document has no landscape yet."""
+        for server_round in self._unmeasured_rounds(experiment):
+            self.queue(experiment["id"], server_round)
+
+    def wait(self, experiment_id: str | None = None, timeout_s: float | None = None) -> bool:
+        """Wait for the measurements queued so far (of one experiment, or all); True if none is left."""
+        with self._lock:
+            futures = [f for (eid, _), f in self._pending.items() if experiment_id is None or eid == experiment_id]
+        return not wait_futures(futures, timeout=timeout_s).not_done
+
+    def finish(self, experiment: Doc) -> None:
+        """Before the experiment is finished: its queued measurements, then any still missing, here."""
+        self.wait(experiment["id"])
+        for server_round in self._unmeasured_rounds(experiment):
+            self._measure_safely(experiment["id"], server_round)
+
+    def _forget(self, key: tuple[str, int], future: Future[None]) -> None:
+        with self._lock:
+            if self._pending.get(key) is future:
+                del self._pending[key]
+
+    def _unmeasured_rounds(self, experiment: Doc) -> list[int]:
+        spec = ExperimentSpec.from_dict(experiment)
+        return [
+            r for r in self.store.rounds_without_landscape(experiment["id"]) if spec.landscape.scheduled(r, spec.rounds)
+        ]
+
+    def _measure_safely(self, experiment_id: str, server_round: int) -> None:
+        try:
+            self._measure(experiment_id, server_round)
+        except Exception:  # noqa: BLE001 - the measurement thread must outlive any job
+            log.exception("experiment %s round %d: landscape measurement not stored", experiment_id, server_round)
+
+    def _measure(self, experiment_id: str, server_round: int) -> None:
+        experiment = self.store.get_experiment(experiment_id)
+        if experiment is None:
+            log.info("experiment %s is gone: round %d not measured", experiment_id, server_round)
+            return
+        round_doc = self.store.get_round(experiment_id, server_round)
+        if round_doc is None or "landscape" in round_doc:
+            return
+        spec = ExperimentSpec.from_dict(experiment)
+        landscape = measure_stored_round(self.store, self.resources, spec, experiment_id, server_round)
+        if self.store.set_round_landscape(experiment_id, server_round, landscape) and "error" not in landscape:
+            log.info(
+                "experiment %s round %d: landscape measured in %.2f s",
+                experiment_id, server_round, landscape["duration_s"],
+            )
