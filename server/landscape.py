@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pymongo
-import pymongo.errors
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -240,19 +238,6 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
             lambda rest: strategy.aggregate(previous, rest, state)[0], updates, client_indices, evaluate, full
         ),
     }
-    key = {"experiment_id": experiment_id, "round": server_round, "kind": "pca_surface"}
-    try:
-        saved = _save_surface(store, key, surface)
-    except pymongo.errors.DuplicateKeyError:  # a concurrent measurement of the round inserted it first
-        saved = _save_surface(store, key, surface)
-    doc["surface_id"] = str(saved["_id"])
+    doc["surface_id"] = store.save_landscape(experiment_id, server_round, "pca_surface", surface)
     doc["duration_s"] = time.perf_counter() - started
     return doc
-
-
-def _save_surface(store: Store, key: Doc, surface: Doc) -> Doc:
-    # a round measured again (after a restart) replaces its surface and keeps its id
-    saved = store.landscapes.find_one_and_replace(
-        key, {**key, **surface}, upsert=True, return_document=pymongo.ReturnDocument.AFTER
-    )
-    return dict(saved)

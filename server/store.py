@@ -238,6 +238,21 @@ class Store:
         )
         return result.modified_count > 0
 
+    def save_landscape(self, experiment_id: str, server_round: int, kind: str, content: Mapping[str, Any]) -> str:
+        """Store a grid or curve of a round (`landscapes`); a round measured again replaces it. Returns its id."""
+        key = {"experiment_id": experiment_id, "round": server_round, "kind": kind}
+
+        def replace() -> Doc:
+            return dict(self.landscapes.find_one_and_replace(
+                key, {**key, **content}, upsert=True, return_document=ReturnDocument.AFTER
+            ))
+
+        try:
+            saved = replace()
+        except pymongo.errors.DuplicateKeyError:  # a concurrent measurement of the round inserted it first
+            saved = replace()
+        return str(saved["_id"])
+
     def rounds_without_landscape(self, experiment_id: str) -> list[int]:
         """Numbers of the experiment's aggregated rounds that have no `landscape` yet, ascending."""
         cursor = self.rounds.find(
