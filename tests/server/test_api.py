@@ -166,3 +166,10 @@ def test_body_too_large_is_413(start_api: Callable[..., Any], make_spec: Callabl
     response = api.post("/experiments", data=b"x" * (2 * 1024 * 1024), headers={"Content-Type": "application/json"})
     assert response.status_code == 413
     assert "error" in response.json()
+    # the multipart update route, which carries the weights, is limited too, and stores nothing
+    (experiment_id,) = api.submit(make_spec())
+    holder = api.register()
+    api.task(holder)
+    response = api.update(experiment_id, 1, holder, 0, b"w" * (2 * 1024 * 1024))
+    assert response.status_code == 413 and "error" in response.json()
+    assert api.update(experiment_id, 1, holder, 0, api.model(experiment_id, 1)).status_code == 202
