@@ -188,11 +188,15 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping[str, str]) -> int:
     """Run `specs` on a local stack; 0 if every experiment finished, 130 if interrupted."""
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
     data_dir = Path(env.get("FEDLAND_DATA_DIR", "").strip() or "./data")
     for name in sorted({spec.dataset_name for spec in specs}):
-        load_dataset(name, data_dir)  # download once here, not in every client at the same time
+        try:
+            load_dataset(name, data_dir)  # download once here, not in every client at the same time
+        except (OSError, ValueError) as error:  # missing (and not downloadable) or corrupted files
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     num_clients = options.clients or max(spec.num_clients for spec in specs)
     local = LocalRun(options, env)
     started = time.monotonic()

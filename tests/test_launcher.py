@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import main
@@ -79,3 +81,17 @@ def test_main_experiments_cover_the_issue() -> None:
     assert prototype in ratios
     assert [s.num_clients for s in experiments if "centralized" in s.description] == [1]
     assert {s.strategy.name for s in experiments} >= {"FedAvg", "FedProx"}
+
+
+def test_bad_data_files_stop_the_run_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mnist = tmp_path / "mnist"
+    mnist.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (mnist / name).write_bytes(b"not an IDX file")
+    monkeypatch.setenv("FEDLAND_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("FEDLAND_STORE_DIR", str(tmp_path / "store"))
+    assert launcher_main([spec("one")], ["--no-reports"]) == 2
+    assert "train-images-idx3-ubyte" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()  # no store, server or client was started
