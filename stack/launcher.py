@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from client.transport import Transport
+from client.transport import ApiError, Transport
 from fedland.datasets import load_dataset
 from fedland.spec import ExperimentSpec, SpecError, load_specs
 from server.strategies import validate_strategy
@@ -283,7 +283,11 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.server:
-        return queue_only(specs, args.server, env)
+        try:
+            return queue_only(specs, args.server, env)
+        except (ValueError, ConnectionError, ApiError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2 if isinstance(error, ValueError) else 1
     needed = max(spec.num_clients for spec in specs)
     if args.clients is not None and args.clients < needed:
         print(f"--clients {args.clients}: an experiment needs {needed} clients; it would wait forever", file=sys.stderr)
