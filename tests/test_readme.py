@@ -42,3 +42,14 @@ def test_readme_example_runs_as_written(tmp_path: Path) -> None:
     assert top >= second >= third > 0
     trace, std_error, centre = numbers[3:6]
     assert trace > top and std_error > 0 and centre > 0
+
+
+def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("Install and run the tests:") :]
+    match = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert match is not None
+    readme_lines = [line for line in match.group(1).splitlines() if line.strip()]
+    ci_lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    start = ci_lines.index(readme_lines[0])
+    assert ci_lines[start : start + len(readme_lines)] == readme_lines
