@@ -95,7 +95,7 @@ def materialize(data: Iterable[Batch], field: str = "data") -> list[Batch]:
 
 def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
     """The parameters the metrics act on: those with ``requires_grad``, by name."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("model: has no parameter with requires_grad=True")
     return params
@@ -186,13 +186,14 @@ class Objective:
 
     def evaluate(self, theta: Tensor, buffers: Mapping[str, Tensor] | None = None) -> tuple[float, float | None]:
         """Mean loss and accuracy (None when outputs are not class scores) at ``theta``."""
-        loss, correct = 0.0, 0
+        loss = 0.0
+        correct_or_none: int | None = 0
         with torch.no_grad():
             for group in self.groups:
                 g_loss, g_correct = self.group_loss(theta, group, buffers)
                 loss += float(g_loss.detach())
-                correct = None if g_correct is None or correct is None else correct + g_correct
-        return loss, None if correct is None else correct / self.num_examples
+                correct_or_none = None if g_correct is None or correct_or_none is None else correct_or_none + g_correct
+        return loss, None if correct_or_none is None else correct_or_none / self.num_examples
 
     def gradient(self, theta: Tensor) -> tuple[float, Tensor]:
         """Mean loss and its gradient ``(dim,)`` at ``theta``."""

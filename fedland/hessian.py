@@ -115,7 +115,8 @@ class HessianOperator:
             yield from self._graphs
             return
         graphs = []
-        loss_sum, correct_sum, grad_sum = 0.0, 0, torch.zeros_like(self._objective.theta)
+        loss_sum, grad_sum = 0.0, torch.zeros_like(self._objective.theta)
+        correct_sum: int | None = 0
         for group in self._objective.groups:
             leaf = self._objective.theta.clone().requires_grad_(True)
             loss, correct = self._objective.group_loss(leaf, group)

@@ -123,8 +123,8 @@ def client_sizes(num_samples: int, fractions: Sequence[float]) -> list[int]:
 
 
 def plan_counts(
-    train_class_totals: Sequence[int],
-    test_class_totals: Sequence[int],
+    train_class_totals: Sequence[int] | np.ndarray,
+    test_class_totals: Sequence[int] | np.ndarray,
     ratios: Sequence[Sequence[float]],
     fractions: Sequence[float],
 ) -> tuple[list[list[int]], list[list[int]]]:

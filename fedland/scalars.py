@@ -78,7 +78,8 @@ def path_norm(model: nn.Module, input_shape: Sequence[int]) -> float:
             scale = 1.0 / torch.sqrt(module.running_var.detach() + module.eps)
             if module.weight is not None:
                 scale = scale * module.weight.detach()
-            state[f"{prefix}running_mean"] = torch.zeros_like(module.running_mean)
+            if module.running_mean is not None:
+                state[f"{prefix}running_mean"] = torch.zeros_like(module.running_mean)
             if module.weight is not None:  # x * weight / sqrt(1 - eps + eps) = x * scale^2
                 state[f"{prefix}running_var"] = torch.full_like(module.running_var, 1.0 - module.eps)
                 state[f"{prefix}weight"] = scale**2

@@ -151,7 +151,7 @@ def loss_slice_2d(
             raise ValueError("directions: must be a pair")
         d1 = objective.flatten(directions[0], "directions[0]")
         d2 = objective.flatten(directions[1], "directions[1]")
-        results = []
+        results: list[tuple[float, float | None]] = []
         for i, x in enumerate(coords):
             row = objective.theta + float(x) * d1
             results.extend(objective.evaluate(row + float(y) * d2) for y in coords)

@@ -84,7 +84,7 @@ class StrategySpec:
         object.__setattr__(self, "params", _json_object(self.params, "strategy.params"))
         if self.name == "FedProx":
             mu = self.params.get("mu")
-            if not _is_real(mu) or not mu >= 0:
+            if mu is None or not _is_real(mu) or not float(mu) >= 0:
                 raise SpecError("strategy.params.mu", f"FedProx needs a proximal weight mu >= 0, got {mu!r}")
 
     @property
