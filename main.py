@@ -23,6 +23,12 @@ SGD = dict(learning_rate=0.05, momentum=0.5)
 IID_RATIOS, IID_FRACTIONS = schemes.iid(3)  # the largest feasible fraction: ~20,000 images each
 DIRICHLET_RATIOS, DIRICHLET_FRACTIONS = schemes.dirichlet(3, alpha=0.5, seed=42)  # largest feasible
 CENTRAL_RATIOS, CENTRAL_FRACTIONS = schemes.centralized()
+NON_IID_RATIOS = [  # the original prototype's clients
+    [0.1] * 10,  # balanced
+    [0.9, 0.1, 0, 0, 0, 0, 0, 0, 0, 0],  # almost only zeros
+    [0, 0, 0.2, 0.2, 0.2, 0.2, 0.2, 0, 0, 0],  # five classes, none of 0, 1, 7, 8, 9
+]
+NON_IID_FRACTIONS = [0.25, 0.25, 0.25]  # client 1 alone needs 4,500 of MNIST's 5,923 zeros
 
 EXPERIMENTS: list[ExperimentSpec] = [
     ExperimentSpec(
@@ -34,23 +40,15 @@ EXPERIMENTS: list[ExperimentSpec] = [
     ),
     ExperimentSpec(
         description="non-IID unbalanced, 3 clients, FedAvg",
-        target_balance_ratios=[
-            [0.1] * 10,
-            [0.9, 0.1, 0, 0, 0, 0, 0, 0, 0, 0],
-            [0, 0, 0.2, 0.2, 0.2, 0.2, 0.2, 0, 0, 0],
-        ],
-        subset_fractions=[0.25, 0.25, 0.25],  # client 1 alone needs 4,500 of MNIST's 5,923 zeros
+        target_balance_ratios=NON_IID_RATIOS,
+        subset_fractions=NON_IID_FRACTIONS,
         strategy=StrategySpec("FedAvg"),
         **COMMON, **SGD,
     ),
     ExperimentSpec(
         description="non-IID unbalanced, 3 clients, FedProx mu=0.01",
-        target_balance_ratios=[
-            [0.1] * 10,
-            [0.9, 0.1, 0, 0, 0, 0, 0, 0, 0, 0],
-            [0, 0, 0.2, 0.2, 0.2, 0.2, 0.2, 0, 0, 0],
-        ],
-        subset_fractions=[0.25, 0.25, 0.25],
+        target_balance_ratios=NON_IID_RATIOS,
+        subset_fractions=NON_IID_FRACTIONS,
         strategy=StrategySpec("FedProx", {"mu": 0.01}),
         **COMMON, **SGD,
     ),
