@@ -32,6 +32,8 @@ COPY fedland ./fedland
 COPY stack ./stack
 COPY server ./server
 COPY client ./client
+COPY launch ./launch
+COPY reports ./reports
 COPY main.py ./
 
 # A fresh named volume mounted on /data takes that directory's owner (fedland).

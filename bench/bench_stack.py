@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedland import schemes  # noqa: E402
 from fedland.spec import ExperimentSpec  # noqa: E402
 from main import EXPERIMENTS  # noqa: E402
-from stack.launcher import LocalRun, RunOptions, make_transport  # noqa: E402
+from launch.launcher import LocalRun, RunOptions, make_transport  # noqa: E402
 
 DONE = ("finished", "failed")
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from client.transport import ApiError, Conflict, Stopped, Transport, UnknownClient
+from stack.api_client import ApiError, Conflict, Stopped, Transport, UnknownClient
 from client.work import LocalData, load_weights, run_round
 from fedland.spec import ExperimentSpec
 

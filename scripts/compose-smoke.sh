@@ -110,7 +110,7 @@ cat >"$experiments" <<'EOF'
 EOF
 
 log "queueing the experiment"
-if python3 -c 'import fedland.spec, stack.launcher' 2>/dev/null; then
+if python3 -c 'import fedland.spec, launch.launcher' 2>/dev/null; then
     # This machine has the project's Python environment: queue from here,
     # through the published port, exactly as the README shows.
     FEDLAND_TOKEN="$token" python3 main.py --server "http://127.0.0.1:$port" --rounds 2 --experiments "$experiments"

@@ -17,10 +17,10 @@ from typing import Any
 import pymongo
 import pytest
 
-from client.transport import Transport
+from stack.api_client import Transport
 from fedland.spec import ExperimentSpec
 from stack.embedded import free_port
-from stack.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
+from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
 
 TOKEN = "e2e-token"
 IID = [[0.1] * 10]

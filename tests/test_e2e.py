@@ -19,7 +19,7 @@ import pytest
 
 from fedland.datasets import load_dataset
 from fedland.partition import partition
-from stack.processes import child_env
+from launch.processes import child_env
 from tests.helpers import (  # noqa: F401 (local_stack is a fixture)
     TOKEN,
     LocalStack,

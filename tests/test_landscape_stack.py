@@ -32,9 +32,9 @@ from server.resources import Resources
 from server.store import Store
 from server.strategies import ClientUpdate, make_strategy, weighted_mean
 from stack import wire
-from stack.report import write_reports
-from stack.report.compare import COMPARISONS
-from stack.report.figures import EXPERIMENT_FIGURES
+from reports import write_reports
+from reports.compare import COMPARISONS
+from reports.figures import EXPERIMENT_FIGURES
 from tests.helpers import LocalStack, assert_complete, finite, local_stack, small_spec  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow

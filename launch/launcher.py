@@ -23,13 +23,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from client.transport import ApiError, Transport
+from stack.api_client import ApiError, Transport
 from fedland.datasets import load_dataset
 from fedland.spec import ExperimentSpec, SpecError, load_specs
 from server.strategies import validate_strategy
 from stack.embedded import EmbeddedMongo, free_port
-from stack.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
-from stack.progress import Progress, summary_table
+from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
+from launch.progress import Progress, summary_table
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def write_run_reports(
         return None
     import pymongo
 
-    from stack.report import write_reports
+    from reports import write_reports
 
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(store_uri, serverSelectionTimeoutMS=10_000)
     try:
@@ -269,7 +269,7 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
         level=env.get("FEDLAND_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.command == "report":
-        from stack.report import report_main
+        from reports import report_main
 
         store_dir = Path(env.get("FEDLAND_STORE_DIR", "").strip() or "./data/store")
         return report_main(args.experiment_ids, args.store_uri, None, args.out, store_dir=store_dir, env=env)

@@ -18,8 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patheffects import withStroke
 
-from stack.report.data import ExperimentData, Path_, Series
-from stack.report.style import (
+from reports.data import ExperimentData, Path_, Series
+from reports.style import (
     GLOBAL_COLOUR,
     client_colour,
     integer_rounds,

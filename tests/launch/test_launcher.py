@@ -8,9 +8,9 @@ import pytest
 
 import main
 from fedland.spec import ExperimentSpec, StrategySpec
-from stack.launcher import main as launcher_main
-from stack.launcher import parse_args, prepare
-from stack.progress import summary_table
+from launch.launcher import main as launcher_main
+from launch.launcher import parse_args, prepare
+from launch.progress import summary_table
 
 
 def spec(description: str, rounds: int = 5, fraction: float = 0.1) -> ExperimentSpec:

@@ -14,8 +14,8 @@ from fedland.datasets import DATASETS
 from fedland.partition import gini_coefficient, plan_counts
 from fedland.spec import ExperimentSpec, LandscapeSpec
 from server.store import Store
-from stack.report import report_main, write_reports
-from stack.report.data import load_experiment
+from reports import report_main, write_reports
+from reports.data import load_experiment
 
 LANDSCAPE_FIGURES = {"curvature.png", "barriers.png", "surfaces.png", "contributions.png"}
 BASE_FIGURES = {"accuracy_loss.png", "class_balance.png"}

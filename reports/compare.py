@@ -6,8 +6,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stack.report.data import ExperimentData, Series
-from stack.report.style import integer_rounds, new_figure, save, series_colour, use_log_scale
+from reports.data import ExperimentData, Series
+from reports.style import integer_rounds, new_figure, save, series_colour, use_log_scale
 
 
 @dataclass(frozen=True)

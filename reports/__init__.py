@@ -19,10 +19,10 @@ from typing import Any
 
 from pymongo.database import Database
 
-from stack.report.compare import COMPARISONS, comparison
-from stack.report.data import ExperimentData, list_experiment_ids, load_experiment
-from stack.report.figures import EXPERIMENT_FIGURES
-from stack.report.page import FigureEntry, experiment_page, index_page
+from reports.compare import COMPARISONS, comparison
+from reports.data import ExperimentData, list_experiment_ids, load_experiment
+from reports.figures import EXPERIMENT_FIGURES
+from reports.page import FigureEntry, experiment_page, index_page
 
 __all__ = ["report_main", "write_reports", "write_experiment_report"]
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from matplotlib.colors import to_hex
 
-from stack.report.data import ExperimentData, value_at
-from stack.report.style import client_colour
+from reports.data import ExperimentData, value_at
+from reports.style import client_colour
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }

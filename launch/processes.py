@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-from client.transport import Transport
+from stack.api_client import Transport
 
 log = logging.getLogger(__name__)
 

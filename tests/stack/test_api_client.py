@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from client.transport import ApiError, Backoff, Conflict, Stopped, Transport, UnknownClient
+from stack.api_client import ApiError, Backoff, Conflict, Stopped, Transport, UnknownClient
 from stack.embedded import free_port
 
 TOKEN = "test-token"  # the stub server (conftest.py) does not check it; the tests read what it received
