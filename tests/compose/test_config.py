@@ -2,8 +2,8 @@
 
 `docker compose config` renders the files with env files written by
 scripts/make-env.sh; the rendered services are compared with what the code
-reads (stack/settings.py, the entry points), the healthcheck runs against a
-real `python -m server`, and `python -m stack.fetch_data` runs on real MNIST.
+reads (stack/settings.py, the entry points) and the healthcheck runs against a
+real `python -m server`. tests/compose/test_stack.py runs the stack on an engine.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILES = ("compose.yaml", "compose.clients.yaml")
 ENTRY_POINTS = {"server": "server", "client": "client", "data-init": "stack.fetch_data"}
 CLIENTS_SERVER_URL = "http://fedland-server.example:8080"
@@ -232,12 +232,12 @@ def test_env_example_documents_exactly_the_variables_compose_uses() -> None:
 
 # --- shell scripts ---------------------------------------------------------------
 
-SCRIPTS = ("make-env.sh", "compose-smoke.sh")
+SCRIPTS = ("scripts/make-env.sh", "scripts/fill-wheelhouse.sh", ".ci/run")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_shell_scripts_parse_and_pass_shellcheck(script: str) -> None:
-    path = REPO / "scripts" / script
+    path = REPO / script
     assert os.access(path, os.X_OK), f"{script} is not executable"
     assert "set -euo pipefail" in path.read_text()
     parsed = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=60)
@@ -302,6 +302,40 @@ def test_mongo_and_mongo_express_are_not_reachable_from_other_hosts(stack_config
     assert environment["ME_CONFIG_BASICAUTH"] == environment["ME_CONFIG_BASICAUTH_ENABLED"] == "true"
     assert services["mongo"]["image"] == "mongo:7"
     assert "mongosh" in services["mongo"]["healthcheck"]["test"]
+    assert environment["ME_CONFIG_SITE_GRIDFS_ENABLED"] == "true"  # the models buckets, as README promises
+
+
+def test_the_image_is_built_once_and_run_by_every_fedland_service(
+    stack_config: dict[str, Any], clients_config: dict[str, Any]
+) -> None:
+    for config, builder in ((stack_config, "server"), (clients_config, "data-init")):
+        services = config["services"]
+        assert [name for name, service in services.items() if "build" in service] == [builder]
+        assert services[builder]["build"]["context"] == str(REPO)
+        assert {services[name]["image"] for name in services if name in ENTRY_POINTS} == {"fedland:latest"}
+
+
+def test_the_server_connects_as_a_least_privilege_user(stack_config: dict[str, Any], env_file: Path) -> None:
+    env = read_env_file(env_file)
+    services = stack_config["services"]
+    user, password, db = env["MONGO_APP_USER"], env["MONGO_APP_PASSWORD"], env["FEDLAND_DB"]
+    assert user != env["MONGO_ROOT_USER"] and password != env["MONGO_ROOT_PASSWORD"]
+    uri = services["server"]["environment"]["FEDLAND_MONGO_URI"]
+    assert uri == f"mongodb://{user}:{password}@mongo:27017/{db}?authSource={db}"
+    assert env["MONGO_ROOT_PASSWORD"] not in json.dumps(services["server"])
+    # mongo creates that user once, from the init script, with the values the server uses
+    mongo = services["mongo"]
+    assert {k: mongo["environment"][k] for k in ("MONGO_APP_USER", "MONGO_APP_PASSWORD", "MONGO_APP_DB")} == {
+        "MONGO_APP_USER": user, "MONGO_APP_PASSWORD": password, "MONGO_APP_DB": db,
+    }
+    [config] = mongo["configs"]
+    assert config["target"] == "/docker-entrypoint-initdb.d/10-create-app-user.js"
+    script_path = Path(stack_config["configs"][config["source"]]["file"])
+    assert script_path == REPO / "mongo" / "create-app-user.js"
+    script = script_path.read_text()
+    for name in ("MONGO_APP_DB", "MONGO_APP_USER", "MONGO_APP_PASSWORD"):
+        assert f"process.env.{name}" in script
+    assert 'roles: [{ role: "readWrite", db: name }]' in script and "createUser" in script
 
 
 def test_server_publishes_one_port_and_starts_after_its_dependencies(stack_config: dict[str, Any]) -> None:
@@ -401,21 +435,46 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
 
 
+def stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """The instructions split at each FROM (each stage starts with its FROM)."""
+    result: list[list[tuple[str, str]]] = []
+    for kind, arg in instructions:
+        if kind == "FROM":
+            result.append([])
+        result[-1].append((kind, arg))
+    return result
+
+
 def test_dockerfile_caches_dependencies_and_runs_as_non_root() -> None:
-    instructions = dockerfile_instructions()
-    kinds = [kind for kind, _ in instructions]
-    [base] = [arg for kind, arg in instructions if kind == "FROM"]
-    assert base.startswith("python:3.11-slim")
-    [torch_at] = [i for i, (k, a) in enumerate(instructions) if k == "RUN" and "torch==2.13.0" in a]
-    assert "--index-url https://download.pytorch.org/whl/cpu" in instructions[torch_at][1]
-    copies = [(i, arg) for i, (kind, arg) in enumerate(instructions) if kind == "COPY"]
-    [pyproject_at] = [i for i, arg in copies if arg.startswith("pyproject.toml")]
-    [deps_at] = [i for i, (k, a) in enumerate(instructions) if k == "RUN" and "optional-dependencies" in a]
-    code_at = [i for i, arg in copies if not arg.startswith("pyproject.toml")]
-    assert torch_at < pyproject_at < deps_at < min(code_at), "code must be copied after the dependency layers"
-    user = instructions[kinds.index("USER")][1]
-    assert user.split(":")[0] not in ("root", "0")
-    assert kinds.index("USER") > deps_at
+    deps, final = stages(dockerfile_instructions())
+    assert deps[0][1] == "python:3.11-slim-bookworm AS deps" and final[0][1] == "python:3.11-slim-bookworm"
+    [torch] = [a for k, a in deps if k == "RUN" and "torch==2.13.0" in a]
+    # the default build: PyTorch's CPU index; a filled wheelhouse/: only those wheels, no network
+    assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in torch
+    assert "--no-index --find-links /wheelhouse torch==2.13.0" in torch
+    assert deps.index(("COPY", "wheelhouse/ /wheelhouse/")) < deps.index(("RUN", torch)) < deps.index(
+        ("COPY", "pyproject.toml /tmp/pyproject.toml")
+    ), "wheelhouse, then torch, then pyproject (so editing pyproject keeps the torch layer)"
+    [requirements] = [a for k, a in deps if k == "RUN" and "optional-dependencies" in a]
+    assert "--no-index --find-links /wheelhouse -r /tmp/requirements.txt" in requirements
+    # the final stage: no wheelhouse, the venv from the first stage, code last, not root
+    final_kinds = [k for k, _ in final]
+    assert not any("wheelhouse" in a for _, a in final)
+    venv_at = final.index(("COPY", "--from=deps /opt/venv /opt/venv"))
+    code_at = [i for i, (k, a) in enumerate(final) if k == "COPY" and not a.startswith("--from")]
+    assert venv_at < min(code_at) and "PATH=/opt/venv/bin:$PATH" in dict(final)["ENV"]
+    user = final[final_kinds.index("USER")][1]
+    assert user.split(":")[0] not in ("root", "0") and final_kinds.index("USER") > max(code_at)
+
+
+def test_wheelhouse_is_in_the_build_context_but_its_wheels_are_not_in_git() -> None:
+    assert "!wheelhouse" in (REPO / ".dockerignore").read_text().splitlines()
+    assert (REPO / "wheelhouse" / "README.md").is_file()
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "wheelhouse/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"],
+        cwd=REPO, timeout=60,
+    )
+    assert ignored.returncode == 0
 
 
 def test_compose_runs_the_entry_points_the_tests_run(stack_config: dict[str, Any]) -> None:
@@ -426,7 +485,7 @@ def test_compose_runs_the_entry_points_the_tests_run(stack_config: dict[str, Any
     [cmd] = [json.loads(arg) for kind, arg in instructions if kind == "CMD"]
     assert cmd == ["python", "-m", "server"]
     assert "ENTRYPOINT" not in [kind for kind, _ in instructions]
-    copied = {arg.split()[0].rstrip("/") for kind, arg in instructions if kind == "COPY"}
+    copied = {arg.split()[0].rstrip("/") for kind, arg in instructions if kind == "COPY" and "--from=" not in arg}
     allowed = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line[:1] == "!"}
     for service, module in ENTRY_POINTS.items():
         definition = stack_config["services"][service]
@@ -445,43 +504,7 @@ def test_compose_runs_the_entry_points_the_tests_run(stack_config: dict[str, Any
     assert missing == [], "COPY sources missing from the build context"
 
 
-# --- processes: the data fetcher and the server's healthcheck -------------------
-
-
-def run_fetch_data(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FEDLAND_DATA_DIR": str(data_dir), "FEDLAND_LOG_LEVEL": "INFO"}
-    return subprocess.run(
-        [sys.executable, "-m", "stack.fetch_data", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def test_fetch_data_verifies_the_data_dir_and_exits_zero(data_dir: Path) -> None:
-    result = run_fetch_data(data_dir)
-    assert result.returncode == 0, result.stderr
-    assert "MNIST ready in" in result.stderr and "60000 train, 10000 test examples" in result.stderr
-
-
-def test_fetch_data_fails_on_a_corrupted_file(data_dir: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "mnist"
-    shutil.copytree(data_dir / "mnist", copy)
-    labels = next(copy.glob("t10k-labels-idx1-ubyte*"))
-    content = bytearray(labels.read_bytes())
-    content[len(content) // 2] ^= 0xFF
-    labels.write_bytes(bytes(content))
-    result = run_fetch_data(tmp_path, "--no-download")
-    assert result.returncode == 1
-    assert labels.name in result.stderr and "corrupted" in result.stderr
-
-
-def test_fetch_data_without_download_names_the_missing_files(tmp_path: Path) -> None:
-    result = run_fetch_data(tmp_path, "--no-download")
-    assert result.returncode == 1
-    assert str(tmp_path / "mnist" / "train-images-idx3-ubyte.gz") in result.stderr
+# --- processes: the server's healthcheck ------------------------------------------
 
 
 def run_healthcheck(test: list[str], env: Mapping[str, str]) -> int:

@@ -1,0 +1,625 @@
+#!/usr/bin/env python3
+"""Run the fedland stack for real on a Docker engine and check what it stored.
+
+    scripts/compose-test.py [--wheelhouse] [--mnist DIR] [--override FILE] [--swarm] [--keep]
+
+Compose (default): build the one image once, `up --scale client=3`, queue
+main.py's way (`python main.py --server URL`, run with this interpreter, so
+the project must be installed), `docker compose scale client=4` while it
+runs, SIGKILL a client that holds a slot mid-round, restart the server
+container mid-experiment, wait until every experiment is `finished`, check
+the documents (each round once, one `client_stats` per client x round, each
+round's model in GridFS), Mongo Express's login (401 without, 200 with), and
+`down -v` leaves no container, volume or network.
+
+Swarm (--swarm): the same experiments and checks on a single-node Swarm
+(`docker swarm init` on loopback when the engine is in none): the stack from
+`scripts/swarm-stack.py` via `docker stack deploy`, `docker service scale`
+of the clients, and a client-only project (compose.clients.yaml) joining
+through the server's published port, as another host would.
+
+It runs as its own project (fedland-test / fedland-swarm-test) with fresh
+secrets and free ports, so it never touches a running stack. Options:
+  --wheelhouse     fill wheelhouse/ (scripts/fill-wheelhouse.sh) and build
+                   with `docker build --network none`; default `docker compose build`
+  --mnist DIR      a directory holding mnist/*-ubyte.gz (FEDLAND_DATA_DIR
+                   layout): the data volume is pre-filled from it through
+                   Compose (README), so data-init only verifies; default: data-init downloads
+  --override FILE  a second compose file (e.g. the credential-free URIs that a
+                   MongoDB stand-in without authentication needs)
+  --keep           leave everything up at the end
+Every command goes to the engine of the environment (DOCKER_HOST); `--pull
+never` everywhere, so a missing image fails instead of being pulled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = "fedland:compose-test"
+HEARTBEAT_TIMEOUT_S = 6  # a killed client's slot is freed this soon
+POLL_S = 0.5
+
+# A: 3 clients, 5 rounds (the kill and the restart happen here); B: 4 clients,
+# so it needs the client added while running (scale, or the client-only project).
+EXPERIMENTS = {
+    "experiments": [
+        {
+            "description": f"compose test {name}: {clients} IID clients, {rounds} rounds",
+            "target_balance_ratios": [[0.1] * 10] * clients,
+            "subset_fractions": [0.02] * clients,
+            "rounds": rounds,
+            "seed": seed,
+            "landscape": {
+                "every": 100, "num_samples": 32, "top_k": 1, "trace_probes": 4,
+                "interpolation_points": 3, "grid_points": 3,
+            },
+        }
+        for name, clients, rounds, seed in (("A", 3, 5, 1), ("B", 4, 2, 2))
+    ]
+}
+
+# Runs inside the server container (its pymongo, its URI): the stored documents.
+CHECK_DOCUMENTS = r"""
+import json, os, struct, sys
+import gridfs, pymongo
+client = pymongo.MongoClient(os.environ["FEDLAND_MONGO_URI"], serverSelectionTimeoutMS=10000,
+                             connectTimeoutMS=10000, socketTimeoutMS=30000)
+db = client[os.environ["FEDLAND_DB"]]
+models = gridfs.GridFSBucket(db, bucket_name="models")
+report = []
+for e in db.experiments.find({}):
+    eid, clients, rounds = str(e["_id"]), len(e["target_balance_ratios"]), e["rounds"]
+    round_numbers = sorted(doc["round"] for doc in db.rounds.find({"experiment_id": eid}))
+    pairs = sorted((doc["client_index"], doc["round"]) for doc in db.client_stats.find({"experiment_id": eid}))
+    round_models = []
+    for doc in db.rounds.find({"experiment_id": eid}):
+        files = list(models.find({"_id": __import__("bson").ObjectId(doc["model_file_id"])}))
+        data = models.open_download_stream(files[0]._id).read() if files else b""
+        header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]]) if len(data) > 8 else {}
+        round_models.append({"round": doc["round"], "bytes": len(data), "tensors": len(header) - ("__metadata__" in header),
+                             "meta_round": files[0].metadata.get("round") if files else None})
+    report.append({
+        "id": eid, "description": e["description"], "status": e["status"], "clients": clients, "rounds": rounds,
+        "round_numbers": round_numbers, "client_stats": pairs, "round_models": round_models,
+        "accuracies": [doc["test_accuracy"] for doc in db.rounds.find({"experiment_id": eid})],
+        "landscapes_last_round": len(list(db.landscapes.find({"experiment_id": eid, "round": rounds}, {"_id": 1}))),
+    })
+print(json.dumps(report))
+"""
+
+# Runs inside the server container: which workers (container hostnames) hold slots.
+SLOT_HOLDERS = r"""
+import json, os, pymongo
+db = pymongo.MongoClient(os.environ["FEDLAND_MONGO_URI"], serverSelectionTimeoutMS=10000,
+                         socketTimeoutMS=30000)[os.environ["FEDLAND_DB"]]
+hosts = {w["client_id"]: w["hostname"] for w in db.workers.find({})}
+print(json.dumps(sorted({hosts.get(s["client_id"], "") for s in db.clients.find(
+    {"experiment_id": os.environ["EXPERIMENT_ID"], "client_id": {"$ne": None}})})))
+"""
+
+# Runs inside the server container against a real MongoDB: the server's own account.
+CHECK_PRIVILEGES = r"""
+import json, os, pymongo, pymongo.errors
+client = pymongo.MongoClient(os.environ["FEDLAND_MONGO_URI"], serverSelectionTimeoutMS=10000, socketTimeoutMS=30000)
+db = client[os.environ["FEDLAND_DB"]]
+status = db.command("connectionStatus")["authInfo"]
+try:
+    client.admin.command("listDatabases")
+    denied = False
+except pymongo.errors.OperationFailure:
+    denied = True
+print(json.dumps({"users": status["authenticatedUsers"], "roles": status["authenticatedUserRoles"],
+                  "listDatabases_denied": denied}))
+"""
+
+
+def log(message: str) -> None:
+    print(f"compose-test: {message}", file=sys.stderr, flush=True)
+
+
+class Failure(Exception):
+    """A check of the stack failed."""
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise Failure(message)
+
+
+def run(*command: str, input: str | None = None, env: dict[str, str] | None = None, timeout: float = 600,
+        check_rc: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(list(command), input=input, env=env, capture_output=True, text=True, timeout=timeout,
+                            cwd=REPO)
+    if check_rc and result.returncode != 0:
+        raise Failure(f"{' '.join(command[:6])} ... exited {result.returncode}:\n{result.stdout[-3000:]}\n"
+                      f"{result.stderr[-3000:]}")
+    return result
+
+
+def wait_for(what: str, condition: Callable[[], Any], timeout_s: float) -> Any:
+    """Poll `condition` until it returns something truthy; its value, or Failure after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise Failure(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(POLL_S)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def compose_cli() -> list[str]:
+    """`docker compose` (the plugin), else docker-compose beside this interpreter or on PATH."""
+    if run("docker", "compose", "version", check_rc=False).returncode == 0:
+        return ["docker", "compose"]
+    beside = Path(sys.executable).parent / "docker-compose"
+    found = str(beside) if beside.is_file() else shutil.which("docker-compose")
+    if found is None:
+        raise Failure("no Docker Compose: neither `docker compose` nor docker-compose")
+    return [found]
+
+
+def env_value(env_file: Path, key: str) -> str:
+    values = [line.split("=", 1)[1] for line in env_file.read_text().splitlines() if line.startswith(key + "=")]
+    return values[-1]
+
+
+# --- the stack, as Compose or as a Swarm stack ----------------------------------------
+
+
+class Stack:
+    """One running fedland stack: how to reach its containers and change them."""
+
+    def __init__(self, name: str, work: Path, args: argparse.Namespace, compose: list[str]) -> None:
+        self.name = name
+        self.work = work
+        self.args = args
+        self.env_file = work / "stack.env"
+        run("bash", str(REPO / "scripts" / "make-env.sh"), str(self.env_file))
+        self.port = free_port()
+        self.me_port = free_port()
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("FEDLAND_", "MONGO_", "ME_", "COMPOSE_"))},
+            "FEDLAND_IMAGE": IMAGE,
+            "FEDLAND_PORT": str(self.port),
+            "MONGO_EXPRESS_PORT": str(self.me_port),
+            "SERVER_PUBLISH_ADDRESS": "127.0.0.1",
+            "FEDLAND_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
+            "CLIENT_REPLICAS": "3",
+        }
+        files = ["-f", str(REPO / "compose.yaml")] + (["-f", str(args.override)] if args.override else [])
+        self.compose = [*compose, "--project-name", name, "--project-directory", str(REPO),
+                        "--env-file", str(self.env_file), *files]
+        self.token = env_value(self.env_file, "FEDLAND_TOKEN")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def c(self, *args: str, timeout: float = 600, check_rc: bool = True) -> subprocess.CompletedProcess[str]:
+        return run(*self.compose, *args, env=self.env, timeout=timeout, check_rc=check_rc)
+
+    def containers(self, service: str, *, running: bool = True) -> list[str]:
+        raise NotImplementedError
+
+    def server_container(self) -> str:
+        return wait_for("a running server container", lambda: self.containers("server"), 120)[0]
+
+    def exec_server(self, code: str, **env: str) -> Any:
+        extra = [f"--env={key}={value}" for key, value in env.items()]
+        result = run("docker", "exec", "-i", *extra, self.server_container(), "python", "-", input=code, timeout=120)
+        return json.loads(result.stdout)
+
+    def restart_server(self) -> None:
+        raise NotImplementedError
+
+    def logs(self) -> str:
+        raise NotImplementedError
+
+    # --- HTTP on the published ports -------------------------------------------------
+
+    def experiments(self) -> list[dict[str, Any]] | None:
+        """The server's experiments, or None while it does not answer (a restart)."""
+        request = urllib.request.Request(f"{self.url}/api/v1/experiments",
+                                         headers={"Authorization": f"Bearer {self.token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return list(json.load(response)["experiments"])
+        except (OSError, ValueError):
+            return None
+
+    def queue(self, experiments_file: Path) -> None:
+        """README: FEDLAND_TOKEN=... python main.py --server URL (from a checkout with the project)."""
+        env = {**os.environ, "FEDLAND_TOKEN": self.token}
+        result = run(sys.executable, str(REPO / "main.py"), "--server", self.url, "--experiments",
+                     str(experiments_file), env=env, timeout=120)
+        log(f"queued: {result.stdout.strip() or result.stderr.strip()}")
+
+    def check_mongo_express(self, db_name: str) -> None:
+        url = f"http://127.0.0.1:{self.me_port}/db/{db_name}/"
+        user = env_value(self.env_file, "ME_BASICAUTH_USERNAME")
+        password = env_value(self.env_file, "ME_BASICAUTH_PASSWORD")
+
+        def status(headers: dict[str, str]) -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
+                    return response.status, response.read().decode(errors="replace")
+            except urllib.error.HTTPError as error:
+                return error.code, ""
+            except OSError:
+                return 0, ""
+
+        wait_for("Mongo Express to answer", lambda: status({})[0] != 0, 120)
+        check(status({})[0] == 401, f"Mongo Express without login answered {status({})[0]}, not 401")
+        wrong = base64.b64encode(f"{user}:wrong".encode()).decode()
+        check(status({"Authorization": f"Basic {wrong}"})[0] == 401, "Mongo Express accepted a wrong password")
+        auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+        code, body = status({"Authorization": f"Basic {auth}"})
+        check(code == 200, f"Mongo Express with the login from .env answered {code}, not 200")
+        for name in ("rounds", "client_stats", "models"):
+            check(name in body, f"Mongo Express's page of {db_name} does not list {name}")
+        log("Mongo Express: 401 without the login (and with a wrong password), 200 with it; lists rounds, "
+            "client_stats, models")
+
+
+class ComposeStack(Stack):
+    def containers(self, service: str, *, running: bool = True) -> list[str]:
+        args = ["ps", "-q"] + (["--status", "running"] if running else ["--all"]) + [service]
+        return self.c(*args).stdout.split()
+
+    def restart_server(self) -> None:
+        self.c("restart", "server")
+
+    def logs(self) -> str:
+        return self.c("logs", "--no-color", "--tail", "40", check_rc=False).stdout
+
+
+class SwarmStack(Stack):
+    def containers(self, service: str, *, running: bool = True) -> list[str]:
+        args = ["ps", "-q", "--filter", f"label=com.docker.swarm.service.name={self.name}_{service}"]
+        return run("docker", *args, *([] if running else ["--all"])).stdout.split()
+
+    def restart_server(self) -> None:
+        run("docker", "service", "update", "--force", "--detach", f"{self.name}_server")
+
+    def logs(self) -> str:
+        out = []
+        for service in ("server", "client", "data-init", "mongo"):
+            result = run("docker", "service", "logs", "--tail", "30", f"{self.name}_{service}", check_rc=False)
+            out.append(result.stdout + result.stderr)
+        return "\n".join(out)
+
+
+# --- the scenario --------------------------------------------------------------------
+
+
+def build_image(args: argparse.Namespace, stack: Stack) -> None:
+    config = json.loads(stack.c("config", "--format", "json").stdout)
+    built = sorted(name for name, service in config["services"].items() if "build" in service)
+    images = {config["services"][name]["image"] for name in ("server", "client", "data-init")}
+    check(built == ["server"] and images == {IMAGE}, f"expected one build (server) of one image, got {built}, {images}")
+    started = time.monotonic()
+    if args.wheelhouse:
+        run("bash", str(REPO / "scripts" / "fill-wheelhouse.sh"), env={**os.environ, "PYTHON": sys.executable})
+        run("docker", "build", "--network", "none", "--tag", IMAGE, str(REPO), timeout=1800)
+        how = "docker build --network none from wheelhouse/"
+    else:
+        stack.c("build", "server", timeout=1800)
+        how = "docker compose build server"
+    size = int(run("docker", "image", "inspect", "--format", "{{.Size}}", IMAGE).stdout)
+    log(f"image {IMAGE} built once ({how}) in {time.monotonic() - started:.0f} s, {size / 1e6:.0f} MB")
+
+
+def prefill_data(stack: Stack, mnist_parent: Path) -> None:
+    """README's offline step: fill the data volume from local IDX files, through Compose."""
+    result = stack.c("run", "--rm", "--no-deps", "--pull", "never", "-v", f"{mnist_parent / 'mnist'}:/src:ro",
+                     "data-init", "sh", "-c", "mkdir -p /data/mnist && cp /src/*-ubyte* /data/mnist/")
+    log("data volume pre-filled through `docker compose run data-init`")
+    check("not created by" not in result.stderr, result.stderr)
+
+
+def experiment_states(stack: Stack) -> list[dict[str, Any]] | None:
+    experiments = stack.experiments()
+    if experiments is not None:
+        failed = [e for e in experiments if e["status"] == "failed"]
+        if failed:
+            raise Failure(f"experiment failed: {json.dumps(failed)}")
+    return experiments
+
+
+def by_name(experiments: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(e for e in experiments if e["description"].startswith(f"compose test {name}:"))
+
+
+def kill_a_slot_holder(stack: Stack, timeout_s: float) -> dict[str, Any]:
+    """SIGKILL a client container holding a slot of A while A is mid-round (round >= 2)."""
+    a = wait_for("experiment A in round 2", lambda: _in_round(stack, "A", 2), timeout_s)
+    holders = stack.exec_server(SLOT_HOLDERS, EXPERIMENT_ID=a["id"])
+    clients = stack.containers("client")
+    victims = [cid for cid in clients if any(host and cid.startswith(host) for host in holders)]
+    check(bool(victims), f"no running client container holds a slot of A (holders {holders}, clients {clients})")
+    round_at_kill = a["current_round"]
+    run("docker", "kill", "--signal", "KILL", victims[0])
+    log(f"SIGKILLed client container {victims[0][:12]} (holds a slot of A) in A's round {round_at_kill}")
+    return {"container": victims[0], "round": round_at_kill}
+
+
+def _in_round(stack: Stack, name: str, server_round: int) -> dict[str, Any] | None:
+    experiments = experiment_states(stack)
+    if not experiments:
+        return None
+    e = by_name(experiments, name)
+    return e if e["status"] == "running" and e["current_round"] >= server_round else None
+
+
+def restart_server_mid_experiment(stack: Stack, after_round: int, timeout_s: float) -> None:
+    """Restart the server container while A (or, if A already ended, B) is running."""
+    def running_after_kill() -> dict[str, Any] | None:
+        experiments = experiment_states(stack)
+        if not experiments:
+            return None
+        a, b = by_name(experiments, "A"), by_name(experiments, "B")
+        if a["status"] == "running" and a["current_round"] > after_round:
+            return a
+        return b if a["status"] == "finished" and b["status"] == "running" else None
+
+    e = wait_for("an experiment running after the kill", running_after_kill, timeout_s)
+    stack.restart_server()
+    log(f"restarted the server container with {e['description'][:15]} running in round {e['current_round']}")
+    wait_for("the server to answer again", lambda: stack.experiments() is not None, 180)
+
+
+def wait_finished(stack: Stack, timeout_s: float) -> list[dict[str, Any]]:
+    def finished() -> list[dict[str, Any]] | None:
+        experiments = experiment_states(stack)
+        done = experiments and all(e["status"] == "finished" for e in experiments)
+        return experiments if done else None
+
+    return list(wait_for("every experiment to finish", finished, timeout_s))
+
+
+def check_documents(stack: Stack) -> None:
+    report = stack.exec_server(CHECK_DOCUMENTS)
+    check(len(report) == len(EXPERIMENTS["experiments"]), f"{len(report)} experiments stored")
+    for e in report:
+        n, rounds = e["clients"], e["rounds"]
+        check(e["status"] == "finished", f"{e['description']}: {e['status']}")
+        check(e["round_numbers"] == list(range(1, rounds + 1)), f"{e['description']}: rounds {e['round_numbers']}")
+        expected = sorted((client, r) for client in range(n) for r in range(1, rounds + 1))
+        check([tuple(pair) for pair in e["client_stats"]] == expected, f"{e['description']}: client_stats {e['client_stats']}")
+        for model in e["round_models"]:
+            check(model["bytes"] > 0 and model["tensors"] > 0 and model["meta_round"] == model["round"],
+                  f"{e['description']}: the GridFS model of round {model['round']}: {model}")
+        check(all(0 <= accuracy <= 1 for accuracy in e["accuracies"]), f"accuracies {e['accuracies']}")
+        check(e["landscapes_last_round"] > 0, f"{e['description']}: no landscape of the last round")
+        log(f"{e['description']}: rounds {rounds}/{rounds} once each, client_stats {len(e['client_stats'])} "
+            f"= {n} x {rounds} once each, {len(e['round_models'])} round models in GridFS "
+            f"({e['round_models'][0]['bytes']} bytes), accuracy {e['accuracies'][-1]:.3f}")
+
+
+def check_server_account(stack: Stack, standin: bool) -> None:
+    """The server connects as the readWrite-only app user; a real MongoDB enforces it."""
+    files = list(stack.compose)
+    if stack.args.override:  # the project's own files, without the override: what a real mongo:7 gets
+        i = files.index(str(stack.args.override))
+        files = files[: i - 1] + files[i + 1:]
+    config = json.loads(run(*files, "config", "--format", "json", env=stack.env).stdout)
+    user = env_value(stack.env_file, "MONGO_APP_USER")
+    db_name = env_value(stack.env_file, "FEDLAND_DB")
+    uri = config["services"]["server"]["environment"]["FEDLAND_MONGO_URI"]
+    check(uri.startswith(f"mongodb://{user}:") and uri.endswith(f"/{db_name}?authSource={db_name}"),
+          f"server URI does not use the app user: {uri.split('@')[-1]}")
+    mongo = stack.containers("mongo")[0]
+    script = run("docker", "exec", mongo, "cat", "/docker-entrypoint-initdb.d/10-create-app-user.js").stdout
+    check(script == (REPO / "mongo" / "create-app-user.js").read_text(), "mongo init script not mounted")
+    mongo_env = run("docker", "exec", mongo, "env").stdout.splitlines()
+    check(f"MONGO_APP_USER={user}" in mongo_env and f"MONGO_APP_DB={db_name}" in mongo_env, "mongo lacks MONGO_APP_*")
+    if standin:
+        log("server account: URI uses the app user and the init script is mounted in mongo; NOT checked here: "
+            "that MongoDB creates the user and enforces readWrite (the stand-in has no authentication)")
+        return
+    status = stack.exec_server(CHECK_PRIVILEGES)
+    check(status["roles"] == [{"role": "readWrite", "db": db_name}], f"server roles {status['roles']}")
+    check(status["listDatabases_denied"], "the server's account may list databases")
+    log(f"server account: {user}, roles {status['roles']}, listDatabases denied")
+
+
+def scenario(stack: Stack, scale: Callable[[int], None], timeout_s: float, standin: bool) -> None:
+    """Queue, scale while running, kill a client, restart the server, wait, check."""
+    experiments_file = stack.work / "experiments.json"
+    experiments_file.write_text(json.dumps(EXPERIMENTS))
+    stack.queue(experiments_file)
+    killed = kill_a_slot_holder(stack, timeout_s)
+    scale(4)
+    restart_server_mid_experiment(stack, killed["round"], timeout_s)
+    started = time.monotonic()
+    experiments = wait_finished(stack, timeout_s)
+    log(f"all {len(experiments)} experiments finished ({time.monotonic() - started:.0f} s after the restart)")
+    check_documents(stack)
+    check_server_account(stack, standin)
+    stack.check_mongo_express(env_value(stack.env_file, "FEDLAND_DB"))
+
+
+def project_leftovers(label: str) -> dict[str, list[str]]:
+    found = {}
+    for kind in ("container", "volume", "network"):
+        command = ["docker", kind, "ls", "-q", "--filter", f"label={label}"] + (["--all"] if kind == "container" else [])
+        found[kind] = run(*command).stdout.split()
+    return found
+
+
+def compose_main(args: argparse.Namespace, work: Path, compose: list[str], standin: bool) -> None:
+    stack = ComposeStack("fedland-test", work, args, compose)
+    build_image(args, stack)
+    anonymous: set[str] = set()
+    try:
+        if args.mnist:
+            prefill_data(stack, args.mnist)
+        up = stack.c("up", "--detach", "--pull", "never", "--no-build", "--scale", "client=3", timeout=900)
+        check("not created by Docker Compose" not in up.stderr, up.stderr)
+        running = stack.containers("client")
+        check(len(running) == 3, f"{len(running)} clients running after up --scale client=3")
+        log(f"up --scale client=3: {len(running)} clients running, server healthy")
+        for cid in stack.c("ps", "-q", "--all").stdout.split():
+            mounts = json.loads(run("docker", "inspect", "--format", "{{json .Mounts}}", cid).stdout)
+            anonymous |= {m["Name"] for m in mounts if m["Type"] == "volume" and len(m["Name"]) == 64}
+
+        def scale(clients: int) -> None:
+            stack.c("scale", f"client={clients}")
+            count = len(wait_for(f"{clients} running clients",
+                                 lambda: len(stack.containers("client")) == clients and stack.containers("client"),
+                                 120))
+            log(f"docker compose scale client={clients}: {count} clients running")
+
+        scenario(stack, scale, args.timeout, standin)
+    except BaseException:
+        log(f"FAILED; last log lines:\n{stack.logs()}")
+        raise
+    finally:
+        if not args.keep:
+            stack.c("down", "--volumes", "--remove-orphans", "--timeout", "10", check_rc=False)
+    if args.keep:
+        return
+    leftovers = project_leftovers(f"com.docker.compose.project={stack.name}")
+    existing = set(run("docker", "volume", "ls", "-q").stdout.split())
+    leftovers["anonymous volume"] = sorted(anonymous & existing)
+    check(not any(leftovers.values()), f"down -v left {leftovers}")
+    log("down -v: no container, volume or network of the project left")
+
+
+# --- Swarm -----------------------------------------------------------------------------
+
+
+def swarm_main(args: argparse.Namespace, work: Path, compose: list[str], standin: bool) -> None:
+    stack = SwarmStack("fedland-swarm-test", work, args, compose)
+    stack.env["SERVER_PUBLISH_ADDRESS"] = "0.0.0.0"  # Swarm publishes on the routing mesh
+    stack.env["CLIENT_REPLICAS"] = "2"
+    state = run("docker", "info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip()
+    initialised = state != "active"
+    if initialised:
+        run("docker", "swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", "127.0.0.1:2377")
+        log("docker swarm init on loopback")
+    build_image(args, stack)
+    clients_work = work / "clients"
+    clients_work.mkdir()
+    env_file = clients_work / "clients.env"
+    gateway = run("docker", "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}")
+    server_url = f"http://{gateway.stdout.strip()}:{stack.port}"  # this host, as another host would reach it
+    env_file.write_text(f"FEDLAND_SERVER_URL={server_url}\nFEDLAND_TOKEN={stack.token}\n")
+    clients = [*compose, "--project-name", "fedland-swarm-clients", "--project-directory", str(REPO),
+               "--env-file", str(env_file), "-f", str(REPO / "compose.clients.yaml")]
+    clients_env = {**stack.env, "CLIENT_REPLICAS": "1"}
+    stack_label = f"com.docker.stack.namespace={stack.name}"
+    try:
+        if args.mnist:  # Swarm makes <stack>_data on first use; make and fill it first (as data-init would)
+            run("docker", "volume", "create", "--label", stack_label, f"{stack.name}_data")
+            run("docker", "run", "--rm", "--network", "none", "-v", f"{stack.name}_data:/data",
+                "-v", f"{args.mnist / 'mnist'}:/src:ro", IMAGE, "sh", "-c",
+                "mkdir -p /data/mnist && cp /src/*-ubyte* /data/mnist/")
+            run(*clients, "run", "--rm", "--no-deps", "--pull", "never", "-v", f"{args.mnist / 'mnist'}:/src:ro",
+                "data-init", "sh", "-c", "mkdir -p /data/mnist && cp /src/*-ubyte* /data/mnist/", env=clients_env)
+        rendered = stack.c("config", "--format", "json").stdout
+        stack_file = run(sys.executable, str(REPO / "scripts" / "swarm-stack.py"), input=rendered).stdout
+        (work / "stack.json").write_text(stack_file)
+        run("docker", "stack", "deploy", "--compose-file", str(work / "stack.json"), stack.name)
+        log("docker stack deploy: stack from scripts/swarm-stack.py deployed")
+        wait_for("the server on its published port", lambda: stack.experiments() is not None, 300)
+        wait_for("2 running clients", lambda: len(stack.containers("client")) == 2, 300)
+        run("docker", "service", "scale", "--detach", f"{stack.name}_client=3")
+        wait_for("3 running clients", lambda: len(stack.containers("client")) == 3, 300)
+        log("docker service scale client=3: 3 clients running")
+        run("docker", "service", "update", "--detach", "--publish-add",
+            f"published={stack.me_port},target=8081", f"{stack.name}_mongo-express")
+
+        def add_remote_client(count: int) -> None:
+            # B needs a 4th client: the client-only project, through the published URL.
+            run(*clients, "up", "--detach", "--pull", "never", "--no-build", "--scale", "client=1", env=clients_env,
+                timeout=600)
+            log(f"client-only project (compose.clients.yaml) up with 1 client -> {server_url} ({count} clients)")
+
+        scenario(stack, add_remote_client, args.timeout, standin)
+    except BaseException:
+        log(f"FAILED; last log lines:\n{stack.logs()}")
+        raise
+    finally:
+        if not args.keep:
+            run(*clients, "down", "--volumes", "--remove-orphans", "--timeout", "10", env=clients_env, check_rc=False)
+            run("docker", "stack", "rm", stack.name, check_rc=False)
+            wait_for("the stack's containers to go",
+                     lambda: not run("docker", "ps", "-aq", "--filter", f"label={stack_label}").stdout.strip(), 120)
+            wait_for("the stack's networks to go",
+                     lambda: not run("docker", "network", "ls", "-q", "--filter", f"label={stack_label}").stdout.strip(),
+                     120)
+            for volume in run("docker", "volume", "ls", "-q", "--filter", f"label={stack_label}").stdout.split():
+                run("docker", "volume", "rm", volume, check_rc=False)
+            if initialised:
+                run("docker", "swarm", "leave", "--force", check_rc=False)
+    if not args.keep:
+        leftovers = project_leftovers(stack_label)
+        for kind, names in project_leftovers("com.docker.compose.project=fedland-swarm-clients").items():
+            leftovers[kind] += names
+        check(not any(leftovers.values()), f"teardown left {leftovers}")
+        log("stack rm + volume rm, clients down -v: nothing left" + ("; swarm left" if initialised else ""))
+
+
+@contextmanager
+def work_dir(keep: bool) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="fedland-compose-test-"))
+    try:
+        yield path
+    finally:
+        if not keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--wheelhouse", action="store_true", help="offline build from wheelhouse/")
+    parser.add_argument("--mnist", type=Path, help="directory with mnist/*-ubyte.gz")
+    parser.add_argument("--override", type=Path, help="a second compose file (stand-in images)")
+    parser.add_argument("--swarm", action="store_true", help="a single-node Swarm instead of Compose")
+    parser.add_argument("--keep", action="store_true", help="leave everything up")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for each stage")
+    args = parser.parse_args(argv)
+    if args.override:
+        args.override = args.override.resolve()
+    started = time.monotonic()
+    try:
+        run("docker", "version", "--format", "{{.Server.Version}}", timeout=30)
+        compose = compose_cli()
+        image_cmd = run("docker", "image", "inspect", "--format", "{{json .Config.Cmd}}", "mongo:7",
+                        check_rc=False).stdout
+        standin = "nx-27017" in image_cmd
+        check(not standin or args.override is not None,
+              "mongo:7 here is the nx-27017 stand-in (no authentication): pass --override with credential-free URIs")
+        with work_dir(args.keep) as work:
+            (swarm_main if args.swarm else compose_main)(args, work, compose, standin)
+    except (Failure, subprocess.TimeoutExpired) as error:
+        log(f"FAILED after {time.monotonic() - started:.0f} s: {error}")
+        return 1
+    log(f"OK in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
