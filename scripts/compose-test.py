@@ -543,6 +543,7 @@ def swarm_main(args: argparse.Namespace, work: Path, compose: list[str], standin
                "--env-file", str(env_file), "-f", str(REPO / "compose.clients.yaml")]
     clients_env = {**stack.env, "CLIENT_REPLICAS": "1"}
     stack_label = f"com.docker.stack.namespace={stack.name}"
+    endpoint_mode = "vip"
     try:
         if args.mnist:  # Swarm makes <stack>_data on first use; make and fill it first (as data-init would)
             run("docker", "volume", "create", "--label", stack_label, f"{stack.name}_data")
@@ -552,17 +553,21 @@ def swarm_main(args: argparse.Namespace, work: Path, compose: list[str], standin
             run(*clients, "run", "--rm", "--no-deps", "--pull", "never", "-v", f"{args.mnist / 'mnist'}:/src:ro",
                 "data-init", "sh", "-c", "mkdir -p /data/mnist && cp /src/*-ubyte* /data/mnist/", env=clients_env)
         rendered = stack.c("config", "--format", "json").stdout
-        stack_file = run(sys.executable, str(REPO / "scripts" / "swarm-stack.py"), input=rendered).stdout
+        endpoint_mode = "vip" if ipvs_available() else "dnsrr"
+        stack_file = run(sys.executable, str(REPO / "scripts" / "swarm-stack.py"), "--endpoint-mode", endpoint_mode,
+                         input=rendered).stdout
         (work / "stack.json").write_text(stack_file)
         run("docker", "stack", "deploy", "--compose-file", str(work / "stack.json"), stack.name)
-        log("docker stack deploy: stack from scripts/swarm-stack.py deployed")
+        log(f"docker stack deploy: stack from scripts/swarm-stack.py --endpoint-mode {endpoint_mode} deployed"
+            + ("" if endpoint_mode == "vip" else " (this kernel has no IPVS: no service VIPs, no routing mesh)"))
         wait_for("the server on its published port", lambda: stack.experiments() is not None, 300)
         wait_for("2 running clients", lambda: len(stack.containers("client")) == 2, 300)
         run("docker", "service", "scale", "--detach", f"{stack.name}_client=3")
         wait_for("3 running clients", lambda: len(stack.containers("client")) == 3, 300)
         log("docker service scale client=3: 3 clients running")
         run("docker", "service", "update", "--detach", "--publish-add",
-            f"published={stack.me_port},target=8081", f"{stack.name}_mongo-express")
+            f"published={stack.me_port},target=8081,mode={'ingress' if endpoint_mode == 'vip' else 'host'}",
+            f"{stack.name}_mongo-express")
 
         def add_remote_client(count: int) -> None:
             # B needs a 4th client: the client-only project, through the published URL.
@@ -576,23 +581,47 @@ def swarm_main(args: argparse.Namespace, work: Path, compose: list[str], standin
         raise
     finally:
         if not args.keep:
-            run(*clients, "down", "--volumes", "--remove-orphans", "--timeout", "10", env=clients_env, check_rc=False)
-            run("docker", "stack", "rm", stack.name, check_rc=False)
-            wait_for("the stack's containers to go",
-                     lambda: not run("docker", "ps", "-aq", "--filter", f"label={stack_label}").stdout.strip(), 120)
-            wait_for("the stack's networks to go",
-                     lambda: not run("docker", "network", "ls", "-q", "--filter", f"label={stack_label}").stdout.strip(),
-                     120)
-            for volume in run("docker", "volume", "ls", "-q", "--filter", f"label={stack_label}").stdout.split():
-                run("docker", "volume", "rm", volume, check_rc=False)
-            if initialised:
-                run("docker", "swarm", "leave", "--force", check_rc=False)
+            swarm_teardown(stack, clients, clients_env, initialised)
     if not args.keep:
         leftovers = project_leftovers(stack_label)
         for kind, names in project_leftovers("com.docker.compose.project=fedland-swarm-clients").items():
             leftovers[kind] += names
         check(not any(leftovers.values()), f"teardown left {leftovers}")
         log("stack rm + volume rm, clients down -v: nothing left" + ("; swarm left" if initialised else ""))
+
+
+def swarm_teardown(stack: Stack, clients: list[str], clients_env: dict[str, str], leave: bool) -> None:
+    """Remove the client-only project, the stack, its volumes, and leave the Swarm if this made it."""
+    label = f"label=com.docker.stack.namespace={stack.name}"
+    run(*clients, "down", "--volumes", "--remove-orphans", "--timeout", "10", env=clients_env, check_rc=False)
+    run("docker", "stack", "rm", stack.name, check_rc=False)
+    try:
+        wait_for("the stack's services and running containers to go", lambda: not (
+            run("docker", "service", "ls", "-q", "--filter", label).stdout.strip()
+            or run("docker", "ps", "-q", "--filter", label).stdout.strip()), 120)
+        # the finished data-init job's container stays behind in Swarm
+        for container in run("docker", "ps", "-aq", "--filter", label).stdout.split():
+            run("docker", "rm", "--force", "--volumes", container, check_rc=False)
+        wait_for("the stack's networks to go",
+                 lambda: not run("docker", "network", "ls", "-q", "--filter", label).stdout.strip(), 120)
+    finally:
+        for volume in run("docker", "volume", "ls", "-q", "--filter", label).stdout.split():
+            run("docker", "volume", "rm", volume, check_rc=False)
+        if leave:
+            run("docker", "swarm", "leave", "--force", check_rc=False)
+
+
+def ipvs_available() -> bool:
+    """Whether this kernel has IPVS, which Swarm's service VIPs and routing mesh need."""
+    if Path("/proc/net/ip_vs").exists():
+        return True
+    release = os.uname().release
+    for config in (Path(f"/boot/config-{release}"), Path("/proc/config.gz")):
+        if config.exists():
+            import gzip
+            text = (gzip.open(config, "rt") if config.suffix == ".gz" else config.open()).read()
+            return "CONFIG_IP_VS=y" in text or "CONFIG_IP_VS=m" in text
+    return Path(f"/lib/modules/{release}/kernel/net/netfilter/ipvs").is_dir()
 
 
 @contextmanager

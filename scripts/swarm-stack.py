@@ -2,7 +2,7 @@
 """Turn `docker compose config --format json` into a file `docker stack deploy` accepts.
 
     docker compose -f compose.yaml config --format json \
-        | python3 scripts/swarm-stack.py | docker stack deploy -c - fedland
+        | python3 scripts/swarm-stack.py [--endpoint-mode dnsrr] | docker stack deploy -c - fedland
 
 `docker stack deploy` reads the older v3 schema: no top-level `name`, only a
 list for `depends_on`, no `host_ip` on ports, and it ignores `restart`. This
@@ -18,11 +18,17 @@ only what Swarm needs:
   need the data;
 - `mongo` is pinned to a manager node, so it stays beside its volume.
 
+`--endpoint-mode dnsrr` is for nodes whose kernel has no IPVS, which service
+virtual IPs and the routing mesh need: every service is then found by DNS
+round-robin, and the server's port is published in `host` mode, on the node
+that runs the server only (clients elsewhere use that node's address).
+
 Standard library only: it runs on any host with python3.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any
@@ -30,8 +36,10 @@ from typing import Any
 PINNED_TO_MANAGER = ("mongo",)
 
 
-def to_swarm(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def to_swarm(config: dict[str, Any], endpoint_mode: str = "vip") -> tuple[dict[str, Any], list[str]]:
     """Return the stack file for `config` (a rendered compose file) and warnings for a person."""
+    if endpoint_mode not in ("vip", "dnsrr"):
+        raise ValueError(f"endpoint_mode must be 'vip' or 'dnsrr', got {endpoint_mode!r}")
     stack = {key: value for key, value in config.items() if key != "name"}
     warnings: list[str] = []
     services: dict[str, Any] = {}
@@ -41,7 +49,7 @@ def to_swarm(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         if isinstance(service.get("depends_on"), dict):
             service["depends_on"] = sorted(service["depends_on"])
         if "ports" in service:
-            service["ports"], dropped = _swarm_ports(service["ports"])
+            service["ports"], dropped = _swarm_ports(service["ports"], "ingress" if endpoint_mode == "vip" else "host")
             for port in dropped:
                 warnings.append(
                     f"{name}: port {port['host_ip']}:{port['published']} dropped (Swarm publishes on every node); "
@@ -55,6 +63,8 @@ def to_swarm(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             deploy.pop("replicas", None)
             deploy["mode"] = "global-job"
             deploy.setdefault("restart_policy", {"condition": "on-failure", "max_attempts": 3})
+        if endpoint_mode == "dnsrr":
+            deploy["endpoint_mode"] = "dnsrr"
         if name in PINNED_TO_MANAGER:
             placement = dict(deploy.get("placement") or {})
             placement.setdefault("constraints", ["node.role == manager"])
@@ -72,7 +82,7 @@ def to_swarm(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return stack, warnings
 
 
-def _swarm_ports(ports: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _swarm_ports(ports: list[Any], mode: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     kept: list[dict[str, Any]] = []
     dropped: list[dict[str, Any]] = []
     for port in ports:
@@ -82,7 +92,7 @@ def _swarm_ports(ports: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str,
             continue
         kept.append(
             {
-                "mode": port.get("mode", "ingress"),
+                "mode": mode,
                 "target": int(port["target"]),
                 "published": int(port["published"]),
                 "protocol": port.get("protocol", "tcp"),
@@ -91,13 +101,19 @@ def _swarm_ports(ports: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str,
     return kept, dropped
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--endpoint-mode", choices=("vip", "dnsrr"), default="vip",
+        help="dnsrr: no service VIPs and host-mode ports, for kernels without IPVS (default vip)",
+    )
+    args = parser.parse_args(argv)
     try:
         config = json.load(sys.stdin)
     except json.JSONDecodeError as error:
         print(f"swarm-stack: stdin is not `docker compose config --format json` output: {error}", file=sys.stderr)
         return 2
-    stack, warnings = to_swarm(config)
+    stack, warnings = to_swarm(config, args.endpoint_mode)
     for warning in warnings:
         print(f"swarm-stack: {warning}", file=sys.stderr)
     json.dump(stack, sys.stdout, indent=2)
