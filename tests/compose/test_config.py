@@ -612,3 +612,26 @@ def test_swarm_stack_file_fits_the_stack_deploy_schema(stack_config: dict[str, A
     assert services["mongo"]["deploy"]["placement"]["constraints"] == ["node.role == manager"]
     assert services["client"]["deploy"]["replicas"] == stack_config["services"]["client"]["deploy"]["replicas"]
     assert "push it to a registry" in result.stderr  # fedland:latest exists only where it was built
+
+
+def test_swarm_stack_without_ipvs_uses_dns_round_robin_and_host_ports(stack_config: dict[str, Any]) -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "swarm-stack.py"), "--endpoint-mode", "dnsrr"],
+        input=json.dumps(stack_config),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    stack = json.loads(result.stdout)
+    assert swarm_schema_errors(stack) == []
+    assert {name: s["deploy"]["endpoint_mode"] for name, s in stack["services"].items()} == dict.fromkeys(
+        stack_config["services"], "dnsrr"
+    )
+    assert stack["services"]["server"]["ports"] == [{"mode": "host", "target": 8080, "published": 8080, "protocol": "tcp"}]
+    assert stack["configs"] == stack_config["configs"]  # the mongo init script travels as a Swarm config
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "swarm-stack.py"), "--endpoint-mode", "mesh"],
+        input="{}", capture_output=True, text=True, timeout=60,
+    )
+    assert bad.returncode == 2 and "invalid choice: 'mesh'" in bad.stderr
