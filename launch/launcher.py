@@ -26,7 +26,6 @@ from typing import Any
 from stack.api_client import ApiError, Transport
 from fedland.datasets import load_dataset
 from fedland.spec import ExperimentSpec, SpecError, load_specs
-from server.strategies import validate_strategy
 from stack.embedded import EmbeddedMongo, free_port
 from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
 from launch.progress import Progress, summary_table
@@ -66,7 +65,6 @@ def prepare(specs: Sequence[ExperimentSpec], rounds: int | None, only: str | Non
             data["rounds"] = rounds
         try:
             spec = ExperimentSpec.from_dict(data)
-            validate_strategy(spec.strategy)  # the server's rule for strategy parameters
             valid.append(spec)
         except SpecError as error:
             errors.append(f"experiment {position} ({_description(spec)!r}): {error}")

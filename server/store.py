@@ -208,7 +208,7 @@ class Store:
         except pymongo.errors.DuplicateKeyError as error:
             raise DuplicateError(str(error)) from None
 
-    def client_stats_for(self, experiment_id: str, server_round: int) -> list[Doc]:
+    def stats_of_round(self, experiment_id: str, server_round: int) -> list[Doc]:
         cursor = self.client_stats.find({"experiment_id": experiment_id, "round": server_round}).sort(
             [("client_index", 1)]
         )
