@@ -29,6 +29,7 @@ from fedland.spec import ExperimentSpec, SpecError, load_specs
 from stack.embedded import EmbeddedMongo, free_port
 from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
 from launch.progress import Progress, summary_table
+from stack.settings import DEFAULT_LOG_DIR, LauncherSettings, StoreSettings, configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,8 @@ DONE = ("finished", "failed")
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     clients: int | None = None  # None: the largest num_clients of the experiments
-    rounds: int | None = None  # override every experiment's rounds
-    server_url: str | None = None  # queue on a running stack and return
-    store_uri: str | None = None  # None: FEDLAND_MONGO_URI, else an embedded store
-    store_dir: Path = Path("./data/store")
-    log_dir: Path = Path("./data/logs")
+    store: StoreSettings = StoreSettings()  # a MongoDB URI, else the embedded store's directory
+    log_dir: Path = DEFAULT_LOG_DIR
     poll_interval_s: float = 1.0
     show_progress: bool = True
     reports_dir: Path | None = Path("reports")  # None: no reports at the end of the run
@@ -81,9 +79,8 @@ def make_transport(url: str, token: str, stop: threading.Event | None = None) ->
     return Transport(url, token, stop=stop or threading.Event(), rng=random.Random(), max_attempts=5)
 
 
-def queue_only(specs: Sequence[ExperimentSpec], server_url: str, env: Mapping[str, str]) -> int:
+def queue_only(specs: Sequence[ExperimentSpec], server_url: str, token: str | None) -> int:
     """Submit `specs` to a running server (token from FEDLAND_TOKEN); print their ids."""
-    token = env.get("FEDLAND_TOKEN", "").strip()
     if not token:
         raise ValueError("FEDLAND_TOKEN must be set to queue experiments on --server")
     transport = make_transport(server_url, token)
@@ -110,9 +107,9 @@ class LocalRun:
         self.store_uri = ""
 
     def start(self, num_clients: int) -> None:
-        uri = self.options.store_uri or self.env.get("FEDLAND_MONGO_URI", "").strip() or None
+        uri = self.options.store.mongo_uri
         if uri is None:
-            self.store = EmbeddedMongo(self.options.store_dir)
+            self.store = EmbeddedMongo(self.options.store.store_dir)
             uri = self.store.start()
         self.store_uri = uri
         port = free_port()
@@ -163,9 +160,7 @@ def watch(
         time.sleep(poll_interval_s)
 
 
-def write_run_reports(
-    store_uri: str, env: Mapping[str, str], ids: Sequence[str], reports_dir: Path | None
-) -> Path | None:
+def write_run_reports(store_uri: str, db_name: str, ids: Sequence[str], reports_dir: Path | None) -> Path | None:
     """Write the reports of this run's experiments while the store is still up; the index page."""
     if reports_dir is None:
         return None
@@ -175,7 +170,7 @@ def write_run_reports(
 
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(store_uri, serverSelectionTimeoutMS=10_000)
     try:
-        return write_reports(client[env.get("FEDLAND_DB", "").strip() or "fedland"], list(ids), reports_dir)
+        return write_reports(client[db_name], list(ids), reports_dir)
     finally:
         client.close()
 
@@ -184,9 +179,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C
 
 
-def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping[str, str]) -> int:
+def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping[str, str], data_dir: Path) -> int:
     """Run `specs` on a local stack; 0 if every experiment finished, 130 if interrupted."""
-    data_dir = Path(env.get("FEDLAND_DATA_DIR", "").strip() or "./data")
     for name in sorted({spec.dataset_name for spec in specs}):
         try:
             load_dataset(name, data_dir)  # download once here, not in every client at the same time
@@ -209,7 +203,7 @@ def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping
             documents = watch(transport, ids, local, options.poll_interval_s, progress)
         last_rounds = {i: progress.last_round(i) for i in ids}
         transport.close()
-        reports = write_run_reports(local.store_uri, env, ids, options.reports_dir)
+        reports = write_run_reports(local.store_uri, options.store.db_name, ids, options.reports_dir)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping clients, server and store", file=sys.stderr)
         return 130
@@ -263,14 +257,16 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
     """CLI entry point of main.py; returns the exit code."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     env = os.environ
-    logging.basicConfig(
-        level=env.get("FEDLAND_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        settings = LauncherSettings.from_env(env, mongo_uri=getattr(args, "store_uri", None))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
     if args.command == "report":
         from reports import report_main
 
-        store_dir = Path(env.get("FEDLAND_STORE_DIR", "").strip() or "./data/store")
-        return report_main(args.experiment_ids, args.store_uri, None, args.out, store_dir=store_dir, env=env)
+        return report_main(args.experiment_ids, settings.store, args.out)
     if args.clients is not None and args.clients < 1:
         print("--clients must be >= 1", file=sys.stderr)
         return 2
@@ -282,7 +278,7 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
         return 2
     if args.server:
         try:
-            return queue_only(specs, args.server, env)
+            return queue_only(specs, args.server, settings.token)
         except (ValueError, ConnectionError, ApiError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2 if isinstance(error, ValueError) else 1
@@ -292,10 +288,9 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
         return 2
     options = RunOptions(
         clients=args.clients,
-        store_uri=args.store_uri,
-        store_dir=Path(env.get("FEDLAND_STORE_DIR", "").strip() or "./data/store"),
-        log_dir=Path(env.get("FEDLAND_LOG_DIR", "").strip() or "./data/logs"),
+        store=settings.store,
+        log_dir=settings.log_dir,
         show_progress=not args.no_progress and sys.stderr.isatty(),
         reports_dir=None if args.no_reports else args.reports,
     )
-    return run_local(specs, options, env)
+    return run_local(specs, options, env, settings.data_dir)

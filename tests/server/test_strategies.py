@@ -11,12 +11,10 @@ from fedland.spec import SpecError, StrategySpec
 from server.strategies import (
     STRATEGIES,
     ClientUpdate,
-    FedAdagrad,
     FedAdam,
     FedAvg,
     FedAvgM,
     FedProx,
-    FedYogi,
     Krum,
     Median,
     TrimmedMean,
