@@ -139,7 +139,7 @@ def main() -> int:
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="fedland-bench-") as tmp:
         options = RunOptions(
-            store=StoreSettings(store_dir=Path(tmp) / "store"), log_dir=Path(tmp) / "logs", reports_dir=None
+            store=StoreSettings(store_dir=Path(tmp) / "store"), log_dir=Path(tmp) / "logs"
         )
         run = LocalRun(options, env)
         env.pop("FEDLAND_MONGO_URI", None)

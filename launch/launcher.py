@@ -8,32 +8,29 @@ With `--server URL` it only queues the experiments on a running stack.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import os
 import random
 import secrets
 import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from stack.api_client import ApiError, Transport
+from stack.api_client import Transport
 from fedland.datasets import load_dataset
-from fedland.spec import ExperimentSpec, SpecError, load_specs
+from fedland.spec import ExperimentSpec, SpecError
 from stack.embedded import EmbeddedMongo, free_port
 from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
 from launch.progress import Progress, summary_table
-from stack.settings import DEFAULT_LOG_DIR, LauncherSettings, StoreSettings, configure_logging
+from stack.settings import DEFAULT_LOG_DIR, StoreSettings
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("run", "report")
 DONE = ("finished", "failed")
 
 
@@ -44,7 +41,6 @@ class RunOptions:
     log_dir: Path = DEFAULT_LOG_DIR
     poll_interval_s: float = 1.0
     show_progress: bool = True
-    reports_dir: Path | None = Path("reports")  # None: no reports at the end of the run
 
 
 def prepare(specs: Sequence[ExperimentSpec], rounds: int | None, only: str | None) -> list[ExperimentSpec]:
@@ -160,27 +156,25 @@ def watch(
         time.sleep(poll_interval_s)
 
 
-def write_run_reports(store_uri: str, db_name: str, ids: Sequence[str], reports_dir: Path | None) -> Path | None:
-    """Write the reports of this run's experiments while the store is still up; the index page."""
-    if reports_dir is None:
-        return None
-    import pymongo
-
-    from reports import write_reports
-
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(store_uri, serverSelectionTimeoutMS=10_000)
-    try:
-        return write_reports(client[db_name], list(ids), reports_dir)
-    finally:
-        client.close()
-
-
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C
 
 
-def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping[str, str], data_dir: Path) -> int:
-    """Run `specs` on a local stack; 0 if every experiment finished, 130 if interrupted."""
+#: Called at the end of a run while the store is up: (store URI, database, experiment ids) -> report index.
+Finisher = Callable[[str, str, list[str]], "Path | None"]
+
+
+def run_local(
+    specs: Sequence[ExperimentSpec],
+    options: RunOptions,
+    env: Mapping[str, str],
+    data_dir: Path,
+    finish: Finisher | None = None,
+) -> int:
+    """Run `specs` on a local stack; 0 if every experiment finished, 130 if interrupted.
+
+    `finish` (e.g. writing the reports) runs after the experiments end, before the store stops.
+    """
     for name in sorted({spec.dataset_name for spec in specs}):
         try:
             load_dataset(name, data_dir)  # download once here, not in every client at the same time
@@ -203,7 +197,7 @@ def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping
             documents = watch(transport, ids, local, options.poll_interval_s, progress)
         last_rounds = {i: progress.last_round(i) for i in ids}
         transport.close()
-        reports = write_run_reports(local.store_uri, options.store.db_name, ids, options.reports_dir)
+        reports = None if finish is None else finish(local.store_uri, options.store.db_name, list(ids))
     except KeyboardInterrupt:
         print("\ninterrupted: stopping clients, server and store", file=sys.stderr)
         return 130
@@ -220,77 +214,3 @@ def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping
     for doc in failed:
         print(f"experiment {doc.get('id')} {doc.get('status')}: {doc.get('error')}", file=sys.stderr)
     return 0 if not failed else 1
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="main.py",
-        description="Run fedland experiments (`run` is the default command).",
-        epilog="See `python main.py run --help` for the options of a run.",
-    )
-    commands = parser.add_subparsers(dest="command")
-    run = commands.add_parser("run", help="run the experiments (default)")
-    run.add_argument("--clients", type=int, help="client processes (default: the most any experiment needs)")
-    run.add_argument("--rounds", type=int, help="override every experiment's rounds (quick runs)")
-    run.add_argument("--server", metavar="URL", help="only queue the experiments on this running server")
-    run.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
-    run.add_argument("--experiments", metavar="FILE", type=Path, help="JSON/TOML experiments instead of main.py's")
-    run.add_argument("--only", metavar="TEXT", help="only experiments whose description contains TEXT")
-    run.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
-    run.add_argument("--reports", metavar="DIR", type=Path, default=Path("reports"), help="where to write reports")
-    run.add_argument("--no-reports", action="store_true", help="skip the reports at the end of the run")
-    report = commands.add_parser("report", help="write PNG/HTML reports of stored experiments")
-    report.add_argument("experiment_ids", nargs="*", metavar="EXPERIMENT_ID", help="default: every finished one")
-    report.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
-    report.add_argument("--out", metavar="DIR", type=Path, default=Path("reports"), help="output directory")
-    return parser
-
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    argv = list(argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
-        argv = ["run", *argv]
-    return build_parser().parse_args(argv)
-
-
-def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = None) -> int:
-    """CLI entry point of main.py; returns the exit code."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    env = os.environ
-    try:
-        settings = LauncherSettings.from_env(env, mongo_uri=getattr(args, "store_uri", None))
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
-    if args.command == "report":
-        from reports import report_main
-
-        return report_main(args.experiment_ids, settings.store, args.out)
-    if args.clients is not None and args.clients < 1:
-        print("--clients must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        specs = load_specs(args.experiments) if args.experiments else list(experiments)
-        specs = prepare(specs, args.rounds, args.only)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.server:
-        try:
-            return queue_only(specs, args.server, settings.token)
-        except (ValueError, ConnectionError, ApiError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2 if isinstance(error, ValueError) else 1
-    needed = max(spec.num_clients for spec in specs)
-    if args.clients is not None and args.clients < needed:
-        print(f"--clients {args.clients}: an experiment needs {needed} clients; it would wait forever", file=sys.stderr)
-        return 2
-    options = RunOptions(
-        clients=args.clients,
-        store=settings.store,
-        log_dir=settings.log_dir,
-        show_progress=not args.no_progress and sys.stderr.isatty(),
-        reports_dir=None if args.no_reports else args.reports,
-    )
-    return run_local(specs, options, env, settings.data_dir)

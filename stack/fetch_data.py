@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from fedland.datasets import DATASETS, DatasetIntegrityError, DatasetMissingError, load_dataset
-from stack.settings import LauncherSettings, configure_logging
+from stack.settings import DataSettings, configure_logging
 
 log = logging.getLogger("stack.fetch_data")
 
@@ -37,7 +37,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ) -> int:
     args = parse_args(argv)
     try:
-        settings = LauncherSettings.from_env(env)
+        settings = DataSettings.from_env(env)
     except ValueError as error:
         print(f"fetch_data: {error}", file=sys.stderr)
         return 2

@@ -161,6 +161,19 @@ class ClientSettings:
 
 
 @dataclass(frozen=True)
+class DataSettings:
+    """Configuration of `python -m stack.fetch_data`: where the datasets live, and the log level."""
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> DataSettings:
+        """Parse FEDLAND_DATA_DIR and FEDLAND_LOG_LEVEL; a bad value raises ValueError naming it."""
+        return cls(data_dir=_data_dir(env), log_level=_log_level(env))
+
+
+@dataclass(frozen=True)
 class LauncherSettings:
     """Configuration of `python main.py` (run, report) and `python -m stack.fetch_data`."""
 

@@ -9,8 +9,9 @@ import pytest
 
 import main
 from fedland.spec import ExperimentSpec
-from launch.launcher import main as launcher_main
-from launch.launcher import parse_args, prepare
+from cli import main as launcher_main
+from cli import parse_args
+from launch.launcher import prepare
 from launch.progress import summary_table
 
 
