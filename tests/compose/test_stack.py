@@ -33,7 +33,8 @@ def engine_missing() -> str | None:
     )
     if result.returncode != 0:
         where = os.environ.get("DOCKER_HOST", "the default socket")
-        return f"no Docker engine answers at {where} ({result.stderr.strip().splitlines()[-1:]})"
+        last = (result.stderr.strip().splitlines() or ["no answer"])[-1]
+        return f"no Docker engine answers at {where} ({last})"
     return None
 
 
