@@ -9,6 +9,7 @@ With `--server URL` it only queues the experiments on a running stack.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -33,7 +34,7 @@ from launch.progress import Progress, summary_table
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("run", "report")
+COMMANDS = ("run", "report", "export")
 DONE = ("finished", "failed")
 
 
@@ -47,7 +48,7 @@ class RunOptions:
     log_dir: Path = Path("./data/logs")
     poll_interval_s: float = 1.0
     show_progress: bool = True
-    reports_dir: Path | None = Path("reports")  # None: no reports at the end of the run
+    reports_dir: Path | None = Path("data/reports")  # None: no reports (live and at the end of the run)
 
 
 def prepare(specs: Sequence[ExperimentSpec], rounds: int | None, only: str | None) -> list[ExperimentSpec]:
@@ -144,6 +145,39 @@ class LocalRun:
             self.store = None
 
 
+class LiveReports:
+    """Re-renders the reports of a run's experiments on a background thread as their rounds land."""
+
+    def __init__(self, store_uri: str, env: Mapping[str, str], ids: Sequence[str], reports_dir: Path) -> None:
+        self.stop_event = threading.Event()
+        self._args = (store_uri, env, list(ids), reports_dir)
+        self._thread = threading.Thread(target=self._run, name="live-reports", daemon=True)
+
+    def __enter__(self) -> LiveReports:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import pymongo
+
+        from reports import watch_reports
+
+        store_uri, env, ids, reports_dir = self._args
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+            store_uri, serverSelectionTimeoutMS=10_000, connectTimeoutMS=10_000, socketTimeoutMS=60_000)
+        try:
+            db = client[env.get("FEDLAND_DB", "").strip() or "fedland"]
+            watch_reports(db, ids, reports_dir, self.stop_event, poll_interval_s=5.0, until_done=False)
+        except Exception:  # noqa: BLE001 - a failed live render must not stop the run; the final one reports
+            log.exception("live reports stopped")
+        finally:
+            client.close()
+
+
 def watch(
     transport: Transport,
     ids: Sequence[str],
@@ -207,7 +241,11 @@ def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping
         if earlier:
             log.warning("%d unfinished experiments from earlier runs are queued ahead of these", len(earlier))
         ids = transport.submit_experiments([spec.to_dict() for spec in specs])
-        with Progress(ids, specs, enabled=options.show_progress) as progress:
+        live: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if options.reports_dir is not None:
+            live = LiveReports(local.store_uri, env, ids, options.reports_dir)
+            log.info("live reports: %s (pages reload while experiments run)", options.reports_dir.resolve() / "index.html")
+        with Progress(ids, specs, enabled=options.show_progress) as progress, live:
             documents = watch(transport, ids, local, options.poll_interval_s, progress)
         last_rounds = {i: progress.last_round(i) for i in ids}
         transport.close()
@@ -245,12 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--experiments", metavar="FILE", type=Path, help="JSON/TOML experiments instead of main.py's")
     run.add_argument("--only", metavar="TEXT", help="only experiments whose description contains TEXT")
     run.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
-    run.add_argument("--reports", metavar="DIR", type=Path, default=Path("reports"), help="where to write reports")
-    run.add_argument("--no-reports", action="store_true", help="skip the reports at the end of the run")
-    report = commands.add_parser("report", help="write PNG/HTML reports of stored experiments")
+    run.add_argument("--reports", metavar="DIR", type=Path, default=Path("data/reports"),
+                     help="where to write the reports (default data/reports)")
+    run.add_argument("--no-reports", action="store_true", help="no reports, neither live nor at the end")
+    report = commands.add_parser("report", help="write PNG/PDF/HTML reports of stored experiments")
     report.add_argument("experiment_ids", nargs="*", metavar="EXPERIMENT_ID", help="default: every finished one")
     report.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
-    report.add_argument("--out", metavar="DIR", type=Path, default=Path("reports"), help="output directory")
+    report.add_argument("--out", metavar="DIR", type=Path, default=Path("data/reports"), help="output directory")
+    report.add_argument("--watch", action="store_true",
+                        help="re-render as rounds land until the experiments finish (pages reload themselves)")
+    export = commands.add_parser("export", help="write stored results as tidy tables or TensorBoard event files")
+    export.add_argument("experiment_ids", nargs="*", metavar="EXPERIMENT_ID", help="default: every experiment")
+    export.add_argument("--format", choices=("csv", "parquet", "tensorboard"), default="csv")
+    export.add_argument("--out", metavar="DIR", type=Path, default=Path("data/export"), help="output directory")
+    export.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
     return parser
 
 
@@ -268,11 +314,19 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
     logging.basicConfig(
         level=env.get("FEDLAND_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for chatty in ("fontTools", "fedland.slices"):  # PDF font subsetting, per-row slice progress of the reports
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     if args.command == "report":
         from reports import report_main
 
         store_dir = Path(env.get("FEDLAND_STORE_DIR", "").strip() or "./data/store")
-        return report_main(args.experiment_ids, args.store_uri, None, args.out, store_dir=store_dir, env=env)
+        return report_main(args.experiment_ids, args.store_uri, None, args.out, store_dir=store_dir, env=env,
+                           watch=args.watch)
+    if args.command == "export":
+        from reports.tables import export_main
+
+        store_dir = Path(env.get("FEDLAND_STORE_DIR", "").strip() or "./data/store")
+        return export_main(args.experiment_ids, args.format, args.out, args.store_uri, store_dir=store_dir, env=env)
     if args.clients is not None and args.clients < 1:
         print("--clients must be >= 1", file=sys.stderr)
         return 2
