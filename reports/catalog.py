@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from reports import figures, landscape_figures
-from reports.data import BARRIER_DEFINITION, ExperimentData
+from reports.data import BARRIER_DEFINITION, DIP_DEFINITION, ExperimentData
 from reports.figures import FigureKind
 
 
@@ -47,10 +47,12 @@ def _density_caption(data: ExperimentData) -> str:
 
 def _barrier_caption(data: ExperimentData) -> str:
     return (f"Linear interpolation from the global model each client received (α = 0) to its local model (α = 1), "
-            f"loss on the client's landscape subset ({_samples(data)} training images). Left: {BARRIER_DEFINITION} "
-            "(Frankle et al. 2020, linear mode connectivity), computed by the report from the stored curve; "
-            "negative when the whole path lies below the straight line between the endpoint losses. Then per "
-            "client the raw curve of every measured round (colour: round) with its straight line dotted.")
+            f"loss on the client's landscape subset ({_samples(data)} training images). Left, filled: "
+            f"{BARRIER_DEFINITION} over the stored α (Frankle et al. 2020, linear mode connectivity, with the "
+            "linear baseline of Entezari et al. 2022), computed by the report from the stored curve: ≥ 0, and 0 "
+            f"when the path never rises above the straight line between the endpoint losses. Hollow: the {DIP_DEFINITION} "
+            "(≤ 0), how far the path sinks below that line. Then per client the raw curve of every measured round "
+            "(colour: round) with its straight line dotted.")
 
 
 def _surface_caption(data: ExperimentData) -> str:

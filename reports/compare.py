@@ -51,7 +51,7 @@ COMPARISONS: tuple[Comparison, ...] = (
                "Each client's local model on its own train subset, averaged over the clients of the round."),
     Comparison("mean_barrier.png", "mean interpolation barrier, global → local",
                "mean over clients of the barrier (loss)", lambda d: d.mean_barrier_series(),
-               BARRIER_DEFINITION + ", on each client's train subset; < 0: the path lies below the straight line."),
+               BARRIER_DEFINITION + " (≥ 0), on each client's train subset, averaged over the round's clients."),
 )
 
 

@@ -8,7 +8,7 @@ A value that is missing, ``null`` or not finite reads as absent, never as 0.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,20 +130,21 @@ class ExperimentData:
                         pairs.append((doc["round"], value_at(entry, (key,))))
         return _series(pairs)
 
-    def barrier_series(self, client_index: int) -> Series:
-        """The barrier (``interior_barrier``) of the global -> local curve of one client, by round."""
+    def barrier_series(self, client_index: int, measure: Callable[..., float | None] | None = None) -> Series:
+        """The barrier (``linear_barrier``, or ``measure``) of one client's global -> local curve, by round."""
+        measure = measure or linear_barrier
         pairs = []
         for doc in self.client_stats:
             curve = interpolation_curve(doc) if doc["client_index"] == client_index else None
             if curve is not None:
-                pairs.append((doc["round"], interior_barrier(*curve)))
+                pairs.append((doc["round"], measure(*curve)))
         return _series(pairs)
 
     def mean_barrier_series(self) -> Series:
         by_round: dict[int, list[float]] = {}
         for doc in self.client_stats:
             curve = interpolation_curve(doc)
-            value = interior_barrier(*curve) if curve is not None else None
+            value = linear_barrier(*curve) if curve is not None else None
             if value is not None:
                 by_round.setdefault(doc["round"], []).append(value)
         return _series((r, math.fsum(v) / len(v)) for r, v in by_round.items())
@@ -181,23 +182,35 @@ def interpolation_curve(doc: Mapping[str, Any]) -> tuple[list[float], list[float
     return ([a for a, _ in pairs], [v for _, v in pairs]) if len(pairs) >= 2 else None
 
 
-#: How the report defines the barrier (Frankle et al. 2020, linear mode connectivity), for captions.
-BARRIER_DEFINITION = "barrier = max over 0 < α < 1 of L(α) − [(1 − α)·L(0) + α·L(1)]"
+#: How the report defines the barrier (Frankle et al. 2020; Entezari et al. 2022), for captions.
+BARRIER_DEFINITION = "barrier = max over α of L(α) − [(1 − α)·L(0) + α·L(1)]"
+DIP_DEFINITION = "dip = min over α of the same difference"
 
 
-def interior_barrier(alphas: Sequence[float], losses: Sequence[float]) -> float | None:
-    """Height of the loss path above the straight line between its endpoint losses, at its highest inner point.
-
-    ``max over 0 < alpha < 1 of L(alpha) - [(1 - alpha) L(0) + alpha L(1)]`` (Frankle
-    et al. 2020). Negative when the whole path lies below the line (a convex
-    path); None without both endpoints and an inner point.
-    """
+def _above_line(alphas: Sequence[float], losses: Sequence[float]) -> list[float] | None:
     points = dict(zip(alphas, losses))
     if 0.0 not in points or 1.0 not in points:
         return None
     start, end = points[0.0], points[1.0]
-    inner = [v - ((1.0 - a) * start + a * end) for a, v in points.items() if 0.0 < a < 1.0]
-    return max(inner) if inner else None
+    return [v - ((1.0 - a) * start + a * end) for a, v in points.items()]
+
+
+def linear_barrier(alphas: Sequence[float], losses: Sequence[float]) -> float | None:
+    """Height of the loss path above the straight line between its endpoint losses, at its highest point.
+
+    ``max over alpha of L(alpha) - [(1 - alpha) L(0) + alpha L(1)]`` over the
+    stored alphas (Frankle et al. 2020, linear mode connectivity, with the
+    linear baseline of Entezari et al. 2022): >= 0, and 0 when the path never
+    rises above the line. None without both endpoints.
+    """
+    heights = _above_line(alphas, losses)
+    return None if heights is None else max(heights)
+
+
+def path_dip(alphas: Sequence[float], losses: Sequence[float]) -> float | None:
+    """How far the loss path sinks below that straight line: ``min over alpha`` of the same difference (<= 0)."""
+    heights = _above_line(alphas, losses)
+    return None if heights is None else min(heights)
 
 
 def _get(doc: Any, path: Path_) -> Any:

@@ -11,8 +11,8 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.patheffects import withStroke
 
-from reports.data import BARRIER_DEFINITION, ExperimentData, Surface, interpolation_curve
-from reports.figures import LOCAL_STYLE, integer_rounds, plot
+from reports.data import BARRIER_DEFINITION, DIP_DEFINITION, ExperimentData, Surface, interpolation_curve, path_dip
+from reports.figures import GLOBAL_STYLE, LOCAL_STYLE, integer_rounds, plot
 from reports.style import SEQUENTIAL, client_colour, figure_legend, new_figure, save, use_log_scale
 
 HALO = [withStroke(linewidth=2.5, foreground="white")]  # text readable on any contour colour
@@ -24,7 +24,7 @@ MAX_CURVE_PANELS = 8
 def barriers(data: ExperimentData, out_dir: Path) -> Path | None:
     """The barrier per client per round, and each client's loss along alpha in every measured round."""
     clients = data.client_indices()
-    barrier = {i: data.barrier_series(i) for i in clients}
+    barrier = {i: (data.barrier_series(i), data.barrier_series(i, path_dip)) for i in clients}
     curves: dict[int, list[tuple[int, list[float], list[float]]]] = {}
     for doc in data.client_stats:
         curve = interpolation_curve(doc)
@@ -37,11 +37,13 @@ def barriers(data: ExperimentData, out_dir: Path) -> Path | None:
     ncols = min(panels, 3)
     figure, axes = new_figure(ncols, (panels + ncols - 1) // ncols, width=4.6, height=3.4)
     ax = axes[0]
-    for i, series in barrier.items():
-        plot(ax, series, color=client_colour(i, data.num_clients), label=f"client {i}", **LOCAL_STYLE)
+    for i, (heights, dips) in barrier.items():
+        colour = client_colour(i, data.num_clients)
+        plot(ax, heights, color=colour, label=f"client {i}", **LOCAL_STYLE)
+        plot(ax, dips, color=colour, **GLOBAL_STYLE)
     ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_title("barrier, global → local model")
-    ax.set_ylabel("barrier (loss)")
+    ax.set_title("barrier (filled, ≥ 0) and dip (hollow, ≤ 0)")
+    ax.set_ylabel("loss above the straight line")
     integer_rounds(ax)
     measured_rounds = sorted({r for entries in curves.values() for r, _, _ in entries})
     norm = Normalize(min(measured_rounds), max(max(measured_rounds), min(measured_rounds) + 1))
@@ -64,7 +66,7 @@ def barriers(data: ExperimentData, out_dir: Path) -> Path | None:
     figure.colorbar(mappable, ax=axes[1:panels], label="round", shrink=0.8, ticks=ticks)
     figure_legend(figure, axes[0].get_legend_handles_labels()[0])
     figure.suptitle(f"{data.label}: linear interpolation, global → local (dotted: the straight line)\n"
-                    f"{BARRIER_DEFINITION}; < 0: the path stays below the straight line", fontsize="medium")
+                    f"{BARRIER_DEFINITION}; {DIP_DEFINITION}", fontsize="medium")
     return save(figure, out_dir / "barriers.png")
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from matplotlib.colors import to_hex
 
-from reports.data import ExperimentData, interior_barrier, interpolation_curve, value_at
+from reports.data import ExperimentData, linear_barrier, interpolation_curve, value_at
 from reports.style import VECTOR_FORMAT, client_colour, vector_path
 
 CSS = """
@@ -126,7 +126,7 @@ def _summary(data: ExperimentData) -> str:
                 _number(value_at(measured, ("landscape", "local", "top_eigenvalues", 0)), 2),
                 _number(value_at(measured, ("landscape", "global", "top_eigenvalues", 0)), 2),
                 _number(value_at(measured, ("landscape", "local", "trace")), 2),
-                _number(interior_barrier(*curve) if curve is not None else None, 4, sign=True),
+                _number(linear_barrier(*curve) if curve is not None else None, 4),
                 _number(_entry(round_doc, "client_alignment", i, "cosine"), 4, sign=True),
                 _number(_entry(round_doc, "leave_one_out", i, "delta_test_accuracy"), 4, sign=True),
             ]
@@ -138,7 +138,7 @@ def _summary(data: ExperimentData) -> str:
         header += ["λ1 local", "λ1 received", "trace local", "barrier", "alignment", "LOO Δ acc."]
         parts.append(
             f"<p>Clients in round {stats_round} ({note}); landscape columns from round {landscape_round}, the last "
-            "measured (train subset; barrier: max over 0 &lt; α &lt; 1 of the loss above the straight line).</p>"
+            "measured (train subset; barrier: the largest height of the global → local loss path above the straight line between its endpoint losses).</p>"
         )
     else:
         parts.append(f"<p>Clients in round {stats_round} ({note}).</p>")

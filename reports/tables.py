@@ -13,7 +13,8 @@ Tables (every value as stored; absent or null values are NaN):
   client received; ``local``: after training): loss/accuracy on the client's train and
   test data, and the landscape scalars of that model (``landscape_*``, ``top_eigenvalue_<k>``).
 - ``client_rounds``: experiment x round x client: examples, duration, the stored and the
-  report's barrier (``barrier``: max over 0 < alpha < 1 of the loss above the straight line),
+  report's barrier (``barrier``: max over alpha of the loss above the straight line between the
+  endpoint losses; ``dip``: the min of the same difference),
   update distance and cosines, alignment, leave-one-out deltas.
 - ``rounds``: experiment x round: the global model on the full test split, the landscape
   scalars of the global model on the held-out subset, gradient dissimilarity.
@@ -35,7 +36,7 @@ from typing import Any
 import pandas as pd
 from pymongo.database import Database
 
-from reports.data import interior_barrier, interpolation_curve, list_experiment_ids, load_experiment, value_at
+from reports.data import linear_barrier, path_dip, interpolation_curve, list_experiment_ids, load_experiment, value_at
 
 __all__ = ["TABLES", "export_main", "load_tables", "open_store", "write_tables", "write_tensorboard"]
 
@@ -128,7 +129,8 @@ def load_tables(db: Database[Any], experiment_ids: Sequence[str] | None = None) 
             rows["client_rounds"].append({
                 **where, "num_examples": _number(doc, "num_examples"),
                 "duration_total_s": _number(doc, "duration_s", "total"),
-                "barrier": math.nan if curve is None else _nan(interior_barrier(*curve)),
+                "barrier": math.nan if curve is None else _nan(linear_barrier(*curve)),
+                "dip": math.nan if curve is None else _nan(path_dip(*curve)),
                 "barrier_stored": _number(landscape, "interpolation", "barrier"),
                 "update_distance": _number(landscape, "update", "distance"),
                 "cosine_to_previous_update": _number(landscape, "update", "cosine_to_previous_update"),
