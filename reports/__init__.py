@@ -168,6 +168,7 @@ def watch_reports(
     out = Path(out_dir)
     data_dir = default_data_dir() if data_dir is None else data_dir
     seen: dict[str, tuple[Any, ...]] = {}
+    loaded: dict[str, ExperimentData] = {}
     index: Path | None = None
     while True:
         ids = list_experiment_ids(db, status=None) if experiment_ids is None else list(experiment_ids)
@@ -178,10 +179,12 @@ def watch_reports(
                 seen[experiment_id] = signature
                 changed.append(experiment_id)
         if changed:
-            loaded = {i: _load(db, i, data_dir) for i in ids}
-            for experiment_id in changed:
+            for experiment_id in changed:  # only what changed is read and evaluated again
+                if stop.is_set():
+                    return index  # the caller writes the final reports itself
+                loaded[experiment_id] = _load(db, experiment_id, data_dir)
                 write_experiment_report(loaded[experiment_id], out / _directory_name(experiment_id))
-            index = write_index(out, list(loaded.values()))
+            index = write_index(out, [loaded[i] for i in ids if i in loaded])
             log.info("reports: re-rendered %d experiments in %s", len(changed), out)
         if until_done and ids and all(seen[i][0] in ("finished", "failed") for i in ids):
             return index
