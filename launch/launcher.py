@@ -146,19 +146,25 @@ class LocalRun:
 
 
 class LiveReports:
-    """Re-renders the reports of a run's experiments on a background thread as their rounds land."""
+    """Re-renders the reports of a run's experiments on a background thread as their rounds land.
+
+    Leaving the ``with`` block normally waits for the final state (every experiment
+    finished or failed) to be rendered; leaving it by an exception stops at once.
+    """
 
     def __init__(self, store_uri: str, env: Mapping[str, str], ids: Sequence[str], reports_dir: Path) -> None:
         self.stop_event = threading.Event()
         self._args = (store_uri, env, list(ids), reports_dir)
         self._thread = threading.Thread(target=self._run, name="live-reports", daemon=True)
+        self.index: Path | None = None  # the index page, once the final state is rendered
 
     def __enter__(self) -> LiveReports:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop_event.set()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:  # interrupted or failed: stop now; else let it render the final state
+            self.stop_event.set()
         self._thread.join()
 
     def _run(self) -> None:
@@ -171,7 +177,7 @@ class LiveReports:
             store_uri, serverSelectionTimeoutMS=10_000, connectTimeoutMS=10_000, socketTimeoutMS=60_000)
         try:
             db = client[env.get("FEDLAND_DB", "").strip() or "fedland"]
-            watch_reports(db, ids, reports_dir, self.stop_event, poll_interval_s=5.0, until_done=False)
+            self.index = watch_reports(db, ids, reports_dir, self.stop_event, poll_interval_s=2.0)
         except Exception:  # noqa: BLE001 - a failed live render must not stop the run; the final one reports
             log.exception("live reports stopped")
         finally:
@@ -245,11 +251,14 @@ def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping
         if options.reports_dir is not None:
             live = LiveReports(local.store_uri, env, ids, options.reports_dir)
             log.info("live reports: %s (pages reload while experiments run)", options.reports_dir.resolve() / "index.html")
-        with Progress(ids, specs, enabled=options.show_progress) as progress, live:
-            documents = watch(transport, ids, local, options.poll_interval_s, progress)
+        with Progress(ids, specs, enabled=options.show_progress) as progress:
+            with live:
+                documents = watch(transport, ids, local, options.poll_interval_s, progress)
         last_rounds = {i: progress.last_round(i) for i in ids}
         transport.close()
-        reports = write_run_reports(local.store_uri, env, ids, options.reports_dir)
+        reports = live.index if isinstance(live, LiveReports) else None
+        if reports is None:  # the live thread failed: one plain pass
+            reports = write_run_reports(local.store_uri, env, ids, options.reports_dir)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping clients, server and store", file=sys.stderr)
         return 130

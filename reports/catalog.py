@@ -37,7 +37,7 @@ def _curvature_caption(data: ExperimentData) -> str:
 
 def _density_caption(data: ExperimentData) -> str:
     return ("Eigenvalue density of the Hessian by stochastic Lanczos quadrature (Ghorbani et al. 2019; "
-            "fedland.spectral_density, 4 probes × 60 steps), computed by the report from the stored models of the "
+            "fedland.spectral_density, 3 probes × 40 steps), computed by the report from the stored models of the "
             "last measured round. Left: the aggregated global model on "
             f"{_samples(data)} test images (a seeded subset, not the server's). Then per client, on the client's "
             f"own landscape subset ({_samples(data)} training images): its local model (solid) against the global "

@@ -31,7 +31,7 @@ from reports.style import (
     use_log_scale,
 )
 
-LOCAL_STYLE = dict(linestyle="-", marker="o", markersize=4, linewidth=1.4)
+LOCAL_STYLE = dict(linestyle="-", marker="o", markersize=6, linewidth=1.4)
 # hollow and larger than the black global markers: a client line on top of the global one still shows
 GLOBAL_STYLE = dict(linestyle="--", marker="o", markersize=8, linewidth=1.1, markerfacecolor="none")
 SERVER_STYLE = dict(color=GLOBAL_COLOUR, linestyle="-", marker="D", markersize=3.5, linewidth=1.8, zorder=5)

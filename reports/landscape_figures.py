@@ -64,7 +64,11 @@ def barriers(data: ExperimentData, out_dir: Path) -> Path | None:
     mappable = _scalar_mappable(norm, cmap)
     ticks = measured_rounds if len(measured_rounds) <= 12 else None
     figure.colorbar(mappable, ax=axes[1:panels], label="round", shrink=0.8, ticks=ticks)
-    figure_legend(figure, axes[0].get_legend_handles_labels()[0])
+    from matplotlib.lines import Line2D
+
+    figure_legend(figure, [*axes[0].get_legend_handles_labels()[0],
+                           Line2D([], [], color="grey", label="barrier", **LOCAL_STYLE),
+                           Line2D([], [], color="grey", label="dip", **GLOBAL_STYLE)])
     figure.suptitle(f"{data.label}: linear interpolation, global → local (dotted: the straight line)\n"
                     f"{BARRIER_DEFINITION}; {DIP_DEFINITION}", fontsize="medium")
     return save(figure, out_dir / "barriers.png")

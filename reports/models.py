@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 #: Test images the trajectory's loss contours are measured on (a seeded subset of the test split).
 TRAJECTORY_SAMPLES = 1000
 TRAJECTORY_GRID = 21  # points per axis of the contour grid (odd: the final model is a grid point)
-DENSITY_PROBES, DENSITY_STEPS = 4, 60  # stochastic Lanczos quadrature (Ghorbani et al. 2019)
+DENSITY_PROBES, DENSITY_STEPS = 3, 40  # stochastic Lanczos quadrature (Ghorbani et al. 2019)
 #: Second word of the seed of the report's test subset (clients use their index, the server 2**32).
 REPORT_STREAM = 2**32 + 1
 
@@ -225,7 +225,8 @@ def _densities(
 
 def _density(kind: str, client_index: int | None, model: nn.Module, data: list[Any], loss_fn: nn.Module,
              seed: int) -> Density:
-    result = spectral_density(model, loss_fn, data, num_probes=DENSITY_PROBES, lanczos_steps=DENSITY_STEPS, seed=seed)
+    result = spectral_density(model, loss_fn, data, num_probes=DENSITY_PROBES, lanczos_steps=DENSITY_STEPS, seed=seed,
+                              grid_points=400)
     density = np.asarray(result.density, dtype=np.float64)
     return Density(kind, client_index, np.asarray(result.grid, dtype=np.float64),
                    np.where(np.isfinite(density), density, 0.0))

@@ -108,5 +108,6 @@ def save(figure: Figure, path: Path) -> Path:
     """Write ``path`` (PNG) and its vector copy beside it; returns the PNG's path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=DPI)
+    figure.set_layout_engine("none")  # keep the layout just computed: the PDF needs no second solve
     figure.savefig(vector_path(path))
     return path
