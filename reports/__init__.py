@@ -24,6 +24,8 @@ from typing import Any
 
 from pymongo.database import Database
 
+from stack.settings import StoreSettings
+
 from reports.catalog import EXPERIMENT_FIGURES
 from reports.compare import COMPARISONS, comparison
 from reports.data import ExperimentData, list_experiment_ids, load_experiment, with_extras
@@ -53,7 +55,9 @@ def _skip_reason(data: ExperimentData, needs_landscape: bool, reason_key: str | 
 
 def default_data_dir(env: Mapping[str, str] = os.environ) -> Path:
     """Where the report finds the dataset to evaluate stored models on (as server and clients do)."""
-    return Path(env.get("FEDLAND_DATA_DIR", "").strip() or "./data")
+    from stack.settings import DataSettings
+
+    return DataSettings.from_env(env).data_dir
 
 
 def write_experiment_report(data: ExperimentData, out_dir: Path, index_href: str = "../index.html") -> Path:
@@ -194,40 +198,38 @@ def watch_reports(
 
 def report_main(
     experiment_ids: Sequence[str],
-    store_uri: str | None = None,
-    db_name: str | None = None,
+    store: StoreSettings,
     out_dir: str | os.PathLike[str] = DEFAULT_OUT,
     *,
-    store_dir: str | os.PathLike[str] = "./data/store",
-    env: Mapping[str, str] = os.environ,
+    data_dir: Path | None = None,
     watch: bool = False,
     poll_interval_s: float = 5.0,
+    torch_threads: int = 1,
 ) -> int:
     """The `python main.py report [EXPERIMENT_ID ...] [--watch]` command; returns the exit code.
 
-    The store is ``store_uri``, else ``FEDLAND_MONGO_URI``, else the embedded
-    nx-27017 the launcher keeps in ``store_dir``; the database ``db_name``, else
-    ``FEDLAND_DB``, else ``fedland``. No ids: every finished experiment (with
+    The store is ``store.mongo_uri``, else the embedded nx-27017 in
+    ``store.store_dir`` (the launcher's). No ids: every finished experiment (with
     ``watch``: every experiment, re-rendered as rounds land until all are done or Ctrl-C).
+    ``data_dir``: the dataset the stored models are evaluated on (default ``./data``).
     """
     import pymongo
 
     from stack.embedded import EmbeddedMongo
     from stack.settings import set_torch_threads
 
-    uri = store_uri or env.get("FEDLAND_MONGO_URI", "").strip() or None
-    name = db_name or env.get("FEDLAND_DB", "").strip() or "fedland"
+    uri, name = store.mongo_uri, store.db_name
     embedded = None
     if uri is None:
-        if not Path(store_dir).is_dir():
-            print(f"no store: {store_dir} does not exist and FEDLAND_MONGO_URI is unset", file=sys.stderr)
+        if not Path(store.store_dir).is_dir():
+            print(f"no store: {store.store_dir} does not exist and FEDLAND_MONGO_URI is unset", file=sys.stderr)
             return 2
-        embedded = EmbeddedMongo(store_dir)
+        embedded = EmbeddedMongo(store.store_dir)
         uri = embedded.start()
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
         uri, serverSelectionTimeoutMS=10_000, connectTimeoutMS=10_000, socketTimeoutMS=60_000)
-    data_dir = default_data_dir(env)
-    set_torch_threads(int(env.get("FEDLAND_TORCH_THREADS", "").strip() or 1))
+    data_dir = default_data_dir() if data_dir is None else data_dir
+    set_torch_threads(torch_threads)
     try:
         db = client[name]
         for experiment_id in experiment_ids:

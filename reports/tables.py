@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,6 +35,7 @@ from typing import Any
 import pandas as pd
 from pymongo.database import Database
 
+from stack.settings import StoreSettings
 from reports.data import linear_barrier, path_dip, interpolation_curve, list_experiment_ids, load_experiment, value_at
 
 __all__ = ["TABLES", "export_main", "load_tables", "open_store", "write_tables", "write_tensorboard"]
@@ -46,29 +46,27 @@ EVALUATION = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
 
 @contextmanager
-def open_store(uri: str | None = None, store_dir: str | os.PathLike[str] | None = None,
-               db_name: str | None = None, env: Mapping[str, str] = os.environ) -> Iterator[Database[Any]]:
-    """The results database: ``uri``, else ``FEDLAND_MONGO_URI``, else the embedded store the launcher keeps.
+def open_store(store: StoreSettings | None = None) -> Iterator[Database[Any]]:
+    """The results database: ``FEDLAND_MONGO_URI``, else the embedded store the launcher keeps (``./data/store``).
 
-    The embedded store (``store_dir``, else ``FEDLAND_STORE_DIR``, else ``./data/store``)
-    is started for the duration of the ``with`` block and stopped after it.
+    ``store`` None: ``StoreSettings.from_env()``. The embedded store is started for
+    the duration of the ``with`` block and stopped after it.
     """
     import pymongo
 
     from stack.embedded import EmbeddedMongo
 
-    uri = uri or env.get("FEDLAND_MONGO_URI", "").strip() or None
-    embedded = None
+    store = StoreSettings.from_env() if store is None else store
+    uri, embedded = store.mongo_uri, None
     if uri is None:
-        directory = Path(store_dir or env.get("FEDLAND_STORE_DIR", "").strip() or "./data/store")
-        if not directory.is_dir():
-            raise FileNotFoundError(f"no store: {directory} does not exist and FEDLAND_MONGO_URI is unset")
-        embedded = EmbeddedMongo(directory)
+        if not Path(store.store_dir).is_dir():
+            raise FileNotFoundError(f"no store: {store.store_dir} does not exist and FEDLAND_MONGO_URI is unset")
+        embedded = EmbeddedMongo(store.store_dir)
         uri = embedded.start()
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
         uri, serverSelectionTimeoutMS=10_000, connectTimeoutMS=10_000, socketTimeoutMS=60_000)
     try:
-        yield client[db_name or env.get("FEDLAND_DB", "").strip() or "fedland"]
+        yield client[store.db_name]
     finally:
         client.close()
         if embedded is not None:
@@ -211,11 +209,10 @@ def _scalar_sources(tables: Mapping[str, pd.DataFrame], experiment_id: str) -> l
     ]
 
 
-def export_main(experiment_ids: Sequence[str], file_format: str, out_dir: Path, store_uri: str | None = None, *,
-                store_dir: Path = Path("./data/store"), env: Mapping[str, str] = os.environ) -> int:
+def export_main(experiment_ids: Sequence[str], file_format: str, out_dir: Path, store: StoreSettings) -> int:
     """`python main.py export [ID ...] --format csv|parquet|tensorboard --out DIR`; returns the exit code."""
     try:
-        with open_store(store_uri, store_dir, env=env) as db:
+        with open_store(store) as db:
             tables = load_tables(db, list(experiment_ids) or None)
     except (FileNotFoundError, ValueError) as error:
         print(f"export: {error}", file=sys.stderr)

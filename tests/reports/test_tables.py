@@ -10,6 +10,7 @@ import pytest
 
 from reports.tables import TABLES, export_main, load_tables, write_tables, write_tensorboard
 from server.store import Store
+from stack.settings import StoreSettings
 from tests.reports.test_report import barrier_of, dip_of, two_experiments
 
 
@@ -97,10 +98,10 @@ def test_tables_files_and_tensorboard_round_trip(store: Store, tmp_path: Path) -
 def test_export_command(store: Store, mongo_uri: str, mongo_db_name: str, tmp_path: Path,
                         capsys: pytest.CaptureFixture[str]) -> None:
     measured_id, _ = two_experiments(store)
-    env = {"FEDLAND_DB": mongo_db_name}
-    assert export_main([measured_id], "csv", tmp_path, mongo_uri, env=env) == 0
+    settings = StoreSettings(mongo_uri=mongo_uri, db_name=mongo_db_name)
+    assert export_main([measured_id], "csv", tmp_path, settings) == 0
     assert "rounds (3 rows)" in capsys.readouterr().out
     assert list(pd.read_csv(tmp_path / "rounds.csv")["test_accuracy"]) == pytest.approx(
         [d["test_accuracy"] for d in store.rounds_of(measured_id)])
-    assert export_main(["nope"], "csv", tmp_path / "x", mongo_uri, env=env) == 2
+    assert export_main(["nope"], "csv", tmp_path / "x", settings) == 2
     assert "experiment_id: no experiment 'nope'" in capsys.readouterr().err
