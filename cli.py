@@ -6,9 +6,11 @@ The one place that composes the launcher and the reports; neither imports the ot
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +19,20 @@ from launch.launcher import RunOptions, prepare, queue_only, run_local
 from stack.api_client import ApiError
 from stack.settings import LauncherSettings, configure_logging
 
-COMMANDS = ("run", "report")
+COMMANDS = ("run", "report", "export")
+DEFAULT_REPORTS = Path("data/reports")  # beside the store and the logs (reports/ is the package)
 
 
-def write_run_reports(reports_dir: Path, store_uri: str, db_name: str, ids: list[str]) -> Path:
+def write_run_reports(reports_dir: Path, store_uri: str, db_name: str, ids: list[str], data_dir: Path) -> Path:
     """Write the reports of a run's experiments while its store is still up; returns the index page."""
     import pymongo
 
     from reports import write_reports
 
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(store_uri, serverSelectionTimeoutMS=10_000)
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        store_uri, serverSelectionTimeoutMS=10_000, connectTimeoutMS=10_000, socketTimeoutMS=60_000)
     try:
-        return write_reports(client[db_name], ids, reports_dir)
+        return write_reports(client[db_name], ids, reports_dir, data_dir=data_dir)
     finally:
         client.close()
 
@@ -48,12 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--experiments", metavar="FILE", type=Path, help="JSON/TOML experiments instead of main.py's")
     run.add_argument("--only", metavar="TEXT", help="only experiments whose description contains TEXT")
     run.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
-    run.add_argument("--reports", metavar="DIR", type=Path, default=Path("reports"), help="where to write reports")
-    run.add_argument("--no-reports", action="store_true", help="skip the reports at the end of the run")
-    report = commands.add_parser("report", help="write PNG/HTML reports of stored experiments")
+    run.add_argument("--reports", metavar="DIR", type=Path, default=DEFAULT_REPORTS,
+                     help=f"where to write the reports, live and at the end (default {DEFAULT_REPORTS})")
+    run.add_argument("--no-reports", action="store_true", help="no reports, neither live nor at the end")
+    report = commands.add_parser("report", help="write PNG/PDF/HTML reports of stored experiments")
     report.add_argument("experiment_ids", nargs="*", metavar="EXPERIMENT_ID", help="default: every finished one")
     report.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
-    report.add_argument("--out", metavar="DIR", type=Path, default=Path("reports"), help="output directory")
+    report.add_argument("--out", metavar="DIR", type=Path, default=DEFAULT_REPORTS, help="output directory")
+    report.add_argument("--watch", action="store_true",
+                        help="re-render as rounds land until the experiments finish (pages reload themselves)")
+    export = commands.add_parser("export", help="write stored results as tidy tables or TensorBoard event files")
+    export.add_argument("experiment_ids", nargs="*", metavar="EXPERIMENT_ID", help="default: every experiment")
+    export.add_argument("--format", choices=("csv", "parquet", "tensorboard"), default="csv")
+    export.add_argument("--out", metavar="DIR", type=Path, default=Path("data/export"), help="output directory")
+    export.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
     return parser
 
 
@@ -74,10 +86,17 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
         print(f"error: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    for chatty in ("fontTools", "fedland.slices"):  # PDF font subsetting; the report's per-row slice progress
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     if args.command == "report":
         from reports import report_main
 
-        return report_main(args.experiment_ids, settings.store, args.out)
+        return report_main(args.experiment_ids, settings.store, args.out, data_dir=settings.data_dir,
+                           watch=args.watch)
+    if args.command == "export":
+        from reports.tables import export_main
+
+        return export_main(args.experiment_ids, args.format, args.out, settings.store)
     if args.clients is not None and args.clients < 1:
         print("--clients must be >= 1", file=sys.stderr)
         return 2
@@ -104,7 +123,22 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
         log_dir=settings.log_dir,
         show_progress=not args.no_progress and sys.stderr.isatty(),
     )
-    def finish(store_uri: str, db_name: str, ids: list[str]) -> Path | None:
-        return None if reports_dir is None else write_run_reports(reports_dir, store_uri, db_name, ids)
+    live: list[Any] = []  # the run's LiveReports, once started
 
-    return run_local(specs, options, env, settings.data_dir, finish)
+    def follow(store_uri: str, db_name: str, ids: list[str]) -> AbstractContextManager[Any]:
+        if reports_dir is None:
+            return nullcontext()
+        from reports.live import LiveReports
+
+        logging.getLogger("cli").info("live reports: %s", (reports_dir / "index.html").resolve())
+        live.append(LiveReports(store_uri, db_name, ids, reports_dir, settings.data_dir))
+        return live[0]
+
+    def finish(store_uri: str, db_name: str, ids: list[str]) -> Path | None:
+        if reports_dir is None:
+            return None
+        if live and live[0].index is not None:  # the live thread rendered the final state
+            return Path(live[0].index)
+        return write_run_reports(reports_dir, store_uri, db_name, ids, settings.data_dir)
+
+    return run_local(specs, options, env, settings.data_dir, finish, follow)

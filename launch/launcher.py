@@ -8,6 +8,7 @@ With `--server URL` it only queues the experiments on a running stack.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -162,6 +163,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 #: Called at the end of a run while the store is up: (store URI, database, experiment ids) -> report index.
 Finisher = Callable[[str, str, list[str]], "Path | None"]
+#: Started once the experiments are queued, left when they end (e.g. live reports): (store URI, db name, ids).
+Follower = Callable[[str, str, list[str]], contextlib.AbstractContextManager[Any]]
 
 
 def run_local(
@@ -170,10 +173,12 @@ def run_local(
     env: Mapping[str, str],
     data_dir: Path,
     finish: Finisher | None = None,
+    follow: Follower | None = None,
 ) -> int:
     """Run `specs` on a local stack; 0 if every experiment finished, 130 if interrupted.
 
-    `finish` (e.g. writing the reports) runs after the experiments end, before the store stops.
+    `follow` (e.g. live reports) is entered once the experiments are queued and left
+    when they end; `finish` (e.g. the final reports) runs after that, before the store stops.
     """
     for name in sorted({spec.dataset_name for spec in specs}):
         try:
@@ -193,8 +198,11 @@ def run_local(
         if earlier:
             log.warning("%d unfinished experiments from earlier runs are queued ahead of these", len(earlier))
         ids = transport.submit_experiments([spec.to_dict() for spec in specs])
+        following = contextlib.nullcontext() if follow is None else follow(
+            local.store_uri, options.store.db_name, list(ids))
         with Progress(ids, specs, enabled=options.show_progress) as progress:
-            documents = watch(transport, ids, local, options.poll_interval_s, progress)
+            with following:
+                documents = watch(transport, ids, local, options.poll_interval_s, progress)
         last_rounds = {i: progress.last_round(i) for i in ids}
         transport.close()
         reports = None if finish is None else finish(local.store_uri, options.store.db_name, list(ids))

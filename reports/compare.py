@@ -1,4 +1,8 @@
-"""Figures comparing experiments on the same axes: one line per experiment, labelled by description."""
+"""Figures comparing experiments on the same axes: one line per experiment, labelled by description.
+
+Each experiment has its own colour, line style and marker (hollow on every other
+one), so lines that coincide, and greyscale prints, still tell them apart.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from reports.data import ExperimentData, Series
-from reports.style import integer_rounds, new_figure, save, series_colour, use_log_scale
+from reports.data import BARRIER_DEFINITION, ExperimentData, Series
+from reports.style import integer_rounds, new_figure, save, series_style, use_log_scale
+
+DODGE = 0.04  # rounds between neighbouring experiments' points, so identical values stay visible
 
 
 @dataclass(frozen=True)
@@ -18,21 +24,34 @@ class Comparison:
     title: str
     ylabel: str
     series: Callable[[ExperimentData], Series]
+    caption: str = ""
+
+
+def _with_round0(data: ExperimentData, key: str) -> Series:
+    series = data.round_series((key,))
+    round0 = data.extras.round0
+    if round0 is None or not series:
+        return series
+    return Series((0, *series.rounds), (round0[key], *series.values))
 
 
 COMPARISONS: tuple[Comparison, ...] = (
-    Comparison("global_accuracy.png", "global test accuracy", "accuracy (full test split)",
-               lambda d: d.round_series(("test_accuracy",))),
+    Comparison("global_accuracy.png", "global model: test accuracy", "accuracy (full test split)",
+               lambda d: _with_round0(d, "test_accuracy"), "Round 0: the initial model (evaluated by the report)."),
+    Comparison("global_loss.png", "global model: test loss", "cross-entropy loss (full test split)",
+               lambda d: _with_round0(d, "test_loss"), "Round 0: the initial model (evaluated by the report)."),
     Comparison("global_top_eigenvalue.png", "global model: top Hessian eigenvalue", "top eigenvalue",
-               lambda d: d.round_series(("landscape", "global", "top_eigenvalues", 0))),
+               lambda d: d.round_series(("landscape", "global", "top_eigenvalues", 0)),
+               "On the server's held-out test subset."),
     Comparison("global_trace.png", "global model: Hessian trace", "trace",
-               lambda d: d.round_series(("landscape", "global", "trace"))),
+               lambda d: d.round_series(("landscape", "global", "trace")), "On the server's held-out test subset."),
     Comparison("mean_local_top_eigenvalue.png", "local models: mean top Hessian eigenvalue",
                "mean over clients of the top eigenvalue",
-               lambda d: d.client_mean_series(("landscape", "local", "top_eigenvalues", 0))),
+               lambda d: d.client_mean_series(("landscape", "local", "top_eigenvalues", 0)),
+               "Each client's local model on its own train subset, averaged over the clients of the round."),
     Comparison("mean_barrier.png", "mean interpolation barrier, global → local",
-               "mean over clients of the barrier",
-               lambda d: d.client_mean_series(("landscape", "interpolation", "barrier"))),
+               "mean over clients of the barrier (loss)", lambda d: d.mean_barrier_series(),
+               BARRIER_DEFINITION + " (≥ 0), on each client's train subset, averaged over the round's clients."),
 )
 
 
@@ -47,14 +66,22 @@ def comparison(kind: Comparison, experiments: Sequence[ExperimentData], out_dir:
     lines = [(label, kind.series(e)) for label, e in zip(labels(experiments), experiments)]
     if not any(series for _, series in lines):
         return None
-    figure, (ax,) = new_figure(1, width=7.5, height=4.2)
+    figure, (ax,) = new_figure(1, width=7.5, height=4.4)
     values: list[float] = []
+    centre = (len(lines) - 1) / 2
     for position, (label, series) in enumerate(lines):
         if series:
-            colour = series_colour(position, len(lines))
-            ax.plot(series.rounds, series.values, color=colour, marker="o", markersize=3.5, linewidth=1.6, label=label)
+            shift = (position - centre) * DODGE
+            # later experiments underneath, with larger markers: a line hidden under another still shows its rings
+            ax.plot([r + shift for r in series.rounds], series.values, label=label, linewidth=1.5,
+                    markersize=4 + 6 * (len(lines) - 1 - position) / max(len(lines) - 1, 1),
+                    zorder=2 + position, **series_style(position, len(lines)))
             values += series.values
-    use_log_scale(ax, values)
+    if "accuracy" in kind.file_name:
+        ax.set_ylim(top=1.0)
+    elif not use_log_scale(ax, values) and min(values) >= 0:
+        ax.set_ylim(bottom=0.0)
+    ax.axhline(0.0, color="grey", linewidth=0.6) if min(values) < 0 else None
     ax.set_title(kind.title)
     ax.set_ylabel(kind.ylabel)
     integer_rounds(ax)

@@ -8,7 +8,7 @@ A value that is missing, ``null`` or not finite reads as absent, never as 0.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ import numpy as np
 from pymongo.database import Database
 
 from fedland.spec import STORE_KEYS
+from reports.models import ModelExtras
 
 Doc = dict[str, Any]
 Path_ = Sequence[str | int]  # keys and list indices into a document, e.g. ("landscape", "local", "trace")
@@ -56,6 +57,7 @@ class Surface:
     explained_variance_ratio: tuple[float, ...]
     client_points: tuple[tuple[int, float, float], ...]  # (client_index, x, y)
     second_direction: str = "principal"  # "random" when one client leaves no second principal direction
+    scale: float | None = None  # the clients' RMS update norm: one axis unit, in parameter space
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class ExperimentData:
     rounds: tuple[Doc, ...]  # `rounds` documents, by round
     client_stats: tuple[Doc, ...]  # `client_stats` documents, by (round, client_index)
     surfaces: tuple[Surface, ...]  # by round
+    extras: ModelExtras = ModelExtras()  # computed from the stored models (round 0, trajectory, densities)
 
     @property
     def num_clients(self) -> int:
@@ -127,6 +130,29 @@ class ExperimentData:
                         pairs.append((doc["round"], value_at(entry, (key,))))
         return _series(pairs)
 
+    def barrier_series(self, client_index: int, measure: Callable[..., float | None] | None = None) -> Series:
+        """The barrier (``linear_barrier``, or ``measure``) of one client's global -> local curve, by round."""
+        measure = measure or linear_barrier
+        pairs = []
+        for doc in self.client_stats:
+            curve = interpolation_curve(doc) if doc["client_index"] == client_index else None
+            if curve is not None:
+                pairs.append((doc["round"], measure(*curve)))
+        return _series(pairs)
+
+    def mean_barrier_series(self) -> Series:
+        by_round: dict[int, list[float]] = {}
+        for doc in self.client_stats:
+            curve = interpolation_curve(doc)
+            value = linear_barrier(*curve) if curve is not None else None
+            if value is not None:
+                by_round.setdefault(doc["round"], []).append(value)
+        return _series((r, math.fsum(v) / len(v)) for r, v in by_round.items())
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("queued", "running")
+
     def client_indices(self) -> list[int]:
         seen = {c.client_index for c in self.clients} | {int(d["client_index"]) for d in self.client_stats}
         return sorted(seen) if seen else list(range(self.num_clients))
@@ -141,6 +167,50 @@ def value_at(doc: Any, path: Path_) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
+
+
+def interpolation_curve(doc: Mapping[str, Any]) -> tuple[list[float], list[float]] | None:
+    """The stored ``(alphas, losses)`` of a client's global -> local interpolation, finite points only."""
+    interpolation = _get(doc, ("landscape", "interpolation"))
+    if not isinstance(interpolation, Mapping):
+        return None
+    alphas, losses = interpolation.get("alphas"), interpolation.get("losses")
+    if not isinstance(alphas, list) or not isinstance(losses, list) or len(alphas) != len(losses):
+        return None
+    pairs = sorted((float(a), float(v)) for a, v in zip(alphas, losses)
+                   if value_at({"a": a}, ("a",)) is not None and value_at({"v": v}, ("v",)) is not None)
+    return ([a for a, _ in pairs], [v for _, v in pairs]) if len(pairs) >= 2 else None
+
+
+#: How the report defines the barrier (Frankle et al. 2020; Entezari et al. 2022), for captions.
+BARRIER_DEFINITION = "barrier = max over α of L(α) − [(1 − α)·L(0) + α·L(1)]"
+DIP_DEFINITION = "dip = min over α of the same difference"
+
+
+def _above_line(alphas: Sequence[float], losses: Sequence[float]) -> list[float] | None:
+    points = dict(zip(alphas, losses))
+    if 0.0 not in points or 1.0 not in points:
+        return None
+    start, end = points[0.0], points[1.0]
+    return [v - ((1.0 - a) * start + a * end) for a, v in points.items()]
+
+
+def linear_barrier(alphas: Sequence[float], losses: Sequence[float]) -> float | None:
+    """Height of the loss path above the straight line between its endpoint losses, at its highest point.
+
+    ``max over alpha of L(alpha) - [(1 - alpha) L(0) + alpha L(1)]`` over the
+    stored alphas (Frankle et al. 2020, linear mode connectivity, with the
+    linear baseline of Entezari et al. 2022): >= 0, and 0 when the path never
+    rises above the line. None without both endpoints.
+    """
+    heights = _above_line(alphas, losses)
+    return None if heights is None else max(heights)
+
+
+def path_dip(alphas: Sequence[float], losses: Sequence[float]) -> float | None:
+    """How far the loss path sinks below that straight line: ``min over alpha`` of the same difference (<= 0)."""
+    heights = _above_line(alphas, losses)
+    return None if heights is None else min(heights)
 
 
 def _get(doc: Any, path: Path_) -> Any:
@@ -242,4 +312,21 @@ def _surface(doc: Mapping[str, Any]) -> Surface | None:
         explained_variance_ratio=tuple(float(v) for v in doc.get("explained_variance_ratio") or ()),
         client_points=points,
         second_direction=str(doc.get("second_direction") or "principal"),
+        scale=value_at(doc, ("scale",)),
     )
+
+
+def with_extras(db: Database[Doc], data: ExperimentData, data_dir: Any, *, densities: bool | None = None) -> ExperimentData:
+    """``data`` with what the report computes from its stored models (``reports.models.compute_extras``).
+
+    Spectral densities (the slow part) by default only once the experiment is no longer running.
+    """
+    from dataclasses import replace
+    from pathlib import Path
+
+    from reports.models import compute_extras
+
+    experiment = {**data.spec, "id": data.experiment_id}
+    extras = compute_extras(db, experiment, list(data.rounds), list(data.client_stats), Path(data_dir),
+                            densities=not data.running if densities is None else densities)
+    return replace(data, extras=extras)

@@ -1,7 +1,9 @@
-"""The figures of one experiment: one function each, saving a PNG and returning its path.
+"""The figures of one experiment: one function each, saving a PNG (and its PDF) and returning the PNG's path.
 
 A function returns None when the experiment has no data for its figure; the
 page then says the figure was skipped (an empty plot is never written).
+Clients may miss rounds (a per-round participation subset): every line is drawn
+through the rounds where its value exists.
 """
 
 from __future__ import annotations
@@ -13,26 +15,27 @@ from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patheffects import withStroke
+from matplotlib.ticker import ScalarFormatter
 
 from reports.data import ExperimentData, Path_, Series
 from reports.style import (
     GLOBAL_COLOUR,
     client_colour,
-    integer_rounds,
     figure_legend,
+    integer_rounds,
     new_figure,
     save,
+    series_style,
     use_log_scale,
 )
 
-LOCAL_STYLE = dict(linestyle="-", marker="o", markersize=3.5, linewidth=1.4)
-GLOBAL_STYLE = dict(linestyle="--", marker="s", markersize=3, linewidth=1.1, alpha=0.85)
-SERVER_STYLE = dict(color=GLOBAL_COLOUR, linestyle="-", marker="D", markersize=4, linewidth=2.4)
-HALO = [withStroke(linewidth=2.5, foreground="white")]  # text readable on any contour colour
+LOCAL_STYLE = dict(linestyle="-", marker="o", markersize=6, linewidth=1.4)
+# hollow and larger than the black global markers: a client line on top of the global one still shows
+GLOBAL_STYLE = dict(linestyle="--", marker="o", markersize=8, linewidth=1.1, markerfacecolor="none")
+SERVER_STYLE = dict(color=GLOBAL_COLOUR, linestyle="-", marker="D", markersize=3.5, linewidth=1.8, zorder=5)
+DODGE = 0.07  # rounds: horizontal offset between clients' error bars
 
 
 @dataclass(frozen=True)
@@ -41,192 +44,205 @@ class FigureKind:
 
     file_name: str
     title: str
-    caption: str
+    caption: str | Callable[[ExperimentData], str]
     render: Callable[[ExperimentData, Path], Path | None]
     needs_landscape: bool
+    reason_key: str | None = None  # key of ``ModelExtras.reasons`` that explains a skip
+
+    def caption_for(self, data: ExperimentData) -> str:
+        return self.caption(data) if callable(self.caption) else self.caption
 
 
-def _plot(ax: Axes, series: Series, **style: object) -> list[float]:
-    ax.plot(series.rounds, series.values, **style)  # type: ignore[arg-type]
+def plot(ax: Axes, series: Series, shift: float = 0.0, **style: Any) -> list[float]:
+    ax.plot([r + shift for r in series.rounds], series.values, **style)
     return list(series.values)
 
 
-def _style_legend(figure: Figure, data: ExperimentData, server_label: str | None, local: str, glob: str) -> None:
-    """Client colours plus one grey entry per line style."""
-    handles = [
-        Line2D([], [], color=client_colour(i, data.num_clients), linewidth=2, label=f"client {i}")
+def shifted(series: Series, by: int) -> Series:
+    return Series(tuple(r + by for r in series.rounds), series.values)
+
+
+def linear_from_zero(ax: Axes, values: list[float]) -> None:
+    """A linear axis from 0 to a little above the largest value (small losses stay visible as near 0)."""
+    top = max(values) if values else 1.0
+    ax.set_ylim(0.0, top * 1.06 if top > 0 else 1.0)
+
+
+def _legend(figure: Figure, data: ExperimentData, entries: list[tuple[str, dict[str, Any]]]) -> None:
+    handles: list[Any] = [
+        Line2D([], [], color=client_colour(i, data.num_clients), linewidth=2.5, label=f"client {i}")
         for i in data.client_indices()
     ]
-    handles.append(Line2D([], [], color="grey", **{**LOCAL_STYLE, "label": local}))  # type: ignore[arg-type]
-    handles.append(Line2D([], [], color="grey", **{**GLOBAL_STYLE, "label": glob}))  # type: ignore[arg-type]
-    if server_label:
-        handles.append(Line2D([], [], **{**SERVER_STYLE, "label": server_label}))  # type: ignore[arg-type]
+    handles += [Line2D([], [], **{"color": "grey", **style, "label": label}) for label, style in entries]
     figure_legend(figure, handles)
 
 
-def _client_panels(
-    data: ExperimentData,
-    panels: list[tuple[str, Path_, Path_, Path_ | None]],  # (ylabel, local path, global path, server path)
-    titles: list[str],
-    server_label: str,
-    local_label: str,
-    global_label: str,
-    path: Path,
-) -> Path | None:
-    """Per-client local (solid) and global (dashed) lines with the server's line, one panel per metric."""
-    kept = []
-    for panel, title in zip(panels, titles):
-        ylabel, local_path, global_path, server_path = panel
-        client_lines = [
-            (i, data.client_series(i, local_path), data.client_series(i, global_path)) for i in data.client_indices()
-        ]
-        server = data.round_series(server_path) if server_path is not None else Series((), ())
-        if server or any(local or glob for _, local, glob in client_lines):
-            kept.append((title, ylabel, client_lines, server))
-    if not kept:
+def accuracy_loss(data: ExperimentData, out_dir: Path) -> Path | None:
+    """Global test accuracy/loss per round (round 0: the initial model) with each client's received and local model."""
+    round0 = data.extras.round0
+    panels = []
+    for key, name in (("accuracy", "test accuracy"), ("loss", "test loss")):
+        server = data.round_series((f"test_{key}",))
+        if round0 is not None and server:
+            server = Series((0, *server.rounds), (round0[f"test_{key}"], *server.values))
+        lines = [(i, data.client_series(i, ("local", f"test_{key}")),
+                  shifted(data.client_series(i, ("global", f"test_{key}")), -1)) for i in data.client_indices()]
+        if server or any(local or received for _, local, received in lines):
+            panels.append((key, name, server, lines))
+    if not panels:
         return None
-    figure, axes = new_figure(len(kept))
-    for ax, (title, ylabel, client_lines, server) in zip(axes, kept):
+    figure, axes = new_figure(len(panels))
+    for ax, (key, name, server, lines) in zip(axes, panels):
         values: list[float] = []
-        for i, local, glob in client_lines:
+        for i, local, received in lines:
             colour = client_colour(i, data.num_clients)
-            values += _plot(ax, local, color=colour, **LOCAL_STYLE)
-            values += _plot(ax, glob, color=colour, **GLOBAL_STYLE)
-        values += _plot(ax, server, **SERVER_STYLE)
-        if ylabel == "accuracy":
+            values += plot(ax, received, color=colour, **GLOBAL_STYLE)
+            values += plot(ax, local, color=colour, **LOCAL_STYLE)
+        values += plot(ax, server, **SERVER_STYLE)
+        if key == "accuracy":
             ax.set_ylim(0.0, 1.02)  # a fraction: always on a linear 0..1 axis
         else:
-            use_log_scale(ax, values)
-        ax.set_title(title)
-        ax.set_ylabel(ylabel)
+            linear_from_zero(ax, values)
+        ax.set_title(name)
+        ax.set_ylabel(key)
         integer_rounds(ax)
-    _style_legend(figure, data, server_label, local_label, global_label)
+    _legend(figure, data, [
+        ("global model after round r, full test split", {k: v for k, v in SERVER_STYLE.items() if k != "color"}),
+        ("local model trained in round r,\nclient's test data", LOCAL_STYLE),
+        ("global model after round r (sent to the\nclients for round r+1), client's test data", GLOBAL_STYLE),
+    ])
     figure.suptitle(data.label, fontsize="medium")
-    return save(figure, path)
+    return save(figure, out_dir / "accuracy_loss.png")
 
 
-def accuracy_loss(data: ExperimentData, out_dir: Path) -> Path | None:
-    """Global test accuracy/loss per round with each client's local and global accuracy/loss."""
-    return _client_panels(
-        data,
-        [
-            ("accuracy", ("local", "test_accuracy"), ("global", "test_accuracy"), ("test_accuracy",)),
-            ("loss", ("local", "test_loss"), ("global", "test_loss"), ("test_loss",)),
-        ],
-        ["test accuracy", "test loss"],
-        server_label="global model, full test split",
-        local_label="local model, client's test data",
-        global_label="global model, client's test data",
-        path=out_dir / "accuracy_loss.png",
-    )
+def _errorbars(ax: Axes, series: Series, errors: Series, shift: float, **style: Any) -> list[float]:
+    error = dict(zip(errors.rounds, errors.values))
+    yerr = [error.get(r, 0.0) for r in series.rounds]
+    ax.errorbar([r + shift for r in series.rounds], series.values, yerr=yerr, capsize=2.5, elinewidth=0.9, **style)
+    return [v + e for v, e in zip(series.values, yerr)] + [v - e for v, e in zip(series.values, yerr)]
 
 
 def curvature(data: ExperimentData, out_dir: Path) -> Path | None:
-    """Top Hessian eigenvalue and trace per round: local vs global model, per client and on the server."""
-    return _client_panels(
-        data,
-        [
-            ("top eigenvalue", ("landscape", "local", "top_eigenvalues", 0),
-             ("landscape", "global", "top_eigenvalues", 0), ("landscape", "global", "top_eigenvalues", 0)),
-            ("trace", ("landscape", "local", "trace"), ("landscape", "global", "trace"),
-             ("landscape", "global", "trace")),
-        ],
-        ["top Hessian eigenvalue", "Hessian trace"],
-        server_label="global model, held-out test subset",
-        local_label="local model, client's train subset",
-        global_label="global model, client's train subset",
-        path=out_dir / "curvature.png",
-    )
-
-
-def barriers(data: ExperimentData, out_dir: Path) -> Path | None:
-    """Interpolation barrier per client per round, and the loss along alpha in the last measured round."""
+    """Top eigenvalue and trace (± standard error) per round, local vs global; every stored eigenvalue."""
     clients = data.client_indices()
-    barrier = {i: data.client_series(i, ("landscape", "interpolation", "barrier")) for i in clients}
-    curves: dict[int, tuple[list[float], list[float]]] = {}
-    measured = [d["round"] for d in data.client_stats if _curve(d) is not None]
-    last_round = max(measured) if measured else None
-    for doc in data.stats_of(last_round) if last_round is not None else []:
-        curve = _curve(doc)
-        if curve is not None:
-            curves[int(doc["client_index"])] = curve
-    panels = int(any(barrier.values())) + int(bool(curves))
-    if panels == 0:
+    centre = (len(clients) - 1) / 2
+    top = ("top_eigenvalues", 0)
+    has = any(data.client_series(i, ("landscape", "local", *top)) for i in clients) or bool(
+        data.round_series(("landscape", "global", *top)))
+    if not has:
         return None
-    figure, axes = new_figure(panels)
-    position = 0
-    if any(barrier.values()):
-        ax = axes[position]
-        for i, series in barrier.items():
-            _plot(ax, series, color=client_colour(i, data.num_clients), label=f"client {i}", **LOCAL_STYLE)
-        ax.axhline(0.0, color="grey", linewidth=0.8)
-        ax.set_title("loss barrier, global → local")
-        ax.set_ylabel("barrier (loss above the straight line)")
+    figure, axes = new_figure(2, 2)
+    for ax, (metric, name) in zip(axes[:2], ((top, "top Hessian eigenvalue λ1"), (("trace",), "Hessian trace"))):
+        values: list[float] = []
+        for position, i in enumerate(clients):
+            colour, shift = client_colour(i, data.num_clients), (position - centre) * DODGE
+            for model, style, by in (("local", LOCAL_STYLE, 0), ("global", GLOBAL_STYLE, -1)):
+                # the received global model is drawn at the round it was aggregated in (r - 1)
+                series = shifted(data.client_series(i, ("landscape", model, *metric)), by)
+                if metric == ("trace",):
+                    errors = shifted(data.client_series(i, ("landscape", model, "trace_stderr")), by)
+                    values += _errorbars(ax, series, errors, shift, color=colour, **style)
+                else:
+                    values += plot(ax, series, shift, color=colour, **style)
+        server = data.round_series(("landscape", "global", *metric))
+        if metric == ("trace",):
+            values += _errorbars(ax, server, data.round_series(("landscape", "global", "trace_stderr")), 0.0,
+                                 **SERVER_STYLE)
+        else:
+            values += plot(ax, server, **SERVER_STYLE)
+        use_log_scale(ax, values)
+        ax.set_title(name + (" ± 1 standard error" if metric == ("trace",) else ""))
+        ax.set_ylabel("eigenvalue" if metric == top else "trace")
         integer_rounds(ax)
-        position += 1
-    if curves:
-        ax = axes[position]
-        for i, (alphas, losses) in sorted(curves.items()):
-            colour = client_colour(i, data.num_clients)
-            ax.plot(alphas, losses, color=colour, label=f"client {i}", **LOCAL_STYLE)  # type: ignore[arg-type]
-        ax.set_title(f"loss along the line, round {last_round}")
-        ax.set_xlabel("alpha (0 = global model, 1 = local model)")
-        ax.set_ylabel("loss on the client's train subset")
+    _all_eigenvalues_by_round(axes[2], data)
+    _all_eigenvalues_last_round(axes[3], data)
+    _legend(figure, data, [
+        ("global model after round r,\nserver's held-out test subset", {k: v for k, v in SERVER_STYLE.items()
+                                                                        if k != "color"}),
+        ("local model trained in round r,\nclient's train subset", LOCAL_STYLE),
+        ("global model after round r (clients train\nfrom it in r+1), client's train subset", GLOBAL_STYLE),
+    ])
+    figure.suptitle(f"{data.label}: curvature", fontsize="medium")
+    return save(figure, out_dir / "curvature.png")
+
+
+def _stored_k(data: ExperimentData) -> int:
+    lengths = [len(v) for d in (*data.rounds, *data.client_stats)
+               for v in [((d.get("landscape") or {}).get("global") or {}).get("top_eigenvalues")]
+               if isinstance(v, list)]
+    return max(lengths, default=0)
+
+
+def _all_eigenvalues_by_round(ax: Axes, data: ExperimentData) -> None:
+    k = _stored_k(data)
+    values: list[float] = []
+    for j in range(k):
+        series = data.round_series(("landscape", "global", "top_eigenvalues", j))
+        values += plot(ax, series, label=f"λ{j + 1}", **{**series_style(j, max(k, 1)), "linewidth": 1.4})
+    use_log_scale(ax, values)
+    ax.set_title(f"global model: top {k} eigenvalues (held-out subset)")
+    ax.set_ylabel("eigenvalue")
+    integer_rounds(ax)
+    if k:
+        ax.legend(fontsize="small")
+
+
+def _all_eigenvalues_last_round(ax: Axes, data: ExperimentData) -> None:
+    measured = [d["round"] for d in data.client_stats if isinstance((d.get("landscape") or {}).get("local"), dict)]
+    if not measured:
+        ax.set_visible(False)
+        return
+    last = max(measured)
+    k = _stored_k(data)
+    values: list[float] = []
+    for doc in data.stats_of(last):
+        i = int(doc["client_index"])
+        for model, offset, style in (("local", -0.15, LOCAL_STYLE), ("global", 0.15, GLOBAL_STYLE)):
+            eigen = ((doc.get("landscape") or {}).get(model) or {}).get("top_eigenvalues") or []
+            finite = [float(v) for v in eigen if isinstance(v, (int, float)) and np.isfinite(v)]
+            ax.plot([i + offset] * len(finite), finite, linestyle="none", color=client_colour(i, data.num_clients),
+                    marker=style["marker"], markersize=6, markerfacecolor=style.get("markerfacecolor"))
+            values += finite
+    use_log_scale(ax, values)
+    ax.set_xticks(sorted({int(d["client_index"]) for d in data.stats_of(last)}))
+    ax.set_xlabel("client (filled: local model; hollow: global model it trained from)")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title(f"round {last}: top {k} eigenvalues per client (train subset)")
+    ax.grid(True, alpha=0.3)
+
+
+def spectral_density(data: ExperimentData, out_dir: Path) -> Path | None:
+    """Hessian eigenvalue densities (SLQ) in the last measured round: local vs global per client, and the aggregate."""
+    densities = data.extras.densities
+    if not densities:
+        return None
+    per_client = sorted({d.client_index for d in densities if d.client_index is not None})
+    shown = per_client[:8]
+    figure, axes = new_figure(min(len(shown) + 1, 4), (len(shown) + 4) // 4, width=4.2, height=3.2)
+    panels = [(None, "global model after the round,\nreport's test subset")] + [
+        (i, f"client {i}: its train subset") for i in shown]
+    for ax, (client, title) in zip(axes, panels):
+        for d in densities:
+            if d.client_index != client:
+                continue
+            style = LOCAL_STYLE if d.model == "local" else GLOBAL_STYLE
+            colour = GLOBAL_COLOUR if client is None else client_colour(client, data.num_clients)
+            label = "local model" if d.model == "local" else (
+                "global model after the round" if client is None else "global model it trained from")
+            ax.plot(d.grid, np.maximum(d.density, 1e-12), color=colour, linestyle=style["linestyle"],
+                    linewidth=1.3, label=label)
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=1e-6)
+        ax.set_xlabel("Hessian eigenvalue")
+        ax.set_ylabel("density")
+        ax.set_title(title)
         ax.grid(True, alpha=0.3)
-    figure_legend(figure, axes[0].get_legend_handles_labels()[0])
-    figure.suptitle(data.label, fontsize="medium")
-    return save(figure, out_dir / "barriers.png")
-
-
-def _curve(doc: dict[str, Any]) -> tuple[list[float], list[float]] | None:
-    interpolation = (doc.get("landscape") or {}).get("interpolation") or {}
-    alphas, losses = interpolation.get("alphas"), interpolation.get("losses")
-    if not isinstance(alphas, list) or not isinstance(losses, list) or len(alphas) != len(losses) or len(alphas) < 2:
-        return None
-    pairs = [(float(a), float(v)) for a, v in zip(alphas, losses) if v is not None and np.isfinite(v)]
-    return ([a for a, _ in pairs], [v for _, v in pairs]) if len(pairs) >= 2 else None
-
-
-def chosen_surfaces(data: ExperimentData) -> list[int]:
-    """Positions of the first, middle and last stored surfaces (without repeats)."""
-    count = len(data.surfaces)
-    return sorted({0, (count - 1) // 2, count - 1}) if count else []
-
-
-def surfaces(data: ExperimentData, out_dir: Path) -> Path | None:
-    """Contours of the loss over the two principal directions, client points marked, for chosen rounds."""
-    chosen = [data.surfaces[p] for p in chosen_surfaces(data)]
-    if not chosen:
-        return None
-    figure, axes = new_figure(len(chosen), width=5.0, height=4.4)
-    for ax, surface in zip(axes, chosen):
-        losses = surface.losses
-        finite = losses[np.isfinite(losses)]
-        log = finite.size > 0 and finite.min() > 0 and finite.max() / finite.min() > 10
-        if log:
-            levels = np.geomspace(finite.min(), finite.max(), 16)
-            filled = ax.contourf(surface.x, surface.y, losses, levels=levels, norm=LogNorm(), cmap="viridis")
-        else:
-            filled = ax.contourf(surface.x, surface.y, losses, levels=15, cmap="viridis")
-        ax.contour(surface.x, surface.y, losses, levels=filled.levels, colors="white", linewidths=0.4, alpha=0.5)
-        figure.colorbar(filled, ax=ax, label="loss", format="%.3g")
-        ax.plot([0.0], [0.0], marker="*", color="white", markeredgecolor="black", markersize=13, linestyle="none")
-        ax.annotate("global model", (0.0, 0.0), textcoords="offset points", xytext=(6, -12), fontsize="small",
-                    path_effects=HALO)
-        for i, x, y in surface.client_points:
-            colour = client_colour(i, data.num_clients)
-            ax.plot([x], [y], marker="o", color=colour, markeredgecolor="black", markersize=8, linestyle="none")
-            ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(5, 5), fontsize="small",
-                        fontweight="bold", path_effects=HALO)
-        ratios = surface.explained_variance_ratio
-        ax.set_xlabel("PC 1" + (f" ({ratios[0]:.0%} of variance)" if len(ratios) > 0 else ""))
-        if surface.second_direction == "random":
-            ax.set_ylabel("random direction orthogonal to PC 1")
-        else:
-            ax.set_ylabel("PC 2" + (f" ({ratios[1]:.0%} of variance)" if len(ratios) > 1 else ""))
-        ax.set_title(f"round {surface.round}")
-    figure.suptitle(f"{data.label}: loss surface, client models as numbered points", fontsize="medium")
-    return save(figure, out_dir / "surfaces.png")
+        ax.legend(fontsize="small")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    figure.suptitle(f"{data.label}: Hessian spectral density, round {data.extras.density_round}",
+                    fontsize="medium")
+    return save(figure, out_dir / "spectral_density.png")
 
 
 def class_balance(data: ExperimentData, out_dir: Path) -> Path | None:
@@ -280,18 +296,24 @@ def contributions(data: ExperimentData, out_dir: Path) -> Path | None:
     figure, axes = new_figure(min(count, 2), (count + 1) // 2)
     for ax, (title, ylabel, lines) in zip(axes, panels):
         for i, series in lines.items():
-            _plot(ax, series, color=client_colour(i, data.num_clients), label=f"client {i}", **LOCAL_STYLE)
+            plot(ax, series, color=client_colour(i, data.num_clients), label=f"client {i}", **LOCAL_STYLE)
         ax.axhline(0.0, color="grey", linewidth=0.8)
+        if ylabel == "cosine":
+            ax.set_ylim(-1.05, 1.05)
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         integer_rounds(ax)
     used = len(panels)
     if dissimilarity:
         ax = axes[used]
-        _plot(ax, dissimilarity, **SERVER_STYLE)
-        use_log_scale(ax, list(dissimilarity.values))
-        ax.set_title("gradient dissimilarity B")
-        ax.set_ylabel("B (1 = identical client gradients)")
+        plot(ax, dissimilarity, **SERVER_STYLE)
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        top = max(dissimilarity.values)
+        ax.set_ylim(0.0, max(2.0, top * 1.15))  # from 0 with B = 1 marked: the change is not exaggerated
+        formatter = ScalarFormatter(useOffset=False)
+        ax.yaxis.set_major_formatter(formatter)
+        ax.set_title("gradient dissimilarity B (dotted: 1, identical client gradients)")
+        ax.set_ylabel("B")
         integer_rounds(ax)
         used += 1
     for ax in axes[used:]:
@@ -300,27 +322,3 @@ def contributions(data: ExperimentData, out_dir: Path) -> Path | None:
         figure_legend(figure, axes[0].get_legend_handles_labels()[0])
     figure.suptitle(f"{data.label}: client contributions", fontsize="medium")
     return save(figure, out_dir / "contributions.png")
-
-
-EXPERIMENT_FIGURES: tuple[FigureKind, ...] = (
-    FigureKind("accuracy_loss.png", "Accuracy and loss",
-               "Black: the global model after aggregating round r, on the full test split. Solid: each client's "
-               "local model after training in round r; dashed: the global model the client started round r from; "
-               "both on the client's own test data.", accuracy_loss, False),
-    FigureKind("class_balance.png", "Class balance",
-               "Training samples per class and client (numbers); colour is the share of the client's data.",
-               class_balance, False),
-    FigureKind("curvature.png", "Curvature: top eigenvalue and trace",
-               "Solid: the client's local model; dashed: the global model it started from; both on the client's "
-               "landscape subset. Black: the global model on the server's held-out test subset.", curvature, True),
-    FigureKind("barriers.png", "Interpolation barriers",
-               "Loss barrier on the straight line from the global model (alpha 0) to each client's local model "
-               "(alpha 1), per round; right: the loss along that line in the last measured round.", barriers, True),
-    FigureKind("surfaces.png", "Loss surface",
-               "Loss over the two principal directions of the client updates (first, middle and last measured "
-               "round); numbered points are the client models, the star the aggregated global model at the centre of the grid.", surfaces, True),
-    FigureKind("contributions.png", "Client contributions",
-               "Leave-one-out: the global test metric without the client minus with all clients (full test split). "
-               "Alignment: cosine between the client's update and the aggregate update. B: gradient dissimilarity "
-               "over the clients' landscape subsets.", contributions, True),
-)

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import PurePosixPath
 from dataclasses import dataclass
 from html import escape
 from typing import Any
 
 from matplotlib.colors import to_hex
 
-from reports.data import ExperimentData, value_at
-from reports.style import client_colour
+from reports.data import ExperimentData, linear_barrier, interpolation_curve, value_at
+from reports.style import VECTOR_FORMAT, client_colour, vector_path
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap;
+         font-variant-numeric: tabular-nums; }
+.scroll { overflow-x: auto; } .vector { font-size: 0.85em; } .live { color: #0a5; }
 th { background: #f3f3f3; } td.text, th.text { text-align: left; }
 figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; max-width: 900px; }
@@ -37,15 +40,24 @@ class FigureEntry:
     reason: str | None = None
 
 
-def _document(title: str, body: str) -> str:
+#: Seconds between reloads of a page whose experiment is still running.
+REFRESH_S = 10
+
+
+def _document(title: str, body: str, refresh_s: int | None = None) -> str:
+    refresh = f'<meta http-equiv="refresh" content="{refresh_s}">' if refresh_s else ""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
+        '<link rel="icon" href="data:,">'  # no favicon request: a browser reports none missing
+        f"{refresh}<title>{escape(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
     )
 
 
-def _number(value: float | None, digits: int = 4) -> str:
-    return "—" if value is None else f"{value:.{digits}g}"
+def _number(value: float | None, decimals: int = 4, sign: bool = False) -> str:
+    """Fixed decimals, one format per column; a dash where the value is absent."""
+    if value is None:
+        return "—"
+    return f"{value:+.{decimals}f}" if sign else f"{value:.{decimals}f}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1) -> str:
@@ -55,7 +67,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: i
 
     head = "".join(cell("th", p, escape(h)) for p, h in enumerate(header))
     body = "".join("<tr>" + "".join(cell("td", p, c) for p, c in enumerate(row)) + "</tr>\n" for row in rows)
-    return f"<table><tr>{head}</tr>\n{body}</table>"
+    return f'<div class="scroll"><table><tr>{head}</tr>\n{body}</table></div>'
 
 
 def _figures(entries: Sequence[FigureEntry]) -> str:
@@ -65,7 +77,9 @@ def _figures(entries: Sequence[FigureEntry]) -> str:
         if entry.file_name is None:
             parts.append(f'<p class="skipped">Skipped: {escape(entry.reason or "no data")}.</p>')
         else:
-            caption = f"<figcaption>{escape(entry.caption)}</figcaption>" if entry.caption else ""
+            vector = escape(vector_path(PurePosixPath(entry.file_name)).as_posix())  # type: ignore[arg-type]
+            link = f' <a class="vector" href="{vector}">[{VECTOR_FORMAT.upper()}]</a>'
+            caption = f"<figcaption>{escape(entry.caption)}{link}</figcaption>"
             parts.append(f'<figure><img src="{escape(entry.file_name)}" alt="{escape(entry.title)}">{caption}</figure>')
     return "\n".join(parts)
 
@@ -101,30 +115,33 @@ def _summary(data: ExperimentData) -> str:
         measured = landscape_stats.get(i, {})
         row = [
             _client_label(data, i),
-            _number(value_at(doc, ("local", "test_accuracy"))),
-            _number(value_at(doc, ("local", "test_loss"))),
             _number(value_at(doc, ("global", "test_accuracy"))),
             _number(value_at(doc, ("global", "test_loss"))),
+            _number(value_at(doc, ("local", "test_accuracy"))),
+            _number(value_at(doc, ("local", "test_loss"))),
         ]
         if landscape_round is not None:
+            curve = interpolation_curve(measured)
             row += [
-                _number(value_at(measured, ("landscape", "local", "top_eigenvalues", 0))),
-                _number(value_at(measured, ("landscape", "global", "top_eigenvalues", 0))),
-                _number(value_at(measured, ("landscape", "local", "trace"))),
-                _number(value_at(measured, ("landscape", "interpolation", "barrier"))),
-                _number(_entry(round_doc, "client_alignment", i, "cosine")),
-                _number(_entry(round_doc, "leave_one_out", i, "delta_test_accuracy")),
+                _number(value_at(measured, ("landscape", "local", "top_eigenvalues", 0)), 2),
+                _number(value_at(measured, ("landscape", "global", "top_eigenvalues", 0)), 2),
+                _number(value_at(measured, ("landscape", "local", "trace")), 2),
+                _number(linear_barrier(*curve) if curve is not None else None, 4),
+                _number(_entry(round_doc, "client_alignment", i, "cosine"), 4, sign=True),
+                _number(_entry(round_doc, "leave_one_out", i, "delta_test_accuracy"), 4, sign=True),
             ]
         rows.append(row)
-    header = ["client", "local model acc.", "local model loss", "global model acc.", "global model loss"]
+    header = ["client", "received acc.", "received loss", "local acc.", "local loss"]
+    note = ("received: the global model the client started the round from; local: its model after training; "
+            "both on the client's test data")
     if landscape_round is not None:
-        header += ["top eig. local", "top eig. global", "trace local", "barrier", "alignment", "LOO Δ acc."]
+        header += ["λ1 local", "λ1 received", "trace local", "barrier", "alignment", "LOO Δ acc."]
         parts.append(
-            f"<p>Clients in round {stats_round} (accuracy and loss on each client's test data); "
-            f"landscape columns from round {landscape_round}, the last measured.</p>"
+            f"<p>Clients in round {stats_round} ({note}); landscape columns from round {landscape_round}, the last "
+            "measured (train subset; barrier: the largest height of the global → local loss path above the straight line between its endpoint losses).</p>"
         )
     else:
-        parts.append(f"<p>Clients in round {stats_round} (accuracy and loss on each client's test data).</p>")
+        parts.append(f"<p>Clients in round {stats_round} ({note}).</p>")
     parts.append(_table(header, rows))
     return "\n".join(parts)
 
@@ -147,55 +164,81 @@ def pretty_json(value: Any, level: int = 0) -> str:
     return json.dumps(value, default=str)
 
 
+def _partition_table(data: ExperimentData) -> str:
+    if not data.clients:
+        return "<p>No client partition stored.</p>"
+    classes = max(len(c.class_counts) for c in data.clients)
+    rows = [
+        [_client_label(data, c.client_index), str(c.num_train), str(c.num_test), _number(c.gini_index, 3)]
+        + [str(n) for n in c.class_counts] + [""] * (classes - len(c.class_counts))
+        for c in data.clients
+    ]
+    header = ["client", "num_train", "num_test", "gini_index"] + [f"class {k}" for k in range(classes)]
+    return "<p>Training samples per class (the test data take the same share of each class).</p>" + _table(header, rows)
+
+
 def experiment_page(data: ExperimentData, figures: Sequence[FigureEntry], index_href: str) -> str:
-    """The HTML of one experiment's page."""
+    """The HTML of one experiment's page; it reloads itself while the experiment is queued or running."""
     status = escape(data.status)
     if data.error:
         status += f' — <span class="failed">{escape(str(data.error))}</span>'
-    partition_rows = [
-        [_client_label(data, c.client_index), str(c.num_train), str(c.num_test), _number(c.gini_index)]
-        for c in data.clients
-    ]
+    live = (f' <span class="live">(live: this page reloads every {REFRESH_S} s while the experiment runs)</span>'
+            if data.running else "")
     body = "\n".join([
         f'<p><a href="{escape(index_href)}">← all experiments</a></p>',
         f"<h1>{escape(data.label)}</h1>",
-        f"<p>Experiment <code>{escape(data.experiment_id)}</code>, status {status}; "
+        f"<p>Experiment <code>{escape(data.experiment_id)}</code>, status {status}{live}; "
         f"{len(data.rounds)} of {data.planned_rounds} rounds aggregated, {data.num_clients} clients.</p>",
-        "<h2>Final round</h2>",
+        "<h2>Final round</h2>" if not data.running else "<h2>Latest round</h2>",
         _summary(data),
         "<h2>Partition</h2>",
-        _table(["client", "num_train", "num_test", "gini_index"], partition_rows)
-        if partition_rows else "<p>No client partition stored.</p>",
+        _partition_table(data),
         _figures(figures),
         "<h2>Spec</h2>",
         f"<pre>{escape(pretty_json(data.spec))}</pre>",
     ])
-    return _document(f"fedland: {data.label}", body)
+    return _document(f"fedland: {data.label}", body, REFRESH_S if data.running else None)
 
 
-def index_page(experiments: Sequence[tuple[ExperimentData, str]], figures: Sequence[FigureEntry]) -> str:
+def experiment_summary(data: ExperimentData, href: str) -> dict[str, Any]:
+    """The index row of an experiment, as JSON-able values (kept beside its page, so later indexes list it)."""
+    last = data.rounds[-1] if data.rounds else {}
+    return {
+        "experiment_id": data.experiment_id, "label": data.label, "href": href, "status": data.status,
+        "rounds": len(data.rounds), "planned_rounds": data.planned_rounds, "num_clients": data.num_clients,
+        "test_accuracy": value_at(last, ("test_accuracy",)), "test_loss": value_at(last, ("test_loss",)),
+        "landscape": "yes" if data.has_landscape else ("disabled" if not data.landscape_enabled else "none stored"),
+        "created_at": data.spec.get("timestamp"),
+    }
+
+
+def index_page(experiments: Sequence[Mapping[str, Any]], figures: Sequence[FigureEntry], compared: int) -> str:
     """The HTML of the index: a table linking every experiment page, then the comparison figures."""
     rows = []
-    for data, href in experiments:
-        last = data.rounds[-1] if data.rounds else {}
+    for row in experiments:
         rows.append([
-            f'<a href="{escape(href)}">{escape(data.label)}</a>',
-            f"<code>{escape(data.experiment_id)}</code>",
-            escape(data.status),
-            f"{len(data.rounds)}/{data.planned_rounds}",
-            str(data.num_clients),
-            _number(value_at(last, ("test_accuracy",))),
-            _number(value_at(last, ("test_loss",))),
-            "yes" if data.has_landscape else ("disabled" if not data.landscape_enabled else "none stored"),
+            f'<a href="{escape(str(row["href"]))}">{escape(str(row["label"]))}</a>',
+            f"<code>{escape(str(row['experiment_id']))}</code>",
+            escape(str(row["status"])),
+            f"{row['rounds']}/{row['planned_rounds']}",
+            str(row["num_clients"]),
+            _number(row.get("test_accuracy")),
+            _number(row.get("test_loss")),
+            escape(str(row.get("landscape"))),
         ])
     table = _table(
         ["experiment", "id", "status", "rounds", "clients", "final test acc.", "final test loss", "landscape"],
         rows, text_columns=3,
     ) if rows else "<p>No experiments to report.</p>"
+    running = any(row["status"] in ("queued", "running") for row in experiments)
     body = "\n".join([
         "<h1>fedland experiments</h1>",
+        f'<p class="live">Live: this page reloads every {REFRESH_S} s while an experiment runs.</p>' if running else "",
         table,
-        "<p>Comparison: one line per experiment, labelled by description.</p>" if rows else "",
+        f"<p>Comparison of the {compared} experiments of the latest report: one line per experiment, labelled by "
+        "description; each has its own colour, line style and marker, and points are offset horizontally by a few "
+        "hundredths of a round so identical values stay visible. Every figure also as "
+        f"{VECTOR_FORMAT.upper()}.</p>" if compared else "",
         _figures(figures),
     ])
-    return _document("fedland experiments", body)
+    return _document("fedland experiments", body, REFRESH_S if running else None)

@@ -1,13 +1,17 @@
-"""Shared look of the report figures: colours per client and experiment, scales, saving.
+"""Shared look of the report figures: a colour-blind-safe palette, line styles, scales, saving (PNG + PDF).
 
 Figures are built with ``matplotlib.figure.Figure`` directly (no pyplot, no
-global backend), so rendering needs no display and touches no global state.
+global backend), so rendering needs no display. Colours come from Okabe & Ito's
+palette (distinguishable with every common colour-vision deficiency); every
+series also has its own line style and marker, so the figures read in greyscale.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 from matplotlib.artist import Artist
@@ -16,18 +20,55 @@ from matplotlib.figure import Figure
 
 DPI = 110
 GLOBAL_COLOUR = "black"  # the server's global model on the full (or held-out) test split
+#: Okabe & Ito (2008) without black (the global model's colour) and yellow (too light on white), then yellow.
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442")
+LINE_STYLES: tuple[Any, ...] = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2)))
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+SEQUENTIAL = "viridis"  # surfaces and round scales: perceptually uniform, readable in greyscale
+#: Vector copies beside every PNG (what a paper includes).
+VECTOR_FORMAT = "pdf"
+
+RC = {
+    "font.size": 9.5,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9.5,
+    "legend.fontsize": 8.5,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.prop_cycle": matplotlib.cycler(color=OKABE_ITO),
+    "pdf.fonttype": 42,  # TrueType in the PDF: text stays text in LaTeX and editors
+    "svg.fonttype": "none",
+}
 
 
-def client_colour(client_index: int, num_clients: int) -> tuple[float, float, float, float]:
+@contextmanager
+def paper_style() -> Iterator[None]:
+    """The rc settings every report figure is drawn under (fonts, spines, palette)."""
+    with matplotlib.rc_context(RC):
+        yield
+
+
+def client_colour(client_index: int, num_clients: int) -> str | tuple[float, float, float, float]:
     """The colour of a client in every figure of an experiment."""
-    if num_clients <= 10:
-        return matplotlib.colormaps["tab10"](client_index % 10)
+    if num_clients <= len(OKABE_ITO):
+        return OKABE_ITO[client_index % len(OKABE_ITO)]
     if num_clients <= 20:
         return matplotlib.colormaps["tab20"](client_index % 20)
     return matplotlib.colormaps["turbo"](client_index / max(num_clients - 1, 1))
 
 
-def series_colour(position: int, count: int) -> tuple[float, float, float, float]:
+def series_style(position: int, count: int) -> dict[str, Any]:
+    """Colour, line style and marker of the ``position``-th series (experiment, eigenvalue index, ...)."""
+    return {
+        "color": client_colour(position, count),
+        "linestyle": LINE_STYLES[position % len(LINE_STYLES)],
+        "marker": MARKERS[position % len(MARKERS)],
+        # hollow markers on every other series: two lines on top of each other both stay visible
+        "markerfacecolor": "none" if position % 2 else client_colour(position, count),
+    }
+
+
+def series_colour(position: int, count: int) -> str | tuple[float, float, float, float]:
     """The colour of the ``position``-th experiment on the comparison figures."""
     return client_colour(position, count)
 
@@ -38,11 +79,13 @@ def new_figure(ncols: int, nrows: int = 1, *, width: float = 5.2, height: float 
     return figure, [ax for row in axes for ax in row]
 
 
-def use_log_scale(ax: Axes, values: Sequence[float], axis: str = "y") -> None:
-    """Log scale when every value is positive and they span more than a decade."""
+def use_log_scale(ax: Axes, values: Sequence[float], axis: str = "y") -> bool:
+    """Log scale when every value is positive and they span more than a decade; returns whether set."""
     positive = [v for v in values if v > 0]
     if values and len(positive) == len(values) and max(positive) / min(positive) > 10:
         (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+        return True
+    return False
 
 
 def integer_rounds(ax: Axes) -> None:
@@ -56,7 +99,15 @@ def figure_legend(figure: Figure, handles: Sequence[Artist]) -> None:
     figure.legend(handles=list(handles), loc="outside right upper", fontsize="small", ncol=1 + len(handles) // 24)
 
 
+def vector_path(path: Path) -> Path:
+    """The vector copy written beside a PNG."""
+    return path.with_suffix("." + VECTOR_FORMAT)
+
+
 def save(figure: Figure, path: Path) -> Path:
+    """Write ``path`` (PNG) and its vector copy beside it; returns the PNG's path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=DPI)
+    figure.set_layout_engine("none")  # keep the layout just computed: the PDF needs no second solve
+    figure.savefig(vector_path(path))
     return path

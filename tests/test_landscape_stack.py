@@ -35,7 +35,7 @@ from server.strategies import ClientUpdate, make_strategy, weighted_mean
 from stack import wire
 from reports import write_reports
 from reports.compare import COMPARISONS
-from reports.figures import EXPERIMENT_FIGURES
+from reports.catalog import EXPERIMENT_FIGURES
 from tests.helpers import LocalStack, assert_complete, finite, local_stack, small_spec  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
@@ -152,7 +152,7 @@ def test_landscapes_in_the_running_stack(
         assert_complete(stack, experiment_id, num_clients=parsed.num_clients, rounds=2)
         check_documents(stack, store, experiment_id, parsed, data_dir)
 
-    index = write_reports(stack.db, ids, tmp_path / "reports")
+    index = write_reports(stack.db, ids, tmp_path / "reports", data_dir=data_dir)  # the models on real MNIST
     pages = [index.parent / experiment_id / "index.html" for experiment_id in ids]
     for page in pages:
         html = page.read_text(encoding="utf-8")

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,3 +49,29 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     ci_lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     start = ci_lines.index(readme_lines[0])
     assert ci_lines[start : start + len(readme_lines)] == readme_lines
+
+
+def results_snippet() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Results") :]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None, "README has no python block under 'Results'"
+    return match.group(1)
+
+
+def test_results_snippet_runs_as_written(store: Any, mongo_uri: str, mongo_db_name: str, tmp_path: Path) -> None:
+    """Against stored experiments (FEDLAND_MONGO_URI as after a run on a MongoDB), it prints labelled numbers."""
+    from tests.reports.test_report import two_experiments
+
+    two_experiments(store)
+    script = tmp_path / "results.py"
+    script.write_text(results_snippet(), encoding="utf-8")
+    env = {**os.environ, "FEDLAND_MONGO_URI": mongo_uri, "FEDLAND_DB": mongo_db_name, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    for label in ("test_accuracy", "top_eigenvalue_1", "barrier", "non-IID unbalanced, 2 clients"):
+        assert label in result.stdout, result.stdout
+    final = store.get_round("exp-landscape", 3)
+    assert f"{final['test_accuracy']:.6f}"[:6] in result.stdout

@@ -6,22 +6,31 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import os
+
 import matplotlib.image
 import numpy as np
 import pytest
+import torch
 
 from fedland.datasets import DATASETS
+from fedland.models import build_model
+from stack import wire
 from fedland.partition import gini_coefficient, plan_counts
 from fedland.spec import ExperimentSpec, LandscapeSpec
 from server.store import Store
 from reports import report_main, write_reports
 from stack.settings import StoreSettings
-from reports.data import load_experiment
+from reports.data import load_experiment, path_dip
 
+# figures computed from the stored models need MNIST (FEDLAND_DATA_DIR); without it they are skipped, saying so
+MNIST = bool(os.environ.get("FEDLAND_DATA_DIR")) and (Path(os.environ["FEDLAND_DATA_DIR"]) / "mnist").is_dir()
 LANDSCAPE_FIGURES = {"curvature.png", "barriers.png", "surfaces.png", "contributions.png"}
 BASE_FIGURES = {"accuracy_loss.png", "class_balance.png"}
+MODEL_FIGURES = {"trajectory.png", "spectral_density.png"} if MNIST else set()  # computed from the stored models
+NO_DATA = Path("/nonexistent-dataset-dir")  # the figures from the models are skipped, saying why (and fast)
 COMPARISON_FIGURES = {
-    "global_accuracy.png", "global_top_eigenvalue.png", "global_trace.png",
+    "global_accuracy.png", "global_loss.png", "global_top_eigenvalue.png", "global_trace.png",
     "mean_local_top_eigenvalue.png", "mean_barrier.png",
 }
 ALPHAS = [k / 10 for k in range(11)]
@@ -33,8 +42,25 @@ def metrics(loss: float, top: float) -> dict[str, Any]:
             "trace": 10 * top, "trace_stderr": top / 5, "sharpness": loss / 20}
 
 
+def bump_of(i: int, r: int) -> float:
+    """The curve's height above the straight line at alpha = 0.5; negative (a convex path) in round 3."""
+    return 0.05 * (i + 1) * (r if r < 3 else -1)
+
+
 def barrier_of(i: int, r: int) -> float:
-    return 0.05 * (i + 1) * r
+    return max(bump_of(i, r), 0.0)  # the standard barrier: 0 at the endpoints, so never below 0
+
+
+def dip_of(i: int, r: int) -> float:
+    return min(bump_of(i, r), 0.0)
+
+
+def weights(spec: ExperimentSpec, server_round: int, client_index: int | None = None) -> dict[str, torch.Tensor]:
+    """Real FedNet weights: the seeded initial model moved a little per round (and per client)."""
+    state = build_model(spec.model, seed=spec.seed).state_dict()
+    generator = torch.Generator().manual_seed(1000 * server_round + (client_index or 0) + 1)
+    scale = 0.05 * server_round + (0.02 if client_index is not None else 0.0)
+    return {k: v + scale * torch.randn(v.shape, generator=generator) for k, v in state.items()}
 
 
 def insert_experiment(store: Store, experiment_id: str, spec: ExperimentSpec, status: str = "finished") -> None:
@@ -52,6 +78,7 @@ def insert_experiment(store: Store, experiment_id: str, spec: ExperimentSpec, st
     experiment = {**spec.with_id(experiment_id).to_dict(), "status": status, "current_round": spec.rounds,
                   "created_at": 1.0, "started_at": 2.0, "finished_at": 3.0, "error": None}
     store.insert_experiments([experiment], slots)
+    store.save_model(wire.encode(weights(spec, 0)), experiment_id, 0, "global")
     for r in range(1, spec.rounds + 1):
         measured = spec.landscape.scheduled(r, spec.rounds)
         for i in range(spec.num_clients):
@@ -63,6 +90,7 @@ def insert_experiment(store: Store, experiment_id: str, spec: ExperimentSpec, st
                            "test_loss": global_loss, "test_accuracy": 1 - global_loss / 4},
                 "local": {"train_loss": local_loss, "train_accuracy": 1 - local_loss / 4,
                           "test_loss": local_loss, "test_accuracy": 1 - local_loss / 4},
+                "weights_file_id": store.save_client_model(wire.encode(weights(spec, r, i)), experiment_id, r, i),
             }
             if measured:
                 line = [(1 - a) * global_loss + a * local_loss for a in ALPHAS]
@@ -70,14 +98,15 @@ def insert_experiment(store: Store, experiment_id: str, spec: ExperimentSpec, st
                     "num_samples": spec.landscape.num_samples, "duration_s": 2.0,
                     "global": metrics(global_loss, 1.5 * 4**r), "local": metrics(local_loss, 2.0 * 4**r * (1 + i)),
                     "interpolation": {"alphas": ALPHAS, "barrier": barrier_of(i, r),
-                                      "losses": [v + barrier_of(i, r) * 4 * a * (1 - a) for v, a in zip(line, ALPHAS)]},
+                                      "losses": [v + bump_of(i, r) * 4 * a * (1 - a) for v, a in zip(line, ALPHAS)]},
                     "update": {"distance": 0.1 * r, "cosine_to_previous_update": None if r == 1 else 0.5},
                 }
             store.insert_client_stats(doc)
         round_doc: dict[str, Any] = {
             "experiment_id": experiment_id, "round": r, "test_loss": 0.4 + 1.8 / (r + 1),
             "test_accuracy": 0.9 - 0.45 / (r + 1), "participants": list(range(spec.num_clients)),
-            "num_examples": sum(s["num_train"] for s in slots), "duration_s": 4.0, "model_file_id": f"m{r}",
+            "num_examples": sum(s["num_train"] for s in slots), "duration_s": 4.0,
+            "model_file_id": store.save_model(wire.encode(weights(spec, r)), experiment_id, r, "global"),
         }
         if measured:
             surface_id = f"{experiment_id}-surface-{r}"
@@ -120,14 +149,17 @@ class Links(HTMLParser):
         super().__init__()
         self.images: list[str] = []
         self.anchors: list[str] = []
+        self.vectors: list[str] = []
         self.feed(text)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         values = dict(attrs)
         if tag == "img" and values.get("src"):
             self.images.append(str(values["src"]))
-        if tag == "a" and values.get("href"):
-            self.anchors.append(str(values["href"]))
+        if tag == "a" and values.get("href") and str(values["href"]).endswith(".html"):
+            self.anchors.append(str(values["href"]))  # pages; the [PDF] links are checked apart
+        if tag == "a" and str(values.get("href")).endswith(".pdf"):
+            self.vectors.append(str(values["href"]))
 
 
 def assert_valid_png(path: Path) -> None:
@@ -145,19 +177,25 @@ def page_images(page: Path) -> set[str]:
 
 def test_reports_of_two_experiments(store: Store, tmp_path: Path) -> None:
     measured_id, plain_id = two_experiments(store)
-    index = write_reports(store.db, None, tmp_path)
+    index = write_reports(store.db, None, tmp_path)  # FEDLAND_DATA_DIR: the models' figures too
 
     assert index == tmp_path / "index.html"
     links = Links(index.read_text(encoding="utf-8"))
     assert set(links.anchors) == {f"{measured_id}/index.html", f"{plain_id}/index.html"}
-    assert {p.name for p in (tmp_path / "comparison").iterdir()} == COMPARISON_FIGURES
+    assert {p.name for p in (tmp_path / "comparison").glob("*.png")} == COMPARISON_FIGURES
     assert set(links.images) == {f"comparison/{name}" for name in COMPARISON_FIGURES}
+    # every figure also as a vector PDF, linked beside it
+    assert set(links.vectors) == {f"comparison/{Path(name).stem}.pdf" for name in COMPARISON_FIGURES}
+    for name in COMPARISON_FIGURES:
+        assert (tmp_path / "comparison" / name).with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
     for name in COMPARISON_FIGURES:
         assert_valid_png(tmp_path / "comparison" / name)
 
     measured_dir, plain_dir = tmp_path / measured_id, tmp_path / plain_id
-    assert {p.name for p in measured_dir.glob("*.png")} == BASE_FIGURES | LANDSCAPE_FIGURES
-    assert {p.name for p in plain_dir.glob("*.png")} == BASE_FIGURES
+    measured_figures = BASE_FIGURES | LANDSCAPE_FIGURES | MODEL_FIGURES
+    assert {p.name for p in measured_dir.glob("*.png")} == measured_figures
+    assert {p.name for p in measured_dir.glob("*.pdf")} == {f"{Path(n).stem}.pdf" for n in measured_figures}
+    assert {p.name for p in plain_dir.glob("*.png")} == BASE_FIGURES | (MODEL_FIGURES - {"spectral_density.png"})
     for directory in (measured_dir, plain_dir):
         page = directory / "index.html"
         assert page_images(page) == {p.name for p in directory.glob("*.png")}
@@ -168,27 +206,35 @@ def test_reports_of_two_experiments(store: Store, tmp_path: Path) -> None:
     measured_page = (measured_dir / "index.html").read_text(encoding="utf-8")
     plain_page = (plain_dir / "index.html").read_text(encoding="utf-8")
     assert "Skipped" not in measured_page
-    assert plain_page.count("Skipped: landscape measurement is disabled") == len(LANDSCAPE_FIGURES)
+    assert plain_page.count("Skipped: landscape measurement is disabled") == len(LANDSCAPE_FIGURES) + 1
+    assert 'http-equiv="refresh"' not in measured_page  # finished: no reload
     # the partition table and the spec, from the stored documents
     for slot in store.slots(measured_id):
-        row = f"<td>{slot['num_train']}</td><td>{slot['num_test']}</td><td>{slot['gini_index']:.4g}</td>"
+        row = (f"<td>{slot['num_train']}</td><td>{slot['num_test']}</td><td>{slot['gini_index']:.3f}</td>"
+               + "".join(f"<td>{n}</td>" for n in slot["class_counts"]))
         assert row in measured_page
     assert "&quot;description&quot;: &quot;non-IID unbalanced, 2 clients&quot;" in measured_page
     final = store.get_round(measured_id, 3)
-    assert final is not None and f"<b>{final['test_accuracy']:.4g}</b>" in measured_page
+    assert final is not None and f"<b>{final['test_accuracy']:.4f}</b>" in measured_page
+    # the barrier column: the report's definition from the stored curve, fixed decimals with a sign
+    assert f"<td>{barrier_of(1, 2):.4f}</td>" not in measured_page and "<td>0.0000</td>" in measured_page
 
 
 def test_landscape_only_experiments_compare_and_rewrites_drop_stale_figures(store: Store, tmp_path: Path) -> None:
     measured_id, plain_id = two_experiments(store)
-    write_reports(store.db, [measured_id], tmp_path)
-    assert len(list((tmp_path / measured_id).glob("*.png"))) == 6
+    write_reports(store.db, [measured_id], tmp_path, data_dir=NO_DATA)
+    assert len(list((tmp_path / measured_id).glob("*.png"))) == len(BASE_FIGURES | LANDSCAPE_FIGURES)
+    assert "Skipped: the report evaluates stored models on the dataset, which is not available" in (
+        tmp_path / measured_id / "index.html").read_text(encoding="utf-8")
     # the plain experiment alone has no landscape: comparisons of landscape values are skipped, said so
-    index = write_reports(store.db, [plain_id], tmp_path)
+    index = write_reports(store.db, [plain_id], tmp_path, data_dir=NO_DATA)
     text = index.read_text(encoding="utf-8")
-    assert {p.name for p in (tmp_path / "comparison").iterdir()} == {"global_accuracy.png"}
-    assert page_images(index) == {"comparison/global_accuracy.png"}
-    assert text.count("Skipped: no experiment has this measurement") == len(COMPARISON_FIGURES) - 1
-    assert Links(text).anchors == [f"{plain_id}/index.html"]
+    basic = {"global_accuracy.png", "global_loss.png"}
+    assert {p.name for p in (tmp_path / "comparison").glob("*.png")} == basic
+    assert page_images(index) == {f"comparison/{name}" for name in basic}
+    assert text.count("Skipped: no experiment has this measurement") == len(COMPARISON_FIGURES) - 2
+    # a second report never drops the first one's pages from the index
+    assert Links(text).anchors == [f"{measured_id}/index.html", f"{plain_id}/index.html"]
 
 
 def test_series_read_back_the_stored_values(store: Store) -> None:
@@ -199,6 +245,10 @@ def test_series_read_back_the_stored_values(store: Store) -> None:
     assert barrier.values == pytest.approx([(barrier_of(0, r) + barrier_of(1, r)) / 2 for r in (1, 2, 3)])
     loo = data.round_client_series(("landscape", "leave_one_out"), 1, "delta_test_accuracy")
     assert loo.values == pytest.approx([-0.02, -0.04, -0.06])
+    # barrier and dip from the raw curve: the highest and lowest point relative to the straight line
+    assert data.barrier_series(1).values == pytest.approx([barrier_of(1, r) for r in (1, 2, 3)])
+    assert data.barrier_series(1, path_dip).values == pytest.approx([dip_of(1, r) for r in (1, 2, 3)])
+    assert data.barrier_series(1, path_dip).values[-1] == pytest.approx(-0.1)
     assert [s.round for s in data.surfaces] == [1, 2, 3]
     assert data.surfaces[0].losses.shape == (LandscapeSpec().grid_points,) * 2
     plain = load_experiment(store.db, plain_id)
@@ -213,19 +263,21 @@ def test_unknown_id_and_unfinished_experiments(store: Store, tmp_path: Path) -> 
                              subset_fractions=[0.05], rounds=2, timestamp="2025-01-02T03:04:05+00:00")
     insert_experiment(store, "exp-running", running, status="running")
     with pytest.raises(ValueError, match=r"^experiment_id: no experiment 'nope' in the store \(known: .*exp-running"):
-        write_reports(store.db, [measured_id, "nope"], tmp_path / "out")
+        write_reports(store.db, [measured_id, "nope"], tmp_path / "out", data_dir=NO_DATA)
     assert not (tmp_path / "out").exists()  # nothing written
-    index = write_reports(store.db, None, tmp_path / "all")
-    assert "exp-running/index.html" not in Links(index.read_text(encoding="utf-8")).anchors
-    index = write_reports(store.db, ["exp-running"], tmp_path / "one")
-    assert Links(index.read_text(encoding="utf-8")).anchors == ["exp-running/index.html"]
+    index = write_reports(store.db, None, tmp_path / "all", data_dir=NO_DATA)
+    # the index lists every experiment in the store; only finished ones are compared
+    assert "exp-running/index.html" in Links(index.read_text(encoding="utf-8")).anchors
+    running_page = (tmp_path / "all" / "exp-running" / "index.html").read_text(encoding="utf-8")
+    assert '<meta http-equiv="refresh" content="10">' in running_page  # reloads while running
+    assert 'http-equiv="refresh"' in index.read_text(encoding="utf-8")
 
 
 def test_report_main(store: Store, mongo_uri: str, mongo_db_name: str, tmp_path: Path,
                      capsys: pytest.CaptureFixture[str]) -> None:
     measured_id, _ = two_experiments(store)
     store_settings = StoreSettings(mongo_uri=mongo_uri, db_name=mongo_db_name)
-    assert report_main([measured_id], store_settings, tmp_path) == 0
+    assert report_main([measured_id], store_settings, tmp_path, data_dir=NO_DATA) == 0
     assert str((tmp_path / "index.html").resolve()) in capsys.readouterr().out
     assert report_main(["nope"], store_settings, tmp_path / "x") == 2
     assert "experiment_id: no experiment 'nope'" in capsys.readouterr().err
@@ -242,13 +294,14 @@ def test_single_client_nulls_and_an_unstarted_experiment(store: Store, tmp_path:
                             rounds=2, timestamp="2025-01-02T03:04:05+00:00")
     store.insert_experiments([{**queued.with_id("exp-queued").to_dict(), "status": "queued", "current_round": 0,
                                "created_at": 1.0, "started_at": None, "finished_at": None, "error": None}], [])
-    write_reports(store.db, ["exp-single", "exp-queued"], tmp_path)
+    write_reports(store.db, ["exp-single", "exp-queued"], tmp_path, data_dir=NO_DATA)
 
     single_page = (tmp_path / "exp-single" / "index.html").read_text(encoding="utf-8")
     assert {p.name for p in (tmp_path / "exp-single").glob("*.png")} == BASE_FIGURES | LANDSCAPE_FIGURES
-    assert "Skipped" not in single_page  # contributions still drawn: alignment and B, without the null deltas
+    assert single_page.count("Skipped") == 2  # only the two figures computed from the models, without a dataset  # contributions still drawn: alignment and B, without the null deltas
     assert list((tmp_path / "exp-queued").glob("*.png")) == []
     queued_page = (tmp_path / "exp-queued" / "index.html").read_text(encoding="utf-8")
     assert "No round has been completed." in queued_page
     assert queued_page.count("Skipped: the store holds no data for this figure") == 2
-    assert queued_page.count("Skipped: no landscape measurements are stored") == len(LANDSCAPE_FIGURES)
+    assert queued_page.count("Skipped: the report evaluates stored models on the dataset") == 1  # the trajectory
+    assert queued_page.count("Skipped: no landscape measurements are stored") == len(LANDSCAPE_FIGURES) + 1
