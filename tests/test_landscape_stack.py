@@ -43,10 +43,17 @@ torch.set_num_threads(1)  # as the client and server processes (FEDLAND_TORCH_TH
 
 LSPEC = LandscapeSpec(every=1, num_samples=128, top_k=2, trace_probes=8, interpolation_points=5, grid_points=5)
 METRIC_KEYS = {"loss", "accuracy", "grad_norm", "top_eigenvalues", "trace", "trace_stderr", "sharpness"}
+GENERALIZATION_KEYS = {"pac_bayes", "pac_bayes_magnitude", "norms"}
 
 
 def assert_metrics(block: dict[str, Any], top_k: int) -> None:
-    assert set(block) == METRIC_KEYS
+    assert set(block) == METRIC_KEYS | {"generalization"}
+    assert set(block["generalization"]) == GENERALIZATION_KEYS
+    for key in ("pac_bayes", "pac_bayes_magnitude"):
+        assert all(finite(block["generalization"][key][k]) for k in ("sigma", "flatness", "bound", "deviation"))
+    norms = block["generalization"]["norms"]
+    assert all(finite(norms[k]) for k in ("frobenius_sum", "spectral_sum", "log_frobenius_product"))
+    assert all(finite(layer["spectral"]) and layer["spectral"] <= layer["frobenius"] + 1e-9 for layer in norms["layers"])
     assert len(block["top_eigenvalues"]) == top_k
     assert all(finite(v) for v in block["top_eigenvalues"]), block
     assert all(finite(block[k]) for k in METRIC_KEYS - {"top_eigenvalues"}), block
@@ -104,8 +111,9 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
         doc = round_doc["landscape"]
         assert set(doc) == {
             "num_samples", "duration_s", "global", "client_alignment", "gradient_dissimilarity", "leave_one_out",
-            "surface_id",
+            "surface_id", "generalization_gap",
         }, doc
+        assert all(finite(v) for v in doc["generalization_gap"].values()), doc
         assert doc["num_samples"] == LSPEC.num_samples and doc["duration_s"] > 0
         assert_metrics(doc["global"], LSPEC.top_k)
         assert [a["client_index"] for a in doc["client_alignment"]] == list(range(num_clients))
