@@ -14,7 +14,8 @@ WORKDIR /app
 # Dependencies first, so editing the code does not rebuild these layers.
 # torch comes from PyTorch's CPU index; the project declares torch>=2.1, which
 # this pin satisfies, so the next step does not pull a CUDA build from PyPI.
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir --index-url ${TORCH_INDEX} torch==2.13.0
 
 # The runtime dependencies and the `stack` extra, read from pyproject.toml
 # without installing the project itself (the code is copied below).
