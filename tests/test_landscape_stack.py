@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from bson import ObjectId
 
 from client.work import run_round
 from fedland.datasets import load_dataset
+from fedland.device import resolve_device
 from fedland.hessian import top_eigenvalues
 from fedland.measure import EIGEN_MAX_ITER, EIGEN_TOL, landscape_subset, mean_loss
 from fedland.models import build_model
@@ -60,10 +62,15 @@ def assert_metrics(block: dict[str, Any], top_k: int) -> None:
     assert block["top_eigenvalues"][0] >= block["top_eigenvalues"][1] and 0 <= block["accuracy"] <= 1
 
 
+#: FEDLAND_DEVICE=cuda runs these tests on a GPU unchanged: the child processes inherit it, and the
+#: direct recomputations here run on the same device.
+DEVICE = resolve_device(os.environ.get("FEDLAND_DEVICE", "").strip() or "cpu")
+
+
 def model_from(payload: bytes, spec: ExperimentSpec) -> torch.nn.Module:
     model = build_model(spec.model, spec.seed)
     model.load_state_dict(wire.to_state_dict(wire.decode(payload)))
-    return model
+    return model.to(DEVICE)
 
 
 def client_subsets(spec: ExperimentSpec, data_dir: Path) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -217,14 +224,14 @@ def test_a_failing_measurement_is_stored_as_an_error(
     previous = _weights(0)
     updates = [ClientUpdate(_weights(1), 600)]
     aggregated = AggregatedRound(spec, "exp", 1, previous, {}, updates, [0], _weights(1), (1.0, 0.5))
-    doc = measure_round(store, Resources(data_dir), aggregated)
+    doc = measure_round(store, Resources(data_dir, device=str(DEVICE)), aggregated)
     assert doc == {"error": "FloatingPointError: injected failure"}
 
     mnist = load_dataset("MNIST", data_dir)
     data = ClientData(0, mnist.train_x[:64], mnist.train_y[:64], mnist.test_x[:32], mnist.test_y[:32])
     global_model = build_model("FedNet", 0)
     before = copy.deepcopy(global_model.state_dict())
-    result = run_round(ExperimentPlan(spec, mnist), data, global_model, 1, fetch_s=0.0)
+    result = run_round(ExperimentPlan(spec, mnist), data, global_model, 1, fetch_s=0.0, device=DEVICE)
     assert result.stats["landscape"] == doc
     assert all(torch.equal(before[k], v) for k, v in global_model.state_dict().items())
     assert math.isfinite(result.stats["local"]["test_loss"])  # the round itself went on
