@@ -411,9 +411,9 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
         datetime.fromisoformat(spec.timestamp)
     except ValueError:
         raise SpecError("timestamp", f"must be an ISO 8601 string, got {spec.timestamp!r}") from None
-    if spec.dataset_name not in DATASETS:
+    if not isinstance(spec.dataset_name, str) or spec.dataset_name not in DATASETS:
         raise SpecError("dataset_name", f"unknown dataset {spec.dataset_name!r}; valid: {', '.join(DATASETS)}")
-    if spec.model not in MODEL_NAMES:
+    if not isinstance(spec.model, str) or spec.model not in MODEL_NAMES:
         raise SpecError("model", f"unknown model {spec.model!r}; valid: {', '.join(MODEL_NAMES)}")
     dataset = DATASETS[spec.dataset_name]
     if MODEL_INPUT_SHAPES[spec.model] != dataset.input_shape:
