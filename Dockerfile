@@ -12,6 +12,8 @@ FROM python:3.11-slim-bookworm AS deps
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 
+# TORCH_INDEX: where torch comes from without a wheelhouse (compose.gpu.yaml passes a CUDA index).
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN python -m venv /opt/venv
 COPY wheelhouse/ /wheelhouse/
 
@@ -20,7 +22,7 @@ COPY wheelhouse/ /wheelhouse/
 RUN if [ -n "$(find /wheelhouse -name 'torch-*.whl' -print -quit)" ]; then \
         pip install --no-cache-dir --no-index --find-links /wheelhouse torch==2.13.0; \
     else \
-        pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0; \
+        pip install --no-cache-dir --index-url "${TORCH_INDEX}" torch==2.13.0; \
     fi
 
 # The runtime dependencies and the `stack` extra, read from pyproject.toml

@@ -39,7 +39,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, request_stop)
 
     make_transport = make_transport_factory(settings.server_url, settings.token, stop)
-    loop = ClientLoop(make_transport, LocalData(Path(settings.data_dir)), stop)
+    loop = ClientLoop(make_transport, LocalData(Path(settings.data_dir), device=settings.device), stop)
     try:
         loop.run()
     except PartitionMismatch as error:

@@ -150,7 +150,7 @@ class ClientLoop:
         if self.stop.is_set():
             return
         previous = self.local_data.previous_global(experiment_id, client_index, server_round)
-        result = run_round(plan, data, global_model, server_round, fetch_s, previous)
+        result = run_round(plan, data, global_model, server_round, fetch_s, previous, device=self.local_data.device)
         self.local_data.remember_global(experiment_id, client_index, server_round, global_model)
         if self.stop.is_set():
             log.info("stopping: abandoning round %d of experiment %s", server_round, experiment_id)

@@ -8,6 +8,7 @@ model) comes from `fedland.plan.ExperimentPlan`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 
 from fedland.datasets import load_dataset
+from fedland.device import resolve_device
+from fedland.generalization import generalization_gap
 from fedland.measure import measure_client_round
 from fedland.plan import ClientData, ExperimentPlan
 from fedland.spec import ExperimentSpec
@@ -44,6 +47,7 @@ class LocalData:
     """
 
     data_dir: Path
+    device: str = "cpu"  # FEDLAND_DEVICE: where rounds are computed
     _plan: tuple[str, ExperimentPlan] | None = None
     # (experiment_id, client_index) -> (round, weights) of the global model trained from
     # in its latest round, for the landscape's `cosine_to_previous_update`
@@ -79,7 +83,7 @@ class LocalData:
 
     def remember_global(self, experiment_id: str, client_index: int, server_round: int, model: torch.nn.Module) -> None:
         """Keep the global model of ``server_round`` for the next round's landscape."""
-        weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        weights = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
         # only a round's predecessor is ever asked for: keep the memory to one round's members
         self._last_global = {key: last for key, last in self._last_global.items() if last[0] >= server_round - 1}
         self._last_global[(experiment_id, client_index)] = (server_round, weights)
@@ -92,7 +96,7 @@ def load_weights(plan: ExperimentPlan, payload: bytes) -> torch.nn.Module:
     return plan.model(weights)
 
 
-def _measure(model: torch.nn.Module, data: ClientData) -> dict[str, float]:
+def _measure(model: torch.nn.Module, data: ClientData) -> dict[str, Any]:
     train: Evaluation = evaluate(model, batches(data.train_x, data.train_y, EVAL_BATCH_SIZE))
     test: Evaluation = evaluate(model, batches(data.test_x, data.test_y, EVAL_BATCH_SIZE))
     return {
@@ -100,6 +104,7 @@ def _measure(model: torch.nn.Module, data: ClientData) -> dict[str, float]:
         "train_accuracy": float(train.accuracy),
         "test_loss": float(test.loss),
         "test_accuracy": float(test.accuracy),
+        "generalization_gap": generalization_gap(train.loss, train.accuracy, test.loss, test.accuracy),
     }
 
 
@@ -117,15 +122,24 @@ def run_round(
     server_round: int,
     fetch_s: float,
     previous_global: Weights | None = None,
+    *,
+    device: str | torch.device = "cpu",
 ) -> RoundResult:
     """Evaluate the global model, train locally, evaluate the local model; time each step.
 
     In rounds the spec's landscape schedules, also measures the landscape on the
     client's fixed subset (`stats["landscape"]`; `{"error": ...}` if that fails,
     the round goes on). `previous_global` is the global model this client trained
-    from in the round before, if any (for `cosine_to_previous_update`).
+    from in the round before, if any (for `cosine_to_previous_update`). Everything
+    is computed on `device` (FEDLAND_DEVICE; `global_model` is not moved, a copy is);
+    the returned weights are CPU tensors either way.
     """
     spec = plan.spec
+    where = resolve_device(device)
+    if next(global_model.parameters()).device != where:
+        global_model = copy.deepcopy(global_model).to(where)
+        if previous_global is not None:
+            previous_global = {name: tensor.to(where) for name, tensor in previous_global.items()}
     seed = plan.training_seed(data.client_index, server_round)
     started = time.perf_counter()
     global_stats = _measure(global_model, data)
@@ -140,6 +154,8 @@ def run_round(
         momentum=spec.momentum,
         seed=seed,
         prox_mu=spec.strategy.prox_mu,
+        augment=bool(spec.augment),
+        device=where,
     )
     trained = time.perf_counter()
     local_stats = _measure(local_model, data)
@@ -163,7 +179,8 @@ def run_round(
     }
     if landscape is not None:
         stats["landscape"] = landscape
-    return RoundResult(wire.encode(local_model.state_dict()), num_examples, stats)
+    weights = {name: tensor.detach().cpu() for name, tensor in local_model.state_dict().items()}
+    return RoundResult(wire.encode(weights), num_examples, stats)
 
 
 def _landscape(

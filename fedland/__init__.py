@@ -7,7 +7,9 @@ it found it, and draws randomness only from its ``seed``. See the README's libra
 """
 
 from fedland.datasets import DATASETS, load_dataset
+from fedland.device import resolve_device
 from fedland.directions import model_direction, random_direction
+from fedland.generalization import generalization_gap, pac_bayes_flatness, weight_norms
 from fedland.hessian import (
     EigenResult,
     HessianOperator,
@@ -44,6 +46,7 @@ __all__ = [
     "cosine_similarity",
     "distance",
     "evaluate",
+    "generalization_gap",
     "gradient_dissimilarity",
     "gradient_norm",
     "hessian_trace",
@@ -55,10 +58,13 @@ __all__ = [
     "loss_slice_2d",
     "model_direction",
     "partition",
+    "pac_bayes_flatness",
     "path_norm",
     "random_direction",
+    "resolve_device",
     "sharpness",
     "spectral_density",
     "top_eigenvalues",
     "train_local",
+    "weight_norms",
 ]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedland.directions import model_direction
+from fedland.generalization import generalization_gap, pac_bayes_flatness, weight_norms, zero_one_error
 from fedland._objective import auto_chunk_size, materialize, preserved
 from fedland.hessian import HessianOperator, operator_top_eigenvalues, operator_trace
 from fedland.scalars import cosine_similarity, distance
@@ -32,9 +33,11 @@ __all__ = [
     "EIGEN_MAX_ITER",
     "EIGEN_TOL",
     "finite_or_none",
+    "gap_document",
     "landscape_subset",
     "mean_loss",
     "measure_client_round",
+    "measure_generalization",
     "measure_model",
     "pca_surface",
 ]
@@ -96,7 +99,8 @@ def measure_model(
 
     Returns:
         ``{"loss", "accuracy", "grad_norm", "top_eigenvalues": [top_k], "trace",
-        "trace_stderr", "sharpness"}``.
+        "trace_stderr", "sharpness", "generalization"}``; ``generalization`` is
+        ``measure_generalization``'s document.
     """
     with preserved(model):
         op = HessianOperator(model, loss_fn, batches)
@@ -116,7 +120,54 @@ def measure_model(
         "trace": finite_or_none(trace.estimate),
         "trace_stderr": finite_or_none(trace.std_error),
         "sharpness": finite_or_none(sharp),
+        "generalization": measure_generalization(model, batches, lspec, seed),
     }
+
+
+def measure_generalization(model: nn.Module, batches: Iterable[Batch], lspec: LandscapeSpec, seed: int) -> dict[str, Any]:
+    """PAC-Bayes flatness (plain and magnitude-aware, on the 0-1 error) and weight norms of one model.
+
+    Uses ``pac_bayes_flatness(model, zero_one_error, batches, deviation=lspec.pac_bayes_deviation,
+    samples=lspec.pac_bayes_samples, steps=lspec.pac_bayes_steps, seed=seed)`` (and with
+    ``magnitude_aware=True``) and ``weight_norms(model, power_iterations=lspec.power_iterations, seed=seed)``.
+
+    Returns:
+        ``{"pac_bayes": {"sigma", "flatness", "bound", "deviation"}, "pac_bayes_magnitude": {...},
+        "norms": {"frobenius_sum", "spectral_sum", "log_frobenius_product", "log_spectral_product",
+        "layers": [{"name", "frobenius", "spectral"}]}}``.
+    """
+    out: dict[str, Any] = {}
+    for key, magnitude in (("pac_bayes", False), ("pac_bayes_magnitude", True)):
+        result = pac_bayes_flatness(
+            model, zero_one_error, batches, deviation=lspec.pac_bayes_deviation, samples=lspec.pac_bayes_samples,
+            steps=lspec.pac_bayes_steps, magnitude_aware=magnitude, seed=seed,
+        )
+        out[key] = {
+            "sigma": finite_or_none(result.sigma),
+            "flatness": finite_or_none(result.flatness),
+            "bound": finite_or_none(result.bound),
+            "deviation": finite_or_none(result.deviation_at_sigma),
+        }
+    norms = weight_norms(model, power_iterations=lspec.power_iterations, seed=seed)
+    out["norms"] = {
+        "frobenius_sum": finite_or_none(norms.frobenius_sum),
+        "spectral_sum": finite_or_none(norms.spectral_sum),
+        "log_frobenius_product": finite_or_none(norms.log_frobenius_product),
+        "log_spectral_product": finite_or_none(norms.log_spectral_product),
+        "layers": [
+            {"name": layer.name, "frobenius": finite_or_none(layer.frobenius), "spectral": finite_or_none(layer.spectral)}
+            for layer in norms.layers
+        ],
+    }
+    return out
+
+
+def gap_document(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch]) -> dict[str, Any]:
+    """``generalization_gap`` of ``model`` between two datasets (cross-entropy and accuracy, eval mode)."""
+    train_loss, train_accuracy = mean_loss(model, F.cross_entropy, train)
+    test_loss, test_accuracy = mean_loss(model, F.cross_entropy, test)
+    gap = generalization_gap(train_loss, train_accuracy or 0.0, test_loss, test_accuracy or 0.0)
+    return {key: finite_or_none(value) for key, value in gap.items()}
 
 
 def measure_client_round(
@@ -262,10 +313,13 @@ def mean_loss(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch]) -> tu
     modes = [(module, module.training) for module in model.modules()]
     total, correct, count = 0.0, 0, 0
     scores = True
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
     try:
         model.eval()
         with torch.no_grad():
             for inputs, targets in batches:
+                inputs, targets = inputs.to(device), targets.to(device)
                 outputs = model(inputs)  # (batch, classes)
                 total += float(loss_fn(outputs, targets)) * int(targets.shape[0])
                 count += int(targets.shape[0])
@@ -311,7 +365,7 @@ def _random_orthogonal(direction: Tensor, seed: int) -> Tensor:
     """A seeded Gaussian unit vector orthogonal to the unit vector ``direction``."""
     generator = torch.Generator().manual_seed(seed)
     for _ in range(8):
-        draw = torch.randn(direction.shape[0], generator=generator, dtype=torch.float64)
+        draw = torch.randn(direction.shape[0], generator=generator, dtype=torch.float64).to(direction.device)
         draw = draw - (draw @ direction) * direction
         draw = draw - (draw @ direction) * direction
         norm = float(draw.norm())

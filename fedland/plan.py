@@ -118,7 +118,7 @@ class ExperimentPlan:
         Raises:
             ValueError: ``weights`` lacks a key of the model, has an extra one, or a shape differs.
         """
-        model = build_model(self.spec.model, seed=self.spec.seed)
+        model = build_model(self.spec.model, seed=self.spec.seed, num_classes=self.spec.num_classes)
         if weights is None:
             return model
         expected = model.state_dict()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedland.datasets import DATASETS
-from fedland.models import MODEL_NAMES
+from fedland.models import MODEL_INPUT_SHAPES, MODEL_NAMES
 from fedland.partition import PartitionError, plan_counts
 
 __all__ = [
@@ -184,6 +184,11 @@ class LandscapeSpec:
     SAM radius, ``interpolation_points`` the alphas in [0, 1] from global to
     local, ``grid_points`` the odd 2D surface resolution per axis and
     ``grid_radius`` its extent in units of the principal directions.
+    ``pac_bayes_deviation`` is the allowed rise of the training error under
+    weight noise that defines the PAC-Bayes sigma, ``pac_bayes_samples`` the
+    noise draws per trial sigma, ``pac_bayes_steps`` the bisection steps and
+    ``power_iterations`` the steps of each layer's spectral norm (see
+    ``fedland.generalization``).
 
     The defaults keep a measured round cheap next to FedNet's short MNIST
     rounds (256 samples, 12 trace products, a 9 x 9 surface; see DEVELOPERS.md).
@@ -198,11 +203,16 @@ class LandscapeSpec:
     interpolation_points: int = 11
     grid_points: int = 9
     grid_radius: float = 1.0
+    pac_bayes_deviation: float = 0.1
+    pac_bayes_samples: int = 4
+    pac_bayes_steps: int = 8
+    power_iterations: int = 30
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise SpecError("landscape.enabled", f"must be true or false, got {self.enabled!r}")
-        for name in ("every", "num_samples", "top_k", "trace_probes"):
+        for name in ("every", "num_samples", "top_k", "trace_probes", "pac_bayes_samples", "pac_bayes_steps",
+                     "power_iterations"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise SpecError(f"landscape.{name}", f"must be a positive integer, got {value!r}")
@@ -217,6 +227,12 @@ class LandscapeSpec:
                 "landscape.grid_points",
                 f"must be an odd integer >= 3 (the centre is the model itself), got {self.grid_points!r}",
             )
+        if not _is_real(self.pac_bayes_deviation) or not 0 < self.pac_bayes_deviation <= 1:
+            raise SpecError(
+                "landscape.pac_bayes_deviation",
+                f"must be a number in (0, 1] (a rise of the training error), got {self.pac_bayes_deviation!r}",
+            )
+        object.__setattr__(self, "pac_bayes_deviation", float(self.pac_bayes_deviation))
         for name in ("sharpness_rho", "grid_radius"):
             value = getattr(self, name)
             if not _is_real(value) or not value > 0:
@@ -255,6 +271,10 @@ class ExperimentSpec:
     ``floor(N / num_clients)`` training samples it gets (see
     ``fedland.partition``). ``seed`` seeds the partition and the initial model.
     ``landscape`` holds the loss-landscape measurement settings.
+    ``augment`` switches the seeded random crop and flip of training batches
+    (``fedland.augment``; never applied to evaluation); ``None`` takes the
+    dataset's default (on for CIFAR, off for MNIST and Fashion-MNIST) and is
+    replaced by it. The model must take the dataset's input shape.
     Lists are stored as tuples; ``to_dict`` gives lists back.
     """
 
@@ -270,6 +290,7 @@ class ExperimentSpec:
     momentum: float = 0.0
     strategy: StrategySpec = field(default_factory=StrategySpec)
     seed: int = 0
+    augment: bool | None = None
     landscape: LandscapeSpec = field(default_factory=LandscapeSpec)
     timestamp: str = field(default_factory=_now_iso)
     id: str | None = None
@@ -280,6 +301,11 @@ class ExperimentSpec:
     @property
     def num_clients(self) -> int:
         return len(self.target_balance_ratios)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the dataset: the width of the model's output."""
+        return DATASETS[self.dataset_name].num_classes
 
     def with_id(self, experiment_id: str) -> ExperimentSpec:
         """Return a copy carrying the id the store assigned."""
@@ -302,6 +328,7 @@ class ExperimentSpec:
             "momentum": self.momentum,
             "strategy": self.strategy.to_dict(),
             "seed": self.seed,
+            "augment": self.augment,
             "landscape": self.landscape.to_dict(),
         }
 
@@ -388,6 +415,18 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
         raise SpecError("dataset_name", f"unknown dataset {spec.dataset_name!r}; valid: {', '.join(DATASETS)}")
     if not isinstance(spec.model, str) or spec.model not in MODEL_NAMES:
         raise SpecError("model", f"unknown model {spec.model!r}; valid: {', '.join(MODEL_NAMES)}")
+    dataset = DATASETS[spec.dataset_name]
+    if MODEL_INPUT_SHAPES[spec.model] != dataset.input_shape:
+        fitting = [name for name, shape in MODEL_INPUT_SHAPES.items() if shape == dataset.input_shape]
+        raise SpecError(
+            "model",
+            f"{spec.model} takes inputs of shape {MODEL_INPUT_SHAPES[spec.model]} but {spec.dataset_name} images "
+            f"have shape {dataset.input_shape}; models for {spec.dataset_name}: {', '.join(fitting)}",
+        )
+    if spec.augment is None:
+        put("augment", dataset.augment)
+    elif not isinstance(spec.augment, bool):
+        raise SpecError("augment", f"must be true, false or null (the dataset's default), got {spec.augment!r}")
     if not isinstance(spec.strategy, StrategySpec):
         raise SpecError("strategy", f"must be a StrategySpec, got {type(spec.strategy).__name__}")
     for name in ("rounds", "local_epochs", "batch_size"):

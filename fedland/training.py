@@ -12,6 +12,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedland.augment import random_crop_flip
+from fedland.device import resolve_device
+
 __all__ = ["Evaluation", "TrainReport", "batches", "evaluate", "train_local"]
 
 
@@ -38,7 +41,13 @@ class TrainReport:
 
 
 def batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    *,
+    augment: bool = False,
+    device: str | torch.device | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(inputs, targets)`` mini-batches, shuffled when a generator is given.
 
@@ -47,40 +56,62 @@ def batches(
         y: targets, same length as ``x``.
         batch_size: examples per batch (the last batch may be smaller).
         generator: draws the shuffle order; ``None`` keeps the given order.
+        augment: pass each batch's inputs through ``fedland.augment.random_crop_flip``
+            with ``generator`` (right after the batch is drawn); needs a generator.
+        device: move each batch there (``None``: leave it where ``x`` is).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
     if len(x) != len(y):
         raise ValueError(f"y: has {len(y)} examples but x has {len(x)}")
+    if augment and generator is None:
+        raise ValueError("augment: needs a generator (augmentation is for seeded training batches)")
+    target = None if device is None else resolve_device(device)
     order = torch.randperm(len(y), generator=generator) if generator is not None else None
     for start in range(0, len(y), batch_size):
         if order is None:
-            yield x[start : start + batch_size], y[start : start + batch_size]
+            inputs, targets = x[start : start + batch_size], y[start : start + batch_size]
         else:
             chosen = order[start : start + batch_size]
-            yield x[chosen], y[chosen]
+            inputs, targets = x[chosen], y[chosen]
+        if target is not None:
+            inputs, targets = inputs.to(target), targets.to(target)
+        if augment:
+            assert generator is not None
+            inputs = random_crop_flip(inputs, generator)
+        yield inputs, targets
 
 
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Evaluation:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: str | torch.device | None = None,
+) -> Evaluation:
     """Mean cross-entropy and accuracy of ``model`` over ``batches``.
 
     Runs in eval mode without gradients and restores each submodule's
     train/eval mode afterwards.
 
     Args:
-        model: a classifier returning logits ``(batch, classes)``.
+        model: a classifier returning logits ``(batch, classes)``; when
+            ``device`` differs from its own, a copy is moved there (``model``
+            stays where it is).
         batches: ``(inputs, targets)`` pairs, e.g. from ``batches(x, y, 512)``.
+        device: where to compute (``None``: where the model is).
 
     Returns:
         The loss and accuracy averaged over all examples.
     """
     modes = {module: module.training for module in model.modules()}
     total_loss, correct, count = 0.0, 0, 0
+    runner = _on_device(model, device)
+    where = _device_of(runner)
     try:
-        model.eval()
+        runner.eval()
         with torch.no_grad():
             for inputs, targets in batches:
-                logits = model(inputs)  # (batch, classes)
+                inputs, targets = inputs.to(where), targets.to(where)
+                logits = runner(inputs)  # (batch, classes)
                 total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
                 correct += int((logits.argmax(dim=1) == targets).sum())
                 count += len(targets)
@@ -103,6 +134,8 @@ def train_local(
     momentum: float,
     seed: int,
     prox_mu: float = 0.0,
+    augment: bool = False,
+    device: str | torch.device | None = None,
 ) -> tuple[nn.Module, TrainReport]:
     """Train a copy of ``model`` with SGD (momentum), optionally with FedProx's proximal term.
 
@@ -120,38 +153,77 @@ def train_local(
         momentum: SGD momentum in [0, 1).
         seed: seeds the shuffle order; same seed and inputs, same result.
         prox_mu: proximal weight (0 disables it).
+        augment: random crop and flip each training batch (``batches(augment=True)``),
+            drawn from the same seeded generator as the shuffle.
+        device: where to train (``None``: where ``model`` is); the batches are
+            moved there. Randomness is drawn on the CPU, so the shuffle and the
+            augmentation do not depend on the device.
 
     Returns:
-        The trained copy (in the train/eval mode ``model`` was in, no gradients
-        left attached) and a ``TrainReport``.
+        The trained copy (on ``device``, in the train/eval mode ``model`` was
+        in, no gradients left attached) and a ``TrainReport``.
     """
     _check_training_args(x, y, epochs, learning_rate, momentum, prox_mu)
     started = time.perf_counter()
     trained = copy.deepcopy(model)
+    if device is not None:
+        trained = trained.to(resolve_device(device))
+    where = _device_of(trained)
     trained.train()
-    anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else []
+    anchor = [p.detach().clone() for p in trained.parameters()] if prox_mu > 0 else []
     optimizer = torch.optim.SGD(trained.parameters(), lr=learning_rate, momentum=momentum)
     generator = torch.Generator().manual_seed(seed)
     epoch_losses = []
-    for _ in range(epochs):
-        epoch_loss, seen = 0.0, 0
-        for inputs, targets in batches(x, y, batch_size, generator):
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(trained(inputs), targets)
-            objective = loss
-            if anchor:
-                distance = sum(((p - p0) ** 2).sum() for p, p0 in zip(trained.parameters(), anchor))
-                objective = loss + 0.5 * prox_mu * distance
-            objective.backward()
-            optimizer.step()
-            epoch_loss += loss.item() * len(targets)
-            seen += len(targets)
-        epoch_losses.append(epoch_loss / seen)
+    # Dropout draws from the global RNG: seed it from `seed` inside a fork, so the caller's state is untouched.
+    with torch.random.fork_rng(devices=[where] if where.type == "cuda" else [], device_type=where.type):
+        torch.manual_seed(seed)
+        for _ in range(epochs):
+            epoch_losses.append(_epoch(trained, optimizer, batches(
+                x, y, batch_size, generator, augment=augment, device=where
+            ), anchor, prox_mu))
     optimizer.zero_grad(set_to_none=True)
     for source, copied in zip(model.modules(), trained.modules()):
         copied.train(source.training)
     report = TrainReport(num_examples=len(y), epoch_losses=epoch_losses, duration_s=time.perf_counter() - started)
     return trained, report
+
+
+def _epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    anchor: list[torch.Tensor],
+    prox_mu: float,
+) -> float:
+    """One pass of SGD steps over ``data``; the size-weighted mean cross-entropy seen."""
+    epoch_loss, seen = 0.0, 0
+    for inputs, targets in data:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(inputs), targets)
+        objective = loss
+        if anchor:
+            distance = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), anchor))
+            objective = loss + 0.5 * prox_mu * distance
+        objective.backward()
+        optimizer.step()
+        epoch_loss += loss.item() * len(targets)
+        seen += len(targets)
+    return epoch_loss / seen
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _on_device(model: nn.Module, device: str | torch.device | None) -> nn.Module:
+    """``model`` itself when it is on ``device`` (or no device is asked), else a copy moved there."""
+    if device is None:
+        return model
+    target = resolve_device(device)
+    if _device_of(model) == target:
+        return model
+    return copy.deepcopy(model).to(target)
 
 
 def _check_training_args(

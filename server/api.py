@@ -37,7 +37,7 @@ def create_app(
         store = Store(settings.mongo_uri, settings.db_name)
     coordinator = Coordinator(
         store,
-        Resources(settings.data_dir),
+        Resources(settings.data_dir, device=settings.device),
         heartbeat_timeout_s=settings.heartbeat_timeout_s,
         clock=clock,
     )

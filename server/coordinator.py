@@ -24,6 +24,7 @@ from typing import Any
 
 from bson import ObjectId
 
+from fedland.datasets import DATASETS
 from fedland.spec import ExperimentSpec, SpecError
 from server.errors import BadRequest, Conflict, NotFound
 from server.measurements import LandscapeWorker
@@ -259,7 +260,9 @@ class Coordinator:
             )
         try:
             weights = wire.decode(weights_data)
-            wire.check_compatible(weights, self.resources.reference(experiment["model"]))
+            wire.check_compatible(
+                weights, self.resources.reference(experiment["model"], DATASETS[experiment["dataset_name"]].num_classes)
+            )
         except ValueError as error:
             raise BadRequest(str(error), "weights") from None
 
@@ -337,7 +340,7 @@ class Coordinator:
         inputs = load_round_inputs(self.store, experiment_id, server_round)
         stats = inputs.stats
         new_global, new_state = make_strategy(spec.strategy).aggregate(inputs.previous, inputs.updates, inputs.state)
-        wire.check_compatible(new_global, self.resources.reference(spec.model))
+        wire.check_compatible(new_global, self.resources.reference(spec.model, spec.num_classes))
         evaluation = self.resources.evaluate(spec, new_global)
         if not math.isfinite(evaluation.loss):
             raise ValueError(f"test loss of the aggregated model is {evaluation.loss}")

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fedland.measure import finite_or_none, measure_model, pca_surface
+from fedland.device import resolve_device
+from fedland.measure import gap_document, finite_or_none, measure_model, pca_surface
 from fedland.scalars import cosine_similarity, gradient_dissimilarity
 from fedland.spec import ExperimentSpec
 from server.resources import Resources
@@ -150,8 +151,9 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
     plan = resources.plan(spec)
     seed = plan.server_measurement_seed(server_round)
     held_out = plan.held_out_batch()
-    previous_model, global_model = plan.model(previous), plan.model(new_global)
-    local_models = [plan.model(update.weights) for update in updates]
+    device = resolve_device(resources.device)
+    previous_model, global_model = plan.model(previous).to(device), plan.model(new_global).to(device)
+    local_models = [plan.model(update.weights).to(device) for update in updates]
     strategy = make_strategy(spec.strategy)
 
     def evaluate(weights: Weights) -> tuple[float, float]:
@@ -173,6 +175,9 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
         ],
         "gradient_dissimilarity": finite_or_none(
             gradient_dissimilarity(global_model, F.cross_entropy, [plan.landscape_batch(i) for i in client_indices])
+        ),
+        "generalization_gap": gap_document(
+            global_model, [batch for i in client_indices for batch in plan.landscape_batch(i)], held_out
         ),
         "leave_one_out": leave_one_out(
             lambda rest: strategy.aggregate(previous, rest, state)[0], updates, client_indices, evaluate, full

@@ -28,11 +28,14 @@ PLAN_CACHE_SIZE = 32
 class Resources:
     """The server's experiment plans (cached, bounded) and the model-side computations of the coordinator."""
 
-    def __init__(self, data_dir: str | os.PathLike[str], *, eval_batch_size: int = 1000) -> None:
+    def __init__(
+        self, data_dir: str | os.PathLike[str], *, eval_batch_size: int = 1000, device: str = "cpu"
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.eval_batch_size = eval_batch_size
+        self.device = device  # FEDLAND_DEVICE of the landscape measurements
         self._plans: OrderedDict[str, ExperimentPlan] = OrderedDict()
-        self._references: dict[str, wire.Weights] = {}
+        self._references: dict[tuple[str, int], wire.Weights] = {}
         self._lock = threading.Lock()
 
     def load(self, dataset_name: str) -> None:
@@ -60,12 +63,13 @@ class Resources:
         """The round-0 model: `build_model(spec.model, spec.seed)`."""
         return wire.from_module(self.plan(spec).model())
 
-    def reference(self, model_name: str) -> wire.Weights:
+    def reference(self, model_name: str, num_classes: int = 10) -> wire.Weights:
         """Weights with the layout (keys, shapes, dtypes) every update of this model must have."""
+        key = (model_name, num_classes)
         with self._lock:
-            if model_name not in self._references:
-                self._references[model_name] = wire.from_module(build_model(model_name, 0))
-            return self._references[model_name]
+            if key not in self._references:
+                self._references[key] = wire.from_module(build_model(model_name, 0, num_classes=num_classes))
+            return self._references[key]
 
     def evaluate(self, spec: ExperimentSpec, weights: dict[str, np.ndarray]) -> Evaluation:
         """Loss and accuracy of `weights` on the full test split."""

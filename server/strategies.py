@@ -9,6 +9,13 @@ that it can be stored next to the global model and a restarted server resumes
 exactly; stateless strategies return an empty state. Inputs are never mutated.
 Arithmetic is float64; results are cast back to each key's dtype (integer
 buffers are rounded).
+
+BatchNorm statistics (``running_mean``, ``running_var``, ``num_batches_tracked``
+and any non-float key: ``is_statistic``) are not parameters: the server
+optimisers (FedAvgM, FedAdam, FedYogi, FedAdagrad) give them the plain
+num_examples-weighted mean and keep no optimiser state for them (a server step
+could make a variance negative); FedAvg/FedProx average them like every key,
+and the robust rules (median, trimmed mean, Krum) apply to them as to the rest.
 """
 
 from __future__ import annotations
@@ -78,6 +85,14 @@ def weighted_mean(updates: Sequence[ClientUpdate]) -> Weights:
     }
 
 
+STATISTIC_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_statistic(name: str, value: np.ndarray) -> bool:
+    """Whether a key is a running statistic (BatchNorm buffers, any integer key) rather than a parameter."""
+    return name.rsplit(".", 1)[-1] in STATISTIC_SUFFIXES or not np.issubdtype(np.asarray(value).dtype, np.inexact)
+
+
 def _stack(updates: Sequence[ClientUpdate], name: str) -> np.ndarray:
     # (clients, *shape)
     return np.stack([np.asarray(update.weights[name], dtype=np.float64) for update in updates])
@@ -135,6 +150,9 @@ class FedAvgM:
         new_global: Weights = {}
         new_state: Weights = {}
         for name, current in global_weights.items():
+            if is_statistic(name, current):
+                new_global[name] = average[name]
+                continue
             x = np.asarray(current, dtype=np.float64)
             pseudo_gradient = x - average[name]
             momentum = self.server_momentum * _state_or_zeros(state, f"momentum/{name}", x) + pseudo_gradient
@@ -171,6 +189,9 @@ class _Adaptive:
         new_global: Weights = {}
         new_state: Weights = {}
         for name, current in global_weights.items():
+            if is_statistic(name, current):
+                new_global[name] = average[name]
+                continue
             x = np.asarray(current, dtype=np.float64)
             delta = average[name] - x
             m = self.beta_1 * _state_or_zeros(state, f"m/{name}", x) + (1.0 - self.beta_1) * delta

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,17 @@ def _mongo_uri(env: Mapping[str, str]) -> str | None:
     return mongo_uri
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _device(env: Mapping[str, str]) -> str:
+    """FEDLAND_DEVICE: auto, cpu (default), cuda or cuda:N; checked against the GPUs when used."""
+    value = _text(env, "FEDLAND_DEVICE", "cpu").lower()
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise ValueError(f"FEDLAND_DEVICE must be auto, cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
 def _data_dir(env: Mapping[str, str]) -> Path:
     return Path(_text(env, "FEDLAND_DATA_DIR", str(DEFAULT_DATA_DIR)))
 
@@ -114,6 +126,7 @@ class ServerSettings:
     max_body_mb: int = 64
     torch_threads: int = 1
     log_level: str = "INFO"
+    device: str = "cpu"  # of the landscape measurements
 
     @property
     def max_body_bytes(self) -> int:
@@ -135,6 +148,7 @@ class ServerSettings:
             max_body_mb=_int(env, "FEDLAND_MAX_BODY_MB", 64, low=1),
             torch_threads=_int(env, "FEDLAND_TORCH_THREADS", 1, low=1),
             log_level=_log_level(env),
+            device=_device(env),
         )
 
 
@@ -147,6 +161,7 @@ class ClientSettings:
     server_url: str = "http://127.0.0.1:8080"
     torch_threads: int = 1
     log_level: str = "INFO"
+    device: str = "cpu"  # of training, evaluation and landscape measurements
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ClientSettings:
@@ -157,6 +172,7 @@ class ClientSettings:
             server_url=_url(env, "FEDLAND_SERVER_URL", "http://127.0.0.1:8080"),
             torch_threads=_int(env, "FEDLAND_TORCH_THREADS", 1, low=1),
             log_level=_log_level(env),
+            device=_device(env),
         )
 
 

@@ -12,10 +12,12 @@ Weights = dict[str, np.ndarray]
 
 
 def _as_array(name: str, value: object) -> np.ndarray:
+    # np.require, not np.ascontiguousarray: the latter turns a 0-d array (BatchNorm's
+    # num_batches_tracked) into shape (1,)
     if isinstance(value, torch.Tensor):
-        return np.ascontiguousarray(value.detach().cpu().numpy())
+        return np.require(value.detach().cpu().numpy(), requirements="C")
     if isinstance(value, np.ndarray):
-        return np.ascontiguousarray(value)
+        return np.require(value, requirements="C")
     raise ValueError(f"weights[{name!r}] must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
 
 

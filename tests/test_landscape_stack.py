@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from bson import ObjectId
 
 from client.work import run_round
 from fedland.datasets import load_dataset
+from fedland.device import resolve_device
 from fedland.hessian import top_eigenvalues
 from fedland.measure import EIGEN_MAX_ITER, EIGEN_TOL, landscape_subset, mean_loss
 from fedland.models import build_model
@@ -43,20 +45,32 @@ torch.set_num_threads(1)  # as the client and server processes (FEDLAND_TORCH_TH
 
 LSPEC = LandscapeSpec(every=1, num_samples=128, top_k=2, trace_probes=8, interpolation_points=5, grid_points=5)
 METRIC_KEYS = {"loss", "accuracy", "grad_norm", "top_eigenvalues", "trace", "trace_stderr", "sharpness"}
+GENERALIZATION_KEYS = {"pac_bayes", "pac_bayes_magnitude", "norms"}
 
 
 def assert_metrics(block: dict[str, Any], top_k: int) -> None:
-    assert set(block) == METRIC_KEYS
+    assert set(block) == METRIC_KEYS | {"generalization"}
+    assert set(block["generalization"]) == GENERALIZATION_KEYS
+    for key in ("pac_bayes", "pac_bayes_magnitude"):
+        assert all(finite(block["generalization"][key][k]) for k in ("sigma", "flatness", "bound", "deviation"))
+    norms = block["generalization"]["norms"]
+    assert all(finite(norms[k]) for k in ("frobenius_sum", "spectral_sum", "log_frobenius_product"))
+    assert all(finite(layer["spectral"]) and layer["spectral"] <= layer["frobenius"] + 1e-9 for layer in norms["layers"])
     assert len(block["top_eigenvalues"]) == top_k
     assert all(finite(v) for v in block["top_eigenvalues"]), block
     assert all(finite(block[k]) for k in METRIC_KEYS - {"top_eigenvalues"}), block
     assert block["top_eigenvalues"][0] >= block["top_eigenvalues"][1] and 0 <= block["accuracy"] <= 1
 
 
+#: FEDLAND_DEVICE=cuda runs these tests on a GPU unchanged: the child processes inherit it, and the
+#: direct recomputations here run on the same device.
+DEVICE = resolve_device(os.environ.get("FEDLAND_DEVICE", "").strip() or "cpu")
+
+
 def model_from(payload: bytes, spec: ExperimentSpec) -> torch.nn.Module:
     model = build_model(spec.model, spec.seed)
     model.load_state_dict(wire.to_state_dict(wire.decode(payload)))
-    return model
+    return model.to(DEVICE)
 
 
 def client_subsets(spec: ExperimentSpec, data_dir: Path) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -104,8 +118,9 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
         doc = round_doc["landscape"]
         assert set(doc) == {
             "num_samples", "duration_s", "global", "client_alignment", "gradient_dissimilarity", "leave_one_out",
-            "surface_id",
+            "surface_id", "generalization_gap",
         }, doc
+        assert all(finite(v) for v in doc["generalization_gap"].values()), doc
         assert doc["num_samples"] == LSPEC.num_samples and doc["duration_s"] > 0
         assert_metrics(doc["global"], LSPEC.top_k)
         assert [a["client_index"] for a in doc["client_alignment"]] == list(range(num_clients))
@@ -209,14 +224,14 @@ def test_a_failing_measurement_is_stored_as_an_error(
     previous = _weights(0)
     updates = [ClientUpdate(_weights(1), 600)]
     aggregated = AggregatedRound(spec, "exp", 1, previous, {}, updates, [0], _weights(1), (1.0, 0.5))
-    doc = measure_round(store, Resources(data_dir), aggregated)
+    doc = measure_round(store, Resources(data_dir, device=str(DEVICE)), aggregated)
     assert doc == {"error": "FloatingPointError: injected failure"}
 
     mnist = load_dataset("MNIST", data_dir)
     data = ClientData(0, mnist.train_x[:64], mnist.train_y[:64], mnist.test_x[:32], mnist.test_y[:32])
     global_model = build_model("FedNet", 0)
     before = copy.deepcopy(global_model.state_dict())
-    result = run_round(ExperimentPlan(spec, mnist), data, global_model, 1, fetch_s=0.0)
+    result = run_round(ExperimentPlan(spec, mnist), data, global_model, 1, fetch_s=0.0, device=DEVICE)
     assert result.stats["landscape"] == doc
     assert all(torch.equal(before[k], v) for k, v in global_model.state_dict().items())
     assert math.isfinite(result.stats["local"]["test_loss"])  # the round itself went on

@@ -34,6 +34,10 @@ def test_defaults_are_the_documented_ones() -> None:
         "interpolation_points": 11,
         "grid_points": 9,
         "grid_radius": 1.0,
+        "pac_bayes_deviation": 0.1,
+        "pac_bayes_samples": 4,
+        "pac_bayes_steps": 8,
+        "power_iterations": 30,
     }
     spec = ExperimentSpec.from_dict({k: v for k, v in experiment().items() if k != "landscape"})
     assert spec.landscape == LandscapeSpec()

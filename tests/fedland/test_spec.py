@@ -39,6 +39,7 @@ def spec_dict(**changes: Any) -> dict[str, Any]:
         "momentum": 0.9,
         "strategy": {"name": "FedProx", "params": {"mu": 0.01}},
         "seed": 7,
+        "augment": False,
         "landscape": {
             "enabled": True,
             "every": 2,
@@ -49,6 +50,10 @@ def spec_dict(**changes: Any) -> dict[str, Any]:
             "interpolation_points": 11,
             "grid_points": 11,
             "grid_radius": 1.0,
+            "pac_bayes_deviation": 0.1,
+            "pac_bayes_samples": 4,
+            "pac_bayes_steps": 8,
+            "power_iterations": 30,
         },
     }
     base.update(changes)
@@ -94,7 +99,10 @@ BAD_INPUTS = [
     ({"subset_fractions": [0.5, 0.0, 0.1]}, "subset_fractions[1]", "must be a number in (0, 1]"),
     ({"subset_fractions": [0.5, 1.2, 0.1]}, "subset_fractions[1]", "must be a number in (0, 1]"),
     ({"subset_fractions": [0.5, 0.5]}, "subset_fractions", "has 2 entries but target_balance_ratios has 3"),
-    ({"dataset_name": "CIFAR10"}, "dataset_name", "unknown dataset 'CIFAR10'"),
+    ({"dataset_name": "CIFAR"}, "dataset_name", "unknown dataset 'CIFAR'"),
+    ({"dataset_name": "CIFAR10"}, "model", "FedNet takes inputs of shape (1, 28, 28) but CIFAR10 images have shape (3, 32, 32)"),
+    ({"model": "ResNet20"}, "model", "ResNet20 takes inputs of shape (3, 32, 32) but MNIST images"),
+    ({"augment": "yes"}, "augment", "must be true, false or null"),
     ({"model": "ResNet"}, "model", "unknown model 'ResNet'; valid: FedNet, FedCNN"),
     ({"strategy": {"name": "FedSGD"}}, "strategy.name", "valid: " + ", ".join(STRATEGY_NAMES)),
     ({"strategy": {"name": "FedProx", "params": {}}}, "strategy.params.mu", "mu >= 0"),

@@ -18,7 +18,9 @@ from server.strategies import (
     Krum,
     Median,
     TrimmedMean,
+    is_statistic,
     make_strategy,
+    weighted_mean,
 )
 from stack import wire
 
@@ -227,3 +229,48 @@ def test_strategy_spec_names_the_bad_param(name: str, params: dict, field: str) 
     with pytest.raises(SpecError) as caught:
         StrategySpec(name, params)
     assert caught.value.field == field
+
+
+# ---------------------------------------------------------------- BatchNorm statistics
+
+
+def _bn_updates() -> tuple[dict[str, np.ndarray], list[ClientUpdate]]:
+    import torch
+
+    from fedland.models import build_model
+    from stack import wire
+
+    model = build_model("ResNet20", seed=0)
+    global_weights = wire.from_module(model)
+    updates = []
+    for index, (count, batches) in enumerate(((30, 7), (10, 4))):
+        weights = {k: v.copy() for k, v in global_weights.items()}
+        rng = np.random.default_rng(index)
+        for name, value in weights.items():
+            if name.endswith("running_var"):
+                weights[name] = rng.uniform(1e-4, 1e-3, value.shape).astype(value.dtype)  # tiny variances
+            elif name.endswith("num_batches_tracked"):
+                weights[name] = np.asarray(batches, dtype=value.dtype)
+            elif np.issubdtype(value.dtype, np.floating):
+                weights[name] = value + rng.normal(0, 0.01, value.shape).astype(value.dtype)
+        updates.append(ClientUpdate(weights, count))
+    assert global_weights["bn1.num_batches_tracked"].dtype == np.int64
+    assert torch.is_tensor(wire.to_state_dict(global_weights)["bn1.running_var"])
+    return global_weights, updates
+
+
+@pytest.mark.parametrize("name", ["FedAvg", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad"])
+def test_batchnorm_statistics_get_the_weighted_mean(name: str) -> None:
+    global_weights, updates = _bn_updates()
+    new_global, state = make_strategy(StrategySpec(name)).aggregate(global_weights, updates, {})
+    average = weighted_mean(updates)
+    for key, value in new_global.items():
+        assert value.dtype == global_weights[key].dtype and value.shape == global_weights[key].shape
+        if key.endswith("running_var") or key.endswith("running_mean"):
+            assert np.allclose(value, average[key].astype(value.dtype)), key
+            assert key.endswith("running_mean") or (value > 0).all()
+        if key.endswith("num_batches_tracked"):
+            assert int(value) == round((30 * 7 + 10 * 4) / 40)  # 6.25 -> 6, still int64
+    assert not [k for k in state if k.rsplit("/", 1)[-1].rsplit(".", 1)[-1] in ("running_var", "num_batches_tracked")]
+    assert is_statistic("layers.0.bn1.running_mean", np.zeros(3, np.float32))
+    assert not is_statistic("layers.0.bn1.weight", np.zeros(3, np.float32))

@@ -71,6 +71,8 @@ def test_token_is_required(env: dict[str, str]) -> None:
         ("FEDLAND_TORCH_THREADS", "1.5"),
         ("FEDLAND_LOG_LEVEL", "LOUD"),
         ("FEDLAND_MONGO_URI", "localhost:27017"),
+        ("FEDLAND_DEVICE", "gpu"),
+        ("FEDLAND_DEVICE", "cuda:x"),
     ],
 )
 def test_bad_server_value_names_the_variable(name: str, value: str) -> None:
@@ -81,3 +83,12 @@ def test_bad_server_value_names_the_variable(name: str, value: str) -> None:
 def test_bad_client_url_names_the_variable() -> None:
     with pytest.raises(ValueError, match="FEDLAND_SERVER_URL"):
         ClientSettings.from_env({"FEDLAND_TOKEN": "t", "FEDLAND_SERVER_URL": "server:8080"})
+
+
+@pytest.mark.parametrize("cls", [ServerSettings, ClientSettings])
+def test_device_defaults_to_cpu_and_takes_every_form(cls: type) -> None:
+    assert cls.from_env({"FEDLAND_TOKEN": "t"}).device == "cpu"
+    for value in ("auto", "cpu", "cuda", "cuda:1", " CUDA:0 "):
+        assert cls.from_env({"FEDLAND_TOKEN": "t", "FEDLAND_DEVICE": value}).device == value.strip().lower()
+    with pytest.raises(ValueError, match="FEDLAND_DEVICE must be auto, cpu, cuda or cuda:N"):
+        cls.from_env({"FEDLAND_TOKEN": "t", "FEDLAND_DEVICE": "tpu"})

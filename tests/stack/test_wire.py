@@ -68,3 +68,16 @@ def test_decode_refuses_bad_bytes(data: bytes) -> None:
 def test_encode_refuses_non_tensors() -> None:
     with pytest.raises(ValueError, match=r"weights\['x'\]"):
         wire.encode({"x": [1.0, 2.0]})
+
+
+def test_zero_dimensional_buffers_keep_their_shape() -> None:
+    # BatchNorm's num_batches_tracked is a 0-d int64 tensor
+    import torch
+
+    from fedland.models import build_model
+
+    model = build_model("ResNet20", seed=0)
+    weights = wire.decode(wire.encode(model.state_dict()))
+    assert weights["bn1.num_batches_tracked"].shape == () and weights["bn1.num_batches_tracked"].dtype == "int64"
+    wire.check_compatible(weights, wire.from_module(model))
+    assert torch.equal(wire.to_state_dict(weights)["bn1.running_var"], model.state_dict()["bn1.running_var"])

@@ -1,0 +1,132 @@
+"""Fashion-MNIST, CIFAR-10 and CIFAR-100: the real readers on tiny files in the exact binary formats."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedland.augment import random_crop_flip
+from fedland.datasets import DATASETS, DatasetIntegrityError, DatasetMissingError, load_dataset
+from fedland.training import batches
+from tests.datasets_tiny import write_tiny
+
+NEW = ["FashionMNIST", "CIFAR10", "CIFAR100"]
+
+
+def test_class_counts_are_known_without_the_files() -> None:
+    assert DATASETS["FashionMNIST"].num_train == 60_000 and DATASETS["FashionMNIST"].num_test == 10_000
+    assert DATASETS["CIFAR10"].num_train == 50_000 and DATASETS["CIFAR10"].num_test == 10_000
+    assert DATASETS["CIFAR100"].num_classes == len(DATASETS["CIFAR100"].train_class_counts) == 100
+    assert DATASETS["CIFAR100"].num_train == 50_000 and DATASETS["CIFAR10"].input_shape == (3, 32, 32)
+    assert DATASETS["CIFAR10"].augment and not DATASETS["FashionMNIST"].augment
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_tiny_files_load_with_labels_and_normalisation(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = write_tiny(name, tmp_path)
+    monkeypatch.setitem(DATASETS, name, info)
+    data = load_dataset(name, tmp_path, download=False)
+    k = info.num_classes
+    assert data.train_x.shape == (6 * k, *info.input_shape) and data.train_x.dtype == torch.float32
+    assert torch.bincount(data.train_y, minlength=k).tolist() == [6] * k
+    assert torch.bincount(data.test_y, minlength=k).tolist() == [2] * k
+    # pixels are bytes normalised per channel: (v / 255 - mean_c) / std_c
+    for channel, (mean, std) in enumerate(zip(info.mean, info.std)):
+        values = data.train_x[:, channel] * std + mean
+        assert float(values.min()) >= -1e-5 and float(values.max()) <= 1 + 1e-5
+        assert torch.allclose(values * 255, (values * 255).round(), atol=1e-3)
+
+
+def test_cifar_records_are_read_label_then_channel_planes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # one hand-made archive: image i has red = i, green = 100 + i, blue = 200 + i everywhere
+    records = bytearray()
+    for i in range(10):
+        records += bytes([i]) + bytes([i]) * 1024 + bytes([100 + i]) * 1024 + bytes([200 + i]) * 1024
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        names = [f"cifar-10-batches-bin/data_batch_{j}.bin" for j in range(1, 6)] + ["cifar-10-batches-bin/test_batch.bin"]
+        for j, member in enumerate(names):
+            content = bytes(records[j * 2 * 3073 : (j + 1) * 2 * 3073]) if j < 5 else bytes(records[: 3073])
+            entry = tarfile.TarInfo(member)
+            entry.size = len(content)
+            archive.addfile(entry, io.BytesIO(content))
+    (tmp_path / "cifar10").mkdir()
+    (tmp_path / "cifar10" / "cifar-10-binary.tar.gz").write_bytes(buffer.getvalue())
+    real = DATASETS["CIFAR10"]
+    file = dataclasses.replace(real.files[0], archive_md5=hashlib.md5(buffer.getvalue()).hexdigest())
+    monkeypatch.setitem(DATASETS, "CIFAR10", dataclasses.replace(real, files=(file,), mean=(0.0,) * 3, std=(1.0,) * 3))
+    data = load_dataset("CIFAR10", tmp_path, download=False)
+    assert data.train_y.tolist() == list(range(10)) and data.test_y.tolist() == [0]
+    expected = torch.tensor([[i, 100 + i, 200 + i] for i in range(10)], dtype=torch.float32) / 255
+    assert torch.allclose(data.train_x[:, :, 5, 7], expected)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_a_digest_mismatch_is_refused(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    info = write_tiny(name, tmp_path)
+    wrong = dataclasses.replace(info.files[0], archive_md5="0" * 32)
+    monkeypatch.setitem(DATASETS, name, dataclasses.replace(info, files=(wrong, *info.files[1:])))
+    with pytest.raises(DatasetIntegrityError) as caught:
+        load_dataset(name, tmp_path, download=False)
+    assert f"{wrong.served_name} is corrupted" in str(caught.value) and "0" * 32 in str(caught.value)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_real_digests_refuse_test_files_and_missing_files_say_where(name: str, tmp_path: Path) -> None:
+    with pytest.raises(DatasetMissingError) as caught:
+        load_dataset(name, tmp_path, download=False)
+    info = DATASETS[name]
+    assert str(tmp_path / info.directory / info.files[0].served_name) in str(caught.value)
+    assert "FEDLAND_DATA_DIR" in str(caught.value)
+    write_tiny(name, tmp_path)  # the real registry: the test-written files do not match the published digests
+    with pytest.raises(DatasetIntegrityError, match="expected " + (info.files[0].archive_md5 or "")):
+        load_dataset(name, tmp_path, download=False)
+
+
+def test_fashion_mnist_is_accepted_only_gzip_compressed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    info = write_tiny("FashionMNIST", tmp_path)
+    monkeypatch.setitem(DATASETS, "FashionMNIST", info)
+    directory = tmp_path / info.directory
+    for data_file in info.files:  # uncompressed copies cannot be checked against the published .gz digests
+        (directory / data_file.name).write_bytes(gzip.decompress((directory / data_file.served_name).read_bytes()))
+        (directory / data_file.served_name).unlink()
+    with pytest.raises(DatasetMissingError, match="train-images-idx3-ubyte.gz"):
+        load_dataset("FashionMNIST", tmp_path, download=False)
+
+
+def test_augmentation_is_seeded_shape_preserving_and_a_crop_or_flip() -> None:
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    first = random_crop_flip(images, torch.Generator().manual_seed(0), padding=2)
+    again = random_crop_flip(images, torch.Generator().manual_seed(0), padding=2)
+    assert torch.equal(first, again) and first.shape == images.shape
+    generator = torch.Generator().manual_seed(0)
+    offsets = torch.randint(0, 5, (2, 2), generator=generator)
+    flips = torch.rand(2, generator=generator) < 0.5
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for i in range(2):
+        dy, dx = (int(v) for v in offsets[i])
+        crop = padded[i, :, dy : dy + 8, dx : dx + 8]
+        assert torch.equal(first[i], crop.flip(-1) if flips[i] else crop)
+    unpadded = random_crop_flip(images, torch.Generator().manual_seed(3), padding=0)  # flips only
+    assert all(torch.equal(u, x) or torch.equal(u, x.flip(-1)) for u, x in zip(unpadded, images))
+
+
+def test_batches_augment_training_only_and_need_a_generator() -> None:
+    x, y = torch.randn(10, 3, 32, 32), torch.arange(10)
+    plain = list(batches(x, y, 4, torch.Generator().manual_seed(1)))
+    augmented = list(batches(x, y, 4, torch.Generator().manual_seed(1), augment=True))
+    assert [b[1].tolist() for b in plain] == [b[1].tolist() for b in augmented]  # same shuffle order
+    assert not torch.equal(plain[0][0], augmented[0][0])
+    with pytest.raises(ValueError, match="^augment:"):
+        list(batches(x, y, 4, augment=True))
+    assert np.array_equal(next(batches(x, y, 10))[0].numpy(), x.numpy())  # evaluation batches are untouched
