@@ -200,7 +200,7 @@ def top_eigenvalues(
     max_iter: int = 100,
     seed: int = 0,
     chunk_size: int | None = None,
-    check_steps: int | None = None,
+    check_steps: int = 0,
 ) -> EigenResult:
     """The ``k`` largest eigenvalues of the Hessian of the dataset-mean loss.
 
@@ -209,26 +209,28 @@ def top_eigenvalues(
         method: ``"lanczos"`` (full reorthogonalization; algebraically largest) or
             ``"power"`` (power iteration with deflation; largest in magnitude).
         tol: relative residual tolerance. Lanczos accepts when every wanted Ritz pair
-            has ``||H x_i - theta_i x_i|| <= tol * max(|theta_i|, 0.01 max|theta|)``,
-            both after the first Krylov sequence and after the restart check;
-            power iteration when ``||H q - theta q|| <= tol * |theta|``.
+            has ``||H x_i - theta_i x_i|| <= tol * max(|theta_i|, 0.01 max|theta|)``
+            and the next Ritz value, even raised by its residual, cannot overtake
+            the k-th (or has converged too); see ``fedland._krylov.lanczos_top``.
+            Power iteration stops when ``||H q - theta q|| <= tol * |theta|``.
         max_iter: cap on products (Lanczos, in total; must be >= k) or per eigenvalue (power).
         seed: seeds the starting vectors.
         chunk_size: samples per forward call; None chooses it from the model's activation size.
-        check_steps: Lanczos only: products of the restart check, a second Krylov
-            sequence from a fresh random vector orthogonal to the first, run after
-            the first converges (default ``max(3, k)``; 0 skips it).
+        check_steps: Lanczos only: products of an optional restart check, a second
+            Krylov sequence from a fresh random vector orthogonal to the first, run
+            once the first is accepted (0, the default, skips it).
 
     Returns:
         An :class:`EigenResult`. What ``converged=True`` guarantees: each value
         ``theta_i`` is within its residual ``r_i`` of an eigenvalue of the Hessian
         (symmetric matrices: ``|theta_i - lambda| <= r_i``, and
         ``<= r_i^2 / gap`` given the gap to the rest of the spectrum), and, for
-        Lanczos, the restart check from an independent random vector found no
-        unconverged Ritz value among the top k. That the values are the *k
+        Lanczos, no unconverged Ritz value of the Krylov space could still rise
+        past ``theta_k`` (plus, with ``check_steps``, the same held after a second
+        sequence from an independent random vector). That the values are the *k
         largest* is then very likely but not certain: an eigenvalue whose
-        eigenvector both random starts barely touch can still be missed (no
-        matrix-free method can exclude it). ``converged`` is False if the cap was hit first.
+        eigenvector the random start(s) barely touch can still be missed; no
+        matrix-free method can exclude it. ``converged`` is False if the cap was hit first.
     """
     _check_eigen_arguments(k, method, tol, max_iter, check_steps)
     with preserved(model):
@@ -238,7 +240,7 @@ def top_eigenvalues(
         )
 
 
-def _check_eigen_arguments(k: int, method: str, tol: float, max_iter: int, check_steps: int | None) -> None:
+def _check_eigen_arguments(k: int, method: str, tol: float, max_iter: int, check_steps: int) -> None:
     if k < 1:
         raise ValueError("k: must be >= 1")
     if tol <= 0:
@@ -249,8 +251,8 @@ def _check_eigen_arguments(k: int, method: str, tol: float, max_iter: int, check
         raise ValueError("method: must be 'lanczos' or 'power'")
     if method == "lanczos" and max_iter < k:
         raise ValueError(f"max_iter: must be >= k ({k}): Lanczos spends at least one product per eigenvalue")
-    if check_steps is not None and check_steps < 0:
-        raise ValueError("check_steps: must be >= 0 or None")
+    if check_steps < 0:
+        raise ValueError("check_steps: must be >= 0")
 
 
 def operator_top_eigenvalues(
@@ -261,7 +263,7 @@ def operator_top_eigenvalues(
     tol: float = 1e-5,
     max_iter: int = 100,
     seed: int = 0,
-    check_steps: int | None = None,
+    check_steps: int = 0,
 ) -> EigenResult:
     """:func:`top_eigenvalues` on an existing operator (shared with other metrics of the same model and data)."""
     _check_eigen_arguments(k, method, tol, max_iter, check_steps)
