@@ -1,11 +1,13 @@
 """Benchmark fedland's landscape metrics against PyHessian, hessian-eigenthings, loss-landscapes and a plain loop.
 
 Same model (fedland's FedCNN, ~215k parameters, trained one epoch), same real
-MNIST samples, one run, one thread. Prints figures; asserts nothing.
+MNIST samples, one run, one thread. Every time is CPU time (``time.process_time``,
+so other load on the machine changes it little). Prints figures and the ratios
+against the targets of issue 14; asserts nothing.
 
     FEDLAND_DATA_DIR=/path/to/data python bench/bench_metrics.py [--samples 2000] [--slice-points 21]
 
-Peers: ``pip install pyhessian==0.1 loss-landscapes==3.0.6 hessian-eigenthings==1.0.0a5``.
+Peers: ``pip install -e '.[bench]'`` (pyhessian, loss-landscapes, hessian-eigenthings).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from fedland.models import build_model
 from fedland.slices import centered_grid, loss_slice_2d
 from fedland.training import train_local
 
-TARGETS = {"eig_speedup": 3.0, "trace_product_ratio": 2.0, "slice_speedup": 2.0}
+TARGETS = {"eig_speedup": 3.0, "trace_speedup": 2.0, "slice_speedup": 1.0}
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
+    """``fn()`` and the CPU time it took (seconds)."""
+    start = time.process_time()
     out = fn()
-    return out, time.perf_counter() - start
+    return out, time.process_time() - start
 
 
 def table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -95,7 +98,7 @@ def bench_top_eigenvalue(model: nn.Module, loss_fn: nn.Module, batches: list, re
         res, t = timed(lambda: eigenthings.lanczos(op, k=1, max_iter=20, which="LA", seed=0))
         value = float(res.eigenvalues[0])
         rows.append(["hessian-eigenthings lanczos(k=1, max_iter=20)", f"{t:.1f}", res.iterations, f"{value:.6f}", f"{abs(value - ref) / ref:.1e}"])
-    table(f"top Hessian eigenvalue (reference {ref:.8f}: float64 Lanczos, tol 1e-10)", ["method", "time_s", "hvps", "value", "rel_err"], rows)
+    table(f"top Hessian eigenvalue (reference {ref:.8f}: float64 Lanczos, tol 1e-10)", ["method", "cpu_s", "hvps", "value", "rel_err"], rows)
     if "pyhessian" not in times:
         return math.nan
     # the fastest fedland run at equal or better accuracy than PyHessian's
@@ -126,9 +129,11 @@ def bench_trace(model: nn.Module, loss_fn: nn.Module, batches: list) -> float:
     rows.append(["fedland hutch++ (smallest budget reaching that SE)", result.num_hvps, f"{t:.1f}", f"{result.estimate:.2f}", f"{result.std_error:.2f}"])
     same, t_same = timed(lambda: hessian_trace(model, loss_fn, batches, method="hutchinson", num_hvps=samples.size, seed=0))
     rows.append(["fedland hutchinson (PyHessian's product count)", same.num_hvps, f"{t_same:.1f}", f"{same.estimate:.2f}", f"{same.std_error:.2f}"])
-    table("Hessian trace", ["method", "hvps", "time_s", "estimate", "std_error"], rows)
-    ratio = samples.size / needed if needed else math.nan
-    print(f"products to reach PyHessian's standard error: {samples.size} vs {needed} -> {ratio:.1f}x fewer (target >= {TARGETS['trace_product_ratio']:.0f}x)")
+    table("Hessian trace", ["method", "hvps", "cpu_s", "estimate", "std_error"], rows)
+    best = min(t if needed else math.inf, t_same if same.std_error <= target else math.inf)
+    ratio = t_peer / best
+    print(f"CPU time to PyHessian's standard error: {t_peer:.1f} s vs {best:.1f} s -> {ratio:.2f}x "
+          f"(products {samples.size} vs {needed}; target >= {TARGETS['trace_speedup']:.0f}x)")
     return ratio
 
 
@@ -175,7 +180,7 @@ def bench_slice(model: nn.Module, loss_fn: nn.Module, batches: list, points: int
         plane, t = timed(lambda: landscapes.random_plane(own, metric, distance=1, steps=points, normalization="filter", deepcopy_model=True))
         times["loss-landscapes"] = t
         rows.append(["loss-landscapes random_plane (filter)", f"{t:.1f}", f"{1e3 * t / points**2:.0f}", f"{np.min(plane):.4f}"])
-    table(f"{points}x{points} filter-normalised 2-D slice", ["method", "time_s", "ms_per_point", "min_loss"], rows)
+    table(f"{points}x{points} filter-normalised 2-D slice", ["method", "cpu_s", "ms_per_point", "min_loss"], rows)
     for other in ("plain", "loss-landscapes"):
         if other in times:
             print(f"speed-up vs {other}: {times[other] / times['ours']:.2f}x")
@@ -225,8 +230,8 @@ def main() -> None:
     print("\n## targets")
     for label, value, key in (
         ("top eigenvalue faster than PyHessian at equal or better accuracy (>= 3x)", eig, "eig_speedup"),
-        ("Hutch++ fewer products than PyHessian to its standard error (>= 2x)", trace, "trace_product_ratio"),
-        ("2-D slice faster than the plain loop (>= 2x)", slice_, "slice_speedup"),
+        ("trace: CPU time to PyHessian's standard error, PyHessian / fedland (>= 2x)", trace, "trace_speedup"),
+        ("2-D slice: plain no_grad loop / fedland CPU time (>= 1x)", slice_, "slice_speedup"),
     ):
         verdict = "skipped" if math.isnan(value) else f"{value:.2f}x -> {'met' if value >= TARGETS[key] else 'NOT met'}"
         print(f"{label}: {verdict}")

@@ -44,10 +44,10 @@ def test_fedcnn_fifth_eigenvalue_is_not_missed(data_dir: str) -> None:
     from fedland.hessian import operator_top_eigenvalues
 
     result = operator_top_eigenvalues(op, 5, tol=1e-2, max_iter=60, seed=0)
-    reference = operator_top_eigenvalues(op, 6, tol=1e-6, max_iter=120, seed=1)
+    reference = operator_top_eigenvalues(op, 6, tol=1e-4, max_iter=100, seed=1)  # float32: ~4e-5 is the floor
     assert result.converged and reference.converged
     np.testing.assert_allclose(result.values, reference.values[:5], rtol=1e-2)
-    assert reference.values[4] - reference.values[5] > 0.1  # the 5th and 6th are distinct
+    assert reference.values[4] - reference.values[5] > 0.1  # the 5th (5.056) and 6th (4.839) are distinct
 
 
 def test_restart_check_finds_an_eigenvector_the_start_cannot_see() -> None:
