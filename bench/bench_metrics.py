@@ -130,7 +130,8 @@ def bench_trace(model: nn.Module, loss_fn: nn.Module, batches: list) -> float:
     same, t_same = timed(lambda: hessian_trace(model, loss_fn, batches, method="hutchinson", num_hvps=samples.size, seed=0))
     rows.append(["fedland hutchinson (PyHessian's product count)", same.num_hvps, f"{t_same:.1f}", f"{same.estimate:.2f}", f"{same.std_error:.2f}"])
     table("Hessian trace", ["method", "hvps", "cpu_s", "estimate", "std_error"], rows)
-    best = min(t if needed else math.inf, t_same if same.std_error <= target else math.inf)
+    reached = target * (1 + 1e-9)  # the same draws give the same error up to rounding
+    best = min(t if needed else math.inf, t_same if same.std_error <= reached else math.inf)
     ratio = t_peer / best
     print(f"CPU time to PyHessian's standard error: {t_peer:.1f} s vs {best:.1f} s -> {ratio:.2f}x "
           f"(products {samples.size} vs {needed}; target >= {TARGETS['trace_speedup']:.0f}x)")
