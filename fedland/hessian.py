@@ -12,19 +12,38 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from fedland import _krylov
-from fedland._objective import Batch, LossFn, Objective, preserved
+from fedland._objective import Batch, LossFn, Objective, check_finite, preserved
 
 logger = logging.getLogger(__name__)
 
 #: Up to this many samples, the gradient graph is built once and reused by every product.
 RETAIN_GRAPH_MAX_SAMPLES = 4096
+
+
+class CurvatureOperator(Protocol):
+    """What the Krylov, trace and density routines need of a symmetric curvature matrix.
+
+    :class:`HessianOperator`, ``fedland.curvature.GGNOperator``,
+    ``fedland.curvature.FisherOperator`` and ``fedland.curvature.SubsetOperator``
+    all satisfy it.
+    """
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def params(self) -> Tensor: ...
+
+    num_hvps: int
+
+    def matvec(self, vector: Tensor) -> Tensor: ...
 
 
 class HessianOperator:
@@ -92,6 +111,7 @@ class HessianOperator:
             for leaf, grad in self._gradient_graphs():
                 (hv,) = torch.autograd.grad(grad, leaf, grad_outputs=v, retain_graph=self._retain)
                 out += hv
+        check_finite(out, "Hessian-vector product")
         return out
 
     __call__ = matvec
@@ -120,7 +140,9 @@ class HessianOperator:
         for group in self._objective.groups:
             leaf = self._objective.theta.clone().requires_grad_(True)
             loss, correct = self._objective.group_loss(leaf, group)
+            check_finite(float(loss.detach()))
             (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+            check_finite(grad.detach(), "gradient of the loss")
             loss_sum += float(loss.detach())
             correct_sum = None if correct is None or correct_sum is None else correct_sum + correct
             grad_sum += grad.detach()
@@ -178,6 +200,7 @@ def top_eigenvalues(
     max_iter: int = 100,
     seed: int = 0,
     chunk_size: int | None = None,
+    check_steps: int = 0,
 ) -> EigenResult:
     """The ``k`` largest eigenvalues of the Hessian of the dataset-mean loss.
 
@@ -185,17 +208,41 @@ def top_eigenvalues(
         k: how many eigenvalues.
         method: ``"lanczos"`` (full reorthogonalization; algebraically largest) or
             ``"power"`` (power iteration with deflation; largest in magnitude).
-        tol: relative residual tolerance. Lanczos stops when every wanted Ritz pair
-            has ``|beta_m s_{m,i}| <= tol * |theta_i|``; power iteration when
-            ``||H q - theta q|| <= tol * |theta|``. The eigenvalue error is
-            typically far smaller (about residual^2 / spectral gap).
-        max_iter: cap on products (Lanczos, in total) or per eigenvalue (power).
-        seed: seeds the starting vectors.
+        tol: relative residual tolerance. Lanczos accepts when every wanted Ritz pair
+            has ``||H x_i - theta_i x_i|| <= tol * max(|theta_i|, 0.01 max|theta|)``
+            and the next Ritz value, even raised by its residual, cannot overtake
+            the k-th (or has converged too); see ``fedland._krylov.lanczos_top``.
+            Power iteration stops when ``||H q - theta q|| <= tol * |theta|``.
+        max_iter: cap on products (Lanczos, in total; must be >= k) or per eigenvalue (power).
+        seed: seeds the starting vectors. The Lanczos start is the normalised
+            gradient plus a normalised Gaussian vector (the gradient comes free
+            with the products' graph and lies mostly in the top eigenspace).
         chunk_size: samples per forward call; None chooses it from the model's activation size.
+        check_steps: Lanczos only: products of an optional restart check, a second
+            Krylov sequence from a fresh random vector orthogonal to the first, run
+            once the first is accepted (0, the default, skips it).
 
     Returns:
-        An :class:`EigenResult`; ``converged`` is False if the cap was hit first.
+        An :class:`EigenResult`. What ``converged=True`` guarantees: each value
+        ``theta_i`` is within its residual ``r_i`` of an eigenvalue of the Hessian
+        (symmetric matrices: ``|theta_i - lambda| <= r_i``, and
+        ``<= r_i^2 / gap`` given the gap to the rest of the spectrum), and, for
+        Lanczos, no unconverged Ritz value of the Krylov space could still rise
+        past ``theta_k`` (plus, with ``check_steps``, the same held after a second
+        sequence from an independent random vector). That the values are the *k
+        largest* is then very likely but not certain: an eigenvalue whose
+        eigenvector the random start(s) barely touch can still be missed; no
+        matrix-free method can exclude it. ``converged`` is False if the cap was hit first.
     """
+    _check_eigen_arguments(k, method, tol, max_iter, check_steps)
+    with preserved(model):
+        op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size)
+        return operator_top_eigenvalues(
+            op, k, method=method, tol=tol, max_iter=max_iter, seed=seed, check_steps=check_steps
+        )
+
+
+def _check_eigen_arguments(k: int, method: str, tol: float, max_iter: int, check_steps: int) -> None:
     if k < 1:
         raise ValueError("k: must be >= 1")
     if tol <= 0:
@@ -204,31 +251,57 @@ def top_eigenvalues(
         raise ValueError("max_iter: must be >= 1")
     if method not in ("lanczos", "power"):
         raise ValueError("method: must be 'lanczos' or 'power'")
-    with preserved(model):
-        op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size)
-        return operator_top_eigenvalues(op, k, method=method, tol=tol, max_iter=max_iter, seed=seed)
+    if method == "lanczos" and max_iter < k:
+        raise ValueError(f"max_iter: must be >= k ({k}): Lanczos spends at least one product per eigenvalue")
+    if check_steps < 0:
+        raise ValueError("check_steps: must be >= 0")
 
 
 def operator_top_eigenvalues(
-    op: HessianOperator,
+    op: CurvatureOperator,
     k: int,
     *,
     method: Literal["lanczos", "power"] = "lanczos",
     tol: float = 1e-5,
     max_iter: int = 100,
     seed: int = 0,
+    check_steps: int = 0,
 ) -> EigenResult:
     """:func:`top_eigenvalues` on an existing operator (shared with other metrics of the same model and data)."""
+    _check_eigen_arguments(k, method, tol, max_iter, check_steps)
     if k > op.dim:
         raise ValueError(f"k: must be <= the number of parameters ({op.dim})")
     used = op.num_hvps
     generator = torch.Generator().manual_seed(seed)
     start = torch.randn(op.dim, generator=generator, dtype=op.params.dtype).to(op.params.device)
-    algorithm = _krylov.lanczos_top if method == "lanczos" else _krylov.power_top
-    ritz = algorithm(op.matvec, start, k, tol=tol, max_iter=max_iter, generator=generator)
+    if isinstance(op, HessianOperator):
+        start = _gradient_start(op, start)
+    if method == "lanczos":
+        ritz = _krylov.lanczos_top(
+            op.matvec, start, k, tol=tol, max_iter=max_iter, generator=generator, check_steps=check_steps
+        )
+    else:
+        ritz = _krylov.power_top(op.matvec, start, k, tol=tol, max_iter=max_iter, generator=generator)
     if not ritz.converged:
         logger.warning("top_eigenvalues: not converged after %d products (tol=%g)", op.num_hvps - used, tol)
     return EigenResult(ritz.values, ritz.vectors, ritz.residuals, op.num_hvps - used, ritz.converged)
+
+
+def _gradient_start(op: HessianOperator, random: Tensor) -> Tensor:
+    """``g / ||g|| + z / ||z||``: the gradient (free from the products' graph) plus the random start.
+
+    The gradient of a trained network lies mostly in the top eigenspace of its
+    Hessian (Gur-Ari et al. 2018, "Gradient descent happens in a tiny
+    subspace"), so Lanczos from it resolves the top eigenvalues in fewer
+    products (FedCNN on 500 MNIST images: 1e-4 relative error after 4 products
+    instead of 6). The random half keeps every eigenvector as visible as from
+    a random start, so no eigenvalue is easier to miss. A zero gradient leaves the random start.
+    """
+    grad = op.value_and_gradient()[2]
+    norm = float(grad.norm())
+    if norm == 0.0:
+        return random
+    return grad / norm + random / random.norm()
 
 
 @dataclass(frozen=True)
@@ -279,7 +352,7 @@ def hessian_trace(
 
 
 def operator_trace(
-    op: HessianOperator,
+    op: CurvatureOperator,
     *,
     method: Literal["hutch++", "hutchinson"] = "hutch++",
     num_hvps: int = 60,
@@ -340,6 +413,23 @@ def spectral_density(
         seed: seeds the probes.
         chunk_size: samples per forward call; None chooses it from the model's activation size.
     """
+    with preserved(model):
+        op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size)
+        return operator_spectral_density(
+            op, num_probes=num_probes, lanczos_steps=lanczos_steps, grid_points=grid_points, sigma=sigma, seed=seed
+        )
+
+
+def operator_spectral_density(
+    op: CurvatureOperator,
+    *,
+    num_probes: int = 4,
+    lanczos_steps: int = 80,
+    grid_points: int = 1000,
+    sigma: float | None = None,
+    seed: int = 0,
+) -> SpectralDensity:
+    """:func:`spectral_density` of an existing operator (the Hessian, a GGN, a Fisher, a parameter subset)."""
     if num_probes < 1:
         raise ValueError("num_probes: must be >= 1")
     if lanczos_steps < 1:
@@ -348,13 +438,12 @@ def spectral_density(
         raise ValueError("grid_points: must be >= 2")
     if sigma is not None and sigma <= 0:
         raise ValueError("sigma: must be > 0")
-    with preserved(model):
-        op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size)
-        generator = torch.Generator().manual_seed(seed)
-        nodes, weights, products = _krylov.slq_nodes(op.matvec, op.dim, lanczos_steps, num_probes, generator, op.params)
+    used = op.num_hvps
+    generator = torch.Generator().manual_seed(seed)
+    nodes, weights, _ = _krylov.slq_nodes(op.matvec, op.dim, lanczos_steps, num_probes, generator, op.params)
     span = float(nodes.max() - nodes.min())
     width = sigma if sigma is not None else max(0.01 * span, 1e-12 * max(abs(nodes).max(), 1.0))
     grid = np.linspace(nodes.min() - 5 * width, nodes.max() + 5 * width, grid_points)
     density = weights @ np.exp(-0.5 * ((nodes[:, None] - grid[None, :]) / width) ** 2)  # (grid_points,)
     density /= np.trapezoid(density, grid)
-    return SpectralDensity(nodes, weights, grid, density, width, products)
+    return SpectralDensity(nodes, weights, grid, density, width, op.num_hvps - used)

@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedland._objective import NonFiniteLossError, auto_chunk_size, materialize, preserved
+from fedland.curvature import Curvature, flatness_gap
 from fedland.directions import model_direction
 from fedland.generalization import generalization_gap, pac_bayes_flatness, weight_norms, zero_one_error
-from fedland._objective import auto_chunk_size, materialize, preserved
 from fedland.hessian import HessianOperator, operator_top_eigenvalues, operator_trace
 from fedland.scalars import cosine_similarity, distance
-from fedland.slices import interpolate, loss_slice_2d
+from fedland.slices import Interpolation, centered_grid, interpolate, loss_slice_2d
+from fedland.slices import pairwise_barriers as barrier_matrix
 from fedland.spec import LandscapeSpec
 
 __all__ = [
@@ -34,11 +36,13 @@ __all__ = [
     "EIGEN_TOL",
     "finite_or_none",
     "gap_document",
+    "flatness_gap_document",
     "landscape_subset",
     "mean_loss",
     "measure_client_round",
     "measure_generalization",
     "measure_model",
+    "pairwise_barriers",
     "pca_surface",
 ]
 
@@ -100,8 +104,20 @@ def measure_model(
     Returns:
         ``{"loss", "accuracy", "grad_norm", "top_eigenvalues": [top_k], "trace",
         "trace_stderr", "sharpness", "generalization"}``; ``generalization`` is
-        ``measure_generalization``'s document.
+        ``measure_generalization``'s document. Every value None (and a warning
+        logged) when the loss or its gradient is not finite at the model.
     """
+    try:
+        return _measure_model(model, loss_fn, batches, lspec, seed)
+    except NonFiniteLossError as error:
+        log.warning("measure_model: %s; stored as None", error)
+        keys = ("loss", "accuracy", "grad_norm", "trace", "trace_stderr", "sharpness")
+        return {**{k: None for k in keys}, "top_eigenvalues": [None] * lspec.top_k, "generalization": None}
+
+
+def _measure_model(
+    model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], lspec: LandscapeSpec, seed: int
+) -> dict[str, Any]:
     with preserved(model):
         op = HessianOperator(model, loss_fn, batches)
         loss, accuracy, grad = op.value_and_gradient()
@@ -199,7 +215,7 @@ def measure_client_round(
     data = materialize(batches)
     alphas = np.linspace(0.0, 1.0, lspec.interpolation_points)
     chunk = auto_chunk_size(global_model, data[0][0])
-    path = interpolate(global_model, local_model, loss_fn, data, alphas, chunk_size=chunk)
+    path = _interpolation_or_none(global_model, local_model, loss_fn, data, alphas, chunk)
     update = model_direction(global_model, local_model)
     previous: float | None = None
     if previous_global_weights is not None:
@@ -211,15 +227,101 @@ def measure_client_round(
         "global": measure_model(global_model, loss_fn, data, lspec, seed),
         "local": measure_model(local_model, loss_fn, data, lspec, seed),
         "interpolation": {
-            "alphas": [float(a) for a in path.alphas],
-            "losses": [finite_or_none(v) for v in path.losses],
-            "barrier": finite_or_none(path.barrier),
+            "alphas": [float(a) for a in alphas],
+            "losses": [None] * len(alphas) if path is None else [finite_or_none(v) for v in path.losses],
+            "barrier": None if path is None else finite_or_none(path.barrier),
         },
         "update": {
             "distance": finite_or_none(distance(local_model, global_model)),
             "cosine_to_previous_update": previous,
         },
         "duration_s": time.perf_counter() - started,
+    }
+
+
+def _interpolation_or_none(
+    a: nn.Module, b: nn.Module, loss_fn: LossFn, data: list[Batch], alphas: np.ndarray, chunk: int
+) -> Interpolation | None:
+    """The path from ``a`` to ``b``, or None (logged) when either end has a non-finite loss."""
+    try:
+        return interpolate(a, b, loss_fn, data, alphas, chunk_size=chunk)
+    except NonFiniteLossError as error:
+        log.warning("interpolation: %s; stored as None", error)
+        return None
+
+
+def pairwise_barriers(
+    models: Sequence[nn.Module],
+    batches: Iterable[Batch],
+    alphas: Sequence[float] | np.ndarray,
+    *,
+    loss_fn: LossFn = F.cross_entropy,
+) -> dict[str, Any]:
+    """The round's matrix of interpolation barriers between every pair of client models.
+
+    ``fedland.slices.pairwise_barriers`` on one fixed batch set (e.g. the
+    server's held-out batch), as strict JSON.
+
+    Args:
+        models: the clients' trained models, in client order; not modified.
+        batches: the data every path is measured on.
+        alphas: path positions containing 0 and 1.
+        loss_fn: mean-reduced loss; cross-entropy by default.
+
+    Returns:
+        ``{"alphas": [n], "barriers": [[m] * m], "losses": [[[n] * m] * m]}``:
+        ``barriers[i][j]`` the barrier between clients ``i`` and ``j`` (0 on the
+        diagonal, None where a path's loss is not finite), ``losses[i][j]`` the raw
+        curve from ``min(i, j)`` to ``max(i, j)``.
+    """
+    data = materialize(batches)
+    grid = np.asarray(alphas, dtype=np.float64)
+    chunk = auto_chunk_size(models[0], data[0][0]) if models else 1
+    try:
+        result = barrier_matrix(models, loss_fn, data, grid, chunk_size=chunk)
+    except NonFiniteLossError as error:
+        log.warning("pairwise_barriers: %s; stored as None", error)
+        m = len(models)
+        return {"alphas": grid.tolist(), "barriers": [[None] * m for _ in range(m)],
+                "losses": [[[None] * len(grid) for _ in range(m)] for _ in range(m)]}
+    return {
+        "alphas": [float(a) for a in result.alphas],
+        "barriers": [[finite_or_none(v) for v in row] for row in result.barriers],
+        "losses": [[[finite_or_none(v) for v in curve] for curve in row] for row in result.losses],
+    }
+
+
+def flatness_gap_document(
+    global_model: nn.Module,
+    local_models: Sequence[nn.Module],
+    client_batches: Sequence[Iterable[Batch]],
+    seed: int,
+    *,
+    curvature: Curvature = "hessian",
+    loss_fn: LossFn = F.cross_entropy,
+) -> dict[str, Any]:
+    """The round's local-vs-global flatness gap (``fedland.curvature.flatness_gap``) as strict JSON.
+
+    Top eigenvalues use ``tol=EIGEN_TOL``, ``max_iter=EIGEN_MAX_ITER`` and ``seed``.
+
+    Returns:
+        ``{"curvature", "local": [m], "global", "gaps": [m], "mean_gap"}``; all None
+        (logged) when a loss is not finite.
+    """
+    datasets = [materialize(b) for b in client_batches]
+    try:
+        gap = flatness_gap(global_model, local_models, loss_fn, datasets, curvature=curvature,
+                           tol=EIGEN_TOL, max_iter=EIGEN_MAX_ITER, seed=seed)
+    except NonFiniteLossError as error:
+        log.warning("flatness_gap: %s; stored as None", error)
+        m = len(local_models)
+        return {"curvature": curvature, "local": [None] * m, "global": None, "gaps": [None] * m, "mean_gap": None}
+    return {
+        "curvature": curvature,
+        "local": [finite_or_none(v) for v in gap.local],
+        "global": finite_or_none(gap.global_value),
+        "gaps": [finite_or_none(v) for v in gap.gaps],
+        "mean_gap": finite_or_none(gap.mean_gap),
     }
 
 
@@ -287,15 +389,21 @@ def pca_surface(
         ratio = [float(singular[0] ** 2) / total, 0.0]
     directions = (_unflat(scale * v1, center_model, names), _unflat(scale * v2, center_model, names))
     data = materialize(batches)
-    surface = loss_slice_2d(
-        center_model, loss_fn, data, directions, radius=radius, num_points=grid_points,
-        chunk_size=auto_chunk_size(center_model, data[0][0]),
-    )
+    try:
+        surface = loss_slice_2d(
+            center_model, loss_fn, data, directions, radius=radius, num_points=grid_points,
+            chunk_size=auto_chunk_size(center_model, data[0][0]),
+        )
+        xs, ys, losses = surface.xs, surface.ys, surface.losses.T  # (len(y), len(x))
+    except NonFiniteLossError as error:
+        log.warning("pca_surface: %s; losses stored as None", error)
+        xs = ys = centered_grid(radius, grid_points)
+        losses = np.full((grid_points, grid_points), np.nan)
     coords = offsets @ torch.stack([v1, v2]).T / scale  # (clients, 2)
     return {
-        "x": [float(v) for v in surface.xs],
-        "y": [float(v) for v in surface.ys],
-        "losses": [[finite_or_none(v) for v in row] for row in surface.losses.T],  # (len(y), len(x))
+        "x": [float(v) for v in xs],
+        "y": [float(v) for v in ys],
+        "losses": [[finite_or_none(v) for v in row] for row in losses],
         "explained_variance_ratio": ratio,
         "client_points": [
             {"client_index": i, "x": float(coords[i, 0]), "y": float(coords[i, 1])} for i in range(len(client_models))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedland._objective import DEFAULT_CHUNK_SIZE, Batch, LossFn, Objective, preserved
+from fedland._objective import DEFAULT_CHUNK_SIZE, Batch, LossFn, Objective, check_finite, preserved
 from fedland.directions import Norm, random_direction
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,12 @@ class Interpolation:
         alphas: ``(n,)`` path positions (include 0 and 1).
         losses: ``(n,)`` mean loss at each position.
         accuracies: ``(n,)`` or None when outputs are not class scores.
-        barrier: ``max_alpha loss(alpha) - [(1 - alpha) loss(0) + alpha loss(1)]``.
+        barrier: ``max_alpha loss(alpha) - [(1 - alpha) loss(0) + alpha loss(1)]`` over
+            the grid: the height of the loss above the straight line between the
+            endpoint losses (the linear-mode-connectivity barrier of Frankle et al.
+            2020, with the linear baseline of Entezari et al. 2022). Both endpoints
+            are on the grid, where the difference is 0, so it is >= 0: exactly 0 when
+            the curve never rises above the chord (e.g. a convex path).
     """
 
     alphas: np.ndarray
@@ -111,7 +116,7 @@ def loss_slice_1d(
         if direction is None:
             direction = random_direction(model, seed=seed, norm=norm)
         d = objective.flatten(direction)
-        results = [objective.evaluate(objective.theta + float(a) * d) for a in alphas]
+        results = _centre_first([objective.theta + float(a) * d for a in alphas], num_points // 2, objective)
     losses, accuracies = _unzip(results)
     return Slice1D(alphas, losses, accuracies)
 
@@ -151,10 +156,14 @@ def loss_slice_2d(
             raise ValueError("directions: must be a pair")
         d1 = objective.flatten(directions[0], "directions[0]")
         d2 = objective.flatten(directions[1], "directions[1]")
+        centre = objective.evaluate(objective.theta)
+        check_finite(centre[0])
         results: list[tuple[float, float | None]] = []
         for i, x in enumerate(coords):
             row = objective.theta + float(x) * d1
-            results.extend(objective.evaluate(row + float(y) * d2) for y in coords)
+            results.extend(
+                centre if x == 0.0 and y == 0.0 else objective.evaluate(row + float(y) * d2) for y in coords
+            )
             logger.info("loss_slice_2d: row %d/%d", i + 1, num_points)
     losses, accuracies = _unzip(results)
     shape = (num_points, num_points)
@@ -191,17 +200,81 @@ def interpolate(
         for n, b in buffers_a.items():
             if n not in buffers_b or buffers_b[n].shape != b.shape:
                 raise ValueError(f"model_b: buffer {n!r} missing or of another shape")
-        results = []
-        for alpha in grid:
-            a = float(alpha)
+        order = [int(np.flatnonzero(grid == 0.0)[0]), int(np.flatnonzero(grid == 1.0)[0])]
+        order += [i for i in range(len(grid)) if i not in order]
+        by_index: dict[int, tuple[float, float | None]] = {}
+        for i in order:
+            a = float(grid[i])
             theta = (1.0 - a) * objective.theta + a * theta_b
             buffers = {n: (1.0 - a) * b + a * buffers_b[n].to(b.dtype) for n, b in buffers_a.items()}
-            results.append(objective.evaluate(theta, buffers))
+            by_index[i] = objective.evaluate(theta, buffers)
+            if i in order[:2]:
+                check_finite(by_index[i][0])
+        results = [by_index[i] for i in range(len(grid))]
     losses, accuracies = _unzip(results)
     loss_0 = losses[np.flatnonzero(grid == 0.0)[0]]
     loss_1 = losses[np.flatnonzero(grid == 1.0)[0]]
     barrier = float(np.max(losses - ((1.0 - grid) * loss_0 + grid * loss_1)))
     return Interpolation(grid, losses, accuracies, barrier)
+
+
+@dataclass(frozen=True)
+class PairwiseBarriers:
+    """Interpolation barriers between every pair of models.
+
+    Attributes:
+        alphas: ``(n,)`` path positions.
+        barriers: ``(m, m)`` symmetric, zero diagonal; ``barriers[i, j]`` is the
+            :class:`Interpolation` barrier of the path from model ``i`` to model ``j``.
+        losses: ``(m, m, n)``; ``losses[i, j] = losses[j, i]`` is the raw loss curve
+            from model ``min(i, j)`` (alpha 0) to model ``max(i, j)`` (alpha 1); the
+            diagonal holds each model's own loss at every alpha.
+    """
+
+    alphas: np.ndarray
+    barriers: np.ndarray
+    losses: np.ndarray
+
+
+def pairwise_barriers(
+    models: Sequence[nn.Module],
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    alphas: Sequence[float] | np.ndarray | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> PairwiseBarriers:
+    """The matrix of linear-interpolation barriers between every pair of models on the same data.
+
+    Runs :func:`interpolate` once per unordered pair ``i < j`` (``m (m - 1) / 2``
+    paths); the barrier is symmetric because the straight line and the path are.
+
+    Args:
+        models: two or more models of one architecture; not modified.
+        alphas: path positions containing 0 and 1; default ``np.linspace(0, 1, 11)``.
+    """
+    if len(models) < 2:
+        raise ValueError("models: must hold at least two models")
+    batches = list(data)
+    grid = np.linspace(0.0, 1.0, 11) if alphas is None else np.asarray(alphas, dtype=np.float64)
+    m = len(models)
+    barriers = np.zeros((m, m))
+    losses = np.zeros((m, m, grid.shape[0]))
+    for i in range(m):
+        for j in range(i + 1, m):
+            path = interpolate(models[i], models[j], loss_fn, batches, grid, chunk_size=chunk_size)
+            barriers[i, j] = barriers[j, i] = path.barrier
+            losses[i, j] = losses[j, i] = path.losses
+            losses[i, i] = path.losses[grid == 0.0][0]
+            losses[j, j] = path.losses[grid == 1.0][0]
+    return PairwiseBarriers(grid, barriers, losses)
+
+
+def _centre_first(points: list[Tensor], centre: int, objective: Objective) -> list[tuple[float, float | None]]:
+    """Evaluate every point, the model itself (``points[centre]``) first: a non-finite loss there is an error."""
+    first = objective.evaluate(points[centre])
+    check_finite(first[0])
+    return [first if i == centre else objective.evaluate(p) for i, p in enumerate(points)]
 
 
 def _unzip(results: list[tuple[float, float | None]]) -> tuple[np.ndarray, np.ndarray | None]:

@@ -155,3 +155,44 @@ def quadratic(eigenvalues: Tensor, seed: int = 0) -> tuple[nn.Module, object, Ba
     model = _Point(torch.randn(n, generator=gen, dtype=torch.float64))
     data = [(torch.zeros(3, 1, dtype=torch.float64), torch.zeros(3)), (torch.zeros(2, 1, dtype=torch.float64), torch.zeros(2))]
     return model, loss_fn, data, a
+
+
+def _flat_function(model: nn.Module) -> tuple[object, Tensor]:
+    """``theta -> model`` as a function of the flat trainable parameters (eval-mode copy), and theta."""
+    ref = copy.deepcopy(model).eval()
+    named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    names, shapes = [n for n, _ in named], [p.shape for _, p in named]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def call(flat: Tensor, x: Tensor) -> Tensor:
+        params = {n: t.view(s) for n, t, s in zip(names, flat.split([s.numel() for s in shapes]), shapes)}
+        return torch.func.functional_call(ref, params, (x,))
+
+    return call, theta
+
+
+def dense_ggn(model: nn.Module, loss_fn: nn.Module, data: Batches) -> Tensor:
+    """``J^T H_z J`` of the mean loss, with dense Jacobians and output Hessian (torch.autograd.functional)."""
+    call, theta = _flat_function(model)
+    total = sum(len(y) for _, y in data)
+    x = torch.cat([x for x, _ in data])
+    outputs = call(theta, x).detach()  # (N, C)
+    sizes = [len(y) for _, y in data]
+
+    def loss_of_outputs(z: Tensor) -> Tensor:
+        return sum(loss_fn(o, y) * len(y) for o, (_, y) in zip(z.split(sizes), data)) / total
+
+    jac = torch.autograd.functional.jacobian(lambda t: call(t, x), theta).reshape(-1, theta.numel())  # (N*C, dim)
+    h_z = torch.autograd.functional.hessian(loss_of_outputs, outputs).reshape(outputs.numel(), outputs.numel())
+    return jac.T @ h_z @ jac
+
+
+def dense_fisher(model: nn.Module, loss_fn: nn.Module, data: Batches) -> Tensor:
+    """``(1/N) sum_i g_i g_i^T`` from per-example gradients computed one by one."""
+    call, theta = _flat_function(model)
+    grads = []
+    for x, y in data:
+        for i in range(len(y)):
+            grads.append(torch.autograd.functional.jacobian(lambda t: loss_fn(call(t, x[i : i + 1]), y[i : i + 1]), theta))
+    g = torch.stack(grads)  # (N, dim)
+    return g.T @ g / g.shape[0]

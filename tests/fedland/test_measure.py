@@ -185,3 +185,52 @@ def test_pca_surface_refuses_zero_updates() -> None:
         pca_surface(center, [copy.deepcopy(center)], LOSS, DATA, 3, 1.0)
     with pytest.raises(ValueError, match="^client_models:"):
         pca_surface(center, [], LOSS, DATA, 3, 1.0)
+
+
+def test_pairwise_barriers_document_is_the_slices_matrix_as_json() -> None:
+    import json
+
+    from fedland.measure import pairwise_barriers
+    from fedland.slices import pairwise_barriers as matrix
+
+    permuted = tiny_mlp(0)  # the same function, hidden units in another order: a barrier between the two
+    with torch.no_grad():
+        order = torch.tensor([5, 4, 3, 2, 1, 0])
+        permuted[0].weight.copy_(permuted[0].weight[order])
+        permuted[0].bias.copy_(permuted[0].bias[order])
+        permuted[2].weight.copy_(permuted[2].weight[:, order])
+    models = [tiny_mlp(0), permuted, tiny_mlp(1)]
+    before = [snapshot(m) for m in models]
+    doc = pairwise_barriers(models, DATA, np.linspace(0, 1, 5), loss_fn=LOSS)
+    for m, b in zip(models, before):
+        assert_unchanged(m, b)
+    expected = matrix(models, LOSS, DATA, np.linspace(0, 1, 5))
+    np.testing.assert_allclose(np.array(doc["barriers"]), expected.barriers, rtol=1e-12)
+    np.testing.assert_allclose(np.array(doc["losses"]), expected.losses, rtol=1e-12)
+    assert min(min(row) for row in doc["barriers"]) >= 0.0 and doc["losses"][0][0][2] == doc["losses"][0][1][0]
+    assert doc["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    json.dumps(doc, allow_nan=False)
+
+
+def test_flatness_gap_document_against_dense_hessians() -> None:
+    from fedland.measure import flatness_gap_document
+
+    global_model, locals_ = tiny_mlp(0), [tiny_mlp(1), tiny_mlp(2)]
+    clients = [make_data((4,), [12], seed=1), make_data((4,), [9], seed=2)]
+    doc = flatness_gap_document(global_model, locals_, clients, seed=0, loss_fn=LOSS)
+    local = [float(torch.linalg.eigvalsh(dense_hessian(m, LOSS, d))[-1]) for m, d in zip(locals_, clients)]
+    glob = float(torch.linalg.eigvalsh(dense_hessian(global_model, LOSS, clients[0] + clients[1]))[-1])
+    assert doc["curvature"] == "hessian"
+    assert doc["local"] == pytest.approx(local, rel=EIGEN_TOL) and doc["global"] == pytest.approx(glob, rel=EIGEN_TOL)
+    assert doc["mean_gap"] == pytest.approx((12 * local[0] + 9 * local[1]) / 21 - glob, rel=0.05)
+
+
+def test_a_model_with_a_nan_loss_is_stored_as_none() -> None:
+    model = tiny_mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    doc = measure_model(model, LOSS, DATA, LSPEC, seed=0)
+    assert doc["loss"] is None and doc["top_eigenvalues"] == [None, None, None] and doc["trace"] is None
+    round_doc = measure_client_round(tiny_mlp(1), model, None, DATA, LSPEC, 0, loss_fn=LOSS)
+    assert round_doc["interpolation"]["barrier"] is None and round_doc["local"]["loss"] is None
+    assert round_doc["global"]["loss"] is not None

@@ -126,3 +126,38 @@ def test_bad_input_raises_value_error() -> None:
         loss_slice_1d(model, LOSS, data, {"0.weight": torch.zeros(6, 4, dtype=torch.float64)})
     with pytest.raises(ValueError, match="num_points"):
         loss_slice_2d(model, LOSS, data, num_points=4)
+
+
+def test_pairwise_barriers_match_each_interpolation() -> None:
+    from fedland.slices import pairwise_barriers
+
+    models = [tiny_cnn(s) for s in range(3)]
+    data = make_data((1, 6, 6), [8, 5])
+    before = [snapshot(m) for m in models]
+    result = pairwise_barriers(models, LOSS, data, np.linspace(0, 1, 7))
+    for m, b in zip(models, before):
+        assert_unchanged(m, b)
+    assert result.barriers.shape == (3, 3) and result.losses.shape == (3, 3, 7)
+    assert np.array_equal(result.barriers, result.barriers.T) and np.all(np.diag(result.barriers) == 0)
+    for i in range(3):
+        assert result.losses[i, i] == pytest.approx(plain_loss(models[i], LOSS, data), rel=1e-12)
+        for j in range(i + 1, 3):
+            path = interpolate(models[i], models[j], LOSS, data, np.linspace(0, 1, 7))
+            assert result.barriers[i, j] == path.barrier
+            assert np.array_equal(result.losses[i, j], path.losses)
+    with pytest.raises(ValueError, match="models"):
+        pairwise_barriers(models[:1], LOSS, data)
+
+
+def test_barrier_is_the_height_above_the_chord() -> None:
+    """Frankle et al. 2020's barrier with a linear baseline: 0 for a curve below the chord, the bump otherwise."""
+    a, b = tiny_mlp(0), tiny_mlp(0)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(0.0)  # the straight line from a to the all-zero model
+    data = make_data((4,), [9])
+    path = interpolate(a, b, LOSS, data, np.linspace(0, 1, 21))
+    chord = (1 - path.alphas) * path.losses[0] + path.alphas * path.losses[-1]
+    excess = path.losses - chord
+    assert path.barrier == pytest.approx(max(float(excess.max()), 0.0), abs=1e-15)
+    assert path.barrier >= 0.0 and excess[0] == 0.0 and excess[-1] == 0.0
