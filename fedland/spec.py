@@ -189,7 +189,15 @@ class ExperimentSpec:
     ``floor(N / num_clients)`` training samples it gets (see
     ``fedland.partition``). ``seed`` seeds the partition and the initial model.
     ``landscape`` holds the loss-landscape measurement settings.
-    Lists are stored as tuples; ``to_dict`` gives lists back.
+
+    Participation (see ``fedland.participation``): ``clients_per_round`` is how
+    many members train each round, an integer count in ``1..num_clients`` or a
+    fraction in ``(0, 1]`` of ``num_clients`` (``None``: every member);
+    ``round_timeout_s`` (``None``: no deadline) closes a round after that many
+    seconds with the updates received, once at least ``min_reports`` arrived
+    (default 1; at most the members per round).
+    Lists are stored as tuples; ``to_dict`` gives lists back (the participation
+    keys only when set, so older documents read back unchanged).
     """
 
     target_balance_ratios: Sequence[Sequence[float]]
@@ -205,6 +213,9 @@ class ExperimentSpec:
     strategy: StrategySpec = field(default_factory=StrategySpec)
     seed: int = 0
     landscape: LandscapeSpec = field(default_factory=LandscapeSpec)
+    clients_per_round: int | float | None = None
+    round_timeout_s: float | None = None
+    min_reports: int | None = None
     timestamp: str = field(default_factory=_now_iso)
     id: str | None = None
 
@@ -214,6 +225,15 @@ class ExperimentSpec:
     @property
     def num_clients(self) -> int:
         return len(self.target_balance_ratios)
+
+    @property
+    def members_per_round(self) -> int:
+        """How many members train each round: all, a count, or ``max(1, floor(fraction * num_clients))``."""
+        if self.clients_per_round is None:
+            return self.num_clients
+        if isinstance(self.clients_per_round, int):
+            return self.clients_per_round
+        return max(1, math.floor(self.clients_per_round * self.num_clients + 1e-9))
 
     def with_id(self, experiment_id: str) -> ExperimentSpec:
         """Return a copy carrying the id the store assigned."""
@@ -237,6 +257,11 @@ class ExperimentSpec:
             "strategy": self.strategy.to_dict(),
             "seed": self.seed,
             "landscape": self.landscape.to_dict(),
+            **{
+                name: getattr(self, name)
+                for name in ("clients_per_round", "round_timeout_s", "min_reports")
+                if getattr(self, name) is not None
+            },
         }
 
     @classmethod
@@ -353,6 +378,39 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
         raise SpecError(error.field, error.rule) from None
     put("target_balance_ratios", ratios)
     put("subset_fractions", fractions)
+    _validate_participation(spec, put)
+
+
+def _validate_participation(spec: ExperimentSpec, put: Any) -> None:
+    num_clients = len(spec.target_balance_ratios)
+    per_round = spec.clients_per_round
+    if per_round is not None:
+        if _is_int(per_round):
+            if not 1 <= per_round <= num_clients:
+                raise SpecError(
+                    "clients_per_round", f"a count must be an integer in [1, {num_clients}] (the members), got {per_round}"
+                )
+        elif isinstance(per_round, float) and math.isfinite(per_round):
+            if not 0 < per_round <= 1:
+                raise SpecError("clients_per_round", f"a fraction must be in (0, 1], got {per_round!r}")
+        else:
+            raise SpecError(
+                "clients_per_round", f"must be an integer count or a fraction in (0, 1] (or null), got {per_round!r}"
+            )
+    timeout = spec.round_timeout_s
+    if timeout is not None:
+        if not _is_real(timeout) or not timeout > 0:
+            raise SpecError("round_timeout_s", f"must be a finite number of seconds > 0 (or null), got {timeout!r}")
+        put("round_timeout_s", float(timeout))
+    minimum = spec.min_reports
+    if minimum is not None:
+        if timeout is None:
+            raise SpecError("min_reports", "only applies with a round_timeout_s (without one, every member reports)")
+        if not _is_int(minimum) or not 1 <= minimum <= spec.members_per_round:
+            raise SpecError(
+                "min_reports",
+                f"must be an integer in [1, {spec.members_per_round}] (the members per round), got {minimum!r}",
+            )
 
 
 def _ratio_table(value: Any, num_classes: int) -> tuple[tuple[float, ...], ...]:

@@ -9,6 +9,14 @@ that it can be stored next to the global model and a restarted server resumes
 exactly; stateless strategies return an empty state. Inputs are never mutated.
 Arithmetic is float64; results are cast back to each key's dtype (integer
 buffers are rounded).
+
+Memory: the averaging strategies (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi,
+FedAdagrad) depend on the updates only through their num_examples-weighted
+mean, so the server folds each update into a `RunningMean` as it arrives and
+calls `aggregate_mean` (memory O(model), whatever the number of updates). The
+robust strategies (FedMedian, FedTrimmedAvg, Krum) need every update of the
+round at once; the server refuses specs whose members per round exceed
+`ROBUST_MAX_UPDATES` for them (`check_participation`).
 """
 
 from __future__ import annotations
@@ -78,6 +86,35 @@ def weighted_mean(updates: Sequence[ClientUpdate]) -> Weights:
     }
 
 
+class RunningMean:
+    """The num_examples-weighted mean of updates folded in one at a time: float64, O(model) memory."""
+
+    def __init__(self) -> None:
+        self._sums: Weights = {}
+        self.total_examples = 0
+        self.count = 0
+
+    def add(self, weights: Mapping[str, np.ndarray], num_examples: int) -> None:
+        """Fold one update in (the weights are not kept)."""
+        if num_examples <= 0:
+            raise ValueError(f"num_examples must be > 0, got {num_examples}")
+        if self._sums and set(weights) != set(self._sums):
+            raise ValueError("weights: keys differ from the updates folded so far")
+        for name, value in weights.items():
+            scaled = float(num_examples) * np.asarray(value, dtype=np.float64)
+            if name in self._sums:
+                self._sums[name] += scaled
+            else:
+                self._sums[name] = scaled
+        self.total_examples += int(num_examples)
+        self.count += 1
+
+    def mean(self) -> Weights:
+        if not self.count:
+            raise ValueError("updates: at least one client update is needed")
+        return {name: total / float(self.total_examples) for name, total in self._sums.items()}
+
+
 def _stack(updates: Sequence[ClientUpdate], name: str) -> np.ndarray:
     # (clients, *shape)
     return np.stack([np.asarray(update.weights[name], dtype=np.float64) for update in updates])
@@ -100,6 +137,8 @@ def _state_or_zeros(state: Mapping[str, np.ndarray], key: str, like: np.ndarray)
 class FedAvg:
     """McMahan et al. 2017: mean of the client weights weighted by num_examples."""
 
+    averaging = True
+
     def aggregate(
         self,
         global_weights: Mapping[str, np.ndarray],
@@ -107,7 +146,13 @@ class FedAvg:
         state: Mapping[str, np.ndarray],
     ) -> tuple[Weights, Weights]:
         _check_updates(global_weights, updates)
-        return _cast_like(global_weights, weighted_mean(updates)), {}
+        return self.aggregate_mean(global_weights, weighted_mean(updates), state)
+
+    def aggregate_mean(
+        self, global_weights: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]
+    ) -> tuple[Weights, Weights]:
+        """The new global model from the updates' num_examples-weighted mean alone."""
+        return _cast_like(global_weights, mean), {}
 
 
 @dataclass(frozen=True)
@@ -123,6 +168,7 @@ class FedAvgM:
 
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9
+    averaging = True
 
     def aggregate(
         self,
@@ -131,7 +177,12 @@ class FedAvgM:
         state: Mapping[str, np.ndarray],
     ) -> tuple[Weights, Weights]:
         _check_updates(global_weights, updates)
-        average = weighted_mean(updates)
+        return self.aggregate_mean(global_weights, weighted_mean(updates), state)
+
+    def aggregate_mean(
+        self, global_weights: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]
+    ) -> tuple[Weights, Weights]:
+        """The new global model from the updates' num_examples-weighted mean alone."""
         new_global: Weights = {}
         new_state: Weights = {}
         for name, current in global_weights.items():
@@ -156,6 +207,7 @@ class _Adaptive:
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 1e-3
+    averaging = True
 
     def _second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -167,7 +219,12 @@ class _Adaptive:
         state: Mapping[str, np.ndarray],
     ) -> tuple[Weights, Weights]:
         _check_updates(global_weights, updates)
-        average = weighted_mean(updates)
+        return self.aggregate_mean(global_weights, weighted_mean(updates), state)
+
+    def aggregate_mean(
+        self, global_weights: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]
+    ) -> tuple[Weights, Weights]:
+        """The new global model from the updates' num_examples-weighted mean alone."""
         new_global: Weights = {}
         new_state: Weights = {}
         for name, current in global_weights.items():
@@ -204,6 +261,8 @@ class FedAdagrad(_Adaptive):
 class Median:
     """Yin et al. 2018: coordinate-wise median of the client weights (unweighted)."""
 
+    averaging = False
+
     def aggregate(
         self,
         global_weights: Mapping[str, np.ndarray],
@@ -218,6 +277,8 @@ class Median:
 @dataclass(frozen=True)
 class TrimmedMean:
     """Yin et al. 2018: per coordinate, drop the floor(beta*n) largest and smallest values, then average."""
+
+    averaging = False
 
     beta: float = 0.1
 
@@ -247,6 +308,8 @@ class Krum:
     other updates; the `num_selected` lowest scores are averaged by num_examples
     (num_selected=1 is Krum, more is Multi-Krum).
     """
+
+    averaging = False
 
     num_malicious: int = 0
     num_selected: int = 1
@@ -334,6 +397,24 @@ def make_strategy(spec: StrategySpec) -> Strategy:
         if not check(value):
             raise SpecError(field, f"must be {rule}, got {value!r}")
     return cls(**params)  # type: ignore[no-any-return]
+
+
+ROBUST_MAX_UPDATES = 100  # members per round the robust strategies may aggregate (all held at once)
+
+
+def is_averaging(spec: StrategySpec) -> bool:
+    """Whether the strategy needs only the weighted mean of the updates (a running sum), not each update."""
+    return bool(getattr(STRATEGIES[spec.name], "averaging", False))
+
+
+def check_participation(spec: StrategySpec, members_per_round: int) -> None:
+    """Refuse a robust strategy over more than `ROBUST_MAX_UPDATES` members per round (SpecError)."""
+    if not is_averaging(spec) and members_per_round > ROBUST_MAX_UPDATES:
+        raise SpecError(
+            "clients_per_round",
+            f"{spec.name} holds every update of a round in memory: at most {ROBUST_MAX_UPDATES} members per round, "
+            f"got {members_per_round}",
+        )
 
 
 def validate_strategy(spec: StrategySpec) -> None:
