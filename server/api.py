@@ -60,10 +60,6 @@ def coordinator_of(app: Flask) -> Coordinator:
     return app.extensions["fedland.coordinator"]  # type: ignore[no-any-return]
 
 
-def store_of(app: Flask) -> Store:
-    return app.extensions["fedland.store"]  # type: ignore[no-any-return]
-
-
 def _coordinator() -> Coordinator:
     return coordinator_of(current_app)  # type: ignore[arg-type]
 

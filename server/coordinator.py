@@ -34,7 +34,6 @@ from server.measurements import LandscapeWorker
 from server.resources import Resources
 from server.rounds import RoundState, Rounds
 from server.store import Store
-from server.strategies import check_participation, validate_strategy
 from stack import wire
 
 log = logging.getLogger(__name__)
@@ -124,15 +123,13 @@ class Coordinator:
         for prefix, item in zip(prefixes, items):
             try:
                 spec = ExperimentSpec.from_dict(item)
-                validate_strategy(spec.strategy)
-                check_participation(spec.strategy, spec.members_per_round)
             except SpecError as error:
                 raise BadRequest(f"{prefix}{error}", f"{prefix}{error.field}") from None
             specs.append(spec)
         prepared = []
         for prefix, spec in zip(prefixes, specs):
             try:
-                members = self.resources.client_stats(spec)
+                members = self.resources.partition_summary(spec)
             except ValueError as error:
                 field = getattr(error, "field", "target_balance_ratios")
                 raise BadRequest(f"{prefix}{error}", f"{prefix}{field}") from None

@@ -38,7 +38,8 @@ from server.errors import BadRequest, Conflict, NotFound
 from server.measurements import LandscapeWorker
 from server.resources import Resources
 from server.store import DuplicateError, Store
-from server.strategies import ClientUpdate, RunningMean, is_averaging, make_strategy
+from server.round_inputs import load_round_inputs
+from server.strategies import RunningMean, is_averaging, make_strategy
 from stack import wire
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class Rounds:
 
     def _recover_reports(self, state: RoundState) -> None:
         """Fold the round's stored updates back in; reports whose update was not stored train again."""
-        for stats in self.store.client_stats_for(state.experiment_id, state.server_round):
+        for stats in self.store.stats_of_round(state.experiment_id, state.server_round):
             index = int(stats["client_index"])
             if index not in state.selected:
                 continue
@@ -354,11 +355,7 @@ class Rounds:
             new_global, new_state = strategy.aggregate_mean(current, state.mean.mean(), strategy_state)  # type: ignore[attr-defined]
             num_examples = state.mean.total_examples
         else:
-            stats = [s for s in self.store.client_stats_for(experiment_id, server_round) if s["client_index"] in state.folded]
-            updates = [
-                ClientUpdate(wire.decode(self.store.load_client_model(s["weights_file_id"])), int(s["num_examples"]))
-                for s in stats
-            ]
+            updates = load_round_inputs(self.store, experiment_id, server_round, participants).updates
             new_global, new_state = strategy.aggregate(current, updates, strategy_state)
             num_examples = sum(update.num_examples for update in updates)
         wire.check_compatible(new_global, self.resources.reference(spec.model))
@@ -472,7 +469,7 @@ class Rounds:
         """
         aggregated = 0
         for experiment in self.store.active_experiments():
-            self.resources.dataset(experiment["dataset_name"])  # load now, not in a request
+            self.resources.load(experiment["dataset_name"])  # load now, not in a request
             server_round = int(experiment["current_round"])
             if experiment["status"] == "running" and self.store.get_round(experiment["id"], server_round) is not None:
                 with self.lock:
