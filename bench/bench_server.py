@@ -130,11 +130,17 @@ async def worker(
             request = {"wait_s": 10.0, "known_experiments": [experiment_id]}
             status, body = await http.request("POST", f"/api/v1/clients/{worker_id}/task", json.dumps(request).encode())
             stats.latency["task"].append(time.perf_counter() - started)
-            stats.answered.add(number)
+            if status == 200:
+                stats.answered.add(number)
             task = json.loads(body)
+            if done.is_set():
+                break
             if task["action"] != "train":
                 if task.get("retry_after_s"):
-                    await asyncio.sleep(float(task["retry_after_s"]))
+                    try:
+                        await asyncio.wait_for(done.wait(), float(task["retry_after_s"]))
+                    except asyncio.TimeoutError:
+                        pass
                 continue
             server_round, index = int(task["round"]), int(task["client_index"])
             if server_round not in models:
@@ -209,7 +215,9 @@ async def _drive(server: subprocess.Popen[bytes], port: int, token: str, uri: st
              for i in range(workers)]
     await done.wait()
     wall = time.perf_counter() - started
-    for task in tasks:
+    # every worker finishes its request in flight (a long-poll ends within its wait_s)
+    _, pending = await asyncio.wait(tasks, timeout=60)
+    for task in pending:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     rounds_docs = list(db["rounds"].find({"experiment_id": experiment_id}))
