@@ -161,7 +161,6 @@ class Coordinator:
                         "worker_id": None,
                         "assigned_round": None,
                         "assigned_at": None,
-                        "last_worker_id": None,
                         "reported_round": 0,
                     }
                 )

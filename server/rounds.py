@@ -133,12 +133,16 @@ class Rounds:
 
     def mark_running(self, experiment_id: str) -> None:
         """A queued experiment's first member was assigned."""
+        now = self.clock()
         with self.lock:
             doc = self._docs.get(experiment_id)
             if doc is None or doc["status"] != "queued":
                 return
             doc["status"] = "running"
-        self._update(experiment_id, {"status": "running", "started_at": self.clock()}, {"status": "queued"})
+            state = self.states.get(experiment_id)
+            if state is not None and state.server_round == 1:
+                state.started_at = now  # round 1 starts with the experiment, not when it was queued
+        self._update(experiment_id, {"status": "running", "started_at": now}, {"status": "queued"})
 
     def open(self, experiment: Doc, *, recovering: bool = False) -> RoundState | None:
         """Start tracking the experiment's current round (pending: its selected members)."""
@@ -155,7 +159,7 @@ class Rounds:
             durable=not is_averaging(spec.strategy) or spec.landscape.scheduled(server_round, spec.rounds),
             num_train={int(m["client_index"]): int(m["num_train"]) for m in members},
             digests={int(m["client_index"]): str(m["partition_digest"]) for m in members},
-            last_worker={int(m["client_index"]): m["last_worker_id"] for m in members if m.get("last_worker_id")},
+            last_worker=self._last_workers(experiment["id"], server_round),
             mean=RunningMean() if is_averaging(spec.strategy) else None,
         )
         assigned: dict[int, str] = {}
@@ -173,6 +177,16 @@ class Rounds:
             self._docs[experiment["id"]] = dict(experiment)
             self.states[experiment["id"]] = state
         return state
+
+    def _last_workers(self, experiment_id: str, server_round: int) -> dict[int, str]:
+        """Member -> the worker that trained it in the previous round (a worker is offered its members again)."""
+        if server_round <= 1:
+            return {}
+        return {
+            int(doc["client_index"]): str(doc["worker_id"])
+            for doc in self.store.stats_of_round(experiment_id, server_round - 1)
+            if doc.get("worker_id")
+        }
 
     def _recover_reports(self, state: RoundState) -> None:
         """Fold the round's stored updates back in; reports whose update was not stored train again."""
@@ -298,7 +312,6 @@ class Rounds:
             if state.mean is not None:
                 state.mean.add(weights, num_examples)
             state.folded.add(index)
-        self.store.mark_reported(experiment_id, index, server_round, worker_id)
         with self.lock:
             state.last_worker[index] = worker_id
 
@@ -316,6 +329,7 @@ class Rounds:
             state.pending.clear()
         for index in stragglers:
             self.store.release_member(state.experiment_id, index)
+        self.store.mark_round_reported(state.experiment_id, sorted(state.folded), state.server_round)
         return self._aggregate_and_advance(state)
 
     def close_due(self) -> int:

@@ -152,13 +152,13 @@ class Store:
             {"$set": {"worker_id": None, "assigned_round": None, "assigned_at": None}},
         )
 
-    def mark_reported(self, experiment_id: str, client_index: int, server_round: int, worker_id: str) -> None:
-        """The member reported `server_round` (trained by `worker_id`); it is free until its next selection."""
-        self.clients.update_one(
-            {"experiment_id": experiment_id, "client_index": client_index},
+    def mark_round_reported(self, experiment_id: str, client_indices: list[int], server_round: int) -> None:
+        """The members reported `server_round` (one write when the round closes); nobody trains them now."""
+        self.clients.update_many(
+            {"experiment_id": experiment_id, "client_index": {"$in": list(client_indices)}},
             {
                 "$max": {"reported_round": server_round},
-                "$set": {"worker_id": None, "assigned_round": None, "assigned_at": None, "last_worker_id": worker_id},
+                "$set": {"worker_id": None, "assigned_round": None, "assigned_at": None},
             },
         )
 

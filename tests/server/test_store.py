@@ -11,7 +11,7 @@ def add_slots(store: Store, experiment_id: str, count: int) -> None:
     store.insert_experiments(
         [{"id": experiment_id, "status": "running", "created_at": 1.0}],
         [{"experiment_id": experiment_id, "client_index": i, "worker_id": None, "assigned_round": None,
-          "last_worker_id": None, "reported_round": 0} for i in range(count)],
+          "reported_round": 0} for i in range(count)],
     )
 
 
@@ -21,12 +21,10 @@ def test_member_assignment_report_and_a_lost_report(store: Store) -> None:
     store.assign_member("e", 2, "w2", 1, now=6.0)
     assert [(m["worker_id"], m["assigned_round"]) for m in store.slots("e")] == [(None, None), ("w1", 1), ("w2", 1)]
     store.insert_client_stats({"experiment_id": "e", "client_index": 1, "round": 1, "worker_id": "w1"})
-    store.mark_reported("e", 1, 1, "w1")
     store.release_member("e", 2)  # w2 was lost
+    store.mark_round_reported("e", [1], 1)  # the round closed with member 1's update
     members = store.slots("e")
-    assert [(m["worker_id"], m["reported_round"], m["last_worker_id"]) for m in members] == [
-        (None, 0, None), (None, 1, "w1"), (None, 0, None)
-    ]
+    assert [(m["worker_id"], m["reported_round"]) for m in members] == [(None, 0), (None, 1), (None, 0)]
     store.unreport("e", 1, 1)  # its update was lost with a restart: it trains again
     assert store.slot("e", 1)["reported_round"] == 0 and store.count("client_stats") == 0
 
