@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from fedland.participation import selected_members
-from fedland.spec import ExperimentSpec
+from fedland.spec import ExperimentSpec, LandscapeSpec, StrategySpec
 from tests.helpers import (  # noqa: F401 (local_stack is a fixture)
     LocalStack,
     finite,
@@ -23,7 +23,8 @@ from tests.helpers import (  # noqa: F401 (local_stack is a fixture)
 
 pytestmark = pytest.mark.slow
 
-OFF = {"enabled": False}
+OFF = LandscapeSpec(enabled=False)
+CHEAP = LandscapeSpec(every=2, num_samples=64, trace_probes=4, interpolation_points=2, grid_points=3)
 
 
 def federation(rounds: int, **overrides: Any) -> dict[str, Any]:
@@ -70,7 +71,7 @@ def test_paired_experiments_select_the_same_members(local_stack: Callable[..., L
     stack = local_stack()
     ids = stack.api.submit_experiments([
         federation(rounds=3, landscape=OFF),
-        federation(rounds=3, landscape=OFF, strategy={"name": "FedAdam", "params": {}}),
+        federation(rounds=3, landscape=OFF, strategy=StrategySpec("FedAdam")),
     ])
     stack.add_clients(2)
     for experiment_id in ids:
@@ -106,10 +107,9 @@ def _worker(stack: LocalStack, pid: int) -> str:
     return "" if doc is None else str(doc["client_id"])
 
 
-@pytest.mark.parametrize("landscape", [OFF, {"every": 2, "num_samples": 64, "trace_probes": 4,
-                                             "interpolation_points": 2, "grid_points": 3}])
+@pytest.mark.parametrize("landscape", [OFF, CHEAP], ids=["updates-in-memory", "updates-stored"])
 def test_a_restarted_server_resumes_the_federation(
-    local_stack: Callable[..., LocalStack], landscape: dict[str, Any]
+    local_stack: Callable[..., LocalStack], landscape: LandscapeSpec
 ) -> None:
     stack = local_stack()
     [experiment_id] = stack.api.submit_experiments([federation(rounds=5, landscape=landscape)])
@@ -126,6 +126,6 @@ def test_a_restarted_server_resumes_the_federation(
     stack.wait_done(experiment_id, timeout_s=180)
     assert_federation_complete(stack, experiment_id)
     assert all(c.alive() for c in stack.clients)
-    if landscape.get("enabled", True):  # finished means measured
+    if landscape.enabled:  # finished means measured
         for round_doc in stack.db.rounds.find({"experiment_id": experiment_id, "round": {"$in": [2, 4, 5]}}):
             assert "landscape" in round_doc
