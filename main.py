@@ -8,13 +8,15 @@
 
 `subset_fractions[i]` is client i's share of floor(60000 / num_clients) MNIST
 training images; the spec refuses fractions the class counts cannot satisfy
-and names the largest feasible one.
+and names the largest feasible one. `clients_per_round` trains only that many
+members each round (a seeded draw: experiments differing only in strategy draw
+the same members); members are not processes, so `--clients 4` serves all 100.
 """
 
 from __future__ import annotations
 
 from fedland import schemes
-from fedland.spec import ExperimentSpec, StrategySpec
+from fedland.spec import ExperimentSpec, LandscapeSpec, StrategySpec
 from cli import main
 
 COMMON = dict(dataset_name="MNIST", model="FedNet", rounds=5, local_epochs=1, batch_size=32, seed=42)
@@ -23,6 +25,8 @@ SGD = dict(learning_rate=0.05, momentum=0.5)
 IID_RATIOS, IID_FRACTIONS = schemes.iid(3)  # the largest feasible fraction: ~20,000 images each
 DIRICHLET_RATIOS, DIRICHLET_FRACTIONS = schemes.dirichlet(3, alpha=0.5, seed=42)  # largest feasible
 CENTRAL_RATIOS, CENTRAL_FRACTIONS = schemes.centralized()
+# 100 members of 150 images each (a quarter of floor(60000 / 100)); 10 train per round
+FEDERATION_RATIOS, FEDERATION_FRACTIONS = schemes.dirichlet(100, alpha=0.5, seed=42, fraction=0.25)
 NON_IID_RATIOS = [  # the original prototype's clients
     [0.1] * 10,  # balanced
     [0.9, 0.1, 0, 0, 0, 0, 0, 0, 0, 0],  # almost only zeros
@@ -58,6 +62,15 @@ EXPERIMENTS: list[ExperimentSpec] = [
         subset_fractions=DIRICHLET_FRACTIONS,
         strategy=StrategySpec("FedAvg"),
         **COMMON, **SGD,
+    ),
+    ExperimentSpec(
+        description="Dirichlet alpha=0.5, 100 members, 10 per round, FedAvg",
+        target_balance_ratios=FEDERATION_RATIOS,
+        subset_fractions=FEDERATION_FRACTIONS,
+        clients_per_round=10,  # McMahan et al.'s C = 0.1 of K = 100
+        strategy=StrategySpec("FedAvg"),
+        landscape=LandscapeSpec(every=5),  # rounds 5 and 10
+        **{**COMMON, "rounds": 10}, **SGD,
     ),
     ExperimentSpec(
         description="centralized baseline, 1 client",

@@ -1,4 +1,11 @@
-"""The client loop: register, ask for a task, train or wait, report; forever until stopped."""
+"""The worker loop: register, ask for a task, train it or wait, report; forever until stopped.
+
+A task names (experiment, member, round): a worker trains whichever member the
+server hands it, of any experiment. While there is nothing to do it long-polls
+(`next_task` with `wait_s`), so it starts the next round as soon as it exists.
+Specs are cached per experiment (`SPEC_CACHE_ENTRIES`, least recently used out);
+the data of each member is cached by `LocalData`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import random
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -19,6 +27,7 @@ from fedland.spec import ExperimentSpec
 log = logging.getLogger(__name__)
 
 TransportFactory = Callable[..., Transport]  # (max_attempts: int | None = None) -> Transport
+SPEC_CACHE_ENTRIES = 32
 
 
 class Heartbeat:
@@ -76,7 +85,7 @@ class ClientLoop:
         self.transport = make_transport()
         self.local_data = local_data
         self.stop = stop
-        self._specs: dict[str, ExperimentSpec] = {}
+        self._specs: OrderedDict[str, ExperimentSpec] = OrderedDict()
         self._tasks_done = 0  # tasks received under the current registration
 
     def run(self) -> None:
@@ -107,7 +116,7 @@ class ClientLoop:
         self._tasks_done = 0
         failures = 0  # consecutive tasks that failed
         while not self.stop.is_set():
-            task = self.transport.next_task(client_id)
+            task = self.transport.next_task(client_id, heartbeat_interval_s, list(self._specs))
             self._tasks_done += 1  # the 404 that ends this loop is raised before this line
             action = task.get("action")
             if action == "wait":
@@ -129,16 +138,21 @@ class ClientLoop:
             if heartbeat.lost.is_set():
                 raise UnknownClient("heartbeat answered 404")
 
-    def _spec(self, experiment_id: str, spec_dict: dict[str, Any]) -> ExperimentSpec:
+    def _spec(self, experiment_id: str, spec_dict: dict[str, Any] | None) -> ExperimentSpec:
         if experiment_id not in self._specs:
-            self._specs = {experiment_id: ExperimentSpec.from_dict(spec_dict)}
+            if spec_dict is None:  # the server thought it cached here: ask for it
+                spec_dict = self.transport.get_experiment(experiment_id)
+            self._specs[experiment_id] = ExperimentSpec.from_dict(spec_dict)
+            while len(self._specs) > SPEC_CACHE_ENTRIES:
+                self._specs.popitem(last=False)
+        self._specs.move_to_end(experiment_id)
         return self._specs[experiment_id]
 
     def _train(self, client_id: str, task: dict[str, Any]) -> None:
         experiment_id = str(task["experiment_id"])
         client_index = int(task["client_index"])
         server_round = int(task["round"])
-        spec = self._spec(experiment_id, task["spec"])
+        spec = self._spec(experiment_id, task.get("spec"))
         plan = self.local_data.plan(experiment_id, spec)
         data = self.local_data.client_data(experiment_id, plan, client_index, str(task["partition_digest"]))
         log.info("experiment %s round %d/%d as client %d", experiment_id, server_round, spec.rounds, client_index)

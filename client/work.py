@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,27 +39,39 @@ class PartitionMismatch(RuntimeError):
 Weights = dict[str, torch.Tensor]
 
 
+PLAN_CACHE_ENTRIES = 4  # experiments whose plan (partitions) a worker keeps
+MEMBER_CACHE_BYTES = 256 * 2**20  # members' train/test tensors a worker keeps
+
+
 @dataclass
 class LocalData:
-    """The plan of the experiment this client works on, and the global model it last trained from.
+    """What a worker keeps between tasks, least recently used first out.
 
-    The plan (partition included) is rebuilt only when the experiment changes;
-    the dataset itself is cached per process by ``load_dataset``.
+    The plans (partitions) of the last `PLAN_CACHE_ENTRIES` experiments, the data
+    of the members it trained (at most `MEMBER_CACHE_BYTES` of tensors), and the
+    global model each member last trained from. The dataset itself is cached per
+    process by ``load_dataset`` (a few entries).
     """
 
     data_dir: Path
     device: str = "cpu"  # FEDLAND_DEVICE: where rounds are computed
-    _plan: tuple[str, ExperimentPlan] | None = None
+    max_plans: int = PLAN_CACHE_ENTRIES
+    max_member_bytes: int = MEMBER_CACHE_BYTES
+    _plans: OrderedDict[str, ExperimentPlan] = field(default_factory=OrderedDict)
+    _members: OrderedDict[tuple[str, int], ClientData] = field(default_factory=OrderedDict)
     # (experiment_id, client_index) -> (round, weights) of the global model trained from
     # in its latest round, for the landscape's `cosine_to_previous_update`
     _last_global: dict[tuple[str, int], tuple[int, Weights]] = field(default_factory=dict)
 
     def plan(self, experiment_id: str, spec: ExperimentSpec) -> ExperimentPlan:
-        """The experiment's plan (cached while the client stays on that experiment)."""
-        if self._plan is None or self._plan[0] != experiment_id:
-            self._plan = (experiment_id, ExperimentPlan(spec, load_dataset(spec.dataset_name, self.data_dir)))
-            self._last_global = {}
-        return self._plan[1]
+        """The experiment's plan (cached: see the class docstring)."""
+        if experiment_id not in self._plans:
+            self._plans[experiment_id] = ExperimentPlan(spec, load_dataset(spec.dataset_name, self.data_dir))
+            while len(self._plans) > self.max_plans:
+                gone, _ = self._plans.popitem(last=False)
+                self._last_global = {key: last for key, last in self._last_global.items() if key[0] != gone}
+        self._plans.move_to_end(experiment_id)
+        return self._plans[experiment_id]
 
     def client_data(self, experiment_id: str, plan: ExperimentPlan, client_index: int, partition_digest: str) -> ClientData:
         """This client's train/test data, its partition checked against the server's digest."""
@@ -69,7 +82,14 @@ class LocalData:
                 f"!= server's {partition_digest[:12]}...; the {plan.spec.dataset_name} files under {self.data_dir} "
                 "differ from the server's"
             )
+        key = (experiment_id, client_index)
+        if key in self._members:
+            self._members.move_to_end(key)
+            return self._members[key]
         data = plan.client_data(client_index)
+        self._members[key] = data
+        while len(self._members) > 1 and sum(_nbytes(d) for d in self._members.values()) > self.max_member_bytes:
+            self._members.popitem(last=False)
         log.debug(
             "experiment %s client %d: %d train / %d test examples",
             experiment_id, client_index, data.num_train, int(data.test_y.shape[0]),
@@ -87,6 +107,10 @@ class LocalData:
         # only a round's predecessor is ever asked for: keep the memory to one round's members
         self._last_global = {key: last for key, last in self._last_global.items() if last[0] >= server_round - 1}
         self._last_global[(experiment_id, client_index)] = (server_round, weights)
+
+
+def _nbytes(data: ClientData) -> int:
+    return sum(int(t.element_size() * t.nelement()) for t in (data.train_x, data.train_y, data.test_x, data.test_y))
 
 
 def load_weights(plan: ExperimentPlan, payload: bytes) -> torch.nn.Module:

@@ -33,6 +33,8 @@ __all__ = [
     "STORE_KEYS",
     "STRATEGY_NAMES",
     "STRATEGY_PARAMS",
+    "ROBUST_MAX_UPDATES",
+    "ROBUST_STRATEGY_NAMES",
     "ExperimentSpec",
     "LandscapeSpec",
     "SpecError",
@@ -118,6 +120,10 @@ STRATEGY_PARAMS: dict[str, dict[str, StrategyParam]] = {
     },
 }
 STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGY_PARAMS)
+# Robust strategies need every update of a round at once (the others only their
+# weighted mean): the server holds at most ROBUST_MAX_UPDATES of them per round.
+ROBUST_STRATEGY_NAMES: frozenset[str] = frozenset({"FedMedian", "FedTrimmedAvg", "Krum"})
+ROBUST_MAX_UPDATES = 100
 
 
 @dataclass(frozen=True)
@@ -275,7 +281,15 @@ class ExperimentSpec:
     (``fedland.augment``; never applied to evaluation); ``None`` takes the
     dataset's default (on for CIFAR, off for MNIST and Fashion-MNIST) and is
     replaced by it. The model must take the dataset's input shape.
-    Lists are stored as tuples; ``to_dict`` gives lists back.
+
+    Participation (see ``fedland.participation``): ``clients_per_round`` is how
+    many members train each round, an integer count in ``1..num_clients`` or a
+    fraction in ``(0, 1]`` of ``num_clients`` (``None``: every member);
+    ``round_timeout_s`` (``None``: no deadline) closes a round after that many
+    seconds with the updates received, once at least ``min_reports`` arrived
+    (default 1; at most the members per round).
+    Lists are stored as tuples; ``to_dict`` gives lists back (the participation
+    keys only when set, so older documents read back unchanged).
     """
 
     target_balance_ratios: Sequence[Sequence[float]]
@@ -292,6 +306,9 @@ class ExperimentSpec:
     seed: int = 0
     augment: bool | None = None
     landscape: LandscapeSpec = field(default_factory=LandscapeSpec)
+    clients_per_round: int | float | None = None
+    round_timeout_s: float | None = None
+    min_reports: int | None = None
     timestamp: str = field(default_factory=_now_iso)
     id: str | None = None
 
@@ -306,6 +323,14 @@ class ExperimentSpec:
     def num_classes(self) -> int:
         """Classes of the dataset: the width of the model's output."""
         return DATASETS[self.dataset_name].num_classes
+
+    def members_per_round(self) -> int:
+        """How many members train each round: all, a count, or ``max(1, floor(fraction * num_clients))``."""
+        if self.clients_per_round is None:
+            return self.num_clients
+        if isinstance(self.clients_per_round, int):
+            return self.clients_per_round
+        return max(1, math.floor(self.clients_per_round * self.num_clients + 1e-9))
 
     def with_id(self, experiment_id: str) -> ExperimentSpec:
         """Return a copy carrying the id the store assigned."""
@@ -330,6 +355,11 @@ class ExperimentSpec:
             "seed": self.seed,
             "augment": self.augment,
             "landscape": self.landscape.to_dict(),
+            **{
+                name: getattr(self, name)
+                for name in ("clients_per_round", "round_timeout_s", "min_reports")
+                if getattr(self, name) is not None
+            },
         }
 
     @classmethod
@@ -458,11 +488,50 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
         raise SpecError(error.field, error.rule) from None
     put("target_balance_ratios", ratios)
     put("subset_fractions", fractions)
-    _check_strategy_fits(spec.strategy, len(ratios))
+    _validate_participation(spec, put)
+    _check_strategy_fits(spec.strategy, spec.members_per_round)
+
+
+def _validate_participation(spec: ExperimentSpec, put: Any) -> None:
+    num_clients = len(spec.target_balance_ratios)
+    per_round = spec.clients_per_round
+    if per_round is not None:
+        if _is_int(per_round):
+            if not 1 <= per_round <= num_clients:
+                raise SpecError(
+                    "clients_per_round", f"a count must be an integer in [1, {num_clients}] (the members), got {per_round}"
+                )
+        elif isinstance(per_round, float) and math.isfinite(per_round):
+            if not 0 < per_round <= 1:
+                raise SpecError("clients_per_round", f"a fraction must be in (0, 1], got {per_round!r}")
+        else:
+            raise SpecError(
+                "clients_per_round", f"must be an integer count or a fraction in (0, 1] (or null), got {per_round!r}"
+            )
+    timeout = spec.round_timeout_s
+    if timeout is not None:
+        if not _is_real(timeout) or not timeout > 0:
+            raise SpecError("round_timeout_s", f"must be a finite number of seconds > 0 (or null), got {timeout!r}")
+        put("round_timeout_s", float(timeout))
+    minimum = spec.min_reports
+    if minimum is not None:
+        if timeout is None:
+            raise SpecError("min_reports", "only applies with a round_timeout_s (without one, every member reports)")
+        if not _is_int(minimum) or not 1 <= minimum <= spec.members_per_round:
+            raise SpecError(
+                "min_reports",
+                f"must be an integer in [1, {spec.members_per_round}] (the members per round), got {minimum!r}",
+            )
 
 
 def _check_strategy_fits(strategy: StrategySpec, num_updates: int) -> None:
     """Refuse a strategy that cannot aggregate the updates a round brings."""
+    if strategy.name in ROBUST_STRATEGY_NAMES and num_updates > ROBUST_MAX_UPDATES:
+        raise SpecError(
+            "clients_per_round",
+            f"{strategy.name} holds every update of a round in memory: at most {ROBUST_MAX_UPDATES} members per "
+            f"round, got {num_updates}",
+        )
     if strategy.name == "Krum" and num_updates > 1:  # one update is passed through as is
         params = strategy.resolved_params
         needed = 2 * params["num_malicious"] + 2

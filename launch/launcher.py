@@ -23,7 +23,7 @@ from types import FrameType
 from typing import Any
 
 from stack.api_client import Transport
-from fedland.datasets import load_dataset
+from fedland.datasets import verify_dataset
 from fedland.spec import ExperimentSpec, SpecError
 from stack.embedded import EmbeddedMongo, free_port
 from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
@@ -37,11 +37,22 @@ DONE = ("finished", "failed")
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
-    clients: int | None = None  # None: the largest num_clients of the experiments
+    clients: int | None = None  # worker processes; None: `default_workers(specs)`
     store: StoreSettings = StoreSettings()  # a MongoDB URI, else the embedded store's directory
     log_dir: Path = DEFAULT_LOG_DIR
-    poll_interval_s: float = 1.0
+    poll_interval_s: float = 1.0  # the longest the progress view waits for a change (it long-polls)
     show_progress: bool = True
+
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_workers(specs: Sequence[ExperimentSpec]) -> int:
+    """Worker processes when --clients is not given: the most members any round trains, at most 4.
+
+    Members are not workers: any number of members is served by one or more workers,
+    so more workers only add throughput (each holds torch and the dataset in memory).
+    """
+    return max(1, min(MAX_DEFAULT_WORKERS, max(spec.members_per_round for spec in specs)))
 
 
 def prepare(specs: Sequence[ExperimentSpec], rounds: int | None, only: str | None) -> list[ExperimentSpec]:
@@ -143,18 +154,23 @@ def watch(
     poll_interval_s: float,
     progress: Progress,
 ) -> dict[str, dict[str, Any]]:
-    """Poll the server until every experiment in `ids` is finished or failed; return their documents."""
+    """Follow the server until every experiment in `ids` is finished or failed; return their documents.
+
+    Each request long-polls: the server answers as soon as a round or status changes
+    (or after `poll_interval_s`, so dead processes are noticed).
+    """
     wanted = set(ids)
+    version: int | None = None
     while True:
         if local.server is not None and not local.server.alive():
             raise RuntimeError(f"server exited; log {local.server.log_path}:\n{local.server.log_tail()}")
         if local.clients and not any(c.alive() for c in local.clients):
             raise RuntimeError(f"all clients exited; see {local.options.log_dir}")
-        summaries = {e["id"]: e for e in transport.list_experiments() if e["id"] in wanted}
+        experiments, version = transport.watch_experiments(version, poll_interval_s)
+        summaries = {e["id"]: e for e in experiments if e["id"] in wanted}
         progress.update(summaries)
         if len(summaries) == len(wanted) and all(e["status"] in DONE for e in summaries.values()):
             return {experiment_id: transport.get_experiment(experiment_id) for experiment_id in ids}
-        time.sleep(poll_interval_s)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -182,13 +198,13 @@ def run_local(
     """
     for name in sorted({spec.dataset_name for spec in specs}):
         try:
-            load_dataset(name, data_dir)  # download once here, not in every client at the same time
+            verify_dataset(name, data_dir)  # download once here, not in every client; nothing stays loaded
         except (OSError, ValueError) as error:  # missing (and not downloadable) or corrupted files
             print(f"error: {error}", file=sys.stderr)
             return 2
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
-    num_clients = options.clients or max(spec.num_clients for spec in specs)
+    num_clients = options.clients or default_workers(specs)
     local = LocalRun(options, env)
     started = time.monotonic()
     try:

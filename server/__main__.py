@@ -1,9 +1,17 @@
-"""`python -m server`: the aggregation server (waitress) configured from FEDLAND_* variables."""
+"""`python -m server`: the aggregation server (waitress) configured from FEDLAND_* variables.
+
+waitress serves with `FEDLAND_SERVER_THREADS` request threads (default 256: most
+of them may hold a waiting worker's long-poll, see `ServerSettings.long_poll_slots`)
+and up to `FEDLAND_SERVER_CONNECTIONS` open connections (default 4096), polling
+sockets with poll(2) (select(2) stops at 1024 descriptors); the open-files limit
+is raised to its hard limit for them.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import resource
 import signal
 import sys
 from types import FrameType
@@ -20,6 +28,16 @@ log = logging.getLogger("server")
 
 def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("open-files limit %d is below the %d descriptors wanted: fewer connections fit", soft, wanted)
 
 
 def main() -> int:
@@ -39,7 +57,17 @@ def main() -> int:
         stack.callback(store.close)
         app = create_app(settings, store)
         stack.callback(coordinator_of(app).close)  # before the store closes: ends the measurement thread
-        server = waitress.create_server(app, host=settings.host, port=settings.port, threads=8)
+        _raise_open_files_limit(settings.connection_limit + 256)
+        server = waitress.create_server(
+            app,
+            host=settings.host,
+            port=settings.port,
+            threads=settings.threads,
+            connection_limit=settings.connection_limit,
+            backlog=2048,
+            asyncore_use_poll=True,
+            channel_timeout=120,
+        )
         stack.callback(server.close)
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)

@@ -39,10 +39,12 @@ def create_app(
         store,
         Resources(settings.data_dir, device=settings.device),
         heartbeat_timeout_s=settings.heartbeat_timeout_s,
+        long_poll_slots=settings.long_poll_slots,
         clock=clock,
     )
     if recover:
         coordinator.recover()
+    coordinator.start()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["FEDLAND_TOKEN"] = settings.token
@@ -117,7 +119,26 @@ def submit_experiments() -> tuple[Response, int]:
 
 @api.get("/experiments")
 def list_experiments() -> Response:
-    return jsonify({"experiments": _coordinator().list_experiments()})
+    """Summaries; with `?version=V&wait_s=S`, first waits up to S s (at most 30) for a change after version V."""
+    coordinator = _coordinator()
+    version = _number_arg("version", int)
+    if version is not None:
+        coordinator.wait_for_change(int(version), min(_number_arg("wait_s", float) or 0.0, 30.0))
+    current = coordinator.version
+    return jsonify({"experiments": coordinator.list_experiments(), "version": current})
+
+
+def _number_arg(name: str, kind: type) -> float | None:
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter {name} must be a number, got {raw!r}", name) from None
+    if not value >= 0:
+        raise BadRequest(f"query parameter {name} must be >= 0, got {raw!r}", name)
+    return float(value)
 
 
 @api.get("/experiments/<experiment_id>")
@@ -138,7 +159,16 @@ def heartbeat(client_id: str) -> Response:
 
 @api.post("/clients/<client_id>/task")
 def task(client_id: str) -> Response:
-    return jsonify(_coordinator().task(client_id))
+    """Optional JSON body `{"wait_s": s, "known_experiments": [ids]}`: long-poll, and specs to leave out."""
+    body = request.get_json(silent=True) if request.content_length else None
+    body = body if isinstance(body, dict) else {}
+    wait_s = body.get("wait_s", 0.0)
+    if not isinstance(wait_s, (int, float)) or isinstance(wait_s, bool) or not wait_s >= 0:
+        raise BadRequest("wait_s must be a number of seconds >= 0", "wait_s")
+    known = body.get("known_experiments", [])
+    if not isinstance(known, list) or not all(isinstance(item, str) for item in known):
+        raise BadRequest("known_experiments must be a list of experiment ids", "known_experiments")
+    return jsonify(_coordinator().task(client_id, float(wait_s), frozenset(known)))
 
 
 @api.get("/experiments/<experiment_id>/rounds/<int:server_round>/model")

@@ -1,21 +1,25 @@
-"""Round logic of the aggregation server: experiments, slots, updates, aggregation.
+"""The aggregation server's coordinator: experiments, workers, and which worker trains which member.
 
-No HTTP here (see server/api.py). Every piece of state lives in the Store, so a
-new Coordinator on the same store resumes where the last one stopped; call
-`recover()` once at start-up to finish a round whose aggregation was cut off and
-to measure rounds whose landscape measurement was lost.
+No HTTP here (see server/api.py); rounds, updates and aggregation are in
+server/rounds.py. A *member* is a slot of a federation (`client_index`, a data
+partition; one `clients` document each); a *worker* is a client process (one
+`workers` document each). A worker asks for a task and gets (experiment, member,
+round): the lowest pending selected member of the oldest experiment with work,
+preferring a member it trained before (its data is likely cached). Any number of
+members is served by any number of workers.
 
-Landscape measurements (server/landscape.py) run on one background thread after
-their round is written and advanced, so clients never wait for them; the last
-round of an experiment waits for its pending measurements and is measured before
-the experiment is marked finished. `close()` stops the thread (queued
-measurements are dropped and recovered at the next start).
+Liveness is per worker and kept in memory (every request of a worker counts as
+a heartbeat; `last_seen` is flushed to the store on the timer). A timer thread
+(`start`) reaps: the members assigned to a worker silent for longer than the
+heartbeat timeout go back to pending and another worker gets them. It also
+closes rounds whose deadline passed. A waiting worker long-polls (`task` with
+`wait_s`): it gets the next round's member as soon as that round exists.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import random
 import threading
 import time
 import uuid
@@ -24,27 +28,25 @@ from typing import Any
 
 from bson import ObjectId
 
-from fedland.datasets import DATASETS
 from fedland.spec import ExperimentSpec, SpecError
-from server.errors import BadRequest, Conflict, NotFound
+from server.errors import BadRequest, NotFound
 from server.measurements import LandscapeWorker
 from server.resources import Resources
-from server.store import DONE, DuplicateError, Store
-from server.round_inputs import load_round_inputs
-from server.strategies import make_strategy
+from server.rounds import RoundState, Rounds
+from server.store import Store
 from stack import wire
 
 log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
-ROUND_POLL_S = 0.2  # how soon a client that has reported its round asks again
 SUMMARY_KEYS = (
     "id", "description", "status", "current_round", "rounds", "created_at", "started_at", "finished_at", "error",
 )
+SPEC_KEYS = frozenset(ExperimentSpec.__dataclass_fields__)
 
 
 class Coordinator:
-    """Assigns client slots, accepts updates and aggregates each round exactly once."""
+    """Queues experiments, registers workers, assigns members, and reaps lost workers."""
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class Coordinator:
         *,
         heartbeat_timeout_s: float = 30.0,
         retry_after_s: float = 1.0,
+        long_poll_slots: int = 64,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -60,15 +63,53 @@ class Coordinator:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.retry_after_s = retry_after_s
         self.clock = clock
-        self._assign_lock = threading.Lock()
-        self._aggregate_lock = threading.Lock()
         #: Measures the landscape of aggregated rounds on one background thread.
         self.measurements = LandscapeWorker(store, resources)
+        self.rounds = Rounds(store, resources, self.measurements, clock=clock, on_change=self._changed)
+        self._seen: dict[str, float] = {}  # worker -> last request (the clock's time)
+        self._seen_lock = threading.Lock()
+        self._flushed: dict[str, float] = {}
+        self._last_reap = clock()
+        self._work = threading.Condition()  # workers long-polling for a task
+        self._work_generation = 0
+        self._poll_slots = threading.BoundedSemaphore(max(long_poll_slots, 1))
+        self._progress = threading.Condition()  # progress views long-polling for a change
+        self._version = 0
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        self._rng = random.Random()
         store.ensure_indexes()
 
+    def start(self, interval_s: float | None = None) -> None:
+        """Reap lost workers, close rounds past their deadline and flush liveness every `interval_s`."""
+        interval = interval_s if interval_s is not None else min(5.0, self.heartbeat_timeout_s / 6.0)
+        self._timer = threading.Thread(target=self._tick, args=(interval,), name="reaper", daemon=True)
+        self._timer.start()
+
     def close(self) -> None:
-        """Stop the measurement thread: the running measurement ends, queued ones are dropped (see `recover`)."""
+        """Stop the timer and the measurement thread (queued measurements are dropped; see `recover`)."""
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join(timeout=10)
         self.measurements.close()
+
+    def recover(self) -> int:
+        """Rebuild the rounds of active experiments from the store (see `Rounds.recover`); workers get a grace period."""
+        aggregated = self.rounds.recover()
+        now = self.clock()
+        with self._seen_lock:
+            for worker in self.rounds.assigned_workers():
+                self._seen.setdefault(worker, now)
+        return aggregated
+
+    def _tick(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.reap()
+                self.rounds.close_due()
+                self.flush_liveness()
+            except Exception:  # noqa: BLE001 - the timer must outlive a store hiccup
+                log.exception("reaper tick failed")
 
     # experiments -----------------------------------------------------------
 
@@ -77,30 +118,30 @@ class Coordinator:
         items = body if isinstance(body, list) else [body]
         if not items:
             raise BadRequest("body: an empty list holds no experiment", "body")
+        prefixes = [f"experiments[{i}]." if isinstance(body, list) else "" for i in range(len(items))]
         specs: list[ExperimentSpec] = []
-        for position, item in enumerate(items):
-            prefix = f"experiments[{position}]." if isinstance(body, list) else ""
+        for prefix, item in zip(prefixes, items):
             try:
                 spec = ExperimentSpec.from_dict(item)
             except SpecError as error:
                 raise BadRequest(f"{prefix}{error}", f"{prefix}{error.field}") from None
             specs.append(spec)
         prepared = []
-        for position, spec in enumerate(specs):
+        for prefix, spec in zip(prefixes, specs):
             try:
-                slots = self.resources.partition_summary(spec)
+                members = self.resources.partition_summary(spec)
             except ValueError as error:
-                prefix = f"experiments[{position}]." if isinstance(body, list) else ""
                 field = getattr(error, "field", "target_balance_ratios")
                 raise BadRequest(f"{prefix}{error}", f"{prefix}{field}") from None
-            prepared.append((spec, slots, wire.encode(self.resources.initial_weights(spec))))
+            prepared.append((spec, members, wire.encode(self.resources.initial_weights(spec))))
         # Nothing was written so far. Round-0 models go first: an orphan file is
         # harmless, an experiment without its initial model is not.
         now = self.clock()
-        experiments, all_slots = [], []
-        for spec, slots, initial in prepared:
+        experiments, all_members = [], []
+        for spec, members, initial in prepared:
             experiment_id = str(ObjectId())  # sorts by creation within a process
             self.store.save_model(initial, experiment_id, 0, "global")
+            self.rounds.remember_model(experiment_id, 0, initial, spec.rounds)
             experiments.append(
                 {
                     **spec.with_id(experiment_id).to_dict(),
@@ -112,19 +153,25 @@ class Coordinator:
                     "error": None,
                 }
             )
-            for stats in slots:
-                all_slots.append(
+            for stats in members:
+                all_members.append(
                     {
                         "experiment_id": experiment_id,
                         **stats,
-                        "client_id": None,
-                        "heartbeat_at": None,
+                        "worker_id": None,
+                        "assigned_round": None,
+                        "assigned_at": None,
                         "reported_round": 0,
                     }
                 )
-        self.store.insert_experiments(experiments, all_slots)
+        self.store.insert_experiments(experiments, all_members)
+        pending = 0
+        for doc in experiments:
+            state = self.rounds.open({**doc})
+            pending += 0 if state is None else len(state.pending)
         ids = [doc["id"] for doc in experiments]
         log.info("queued experiments %s", ", ".join(ids))
+        self._changed(pending)
         return ids
 
     def list_experiments(self) -> list[Doc]:
@@ -140,16 +187,42 @@ class Coordinator:
         return summaries
 
     def experiment(self, experiment_id: str) -> Doc:
-        doc = self.store.get_experiment(experiment_id)
-        if doc is None:
-            raise NotFound(f"experiment {experiment_id!r} not found")
-        return doc
+        return self.rounds.experiment(experiment_id)
 
-    # clients ---------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """Grows whenever an experiment's status or round changes (see `wait_for_change`)."""
+        with self._progress:
+            return self._version
+
+    def wait_for_change(self, version: int, timeout_s: float) -> int:
+        """Block until the version differs from `version` or `timeout_s` passes; returns the version."""
+        with self._progress:
+            self._progress.wait_for(lambda: self._version != version, timeout=max(timeout_s, 0.0))
+            return self._version
+
+    def _changed(self, newly_pending: int) -> None:
+        with self._progress:
+            self._version += 1
+            self._progress.notify_all()
+        if newly_pending:
+            self._wake(newly_pending)
+
+    def _wake(self, count: int) -> None:
+        with self._work:
+            self._work_generation += 1
+            self._work.notify(count)
+
+    # workers ---------------------------------------------------------------
 
     @property
     def heartbeat_interval_s(self) -> float:
         return self.heartbeat_timeout_s / 3.0
+
+    @property
+    def max_wait_s(self) -> float:
+        """The longest a task request long-polls: a waiting worker's requests are its heartbeats."""
+        return self.heartbeat_interval_s
 
     def register(self, body: Any) -> Doc:
         if not isinstance(body, Mapping):
@@ -160,269 +233,150 @@ class Coordinator:
         if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
             raise BadRequest("pid must be an integer >= 0", "pid")
         now = self.clock()
-        client_id = uuid.uuid4().hex
+        worker_id = uuid.uuid4().hex
         self.store.insert_worker(
-            {"client_id": client_id, "hostname": hostname, "pid": pid, "registered_at": now, "last_seen": now}
+            {"client_id": worker_id, "hostname": hostname, "pid": pid, "registered_at": now, "last_seen": now,
+             "status": "alive"}
         )
-        log.info("registered client %s (%s pid %d)", client_id, hostname, pid)
-        return {"client_id": client_id, "heartbeat_interval_s": self.heartbeat_interval_s}
+        with self._seen_lock:
+            self._seen[worker_id] = now
+            self._flushed[worker_id] = now
+        log.info("registered worker %s (%s pid %d)", worker_id, hostname, pid)
+        return {"client_id": worker_id, "heartbeat_interval_s": self.heartbeat_interval_s}
 
-    def heartbeat(self, client_id: str) -> None:
+    def heartbeat(self, worker_id: str) -> None:
+        """Note that the worker is alive; NotFound if it never registered."""
         now = self.clock()
-        if not self.store.touch_worker(client_id, now):
-            raise NotFound(f"client {client_id!r} not registered")
-        self.store.touch_slots(client_id, now)
+        with self._seen_lock:
+            if worker_id in self._seen:
+                self._seen[worker_id] = now
+                return
+        if self.store.get_worker(worker_id) is None:  # known before a restart, or reaped and back
+            raise NotFound(f"client {worker_id!r} not registered")
+        with self._seen_lock:
+            self._seen[worker_id] = now
+
+    def flush_liveness(self) -> None:
+        """Write the workers' `last_seen` that moved since the last flush."""
+        with self._seen_lock:
+            moved = {w: seen for w, seen in self._seen.items() if self._flushed.get(w) != seen}
+            self._flushed.update(moved)
+        if moved:
+            self.store.touch_workers(moved)
 
     def reap(self) -> int:
-        """Free slots whose holder has been silent longer than the heartbeat timeout."""
-        freed = self.store.reap_slots(self.clock() - self.heartbeat_timeout_s)
-        for slot in freed:
+        """Give the members of workers silent longer than the heartbeat timeout back to pending; returns how many."""
+        now = self.clock()
+        self._last_reap = now
+        cutoff = now - self.heartbeat_timeout_s
+        with self._seen_lock:
+            lost = {w for w, seen in self._seen.items() if seen < cutoff}
+            for worker in lost:
+                del self._seen[worker]
+        with self._seen_lock:
+            alive = set(self._seen)
+        freed: list[tuple[RoundState, int, str]] = []
+        with self.rounds.lock:
+            for state in self.rounds.active():
+                for index, worker in list(state.assigned.items()):
+                    if worker not in alive:
+                        del state.assigned[index]
+                        state.pending.append(index)
+                        freed.append((state, index, worker))
+                state.pending.sort()
+        for state, index, worker in freed:
+            self.store.release_member(state.experiment_id, index)
             log.warning(
-                "freed slot %d of experiment %s: client %s silent for over %.0f s",
-                slot["client_index"], slot["experiment_id"], slot["client_id"], self.heartbeat_timeout_s,
+                "member %d of experiment %s freed: worker %s silent for over %.0f s",
+                index, state.experiment_id, worker, self.heartbeat_timeout_s,
             )
+        for worker in lost:
+            self.store.set_worker_status(worker, "lost", now)
+        if freed:
+            self._wake(len(freed))
         return len(freed)
 
-    def task(self, client_id: str) -> Doc:
-        """The client's next action: train its slot's current round, or wait (counts as a heartbeat)."""
-        with self._assign_lock:
-            self.heartbeat(client_id)
+    def task(self, worker_id: str, wait_s: float = 0.0, known: frozenset[str] = frozenset()) -> Doc:
+        """The worker's next action: train a member's round, or wait; long-polls up to `wait_s` for work.
+
+        Counts as a heartbeat. `known` lists experiments whose spec the worker holds (left out of the answer).
+        """
+        self.heartbeat(worker_id)
+        if self.clock() - self._last_reap >= self.heartbeat_timeout_s / 6.0:
             self.reap()
-            slot = self.store.slot_held_by(client_id)
-            if slot is not None:
-                experiment = self.store.get_experiment(slot["experiment_id"])
-                if experiment is not None and experiment["status"] not in DONE:
-                    return self._task_for(experiment, slot)
-                self.store.release_slot(slot["experiment_id"], slot["client_index"], client_id)
-            for experiment in self.store.active_experiments():
-                slot = self.store.claim_slot(experiment["id"], client_id, self.clock())
-                if slot is None:
+        deadline = time.monotonic() + min(max(wait_s, 0.0), self.max_wait_s)
+        while True:
+            with self._work:
+                generation = self._work_generation
+            task = self._claim(worker_id, known)
+            if task is not None:
+                return task
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return self._wait(0.0 if wait_s > 0 else self.retry_after_s)
+            if not self._poll_slots.acquire(blocking=False):  # every long-poll thread is taken: come back later
+                return self._wait(self._rng.uniform(0.5, 1.0) * self.max_wait_s)
+            try:
+                with self._work:
+                    self._work.wait_for(lambda: self._work_generation != generation, timeout=remaining)
+            finally:
+                self._poll_slots.release()
+            self.heartbeat(worker_id)
+
+    def _wait(self, retry_after_s: float) -> Doc:
+        return {"action": "wait", "retry_after_s": retry_after_s}
+
+    def _claim(self, worker_id: str, known: frozenset[str]) -> Doc | None:
+        with self.rounds.lock:
+            held = next(
+                ((s, i) for s in self.rounds.active() for i, w in s.assigned.items() if w == worker_id), None
+            )
+            if held is not None:  # asked again before reporting (e.g. its request was retried): the same task
+                return self._train_task(held[0], held[1], known)
+            chosen: tuple[RoundState, int] | None = None
+            for state in self.rounds.active():
+                if not state.pending:
                     continue
-                if experiment["status"] == "queued":
-                    now = self.clock()
-                    self.store.update_experiment(
-                        experiment["id"], {"status": "running", "started_at": now}, where={"status": "queued"}
-                    )
-                    experiment = self.experiment(experiment["id"])
-                log.info(
-                    "client %s takes slot %d of experiment %s", client_id, slot["client_index"], experiment["id"]
-                )
-                return self._task_for(experiment, slot)
-            return self._wait()
+                index = next((i for i in state.pending if state.last_worker.get(i) == worker_id), state.pending[0])
+                state.pending.remove(index)
+                state.assigned[index] = worker_id
+                chosen = (state, index)
+                break
+        if chosen is None:
+            return None
+        state, index = chosen
+        self.store.assign_member(state.experiment_id, index, worker_id, state.server_round, self.clock())
+        self.rounds.mark_running(state.experiment_id)
+        log.info(
+            "worker %s trains member %d of experiment %s round %d",
+            worker_id, index, state.experiment_id, state.server_round,
+        )
+        return self._train_task(state, index, known)
 
-    def _wait(self, retry_after_s: float | None = None) -> Doc:
-        return {"action": "wait", "retry_after_s": self.retry_after_s if retry_after_s is None else retry_after_s}
-
-    def _task_for(self, experiment: Doc, slot: Doc) -> Doc:
-        if experiment["status"] != "running" or slot["reported_round"] >= experiment["current_round"]:
-            # The slot waits for the round's other clients: the next round is near, so poll
-            # more often than an idle client does (the poll is one indexed lookup).
-            return self._wait(min(self.retry_after_s, ROUND_POLL_S))
-        spec = {key: value for key, value in experiment.items() if key in ExperimentSpec.__dataclass_fields__}
-        return {
+    def _train_task(self, state: RoundState, index: int, known: frozenset[str]) -> Doc:
+        task: Doc = {
             "action": "train",
-            "experiment_id": experiment["id"],
-            "client_index": slot["client_index"],
-            "round": experiment["current_round"],
-            "spec": spec,
-            "partition_digest": slot["partition_digest"],
+            "experiment_id": state.experiment_id,
+            "client_index": index,
+            "round": state.server_round,
+            "partition_digest": state.digests[index],
         }
+        if state.experiment_id not in known:
+            experiment = self.experiment(state.experiment_id)
+            task["spec"] = {key: value for key, value in experiment.items() if key in SPEC_KEYS}
+        return task
 
     # models and updates ----------------------------------------------------
 
     def global_model(self, experiment_id: str, server_round: int) -> bytes:
         """The safetensors model that round `server_round` trains from (round 1: the initial model)."""
-        experiment = self.experiment(experiment_id)
-        if not 1 <= server_round <= experiment["rounds"]:
-            raise NotFound(f"round {server_round} is outside 1..{experiment['rounds']}")
-        file_id = self.store.global_model_id(experiment_id, server_round - 1)
-        if file_id is None:
-            raise NotFound(f"round {server_round - 1} of experiment {experiment_id} is not aggregated yet")
-        return self.store.load_model(file_id)
+        return self.rounds.global_model(experiment_id, server_round)
 
     def submit_update(self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes) -> Doc:
-        """Accept one client's weights and stats for a round; aggregates when the round is complete."""
-        experiment = self.experiment(experiment_id)
-        client_id, client_index, num_examples, stats = _parse_meta(meta, len(experiment["target_balance_ratios"]))
-        if experiment["status"] != "running":
-            raise Conflict(f"experiment {experiment_id} is {experiment['status']}")
-        if server_round != experiment["current_round"]:
-            raise Conflict(f"round {server_round} is not the current round {experiment['current_round']}")
-        slot = self.store.slot(experiment_id, client_index)
-        if slot is None or slot["client_id"] != client_id:
-            raise Conflict(f"slot {client_index} is not held by client {client_id}")
-        if slot["reported_round"] >= server_round:
-            raise Conflict(f"slot {client_index} already reported round {server_round}")
-        if num_examples != slot["num_train"]:  # strategies weight by it: a client may not inflate its share
-            raise BadRequest(
-                f"meta.num_examples must be the slot's {slot['num_train']} training examples, got {num_examples}",
-                "meta.num_examples",
-            )
-        try:
-            weights = wire.decode(weights_data)
-            wire.check_compatible(
-                weights, self.resources.reference(experiment["model"], DATASETS[experiment["dataset_name"]].num_classes)
-            )
-        except ValueError as error:
-            raise BadRequest(str(error), "weights") from None
-
-        now = self.clock()
-        file_id = self.store.save_client_model(weights_data, experiment_id, server_round, client_index)
-        doc = {
-            **stats,
-            "experiment_id": experiment_id,
-            "client_index": client_index,
-            "client_id": client_id,
-            "round": server_round,
-            "num_examples": num_examples,
-            "weights_file_id": file_id,
-            "received_at": now,
-        }
-        try:
-            self.store.insert_client_stats(doc)
-        except DuplicateError:
-            self.store.delete_client_model(file_id)
-            raise Conflict(f"slot {client_index} already reported round {server_round}") from None
-        self.store.mark_reported(experiment_id, client_index, server_round, now)
-        self.store.touch_worker(client_id, now)
-        self.store.touch_slots(client_id, now)
-        log.info("experiment %s round %d: update from slot %d", experiment_id, server_round, client_index)
-        return {"accepted": True, "aggregated": self._maybe_aggregate(experiment_id, server_round)}
-
-    # aggregation -----------------------------------------------------------
-
-    def recover(self) -> int:
-        """Finish rounds cut off by a crash (all updates stored, no rounds document); returns how many.
-
-        Then queues the measurement of every scheduled round of a running or finished
-        experiment that has no `landscape` (a restart dropped it).
-        """
-        finished = 0
-        for experiment in self.store.active_experiments():
-            self.resources.load(experiment["dataset_name"])  # load now, not in a request
-            if experiment["status"] != "running":
-                continue
-            server_round = experiment["current_round"]
-            for stats in self.store.stats_of_round(experiment["id"], server_round):
-                self.store.mark_reported(experiment["id"], stats["client_index"], server_round, self.clock())
-            finished += self._maybe_aggregate(experiment["id"], server_round)
-        for experiment in self.store.list_experiments():
-            if experiment.get("status") in ("running", "finished"):
-                self.measurements.queue_unmeasured(experiment)
-        return finished
-
-    def _maybe_aggregate(self, experiment_id: str, server_round: int) -> bool:
-        with self._aggregate_lock:
-            experiment = self.experiment(experiment_id)
-            if experiment["status"] != "running" or experiment["current_round"] != server_round:
-                return False
-            if self.store.get_round(experiment_id, server_round) is None:
-                num_clients = len(experiment["target_balance_ratios"])
-                if self.store.count_client_stats(experiment_id, server_round) < num_clients:
-                    return False
-                try:
-                    self._aggregate(experiment, server_round)
-                except Exception as error:  # any failure ends the experiment, visibly
-                    log.exception("experiment %s round %d: aggregation failed", experiment_id, server_round)
-                    self._fail(experiment_id, f"round {server_round}: {type(error).__name__}: {error}")
-                    return False
-            self._advance(experiment, server_round)
-            if server_round < experiment["rounds"]:
-                spec = ExperimentSpec.from_dict(experiment)
-                if spec.landscape.scheduled(server_round, spec.rounds):
-                    self.measurements.queue(experiment_id, server_round)
-            return True
-
-    def _aggregate(self, experiment: Doc, server_round: int) -> None:
-        started = time.perf_counter()
-        experiment_id = experiment["id"]
-        spec = ExperimentSpec.from_dict(experiment)
-        inputs = load_round_inputs(self.store, experiment_id, server_round)
-        stats = inputs.stats
-        new_global, new_state = make_strategy(spec.strategy).aggregate(inputs.previous, inputs.updates, inputs.state)
-        wire.check_compatible(new_global, self.resources.reference(spec.model, spec.num_classes))
-        evaluation = self.resources.evaluate(spec, new_global)
-        if not math.isfinite(evaluation.loss):
-            raise ValueError(f"test loss of the aggregated model is {evaluation.loss}")
-        aggregation_s = time.perf_counter() - started
-
-        # files of an attempt cut off before its rounds document stay unreferenced: harmless
-        model_file_id = self.store.save_model(wire.encode(new_global), experiment_id, server_round, "global")
-        state_file_id = self.store.save_model(wire.encode(new_state), experiment_id, server_round, "strategy_state")
-        finished_at = self.clock()
-        started_at = self._round_started_at(experiment, server_round)
-        doc = {
-            "experiment_id": experiment_id,
-            "round": server_round,
-            "test_loss": float(evaluation.loss),
-            "test_accuracy": float(evaluation.accuracy),
-            "num_test": int(evaluation.num_examples),
-            "participants": [int(d["client_index"]) for d in stats],
-            "num_examples": int(sum(d["num_examples"] for d in stats)),
-            "strategy": spec.strategy.name,
-            "started_at": started_at,
-            "finished_at": finished_at,
-            "duration_s": None if started_at is None else finished_at - started_at,
-            "aggregation_s": aggregation_s,
-            "model_file_id": model_file_id,
-            "strategy_state_file_id": state_file_id,
-        }
-        try:
-            self.store.insert_round(doc)
-        except DuplicateError:
-            log.warning("experiment %s round %d was already aggregated", experiment_id, server_round)
-            self.store.delete_model(model_file_id)
-            self.store.delete_model(state_file_id)
-            return
-        log.info(
-            "experiment %s round %d/%d: test loss %.4f, accuracy %.4f",
-            experiment_id, server_round, spec.rounds, evaluation.loss, evaluation.accuracy,
-        )
-
-    def _round_started_at(self, experiment: Doc, server_round: int) -> float | None:
-        if server_round == 1:
-            return experiment.get("started_at")
-        previous = self.store.get_round(experiment["id"], server_round - 1)
-        return None if previous is None else previous.get("finished_at")
-
-    def _advance(self, experiment: Doc, server_round: int) -> None:
-        experiment_id = experiment["id"]
-        where = {"status": "running", "current_round": server_round}
-        if server_round >= experiment["rounds"]:
-            self.measurements.finish(experiment)  # "finished" promises every scheduled round's landscape
-            self.store.update_experiment(experiment_id, {"status": "finished", "finished_at": self.clock()}, where=where)
-            self.store.release_experiment_slots(experiment_id)
-            log.info("experiment %s finished", experiment_id)
-        else:
-            self.store.update_experiment(experiment_id, {"current_round": server_round + 1}, where=where)
-
-    def _fail(self, experiment_id: str, error: str) -> None:
-        self.store.update_experiment(
-            experiment_id, {"status": "failed", "error": error, "finished_at": self.clock()}
-        )
-        self.store.release_experiment_slots(experiment_id)
-
-
-def _parse_meta(meta: Any, num_clients: int) -> tuple[str, int, int, Doc]:
-    """(client_id, client_index, num_examples, stats) from the update's `meta`, or BadRequest."""
-    if not isinstance(meta, Mapping):
-        raise BadRequest("meta must be a JSON object", "meta")
-    client_id = meta.get("client_id")
-    if not isinstance(client_id, str) or not client_id:
-        raise BadRequest("meta.client_id must be a non-empty string", "meta.client_id")
-    client_index = meta.get("client_index")
-    if not isinstance(client_index, int) or isinstance(client_index, bool) or not 0 <= client_index < num_clients:
-        raise BadRequest(f"meta.client_index must be an integer in [0, {num_clients})", "meta.client_index")
-    num_examples = meta.get("num_examples")
-    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
-        raise BadRequest("meta.num_examples must be an integer > 0", "meta.num_examples")
-    stats = meta.get("stats", {})
-    if not isinstance(stats, Mapping):
-        raise BadRequest("meta.stats must be a JSON object", "meta.stats")
-    reserved = {
-        "_id", "experiment_id", "client_index", "client_id", "round", "num_examples", "weights_file_id", "received_at",
-    }
-    clash = sorted(reserved & set(stats))
-    if clash:
-        raise BadRequest(f"meta.stats.{clash[0]} is set by the server", f"meta.stats.{clash[0]}")
-    return client_id, client_index, num_examples, dict(stats)
+        """Accept one member's weights and stats for a round; aggregates when the round is complete."""
+        result = self.rounds.accept(experiment_id, server_round, meta, weights_data)
+        if isinstance(meta, Mapping) and isinstance(meta.get("client_id"), str):
+            with self._seen_lock:
+                if meta["client_id"] in self._seen:
+                    self._seen[meta["client_id"]] = self.clock()
+        return result

@@ -14,6 +14,7 @@ import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
+from collections.abc import Callable
 from typing import Any
 
 from fedland.spec import ExperimentSpec
@@ -34,6 +35,7 @@ class LandscapeWorker:
         self.resources = resources
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landscape")
         self._pending: dict[tuple[str, int], Future[None]] = {}
+        self._finishing: dict[str, Future[None]] = {}  # experiment -> its final job (`finish_then`)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -60,16 +62,48 @@ class LandscapeWorker:
             self.queue(experiment["id"], server_round)
 
     def wait(self, experiment_id: str | None = None, timeout_s: float | None = None) -> bool:
-        """Wait for the measurements queued so far (of one experiment, or all); True if none is left."""
+        """Wait for the measurements and final jobs queued so far (of one experiment, or all); True if none is left."""
         with self._lock:
             futures = [f for (eid, _), f in self._pending.items() if experiment_id is None or eid == experiment_id]
+            futures += [f for eid, f in self._finishing.items() if experiment_id is None or eid == experiment_id]
         return not wait_futures(futures, timeout=timeout_s).not_done
 
     def finish(self, experiment: Doc) -> None:
-        """Before the experiment is finished: its queued measurements, then any still missing, here."""
+        """Before the experiment is finished: its queued measurements, then any still missing, here.
+
+        Not on the measurement thread (it would wait for itself): `finish_then` is.
+        """
         self.wait(experiment["id"])
+        self._measure_missing(experiment)
+
+    def _measure_missing(self, experiment: Doc) -> None:
         for server_round in self._unmeasured_rounds(experiment):
             self._measure_safely(experiment["id"], server_round)
+
+    def finish_then(self, experiment: Doc, then: Callable[[], None]) -> None:
+        """On the measurement thread, after the rounds queued so far: `finish`, then `then` (dropped after `close`)."""
+
+        def job() -> None:  # the rounds queued before it are done: one thread, first in first out
+            try:
+                self._measure_missing(experiment)
+            except Exception:  # noqa: BLE001 - the measurement thread must outlive any job
+                log.exception("experiment %s: final measurements failed", experiment["id"])
+            then()
+
+        with self._lock:
+            try:
+                future = self.executor.submit(job)
+            except RuntimeError:  # closed: the next start finishes it (`Rounds.recover`)
+                log.info("experiment %s: not finished, shutting down", experiment["id"])
+                return
+            self._finishing[experiment["id"]] = future
+
+        def forget(done: Future[None]) -> None:
+            with self._lock:
+                if self._finishing.get(experiment["id"]) is done:
+                    del self._finishing[experiment["id"]]
+
+        future.add_done_callback(forget)
 
     def _forget(self, key: tuple[str, int], future: Future[None]) -> None:
         with self._lock:

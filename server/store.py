@@ -89,7 +89,6 @@ class Store:
     def ensure_indexes(self) -> None:
         """Create the unique indexes of the schema (idempotent)."""
         self.clients.create_index([("experiment_id", 1), ("client_index", 1)], unique=True)
-        self.clients.create_index([("client_id", 1)])
         self.workers.create_index([("client_id", 1)], unique=True)
         self.client_stats.create_index(
             [("experiment_id", 1), ("client_index", 1), ("round", 1)], unique=True
@@ -128,74 +127,74 @@ class Store:
         result = self.experiments.update_one({"_id": experiment_id, **(where or {})}, {"$set": dict(changes)})
         return result.matched_count > 0
 
-    # client slots ----------------------------------------------------------
+    # members (the `clients` collection: one document per member) -----------
 
     def slot(self, experiment_id: str, client_index: int) -> Doc | None:
+        """The member document of `client_index` (its partition and assignment)."""
         return _plain(self.clients.find_one({"experiment_id": experiment_id, "client_index": client_index}))
 
     def slots(self, experiment_id: str) -> list[Doc]:
+        """Every member document of the experiment, by client_index."""
         cursor = self.clients.find({"experiment_id": experiment_id}).sort([("client_index", 1)])
         return [doc for doc in (_plain(d) for d in cursor) if doc is not None]
 
-    def slot_held_by(self, client_id: str) -> Doc | None:
-        return _plain(self.clients.find_one({"client_id": client_id}))
-
-    def claim_slot(self, experiment_id: str, client_id: str, now: float) -> Doc | None:
-        """Atomically take the lowest free slot of the experiment; None if all are held."""
-        return _plain(
-            self.clients.find_one_and_update(
-                {"experiment_id": experiment_id, "client_id": None},
-                {"$set": {"client_id": client_id, "heartbeat_at": now}},
-                sort=[("client_index", 1)],
-                return_document=ReturnDocument.AFTER,
-            )
-        )
-
-    def release_slot(self, experiment_id: str, client_index: int, client_id: str) -> bool:
-        result = self.clients.update_one(
-            {"experiment_id": experiment_id, "client_index": client_index, "client_id": client_id},
-            {"$set": {"client_id": None, "heartbeat_at": None}},
-        )
-        return result.modified_count > 0
-
-    def release_experiment_slots(self, experiment_id: str) -> int:
-        result = self.clients.update_many(
-            {"experiment_id": experiment_id, "client_id": {"$ne": None}},
-            {"$set": {"client_id": None, "heartbeat_at": None}},
-        )
-        return result.modified_count
-
-    def touch_slots(self, client_id: str, now: float) -> int:
-        result = self.clients.update_many({"client_id": client_id}, {"$set": {"heartbeat_at": now}})
-        return result.matched_count
-
-    def reap_slots(self, cutoff: float) -> list[Doc]:
-        """Free every held slot whose heartbeat is older than `cutoff`; returns the freed slots."""
-        freed = []
-        for doc in self.clients.find({"client_id": {"$ne": None}, "heartbeat_at": {"$lt": cutoff}}):
-            # conditional on the same holder and heartbeat: a fresh heartbeat wins the race
-            result = self.clients.update_one(
-                {"_id": doc["_id"], "client_id": doc["client_id"], "heartbeat_at": doc["heartbeat_at"]},
-                {"$set": {"client_id": None, "heartbeat_at": None}},
-            )
-            if result.modified_count:
-                freed.append(_plain(doc))
-        return [doc for doc in freed if doc is not None]
-
-    def mark_reported(self, experiment_id: str, client_index: int, server_round: int, now: float) -> None:
+    def assign_member(self, experiment_id: str, client_index: int, worker_id: str, server_round: int, now: float) -> None:
+        """Record that `worker_id` trains the member in `server_round` (the coordinator decided it)."""
         self.clients.update_one(
             {"experiment_id": experiment_id, "client_index": client_index},
-            {"$max": {"reported_round": server_round}, "$set": {"heartbeat_at_report": now}},
+            {"$set": {"worker_id": worker_id, "assigned_round": server_round, "assigned_at": now}},
         )
+
+    def release_member(self, experiment_id: str, client_index: int) -> None:
+        """The member's worker was lost: nobody trains it now."""
+        self.clients.update_one(
+            {"experiment_id": experiment_id, "client_index": client_index},
+            {"$set": {"worker_id": None, "assigned_round": None, "assigned_at": None}},
+        )
+
+    def mark_round_reported(self, experiment_id: str, client_indices: list[int], server_round: int) -> None:
+        """The members reported `server_round` (one write when the round closes); nobody trains them now."""
+        self.clients.update_many(
+            {"experiment_id": experiment_id, "client_index": {"$in": list(client_indices)}},
+            {
+                "$max": {"reported_round": server_round},
+                "$set": {"worker_id": None, "assigned_round": None, "assigned_at": None},
+            },
+        )
+
+    def unreport(self, experiment_id: str, client_index: int, server_round: int) -> None:
+        """Forget the member's report of `server_round` (its update was lost with a restart): it trains again."""
+        self.clients.update_one(
+            {"experiment_id": experiment_id, "client_index": client_index},
+            {"$set": {"reported_round": server_round - 1, "worker_id": None, "assigned_round": None}},
+        )
+        self.client_stats.delete_many(
+            {"experiment_id": experiment_id, "client_index": client_index, "round": server_round}
+        )
+
+    def release_experiment_slots(self, experiment_id: str) -> int:
+        """Clear every member's assignment (the experiment ended)."""
+        result = self.clients.update_many(
+            {"experiment_id": experiment_id, "worker_id": {"$ne": None}},
+            {"$set": {"worker_id": None, "assigned_round": None, "assigned_at": None}},
+        )
+        return result.modified_count
 
     # workers ---------------------------------------------------------------
 
     def insert_worker(self, doc: Doc) -> None:
         self.workers.insert_one(dict(doc))
 
-    def touch_worker(self, client_id: str, now: float) -> bool:
-        result = self.workers.update_one({"client_id": client_id}, {"$set": {"last_seen": now}})
-        return result.matched_count > 0
+    def get_worker(self, worker_id: str) -> Doc | None:
+        return _plain(self.workers.find_one({"client_id": worker_id}))
+
+    def touch_workers(self, last_seen: Mapping[str, float]) -> None:
+        """Write the workers' `last_seen` (the coordinator keeps liveness in memory and flushes it here)."""
+        for worker_id, seen in last_seen.items():
+            self.workers.update_one({"client_id": worker_id}, {"$max": {"last_seen": seen}})
+
+    def set_worker_status(self, worker_id: str, status: str, now: float) -> None:
+        self.workers.update_one({"client_id": worker_id}, {"$set": {"status": status, "status_at": now}})
 
     # client updates and rounds ---------------------------------------------
 
@@ -210,9 +209,6 @@ class Store:
             [("client_index", 1)]
         )
         return [doc for doc in (_plain(d) for d in cursor) if doc is not None]
-
-    def count_client_stats(self, experiment_id: str, server_round: int) -> int:
-        return self.client_stats.count_documents({"experiment_id": experiment_id, "round": server_round})
 
     def insert_round(self, doc: Doc) -> None:
         try:

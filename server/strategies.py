@@ -16,6 +16,14 @@ optimisers (FedAvgM, FedAdam, FedYogi, FedAdagrad) give them the plain
 num_examples-weighted mean and keep no optimiser state for them (a server step
 could make a variance negative); FedAvg/FedProx average them like every key,
 and the robust rules (median, trimmed mean, Krum) apply to them as to the rest.
+
+Memory: the averaging strategies (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi,
+FedAdagrad) depend on the updates only through their num_examples-weighted
+mean, so the server folds each update into a `RunningMean` as it arrives and
+calls `aggregate_mean` (memory O(model), whatever the number of updates). The
+robust strategies (FedMedian, FedTrimmedAvg, Krum) need every update of the
+round at once; the spec refuses more than `fedland.spec.ROBUST_MAX_UPDATES`
+members per round for them.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import Protocol
 
 import numpy as np
 
-from fedland.spec import StrategySpec
+from fedland.spec import ROBUST_STRATEGY_NAMES, StrategySpec
 
 Weights = dict[str, np.ndarray]
 
@@ -92,6 +100,34 @@ def is_statistic(name: str, value: np.ndarray) -> bool:
     """Whether a key is a running statistic (BatchNorm buffers, any integer key) rather than a parameter."""
     return name.rsplit(".", 1)[-1] in STATISTIC_SUFFIXES or not np.issubdtype(np.asarray(value).dtype, np.inexact)
 
+class RunningMean:
+    """The num_examples-weighted mean of updates folded in one at a time: float64, O(model) memory."""
+
+    def __init__(self) -> None:
+        self._sums: Weights = {}
+        self.total_examples = 0
+        self.count = 0
+
+    def add(self, weights: Mapping[str, np.ndarray], num_examples: int) -> None:
+        """Fold one update in (the weights are not kept)."""
+        if num_examples <= 0:
+            raise ValueError(f"num_examples must be > 0, got {num_examples}")
+        if self._sums and set(weights) != set(self._sums):
+            raise ValueError("weights: keys differ from the updates folded so far")
+        for name, value in weights.items():
+            scaled = float(num_examples) * np.asarray(value, dtype=np.float64)
+            if name in self._sums:
+                self._sums[name] += scaled
+            else:
+                self._sums[name] = scaled
+        self.total_examples += int(num_examples)
+        self.count += 1
+
+    def mean(self) -> Weights:
+        if not self.count:
+            raise ValueError("updates: at least one client update is needed")
+        return {name: total / float(self.total_examples) for name, total in self._sums.items()}
+
 
 def _stack(updates: Sequence[ClientUpdate], name: str) -> np.ndarray:
     # (clients, *shape)
@@ -115,6 +151,7 @@ def _state_or_zeros(state: Mapping[str, np.ndarray], key: str, like: np.ndarray)
 class FedAvg:
     """McMahan et al. 2017: mean of the client weights weighted by num_examples."""
 
+
     def aggregate(
         self,
         global_weights: Mapping[str, np.ndarray],
@@ -122,7 +159,13 @@ class FedAvg:
         state: Mapping[str, np.ndarray],
     ) -> tuple[Weights, Weights]:
         _check_updates(global_weights, updates)
-        return _cast_like(global_weights, weighted_mean(updates)), {}
+        return self.aggregate_mean(global_weights, weighted_mean(updates), state)
+
+    def aggregate_mean(
+        self, global_weights: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]
+    ) -> tuple[Weights, Weights]:
+        """The new global model from the updates' num_examples-weighted mean alone."""
+        return _cast_like(global_weights, mean), {}
 
 
 @dataclass(frozen=True)
@@ -146,7 +189,12 @@ class FedAvgM:
         state: Mapping[str, np.ndarray],
     ) -> tuple[Weights, Weights]:
         _check_updates(global_weights, updates)
-        average = weighted_mean(updates)
+        return self.aggregate_mean(global_weights, weighted_mean(updates), state)
+
+    def aggregate_mean(
+        self, global_weights: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]
+    ) -> tuple[Weights, Weights]:
+        """The new global model from the updates' num_examples-weighted mean alone."""
         new_global: Weights = {}
         new_state: Weights = {}
         for name, current in global_weights.items():
@@ -185,7 +233,12 @@ class _Adaptive:
         state: Mapping[str, np.ndarray],
     ) -> tuple[Weights, Weights]:
         _check_updates(global_weights, updates)
-        average = weighted_mean(updates)
+        return self.aggregate_mean(global_weights, weighted_mean(updates), state)
+
+    def aggregate_mean(
+        self, global_weights: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]
+    ) -> tuple[Weights, Weights]:
+        """The new global model from the updates' num_examples-weighted mean alone."""
         new_global: Weights = {}
         new_state: Weights = {}
         for name, current in global_weights.items():
@@ -318,3 +371,8 @@ STRATEGIES: dict[str, type] = {
 def make_strategy(spec: StrategySpec) -> Strategy:
     """Build the strategy a (valid, hence checked) `StrategySpec` names, with every parameter resolved."""
     return STRATEGIES[spec.name](**spec.resolved_params)  # type: ignore[no-any-return]
+
+
+def is_averaging(spec: StrategySpec) -> bool:
+    """Whether the strategy needs only the weighted mean of the updates (a running sum), not each update."""
+    return spec.name not in ROBUST_STRATEGY_NAMES

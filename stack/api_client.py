@@ -7,6 +7,7 @@ import logging
 import random
 import threading
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import requests
@@ -108,12 +109,13 @@ class Transport:
         have been applied would apply it twice.
         """
         url = self.base_url + path
+        timeout = kwargs.pop("timeout", self.timeout_s)
         attempt = 0
         while True:
             if self.stop.is_set():
                 raise Stopped(f"{method} {path}")
             try:
-                response = self.session.request(method, url, timeout=self.timeout_s, **kwargs)
+                response = self.session.request(method, url, timeout=timeout, **kwargs)
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
                 problem = f"{type(error).__name__}: {error}"
                 if not idempotent and not _never_sent(error):
@@ -148,8 +150,17 @@ class Transport:
     def heartbeat(self, client_id: str) -> None:
         _json(self.request("POST", f"/clients/{client_id}/heartbeat"), 200, unknown_client=True)
 
-    def next_task(self, client_id: str) -> dict[str, Any]:
-        return _json(self.request("POST", f"/clients/{client_id}/task"), 200, unknown_client=True)
+    def next_task(
+        self, client_id: str, wait_s: float = 0.0, known_experiments: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """The next task; the server holds the request up to `wait_s` s for work (long-poll).
+
+        `known_experiments`: experiments whose spec this worker holds (the server leaves them out).
+        """
+        body = {"wait_s": wait_s, "known_experiments": list(known_experiments)}
+        timeout = (self.timeout_s[0], self.timeout_s[1] + wait_s)
+        response = self.request("POST", f"/clients/{client_id}/task", json=body, timeout=timeout)
+        return _json(response, 200, unknown_client=True)
 
     def fetch_model(self, experiment_id: str, server_round: int) -> bytes:
         """Safetensors bytes of the global model that round `server_round` trains from."""
@@ -178,6 +189,13 @@ class Transport:
 
     def list_experiments(self) -> list[dict[str, Any]]:
         return list(_json(self.request("GET", "/experiments"), 200)["experiments"])
+
+    def watch_experiments(self, version: int | None, wait_s: float) -> tuple[list[dict[str, Any]], int]:
+        """Experiment summaries once they changed after `version` (or `wait_s` passed), and the new version."""
+        params = {} if version is None else {"version": version, "wait_s": wait_s}
+        timeout = (self.timeout_s[0], self.timeout_s[1] + wait_s)
+        body = _json(self.request("GET", "/experiments", params=params, timeout=timeout), 200)
+        return list(body["experiments"]), int(body.get("version", 0))
 
     def get_experiment(self, experiment_id: str) -> dict[str, Any]:
         return _json(self.request("GET", f"/experiments/{experiment_id}"), 200)

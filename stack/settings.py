@@ -127,10 +127,17 @@ class ServerSettings:
     torch_threads: int = 1
     log_level: str = "INFO"
     device: str = "cpu"  # of the landscape measurements
+    threads: int = 256  # request threads; most of them may hold a waiting worker's long-poll
+    connection_limit: int = 4096  # open connections (each worker keeps one or two alive)
 
     @property
     def max_body_bytes(self) -> int:
         return self.max_body_mb * 1024 * 1024
+
+    @property
+    def long_poll_slots(self) -> int:
+        """Request threads a waiting worker may hold; the rest stay free for updates and downloads."""
+        return max(1, self.threads - max(4, self.threads // 8))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServerSettings:
@@ -149,6 +156,8 @@ class ServerSettings:
             torch_threads=_int(env, "FEDLAND_TORCH_THREADS", 1, low=1),
             log_level=_log_level(env),
             device=_device(env),
+            threads=_int(env, "FEDLAND_SERVER_THREADS", 256, low=2, high=4096),
+            connection_limit=_int(env, "FEDLAND_SERVER_CONNECTIONS", 4096, low=16),
         )
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "DataFile",
     "dataset_info",
     "load_dataset",
+    "verify_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -240,6 +241,25 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str], download: bool = T
     # Key the cache on the files' identity so a replaced file is re-read and re-verified.
     stamps = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p is not None)
     return _load_cached(info, stamps)
+
+
+def verify_dataset(name: str, data_dir: str | os.PathLike[str], download: bool = True) -> None:
+    """Check (downloading what is missing) that the dataset's files are present and intact; loads nothing.
+
+    Raises the errors of ``load_dataset``.
+    """
+    info = dataset_info(name)
+    directory = Path(data_dir).expanduser().resolve() / info.directory
+    missing = [f for f in info.files if find_file(directory, f) is None]
+    if missing:
+        if not download:
+            raise DatasetMissingError(_missing_message(info, directory, missing, reason="download=False"))
+        _download(info, directory, missing)
+    for data_file in info.files:
+        path = find_file(directory, data_file)
+        if path is None:
+            raise DatasetMissingError(_missing_message(info, directory, [data_file], reason="download failed"))
+        read_verified(path, data_file)
 
 
 def _download(info: DatasetInfo, directory: Path, missing: list[DataFile]) -> None:

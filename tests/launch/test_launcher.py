@@ -11,7 +11,7 @@ import main
 from fedland.spec import ExperimentSpec
 from cli import main as launcher_main
 from cli import parse_args
-from launch.launcher import prepare
+from launch.launcher import default_workers, prepare
 from launch.progress import summary_table
 
 
@@ -55,9 +55,11 @@ def test_a_bad_strategy_parameter_in_a_file_stops_the_run_before_anything_starts
     assert "experiments[0].strategy.params.bogus: unknown parameter for FedAdam" in capsys.readouterr().err
 
 
-def test_too_few_clients_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    assert launcher_main([spec("two clients")], ["--clients", "1", "--no-reports"]) == 2
-    assert "--clients 1: an experiment needs 2 clients" in capsys.readouterr().err
+def test_default_workers_are_the_most_members_a_round_trains_at_most_four() -> None:
+    assert default_workers([spec("two clients")]) == 2
+    assert default_workers(main.EXPERIMENTS) == 4  # the 100-member example trains 10 per round
+    one = ExperimentSpec.from_dict({**spec("x").to_dict(), "clients_per_round": 1})
+    assert default_workers([one]) == 1
 
 
 def test_summary_table_rows() -> None:

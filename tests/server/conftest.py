@@ -35,7 +35,8 @@ def small_spec(**overrides: Any) -> dict[str, Any]:
 class Api:
     """requests against one server, with the bearer token set."""
 
-    def __init__(self, base_url: str, token: str) -> None:
+    def __init__(self, base_url: str, token: str, app: Any = None) -> None:
+        self.app = app  # the Flask app served, when the test started it
         self.base = f"{base_url}/api/v1"
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
@@ -108,7 +109,7 @@ def start_api(
 
     def start(**overrides: Any) -> Api:
         app = create_app(make_settings(**overrides), Store.from_database(store.db), clock=clock)
-        return Api(serve(app), token)
+        return Api(serve(app), token, app)
 
     return start
 

@@ -57,7 +57,7 @@ def test_submit_stores_experiment_slots_and_initial_model(
     for slot, part in zip(slots, parts):
         assert slot["partition_digest"] == part.digest()
         assert slot["class_counts"] == part.class_counts == [60] * 10  # floor(60000 / 2) * 0.02 / 10 classes
-        assert slot["num_train"] == 600 and slot["client_id"] is None and slot["reported_round"] == 0
+        assert slot["num_train"] == 600 and slot["worker_id"] is None and slot["reported_round"] == 0
 
     # round 1 trains from build_model(model, seed)
     initial = api.model(experiment_id, 1)

@@ -62,7 +62,7 @@ def test_round_aggregates_with_fedavg_then_finishes(api: Any, store: Store, make
     np.testing.assert_array_equal(stored["fc1.weight"], global_1["fc1.weight"])
 
     stats = store.stats_of_round(experiment_id, 1)
-    assert [(s["client_index"], s["client_id"], s["num_examples"]) for s in stats] == [(0, first, 600), (1, second, 1800)]
+    assert [(s["client_index"], s["worker_id"], s["num_examples"]) for s in stats] == [(0, first, 600), (1, second, 1800)]
     assert stats[0]["global"] == {"train_loss": 2.3} and stats[0]["duration_s"] == {"train": 1.5}
     assert api.get(f"/experiments/{experiment_id}").json()["current_round"] == 2
     (summary,) = api.get("/experiments").json()["experiments"]
@@ -75,9 +75,10 @@ def test_round_aggregates_with_fedavg_then_finishes(api: Any, store: Store, make
     assert api.update(experiment_id, 2, first, 0, shifted(global_1, 0.0)).status_code == 202
     last = api.update(experiment_id, 2, second, 1, shifted(global_1, 0.0), num_examples=1800)
     assert last.json()["aggregated"] is True
+    assert coordinator_of(api.app).measurements.wait(timeout_s=300)  # finished once the last round is measured
     doc = api.get(f"/experiments/{experiment_id}").json()
     assert (doc["status"], doc["current_round"]) == ("finished", 2)
-    assert all(slot["client_id"] is None for slot in store.slots(experiment_id))
+    assert all(slot["worker_id"] is None for slot in store.slots(experiment_id))
     assert api.task(first)["action"] == "wait"
     assert api.update(experiment_id, 2, first, 0, shifted(global_1, 0.0)).status_code == 409
     assert api.get(f"/experiments/{experiment_id}/rounds/3/model").status_code == 404
@@ -100,8 +101,9 @@ def test_heartbeat_expiry_frees_the_slot(api: Any, clock: Any, make_spec: Callab
     assert api.update(experiment_id, 1, stale, 0, weights).status_code == 409
     assert api.update(experiment_id, 1, newcomer, 0, weights).status_code == 202
     assert api.update(experiment_id, 1, alive, 1, weights).json()["aggregated"] is True
-    task = api.task(stale)  # comes back: every slot is held
-    assert task["action"] == "wait"
+    # round 2: each member goes back to the worker that reported it; the stale worker, back, waits
+    assert [api.task(w)["client_index"] for w in (alive, newcomer)] == [1, 0]
+    assert api.task(stale)["action"] == "wait"
 
 
 def test_diverged_aggregate_marks_the_experiment_failed(api: Any, store: Store, make_spec: Callable[..., dict]) -> None:
@@ -114,7 +116,7 @@ def test_diverged_aggregate_marks_the_experiment_failed(api: Any, store: Store, 
     assert (response.status_code, response.json()["aggregated"]) == (202, False)
     doc = api.get(f"/experiments/{experiment_id}").json()
     assert doc["status"] == "failed" and "round 1" in doc["error"]
-    assert all(slot["client_id"] is None for slot in store.slots(experiment_id))
+    assert all(slot["worker_id"] is None for slot in store.slots(experiment_id))
     assert api.task(first)["action"] == "wait"
 
 
@@ -236,7 +238,8 @@ def test_finished_means_measured_and_a_restart_measures_lost_landscapes(
                                             make_spec(rounds=3, landscape=CHEAP_LANDSCAPE)])
     clients = [first.register({"hostname": "h", "pid": i})["client_id"] for i in range(2)]
     play_rounds(first, clients, finished_id, range(1, 4))
-    # read at once: "finished" promises every scheduled round (2, and the last) is measured
+    # "finished" promises every scheduled round (2, and the last) is measured: it comes after them
+    assert first.measurements.wait(timeout_s=300)
     assert first.experiment(finished_id)["status"] == "finished"
     before = landscapes_of(store, finished_id)
     assert before[1] is None and before[2] is not None and before[3] is not None
@@ -276,6 +279,8 @@ def test_measurements_of_broken_or_deleted_rounds_leave_the_worker_alive(
     (experiment_id,) = coordinator.submit(make_spec(rounds=3, landscape=CHEAP_LANDSCAPE))
     clients = [coordinator.register({"hostname": "h", "pid": i})["client_id"] for i in range(2)]
     play_rounds(coordinator, clients, experiment_id, range(1, 4))
+    assert coordinator.measurements.wait(timeout_s=300)
+    assert coordinator.experiment(experiment_id)["status"] == "finished"
     measured = landscapes_of(store, experiment_id)
     for server_round in (1, 2, 3):
         store.rounds.update_one({"experiment_id": experiment_id, "round": server_round}, {"$unset": {"landscape": ""}})

@@ -1,8 +1,6 @@
-"""Store over a real nx-27017: atomic slot claims, unique indexes, reaping, GridFS."""
+"""Store over a real nx-27017: member documents, unique indexes, GridFS."""
 
 from __future__ import annotations
-
-import threading
 
 import pytest
 
@@ -12,30 +10,23 @@ from server.store import DuplicateError, Store
 def add_slots(store: Store, experiment_id: str, count: int) -> None:
     store.insert_experiments(
         [{"id": experiment_id, "status": "running", "created_at": 1.0}],
-        [{"experiment_id": experiment_id, "client_index": i, "client_id": None, "heartbeat_at": None,
+        [{"experiment_id": experiment_id, "client_index": i, "worker_id": None, "assigned_round": None,
           "reported_round": 0} for i in range(count)],
     )
 
 
-def test_concurrent_claims_take_distinct_slots(store: Store) -> None:
-    add_slots(store, "e", 2)
-    claims: list[tuple[str, int | None]] = []
-    barrier = threading.Barrier(6)
-
-    def claim(client_id: str) -> None:
-        barrier.wait()
-        slot = store.claim_slot("e", client_id, now=5.0)
-        claims.append((client_id, None if slot is None else slot["client_index"]))
-
-    threads = [threading.Thread(target=claim, args=(f"c{i}",)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    taken = sorted(index for _, index in claims if index is not None)
-    assert taken == [0, 1]
-    holders = {slot["client_index"]: slot["client_id"] for slot in store.slots("e")}
-    assert sorted((c, i) for c, i in claims if i is not None) == sorted((c, i) for i, c in holders.items())
+def test_member_assignment_report_and_a_lost_report(store: Store) -> None:
+    add_slots(store, "e", 3)
+    store.assign_member("e", 1, "w1", 1, now=5.0)
+    store.assign_member("e", 2, "w2", 1, now=6.0)
+    assert [(m["worker_id"], m["assigned_round"]) for m in store.slots("e")] == [(None, None), ("w1", 1), ("w2", 1)]
+    store.insert_client_stats({"experiment_id": "e", "client_index": 1, "round": 1, "worker_id": "w1"})
+    store.release_member("e", 2)  # w2 was lost
+    store.mark_round_reported("e", [1], 1)  # the round closed with member 1's update
+    members = store.slots("e")
+    assert [(m["worker_id"], m["reported_round"]) for m in members] == [(None, 0), (None, 1), (None, 0)]
+    store.unreport("e", 1, 1)  # its update was lost with a restart: it trains again
+    assert store.slot("e", 1)["reported_round"] == 0 and store.count("client_stats") == 0
 
 
 def test_unique_indexes_guard_duplicates(store: Store) -> None:
@@ -48,15 +39,6 @@ def test_unique_indexes_guard_duplicates(store: Store) -> None:
     with pytest.raises(DuplicateError):
         store.insert_round({"experiment_id": "e", "round": 1})
     assert store.count("client_stats") == 1 and store.count("rounds") == 1
-
-
-def test_reap_frees_only_stale_slots(store: Store) -> None:
-    add_slots(store, "e", 3)
-    store.claim_slot("e", "old", now=10.0)
-    store.claim_slot("e", "fresh", now=50.0)
-    freed = store.reap_slots(cutoff=40.0)
-    assert [(slot["client_index"], slot["client_id"]) for slot in freed] == [(0, "old")]
-    assert [slot["client_id"] for slot in store.slots("e")] == [None, "fresh", None]
 
 
 def test_gridfs_round_trip_by_metadata(store: Store) -> None:

@@ -274,3 +274,28 @@ def test_batchnorm_statistics_get_the_weighted_mean(name: str) -> None:
     assert not [k for k in state if k.rsplit("/", 1)[-1].rsplit(".", 1)[-1] in ("running_var", "num_batches_tracked")]
     assert is_statistic("layers.0.bn1.running_mean", np.zeros(3, np.float32))
     assert not is_statistic("layers.0.bn1.weight", np.zeros(3, np.float32))
+
+
+def test_running_mean_folds_updates_into_the_weighted_mean_in_o_model_memory() -> None:
+    from server.strategies import RunningMean, weighted_mean
+
+    rng = np.random.default_rng(0)
+    updates = [
+        ClientUpdate({"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}, n)
+        for n in (5, 17, 1, 300)
+    ]
+    running = RunningMean()
+    for update in updates:
+        running.add(update.weights, update.num_examples)
+    assert (running.count, running.total_examples) == (4, 323)
+    expected = weighted_mean(updates)
+    for name, value in running.mean().items():
+        np.testing.assert_allclose(value, expected[name], rtol=1e-12)
+    # the averaging strategies give the same model from the mean as from the updates
+    spec = StrategySpec("FedAdam")
+    strategy = make_strategy(spec)
+    global_weights = {name: np.zeros_like(value) for name, value in updates[0].weights.items()}
+    from_updates = strategy.aggregate(global_weights, updates, {})
+    from_mean = strategy.aggregate_mean(global_weights, running.mean(), {})  # type: ignore[attr-defined]
+    for name in global_weights:
+        np.testing.assert_array_equal(from_updates[0][name], from_mean[0][name])

@@ -1,0 +1,527 @@
+"""Rounds of the aggregation server: selected members, updates, aggregation, recovery.
+
+No HTTP and no worker bookkeeping here (see server/coordinator.py). A round's
+live state (`RoundState`: which selected members are pending, assigned to a
+worker, or reported, and the running weighted sum of their updates) is kept in
+memory and written through to the store, so `Rounds.recover` rebuilds it after
+a restart. One server process owns a store at a time.
+
+Updates are folded into a `RunningMean` as they arrive (memory O(model)) for the
+averaging strategies. An update is also saved (GridFS `client_models`) when the
+round needs it later: a robust strategy (every update at once) or a round whose
+server-side landscape is scheduled. An update kept only in the running sum is
+lost if the server stops before the round is aggregated: `recover` removes its
+`client_stats` and the member trains again.
+
+Rounds close when every selected member has reported, or at the spec's
+`round_timeout_s` once `min_reports` have (FEDn's semantics: a deadline, then a
+minimum number of updates; stragglers' late updates are refused with 409).
+Measurements run on the background `LandscapeWorker`; the last round's
+measurements finish there too and only then is the experiment marked `finished`,
+so no request waits for a measurement.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedland.participation import selected_members
+from fedland.datasets import DATASETS
+from fedland.spec import ExperimentSpec
+from server.errors import BadRequest, Conflict, NotFound
+from server.measurements import LandscapeWorker
+from server.resources import Resources
+from server.store import DuplicateError, Store
+from server.round_inputs import load_round_inputs
+from server.strategies import RunningMean, is_averaging, make_strategy
+from stack import wire
+
+log = logging.getLogger(__name__)
+
+Doc = dict[str, Any]
+MODEL_CACHE_ENTRIES = 64  # global models kept in memory for the workers' downloads (~0.2 MB each for FedNet)
+RESERVED_STATS = frozenset(
+    {"_id", "experiment_id", "client_index", "client_id", "worker_id", "round", "num_examples", "weights_file_id",
+     "received_at"}
+)
+
+
+@dataclass
+class RoundState:
+    """The live state of one experiment's current round (guarded by `Rounds.lock`; `mean` by `fold_lock`)."""
+
+    spec: ExperimentSpec
+    experiment_id: str
+    server_round: int
+    selected: tuple[int, ...]
+    started_at: float
+    durable: bool  # updates are saved to GridFS (robust strategy or server-side landscape this round)
+    num_train: dict[int, int]  # the members' training examples
+    digests: dict[int, str]  # the members' partition digests
+    pending: list[int] = field(default_factory=list)  # selected, neither assigned nor reported; ascending
+    assigned: dict[int, str] = field(default_factory=dict)  # member -> worker training it
+    reported: set[int] = field(default_factory=set)
+    last_worker: dict[int, str] = field(default_factory=dict)  # member -> worker of its latest report
+    mean: RunningMean | None = None  # None: the strategy needs each update (robust)
+    folded: set[int] = field(default_factory=set)  # members whose update is in `mean` / stored
+    closed: bool = False
+    fold_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def deadline_at(self) -> float | None:
+        timeout = self.spec.round_timeout_s
+        return None if timeout is None else self.started_at + timeout
+
+    @property
+    def min_reports(self) -> int:
+        return self.spec.min_reports or 1
+
+    def complete(self, now: float) -> bool:
+        """Whether the round can close: every selected member folded, or past the deadline with enough."""
+        if len(self.folded) == len(self.selected):
+            return True
+        deadline = self.deadline_at
+        return deadline is not None and now >= deadline and len(self.folded) >= self.min_reports
+
+
+class Rounds:
+    """Round states of the active experiments, the updates route and aggregation."""
+
+    def __init__(
+        self,
+        store: Store,
+        resources: Resources,
+        measurements: LandscapeWorker,
+        *,
+        clock: Callable[[], float],
+        on_change: Callable[[int], None],
+    ) -> None:
+        self.store = store
+        self.resources = resources
+        self.measurements = measurements
+        self.clock = clock
+        self.on_change = on_change  # (members newly pending) -> None: wakes waiting workers and progress views
+        self.lock = threading.RLock()
+        self.states: dict[str, RoundState] = {}  # experiment id -> its current round, in queue order
+        self._docs: dict[str, Doc] = {}  # experiment documents of the states (written through)
+        self._models: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._models_lock = threading.Lock()
+        self._total_rounds: dict[str, int] = {}
+
+    # experiments -------------------------------------------------------------
+
+    def experiment(self, experiment_id: str) -> Doc:
+        with self.lock:
+            cached = self._docs.get(experiment_id)
+        doc = dict(cached) if cached is not None else self.store.get_experiment(experiment_id)
+        if doc is None:
+            raise NotFound(f"experiment {experiment_id!r} not found")
+        return doc
+
+    def _update(self, experiment_id: str, changes: Mapping[str, Any], where: Mapping[str, Any] | None = None) -> bool:
+        changed = self.store.update_experiment(experiment_id, changes, where=where)
+        with self.lock:
+            if changed and experiment_id in self._docs:
+                self._docs[experiment_id].update(changes)
+        return changed
+
+    def mark_running(self, experiment_id: str) -> None:
+        """A queued experiment's first member was assigned."""
+        now = self.clock()
+        with self.lock:
+            doc = self._docs.get(experiment_id)
+            if doc is None or doc["status"] != "queued":
+                return
+            doc["status"] = "running"
+            state = self.states.get(experiment_id)
+            if state is not None and state.server_round == 1:
+                state.started_at = now  # round 1 starts with the experiment, not when it was queued
+        self._update(experiment_id, {"status": "running", "started_at": now}, {"status": "queued"})
+
+    def open(self, experiment: Doc, *, recovering: bool = False) -> RoundState | None:
+        """Start tracking the experiment's current round (pending: its selected members)."""
+        spec = ExperimentSpec.from_dict(experiment)
+        server_round = int(experiment["current_round"])
+        members = self.store.slots(experiment["id"])
+        selected = selected_members(spec, server_round)
+        state = RoundState(
+            spec=spec,
+            experiment_id=experiment["id"],
+            server_round=server_round,
+            selected=selected,
+            started_at=self._round_started_at(experiment, server_round) or self.clock(),
+            durable=not is_averaging(spec.strategy) or spec.landscape.scheduled(server_round, spec.rounds),
+            num_train={int(m["client_index"]): int(m["num_train"]) for m in members},
+            digests={int(m["client_index"]): str(m["partition_digest"]) for m in members},
+            last_worker=self._last_workers(experiment["id"], server_round),
+            mean=RunningMean() if is_averaging(spec.strategy) else None,
+        )
+        assigned: dict[int, str] = {}
+        if recovering:
+            self._recover_reports(state)
+            assigned = {
+                int(m["client_index"]): str(m["worker_id"])
+                for m in members
+                if m.get("worker_id") and m.get("assigned_round") == server_round
+                and int(m["client_index"]) in selected and int(m["client_index"]) not in state.reported
+            }
+        state.assigned = assigned
+        state.pending = [i for i in selected if i not in state.reported and i not in assigned]
+        with self.lock:
+            self._docs[experiment["id"]] = dict(experiment)
+            self.states[experiment["id"]] = state
+        return state
+
+    def _last_workers(self, experiment_id: str, server_round: int) -> dict[int, str]:
+        """Member -> the worker that trained it in the previous round (a worker is offered its members again)."""
+        if server_round <= 1:
+            return {}
+        return {
+            int(doc["client_index"]): str(doc["worker_id"])
+            for doc in self.store.stats_of_round(experiment_id, server_round - 1)
+            if doc.get("worker_id")
+        }
+
+    def _recover_reports(self, state: RoundState) -> None:
+        """Fold the round's stored updates back in; reports whose update was not stored train again."""
+        for stats in self.store.stats_of_round(state.experiment_id, state.server_round):
+            index = int(stats["client_index"])
+            if index not in state.selected:
+                continue
+            file_id = stats.get("weights_file_id")
+            if file_id is None:
+                log.warning(
+                    "experiment %s round %d: member %d's update was lost with the restart; it trains again",
+                    state.experiment_id, state.server_round, index,
+                )
+                self.store.unreport(state.experiment_id, index, state.server_round)
+                continue
+            if state.mean is not None:
+                state.mean.add(wire.decode(self.store.load_client_model(file_id)), int(stats["num_examples"]))
+            state.reported.add(index)
+            state.folded.add(index)
+            if stats.get("worker_id") or stats.get("client_id"):
+                state.last_worker[index] = str(stats.get("worker_id") or stats.get("client_id"))
+
+    def active(self) -> list[RoundState]:
+        """Open rounds, oldest experiment first (call under `lock`)."""
+        return [state for state in self.states.values() if not state.closed]
+
+    # models ----------------------------------------------------------------
+
+    def remember_model(self, experiment_id: str, aggregated_round: int, data: bytes, total_rounds: int) -> None:
+        """Keep a global model for downloads (round `aggregated_round` of `total_rounds`)."""
+        with self._models_lock:
+            self._total_rounds[experiment_id] = total_rounds
+            self._models[(experiment_id, aggregated_round)] = data
+            while len(self._models) > MODEL_CACHE_ENTRIES:
+                self._models.popitem(last=False)
+
+    def global_model(self, experiment_id: str, server_round: int) -> bytes:
+        """The safetensors model that round `server_round` trains from (round 1: the initial model)."""
+        key = (experiment_id, server_round - 1)
+        with self._models_lock:
+            if key in self._models and key[1] < self._total_rounds.get(experiment_id, 0):
+                self._models.move_to_end(key)
+                return self._models[key]
+        experiment = self.experiment(experiment_id)
+        if not 1 <= server_round <= experiment["rounds"]:
+            raise NotFound(f"round {server_round} is outside 1..{experiment['rounds']}")
+        file_id = self.store.global_model_id(experiment_id, server_round - 1)
+        if file_id is None:
+            raise NotFound(f"round {server_round - 1} of experiment {experiment_id} is not aggregated yet")
+        data = self.store.load_model(file_id)
+        self.remember_model(experiment_id, server_round - 1, data, int(experiment["rounds"]))
+        return data
+
+    # updates ---------------------------------------------------------------
+
+    def accept(self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes) -> Doc:
+        """Accept one member's update of the current round; closes and aggregates the round when complete."""
+        experiment = self.experiment(experiment_id)
+        worker_id, index, num_examples, stats = parse_meta(meta, len(experiment["target_balance_ratios"]))
+        if experiment["status"] != "running":
+            raise Conflict(f"experiment {experiment_id} is {experiment['status']}")
+        with self.lock:
+            state = self.states.get(experiment_id)
+            if state is None or state.server_round != server_round or state.closed:
+                current = experiment["current_round"] if state is None else state.server_round
+                raise Conflict(f"round {server_round} is not open (current round {current})")
+            if index in state.reported:
+                raise Conflict(f"member {index} already reported round {server_round}")
+            if state.assigned.get(index) != worker_id:
+                raise Conflict(f"member {index} is not assigned to worker {worker_id} in round {server_round}")
+            expected = state.num_train[index]
+        if num_examples != expected:  # strategies weight by it: a worker may not inflate a member's share
+            raise BadRequest(
+                f"meta.num_examples must be the member's {expected} training examples, got {num_examples}",
+                "meta.num_examples",
+            )
+        try:
+            weights = wire.decode(weights_data)
+            wire.check_compatible(weights, self.resources.reference(experiment["model"], DATASETS[experiment["dataset_name"]].num_classes))
+        except ValueError as error:
+            raise BadRequest(str(error), "weights") from None
+        with self.lock:  # the assignment may have moved while the weights were checked
+            if state.closed or index in state.reported or state.assigned.get(index) != worker_id:
+                raise Conflict(f"member {index} is no longer assigned to worker {worker_id} in round {server_round}")
+            del state.assigned[index]
+            state.reported.add(index)
+        try:
+            self._store_update(state, index, worker_id, num_examples, stats, weights, weights_data)
+        except BaseException:
+            with self.lock:  # give the assignment back: the worker may retry
+                state.reported.discard(index)
+                state.assigned[index] = worker_id
+            raise
+        log.info("experiment %s round %d: update of member %d", experiment_id, server_round, index)
+        return {"accepted": True, "aggregated": self.close_if_complete(state)}
+
+    def _store_update(
+        self, state: RoundState, index: int, worker_id: str, num_examples: int, stats: Doc,
+        weights: wire.Weights, weights_data: bytes,
+    ) -> None:
+        experiment_id, server_round = state.experiment_id, state.server_round
+        file_id = self.store.save_client_model(weights_data, experiment_id, server_round, index) if state.durable else None
+        doc = {
+            **stats,
+            "experiment_id": experiment_id,
+            "client_index": index,
+            "worker_id": worker_id,
+            "round": server_round,
+            "num_examples": num_examples,
+            "weights_file_id": file_id,
+            "received_at": self.clock(),
+        }
+        try:
+            self.store.insert_client_stats(doc)
+        except DuplicateError:
+            if file_id is not None:
+                self.store.delete_client_model(file_id)
+            raise Conflict(f"member {index} already reported round {server_round}") from None
+        with state.fold_lock:
+            if state.closed:  # closed by its deadline meanwhile: a straggler
+                self.store.unreport(experiment_id, index, server_round)
+                raise Conflict(f"round {server_round} closed at its deadline before member {index}'s update")
+            if state.mean is not None:
+                state.mean.add(weights, num_examples)
+            state.folded.add(index)
+        with self.lock:
+            state.last_worker[index] = worker_id
+
+    # closing and aggregation --------------------------------------------------
+
+    def close_if_complete(self, state: RoundState) -> bool:
+        """Close, aggregate and advance the round if it is complete; True if this call aggregated it."""
+        with state.fold_lock:
+            if state.closed or not state.complete(self.clock()):
+                return False
+            state.closed = True
+        with self.lock:
+            stragglers = dict(state.assigned)
+            state.assigned.clear()
+            state.pending.clear()
+        for index in stragglers:
+            self.store.release_member(state.experiment_id, index)
+        self.store.mark_round_reported(state.experiment_id, sorted(state.folded), state.server_round)
+        return self._aggregate_and_advance(state)
+
+    def close_due(self) -> int:
+        """Close the rounds whose deadline passed with enough updates (the coordinator's timer calls this)."""
+        with self.lock:
+            due = [s for s in self.states.values() if not s.closed and s.deadline_at is not None]
+        return sum(self.close_if_complete(state) for state in due)
+
+    def _aggregate_and_advance(self, state: RoundState) -> bool:
+        experiment_id, server_round = state.experiment_id, state.server_round
+        experiment = self.experiment(experiment_id)
+        if experiment["status"] != "running" or experiment["current_round"] != server_round:
+            return False
+        aggregated = True
+        if self.store.get_round(experiment_id, server_round) is None:
+            try:
+                aggregated = self._aggregate(state, experiment)
+            except Exception as error:  # any failure ends the experiment, visibly
+                log.exception("experiment %s round %d: aggregation failed", experiment_id, server_round)
+                self.fail(experiment_id, f"round {server_round}: {type(error).__name__}: {error}")
+                return False
+        self.advance(experiment, server_round)
+        return aggregated
+
+    def _aggregate(self, state: RoundState, experiment: Doc) -> bool:
+        started = time.perf_counter()
+        spec, experiment_id, server_round = state.spec, state.experiment_id, state.server_round
+        participants = sorted(state.folded)
+        previous_id = self.store.global_model_id(experiment_id, server_round - 1)
+        if previous_id is None:
+            raise RuntimeError(f"global model of round {server_round - 1} is missing")
+        current = wire.decode(self.global_model(experiment_id, server_round))
+        state_id = self.store.strategy_state_id(experiment_id, server_round - 1)
+        strategy_state = {} if state_id is None else wire.decode(self.store.load_model(state_id))
+        strategy = make_strategy(spec.strategy)
+        if state.mean is not None:
+            new_global, new_state = strategy.aggregate_mean(current, state.mean.mean(), strategy_state)  # type: ignore[attr-defined]
+            num_examples = state.mean.total_examples
+        else:
+            updates = load_round_inputs(self.store, experiment_id, server_round, participants).updates
+            new_global, new_state = strategy.aggregate(current, updates, strategy_state)
+            num_examples = sum(update.num_examples for update in updates)
+        wire.check_compatible(new_global, self.resources.reference(spec.model, spec.num_classes))
+        evaluation = self.resources.evaluate(spec, new_global)
+        if not math.isfinite(evaluation.loss):
+            raise ValueError(f"test loss of the aggregated model is {evaluation.loss}")
+        aggregation_s = time.perf_counter() - started
+
+        # files of an attempt cut off before its rounds document stay unreferenced: harmless
+        model_data = wire.encode(new_global)
+        model_file_id = self.store.save_model(model_data, experiment_id, server_round, "global")
+        state_file_id = self.store.save_model(wire.encode(new_state), experiment_id, server_round, "strategy_state")
+        finished_at = self.clock()
+        doc = {
+            "experiment_id": experiment_id,
+            "round": server_round,
+            "test_loss": float(evaluation.loss),
+            "test_accuracy": float(evaluation.accuracy),
+            "num_test": int(evaluation.num_examples),
+            "selected": list(state.selected),
+            "participants": participants,
+            "num_examples": int(num_examples),
+            "strategy": spec.strategy.name,
+            "started_at": state.started_at,
+            "finished_at": finished_at,
+            "duration_s": finished_at - state.started_at,
+            "aggregation_s": aggregation_s,
+            "model_file_id": model_file_id,
+            "strategy_state_file_id": state_file_id,
+        }
+        try:
+            self.store.insert_round(doc)
+        except DuplicateError:
+            log.warning("experiment %s round %d was already aggregated", experiment_id, server_round)
+            self.store.delete_model(model_file_id)
+            self.store.delete_model(state_file_id)
+            return False
+        self.remember_model(experiment_id, server_round, model_data, spec.rounds)
+        log.info(
+            "experiment %s round %d/%d: %d of %d selected members, test loss %.4f, accuracy %.4f",
+            experiment_id, server_round, spec.rounds, len(participants), len(state.selected),
+            evaluation.loss, evaluation.accuracy,
+        )
+        return True
+
+    def _round_started_at(self, experiment: Doc, server_round: int) -> float | None:
+        if server_round == 1:
+            return experiment.get("started_at")
+        previous = self.store.get_round(experiment["id"], server_round - 1)
+        return None if previous is None else previous.get("finished_at")
+
+    def advance(self, experiment: Doc, server_round: int) -> None:
+        """After round `server_round` is stored: open the next round, or finish once measured."""
+        experiment_id = experiment["id"]
+        spec = ExperimentSpec.from_dict(experiment)
+        where = {"status": "running", "current_round": server_round}
+        if server_round >= experiment["rounds"]:
+            with self.lock:
+                self.states.pop(experiment_id, None)
+            self.store.release_experiment_slots(experiment_id)
+            if spec.landscape.enabled:
+                # "finished" promises every scheduled round's landscape: finish on the measurement thread
+                self.measurements.finish_then(experiment, lambda: self._finish(experiment_id, where))
+            else:
+                self._finish(experiment_id, where)
+            self.on_change(0)
+            return
+        if not self._update(experiment_id, {"current_round": server_round + 1}, where):
+            self._resync(experiment_id)  # another coordinator on the store advanced it (recovery races)
+            return
+        if spec.landscape.scheduled(server_round, spec.rounds):
+            self.measurements.queue(experiment_id, server_round)
+        state = self.open(self.experiment(experiment_id))
+        self.on_change(0 if state is None else len(state.pending))
+
+    def _resync(self, experiment_id: str) -> None:
+        doc = self.store.get_experiment(experiment_id)
+        with self.lock:
+            state = self.states.get(experiment_id)
+            if doc is None or doc["status"] != "running":
+                self.states.pop(experiment_id, None)
+                self._docs.pop(experiment_id, None)
+                return
+            self._docs[experiment_id] = dict(doc)
+        if state is None or state.server_round != doc["current_round"]:
+            self.open(doc, recovering=True)
+
+    def _finish(self, experiment_id: str, where: Mapping[str, Any]) -> None:
+        if self._update(experiment_id, {"status": "finished", "finished_at": self.clock()}, where):
+            log.info("experiment %s finished", experiment_id)
+        with self.lock:
+            self._docs.pop(experiment_id, None)
+        self.on_change(0)
+
+    def fail(self, experiment_id: str, error: str) -> None:
+        self._update(experiment_id, {"status": "failed", "error": error, "finished_at": self.clock()})
+        with self.lock:
+            self.states.pop(experiment_id, None)
+            self._docs.pop(experiment_id, None)
+        self.store.release_experiment_slots(experiment_id)
+        self.on_change(0)
+
+    # recovery -----------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Rebuild the active experiments' rounds from the store; returns how many rounds it aggregated.
+
+        A round cut off after its `rounds` document was written is advanced; one whose
+        stored updates are complete is aggregated. Then every scheduled round of a
+        running or finished experiment that has no `landscape` is queued for measurement.
+        """
+        aggregated = 0
+        for experiment in self.store.active_experiments():
+            self.resources.load(experiment["dataset_name"])  # load now, not in a request
+            server_round = int(experiment["current_round"])
+            if experiment["status"] == "running" and self.store.get_round(experiment["id"], server_round) is not None:
+                with self.lock:
+                    self._docs[experiment["id"]] = dict(experiment)
+                self.advance(experiment, server_round)
+                continue
+            state = self.open(experiment, recovering=True)
+            if state is not None and experiment["status"] == "running":
+                aggregated += self.close_if_complete(state)
+        for experiment in self.store.list_experiments():
+            if experiment.get("status") in ("running", "finished"):
+                self.measurements.queue_unmeasured(experiment)
+        return aggregated
+
+    def assigned_workers(self) -> set[str]:
+        with self.lock:
+            return {worker for state in self.states.values() for worker in state.assigned.values()}
+
+
+def parse_meta(meta: Any, num_clients: int) -> tuple[str, int, int, Doc]:
+    """(worker_id, client_index, num_examples, stats) from the update's `meta`, or BadRequest."""
+    if not isinstance(meta, Mapping):
+        raise BadRequest("meta must be a JSON object", "meta")
+    worker_id = meta.get("client_id")
+    if not isinstance(worker_id, str) or not worker_id:
+        raise BadRequest("meta.client_id must be a non-empty string", "meta.client_id")
+    client_index = meta.get("client_index")
+    if not isinstance(client_index, int) or isinstance(client_index, bool) or not 0 <= client_index < num_clients:
+        raise BadRequest(f"meta.client_index must be an integer in [0, {num_clients})", "meta.client_index")
+    num_examples = meta.get("num_examples")
+    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
+        raise BadRequest("meta.num_examples must be an integer > 0", "meta.num_examples")
+    stats = meta.get("stats", {})
+    if not isinstance(stats, Mapping):
+        raise BadRequest("meta.stats must be a JSON object", "meta.stats")
+    clash = sorted(RESERVED_STATS & set(stats))
+    if clash:
+        raise BadRequest(f"meta.stats.{clash[0]} is set by the server", f"meta.stats.{clash[0]}")
+    return worker_id, client_index, num_examples, dict(stats)
+
