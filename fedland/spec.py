@@ -324,6 +324,7 @@ class ExperimentSpec:
         """Classes of the dataset: the width of the model's output."""
         return DATASETS[self.dataset_name].num_classes
 
+    @property
     def members_per_round(self) -> int:
         """How many members train each round: all, a count, or ``max(1, floor(fraction * num_clients))``."""
         if self.clients_per_round is None:
