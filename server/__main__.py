@@ -35,11 +35,18 @@ def main() -> int:
         if uri is None:
             # no store configured: run an embedded one beside the data
             uri = stack.enter_context(EmbeddedMongo(settings.data_dir / "store"))
-        store = Store(uri, settings.db_name)
+        store = Store(uri, settings.db_name, timeouts=settings.store_timeouts)
         stack.callback(store.close)
         app = create_app(settings, store)
         stack.callback(coordinator_of(app).close)  # before the store closes: ends the measurement thread
-        server = waitress.create_server(app, host=settings.host, port=settings.port, threads=8)
+        server = waitress.create_server(
+            app,
+            host=settings.host,
+            port=settings.port,
+            threads=8,
+            # bodies over the limit (chunked ones too) are refused before they are read
+            max_request_body_size=settings.max_body_bytes,
+        )
         stack.callback(server.close)
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)

@@ -30,6 +30,7 @@ from server.measurements import LandscapeWorker
 from server.resources import Resources
 from server.store import DONE, DuplicateError, Store
 from server.strategies import ClientUpdate, make_strategy, validate_strategy
+from server.validation import Invalid, check_document_size, check_stats, check_weights_bounded
 from stack import wire
 
 log = logging.getLogger(__name__)
@@ -92,14 +93,15 @@ class Coordinator:
                 prefix = f"experiments[{position}]." if isinstance(body, list) else ""
                 field = getattr(error, "field", "target_balance_ratios")
                 raise BadRequest(f"{prefix}{error}", f"{prefix}{field}") from None
+            prefix = f"experiments[{position}]" if isinstance(body, list) else "body"
+            check_document_size(spec.to_dict(), prefix)
             prepared.append((spec, slots, wire.encode(self.resources.initial_weights(spec))))
-        # Nothing was written so far. Round-0 models go first: an orphan file is
-        # harmless, an experiment without its initial model is not.
+        # Nothing was written so far. Round-0 models go first (an experiment without
+        # its initial model must never exist) and are deleted if the insert fails.
         now = self.clock()
-        experiments, all_slots = [], []
-        for spec, slots, initial in prepared:
+        experiments, all_slots, files = [], [], []
+        for spec, slots, _ in prepared:
             experiment_id = str(ObjectId())  # sorts by creation within a process
-            self.store.save_model(initial, experiment_id, 0, "global")
             experiments.append(
                 {
                     **spec.with_id(experiment_id).to_dict(),
@@ -121,7 +123,13 @@ class Coordinator:
                         "reported_round": 0,
                     }
                 )
-        self.store.insert_experiments(experiments, all_slots)
+        try:
+            for (_, _, initial), experiment in zip(prepared, experiments):
+                files.append(self.store.save_model(initial, experiment["id"], 0, "global"))
+            self.store.insert_experiments(experiments, all_slots)
+        except BaseException:
+            self._undo(files, self.store.delete_model)
+            raise
         ids = [doc["id"] for doc in experiments]
         log.info("queued experiments %s", ", ".join(ids))
         return ids
@@ -156,8 +164,8 @@ class Coordinator:
         hostname, pid = body.get("hostname"), body.get("pid")
         if not isinstance(hostname, str) or not hostname or len(hostname) > 255:
             raise BadRequest("hostname must be a non-empty string of at most 255 characters", "hostname")
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
-            raise BadRequest("pid must be an integer >= 0", "pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < 2**32:
+            raise BadRequest("pid must be an integer in [0, 2**32)", "pid")
         now = self.clock()
         client_id = uuid.uuid4().hex
         self.store.insert_worker(
@@ -242,7 +250,9 @@ class Coordinator:
     def submit_update(self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes) -> Doc:
         """Accept one client's weights and stats for a round; aggregates when the round is complete."""
         experiment = self.experiment(experiment_id)
-        client_id, client_index, num_examples, stats = _parse_meta(meta, len(experiment["target_balance_ratios"]))
+        client_id, client_index, num_examples, stats = _parse_meta(
+            meta, len(experiment["target_balance_ratios"]), int(experiment["local_epochs"])
+        )
         if experiment["status"] != "running":
             raise Conflict(f"experiment {experiment_id} is {experiment['status']}")
         if server_round != experiment["current_round"]:
@@ -262,6 +272,7 @@ class Coordinator:
             wire.check_compatible(weights, self.resources.reference(experiment["model"]))
         except ValueError as error:
             raise BadRequest(str(error), "weights") from None
+        check_weights_bounded(weights)  # one client's absurd weights must not sink the aggregate
 
         now = self.clock()
         file_id = self.store.save_client_model(weights_data, experiment_id, server_round, client_index)
@@ -280,6 +291,9 @@ class Coordinator:
         except DuplicateError:
             self.store.delete_client_model(file_id)
             raise Conflict(f"slot {client_index} already reported round {server_round}") from None
+        except BaseException:
+            self._undo([file_id], self.store.delete_client_model)
+            raise
         self.store.mark_reported(experiment_id, client_index, server_round, now)
         self.store.touch_worker(client_id, now)
         self.store.touch_slots(client_id, now)
@@ -348,6 +362,10 @@ class Coordinator:
 
         new_global, new_state = make_strategy(spec.strategy).aggregate(current, updates, state)
         wire.check_compatible(new_global, self.resources.reference(spec.model))
+        try:  # checked before it replaces the global model
+            check_weights_bounded(new_global)
+        except Invalid as error:
+            raise ValueError(f"the aggregated model is out of bounds: {error}") from None
         evaluation = self.resources.evaluate(spec, new_global)
         if not math.isfinite(evaluation.loss):
             raise ValueError(f"test loss of the aggregated model is {evaluation.loss}")
@@ -403,6 +421,15 @@ class Coordinator:
         else:
             self.store.update_experiment(experiment_id, {"current_round": server_round + 1}, where=where)
 
+    @staticmethod
+    def _undo(file_ids: list[str], delete: Callable[[str], None]) -> None:
+        """Delete files a failed request wrote (best effort: the store may be what failed)."""
+        for file_id in file_ids:
+            try:
+                delete(file_id)
+            except Exception as error:  # noqa: BLE001 - the original error is the one to report
+                log.warning("could not delete file %s of a failed request: %s", file_id, error)
+
     def _fail(self, experiment_id: str, error: str) -> None:
         self.store.update_experiment(
             experiment_id, {"status": "failed", "error": error, "finished_at": self.clock()}
@@ -410,26 +437,21 @@ class Coordinator:
         self.store.release_experiment_slots(experiment_id)
 
 
-def _parse_meta(meta: Any, num_clients: int) -> tuple[str, int, int, Doc]:
+def _parse_meta(meta: Any, num_clients: int, max_epochs: int) -> tuple[str, int, int, Doc]:
     """(client_id, client_index, num_examples, stats) from the update's `meta`, or BadRequest."""
     if not isinstance(meta, Mapping):
         raise BadRequest("meta must be a JSON object", "meta")
     client_id = meta.get("client_id")
-    if not isinstance(client_id, str) or not client_id:
-        raise BadRequest("meta.client_id must be a non-empty string", "meta.client_id")
+    if not isinstance(client_id, str) or not client_id or len(client_id) > 64:
+        raise BadRequest("meta.client_id must be a non-empty string of at most 64 characters", "meta.client_id")
     client_index = meta.get("client_index")
     if not isinstance(client_index, int) or isinstance(client_index, bool) or not 0 <= client_index < num_clients:
         raise BadRequest(f"meta.client_index must be an integer in [0, {num_clients})", "meta.client_index")
     num_examples = meta.get("num_examples")
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
         raise BadRequest("meta.num_examples must be an integer > 0", "meta.num_examples")
-    stats = meta.get("stats", {})
-    if not isinstance(stats, Mapping):
-        raise BadRequest("meta.stats must be a JSON object", "meta.stats")
-    reserved = {
-        "_id", "experiment_id", "client_index", "client_id", "round", "num_examples", "weights_file_id", "received_at",
-    }
-    clash = sorted(reserved & set(stats))
-    if clash:
-        raise BadRequest(f"meta.stats.{clash[0]} is set by the server", f"meta.stats.{clash[0]}")
-    return client_id, client_index, num_examples, dict(stats)
+    for key in meta:
+        if key not in ("client_id", "client_index", "num_examples", "stats"):
+            raise BadRequest(f"meta.{key}: unknown key", f"meta.{key}")
+    stats = check_stats(meta.get("stats", {}), max_epochs=max_epochs)  # known keys only: none is reserved
+    return client_id, client_index, num_examples, stats

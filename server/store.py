@@ -17,6 +17,8 @@ from pymongo import ReturnDocument
 from pymongo.collection import Collection
 from pymongo.database import Database
 
+from stack.settings import StoreTimeouts
+
 Doc = dict[str, Any]
 
 ACTIVE = ("queued", "running")
@@ -36,9 +38,9 @@ def _plain(doc: Mapping[str, Any] | None) -> Doc | None:
 class Store:
     """The fedland database: see DEVELOPERS.md "Store" for the schema."""
 
-    def __init__(self, uri: str, db_name: str, *, timeout_ms: int = 10_000) -> None:
+    def __init__(self, uri: str, db_name: str, *, timeouts: StoreTimeouts = StoreTimeouts()) -> None:
         self._client: pymongo.MongoClient[Doc] | None = pymongo.MongoClient(
-            uri, serverSelectionTimeoutMS=timeout_ms, tz_aware=False
+            uri, tz_aware=False, **timeouts.client_options()
         )
         self.db: Database[Doc] = self._client[db_name]
         self._init_buckets()
