@@ -8,10 +8,9 @@ import signal
 import sys
 from types import FrameType
 
-import waitress
-
 from server.api import coordinator_of, create_app
 from server.store import Store
+from server.wsgi import GuardedServer
 from stack.embedded import EmbeddedMongo
 from stack.settings import ServerSettings, configure_logging, set_torch_threads
 
@@ -39,13 +38,13 @@ def main() -> int:
         stack.callback(store.close)
         app = create_app(settings, store)
         stack.callback(coordinator_of(app).close)  # before the store closes: ends the measurement thread
-        server = waitress.create_server(
+        server = GuardedServer(
             app,
+            token=settings.token,  # a body without the token is refused before it is read
             host=settings.host,
             port=settings.port,
             threads=8,
-            # bodies over the limit (chunked ones too) are refused before they are read
-            max_request_body_size=settings.max_body_bytes,
+            max_request_body_size=settings.max_body_bytes,  # so is one over the limit, chunked too
         )
         stack.callback(server.close)
         signal.signal(signal.SIGTERM, _stop)
