@@ -7,14 +7,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pymongo.errors
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from server.coordinator import Coordinator
 from server.errors import BadRequest, Conflict, NotFound
 from server.resources import Resources
-from server.store import Store
+from server.store import Store, StoreUnavailable
 from server.validation import Invalid, check_id, parse_json
 from server.wsgi import RequestGuard
 from stack.settings import ServerSettings
@@ -52,7 +51,7 @@ def create_app(
     app.extensions["fedland.coordinator"] = coordinator
     app.register_blueprint(api)
     app.register_error_handler(HTTPException, _http_error)
-    app.register_error_handler(pymongo.errors.ConnectionFailure, _store_unavailable)
+    app.register_error_handler(StoreUnavailable, _store_unavailable)
     # token and Content-Length are checked before Flask (or anything) reads the body
     app.wsgi_app = RequestGuard(app.wsgi_app, settings.token, settings.max_body_bytes)  # type: ignore[method-assign]
     return app
@@ -81,7 +80,7 @@ def _http_error(error: HTTPException) -> tuple[Response, int]:
     return _error(error.code or 500, error.description or error.name)
 
 
-def _store_unavailable(error: pymongo.errors.ConnectionFailure) -> tuple[Response, int]:
+def _store_unavailable(error: StoreUnavailable) -> tuple[Response, int]:
     """The store did not answer in time: 503 with Retry-After, one log line (no traceback)."""
     retry_after_s = current_app.config["FEDLAND_RETRY_AFTER_S"]
     log.warning(

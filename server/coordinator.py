@@ -28,7 +28,7 @@ from fedland.spec import ExperimentSpec, SpecError
 from server.errors import BadRequest, Conflict, NotFound
 from server.measurements import LandscapeWorker
 from server.resources import Resources
-from server.store import DONE, DuplicateError, Store
+from server.store import DONE, DuplicateError, Store, StoreUnavailable
 from server.strategies import ClientUpdate, make_strategy, validate_strategy
 from server.validation import Invalid, check_document_size, check_stats, check_weights_bounded
 from stack import wire
@@ -261,6 +261,7 @@ class Coordinator:
         if slot is None or slot["client_id"] != client_id:
             raise Conflict(f"slot {client_index} is not held by client {client_id}")
         if slot["reported_round"] >= server_round:
+            self._maybe_aggregate(experiment_id, server_round)  # a retry after a store outage cut it off
             raise Conflict(f"slot {client_index} already reported round {server_round}")
         if num_examples != slot["num_train"]:  # strategies weight by it: a client may not inflate its share
             raise BadRequest(
@@ -290,6 +291,7 @@ class Coordinator:
             self.store.insert_client_stats(doc)
         except DuplicateError:
             self.store.delete_client_model(file_id)
+            self._maybe_aggregate(experiment_id, server_round)  # a retry after a store outage cut it off
             raise Conflict(f"slot {client_index} already reported round {server_round}") from None
         except BaseException:
             self._undo([file_id], self.store.delete_client_model)
@@ -305,9 +307,13 @@ class Coordinator:
     def recover(self) -> int:
         """Finish rounds cut off by a crash (all updates stored, no rounds document); returns how many.
 
+        First deletes the GridFS files a crash left unreferenced (`Store.delete_orphan_files`).
         Then queues the measurement of every scheduled round of a running or finished
         experiment that has no `landscape` (a restart dropped it).
         """
+        orphans = self.store.delete_orphan_files()  # what a crash left between a file and its document
+        if orphans:
+            log.warning("deleted %d unreferenced GridFS files a crash left behind", orphans)
         finished = 0
         for experiment in self.store.active_experiments():
             self.resources.dataset(experiment["dataset_name"])  # load now, not in a request
@@ -333,6 +339,8 @@ class Coordinator:
                     return False
                 try:
                     self._aggregate(experiment, server_round)
+                except StoreUnavailable:
+                    raise  # not the round's fault: 503, and the next update or start aggregates it
                 except Exception as error:  # any failure ends the experiment, visibly
                     log.exception("experiment %s round %d: aggregation failed", experiment_id, server_round)
                     self._fail(experiment_id, f"round {server_round}: {type(error).__name__}: {error}")
