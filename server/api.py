@@ -46,7 +46,7 @@ def create_app(
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["FEDLAND_TOKEN"] = settings.token
-    app.config["FEDLAND_RETRY_AFTER_S"] = settings.store_retry_after_s
+    app.config["STORE_RETRY_AFTER_S"] = settings.store_retry_after_s
     app.extensions["fedland.store"] = store
     app.extensions["fedland.coordinator"] = coordinator
     app.register_blueprint(api)
@@ -82,7 +82,7 @@ def _http_error(error: HTTPException) -> tuple[Response, int]:
 
 def _store_unavailable(error: StoreUnavailable) -> tuple[Response, int]:
     """The store did not answer in time: 503 with Retry-After, one log line (no traceback)."""
-    retry_after_s = current_app.config["FEDLAND_RETRY_AFTER_S"]
+    retry_after_s = current_app.config["STORE_RETRY_AFTER_S"]
     log.warning(
         "%s %s: store unavailable (%s: %s); answered 503, retry after %d s",
         request.method, request.path, type(error).__name__, str(error).split(",")[0][:200], retry_after_s,
