@@ -34,7 +34,7 @@ COPY server ./server
 COPY client ./client
 COPY launch ./launch
 COPY reports ./reports
-COPY main.py ./
+COPY main.py cli.py ./
 
 # A fresh named volume mounted on /data takes that directory's owner (fedland).
 USER 10001:10001

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from fedland import schemes
 from fedland.spec import ExperimentSpec, StrategySpec
-from launch.launcher import main
+from cli import main
 
 COMMON = dict(dataset_name="MNIST", model="FedNet", rounds=5, local_epochs=1, batch_size=32, seed=42)
 SGD = dict(learning_rate=0.05, momentum=0.5)

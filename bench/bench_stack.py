@@ -37,6 +37,7 @@ from fedland import schemes  # noqa: E402
 from fedland.spec import ExperimentSpec  # noqa: E402
 from main import EXPERIMENTS  # noqa: E402
 from launch.launcher import LocalRun, RunOptions, make_transport  # noqa: E402
+from stack.settings import StoreSettings  # noqa: E402
 
 DONE = ("finished", "failed")
 
@@ -137,7 +138,9 @@ def main() -> int:
     args = parser.parse_args()
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="fedland-bench-") as tmp:
-        options = RunOptions(store_dir=Path(tmp) / "store", log_dir=Path(tmp) / "logs", reports_dir=None)
+        options = RunOptions(
+            store=StoreSettings(store_dir=Path(tmp) / "store"), log_dir=Path(tmp) / "logs"
+        )
         run = LocalRun(options, env)
         env.pop("FEDLAND_MONGO_URI", None)
         try:

@@ -10,11 +10,10 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-import torch
 
 from client.loop import ClientLoop, make_transport_factory
 from client.work import LocalData, PartitionMismatch
-from stack.settings import ClientSettings
+from stack.settings import ClientSettings, configure_logging, set_torch_threads
 
 log = logging.getLogger("client")
 
@@ -25,11 +24,8 @@ def main() -> int:
     except ValueError as error:
         print(f"client: bad configuration: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s [client %(process)d] %(name)s: %(message)s",
-    )
-    torch.set_num_threads(settings.torch_threads)
+    configure_logging(settings.log_level, tag=f"[client {os.getpid()}] ")
+    set_torch_threads(settings.torch_threads)
 
     stop = threading.Event()
 

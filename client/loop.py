@@ -139,16 +139,19 @@ class ClientLoop:
         client_index = int(task["client_index"])
         server_round = int(task["round"])
         spec = self._spec(experiment_id, task["spec"])
-        data = self.local_data.client_data(experiment_id, client_index, spec, str(task["partition_digest"]))
+        plan = self.local_data.plan(experiment_id, spec)
+        data = self.local_data.client_data(experiment_id, plan, client_index, str(task["partition_digest"]))
         log.info("experiment %s round %d/%d as client %d", experiment_id, server_round, spec.rounds, client_index)
 
         started = time.perf_counter()
         payload = self.transport.fetch_model(experiment_id, server_round)
-        global_model = load_weights(spec, payload)
+        global_model = load_weights(plan, payload)
         fetch_s = time.perf_counter() - started
         if self.stop.is_set():
             return
-        result = run_round(spec, data, global_model, server_round, fetch_s)
+        previous = self.local_data.previous_global(experiment_id, client_index, server_round)
+        result = run_round(plan, data, global_model, server_round, fetch_s, previous)
+        self.local_data.remember_global(experiment_id, client_index, server_round, global_model)
         if self.stop.is_set():
             log.info("stopping: abandoning round %d of experiment %s", server_round, experiment_id)
             return

@@ -1,24 +1,24 @@
 """One training task: the client's data, its partition check, and the measured local round.
 
 No HTTP here: `LocalData` caches what the client holds between rounds and
-`run_round` turns a global model into a local one plus its statistics.
+`run_round` turns a global model into a local one plus its statistics. What
+the client must compute exactly as the server does (partition, subsets, seeds,
+model) comes from `fedland.plan.ExperimentPlan`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from fedland.datasets import Dataset, load_dataset
-from fedland.measure import landscape_subset, measure_client_round
-from fedland.models import build_model
-from fedland.partition import ClientPartition, partition
+from fedland.datasets import load_dataset
+from fedland.measure import measure_client_round
+from fedland.plan import ClientData, ExperimentPlan
 from fedland.spec import ExperimentSpec
 from fedland.training import Evaluation, batches, evaluate, train_local
 from stack import wire
@@ -32,83 +32,64 @@ class PartitionMismatch(RuntimeError):
     """The partition recomputed here differs from the server's: the dataset files differ."""
 
 
-def round_seed(spec_seed: int, client_index: int, server_round: int) -> int:
-    """Training seed of one client in one round, derived from the experiment seed."""
-    sequence = np.random.SeedSequence([spec_seed, client_index, server_round])
-    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-@dataclass
-class ClientData:
-    """A client's share of the dataset for one experiment."""
-
-    experiment_id: str
-    client_index: int
-    train_x: torch.Tensor  # (n_train, *input_shape)
-    train_y: torch.Tensor  # (n_train,)
-    test_x: torch.Tensor  # (n_test, *input_shape)
-    test_y: torch.Tensor  # (n_test,)
-    # (round, weights): the global model this client trained from in its latest round,
-    # kept for the landscape's `cosine_to_previous_update`
-    last_global: tuple[int, dict[str, torch.Tensor]] | None = None
+Weights = dict[str, torch.Tensor]
 
 
 @dataclass
 class LocalData:
-    """The current partition of the dataset under `data_dir`, cached between rounds.
+    """The plan of the experiment this client works on, and the global model it last trained from.
 
-    (`load_dataset` itself caches the decoded files per process.)
+    The plan (partition included) is rebuilt only when the experiment changes;
+    the dataset itself is cached per process by ``load_dataset``.
     """
 
     data_dir: Path
-    _current: ClientData | None = None
+    _plan: tuple[str, ExperimentPlan] | None = None
+    # (experiment_id, client_index) -> (round, weights) of the global model trained from
+    # in its latest round, for the landscape's `cosine_to_previous_update`
+    _last_global: dict[tuple[str, int], tuple[int, Weights]] = field(default_factory=dict)
 
-    def client_data(
-        self, experiment_id: str, client_index: int, spec: ExperimentSpec, partition_digest: str
-    ) -> ClientData:
-        """This client's train/test data, recomputed from the spec and checked against the server's digest."""
-        current = self._current
-        if current is not None and (current.experiment_id, current.client_index) == (
-            experiment_id,
-            client_index,
-        ):
-            return current
-        dataset: Dataset = load_dataset(spec.dataset_name, self.data_dir)
-        parts = partition(
-            dataset.train_y, dataset.test_y, spec.target_balance_ratios, spec.subset_fractions, spec.seed
-        )
-        part: ClientPartition = parts[client_index]
-        digest = part.digest()
+    def plan(self, experiment_id: str, spec: ExperimentSpec) -> ExperimentPlan:
+        """The experiment's plan (cached while the client stays on that experiment)."""
+        if self._plan is None or self._plan[0] != experiment_id:
+            self._plan = (experiment_id, ExperimentPlan(spec, load_dataset(spec.dataset_name, self.data_dir)))
+            self._last_global = {}
+        return self._plan[1]
+
+    def client_data(self, experiment_id: str, plan: ExperimentPlan, client_index: int, partition_digest: str) -> ClientData:
+        """This client's train/test data, its partition checked against the server's digest."""
+        digest = plan.partitions[client_index].digest()
         if digest != partition_digest:
             raise PartitionMismatch(
                 f"experiment {experiment_id} client {client_index}: local partition digest {digest[:12]}... "
-                f"!= server's {partition_digest[:12]}...; the {spec.dataset_name} files under {self.data_dir} "
+                f"!= server's {partition_digest[:12]}...; the {plan.spec.dataset_name} files under {self.data_dir} "
                 "differ from the server's"
             )
-        train_idx = torch.from_numpy(part.train_indices)
-        test_idx = torch.from_numpy(part.test_indices)
-        self._current = ClientData(
-            experiment_id,
-            client_index,
-            dataset.train_x[train_idx],
-            dataset.train_y[train_idx],
-            dataset.test_x[test_idx],
-            dataset.test_y[test_idx],
-        )
-        log.info(
+        data = plan.client_data(client_index)
+        log.debug(
             "experiment %s client %d: %d train / %d test examples",
-            experiment_id, client_index, len(train_idx), len(test_idx),
+            experiment_id, client_index, data.num_train, int(data.test_y.shape[0]),
         )
-        return self._current
+        return data
+
+    def previous_global(self, experiment_id: str, client_index: int, server_round: int) -> Weights | None:
+        """The global model this client trained from in round ``server_round - 1``, if it did."""
+        last = self._last_global.get((experiment_id, client_index))
+        return last[1] if last is not None and last[0] == server_round - 1 else None
+
+    def remember_global(self, experiment_id: str, client_index: int, server_round: int, model: torch.nn.Module) -> None:
+        """Keep the global model of ``server_round`` for the next round's landscape."""
+        weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        # only a round's predecessor is ever asked for: keep the memory to one round's members
+        self._last_global = {key: last for key, last in self._last_global.items() if last[0] >= server_round - 1}
+        self._last_global[(experiment_id, client_index)] = (server_round, weights)
 
 
-def load_weights(spec: ExperimentSpec, payload: bytes) -> torch.nn.Module:
-    """The spec's model carrying the weights in the safetensors `payload`."""
-    model = build_model(spec.model, seed=spec.seed)
+def load_weights(plan: ExperimentPlan, payload: bytes) -> torch.nn.Module:
+    """The plan's model carrying the weights in the safetensors `payload` (checked first)."""
     weights = wire.decode(payload)
-    wire.check_compatible(weights, wire.from_module(model))
-    model.load_state_dict(wire.to_state_dict(weights))
-    return model
+    wire.check_compatible(weights, wire.from_module(plan.model()))
+    return plan.model(weights)
 
 
 def _measure(model: torch.nn.Module, data: ClientData) -> dict[str, float]:
@@ -130,18 +111,22 @@ class RoundResult:
 
 
 def run_round(
-    spec: ExperimentSpec,
+    plan: ExperimentPlan,
     data: ClientData,
     global_model: torch.nn.Module,
     server_round: int,
     fetch_s: float,
+    previous_global: Weights | None = None,
 ) -> RoundResult:
     """Evaluate the global model, train locally, evaluate the local model; time each step.
 
     In rounds the spec's landscape schedules, also measures the landscape on the
     client's fixed subset (`stats["landscape"]`; `{"error": ...}` if that fails,
-    the round goes on). Records the global model in `data.last_global`.
+    the round goes on). `previous_global` is the global model this client trained
+    from in the round before, if any (for `cosine_to_previous_update`).
     """
+    spec = plan.spec
+    seed = plan.training_seed(data.client_index, server_round)
     started = time.perf_counter()
     global_stats = _measure(global_model, data)
     evaluated = time.perf_counter()
@@ -153,19 +138,17 @@ def run_round(
         batch_size=spec.batch_size,
         learning_rate=spec.learning_rate,
         momentum=spec.momentum,
-        seed=round_seed(spec.seed, data.client_index, server_round),
+        seed=seed,
         prox_mu=spec.strategy.prox_mu,
     )
     trained = time.perf_counter()
     local_stats = _measure(local_model, data)
     done = time.perf_counter()
-    previous = data.last_global[1] if data.last_global and data.last_global[0] == server_round - 1 else None
-    data.last_global = (server_round, {n: t.detach().clone() for n, t in global_model.state_dict().items()})
     landscape = None
     if spec.landscape.scheduled(server_round, spec.rounds):
-        landscape = _landscape(spec, data, global_model, local_model, previous, server_round)
+        landscape = _landscape(plan, data.client_index, global_model, local_model, previous_global, seed)
     finished = time.perf_counter()
-    num_examples = int(data.train_y.shape[0])
+    num_examples = data.num_train
     stats = {  # num_examples travels beside the stats, in the update's meta
         "duration_s": {
             "fetch": fetch_s,
@@ -183,31 +166,18 @@ def run_round(
     return RoundResult(wire.encode(local_model.state_dict()), num_examples, stats)
 
 
-def landscape_batch(spec: ExperimentSpec, data: ClientData) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The client's fixed landscape subset of its train data, as one batch (the server draws the same)."""
-    indices = torch.from_numpy(
-        landscape_subset(int(data.train_y.shape[0]), spec.landscape.num_samples, (spec.seed, data.client_index))
-    )
-    return [(data.train_x[indices], data.train_y[indices])]
-
-
 def _landscape(
-    spec: ExperimentSpec,
-    data: ClientData,
+    plan: ExperimentPlan,
+    client_index: int,
     global_model: torch.nn.Module,
     local_model: torch.nn.Module,
-    previous: dict[str, torch.Tensor] | None,
-    server_round: int,
+    previous: Weights | None,
+    seed: int,
 ) -> dict[str, Any]:
     try:
         return measure_client_round(
-            global_model,
-            local_model,
-            previous,
-            landscape_batch(spec, data),
-            spec.landscape,
-            round_seed(spec.seed, data.client_index, server_round),
+            global_model, local_model, previous, plan.landscape_batch(client_index), plan.spec.landscape, seed
         )
     except Exception as error:  # noqa: BLE001 - a failed measurement must not cost the round
-        log.exception("experiment %s round %d: landscape measurement failed", data.experiment_id, server_round)
+        log.exception("client %d: landscape measurement failed", client_index)
         return {"error": f"{type(error).__name__}: {error}"}

@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,24 +33,13 @@ from fedland.partition import PartitionError, plan_counts
 __all__ = [
     "STORE_KEYS",
     "STRATEGY_NAMES",
+    "STRATEGY_PARAMS",
     "ExperimentSpec",
     "LandscapeSpec",
     "SpecError",
     "StrategySpec",
     "load_specs",
 ]
-
-STRATEGY_NAMES: tuple[str, ...] = (
-    "FedAvg",
-    "FedAvgM",
-    "FedProx",
-    "FedAdam",
-    "FedYogi",
-    "FedAdagrad",
-    "FedMedian",
-    "FedTrimmedAvg",
-    "Krum",
-)
 
 STORE_KEYS: frozenset[str] = frozenset(
     {"_id", "status", "current_round", "created_at", "started_at", "finished_at", "error"}
@@ -78,7 +67,7 @@ LANDSCAPE_MAX: dict[str, float] = {
     "grid_radius": 1_000.0,
 }
 #: Cost bound of one landscape measurement, in sample x parameter products
-#: (``landscape_cost``): about a minute on one CPU core; the defaults on FedNet cost 4e9.
+#: (``LandscapeSpec.cost``): about a minute on one CPU core; the defaults cost 3.2e9 on FedNet.
 LANDSCAPE_COST_BUDGET = 1e11
 #: Memory bound of the Hessian trace's probe block: trace_probes x parameters x 8 bytes.
 LANDSCAPE_MEMORY_BUDGET_BYTES = 1 << 30
@@ -94,11 +83,76 @@ class SpecError(ValueError):
         self.rule = rule
 
 
+# --- strategy parameters ------------------------------------------------------
+# The one table of aggregation strategies and their parameters: the spec accepts
+# exactly what the server can build (server.strategies takes these values as given).
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class StrategyParam:
+    """One strategy parameter: its default (or required), the rule in words, and its check."""
+
+    default: Any
+    rule: str
+    check: Callable[[Any], bool]
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+
+def _number_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        if not _is_real(value):
+            return False
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        return above and below
+
+    return check
+
+
+_POSITIVE = StrategyParam(None, "a finite number > 0", _number_in(0.0, math.inf, low_open=True, high_open=True))
+_FRACTION = StrategyParam(None, "a number in [0, 1)", _number_in(0.0, 1.0, high_open=True))
+
+
+def _param(template: StrategyParam, default: Any) -> StrategyParam:
+    return dataclasses.replace(template, default=default)
+
+
+_ADAPTIVE = {
+    "eta": _param(_POSITIVE, 1e-2),
+    "beta_1": _param(_FRACTION, 0.9),
+    "beta_2": _param(_FRACTION, 0.99),
+    "tau": _param(_POSITIVE, 1e-3),
+}
+
+STRATEGY_PARAMS: dict[str, dict[str, StrategyParam]] = {
+    "FedAvg": {},
+    "FedAvgM": {"server_learning_rate": _param(_POSITIVE, 1.0), "server_momentum": _param(_FRACTION, 0.9)},
+    "FedProx": {"mu": StrategyParam(_REQUIRED, "a proximal weight mu >= 0", _number_in(0.0, math.inf, high_open=True))},
+    "FedAdam": dict(_ADAPTIVE),
+    "FedYogi": dict(_ADAPTIVE),
+    "FedAdagrad": dict(_ADAPTIVE),
+    "FedMedian": {},
+    "FedTrimmedAvg": {"beta": StrategyParam(0.1, "a number in [0, 0.5)", _number_in(0.0, 0.5, high_open=True))},
+    "Krum": {
+        "num_malicious": StrategyParam(0, "an integer >= 0", lambda v: _is_int(v) and 0 <= v <= INT64_MAX),
+        "num_selected": StrategyParam(1, "an integer >= 1", lambda v: _is_int(v) and 1 <= v <= INT64_MAX),
+    },
+}
+STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGY_PARAMS)
+
+
 @dataclass(frozen=True)
 class StrategySpec:
-    """An aggregation strategy by name, with its parameters (checked by the server).
+    """An aggregation strategy by name, with its parameters (``STRATEGY_PARAMS`` holds the rules).
 
-    ``FedProx`` requires ``params["mu"] >= 0``: clients read it (``prox_mu``).
+    Unknown parameters and values outside a parameter's rule raise ``SpecError``;
+    ``FedProx`` requires ``params["mu"] >= 0`` (clients read it: ``prox_mu``).
+    ``resolved_params`` adds the defaults of the parameters not given.
     """
 
     name: str = "FedAvg"
@@ -108,10 +162,22 @@ class StrategySpec:
         if self.name not in STRATEGY_NAMES:
             raise SpecError("strategy.name", f"unknown strategy {self.name!r}; valid: {', '.join(STRATEGY_NAMES)}")
         object.__setattr__(self, "params", _json_object(self.params, "strategy.params"))
-        if self.name == "FedProx":
-            mu = self.params.get("mu")
-            if mu is None or not _is_real(mu) or not float(mu) >= 0:
-                raise SpecError("strategy.params.mu", f"FedProx needs a proximal weight mu >= 0, got {mu!r}")
+        rules = STRATEGY_PARAMS[self.name]
+        for param, value in self.params.items():
+            field_name = f"strategy.params.{param}"
+            if param not in rules:
+                known = ", ".join(sorted(rules)) or "none"
+                raise SpecError(field_name, f"unknown parameter for {self.name} (allowed: {known})")
+            if not rules[param].check(value):
+                raise SpecError(field_name, f"must be {rules[param].rule}, got {value!r}")
+        for param, rule in rules.items():
+            if rule.required and param not in self.params:
+                raise SpecError(f"strategy.params.{param}", f"{self.name} needs {rule.rule}; missing")
+
+    @property
+    def resolved_params(self) -> dict[str, Any]:
+        """Every parameter of the strategy: the given ones, and the defaults of the rest."""
+        return {param: self.params.get(param, rule.default) for param, rule in STRATEGY_PARAMS[self.name].items()}
 
     @property
     def prox_mu(self) -> float:
@@ -399,6 +465,19 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
         raise SpecError(error.field, error.rule) from None
     put("target_balance_ratios", ratios)
     put("subset_fractions", fractions)
+    _check_strategy_fits(spec.strategy, len(ratios))
+
+
+def _check_strategy_fits(strategy: StrategySpec, num_updates: int) -> None:
+    """Refuse a strategy that cannot aggregate the updates a round brings."""
+    if strategy.name == "Krum" and num_updates > 1:  # one update is passed through as is
+        params = strategy.resolved_params
+        needed = 2 * params["num_malicious"] + 2
+        if num_updates <= needed:
+            raise SpecError(
+                "strategy.params.num_malicious",
+                f"Krum needs more than 2 * num_malicious + 2 = {needed} client updates per round, got {num_updates}",
+            )
 
 
 def _check_landscape_cost(lspec: LandscapeSpec, model: str) -> None:

@@ -8,46 +8,39 @@ With `--server URL` it only queues the experiments on a running stack.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import os
 import random
 import secrets
 import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from stack.api_client import ApiError, Transport
+from stack.api_client import Transport
 from fedland.datasets import load_dataset
-from fedland.spec import ExperimentSpec, SpecError, load_specs
-from server.strategies import validate_strategy
+from fedland.spec import ExperimentSpec, SpecError
 from stack.embedded import EmbeddedMongo, free_port
 from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
 from launch.progress import Progress, summary_table
+from stack.settings import DEFAULT_LOG_DIR, StoreSettings
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("run", "report")
 DONE = ("finished", "failed")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     clients: int | None = None  # None: the largest num_clients of the experiments
-    rounds: int | None = None  # override every experiment's rounds
-    server_url: str | None = None  # queue on a running stack and return
-    store_uri: str | None = None  # None: FEDLAND_MONGO_URI, else an embedded store
-    store_dir: Path = Path("./data/store")
-    log_dir: Path = Path("./data/logs")
+    store: StoreSettings = StoreSettings()  # a MongoDB URI, else the embedded store's directory
+    log_dir: Path = DEFAULT_LOG_DIR
     poll_interval_s: float = 1.0
     show_progress: bool = True
-    reports_dir: Path | None = Path("reports")  # None: no reports at the end of the run
 
 
 def prepare(specs: Sequence[ExperimentSpec], rounds: int | None, only: str | None) -> list[ExperimentSpec]:
@@ -66,7 +59,6 @@ def prepare(specs: Sequence[ExperimentSpec], rounds: int | None, only: str | Non
             data["rounds"] = rounds
         try:
             spec = ExperimentSpec.from_dict(data)
-            validate_strategy(spec.strategy)  # the server's rule for strategy parameters
             valid.append(spec)
         except SpecError as error:
             errors.append(f"experiment {position} ({_description(spec)!r}): {error}")
@@ -83,9 +75,8 @@ def make_transport(url: str, token: str, stop: threading.Event | None = None) ->
     return Transport(url, token, stop=stop or threading.Event(), rng=random.Random(), max_attempts=5)
 
 
-def queue_only(specs: Sequence[ExperimentSpec], server_url: str, env: Mapping[str, str]) -> int:
+def queue_only(specs: Sequence[ExperimentSpec], server_url: str, token: str | None) -> int:
     """Submit `specs` to a running server (token from FEDLAND_TOKEN); print their ids."""
-    token = env.get("FEDLAND_TOKEN", "").strip()
     if not token:
         raise ValueError("FEDLAND_TOKEN must be set to queue experiments on --server")
     transport = make_transport(server_url, token)
@@ -112,9 +103,9 @@ class LocalRun:
         self.store_uri = ""
 
     def start(self, num_clients: int) -> None:
-        uri = self.options.store_uri or self.env.get("FEDLAND_MONGO_URI", "").strip() or None
+        uri = self.options.store.mongo_uri
         if uri is None:
-            self.store = EmbeddedMongo(self.options.store_dir)
+            self.store = EmbeddedMongo(self.options.store.store_dir)
             uri = self.store.start()
         self.store_uri = uri
         port = free_port()
@@ -165,30 +156,25 @@ def watch(
         time.sleep(poll_interval_s)
 
 
-def write_run_reports(
-    store_uri: str, env: Mapping[str, str], ids: Sequence[str], reports_dir: Path | None
-) -> Path | None:
-    """Write the reports of this run's experiments while the store is still up; the index page."""
-    if reports_dir is None:
-        return None
-    import pymongo
-
-    from reports import write_reports
-
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(store_uri, serverSelectionTimeoutMS=10_000)
-    try:
-        return write_reports(client[env.get("FEDLAND_DB", "").strip() or "fedland"], list(ids), reports_dir)
-    finally:
-        client.close()
-
-
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C
 
 
-def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping[str, str]) -> int:
-    """Run `specs` on a local stack; 0 if every experiment finished, 130 if interrupted."""
-    data_dir = Path(env.get("FEDLAND_DATA_DIR", "").strip() or "./data")
+#: Called at the end of a run while the store is up: (store URI, database, experiment ids) -> report index.
+Finisher = Callable[[str, str, list[str]], "Path | None"]
+
+
+def run_local(
+    specs: Sequence[ExperimentSpec],
+    options: RunOptions,
+    env: Mapping[str, str],
+    data_dir: Path,
+    finish: Finisher | None = None,
+) -> int:
+    """Run `specs` on a local stack; 0 if every experiment finished, 130 if interrupted.
+
+    `finish` (e.g. writing the reports) runs after the experiments end, before the store stops.
+    """
     for name in sorted({spec.dataset_name for spec in specs}):
         try:
             load_dataset(name, data_dir)  # download once here, not in every client at the same time
@@ -211,7 +197,7 @@ def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping
             documents = watch(transport, ids, local, options.poll_interval_s, progress)
         last_rounds = {i: progress.last_round(i) for i in ids}
         transport.close()
-        reports = write_run_reports(local.store_uri, env, ids, options.reports_dir)
+        reports = None if finish is None else finish(local.store_uri, options.store.db_name, list(ids))
     except KeyboardInterrupt:
         print("\ninterrupted: stopping clients, server and store", file=sys.stderr)
         return 130
@@ -228,76 +214,3 @@ def run_local(specs: Sequence[ExperimentSpec], options: RunOptions, env: Mapping
     for doc in failed:
         print(f"experiment {doc.get('id')} {doc.get('status')}: {doc.get('error')}", file=sys.stderr)
     return 0 if not failed else 1
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="main.py",
-        description="Run fedland experiments (`run` is the default command).",
-        epilog="See `python main.py run --help` for the options of a run.",
-    )
-    commands = parser.add_subparsers(dest="command")
-    run = commands.add_parser("run", help="run the experiments (default)")
-    run.add_argument("--clients", type=int, help="client processes (default: the most any experiment needs)")
-    run.add_argument("--rounds", type=int, help="override every experiment's rounds (quick runs)")
-    run.add_argument("--server", metavar="URL", help="only queue the experiments on this running server")
-    run.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
-    run.add_argument("--experiments", metavar="FILE", type=Path, help="JSON/TOML experiments instead of main.py's")
-    run.add_argument("--only", metavar="TEXT", help="only experiments whose description contains TEXT")
-    run.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
-    run.add_argument("--reports", metavar="DIR", type=Path, default=Path("reports"), help="where to write reports")
-    run.add_argument("--no-reports", action="store_true", help="skip the reports at the end of the run")
-    report = commands.add_parser("report", help="write PNG/HTML reports of stored experiments")
-    report.add_argument("experiment_ids", nargs="*", metavar="EXPERIMENT_ID", help="default: every finished one")
-    report.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
-    report.add_argument("--out", metavar="DIR", type=Path, default=Path("reports"), help="output directory")
-    return parser
-
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    argv = list(argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
-        argv = ["run", *argv]
-    return build_parser().parse_args(argv)
-
-
-def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = None) -> int:
-    """CLI entry point of main.py; returns the exit code."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    env = os.environ
-    logging.basicConfig(
-        level=env.get("FEDLAND_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if args.command == "report":
-        from reports import report_main
-
-        store_dir = Path(env.get("FEDLAND_STORE_DIR", "").strip() or "./data/store")
-        return report_main(args.experiment_ids, args.store_uri, None, args.out, store_dir=store_dir, env=env)
-    if args.clients is not None and args.clients < 1:
-        print("--clients must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        specs = load_specs(args.experiments) if args.experiments else list(experiments)
-        specs = prepare(specs, args.rounds, args.only)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.server:
-        try:
-            return queue_only(specs, args.server, env)
-        except (ValueError, ConnectionError, ApiError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2 if isinstance(error, ValueError) else 1
-    needed = max(spec.num_clients for spec in specs)
-    if args.clients is not None and args.clients < needed:
-        print(f"--clients {args.clients}: an experiment needs {needed} clients; it would wait forever", file=sys.stderr)
-        return 2
-    options = RunOptions(
-        clients=args.clients,
-        store_uri=args.store_uri,
-        store_dir=Path(env.get("FEDLAND_STORE_DIR", "").strip() or "./data/store"),
-        log_dir=Path(env.get("FEDLAND_LOG_DIR", "").strip() or "./data/logs"),
-        show_progress=not args.no_progress and sys.stderr.isatty(),
-        reports_dir=None if args.no_reports else args.reports,
-    )
-    return run_local(specs, options, env)

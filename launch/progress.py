@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -79,12 +78,9 @@ def _duration_s(doc: Mapping[str, Any]) -> float | None:
     start, end = doc.get("started_at"), doc.get("finished_at")
     if start is None or end is None:
         return None
-    try:
-        if isinstance(start, (int, float)) and isinstance(end, (int, float)):
-            return float(end) - float(start)
-        return (datetime.fromisoformat(str(end)) - datetime.fromisoformat(str(start))).total_seconds()
-    except (TypeError, ValueError):
-        return None
+    if isinstance(start, (int, float)) and isinstance(end, (int, float)):  # epoch seconds, as stored
+        return float(end) - float(start)
+    return None
 
 
 def _number(value: Any, digits: int) -> str:

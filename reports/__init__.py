@@ -19,6 +19,8 @@ from typing import Any
 
 from pymongo.database import Database
 
+from stack.settings import StoreSettings
+
 from reports.compare import COMPARISONS, comparison
 from reports.data import ExperimentData, list_experiment_ids, load_experiment
 from reports.figures import EXPERIMENT_FIGURES
@@ -88,32 +90,24 @@ def write_reports(db: Database[Any], experiment_ids: Sequence[str] | None, out_d
 
 
 def report_main(
-    experiment_ids: Sequence[str],
-    store_uri: str | None = None,
-    db_name: str | None = None,
-    out_dir: str | os.PathLike[str] = "reports",
-    *,
-    store_dir: str | os.PathLike[str] = "./data/store",
-    env: Mapping[str, str] = os.environ,
+    experiment_ids: Sequence[str], store: StoreSettings, out_dir: str | os.PathLike[str] = "reports"
 ) -> int:
     """The `python main.py report [EXPERIMENT_ID ...]` command; returns the exit code.
 
-    The store is ``store_uri``, else ``FEDLAND_MONGO_URI``, else the embedded
-    nx-27017 the launcher keeps in ``store_dir``; the database ``db_name``, else
-    ``FEDLAND_DB``, else ``fedland``. No ids: every finished experiment.
+    The store is ``store.mongo_uri``, else the embedded nx-27017 in
+    ``store.store_dir`` (the launcher's). No ids: every finished experiment.
     """
     import pymongo
 
     from stack.embedded import EmbeddedMongo
 
-    uri = store_uri or env.get("FEDLAND_MONGO_URI", "").strip() or None
-    name = db_name or env.get("FEDLAND_DB", "").strip() or "fedland"
+    uri, name = store.mongo_uri, store.db_name
     embedded = None
     if uri is None:
-        if not Path(store_dir).is_dir():
-            print(f"no store: {store_dir} does not exist and FEDLAND_MONGO_URI is unset", file=sys.stderr)
+        if not Path(store.store_dir).is_dir():
+            print(f"no store: {store.store_dir} does not exist and FEDLAND_MONGO_URI is unset", file=sys.stderr)
             return 2
-        embedded = EmbeddedMongo(store_dir)
+        embedded = EmbeddedMongo(store.store_dir)
         uri = embedded.start()
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(uri, serverSelectionTimeoutMS=10_000)
     try:

@@ -32,8 +32,8 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         uri = settings.mongo_uri
         if uri is None:
-            # no store configured: run an embedded one beside the data
-            uri = stack.enter_context(EmbeddedMongo(settings.data_dir / "store"))
+            # no store configured: run the embedded one (stack.settings.DEFAULT_STORE_DIR rule)
+            uri = stack.enter_context(EmbeddedMongo(settings.store_dir))
         store = Store(uri, settings.db_name, timeouts=settings.store_timeouts)
         stack.callback(store.close)
         app = create_app(settings, store)

@@ -28,9 +28,10 @@ from fedland.spec import ExperimentSpec, SpecError
 from server.errors import BadRequest, Conflict, NotFound
 from server.measurements import LandscapeWorker
 from server.resources import Resources
+from server.round_inputs import load_round_inputs
 from server.store import DONE, DuplicateError, Store, StoreUnavailable
-from server.strategies import ClientUpdate, make_strategy, validate_strategy
-from server.validation import Invalid, check_document_size, check_stats, check_weights_bounded
+from server.strategies import make_strategy
+from server.validation import Invalid, check_document_size, check_stats, check_tree, check_weights_bounded
 from stack import wire
 
 log = logging.getLogger(__name__)
@@ -81,20 +82,20 @@ class Coordinator:
             prefix = f"experiments[{position}]." if isinstance(body, list) else ""
             try:
                 spec = ExperimentSpec.from_dict(item)
-                validate_strategy(spec.strategy)
             except SpecError as error:
                 raise BadRequest(f"{prefix}{error}", f"{prefix}{error.field}") from None
             specs.append(spec)
         prepared = []
         for position, spec in enumerate(specs):
             try:
-                slots = self.resources.client_stats(spec)
+                slots = self.resources.partition_summary(spec)
             except ValueError as error:
                 prefix = f"experiments[{position}]." if isinstance(body, list) else ""
                 field = getattr(error, "field", "target_balance_ratios")
                 raise BadRequest(f"{prefix}{error}", f"{prefix}{field}") from None
-            prefix = f"experiments[{position}]" if isinstance(body, list) else "body"
-            check_document_size(spec.to_dict(), prefix)
+            document = spec.to_dict()
+            check_tree(document, f"experiments[{position}]" if isinstance(body, list) else "")  # storable
+            check_document_size(document, f"experiments[{position}]" if isinstance(body, list) else "body")
             prepared.append((spec, slots, wire.encode(self.resources.initial_weights(spec))))
         # Nothing was written so far. Round-0 models go first (an experiment without
         # its initial model must never exist) and are deleted if the insert fails.
@@ -316,11 +317,11 @@ class Coordinator:
             log.warning("deleted %d unreferenced GridFS files a crash left behind", orphans)
         finished = 0
         for experiment in self.store.active_experiments():
-            self.resources.dataset(experiment["dataset_name"])  # load now, not in a request
+            self.resources.load(experiment["dataset_name"])  # load now, not in a request
             if experiment["status"] != "running":
                 continue
             server_round = experiment["current_round"]
-            for stats in self.store.client_stats_for(experiment["id"], server_round):
+            for stats in self.store.stats_of_round(experiment["id"], server_round):
                 self.store.mark_reported(experiment["id"], stats["client_index"], server_round, self.clock())
             finished += self._maybe_aggregate(experiment["id"], server_round)
         for experiment in self.store.list_experiments():
@@ -356,19 +357,9 @@ class Coordinator:
         started = time.perf_counter()
         experiment_id = experiment["id"]
         spec = ExperimentSpec.from_dict(experiment)
-        stats = self.store.client_stats_for(experiment_id, server_round)
-        updates = [
-            ClientUpdate(wire.decode(self.store.load_client_model(doc["weights_file_id"])), doc["num_examples"])
-            for doc in stats
-        ]
-        previous_id = self.store.global_model_id(experiment_id, server_round - 1)
-        if previous_id is None:
-            raise RuntimeError(f"global model of round {server_round - 1} is missing")
-        current = wire.decode(self.store.load_model(previous_id))
-        state_id = self.store.strategy_state_id(experiment_id, server_round - 1)
-        state = {} if state_id is None else wire.decode(self.store.load_model(state_id))
-
-        new_global, new_state = make_strategy(spec.strategy).aggregate(current, updates, state)
+        inputs = load_round_inputs(self.store, experiment_id, server_round)
+        stats = inputs.stats
+        new_global, new_state = make_strategy(spec.strategy).aggregate(inputs.previous, inputs.updates, inputs.state)
         wire.check_compatible(new_global, self.resources.reference(spec.model))
         try:  # checked before it replaces the global model
             check_weights_bounded(new_global)

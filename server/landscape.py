@@ -13,24 +13,20 @@ the normal path and the recovery at start-up get them.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from fedland.measure import finite_or_none, landscape_subset, measure_model, pca_surface
-from fedland.models import build_model
-from fedland.partition import partition
+from fedland.measure import finite_or_none, measure_model, pca_surface
 from fedland.scalars import cosine_similarity, gradient_dissimilarity
 from fedland.spec import ExperimentSpec
 from server.resources import Resources
+from server.round_inputs import load_round_inputs
 from server.store import Store
 from server.strategies import ClientUpdate, Weights, make_strategy
 from stack import wire
@@ -39,42 +35,6 @@ log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-#: Second word of the seed of the server's held-out test subset; no client has this index.
-HELD_OUT_STREAM = 2**32
-
-
-def held_out_indices(spec: ExperimentSpec, num_test: int) -> np.ndarray:
-    """Indices into the test split of the server's landscape subset (drawn by ``spec.seed``)."""
-    return landscape_subset(num_test, spec.landscape.num_samples, (spec.seed, HELD_OUT_STREAM))
-
-
-def client_batches(resources: Resources, spec: ExperimentSpec) -> list[list[Batch]]:
-    """Each client's landscape subset, as one batch: the partition recomputed, then the client's subset rule."""
-    data = resources.dataset(spec.dataset_name)
-    indices = _client_subset_indices(
-        resources, spec.dataset_name, spec.target_balance_ratios, spec.subset_fractions, spec.seed,
-        spec.landscape.num_samples,
-    )
-    return [[(data.train_x[chosen], data.train_y[chosen])] for chosen in indices]
-
-
-@functools.lru_cache(maxsize=16)  # every measured round of an experiment needs the same subsets
-def _client_subset_indices(
-    resources: Resources,
-    dataset_name: str,
-    ratios: tuple[tuple[float, ...], ...],
-    fractions: tuple[float, ...],
-    seed: int,
-    num_samples: int,
-) -> tuple[torch.Tensor, ...]:
-    data = resources.dataset(dataset_name)
-    parts = partition(data.train_y, data.test_y, ratios, fractions, seed)
-    return tuple(
-        torch.from_numpy(part.train_indices[landscape_subset(len(part.train_indices), num_samples, (seed, i))])
-        for i, part in enumerate(parts)
-    )
-
 
 def leave_one_out(
     aggregate: Callable[[Sequence[ClientUpdate]], Weights],
@@ -133,9 +93,8 @@ class AggregatedRound:
 def load_aggregated_round(store: Store, spec: ExperimentSpec, experiment_id: str, server_round: int) -> AggregatedRound:
     """The inputs of a stored round's measurement, rebuilt from the store.
 
-    The previous global model and strategy state come through the previous round's
-    file ids, the updates from ``client_models`` through the participants'
-    ``client_stats.weights_file_id``, the new global model from the round's
+    The previous global model, strategy state and the participants' updates come
+    from ``load_round_inputs``, the new global model from the round's
     ``model_file_id`` and the full evaluation from its ``test_loss``/``test_accuracy``.
 
     Raises:
@@ -144,27 +103,16 @@ def load_aggregated_round(store: Store, spec: ExperimentSpec, experiment_id: str
     round_doc = store.get_round(experiment_id, server_round)
     if round_doc is None:
         raise LookupError(f"round {server_round} of experiment {experiment_id} is not aggregated")
-    previous_id = store.global_model_id(experiment_id, server_round - 1)
-    if previous_id is None:
-        raise LookupError(f"global model of round {server_round - 1} of experiment {experiment_id} is missing")
-    state_id = store.strategy_state_id(experiment_id, server_round - 1)
     participants = [int(index) for index in round_doc["participants"]]
-    stats = {int(doc["client_index"]): doc for doc in store.client_stats_for(experiment_id, server_round)}
-    missing = [index for index in participants if index not in stats]
-    if missing:
-        raise LookupError(f"round {server_round} of experiment {experiment_id}: no update of clients {missing}")
-    updates = [
-        ClientUpdate(wire.decode(store.load_client_model(stats[i]["weights_file_id"])), int(stats[i]["num_examples"]))
-        for i in participants
-    ]
+    inputs = load_round_inputs(store, experiment_id, server_round, participants)
     return AggregatedRound(
         spec=spec,
         experiment_id=experiment_id,
         server_round=server_round,
-        previous=wire.decode(store.load_model(previous_id)),
-        state={} if state_id is None else wire.decode(store.load_model(state_id)),
-        updates=updates,
-        client_indices=participants,
+        previous=inputs.previous,
+        state=inputs.state,
+        updates=inputs.updates,
+        client_indices=inputs.client_indices,
         new_global=wire.decode(store.load_model(str(round_doc["model_file_id"]))),
         full_evaluation=(float(round_doc["test_loss"]), float(round_doc["test_accuracy"])),
     )
@@ -199,19 +147,11 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
     client_indices, new_global, full = aggregated.client_indices, aggregated.new_global, aggregated.full_evaluation
     started = time.perf_counter()
     lspec = spec.landscape
-    seed = int(np.random.SeedSequence([spec.seed, server_round, HELD_OUT_STREAM]).generate_state(1)[0])
-    data = resources.dataset(spec.dataset_name)
-    chosen = torch.from_numpy(held_out_indices(spec, int(data.test_y.shape[0])))
-    held_out = [(data.test_x[chosen], data.test_y[chosen])]
-
-    def module(weights: Weights) -> nn.Module:
-        model = build_model(spec.model, spec.seed)
-        model.load_state_dict(wire.to_state_dict(weights))
-        return model
-
-    previous_model, global_model = module(previous), module(new_global)
-    local_models = [module(dict(update.weights)) for update in updates]
-    subsets = client_batches(resources, spec)
+    plan = resources.plan(spec)
+    seed = plan.server_measurement_seed(server_round)
+    held_out = plan.held_out_batch()
+    previous_model, global_model = plan.model(previous), plan.model(new_global)
+    local_models = [plan.model(update.weights) for update in updates]
     strategy = make_strategy(spec.strategy)
 
     def evaluate(weights: Weights) -> tuple[float, float]:
@@ -225,14 +165,14 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
     for point in surface["client_points"]:
         point["client_index"] = int(client_indices[point["client_index"]])
     doc: Doc = {
-        "num_samples": int(chosen.shape[0]),
+        "num_samples": int(held_out[0][1].shape[0]),
         "global": measure_model(global_model, F.cross_entropy, held_out, lspec, seed),
         "client_alignment": [
             {"client_index": int(i), "cosine": finite_or_none(cosine_similarity(local, global_model, previous_model))}
             for i, local in zip(client_indices, local_models)
         ],
         "gradient_dissimilarity": finite_or_none(
-            gradient_dissimilarity(global_model, F.cross_entropy, [subsets[i] for i in client_indices])
+            gradient_dissimilarity(global_model, F.cross_entropy, [plan.landscape_batch(i) for i in client_indices])
         ),
         "leave_one_out": leave_one_out(
             lambda rest: strategy.aggregate(previous, rest, state)[0], updates, client_indices, evaluate, full

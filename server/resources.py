@@ -1,54 +1,64 @@
-"""What the coordinator needs from fedland: datasets (loaded once), partitions, models, evaluation."""
+"""What the coordinator needs from fedland: experiment plans, partitions, models, evaluation."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedland.datasets import Dataset, load_dataset
+from fedland.datasets import load_dataset
 from fedland.models import build_model
-from fedland.partition import partition
+from fedland.plan import ExperimentPlan
 from fedland.spec import ExperimentSpec
 from fedland.training import Evaluation, batches, evaluate
 from stack import wire
 
 log = logging.getLogger(__name__)
 
+#: Experiment plans kept per process (each holds its partition indices, a few MB at most).
+PLAN_CACHE_SIZE = 32
+
 
 class Resources:
-    """Datasets cached per process and the model-side computations of the coordinator."""
+    """The server's experiment plans (cached, bounded) and the model-side computations of the coordinator."""
 
     def __init__(self, data_dir: str | os.PathLike[str], *, eval_batch_size: int = 1000) -> None:
         self.data_dir = Path(data_dir)
         self.eval_batch_size = eval_batch_size
-        self._datasets: dict[str, Dataset] = {}
+        self._plans: OrderedDict[str, ExperimentPlan] = OrderedDict()
         self._references: dict[str, wire.Weights] = {}
         self._lock = threading.Lock()
 
-    def dataset(self, name: str) -> Dataset:
-        """The named dataset, loaded from the data dir on first use."""
-        with self._lock:
-            if name not in self._datasets:
-                log.info("loading dataset %s from %s", name, self.data_dir)
-                self._datasets[name] = load_dataset(name, self.data_dir)
-            return self._datasets[name]
+    def load(self, dataset_name: str) -> None:
+        """Load (and verify) a dataset now, so that a later request does not."""
+        load_dataset(dataset_name, self.data_dir)  # cached per process by fedland
 
-    def client_stats(self, spec: ExperimentSpec) -> list[dict[str, Any]]:
+    def plan(self, spec: ExperimentSpec) -> ExperimentPlan:
+        """The experiment's plan, built on first use and kept for the next rounds."""
+        key = json.dumps({**spec.to_dict(), "timestamp": None}, sort_keys=True)
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = ExperimentPlan(spec, load_dataset(spec.dataset_name, self.data_dir))
+                self._plans[key] = plan
+                if len(self._plans) > PLAN_CACHE_SIZE:
+                    self._plans.popitem(last=False)
+            self._plans.move_to_end(key)
+            return plan
+
+    def partition_summary(self, spec: ExperimentSpec) -> list[dict[str, Any]]:
         """Per client: class counts, frequencies, Gini, sizes and partition digest on the real labels."""
-        data = self.dataset(spec.dataset_name)
-        parts = partition(
-            data.train_y, data.test_y, spec.target_balance_ratios, spec.subset_fractions, spec.seed
-        )
-        return [part.to_stats() for part in parts]
+        return [part.to_stats() for part in self.plan(spec).partitions]
 
     def initial_weights(self, spec: ExperimentSpec) -> wire.Weights:
         """The round-0 model: `build_model(spec.model, spec.seed)`."""
-        return wire.from_module(build_model(spec.model, spec.seed))
+        return wire.from_module(self.plan(spec).model())
 
     def reference(self, model_name: str) -> wire.Weights:
         """Weights with the layout (keys, shapes, dtypes) every update of this model must have."""
@@ -59,7 +69,6 @@ class Resources:
 
     def evaluate(self, spec: ExperimentSpec, weights: dict[str, np.ndarray]) -> Evaluation:
         """Loss and accuracy of `weights` on the full test split."""
-        data = self.dataset(spec.dataset_name)
-        model = build_model(spec.model, spec.seed)
-        model.load_state_dict(wire.to_state_dict(weights))
-        return evaluate(model, batches(data.test_x, data.test_y, self.eval_batch_size))
+        plan = self.plan(spec)
+        data = plan.dataset
+        return evaluate(plan.model(weights), batches(data.test_x, data.test_y, self.eval_batch_size))

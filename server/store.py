@@ -6,7 +6,7 @@ Times are float seconds since the epoch (from the coordinator's clock).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import gridfs
@@ -72,9 +72,6 @@ class Store:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
-
-    def ping(self) -> None:
-        self.db.command("ping")
 
     # collections -----------------------------------------------------------
 
@@ -221,7 +218,7 @@ class Store:
         except pymongo.errors.DuplicateKeyError as error:
             raise DuplicateError(str(error)) from None
 
-    def client_stats_for(self, experiment_id: str, server_round: int) -> list[Doc]:
+    def stats_of_round(self, experiment_id: str, server_round: int) -> list[Doc]:
         cursor = self.client_stats.find({"experiment_id": experiment_id, "round": server_round}).sort(
             [("client_index", 1)]
         )
@@ -371,7 +368,3 @@ class Store:
         """Number of documents in `collection` matching `query` (tests and reports)."""
         # find, not count_documents: nx-27017 cannot count GridFS collections with a filter
         return len(list(self.db[collection].find(dict(query or {}), {"_id": 1})))
-
-    def drop_all(self, names: Iterable[str] | None = None) -> None:
-        for name in names if names is not None else self.db.list_collection_names():
-            self.db.drop_collection(name)

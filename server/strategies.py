@@ -14,13 +14,13 @@ buffers are rounded).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from fedland.spec import SpecError, StrategySpec
+from fedland.spec import StrategySpec
 
 Weights = dict[str, np.ndarray]
 
@@ -114,15 +114,15 @@ class FedAvg:
 class FedProx(FedAvg):
     """Li et al. 2020: FedAvg aggregation; `mu` is the clients' proximal term."""
 
-    mu: float = 0.01
+    mu: float
 
 
 @dataclass(frozen=True)
 class FedAvgM:
     """Hsu et al. 2019: server momentum on the pseudo-gradient x - FedAvg(updates)."""
 
-    server_learning_rate: float = 1.0
-    server_momentum: float = 0.9
+    server_learning_rate: float
+    server_momentum: float
 
     def aggregate(
         self,
@@ -152,10 +152,10 @@ class _Adaptive:
     starts v at >= tau^2); neither has bias correction.
     """
 
-    eta: float = 1e-2
-    beta_1: float = 0.9
-    beta_2: float = 0.99
-    tau: float = 1e-3
+    eta: float
+    beta_1: float
+    beta_2: float
+    tau: float
 
     def _second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -219,7 +219,7 @@ class Median:
 class TrimmedMean:
     """Yin et al. 2018: per coordinate, drop the floor(beta*n) largest and smallest values, then average."""
 
-    beta: float = 0.1
+    beta: float
 
     def aggregate(
         self,
@@ -248,8 +248,8 @@ class Krum:
     (num_selected=1 is Krum, more is Multi-Krum).
     """
 
-    num_malicious: int = 0
-    num_selected: int = 1
+    num_malicious: int
+    num_selected: int
 
     def scores(self, updates: Sequence[ClientUpdate]) -> np.ndarray:
         n, f = len(updates), self.num_malicious
@@ -281,30 +281,6 @@ class Krum:
 
 # ---------------------------------------------------------------- construction
 
-_Check = Callable[[Any], bool]
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-_RULES: dict[str, tuple[_Check, str]] = {
-    "mu": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "server_learning_rate": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "server_momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "eta": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "beta_1": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "beta_2": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "tau": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "beta": (lambda v: _number(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
-    "num_malicious": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
-    "num_selected": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-}
-
 STRATEGIES: dict[str, type] = {
     "FedAvg": FedAvg,
     "FedProx": FedProx,
@@ -319,23 +295,5 @@ STRATEGIES: dict[str, type] = {
 
 
 def make_strategy(spec: StrategySpec) -> Strategy:
-    """Build the strategy `spec.name` with `spec.params`; a bad name or parameter raises SpecError naming it."""
-    if spec.name not in STRATEGIES:
-        raise SpecError("strategy.name", f"unknown strategy {spec.name!r}; valid: {', '.join(STRATEGIES)}")
-    cls = STRATEGIES[spec.name]
-    allowed = {f.name for f in fields(cls)}
-    params = dict(spec.params or {})
-    for param, value in params.items():
-        field = f"strategy.params.{param}"
-        if param not in allowed:
-            known = ", ".join(sorted(allowed)) or "none"
-            raise SpecError(field, f"unknown parameter for {spec.name} (allowed: {known})")
-        check, rule = _RULES[param]
-        if not check(value):
-            raise SpecError(field, f"must be {rule}, got {value!r}")
-    return cls(**params)  # type: ignore[no-any-return]
-
-
-def validate_strategy(spec: StrategySpec) -> None:
-    """Raise SpecError if `spec` names no known strategy or has a bad parameter."""
-    make_strategy(spec)
+    """Build the strategy a (valid, hence checked) `StrategySpec` names, with every parameter resolved."""
+    return STRATEGIES[spec.name](**spec.resolved_params)  # type: ignore[no-any-return]

@@ -73,8 +73,13 @@ def _refuse_constant(name: str) -> Any:
     raise Invalid("body", f"{name} is not a JSON number (numbers must be finite)")
 
 
-def parse_json(text: str | bytes, field: str = "") -> Any:
-    """Parse JSON and check it with `check_tree`; NaN/Infinity, deep nesting and bad UTF-8 refused."""
+def parse_json(text: str | bytes, field: str = "", *, check: bool = True) -> Any:
+    """Parse JSON and check it with `check_tree`; NaN/Infinity, deep nesting and bad UTF-8 refused.
+
+    With ``check=False`` only the nesting depth is checked: the caller validates
+    the values (the spec's own rules first, so they name the field) and then
+    calls `check_tree` on what it will store.
+    """
     name = field or "body"
     if isinstance(text, bytes):
         try:
@@ -89,11 +94,11 @@ def parse_json(text: str | bytes, field: str = "") -> Any:
         raise Invalid(name, f"nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as error:
         raise Invalid(name, f"is not valid JSON ({error})") from None
-    check_tree(value, field)
+    check_tree(value, field, depth_only=not check)
     return value
 
 
-def check_tree(value: Any, field: str = "") -> None:
+def check_tree(value: Any, field: str = "", *, depth_only: bool = False) -> None:
     """Refuse what JSON allows but the store cannot keep.
 
     Nesting over `MAX_DEPTH`, integers outside int64, non-finite floats,
@@ -108,6 +113,8 @@ def check_tree(value: Any, field: str = "") -> None:
         where = path or "body"
         if isinstance(item, bool) or item is None:
             continue
+        if depth_only and not isinstance(item, (list, tuple, Mapping)):
+            continue
         if isinstance(item, int):
             if not INT64_MIN <= item <= INT64_MAX:
                 raise Invalid(where, "integer outside the int64 range [-2**63, 2**63 - 1]")
@@ -121,8 +128,9 @@ def check_tree(value: Any, field: str = "") -> None:
                 raise Invalid(where, f"nested deeper than {MAX_DEPTH} levels")
             if isinstance(item, Mapping):
                 for key, child in item.items():
-                    _check_key(key, path)
-                    stack.append((child, f"{path}.{key}" if path else key, depth + 1))
+                    if not depth_only:
+                        _check_key(key, path)
+                    stack.append((child, f"{path}.{key}" if path else str(key), depth + 1))
             else:
                 for index, child in enumerate(item):
                     stack.append((child, f"{path}[{index}]", depth + 1))

@@ -13,10 +13,9 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from fedland.datasets import DATASETS, DatasetIntegrityError, DatasetMissingError, load_dataset
-from stack.settings import configure_logging
+from stack.settings import DataSettings, configure_logging
 
 log = logging.getLogger("stack.fetch_data")
 
@@ -37,8 +36,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ) -> int:
     args = parse_args(argv)
-    configure_logging(env.get("FEDLAND_LOG_LEVEL", "").strip() or "INFO")
-    data_dir = Path(env.get("FEDLAND_DATA_DIR", "").strip() or "./data")
+    try:
+        settings = DataSettings.from_env(env)
+    except ValueError as error:
+        print(f"fetch_data: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    data_dir = settings.data_dir
     for name in args.dataset or sorted(DATASETS):
         try:
             dataset = load_dataset(name, data_dir, download=not args.no_download)

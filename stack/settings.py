@@ -9,6 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_DATA_DIR = Path("./data")
+#: Where the embedded store keeps its files when no MongoDB URI is given: the one rule
+#: `python -m server`, `python main.py` and `python main.py report` all follow.
+DEFAULT_STORE_DIR = Path("./data/store")
+DEFAULT_LOG_DIR = Path("./data/logs")
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:
@@ -64,6 +69,36 @@ def _url(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+def _mongo_uri(env: Mapping[str, str]) -> str | None:
+    mongo_uri = env.get("FEDLAND_MONGO_URI", "").strip() or None
+    if mongo_uri is not None and not mongo_uri.startswith(("mongodb://", "mongodb+srv://")):
+        raise ValueError(f"FEDLAND_MONGO_URI must start with mongodb://, got {mongo_uri!r}")
+    return mongo_uri
+
+
+def _data_dir(env: Mapping[str, str]) -> Path:
+    return Path(_text(env, "FEDLAND_DATA_DIR", str(DEFAULT_DATA_DIR)))
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where the results live: a MongoDB URI, or else the embedded store's directory."""
+
+    mongo_uri: str | None = None
+    db_name: str = "fedland"
+    store_dir: Path = DEFAULT_STORE_DIR  # used only without mongo_uri
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ, mongo_uri: str | None = None) -> StoreSettings:
+        """Parse FEDLAND_MONGO_URI (unless `mongo_uri` is given), FEDLAND_DB and FEDLAND_STORE_DIR."""
+        uri = mongo_uri or _mongo_uri(env)
+        if uri is not None and not uri.startswith(("mongodb://", "mongodb+srv://")):
+            raise ValueError(f"the MongoDB URI must start with mongodb://, got {uri!r}")
+        # the embedded store's directory matters only without a URI: read it only then
+        store_dir = DEFAULT_STORE_DIR if uri else Path(_text(env, "FEDLAND_STORE_DIR", str(DEFAULT_STORE_DIR)))
+        return cls(mongo_uri=uri, db_name=_text(env, "FEDLAND_DB", "fedland"), store_dir=store_dir)
+
+
 @dataclass(frozen=True)
 class StoreTimeouts:
     """pymongo timeouts in milliseconds: no store call waits longer than these."""
@@ -94,9 +129,10 @@ class ServerSettings:
     """Configuration of `python -m server` (and of the launcher's store)."""
 
     token: str
-    data_dir: Path = Path("./data")
+    data_dir: Path = DEFAULT_DATA_DIR
     mongo_uri: str | None = None
     db_name: str = "fedland"
+    store_dir: Path = DEFAULT_STORE_DIR  # the embedded store, without mongo_uri
     host: str = "127.0.0.1"
     port: int = 8080
     heartbeat_timeout_s: float = 30.0
@@ -113,14 +149,13 @@ class ServerSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServerSettings:
         """Parse FEDLAND_* variables; a bad value raises ValueError naming the variable."""
-        mongo_uri = env.get("FEDLAND_MONGO_URI", "").strip() or None
-        if mongo_uri is not None and not mongo_uri.startswith(("mongodb://", "mongodb+srv://")):
-            raise ValueError(f"FEDLAND_MONGO_URI must start with mongodb://, got {mongo_uri!r}")
+        store = StoreSettings.from_env(env)
         return cls(
             token=_token(env),
-            data_dir=Path(_text(env, "FEDLAND_DATA_DIR", "./data")),
-            mongo_uri=mongo_uri,
-            db_name=_text(env, "FEDLAND_DB", "fedland"),
+            data_dir=_data_dir(env),
+            mongo_uri=store.mongo_uri,
+            db_name=store.db_name,
+            store_dir=store.store_dir,
             host=_text(env, "FEDLAND_HOST", "127.0.0.1"),
             port=_int(env, "FEDLAND_PORT", 8080, low=0, high=65535),
             heartbeat_timeout_s=_positive_float(env, "FEDLAND_HEARTBEAT_TIMEOUT_S", 30.0),
@@ -137,7 +172,7 @@ class ClientSettings:
     """Configuration of `python -m client`."""
 
     token: str
-    data_dir: Path = Path("./data")
+    data_dir: Path = DEFAULT_DATA_DIR
     server_url: str = "http://127.0.0.1:8080"
     torch_threads: int = 1
     log_level: str = "INFO"
@@ -147,18 +182,53 @@ class ClientSettings:
         """Parse FEDLAND_* variables; a bad value raises ValueError naming the variable."""
         return cls(
             token=_token(env),
-            data_dir=Path(_text(env, "FEDLAND_DATA_DIR", "./data")),
+            data_dir=_data_dir(env),
             server_url=_url(env, "FEDLAND_SERVER_URL", "http://127.0.0.1:8080"),
             torch_threads=_int(env, "FEDLAND_TORCH_THREADS", 1, low=1),
             log_level=_log_level(env),
         )
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Log to stderr with timestamps at `level` (a name such as "INFO")."""
+@dataclass(frozen=True)
+class DataSettings:
+    """Configuration of `python -m stack.fetch_data`: where the datasets live, and the log level."""
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> DataSettings:
+        """Parse FEDLAND_DATA_DIR and FEDLAND_LOG_LEVEL; a bad value raises ValueError naming it."""
+        return cls(data_dir=_data_dir(env), log_level=_log_level(env))
+
+
+@dataclass(frozen=True)
+class LauncherSettings:
+    """Configuration of `python main.py` (run, report) and `python -m stack.fetch_data`."""
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    store: StoreSettings = StoreSettings()
+    log_dir: Path = DEFAULT_LOG_DIR
+    log_level: str = "INFO"
+    token: str | None = None  # only to queue on a running server (--server)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ, mongo_uri: str | None = None) -> LauncherSettings:
+        """Parse FEDLAND_* variables (`mongo_uri`: a --store-uri that overrides FEDLAND_MONGO_URI)."""
+        return cls(
+            data_dir=_data_dir(env),
+            store=StoreSettings.from_env(env, mongo_uri),
+            log_dir=Path(_text(env, "FEDLAND_LOG_DIR", str(DEFAULT_LOG_DIR))),
+            log_level=_log_level(env),
+            token=env.get("FEDLAND_TOKEN", "").strip() or None,
+        )
+
+
+def configure_logging(level: str = "INFO", tag: str = "") -> None:
+    """Log to stderr with timestamps at `level` (a name such as "INFO"); `tag` prefixes each line."""
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
         force=True,
     )
 

@@ -151,7 +151,7 @@ def settings_reads(class_name: str, env: Mapping[str, str]) -> set[str]:
     reads = {name for name in recording.looked_up if name.startswith("FEDLAND_")}
     if recording.iterated:  # it scanned the mapping: fall back to every name in the module
         reads |= variables_in_code(REPO / "stack" / "settings.py")
-    assert "FEDLAND_TOKEN" in reads, f"{class_name}.from_env read no token: recording failed"
+    assert "FEDLAND_LOG_LEVEL" in reads, f"{class_name}.from_env read no log level: recording failed"
     return reads
 
 
@@ -351,7 +351,7 @@ def code_reads(service: str, environment: Mapping[str, str]) -> set[str]:
         return settings_reads("ServerSettings", environment) | variables_in_code(REPO / "server")
     if service == "client":
         return settings_reads("ClientSettings", environment) | variables_in_code(REPO / "client")
-    return variables_in_code(REPO / "stack" / "fetch_data.py")
+    return settings_reads("DataSettings", environment) | variables_in_code(REPO / "stack" / "fetch_data.py")
 
 
 @pytest.mark.parametrize(

@@ -19,15 +19,16 @@ import torch
 import torch.nn.functional as F
 from bson import ObjectId
 
-from client.work import ClientData, round_seed, run_round
+from client.work import run_round
 from fedland.datasets import load_dataset
 from fedland.hessian import top_eigenvalues
 from fedland.measure import EIGEN_MAX_ITER, EIGEN_TOL, landscape_subset, mean_loss
 from fedland.models import build_model
 from fedland.partition import partition
+from fedland.plan import ClientData, ExperimentPlan
 from fedland.scalars import gradient_dissimilarity
 from fedland.spec import ExperimentSpec, LandscapeSpec
-from server.landscape import AggregatedRound, held_out_indices, leave_one_out, measure_round
+from server.landscape import AggregatedRound, leave_one_out, measure_round
 from server.resources import Resources
 from server.store import Store
 from server.strategies import ClientUpdate, make_strategy, weighted_mean
@@ -93,7 +94,7 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
     local = model_from(store.load_client_model(stats["weights_file_id"]), spec)
     eigen = top_eigenvalues(
         local, F.cross_entropy, subsets[0], k=LSPEC.top_k, tol=EIGEN_TOL, max_iter=EIGEN_MAX_ITER,
-        seed=round_seed(spec.seed, 0, 2),
+        seed=int(np.random.SeedSequence([spec.seed, 0, 2]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)),
     )
     assert stats["landscape"]["local"]["top_eigenvalues"] == pytest.approx(eigen.values.tolist(), rel=1e-6)
     expected_loss, _ = mean_loss(local, F.cross_entropy, subsets[0])
@@ -129,7 +130,7 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
         # the server's global metrics and B, recomputed from the stored model and the recomputed subsets
         global_model = model_from(store.load_model(round_doc["model_file_id"]), spec)
         mnist = load_dataset(spec.dataset_name, data_dir)
-        held = torch.from_numpy(held_out_indices(spec, int(mnist.test_y.shape[0])))
+        held = torch.from_numpy(landscape_subset(int(mnist.test_y.shape[0]), LSPEC.num_samples, (spec.seed, 2**32)))
         expected_loss, _ = mean_loss(global_model, F.cross_entropy, [(mnist.test_x[held], mnist.test_y[held])])
         assert doc["global"]["loss"] == pytest.approx(expected_loss, rel=1e-6)
         assert losses[LSPEC.grid_points // 2, LSPEC.grid_points // 2] == pytest.approx(expected_loss, rel=1e-6)
@@ -212,10 +213,10 @@ def test_a_failing_measurement_is_stored_as_an_error(
     assert doc == {"error": "FloatingPointError: injected failure"}
 
     mnist = load_dataset("MNIST", data_dir)
-    data = ClientData("exp", 0, mnist.train_x[:64], mnist.train_y[:64], mnist.test_x[:32], mnist.test_y[:32])
+    data = ClientData(0, mnist.train_x[:64], mnist.train_y[:64], mnist.test_x[:32], mnist.test_y[:32])
     global_model = build_model("FedNet", 0)
     before = copy.deepcopy(global_model.state_dict())
-    result = run_round(spec, data, global_model, 1, fetch_s=0.0)
+    result = run_round(ExperimentPlan(spec, mnist), data, global_model, 1, fetch_s=0.0)
     assert result.stats["landscape"] == doc
     assert all(torch.equal(before[k], v) for k, v in global_model.state_dict().items())
     assert math.isfinite(result.stats["local"]["test_loss"])  # the round itself went on

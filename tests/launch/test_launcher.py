@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 import main
-from fedland.spec import ExperimentSpec, StrategySpec
-from launch.launcher import main as launcher_main
-from launch.launcher import parse_args, prepare
+from fedland.spec import ExperimentSpec
+from cli import main as launcher_main
+from cli import parse_args
+from launch.launcher import prepare
 from launch.progress import summary_table
 
 
@@ -43,13 +45,14 @@ def test_prepare_lists_every_invalid_experiment() -> None:
         prepare([spec("first")], rounds=None, only="zzz")
 
 
-def test_prepare_checks_strategy_parameters_before_anything_starts() -> None:
-    bad = ExperimentSpec(
-        description="adam", target_balance_ratios=[[0.1] * 10] * 2, subset_fractions=[0.1] * 2,
-        strategy=StrategySpec("FedAdam", {"bogus": 1}),
-    )
-    with pytest.raises(ValueError, match=r"experiment 0 \('adam'\): strategy.params.bogus"):
-        prepare([bad], rounds=None, only=None)
+def test_a_bad_strategy_parameter_in_a_file_stops_the_run_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "bad.json"
+    entry = spec("adam").to_dict() | {"strategy": {"name": "FedAdam", "params": {"bogus": 1}}}
+    file.write_text(json.dumps([entry]), encoding="utf-8")
+    assert launcher_main([], ["--experiments", str(file), "--no-reports"]) == 2
+    assert "experiments[0].strategy.params.bogus: unknown parameter for FedAdam" in capsys.readouterr().err
 
 
 def test_too_few_clients_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -69,18 +72,9 @@ def test_summary_table_rows() -> None:
     assert lines[3].split() == ["skewed", "failed", "0/5", "-", "-", "-"]
 
 
-def test_main_experiments_cover_the_issue() -> None:
-    experiments = prepare(main.EXPERIMENTS, rounds=None, only=None)  # all valid
-    assert all(s.model == "FedNet" and s.seed == 42 and s.local_epochs == 1 for s in experiments)
-    ratios = {tuple(map(tuple, s.target_balance_ratios)) for s in experiments}
-    prototype = (
-        tuple([0.1] * 10),
-        (0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
-        (0.0, 0.0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.0, 0.0, 0.0),
-    )
-    assert prototype in ratios
-    assert [s.num_clients for s in experiments if "centralized" in s.description] == [1]
-    assert {s.strategy.name for s in experiments} >= {"FedAvg", "FedProx"}
+def test_main_experiments_are_valid() -> None:
+    # what main.py holds is the researcher's business; only that it is runnable is ours
+    assert prepare(main.EXPERIMENTS, rounds=None, only=None)
 
 
 def test_bad_data_files_stop_the_run_before_anything_starts(

@@ -15,6 +15,7 @@ from fedland.partition import gini_coefficient, plan_counts
 from fedland.spec import ExperimentSpec, LandscapeSpec
 from server.store import Store
 from reports import report_main, write_reports
+from stack.settings import StoreSettings
 from reports.data import load_experiment
 
 LANDSCAPE_FIGURES = {"curvature.png", "barriers.png", "surfaces.png", "contributions.png"}
@@ -223,9 +224,10 @@ def test_unknown_id_and_unfinished_experiments(store: Store, tmp_path: Path) -> 
 def test_report_main(store: Store, mongo_uri: str, mongo_db_name: str, tmp_path: Path,
                      capsys: pytest.CaptureFixture[str]) -> None:
     measured_id, _ = two_experiments(store)
-    assert report_main([measured_id], mongo_uri, mongo_db_name, tmp_path, env={}) == 0
+    store_settings = StoreSettings(mongo_uri=mongo_uri, db_name=mongo_db_name)
+    assert report_main([measured_id], store_settings, tmp_path) == 0
     assert str((tmp_path / "index.html").resolve()) in capsys.readouterr().out
-    assert report_main(["nope"], mongo_uri, mongo_db_name, tmp_path / "x", env={}) == 2
+    assert report_main(["nope"], store_settings, tmp_path / "x") == 2
     assert "experiment_id: no experiment 'nope'" in capsys.readouterr().err
 
 

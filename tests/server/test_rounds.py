@@ -61,7 +61,7 @@ def test_round_aggregates_with_fedavg_then_finishes(api: Any, store: Store, make
     stored = wire.decode(store.load_model(round_doc["model_file_id"]))
     np.testing.assert_array_equal(stored["fc1.weight"], global_1["fc1.weight"])
 
-    stats = store.client_stats_for(experiment_id, 1)
+    stats = store.stats_of_round(experiment_id, 1)
     assert [(s["client_index"], s["client_id"], s["num_examples"]) for s in stats] == [(0, first, 600), (1, second, 1800)]
     assert stats[0]["global"] == {"train_loss": 2.3} and stats[0]["duration_s"] == {"train": 1.5}
     assert api.get(f"/experiments/{experiment_id}").json()["current_round"] == 2
@@ -306,7 +306,7 @@ def test_measurements_of_broken_or_deleted_rounds_leave_the_worker_alive(
     blocker = coordinator.measurements.executor.submit(gate.wait)
     for server_round in (1, 2, 3):
         coordinator.measurements.queue(experiment_id, server_round)
-    for stats in store.client_stats_for(experiment_id, 1):
+    for stats in store.stats_of_round(experiment_id, 1):
         store.delete_client_model(stats["weights_file_id"])
     store.update_experiment(experiment_id, {"status": "failed", "error": "stopped by the test"})
     gate.set()

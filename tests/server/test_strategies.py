@@ -11,19 +11,21 @@ from fedland.spec import SpecError, StrategySpec
 from server.strategies import (
     STRATEGIES,
     ClientUpdate,
-    FedAdagrad,
     FedAdam,
     FedAvg,
     FedAvgM,
     FedProx,
-    FedYogi,
     Krum,
     Median,
     TrimmedMean,
     make_strategy,
-    validate_strategy,
 )
 from stack import wire
+
+
+def default(name: str) -> object:
+    """The strategy `name` with the spec's default parameters."""
+    return make_strategy(StrategySpec(name))
 
 
 def arr(*values: float) -> np.ndarray:
@@ -73,7 +75,7 @@ def test_fedavgm_server_learning_rate_scales_the_step() -> None:
 
 def test_fedadam_first_step() -> None:
     # delta = [2.5, 5]; m = 0.1 delta = [0.25, 0.5]; v = 0.01 delta^2 = [0.0625, 0.25]
-    new, state = FedAdam().aggregate({"w": arr(0, 0)}, updates_1_3(), {})
+    new, state = default("FedAdam").aggregate({"w": arr(0, 0)}, updates_1_3(), {})
     np.testing.assert_allclose(state["m/w"], [0.25, 0.5])
     np.testing.assert_allclose(state["v/w"], [0.0625, 0.25])
     expected = [0.01 * 0.25 / (0.25 + 1e-3), 0.01 * 0.5 / (0.5 + 1e-3)]  # [0.00996016, 0.00998004]
@@ -89,9 +91,9 @@ SECOND_M = [0.325, 0.46]  # 0.9 * [0.25, 0.5] + 0.1 * [1, 0.1]
 @pytest.mark.parametrize(
     ("strategy", "expected_v"),
     [
-        (FedAdam(), [0.071875, 0.2476]),  # 0.99 v + 0.01 delta^2
-        (FedYogi(), [0.0725, 0.2499]),  # v - 0.01 delta^2 sign(v - delta^2): signs -1, +1
-        (FedAdagrad(), [1.0625, 0.26]),  # v + delta^2
+        (default("FedAdam"), [0.071875, 0.2476]),  # 0.99 v + 0.01 delta^2
+        (default("FedYogi"), [0.0725, 0.2499]),  # v - 0.01 delta^2 sign(v - delta^2): signs -1, +1
+        (default("FedAdagrad"), [1.0625, 0.26]),  # v + delta^2
     ],
 )
 def test_adaptive_second_step(strategy: FedAdam, expected_v: list[float]) -> None:
@@ -103,7 +105,7 @@ def test_adaptive_second_step(strategy: FedAdam, expected_v: list[float]) -> Non
 
 
 def test_state_survives_the_wire_format() -> None:
-    strategy = FedYogi(eta=0.1)
+    strategy = make_strategy(StrategySpec("FedYogi", {"eta": 0.1}))
     x, state = {"w": arr(0, 0)}, {}
     direct_x, direct_state = x, state
     for target in (arr(1, 2), arr(-1, 3), arr(0.5, 0.5)):
@@ -140,7 +142,7 @@ def test_krum_picks_the_most_central_update() -> None:
     # f = 0, n = 4: each score sums the n - 2 = 2 nearest squared distances.
     # 0: 1 + 9 = 10; 1: 1 + 4 = 5; 3: 4 + 9 = 13; 10: 49 + 81 = 130
     ups = [ClientUpdate({"w": arr(v)}, n) for v, n in ((0, 1), (1, 3), (3, 1), (10, 1))]
-    krum = Krum(num_malicious=0)
+    krum = Krum(num_malicious=0, num_selected=1)
     np.testing.assert_allclose(krum.scores(ups), [10, 5, 13, 130])
     new, _ = krum.aggregate({"w": arr(0)}, ups, {})
     np.testing.assert_array_equal(new["w"], [1])
@@ -149,19 +151,19 @@ def test_krum_picks_the_most_central_update() -> None:
     np.testing.assert_allclose(new["w"], [0.75])
     # f = 1 needs n > 2f + 2 = 4 updates: refused with 4, two neighbours each with 5
     with pytest.raises(ValueError, match="num_malicious: Krum needs more than 2 \\* num_malicious \\+ 2 = 4"):
-        Krum(num_malicious=1).scores(ups)
+        Krum(num_malicious=1, num_selected=1).scores(ups)
     five = [*ups, ClientUpdate({"w": arr(20)}, 1)]
     # 0: 1 + 9; 1: 1 + 4; 3: 4 + 9; 10: 49 + 81; 20: 100 + 289
-    np.testing.assert_allclose(Krum(num_malicious=1).scores(five), [10, 5, 13, 130, 389])
+    np.testing.assert_allclose(Krum(num_malicious=1, num_selected=1).scores(five), [10, 5, 13, 130, 389])
     with pytest.raises(ValueError, match="Krum needs more than"):
-        Krum(num_malicious=0).aggregate({"w": arr(0)}, ups[:2], {})
+        Krum(num_malicious=0, num_selected=1).aggregate({"w": arr(0)}, ups[:2], {})
 
 
 def test_inputs_are_not_mutated() -> None:
     current = {"w": arr(0, 0)}
     ups = updates_1_3()
     state = {"m/w": np.asarray([0.25, 0.5]), "v/w": np.asarray([0.0625, 0.25])}
-    FedAdam().aggregate(current, ups, state)
+    default("FedAdam").aggregate(current, ups, state)
     np.testing.assert_array_equal(current["w"], [0, 0])
     np.testing.assert_array_equal(ups[1].weights["w"], [3, 6])
     np.testing.assert_array_equal(state["m/w"], [0.25, 0.5])
@@ -178,11 +180,35 @@ def test_make_strategy_builds_every_named_strategy_with_params() -> None:
     assert set(STRATEGIES) == {
         "FedAvg", "FedAvgM", "FedProx", "FedAdam", "FedYogi", "FedAdagrad", "FedMedian", "FedTrimmedAvg", "Krum"
     }
-    assert make_strategy(StrategySpec("FedAvgM", {"server_momentum": 0.5})) == FedAvgM(server_momentum=0.5)
+    assert make_strategy(StrategySpec("FedAvgM", {"server_momentum": 0.5})) == FedAvgM(1.0, 0.5)
     assert make_strategy(StrategySpec("FedProx", {"mu": 0.1})) == FedProx(mu=0.1)
-    assert make_strategy(StrategySpec("FedAdam", {"eta": 0.1, "tau": 1e-9})) == FedAdam(eta=0.1, tau=1e-9)
+    assert make_strategy(StrategySpec("FedAdam", {"eta": 0.1, "tau": 1e-9})) == FedAdam(eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-9)
     assert make_strategy(StrategySpec("Krum", {"num_malicious": 2, "num_selected": 3})) == Krum(2, 3)
     assert make_strategy(StrategySpec("FedTrimmedAvg", {"beta": 0.3})) == TrimmedMean(beta=0.3)
+    assert make_strategy(StrategySpec("FedTrimmedAvg")) == TrimmedMean(beta=0.1)
+
+
+def test_every_spec_strategy_builds_and_takes_exactly_the_spec_parameters() -> None:
+    from dataclasses import fields
+
+    from fedland.spec import STRATEGY_PARAMS
+
+    assert set(STRATEGIES) == set(STRATEGY_PARAMS)
+    for name, cls in STRATEGIES.items():
+        assert {f.name for f in fields(cls)} == set(STRATEGY_PARAMS[name]), name
+
+
+def test_krum_with_too_few_clients_is_refused_by_the_spec() -> None:
+    from fedland.spec import ExperimentSpec
+
+    ratios = [[0.1] * 10] * 4
+    with pytest.raises(SpecError) as caught:
+        ExperimentSpec(
+            target_balance_ratios=ratios, subset_fractions=[0.1] * 4, strategy=StrategySpec("Krum", {"num_malicious": 1})
+        )
+    assert caught.value.field == "strategy.params.num_malicious"
+    assert "4" in caught.value.rule
+    ExperimentSpec(target_balance_ratios=[[0.1] * 10] * 5, subset_fractions=[0.1] * 5, strategy=StrategySpec("Krum", {"num_malicious": 1}))
 
 
 @pytest.mark.parametrize(
@@ -197,7 +223,7 @@ def test_make_strategy_builds_every_named_strategy_with_params() -> None:
         ("Krum", {"num_malicious": True}, "strategy.params.num_malicious"),
     ],
 )
-def test_validate_strategy_names_the_bad_param(name: str, params: dict, field: str) -> None:
+def test_strategy_spec_names_the_bad_param(name: str, params: dict, field: str) -> None:
     with pytest.raises(SpecError) as caught:
-        validate_strategy(StrategySpec(name, params))
+        StrategySpec(name, params)
     assert caught.value.field == field

@@ -1,3 +1,3 @@
-"""Fixtures of these tests: the scripted stub server."""
+"""Fixtures of the stack tests."""
 
-from tests.stubs import stub_server  # noqa: F401 (a fixture)
+from tests.stub_http import stub_server  # noqa: F401 (fixture)

@@ -1,0 +1,141 @@
+"""The client/server agreement of one experiment, computed in one place.
+
+Every quantity the client and the server must compute identically lives here:
+the partition, a client's train/test data, the landscape subsets (a client's own
+and the server's held-out one), the seeds of training and measurement, and the
+model built from stored weights. Both sides build an ``ExperimentPlan`` from the
+spec and the dataset and ask it; neither re-derives any of these.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedland.datasets import Dataset
+from fedland.measure import landscape_subset
+from fedland.models import build_model
+from fedland.partition import ClientPartition, partition
+from fedland.spec import ExperimentSpec
+
+__all__ = ["HELD_OUT_STREAM", "ClientData", "ExperimentPlan", "derived_seed"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+#: Second word of the seeds of the server's held-out subset and measurements; no client has this index.
+HELD_OUT_STREAM = 2**32
+
+
+def derived_seed(*words: int) -> int:
+    """A 63-bit seed derived from non-negative integers (e.g. experiment seed, client, round)."""
+    sequence = np.random.SeedSequence(list(words))
+    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass(frozen=True, eq=False)
+class ClientData:
+    """One client's share of the dataset: read-only views chosen by its partition."""
+
+    client_index: int
+    train_x: torch.Tensor  # (num_train, *input_shape)
+    train_y: torch.Tensor  # (num_train,)
+    test_x: torch.Tensor  # (num_test, *input_shape)
+    test_y: torch.Tensor  # (num_test,)
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_y.shape[0])
+
+
+class ExperimentPlan:
+    """What the client and the server agree on for one experiment (spec + dataset)."""
+
+    def __init__(self, spec: ExperimentSpec, dataset: Dataset) -> None:
+        if dataset.name != spec.dataset_name:
+            raise ValueError(f"dataset: the spec needs {spec.dataset_name!r}, got {dataset.name!r}")
+        self.spec = spec
+        self.dataset = dataset
+
+    @functools.cached_property
+    def partitions(self) -> list[ClientPartition]:
+        """Every client's partition (``fedland.partition`` on the real labels), in client order."""
+        spec = self.spec
+        return partition(
+            self.dataset.train_y, self.dataset.test_y, spec.target_balance_ratios, spec.subset_fractions, spec.seed
+        )
+
+    def client_data(self, client_index: int) -> ClientData:
+        """Client ``client_index``'s train and test examples."""
+        part = self.partitions[self._check_client(client_index)]
+        train, test = torch.from_numpy(part.train_indices), torch.from_numpy(part.test_indices)
+        data = self.dataset
+        return ClientData(client_index, data.train_x[train], data.train_y[train], data.test_x[test], data.test_y[test])
+
+    # -- landscape subsets ------------------------------------------------------
+
+    def landscape_indices(self, client_index: int) -> np.ndarray:
+        """Indices into the client's train partition of its landscape subset (ascending)."""
+        part = self.partitions[self._check_client(client_index)]
+        return landscape_subset(part.num_train, self.spec.landscape.num_samples, (self.spec.seed, client_index))
+
+    def landscape_batch(self, client_index: int) -> list[Batch]:
+        """The client's landscape subset of its own train data, as one batch."""
+        part = self.partitions[self._check_client(client_index)]
+        chosen = torch.from_numpy(part.train_indices[self.landscape_indices(client_index)])
+        return [(self.dataset.train_x[chosen], self.dataset.train_y[chosen])]
+
+    def held_out_indices(self) -> np.ndarray:
+        """Indices into the test split of the server's landscape subset (never trained on)."""
+        num_test = int(self.dataset.test_y.shape[0])
+        return landscape_subset(num_test, self.spec.landscape.num_samples, (self.spec.seed, HELD_OUT_STREAM))
+
+    def held_out_batch(self) -> list[Batch]:
+        """The server's held-out landscape subset of the test split, as one batch."""
+        chosen = torch.from_numpy(self.held_out_indices())
+        return [(self.dataset.test_x[chosen], self.dataset.test_y[chosen])]
+
+    # -- seeds ------------------------------------------------------------------
+
+    def training_seed(self, client_index: int, server_round: int) -> int:
+        """Seed of client ``client_index``'s training (and its landscape measurement) in a round."""
+        return derived_seed(self.spec.seed, client_index, server_round)
+
+    def server_measurement_seed(self, server_round: int) -> int:
+        """Seed of the server's landscape measurement of a round (a 32-bit word, as stored results assume)."""
+        sequence = np.random.SeedSequence([self.spec.seed, server_round, HELD_OUT_STREAM])
+        return int(sequence.generate_state(1)[0])
+
+    # -- models -----------------------------------------------------------------
+
+    def model(self, weights: Mapping[str, np.ndarray | torch.Tensor] | None = None) -> nn.Module:
+        """The spec's model: the initial weights (``weights=None``) or carrying ``weights``.
+
+        Raises:
+            ValueError: ``weights`` lacks a key of the model, has an extra one, or a shape differs.
+        """
+        model = build_model(self.spec.model, seed=self.spec.seed)
+        if weights is None:
+            return model
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(weights))
+        extra = sorted(set(weights) - set(expected))
+        if missing or extra:
+            raise ValueError(f"weights: missing keys {missing}, unexpected keys {extra} for {self.spec.model}")
+        state = {}
+        for name, reference in expected.items():
+            value = torch.as_tensor(weights[name])
+            if tuple(value.shape) != tuple(reference.shape):
+                raise ValueError(f"weights[{name!r}]: shape {tuple(value.shape)} != {tuple(reference.shape)}")
+            state[name] = value
+        model.load_state_dict(state)
+        return model
+
+    def _check_client(self, client_index: int) -> int:
+        if not 0 <= client_index < self.spec.num_clients:
+            raise ValueError(f"client_index: must be in [0, {self.spec.num_clients}), got {client_index}")
+        return client_index
