@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -139,8 +140,11 @@ class GuardedServer(waitress.server.TcpWSGIServer):  # type: ignore[misc]
         super().__init__(application, **kwargs)
 
     def readable(self) -> bool:
-        super().readable()  # maintenance, and waitress's own overflow bookkeeping and log lines
-        return bool(self.accepting)
+        now = time.time()
+        if now >= self.next_channel_cleanup:  # as waitress does: close channels idle past channel_timeout
+            self.next_channel_cleanup = now + self.adj.cleanup_interval
+            self.maintenance(now)
+        return bool(self.accepting)  # always accept: over the limit, handle_accept answers 503
 
     def handle_accept(self) -> None:
         if len(self._map) < self.adj.connection_limit:
