@@ -96,7 +96,7 @@ def _guarded_channel(token: str) -> type[waitress.channel.HTTPChannel]:
             consumed: int = super().received(data)
             if self.headers_finished and not getattr(self, "_guarded", False):
                 self._guarded = True
-                if isinstance(self.error, waitress.utilities.RequestEntityTooLarge):
+                if isinstance(self.error, waitress.utilities.RequestEntityTooLarge):  # type: ignore[has-type]
                     limit = self.adj.max_request_body_size
                     self.error = _JsonError(
                         413, "Content Too Large", f"body over the limit of {limit} bytes (FEDLAND_MAX_BODY_MB)"
@@ -141,7 +141,8 @@ class GuardedServer(waitress.server.TcpWSGIServer):  # type: ignore[misc]
 
     def readable(self) -> bool:
         now = time.time()
-        if now >= self.next_channel_cleanup:  # as waitress does: close channels idle past channel_timeout
+        # as waitress does: close channels idle past channel_timeout
+        if now >= self.next_channel_cleanup:  # type: ignore[has-type]
             self.next_channel_cleanup = now + self.adj.cleanup_interval
             self.maintenance(now)
         return bool(self.accepting)  # always accept: over the limit, handle_accept answers 503
