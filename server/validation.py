@@ -170,8 +170,9 @@ def check_id(value: str, field: str) -> str:
     return value
 
 
-def check_document_size(value: Any, field: str, limit: int = MAX_DOCUMENT_BYTES) -> None:
-    """Refuse (413) a document whose JSON form is over `limit` bytes."""
+def check_document_size(value: Any, field: str, limit: int | None = None) -> None:
+    """Refuse (413) a document whose JSON form is over `limit` bytes (default `MAX_DOCUMENT_BYTES`)."""
+    limit = MAX_DOCUMENT_BYTES if limit is None else limit
     size = len(json.dumps(value, separators=(",", ":")).encode("utf-8"))
     if size > limit:
         raise TooLarge(field, f"{size} bytes as JSON; the limit is {limit}")

@@ -27,7 +27,7 @@ from tests.helpers import LocalStack, assert_complete, small_spec
 
 pytestmark = pytest.mark.slow
 
-SEEDS = [12]
+SEEDS = [int(s) for s in os.environ.get("FEDLAND_DRILL_SEEDS", "12").split(",")]
 ROUNDS = 12
 NUM_CLIENTS = 3
 HANG_S = 300.0  # only a stuck run reaches this
