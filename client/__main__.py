@@ -30,9 +30,12 @@ def main() -> int:
     stop = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt  # a second signal: stop now, even mid-step
-        log.info("%s received: stopping after the current step", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop.is_set():  # a second signal: stop now, even mid-step, without a traceback
+            log.info("%s received again: stopping now", name)
+            logging.shutdown()
+            os._exit(0)
+        log.info("%s received: stopping after the current step", name)
         stop.set()
 
     signal.signal(signal.SIGTERM, request_stop)
@@ -45,8 +48,6 @@ def main() -> int:
     except PartitionMismatch as error:
         log.error("%s", error)
         return 3
-    except KeyboardInterrupt:
-        log.info("stopped")
     return 0
 
 

@@ -17,6 +17,7 @@ landscape is measured (see DEVELOPERS.md "Landscape measurements").
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fedland.datasets import DATASETS
-from fedland.models import MODEL_INPUT_SHAPES, MODEL_NAMES
+from fedland.models import MODEL_INPUT_SHAPES, MODEL_NAMES, build_model
 from fedland.partition import PartitionError, plan_counts
 
 __all__ = [
@@ -48,6 +49,31 @@ STORE_KEYS: frozenset[str] = frozenset(
 
 RATIO_TOLERANCE = 1e-6
 INT64_MAX = 2**63 - 1  # the store keeps integers as BSON int64
+
+# Documented limits (README "Limits"): far above any sensible experiment, far
+# below what would overflow a store field or stall the server.
+MAX_DESCRIPTION_CHARS = 10_000
+MAX_ROUNDS = 100_000
+MAX_LOCAL_EPOCHS = 1_000
+MAX_BATCH_SIZE = 65_536
+MAX_LEARNING_RATE = 100.0
+#: Upper bounds of the landscape section's fields, one by one.
+LANDSCAPE_MAX: dict[str, float] = {
+    "every": MAX_ROUNDS,
+    "num_samples": 60_000,
+    "top_k": 50,
+    "trace_probes": 1_000,
+    "interpolation_points": 1_001,
+    "grid_points": 101,
+    "sharpness_rho": 100.0,
+    "grid_radius": 1_000.0,
+}
+#: Cost bound of one landscape measurement, in sample x parameter products
+#: (``LandscapeSpec.cost``): about a minute on one CPU core; the defaults cost 3.2e9 on FedNet.
+LANDSCAPE_COST_BUDGET = 1e11
+#: Memory bound of the Hessian trace's probe block: trace_probes x parameters x 8 bytes.
+LANDSCAPE_MEMORY_BUDGET_BYTES = 1 << 30
+LANCZOS_PRODUCTS = 60  # Hessian-vector products of the top-eigenvalue search at most (fedland.measure)
 
 
 class SpecError(ValueError):
@@ -244,6 +270,19 @@ class LandscapeSpec:
             if not _is_real(value) or not value > 0:
                 raise SpecError(f"landscape.{name}", f"must be a finite number > 0, got {value!r}")
             object.__setattr__(self, name, float(value))
+        for name, high in LANDSCAPE_MAX.items():
+            if getattr(self, name) > high:
+                raise SpecError(f"landscape.{name}", f"must be at most {high:g}, got {getattr(self, name)!r}")
+
+    def cost(self, num_params: int) -> float:
+        """Sample x parameter products of one measurement of a model with `num_params` parameters.
+
+        A Hessian-vector product counts twice (forward and backward), a loss
+        evaluation (grid point, interpolation alpha, sharpness) once.
+        """
+        products = LANCZOS_PRODUCTS + self.trace_probes
+        evaluations = self.grid_points**2 + self.interpolation_points + 2
+        return float(self.num_samples) * num_params * (2 * products + evaluations)
 
     def scheduled(self, server_round: int, rounds: int) -> bool:
         """Whether round ``server_round`` of an experiment of ``rounds`` rounds is measured."""
@@ -436,6 +475,10 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
         raise SpecError("id", f"must be a string or None, got {spec.id!r}")
     if not isinstance(spec.description, str):
         raise SpecError("description", f"must be a string, got {spec.description!r}")
+    if len(spec.description) > MAX_DESCRIPTION_CHARS:
+        raise SpecError(
+            "description", f"has {len(spec.description)} characters; the limit is {MAX_DESCRIPTION_CHARS}"
+        )
     if not isinstance(spec.timestamp, str):
         raise SpecError("timestamp", f"must be an ISO 8601 string, got {spec.timestamp!r}")
     try:
@@ -460,20 +503,23 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
         raise SpecError("augment", f"must be true, false or null (the dataset's default), got {spec.augment!r}")
     if not isinstance(spec.strategy, StrategySpec):
         raise SpecError("strategy", f"must be a StrategySpec, got {type(spec.strategy).__name__}")
-    for name in ("rounds", "local_epochs", "batch_size"):
+    for name, high in (("rounds", MAX_ROUNDS), ("local_epochs", MAX_LOCAL_EPOCHS), ("batch_size", MAX_BATCH_SIZE)):
         value = getattr(spec, name)
-        if not _is_int(value) or not 0 < value <= INT64_MAX:
-            raise SpecError(name, f"must be a positive integer (at most 2**63 - 1), got {value!r}")
+        if not _is_int(value) or not 0 < value <= high:
+            raise SpecError(name, f"must be a positive integer of at most {high}, got {value!r}")
     if not _is_int(spec.seed) or not 0 <= spec.seed <= INT64_MAX:
         raise SpecError("seed", f"must be an integer in [0, 2**63 - 1] (stored as int64), got {spec.seed!r}")
-    if not _is_real(spec.learning_rate) or not spec.learning_rate > 0:
-        raise SpecError("learning_rate", f"must be a finite number > 0, got {spec.learning_rate!r}")
+    if not _is_real(spec.learning_rate) or not 0 < spec.learning_rate <= MAX_LEARNING_RATE:
+        raise SpecError(
+            "learning_rate", f"must be a finite number > 0 and at most {MAX_LEARNING_RATE:g}, got {spec.learning_rate!r}"
+        )
     put("learning_rate", float(spec.learning_rate))
     if not _is_real(spec.momentum) or not 0 <= spec.momentum < 1:
         raise SpecError("momentum", f"must be a number in [0, 1), got {spec.momentum!r}")
     put("momentum", float(spec.momentum))
     if not isinstance(spec.landscape, LandscapeSpec):
         raise SpecError("landscape", f"must be a LandscapeSpec, got {type(spec.landscape).__name__}")
+    _check_landscape_cost(spec.landscape, spec.model)
 
     info = DATASETS[spec.dataset_name]
     ratios = _ratio_table(spec.target_balance_ratios, info.num_classes)
@@ -541,6 +587,33 @@ def _check_strategy_fits(strategy: StrategySpec, num_updates: int) -> None:
                 "strategy.params.num_malicious",
                 f"Krum needs more than 2 * num_malicious + 2 = {needed} client updates per round, got {num_updates}",
             )
+
+
+def _check_landscape_cost(lspec: LandscapeSpec, model: str) -> None:
+    """Refuse landscape settings too costly for the model (LANDSCAPE_COST_BUDGET, LANDSCAPE_MEMORY_BUDGET_BYTES)."""
+    if not lspec.enabled:
+        return
+    num_params = num_parameters(model)
+    cost = lspec.cost(num_params)
+    if cost > LANDSCAPE_COST_BUDGET:
+        raise SpecError(
+            "landscape",
+            f"one measurement of {model} ({num_params} parameters) costs {cost:.3g} sample x parameter products; "
+            f"the bound is {LANDSCAPE_COST_BUDGET:.3g}: lower num_samples, trace_probes or grid_points",
+        )
+    memory = lspec.trace_probes * num_params * 8
+    if memory > LANDSCAPE_MEMORY_BUDGET_BYTES:
+        raise SpecError(
+            "landscape.trace_probes",
+            f"{lspec.trace_probes} probes of {model} ({num_params} parameters) need {memory / 2**20:.0f} MiB; "
+            f"the bound is {LANDSCAPE_MEMORY_BUDGET_BYTES / 2**20:.0f} MiB",
+        )
+
+
+@functools.cache
+def num_parameters(model: str) -> int:
+    """Number of parameters of the named model (built once per process)."""
+    return sum(p.numel() for p in build_model(model, 0).parameters())
 
 
 def _ratio_table(value: Any, num_classes: int) -> tuple[tuple[float, ...], ...]:

@@ -32,6 +32,7 @@ class Child:
     def __init__(self, name: str, module: str, env: Mapping[str, str], log_path: Path) -> None:
         self.name = name
         self.log_path = log_path
+        self._terminated = False
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         try:
@@ -56,7 +57,9 @@ class Child:
         return self.process.poll() is None
 
     def terminate(self) -> None:
-        if self.alive():
+        """SIGTERM, once: a second signal means "stop now" to a client."""
+        if self.alive() and not self._terminated:
+            self._terminated = True
             self.process.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:

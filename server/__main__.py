@@ -16,10 +16,9 @@ import signal
 import sys
 from types import FrameType
 
-import waitress
-
 from server.api import coordinator_of, create_app
 from server.store import Store
+from server.wsgi import GuardedServer
 from stack.embedded import EmbeddedMongo
 from stack.settings import ServerSettings, configure_logging, set_torch_threads
 
@@ -53,13 +52,14 @@ def main() -> int:
         if uri is None:
             # no store configured: run the embedded one (stack.settings.DEFAULT_STORE_DIR rule)
             uri = stack.enter_context(EmbeddedMongo(settings.store_dir))
-        store = Store(uri, settings.db_name)
+        store = Store(uri, settings.db_name, timeouts=settings.store_timeouts)
         stack.callback(store.close)
         app = create_app(settings, store)
         stack.callback(coordinator_of(app).close)  # before the store closes: ends the measurement thread
         _raise_open_files_limit(settings.connection_limit + 256)
-        server = waitress.create_server(
+        server = GuardedServer(
             app,
+            token=settings.token,  # a body without the token is refused before it is read
             host=settings.host,
             port=settings.port,
             threads=settings.threads,
@@ -67,6 +67,7 @@ def main() -> int:
             backlog=2048,
             asyncore_use_poll=True,
             channel_timeout=120,
+            max_request_body_size=settings.max_body_bytes,  # so is one over the limit, chunked too
         )
         stack.callback(server.close)
         signal.signal(signal.SIGTERM, _stop)

@@ -34,6 +34,7 @@ from server.measurements import LandscapeWorker
 from server.resources import Resources
 from server.rounds import RoundState, Rounds
 from server.store import Store
+from server.validation import check_document_size, check_tree
 from stack import wire
 
 log = logging.getLogger(__name__)
@@ -133,15 +134,17 @@ class Coordinator:
             except ValueError as error:
                 field = getattr(error, "field", "target_balance_ratios")
                 raise BadRequest(f"{prefix}{error}", f"{prefix}{field}") from None
+            document = spec.to_dict()
+            where = prefix.rstrip(".")
+            check_tree(document, where)  # storable
+            check_document_size(document, where or "body")
             prepared.append((spec, members, wire.encode(self.resources.initial_weights(spec))))
-        # Nothing was written so far. Round-0 models go first: an orphan file is
-        # harmless, an experiment without its initial model is not.
+        # Nothing was written so far. Round-0 models go first (an experiment without
+        # its initial model must never exist) and are deleted if the insert fails.
         now = self.clock()
         experiments, all_members = [], []
-        for spec, members, initial in prepared:
+        for spec, members, _ in prepared:
             experiment_id = str(ObjectId())  # sorts by creation within a process
-            self.store.save_model(initial, experiment_id, 0, "global")
-            self.rounds.remember_model(experiment_id, 0, initial, spec.rounds)
             experiments.append(
                 {
                     **spec.with_id(experiment_id).to_dict(),
@@ -164,9 +167,21 @@ class Coordinator:
                         "reported_round": 0,
                     }
                 )
-        self.store.insert_experiments(experiments, all_members)
+        files: list[str] = []
+        try:
+            for (spec, _, initial), experiment in zip(prepared, experiments):
+                files.append(self.store.save_model(initial, experiment["id"], 0, "global"))
+            self.store.insert_experiments(experiments, all_members)
+        except BaseException:
+            for file_id in files:
+                try:
+                    self.store.delete_model(file_id)
+                except Exception as error:  # noqa: BLE001 - the original error is the one to report
+                    log.warning("could not delete file %s of a failed request: %s", file_id, error)
+            raise
         pending = 0
-        for doc in experiments:
+        for (spec, _, initial), doc in zip(prepared, experiments):
+            self.rounds.remember_model(doc["id"], 0, initial, spec.rounds)
             state = self.rounds.open({**doc})
             pending += 0 if state is None else len(state.pending)
         ids = [doc["id"] for doc in experiments]
@@ -230,8 +245,8 @@ class Coordinator:
         hostname, pid = body.get("hostname"), body.get("pid")
         if not isinstance(hostname, str) or not hostname or len(hostname) > 255:
             raise BadRequest("hostname must be a non-empty string of at most 255 characters", "hostname")
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
-            raise BadRequest("pid must be an integer >= 0", "pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < 2**32:
+            raise BadRequest("pid must be an integer in [0, 2**32)", "pid")
         now = self.clock()
         worker_id = uuid.uuid4().hex
         self.store.insert_worker(

@@ -38,9 +38,10 @@ from fedland.spec import ExperimentSpec
 from server.errors import BadRequest, Conflict, NotFound
 from server.measurements import LandscapeWorker
 from server.resources import Resources
-from server.store import DuplicateError, Store
+from server.store import DuplicateError, Store, StoreUnavailable
 from server.round_inputs import load_round_inputs
 from server.strategies import RunningMean, is_averaging, make_strategy
+from server.validation import Invalid, check_stats, check_weights_bounded
 from stack import wire
 
 log = logging.getLogger(__name__)
@@ -246,7 +247,9 @@ class Rounds:
     def accept(self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes) -> Doc:
         """Accept one member's update of the current round; closes and aggregates the round when complete."""
         experiment = self.experiment(experiment_id)
-        worker_id, index, num_examples, stats = parse_meta(meta, len(experiment["target_balance_ratios"]))
+        worker_id, index, num_examples, stats = parse_meta(
+            meta, len(experiment["target_balance_ratios"]), int(experiment["local_epochs"])
+        )
         if experiment["status"] != "running":
             raise Conflict(f"experiment {experiment_id} is {experiment['status']}")
         with self.lock:
@@ -269,6 +272,7 @@ class Rounds:
             wire.check_compatible(weights, self.resources.reference(experiment["model"], DATASETS[experiment["dataset_name"]].num_classes))
         except ValueError as error:
             raise BadRequest(str(error), "weights") from None
+        check_weights_bounded(weights)  # one worker's absurd weights must not sink the aggregate
         with self.lock:  # the assignment may have moved while the weights were checked
             if state.closed or index in state.reported or state.assigned.get(index) != worker_id:
                 raise Conflict(f"member {index} is no longer assigned to worker {worker_id} in round {server_round}")
@@ -306,6 +310,10 @@ class Rounds:
             if file_id is not None:
                 self.store.delete_client_model(file_id)
             raise Conflict(f"member {index} already reported round {server_round}") from None
+        except BaseException:  # a refused or failed insert leaves no file behind
+            if file_id is not None:
+                _undo([file_id], self.store.delete_client_model)
+            raise
         with state.fold_lock:
             if state.closed:  # closed by its deadline meanwhile: a straggler
                 self.store.unreport(experiment_id, index, server_round)
@@ -348,6 +356,8 @@ class Rounds:
         if self.store.get_round(experiment_id, server_round) is None:
             try:
                 aggregated = self._aggregate(state, experiment)
+            except StoreUnavailable:
+                raise  # not the round's fault: 503, and the next update or the timer aggregates it
             except Exception as error:  # any failure ends the experiment, visibly
                 log.exception("experiment %s round %d: aggregation failed", experiment_id, server_round)
                 self.fail(experiment_id, f"round {server_round}: {type(error).__name__}: {error}")
@@ -374,6 +384,10 @@ class Rounds:
             new_global, new_state = strategy.aggregate(current, updates, strategy_state)
             num_examples = sum(update.num_examples for update in updates)
         wire.check_compatible(new_global, self.resources.reference(spec.model, spec.num_classes))
+        try:  # checked before it replaces the global model
+            check_weights_bounded(new_global)
+        except Invalid as error:
+            raise ValueError(f"the aggregated model is out of bounds: {error}") from None
         evaluation = self.resources.evaluate(spec, new_global)
         if not math.isfinite(evaluation.loss):
             raise ValueError(f"test loss of the aggregated model is {evaluation.loss}")
@@ -504,24 +518,30 @@ class Rounds:
             return {worker for state in self.states.values() for worker in state.assigned.values()}
 
 
-def parse_meta(meta: Any, num_clients: int) -> tuple[str, int, int, Doc]:
+def parse_meta(meta: Any, num_clients: int, max_epochs: int) -> tuple[str, int, int, Doc]:
     """(worker_id, client_index, num_examples, stats) from the update's `meta`, or BadRequest."""
     if not isinstance(meta, Mapping):
         raise BadRequest("meta must be a JSON object", "meta")
     worker_id = meta.get("client_id")
-    if not isinstance(worker_id, str) or not worker_id:
-        raise BadRequest("meta.client_id must be a non-empty string", "meta.client_id")
+    if not isinstance(worker_id, str) or not worker_id or len(worker_id) > 64:
+        raise BadRequest("meta.client_id must be a non-empty string of at most 64 characters", "meta.client_id")
     client_index = meta.get("client_index")
     if not isinstance(client_index, int) or isinstance(client_index, bool) or not 0 <= client_index < num_clients:
         raise BadRequest(f"meta.client_index must be an integer in [0, {num_clients})", "meta.client_index")
     num_examples = meta.get("num_examples")
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
         raise BadRequest("meta.num_examples must be an integer > 0", "meta.num_examples")
-    stats = meta.get("stats", {})
-    if not isinstance(stats, Mapping):
-        raise BadRequest("meta.stats must be a JSON object", "meta.stats")
-    clash = sorted(RESERVED_STATS & set(stats))
-    if clash:
-        raise BadRequest(f"meta.stats.{clash[0]} is set by the server", f"meta.stats.{clash[0]}")
-    return worker_id, client_index, num_examples, dict(stats)
+    for key in meta:
+        if key not in ("client_id", "client_index", "num_examples", "stats"):
+            raise BadRequest(f"meta.{key}: unknown key", f"meta.{key}")
+    stats = check_stats(meta.get("stats", {}), max_epochs=max_epochs)  # known keys only: none is reserved
+    return worker_id, client_index, num_examples, stats
 
+
+def _undo(file_ids: list[str], delete: Callable[[str], None]) -> None:
+    """Delete files a failed request wrote (best effort: the store may be what failed)."""
+    for file_id in file_ids:
+        try:
+            delete(file_id)
+        except Exception as error:  # noqa: BLE001 - the original error is the one to report
+            log.warning("could not delete file %s of a failed request: %s", file_id, error)

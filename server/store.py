@@ -17,10 +17,16 @@ from pymongo import ReturnDocument
 from pymongo.collection import Collection
 from pymongo.database import Database
 
+from stack.settings import StoreTimeouts
+
 Doc = dict[str, Any]
 
 ACTIVE = ("queued", "running")
 DONE = ("finished", "failed")
+
+
+#: The store did not answer in time (the HTTP layer answers 503 with Retry-After).
+StoreUnavailable = pymongo.errors.ConnectionFailure
 
 
 class DuplicateError(Exception):
@@ -33,12 +39,19 @@ def _plain(doc: Mapping[str, Any] | None) -> Doc | None:
     return {key: value for key, value in doc.items() if key != "_id"}
 
 
+def _round_zero_of(file: Mapping[str, Any], experiments: set[Any]) -> bool:
+    metadata = file.get("metadata") or {}
+    return bool(
+        metadata.get("round") == 0 and metadata.get("kind") == "global" and metadata.get("experiment_id") in experiments
+    )
+
+
 class Store:
     """The fedland database: see DEVELOPERS.md "Store" for the schema."""
 
-    def __init__(self, uri: str, db_name: str, *, timeout_ms: int = 10_000) -> None:
+    def __init__(self, uri: str, db_name: str, *, timeouts: StoreTimeouts = StoreTimeouts()) -> None:
         self._client: pymongo.MongoClient[Doc] | None = pymongo.MongoClient(
-            uri, serverSelectionTimeoutMS=timeout_ms, tz_aware=False
+            uri, tz_aware=False, **timeouts.client_options()
         )
         self.db: Database[Doc] = self._client[db_name]
         self._init_buckets()
@@ -309,6 +322,43 @@ class Store:
             self.client_models.delete(ObjectId(file_id))
         except gridfs.errors.NoFile:
             pass
+
+    def delete_orphan_files(self) -> int:
+        """Delete GridFS files no document references, and chunks of no file; returns the files deleted.
+
+        What a crash can leave between a file write and the document naming it
+        (an update's weights before its stats, a round's models before its rounds
+        document, a round-0 model before its experiment), and chunks of an upload
+        cut off. Call it when no request is in flight (at start-up).
+        """
+        experiments = {doc["_id"] for doc in self.experiments.find({}, {"_id": 1})}
+        referenced_models: set[Any] = set()
+        for doc in self.rounds.find({}, {"model_file_id": 1, "strategy_state_file_id": 1}):
+            for key in ("model_file_id", "strategy_state_file_id"):
+                if doc.get(key) is not None:
+                    referenced_models.add(str(doc[key]))
+        referenced_updates = {
+            str(doc["weights_file_id"]) for doc in self.client_stats.find({}, {"weights_file_id": 1})
+            if doc.get("weights_file_id") is not None
+        }
+        deleted = 0
+        for name, bucket, keep in (
+            ("models", self.models, lambda f: str(f["_id"]) in referenced_models or _round_zero_of(f, experiments)),
+            ("client_models", self.client_models, lambda f: str(f["_id"]) in referenced_updates),
+        ):
+            files = list(self.db[f"{name}.files"].find({}, {"_id": 1, "metadata": 1}))
+            for file in files:
+                if not keep(file):
+                    try:
+                        bucket.delete(file["_id"])
+                        deleted += 1
+                    except gridfs.errors.NoFile:
+                        pass
+            known = {file["_id"] for file in self.db[f"{name}.files"].find({}, {"_id": 1})}
+            stray = {c["files_id"] for c in self.db[f"{name}.chunks"].find({}, {"files_id": 1})} - known
+            if stray:
+                self.db[f"{name}.chunks"].delete_many({"files_id": {"$in": list(stray)}})
+        return deleted
 
     def count(self, collection: str, query: Mapping[str, Any] | None = None) -> int:
         """Number of documents in `collection` matching `query` (tests and reports)."""

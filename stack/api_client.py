@@ -72,6 +72,9 @@ class Registration:
 class Transport:
     """Calls the server's HTTP API, retrying connection failures and 5xx answers.
 
+    A 5xx with ``Retry-After`` (the store is down, the server is at its
+    connection limit) is retried no sooner than the server asks.
+
     Retries go on until `max_attempts` (None: forever) or until `stop` is set, in
     which case `Stopped` is raised. Not thread-safe: give each thread its own.
     """
@@ -114,6 +117,7 @@ class Transport:
         while True:
             if self.stop.is_set():
                 raise Stopped(f"{method} {path}")
+            retry_after_s = 0.0
             try:
                 response = self.session.request(method, url, timeout=timeout, **kwargs)
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
@@ -126,6 +130,7 @@ class Transport:
                 if response.status_code < 500:
                     return response
                 problem = f"HTTP {response.status_code}: {_error_message(response)}"
+                retry_after_s = retry_after(response)
                 if not idempotent:
                     raise ConnectionError(
                         f"{method} {path} failed ({problem}); it may have been applied: check before repeating it"
@@ -133,7 +138,7 @@ class Transport:
             attempt += 1
             if self.max_attempts is not None and attempt >= self.max_attempts:
                 raise ConnectionError(f"{method} {path} failed after {attempt} attempts: {problem}")
-            delay_s = self.backoff.delay_s(attempt - 1, self.rng)
+            delay_s = max(self.backoff.delay_s(attempt - 1, self.rng), retry_after_s)  # the server's word wins
             log.warning("%s %s failed (%s); retry %d in %.1f s", method, path, problem, attempt, delay_s)
             if self.stop.wait(delay_s):
                 raise Stopped(f"{method} {path}")
@@ -199,6 +204,19 @@ class Transport:
 
     def get_experiment(self, experiment_id: str) -> dict[str, Any]:
         return _json(self.request("GET", f"/experiments/{experiment_id}"), 200)
+
+
+MAX_RETRY_AFTER_S = 300.0
+
+
+def retry_after(response: requests.Response) -> float:
+    """Seconds the server's ``Retry-After`` asks to wait (delta-seconds form; at most 5 minutes), else 0."""
+    raw = response.headers.get("Retry-After", "").strip()
+    try:
+        seconds = float(raw)
+    except ValueError:
+        return 0.0
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S) if seconds == seconds else 0.0
 
 
 def _never_sent(error: Exception) -> bool:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pymongo
 import pymongo.errors
@@ -41,10 +46,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+class StoreLocked(RuntimeError):
+    """The store directory is held by another process whose store does not answer."""
+
+
 class EmbeddedMongo:
     """An nx-27017 server on a free loopback port, storing its data under `data_dir`.
 
     Use as a context manager, or call `start()` / `stop()`; `uri` is valid after start.
+
+    One store per directory: `data_dir/store.lock` is locked (flock) by the
+    starting process and by the nx-27017 child, and records the child's pid and
+    URI. A second `start()` on a locked directory uses the running store (and
+    leaves it running at `stop()`, unless the process that started it is gone:
+    then it adopts and stops it); if that store does not answer it refuses,
+    naming the process holding the directory. The store's log (`nx-27017.log`)
+    and pid file (`nx-27017.pid`) are written in `data_dir` too.
     """
 
     def __init__(
@@ -62,9 +79,14 @@ class EmbeddedMongo:
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
+        self._attached_uri: str | None = None  # a store another process started
+        self._adopted_pid: int | None = None  # ... whose starter is gone: stopped by us
 
     @property
     def uri(self) -> str:
+        if self._attached_uri is not None:
+            return self._attached_uri
         if self.port is None or self._process is None:
             raise RuntimeError("embedded store is not running")
         return f"mongodb://{self.host}:{self.port}/"
@@ -73,11 +95,40 @@ class EmbeddedMongo:
     def log_file(self) -> Path:
         return self.data_dir / "nx-27017.log"
 
-    def start(self) -> str:
-        """Start the server and wait until it answers a ping; returns its URI."""
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "nx-27017.pid"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.data_dir / "store.lock"
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the nx-27017 process serving this store (started or attached to), if known."""
         if self._process is not None:
+            return self._process.pid
+        return self._adopted_pid if self._adopted_pid is not None else _read_lock(self.lock_file).get("pid")
+
+    def start(self) -> str:
+        """Start the server (or use the one already serving `data_dir`) and wait until it answers a ping."""
+        if self._process is not None or self._attached_uri is not None:
             return self.uri
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return self._attach()
+        self._lock_fd = fd
+        try:
+            return self._spawn(fd)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, lock_fd: int) -> str:
         if self.port is None:
             self.port = free_port(self.host)
         command = [
@@ -85,56 +136,78 @@ class EmbeddedMongo:
             "--data-dir", str(self.data_dir),
             "--host", self.host,
             "-p", str(self.port),
-            "--pid-file", str(self.data_dir / "nx-27017.pid"),
+            "--pid-file", str(self.pid_file),
             "--log-file", str(self.log_file),
         ]
         log.info("starting embedded store on %s:%d (data in %s)", self.host, self.port, self.data_dir)
-        self._process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        with open(self.log_file, "ab") as log_output:  # the child keeps its own descriptor
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_output,
+                stderr=subprocess.STDOUT,
+                pass_fds=(lock_fd,),  # the child holds the lock as long as it lives (and writes pid_file)
+                start_new_session=True,  # a terminal's Ctrl-C reaches only our process
+            )
+        record = {"pid": self._process.pid, "uri": self.uri, "starter": os.getpid()}
+        os.ftruncate(lock_fd, 0)
+        os.pwrite(lock_fd, json.dumps(record).encode(), 0)
+        self._wait_ready(self.uri, lambda: self._process is not None and self._process.poll() is None)
         return self.uri
 
-    def _wait_ready(self) -> None:
-        if self._process is None:
-            raise RuntimeError("the embedded store was not started")
+    def _attach(self) -> str:
+        """Use the store another process runs on this directory, or raise StoreLocked."""
         deadline = time.monotonic() + self.start_timeout_s
-        while True:
-            if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"nx-27017 exited with code {self._process.returncode}; see {self.log_file}"
-                )
-            client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(
-                self.uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500
+        record = _read_lock(self.lock_file)
+        while not record.get("uri") and time.monotonic() < deadline:  # its starter is writing it
+            time.sleep(0.05)
+            record = _read_lock(self.lock_file)
+        pid, uri = record.get("pid"), record.get("uri")
+        holder = f"process {pid}" if pid else "another process"
+        if not isinstance(uri, str) or not _answers(uri, deadline):
+            raise StoreLocked(
+                f"store directory {self.data_dir} is locked by {holder} ({_command_of(pid)}), "
+                f"which does not answer on {uri or 'an unknown address'}: stop it, or use another directory"
             )
-            try:
-                client.admin.command("ping")
-                return
-            except pymongo.errors.PyMongoError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"nx-27017 did not answer within {self.start_timeout_s} s; see {self.log_file}"
-                    ) from None
-                time.sleep(0.1)
-            finally:
-                client.close()
+        self._attached_uri = uri
+        starter = record.get("starter")
+        if isinstance(starter, int) and not _alive(starter) and isinstance(pid, int):
+            self._adopted_pid = pid  # nobody else will stop it
+            log.info("adopting the embedded store of a process that is gone (pid %d) on %s", pid, uri)
+        else:
+            log.info("using the embedded store already serving %s (pid %s) on %s", self.data_dir, pid, uri)
+        return uri
+
+    def _wait_ready(self, uri: str, running: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while not _answers(uri, time.monotonic() + 0.5):
+            if not running():
+                code = None if self._process is None else self._process.poll()
+                raise RuntimeError(f"nx-27017 exited with code {code}; see {self.log_file}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nx-27017 did not answer within {self.start_timeout_s} s; see {self.log_file}")
+            time.sleep(0.1)
 
     def stop(self) -> None:
-        """Terminate the server; kill it if it does not exit within the stop timeout."""
+        """Stop the server this object started or adopted (terminate, then kill after the stop timeout)."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
+        adopted, self._adopted_pid = self._adopted_pid, None
+        self._attached_uri = None
         try:
-            process.wait(timeout=self.stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            log.warning("nx-27017 did not stop within %.0f s; killing it", self.stop_timeout_s)
-            process.kill()
-            process.wait()
+            if process is not None and process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=self.stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("nx-27017 did not stop within %.0f s; killing it", self.stop_timeout_s)
+                    process.kill()
+                    process.wait()
+            elif adopted is not None:
+                _stop_pid(adopted, self.stop_timeout_s)
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     def __enter__(self) -> str:
         return self.start()
@@ -146,3 +219,69 @@ class EmbeddedMongo:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _read_lock(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _answers(uri: str, deadline: float) -> bool:
+    """Whether a store answers a ping at `uri` before `deadline` (time.monotonic)."""
+    while True:
+        client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(
+            uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500, socketTimeoutMS=5_000
+        )
+        try:
+            client.admin.command("ping")
+            return True
+        except pymongo.errors.PyMongoError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        finally:
+            client.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _command_of(pid: Any) -> str:
+    try:
+        return Path(f"/proc/{int(pid)}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip() or "?"
+    except (OSError, ValueError, TypeError):
+        return "command unknown"
+
+
+def _stop_pid(pid: int, timeout_s: float) -> None:
+    """SIGTERM a process we did not start; SIGKILL it after `timeout_s`."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and not _reaped(pid):
+        if time.monotonic() > deadline:
+            log.warning("nx-27017 (pid %d) did not stop within %.0f s; killing it", pid, timeout_s)
+            os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(0.05)
+
+
+def _reaped(pid: int) -> bool:
+    """Reap `pid` if it is our exited child (an adopted store may be); True once it is gone."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return done == pid

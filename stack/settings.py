@@ -112,6 +112,31 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class StoreTimeouts:
+    """pymongo timeouts in milliseconds: no store call waits longer than these."""
+
+    server_selection_ms: int = 10_000  # find a reachable store (FEDLAND_MONGO_SELECT_TIMEOUT_MS)
+    connect_ms: int = 5_000  # open a connection (FEDLAND_MONGO_CONNECT_TIMEOUT_MS)
+    socket_ms: int = 30_000  # wait for one reply (FEDLAND_MONGO_SOCKET_TIMEOUT_MS)
+
+    def client_options(self) -> dict[str, int]:
+        """Keyword arguments of `pymongo.MongoClient`."""
+        return {
+            "serverSelectionTimeoutMS": self.server_selection_ms,
+            "connectTimeoutMS": self.connect_ms,
+            "socketTimeoutMS": self.socket_ms,
+        }
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> StoreTimeouts:
+        return cls(
+            server_selection_ms=_int(env, "FEDLAND_MONGO_SELECT_TIMEOUT_MS", 10_000, low=1),
+            connect_ms=_int(env, "FEDLAND_MONGO_CONNECT_TIMEOUT_MS", 5_000, low=1),
+            socket_ms=_int(env, "FEDLAND_MONGO_SOCKET_TIMEOUT_MS", 30_000, low=1),
+        )
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     """Configuration of `python -m server` (and of the launcher's store)."""
 
@@ -129,6 +154,8 @@ class ServerSettings:
     device: str = "cpu"  # of the landscape measurements
     threads: int = 256  # request threads; most of them may hold a waiting worker's long-poll
     connection_limit: int = 4096  # open connections (each worker keeps one or two alive)
+    store_timeouts: StoreTimeouts = StoreTimeouts()
+    store_retry_after_s: int = 5  # Retry-After of a 503 while the store is unavailable
 
     @property
     def max_body_bytes(self) -> int:
@@ -158,6 +185,8 @@ class ServerSettings:
             device=_device(env),
             threads=_int(env, "FEDLAND_SERVER_THREADS", 256, low=2, high=4096),
             connection_limit=_int(env, "FEDLAND_SERVER_CONNECTIONS", 4096, low=16),
+            store_timeouts=StoreTimeouts.from_env(env),
+            store_retry_after_s=_int(env, "FEDLAND_STORE_RETRY_AFTER_S", 5, low=1, high=3600),
         )
 
 

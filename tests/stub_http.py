@@ -1,4 +1,4 @@
-"""A scripted HTTP server on loopback for the client's tests (real sockets, real HTTP)."""
+"""A scripted HTTP server on loopback for the client and API-client tests (real sockets, real HTTP)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class Script:
     """What the stub answers: `fail_first` 503s, then per-route answers, else `status` with `body`."""
 
     fail_first: int = 0
+    fail_headers: dict[str, str] = field(default_factory=dict)  # sent with those 503s (e.g. Retry-After)
     status: int = 200
     body: dict[str, Any] = field(default_factory=lambda: {"status": "ok"})
     routes: dict[tuple[str, str], tuple[int, dict[str, Any]]] = field(default_factory=dict)  # (method, path)
@@ -40,8 +41,11 @@ def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
             with script.lock:
                 script.calls.append((self.command, self.path, dict(self.headers), body))
                 status, payload = script.answer(self.command, self.path)
+                failing = len(script.calls) <= script.fail_first
             data = json.dumps(payload).encode()
             self.send_response(status)
+            for name, value in (script.fail_headers if failing else {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()

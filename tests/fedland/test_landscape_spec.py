@@ -100,3 +100,45 @@ def test_schedule_every_k_rounds_and_always_the_last() -> None:
     assert measured(LandscapeSpec(every=10), 4) == [4]
     assert measured(LandscapeSpec(enabled=False), 4) == []
     assert measured(LandscapeSpec(enabled=False, every=2), 4) == []
+
+
+OVER_BOUND = [
+    ({"every": 2**63}, "landscape.every", "at most 100000"),
+    ({"num_samples": 2**63}, "landscape.num_samples", "at most 60000"),
+    ({"top_k": 51}, "landscape.top_k", "at most 50"),
+    ({"trace_probes": 10**7}, "landscape.trace_probes", "at most 1000"),
+    ({"interpolation_points": 2**63}, "landscape.interpolation_points", "at most 1001"),
+    ({"grid_points": 103}, "landscape.grid_points", "at most 101"),
+    ({"sharpness_rho": 1e308}, "landscape.sharpness_rho", "at most 100"),
+    ({"grid_radius": 1e308}, "landscape.grid_radius", "at most 1000"),
+]
+
+
+@pytest.mark.parametrize(("changes", "field", "rule"), OVER_BOUND, ids=[b[1] for b in OVER_BOUND])
+def test_each_field_has_an_upper_bound(changes: dict[str, Any], field: str, rule: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        ExperimentSpec.from_dict(experiment(**changes))
+    assert caught.value.field == field and rule in str(caught.value)
+
+
+def test_costly_settings_are_refused_relative_to_the_model_size() -> None:
+    from fedland import spec as spec_module
+    from fedland.measure import EIGEN_MAX_ITER
+
+    assert spec_module.LANCZOS_PRODUCTS == EIGEN_MAX_ITER  # the cost model counts what measure does
+    assert spec_module.num_parameters("FedNet") == 784 * 64 + 64 + 64 * 32 + 32 + 32 * 10 + 10
+    # the defaults are far under the bound on both models
+    for model in ("FedNet", "FedCNN"):
+        cost = LandscapeSpec().cost(spec_module.num_parameters(model))
+        assert cost < spec_module.LANDSCAPE_COST_BUDGET / 5
+    # trace_probes=1000 (each field within its own bound) is affordable on FedNet at 256 samples ...
+    ExperimentSpec.from_dict(experiment(trace_probes=1000))
+    # ... not on 10,000 samples, and FedCNN's 4x parameters cannot hold 1000 probes in memory
+    with pytest.raises(SpecError) as caught:
+        ExperimentSpec.from_dict(experiment(trace_probes=1000, num_samples=10_000))
+    assert caught.value.field == "landscape" and "costs" in str(caught.value) and "FedNet" in str(caught.value)
+    with pytest.raises(SpecError) as caught:
+        ExperimentSpec.from_dict({**experiment(trace_probes=1000, num_samples=16), "model": "FedCNN"})
+    assert caught.value.field == "landscape.trace_probes" and "MiB" in str(caught.value)
+    # switched off: nothing is measured, nothing to bound
+    ExperimentSpec.from_dict(experiment(enabled=False, trace_probes=1000, num_samples=60_000, grid_points=101))

@@ -106,18 +106,39 @@ def test_heartbeat_expiry_frees_the_slot(api: Any, clock: Any, make_spec: Callab
     assert api.task(stale)["action"] == "wait"
 
 
-def test_diverged_aggregate_marks_the_experiment_failed(api: Any, store: Store, make_spec: Callable[..., dict]) -> None:
+def test_absurd_weights_are_refused_naming_the_tensor_and_the_experiment_goes_on(
+    api: Any, store: Store, make_spec: Callable[..., dict]
+) -> None:
     (experiment_id,) = api.submit(make_spec())
     first, second = start_two(api, experiment_id)
     weights = api.model(experiment_id, 1)
     huge = {name: np.full(value.shape, 3e38, np.float32) for name, value in weights.items()}  # finite, overflows
-    assert api.update(experiment_id, 1, first, 0, huge).status_code == 202
-    response = api.update(experiment_id, 1, second, 1, huge)
-    assert (response.status_code, response.json()["aggregated"]) == (202, False)
+    files_before = store.count("client_models.files")
+    response = api.update(experiment_id, 1, first, 0, huge)
+    assert response.status_code == 400
+    assert response.json()["field"].startswith("weights[") and "the bound is 10000" in response.json()["error"]
+    assert store.count("client_models.files") == files_before and store.count("client_stats") == 0
+    # both clients then send sane updates: the round aggregates, the experiment runs on
+    assert api.update(experiment_id, 1, first, 0, shifted(weights, 0.01)).status_code == 202
+    response = api.update(experiment_id, 1, second, 1, shifted(weights, -0.01))
+    assert (response.status_code, response.json()["aggregated"]) == (202, True)
     doc = api.get(f"/experiments/{experiment_id}").json()
-    assert doc["status"] == "failed" and "round 1" in doc["error"]
-    assert all(slot["worker_id"] is None for slot in store.slots(experiment_id))
-    assert api.task(first)["action"] == "wait"
+    assert doc["status"] == "running" and doc["current_round"] == 2
+
+
+def test_an_out_of_bounds_aggregate_never_replaces_the_global_model(
+    api: Any, store: Store, make_spec: Callable[..., dict]
+) -> None:
+    # each update is sane; the server's own step (FedAvgM, server learning rate 1e6) diverges
+    strategy = {"name": "FedAvgM", "params": {"server_learning_rate": 1e6}}
+    (experiment_id,) = api.submit(make_spec(strategy=strategy))
+    first, second = start_two(api, experiment_id)
+    weights = api.model(experiment_id, 1)
+    assert api.update(experiment_id, 1, first, 0, shifted(weights, 0.5)).status_code == 202
+    assert api.update(experiment_id, 1, second, 1, shifted(weights, 0.5)).status_code == 202
+    doc = api.get(f"/experiments/{experiment_id}").json()
+    assert doc["status"] == "failed" and "aggregated model is out of bounds" in doc["error"]
+    assert store.count("rounds") == 0 and store.count("models.files") == 1  # only the round-0 model
 
 
 def put_update_like_a_crashed_server(store: Store, experiment_id: str, server_round: int, client_index: int,

@@ -50,3 +50,28 @@ def test_gridfs_round_trip_by_metadata(store: Store) -> None:
     assert store.load_client_model(client_file) == b"\x00" * 300_000
     store.delete_client_model(client_file)
     assert store.count("client_models.files") == 0
+
+
+def test_delete_orphan_files_keeps_exactly_the_referenced_ones(store: Store) -> None:
+    import numpy as np
+
+    from stack import wire
+
+    data = wire.encode({"w": np.zeros(3, np.float32)})
+    store.insert_experiments([{"id": "e1", "status": "running"}], [])
+    initial_id = store.save_model(data, "e1", 0, "global")  # round 0 of an existing experiment
+    model_id = store.save_model(data, "e1", 1, "global")
+    state_id = store.save_model(data, "e1", 1, "strategy_state")
+    update_id = store.save_client_model(data, "e1", 1, 0)
+    kept = {initial_id, model_id, state_id, update_id}
+    store.insert_round({"experiment_id": "e1", "round": 1, "model_file_id": model_id, "strategy_state_file_id": state_id})
+    store.insert_client_stats({"experiment_id": "e1", "client_index": 0, "round": 1, "weights_file_id": update_id})
+    orphans = [
+        store.save_model(data, "gone", 0, "global"),  # a submit cut off before its experiment insert
+        store.save_model(data, "e1", 2, "global"),  # an aggregation cut off before its rounds document
+        store.save_client_model(data, "e1", 2, 1),  # an update cut off before its stats
+    ]
+    assert store.delete_orphan_files() == len(orphans)
+    files = {str(f["_id"]) for name in ("models", "client_models") for f in store.db[f"{name}.files"].find()}
+    assert files == kept
+    assert store.delete_orphan_files() == 0  # idempotent

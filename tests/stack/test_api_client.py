@@ -38,6 +38,30 @@ def test_retries_5xx_until_success_and_sends_token(stub_server: Any) -> None:
         assert json.loads(body) == {"hostname": "host-a", "pid": 1234}
 
 
+def test_retry_after_is_honoured(stub_server: Any) -> None:
+    script = stub_server(fail_first=2, fail_headers={"Retry-After": "0.4"})
+    t0 = time.monotonic()
+    assert transport(script.url).health() is True  # FAST backoff alone would wait 0.05 s at most
+    assert time.monotonic() - t0 >= 0.8 and len(script.calls) == 3
+
+
+def test_retry_after_values() -> None:
+    import requests
+
+    from stack.api_client import retry_after
+
+    def answer(value: str | None) -> requests.Response:
+        response = requests.Response()
+        if value is not None:
+            response.headers["Retry-After"] = value
+        return response
+
+    assert retry_after(answer("5")) == 5.0 and retry_after(answer(None)) == 0.0
+    assert retry_after(answer("Wed, 21 Oct 2015 07:28:00 GMT")) == 0.0  # the date form: backoff decides
+    assert retry_after(answer("99999")) == 300.0 and retry_after(answer("-3")) == 0.0
+    assert retry_after(answer("nan")) == 0.0
+
+
 def test_gives_up_after_max_attempts(stub_server: Any) -> None:
     script = stub_server(fail_first=10)
     with pytest.raises(ConnectionError, match="after 3 attempts: HTTP 503: warming up"):

@@ -92,3 +92,25 @@ def test_device_defaults_to_cpu_and_takes_every_form(cls: type) -> None:
         assert cls.from_env({"FEDLAND_TOKEN": "t", "FEDLAND_DEVICE": value}).device == value.strip().lower()
     with pytest.raises(ValueError, match="FEDLAND_DEVICE must be auto, cpu, cuda or cuda:N"):
         cls.from_env({"FEDLAND_TOKEN": "t", "FEDLAND_DEVICE": "tpu"})
+
+
+def test_store_timeouts_and_retry_after() -> None:
+    from stack.settings import StoreTimeouts
+
+    settings = ServerSettings.from_env({"FEDLAND_TOKEN": "t"})
+    assert settings.store_timeouts == StoreTimeouts(10_000, 5_000, 30_000) and settings.store_retry_after_s == 5
+    settings = ServerSettings.from_env({
+        "FEDLAND_TOKEN": "t", "FEDLAND_MONGO_SELECT_TIMEOUT_MS": "1500", "FEDLAND_MONGO_CONNECT_TIMEOUT_MS": "700",
+        "FEDLAND_MONGO_SOCKET_TIMEOUT_MS": "9000", "FEDLAND_STORE_RETRY_AFTER_S": "2",
+    })
+    assert settings.store_timeouts.client_options() == {
+        "serverSelectionTimeoutMS": 1500, "connectTimeoutMS": 700, "socketTimeoutMS": 9000,
+    }
+    assert settings.store_retry_after_s == 2
+    for name, value in (("FEDLAND_MONGO_SOCKET_TIMEOUT_MS", "0"), ("FEDLAND_STORE_RETRY_AFTER_S", "soon")):
+        try:
+            ServerSettings.from_env({"FEDLAND_TOKEN": "t", name: value})
+        except ValueError as error:
+            assert name in str(error)
+        else:
+            raise AssertionError(f"{name}={value} was accepted")

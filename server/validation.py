@@ -1,0 +1,283 @@
+"""Request validation: JSON bodies, client stats and weights checked before anything is written.
+
+Pure functions (no Flask, no store). Each refusal raises `Invalid` naming the
+field and the rule; the HTTP layer answers 400 (413 for `TooLarge`). The limits
+below are the documented ones (README "Limits").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "INT64_MAX",
+    "INT64_MIN",
+    "MAX_DEPTH",
+    "MAX_DESCRIPTION_CHARS",
+    "MAX_DOCUMENT_BYTES",
+    "MAX_KEY_CHARS",
+    "MAX_STATS_BYTES",
+    "MAX_STRING_CHARS",
+    "MAX_WEIGHT_ABS",
+    "Invalid",
+    "TooLarge",
+    "check_document_size",
+    "check_id",
+    "check_stats",
+    "check_tree",
+    "check_weights_bounded",
+    "parse_json",
+]
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1  # BSON keeps integers as int64
+MAX_DEPTH = 32  # nesting of objects and lists in any JSON body
+MAX_STRING_CHARS = 1_000  # any string value without a field-specific limit
+MAX_KEY_CHARS = 100  # object keys
+MAX_DESCRIPTION_CHARS = 10_000  # an experiment's description
+MAX_STATS_BYTES = 256 * 1024  # one update's stats, as JSON
+MAX_DOCUMENT_BYTES = 8 * 1024 * 1024  # any stored document, as JSON (MongoDB refuses BSON over 16 MiB)
+MAX_WEIGHT_ABS = 1e4  # |w| of any weight in an update: larger is divergence or an attack, not training
+
+# Field-specific string limits (path -> characters); other strings get MAX_STRING_CHARS.
+STRING_LIMITS: dict[str, int] = {"description": MAX_DESCRIPTION_CHARS}
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}\Z")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+
+
+class Invalid(ValueError):
+    """A request input breaks a rule; `field` names the input (answered 400)."""
+
+    status = 400
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+class TooLarge(Invalid):
+    """A request input is over a documented size limit (answered 413)."""
+
+    status = 413
+
+
+def _refuse_constant(name: str) -> Any:
+    raise Invalid("body", f"{name} is not a JSON number (numbers must be finite)")
+
+
+def parse_json(text: str | bytes, field: str = "", *, check: bool = True) -> Any:
+    """Parse JSON and check it with `check_tree`; NaN/Infinity, deep nesting and bad UTF-8 refused.
+
+    With ``check=False`` only the nesting depth is checked: the caller validates
+    the values (the spec's own rules first, so they name the field) and then
+    calls `check_tree` on what it will store.
+    """
+    name = field or "body"
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise Invalid(name, f"must be UTF-8 ({error.reason} at byte {error.start})") from None
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except Invalid as error:
+        raise Invalid(name, error.rule) from None
+    except RecursionError:
+        raise Invalid(name, f"nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as error:
+        raise Invalid(name, f"is not valid JSON ({error})") from None
+    check_tree(value, field, depth_only=not check)
+    return value
+
+
+def check_tree(value: Any, field: str = "", *, depth_only: bool = False) -> None:
+    """Refuse what JSON allows but the store cannot keep.
+
+    Nesting over `MAX_DEPTH`, integers outside int64, non-finite floats,
+    strings that are not valid UTF-8 (lone surrogates) or too long, and keys
+    that are not strings, are empty, start with ``$``, hold NUL or a ``.``.
+    Iterative: any depth is safe to check. `field` prefixes the paths named
+    ("" for a request body: paths are then like ``landscape.top_k``).
+    """
+    stack: list[tuple[Any, str, int]] = [(value, field, 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        where = path or "body"
+        if isinstance(item, bool) or item is None:
+            continue
+        if depth_only and not isinstance(item, (list, tuple, Mapping)):
+            continue
+        if isinstance(item, int):
+            if not INT64_MIN <= item <= INT64_MAX:
+                raise Invalid(where, "integer outside the int64 range [-2**63, 2**63 - 1]")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise Invalid(where, f"must be a finite number, got {item!r}")
+        elif isinstance(item, str):
+            _check_string(item, where, STRING_LIMITS.get(_bare(path), MAX_STRING_CHARS))
+        elif isinstance(item, (list, tuple, Mapping)):
+            if depth >= MAX_DEPTH:
+                raise Invalid(where, f"nested deeper than {MAX_DEPTH} levels")
+            if isinstance(item, Mapping):
+                for key, child in item.items():
+                    if not depth_only:
+                        _check_key(key, path)
+                    stack.append((child, f"{path}.{key}" if path else str(key), depth + 1))
+            else:
+                for index, child in enumerate(item):
+                    stack.append((child, f"{path}[{index}]", depth + 1))
+        else:
+            raise Invalid(where, f"{type(item).__name__} is not a JSON value")
+
+
+def _bare(path: str) -> str:
+    """`[0].description` and `experiments[0].description` -> `description`."""
+    return re.sub(r"^(experiments)?\[\d+\]\.", "", path)
+
+
+def _check_string(text: str, path: str, limit: int) -> None:
+    if len(text) > limit:
+        raise TooLarge(path, f"string of {len(text)} characters; the limit is {limit}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise Invalid(path, f"not valid UTF-8 (lone surrogate at character {error.start})") from None
+
+
+def _check_key(key: Any, path: str) -> None:
+    where = path or "body"
+    if not isinstance(key, str):
+        raise Invalid(where, f"keys must be strings, got {key!r}")
+    if not key or len(key) > MAX_KEY_CHARS:
+        raise Invalid(where, f"keys must have 1 to {MAX_KEY_CHARS} characters, got {len(key)}")
+    _check_string(key, f"{where} (key)", MAX_KEY_CHARS)
+    if key.startswith("$") or "\x00" in key or "." in key:
+        raise Invalid(where, f"key {key[:40]!r} may not start with '$' or hold '.' or NUL")
+
+
+def check_id(value: str, field: str) -> str:
+    """An id taken from a URL: 1 to 64 characters of letters, digits, '_' and '-'."""
+    if not _ID.match(value):
+        raise Invalid(field, "must be 1 to 64 letters, digits, '_' or '-'")
+    return value
+
+
+def check_document_size(value: Any, field: str, limit: int | None = None) -> None:
+    """Refuse (413) a document whose JSON form is over `limit` bytes (default `MAX_DOCUMENT_BYTES`)."""
+    limit = MAX_DOCUMENT_BYTES if limit is None else limit
+    size = len(json.dumps(value, separators=(",", ":")).encode("utf-8"))
+    if size > limit:
+        raise TooLarge(field, f"{size} bytes as JSON; the limit is {limit}")
+
+
+# --- client stats ------------------------------------------------------------
+
+_EVALUATION_KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+_STATS_KEYS = ("duration_s", "global", "local", "train_loss_per_epoch", "landscape")
+
+
+def check_stats(stats: Any, *, max_epochs: int) -> dict[str, Any]:
+    """The typed stats of an update, or `Invalid` naming the first offending key.
+
+    Known top-level keys only: ``duration_s`` (name -> seconds >= 0), ``global``
+    and ``local`` (exactly train/test loss >= 0 and accuracy in [0, 1]),
+    ``train_loss_per_epoch`` (at most `max_epochs` numbers) and ``landscape``
+    (identifier keys over numbers, nulls, lists of numbers, nested objects; or
+    ``{"error": text}``). At most `MAX_STATS_BYTES` as JSON.
+    """
+    field = "meta.stats"
+    if not isinstance(stats, Mapping):
+        raise Invalid(field, "must be a JSON object")
+    check_tree(stats, field)
+    check_document_size(stats, field, MAX_STATS_BYTES)
+    for key in stats:
+        if key not in _STATS_KEYS:
+            raise Invalid(f"{field}.{key}", f"unknown key; valid keys: {', '.join(_STATS_KEYS)}")
+    if "duration_s" in stats:
+        durations = _object(stats["duration_s"], f"{field}.duration_s")
+        for name, seconds in durations.items():
+            _identifier(name, f"{field}.duration_s")
+            _number(seconds, f"{field}.duration_s.{name}", low=0.0)
+    for part in ("global", "local"):
+        if part in stats:
+            evaluation = _object(stats[part], f"{field}.{part}")
+            for name in evaluation:
+                if name not in _EVALUATION_KEYS:
+                    raise Invalid(f"{field}.{part}.{name}", f"unknown key; valid keys: {', '.join(_EVALUATION_KEYS)}")
+                high = 1.0 if name.endswith("accuracy") else None
+                _number(evaluation[name], f"{field}.{part}.{name}", low=0.0, high=high)
+    if "train_loss_per_epoch" in stats:
+        losses = stats["train_loss_per_epoch"]
+        path = f"{field}.train_loss_per_epoch"
+        if not isinstance(losses, list) or len(losses) > max_epochs:
+            raise Invalid(path, f"must be a list of at most {max_epochs} numbers (one per local epoch)")
+        for index, loss in enumerate(losses):
+            _number(loss, f"{path}[{index}]", low=0.0)
+    if "landscape" in stats:
+        landscape = _object(stats["landscape"], f"{field}.landscape")
+        if "error" in landscape:
+            if set(landscape) != {"error"} or not isinstance(landscape["error"], str):
+                raise Invalid(f"{field}.landscape.error", "a failed measurement is {\"error\": text} alone")
+        else:
+            _numeric_tree(landscape, f"{field}.landscape")
+    return dict(stats)
+
+
+def _object(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise Invalid(path, "must be a JSON object")
+    return value
+
+
+def _identifier(name: str, path: str) -> None:
+    if not _IDENTIFIER.match(name):
+        raise Invalid(path, f"key {name[:40]!r} must be an identifier ([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _number(value: Any, path: str, *, low: float | None = None, high: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise Invalid(path, f"must be a finite number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise Invalid(path, f"must be in [{low}, {high if high is not None else 'inf'}], got {value!r}")
+
+
+def _numeric_tree(value: Mapping[str, Any], path: str) -> None:
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if item is None:
+            continue
+        if isinstance(item, Mapping):
+            for key, child in item.items():
+                _identifier(key, where)
+                stack.append((child, f"{where}.{key}"))
+        elif isinstance(item, list):
+            for index, child in enumerate(item):
+                if isinstance(child, (Mapping, list)):
+                    raise Invalid(f"{where}[{index}]", "lists hold numbers or nulls only")
+                stack.append((child, f"{where}[{index}]"))
+        else:
+            _number(item, where)
+
+
+# --- weights -------------------------------------------------------------------
+
+
+def check_weights_bounded(weights: Mapping[str, np.ndarray], bound: float = MAX_WEIGHT_ABS) -> None:
+    """Refuse weights holding NaN/Inf or any |value| over `bound`, naming the tensor."""
+    for name, value in weights.items():
+        if not np.issubdtype(value.dtype, np.number) or value.size == 0:
+            continue
+        if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+            raise Invalid(f"weights[{name!r}]", "contains NaN or Inf")
+        largest = float(np.max(np.abs(value.astype(np.float64, copy=False))))
+        if largest > bound:
+            raise Invalid(f"weights[{name!r}]", f"holds |w| = {largest:.3g}; the bound is {bound:g}")

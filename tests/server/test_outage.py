@@ -1,0 +1,62 @@
+"""A store outage: every route answers 503 with Retry-After, logs one line (no traceback), then recovers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.api import create_app
+from server.store import Store
+from stack.embedded import EmbeddedMongo, free_port
+from stack.settings import ServerSettings, StoreTimeouts
+from tests.server.conftest import Api, small_spec
+
+FAST = StoreTimeouts(server_selection_ms=300, connect_ms=300, socket_ms=2_000)
+
+
+def test_store_outage_is_a_503_with_retry_after_and_no_traceback(
+    tmp_path: Path, token: str, data_dir: Path, serve: Callable[[Any], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    store_dir = tmp_path / "store"
+    embedded = EmbeddedMongo(store_dir, port=port)
+    uri = embedded.start()
+    store = Store(uri, "outage", timeouts=FAST)
+    try:
+        settings = ServerSettings(token=token, data_dir=data_dir, store_timeouts=FAST, store_retry_after_s=2)
+        api = Api(serve(create_app(settings, store)), token)
+        (experiment_id,) = api.submit(small_spec())
+        client_id = api.register()
+
+        embedded.stop()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            answers = [
+                api.get("/experiments"),
+                api.get(f"/experiments/{experiment_id}"),
+                api.post("/clients", json={"hostname": "h", "pid": 1}),
+                api.post(f"/clients/{client_id}/task"),
+                api.post(f"/clients/{client_id}/heartbeat"),
+                api.get(f"/experiments/{experiment_id}/rounds/1/model"),
+                api.post("/experiments", json=small_spec()),
+            ]
+        for response in answers:
+            assert response.status_code == 503, response.text
+            assert response.headers["Retry-After"] == "2"
+            assert "store is unavailable" in response.json()["error"]
+        store_lines = [r for r in caplog.records if "store unavailable" in r.getMessage()]
+        assert len(store_lines) == len(answers)
+        assert not any(r.exc_info for r in caplog.records), "a traceback was logged"
+
+        embedded = EmbeddedMongo(store_dir, port=port)  # the store comes back on the same files
+        embedded.start()
+        assert api.get(f"/experiments/{experiment_id}").json()["status"] == "queued"
+        assert api.task(client_id)["action"] == "train"
+        assert store.count("experiments") == 1 and store.count("models.files") == 1  # the refused submit left nothing
+    finally:
+        store.close()
+        embedded.stop()

@@ -1,0 +1,157 @@
+"""server/validation.py: each refusal names the field and the rule; what passes, the store can keep."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from server.validation import (
+    MAX_DEPTH,
+    MAX_STATS_BYTES,
+    Invalid,
+    TooLarge,
+    check_document_size,
+    check_id,
+    check_stats,
+    check_weights_bounded,
+    parse_json,
+)
+
+
+def deep(levels: int, inner: str = "1") -> str:
+    return "[" * levels + inner + "]" * levels
+
+
+@pytest.mark.parametrize("levels", [MAX_DEPTH + 1, 1_000, 100_000])
+def test_deep_nesting_is_refused_at_any_depth(levels: int) -> None:
+    with pytest.raises(Invalid) as caught:
+        parse_json(deep(levels))
+    assert "nested deeper than 32 levels" in str(caught.value)
+    parse_json(deep(MAX_DEPTH))  # the limit itself passes
+
+
+def test_deep_nesting_names_the_path() -> None:
+    with pytest.raises(Invalid) as caught:
+        parse_json(json.dumps({"landscape": {"x": json.loads(deep(40))}}))
+    assert caught.value.field.startswith("landscape.x[0]")
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "rule"),
+    [
+        ('{"pid": 9223372036854775808}', "pid", "int64"),
+        ('{"seed": -9223372036854775809}', "seed", "int64"),
+        ('{"a": [1, NaN]}', "body", "NaN is not a JSON number"),
+        ('{"a": Infinity}', "body", "Infinity is not a JSON number"),
+        ('{"hostname": "\\ud800"}', "hostname", "lone surrogate"),
+        ('{"$gt": 1}', "body", "may not start with '$'"),
+        ('{"a": {"b\\u0000c": 1}}', "a", "NUL"),
+        ('{"a.b": 1}', "body", "'.'"),
+        ('{"": 1}', "body", "1 to 100 characters"),
+        ('{"a": 1', "body", "not valid JSON"),
+        (b'{"a": "\xff"}', "body", "must be UTF-8"),
+    ],
+)
+def test_json_the_store_cannot_keep_is_refused(text: str | bytes, field: str, rule: str) -> None:
+    with pytest.raises(Invalid) as caught:
+        parse_json(text)
+    assert caught.value.field == field and rule in str(caught.value)
+    assert caught.value.status == 400
+
+
+def test_strings_are_length_bounded_and_description_has_its_own_limit() -> None:
+    with pytest.raises(TooLarge) as caught:
+        parse_json(json.dumps({"hostname": "h" * 1_001}))
+    assert caught.value.field == "hostname" and caught.value.status == 413
+    parse_json(json.dumps({"description": "d" * 10_000}))
+    parse_json(json.dumps([{"description": "d" * 10_000}]))
+    with pytest.raises(TooLarge) as caught:
+        parse_json(json.dumps({"description": "d" * 10_001}))
+    assert "the limit is 10000" in str(caught.value)
+
+
+def test_document_size_limit() -> None:
+    check_document_size({"a": "x" * 1000}, "body", limit=2000)
+    with pytest.raises(TooLarge) as caught:
+        check_document_size({"a": "x" * 3000}, "experiments[2]", limit=2000)
+    assert caught.value.field == "experiments[2]" and "the limit is 2000" in str(caught.value)
+
+
+def test_ids_from_urls() -> None:
+    assert check_id("0123abcdef_-", "experiment_id") == "0123abcdef_-"
+    for bad in ("", "x" * 65, "a b", "\udc80", "$gt", "a/b"):
+        with pytest.raises(Invalid) as caught:
+            check_id(bad, "client_id")
+        assert caught.value.field == "client_id"
+
+
+REAL_STATS: dict[str, Any] = {
+    "duration_s": {"fetch": 0.1, "eval_global": 0.2, "train": 1.5, "eval_local": 0.2, "total": 2.0},
+    "global": {"train_loss": 2.3, "train_accuracy": 0.1, "test_loss": 2.3, "test_accuracy": 0.1},
+    "local": {"train_loss": 0.5, "train_accuracy": 0.9, "test_loss": 0.6, "test_accuracy": 0.85},
+    "train_loss_per_epoch": [0.7, 0.5],
+    "landscape": {
+        "num_samples": 256,
+        "duration_s": 3.2,
+        "global": {"loss": 2.3, "top_eigenvalues": [5.1, None], "trace": 40.0, "sharpness": None},
+        "interpolation": {"alphas": [0.0, 1.0], "losses": [2.3, 0.5], "barrier": 0.0},
+        "update": {"distance": 1.2, "cosine_to_previous_update": None},
+    },
+}
+
+
+def test_what_the_client_sends_passes() -> None:
+    assert check_stats(REAL_STATS, max_epochs=2) == REAL_STATS
+    assert check_stats({}, max_epochs=1) == {}
+    assert check_stats({"landscape": {"error": "RuntimeError: boom"}}, max_epochs=1)
+
+
+@pytest.mark.parametrize(
+    ("stats", "field"),
+    [
+        ([], "meta.stats"),
+        ({"$where": 1}, "meta.stats"),
+        ({"round": 3}, "meta.stats.round"),
+        ({"experiment_id": "x"}, "meta.stats.experiment_id"),
+        ({"anything": 1}, "meta.stats.anything"),
+        ({"global": {"test_accuracy": 7.0}}, "meta.stats.global.test_accuracy"),
+        ({"global": {"test_loss": -1}}, "meta.stats.global.test_loss"),
+        ({"global": {"rounds_won": 1}}, "meta.stats.global.rounds_won"),
+        ({"local": "great"}, "meta.stats.local"),
+        ({"duration_s": {"train": "long"}}, "meta.stats.duration_s.train"),
+        ({"duration_s": {"train": -1}}, "meta.stats.duration_s.train"),
+        ({"train_loss_per_epoch": [1, 2, 3]}, "meta.stats.train_loss_per_epoch"),
+        ({"train_loss_per_epoch": ["x"]}, "meta.stats.train_loss_per_epoch[0]"),
+        ({"landscape": {"global": {"trace": "big"}}}, "meta.stats.landscape.global.trace"),
+        ({"landscape": {"global": {"bad key": 1}}}, "meta.stats.landscape.global"),
+        ({"landscape": {"x": [[1]]}}, "meta.stats.landscape.x[0]"),
+        ({"landscape": {"error": "x", "trace": 1}}, "meta.stats.landscape.error"),
+        ({"landscape": {"x": 2**63}}, "meta.stats.landscape.x"),
+    ],
+)
+def test_stats_are_typed(stats: Any, field: str) -> None:
+    with pytest.raises(Invalid) as caught:
+        check_stats(stats, max_epochs=2)
+    assert caught.value.field == field
+
+
+def test_stats_are_size_bounded() -> None:
+    losses = [0.5] * (MAX_STATS_BYTES // 4)
+    with pytest.raises(TooLarge) as caught:
+        check_stats({"train_loss_per_epoch": losses}, max_epochs=len(losses))
+    assert caught.value.field == "meta.stats" and caught.value.status == 413
+
+
+def test_weights_are_bounded_per_tensor() -> None:
+    weights = {"fc1.weight": np.ones((3, 2), np.float32), "fc1.bias": np.zeros(3, np.float32)}
+    check_weights_bounded(weights)
+    weights["fc1.bias"] = np.array([0.0, -2e4, 1.0], np.float32)
+    with pytest.raises(Invalid) as caught:
+        check_weights_bounded(weights)
+    assert caught.value.field == "weights['fc1.bias']" and "2e+04" in str(caught.value)
+    weights["fc1.bias"] = np.array([0.0, np.nan, 1.0], np.float32)
+    with pytest.raises(Invalid, match="NaN or Inf"):
+        check_weights_bounded(weights)
