@@ -450,7 +450,8 @@ def test_dockerfile_caches_dependencies_and_runs_as_non_root() -> None:
     assert deps[0][1] == "python:3.11-slim-bookworm AS deps" and final[0][1] == "python:3.11-slim-bookworm"
     [torch] = [a for k, a in deps if k == "RUN" and "torch==2.13.0" in a]
     # the default build: PyTorch's CPU index; a filled wheelhouse/: only those wheels, no network
-    assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in torch
+    assert '--index-url "${TORCH_INDEX}" torch==2.13.0' in torch
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in (REPO / "Dockerfile").read_text(encoding="utf-8")
     assert "--no-index --find-links /wheelhouse torch==2.13.0" in torch
     assert deps.index(("COPY", "wheelhouse/ /wheelhouse/")) < deps.index(("RUN", torch)) < deps.index(
         ("COPY", "pyproject.toml /tmp/pyproject.toml")
