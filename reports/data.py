@@ -34,7 +34,7 @@ class Series:
 
 
 @dataclass(frozen=True)
-class ClientPartition:
+class PartitionSummary:
     """One client's share of the data, as the server stored it."""
 
     client_index: int
@@ -69,7 +69,7 @@ class ExperimentData:
     status: str
     error: str | None
     spec: Doc  # the stored spec fields, without the store's own keys
-    clients: tuple[ClientPartition, ...]
+    clients: tuple[PartitionSummary, ...]
     rounds: tuple[Doc, ...]  # `rounds` documents, by round
     client_stats: tuple[Doc, ...]  # `client_stats` documents, by (round, client_index)
     surfaces: tuple[Surface, ...]  # by round
@@ -277,8 +277,8 @@ def _plain(doc: Mapping[str, Any]) -> Doc:
     return {k: v for k, v in doc.items() if k != "_id"}
 
 
-def _partition(doc: Mapping[str, Any]) -> ClientPartition:
-    return ClientPartition(
+def _partition(doc: Mapping[str, Any]) -> PartitionSummary:
+    return PartitionSummary(
         client_index=int(doc["client_index"]),
         num_train=int(doc.get("num_train") or 0),
         num_test=int(doc.get("num_test") or 0),

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import ScalarFormatter
 
-from reports.data import ExperimentData, Path_, Series
+from reports.data import ExperimentData, Series
 from reports.style import (
     GLOBAL_COLOUR,
     client_colour,

@@ -27,7 +27,8 @@ from fedland.datasets import Dataset, load_dataset
 from fedland.hessian import spectral_density
 from fedland.measure import landscape_subset
 from fedland.models import build_model
-from fedland.partition import partition
+from fedland.plan import ExperimentPlan
+from fedland.spec import ExperimentSpec
 from fedland.slices import loss_slice_2d
 from fedland.training import evaluate
 from stack import wire
@@ -201,9 +202,8 @@ def _densities(
     server_round = measured[-1]
     landscape = experiment.get("landscape") or {}
     num_samples = int(landscape.get("num_samples") or 256)
-    # the client's landscape subset: its partition (fedland.partition), then landscape_subset(.., (seed, i))
-    parts = partition(dataset.train_y.numpy(), dataset.test_y.numpy(), experiment["target_balance_ratios"],
-                      experiment["subset_fractions"], seed)
+    # each client's landscape subset, exactly as the client measured it (the plan is the one owner of that rule)
+    plan = ExperimentPlan(ExperimentSpec.from_dict(experiment), dataset)
     received = _model(model_name, weights[server_round - 1])  # the global model the clients trained from
     loss_fn = nn.CrossEntropyLoss()
     aggregate = _model(model_name, weights[server_round])  # the global model after this round
@@ -213,11 +213,9 @@ def _densities(
             continue
         local_weights = _read(db, "client_models", doc["weights_file_id"])
         i = int(doc["client_index"])
-        if local_weights is None or i >= len(parts):
+        if local_weights is None or i >= plan.spec.num_clients:
             continue
-        indices = parts[i].train_indices[landscape_subset(parts[i].num_train, num_samples, (seed, i))]
-        chosen = torch.from_numpy(indices)
-        batch = [(dataset.train_x[chosen], dataset.train_y[chosen])]
+        batch = plan.landscape_batch(i)
         found.append(_density("global", i, received, batch, loss_fn, seed))
         found.append(_density("local", i, _model(model_name, local_weights), batch, loss_fn, seed))
     return tuple(found), server_round
