@@ -188,9 +188,11 @@ def check_stats(stats: Any, *, max_epochs: int) -> dict[str, Any]:
     """The typed stats of an update, or `Invalid` naming the first offending key.
 
     Known top-level keys only: ``duration_s`` (name -> seconds >= 0), ``global``
-    and ``local`` (exactly train/test loss >= 0 and accuracy in [0, 1]),
+    and ``local`` (train/test loss >= 0 and accuracy in [0, 1], and optionally
+    ``generalization_gap`` ``{loss, accuracy}``),
     ``train_loss_per_epoch`` (at most `max_epochs` numbers) and ``landscape``
-    (identifier keys over numbers, nulls, lists of numbers, nested objects; or
+    (identifier keys over numbers, nulls, lists of numbers or objects, nested
+    objects, a string only under ``name``; or
     ``{"error": text}``). At most `MAX_STATS_BYTES` as JSON.
     """
     field = "meta.stats"
@@ -210,8 +212,17 @@ def check_stats(stats: Any, *, max_epochs: int) -> dict[str, Any]:
         if part in stats:
             evaluation = _object(stats[part], f"{field}.{part}")
             for name in evaluation:
+                if name == "generalization_gap":  # test minus train loss, train minus test accuracy
+                    gap = _object(evaluation[name], f"{field}.{part}.{name}")
+                    for gap_key in gap:
+                        if gap_key not in ("loss", "accuracy"):
+                            raise Invalid(f"{field}.{part}.{name}.{gap_key}", "unknown key; valid keys: loss, accuracy")
+                    _number(gap.get("loss", 0.0), f"{field}.{part}.{name}.loss")
+                    _number(gap.get("accuracy", 0.0), f"{field}.{part}.{name}.accuracy", low=-1.0, high=1.0)
+                    continue
                 if name not in _EVALUATION_KEYS:
-                    raise Invalid(f"{field}.{part}.{name}", f"unknown key; valid keys: {', '.join(_EVALUATION_KEYS)}")
+                    valid = ", ".join((*_EVALUATION_KEYS, "generalization_gap"))
+                    raise Invalid(f"{field}.{part}.{name}", f"unknown key; valid keys: {valid}")
                 high = 1.0 if name.endswith("accuracy") else None
                 _number(evaluation[name], f"{field}.{part}.{name}", low=0.0, high=high)
     if "train_loss_per_epoch" in stats:
@@ -258,11 +269,13 @@ def _numeric_tree(value: Mapping[str, Any], path: str) -> None:
         if isinstance(item, Mapping):
             for key, child in item.items():
                 _identifier(key, where)
+                if key == "name" and isinstance(child, str):  # e.g. a layer's name in per-layer norms
+                    continue
                 stack.append((child, f"{where}.{key}"))
         elif isinstance(item, list):
             for index, child in enumerate(item):
-                if isinstance(child, (Mapping, list)):
-                    raise Invalid(f"{where}[{index}]", "lists hold numbers or nulls only")
+                if isinstance(child, list):
+                    raise Invalid(f"{where}[{index}]", "lists hold numbers, nulls or objects")
                 stack.append((child, f"{where}[{index}]"))
         else:
             _number(item, where)

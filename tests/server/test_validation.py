@@ -155,3 +155,19 @@ def test_weights_are_bounded_per_tensor() -> None:
     weights["fc1.bias"] = np.array([0.0, np.nan, 1.0], np.float32)
     with pytest.raises(Invalid, match="NaN or Inf"):
         check_weights_bounded(weights)
+
+
+def test_what_a_real_client_sends_passes_check_stats(data_dir: Any) -> None:
+    # the stats rule and the client must agree: a measured round's stats, as run_round makes them
+    from client.work import run_round
+    from fedland.datasets import load_dataset
+    from fedland.plan import ExperimentPlan
+    from fedland.spec import ExperimentSpec, LandscapeSpec
+    from tests.helpers import small_spec
+
+    landscape = LandscapeSpec(every=1, num_samples=32, top_k=1, trace_probes=4, interpolation_points=3, grid_points=3)
+    spec = ExperimentSpec.from_dict(small_spec(1, rounds=1, fraction=0.005, landscape=landscape))
+    plan = ExperimentPlan(spec, load_dataset(spec.dataset_name, data_dir))
+    stats = run_round(plan, plan.client_data(0), plan.model(), 1, 0.0).stats
+    assert "generalization" in stats["landscape"]["local"] and "generalization_gap" in stats["local"]
+    assert check_stats(stats, max_epochs=spec.local_epochs) == stats
