@@ -33,7 +33,7 @@ from server.errors import BadRequest, NotFound
 from server.measurements import LandscapeWorker
 from server.resources import Resources
 from server.rounds import RoundState, Rounds
-from server.store import Store
+from server.store import Store, StoreUnavailable
 from server.validation import check_document_size, check_tree
 from stack import wire
 
@@ -109,6 +109,8 @@ class Coordinator:
                 self.reap()
                 self.rounds.close_due()
                 self.flush_liveness()
+            except StoreUnavailable as error:  # an outage: said once per tick, without a traceback
+                log.warning("reaper tick skipped: store unavailable (%s: %s)", type(error).__name__, error)
             except Exception:  # noqa: BLE001 - the timer must outlive a store hiccup
                 log.exception("reaper tick failed")
 

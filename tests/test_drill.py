@@ -142,13 +142,18 @@ def test_drill_kills_client_server_and_store_at_random_moments(seed: int, tmp_pa
         # every unreferenced file is one a failed request could not delete, and said so
         server_log = "".join(p.read_text() for p in (tmp_path / "logs").glob("server*.log"))
         undeleted = set(re.findall(r"could not delete file ([0-9a-f]{24})", server_log))
-        assert drill.orphans() <= undeleted, drill.events
+        # (a SIGKILLed server can die between a file and its document, and cannot say so: the sweep below covers it)
+        killed_server_mid_write = any("killed the server" in event for event in drill.events)
+        assert killed_server_mid_write or drill.orphans() <= undeleted, drill.events
         drill.stack.server.stop()  # type: ignore[union-attr]
         drill.stack.start_server()  # ... and the next start deletes them
         assert drill.orphans() == set()
 
-        logs = [p.read_text() for p in (tmp_path / "logs").glob("*.log")]
-        assert not any("Traceback" in text for text in logs), drill.events
+        tracebacks = {
+            p.name: p.read_text().split("Traceback", 1)[1][:3000]
+            for p in (tmp_path / "logs").glob("*.log") if "Traceback" in p.read_text()
+        }
+        assert tracebacks == {}, drill.events
         assert all(c.alive() for c in drill.stack.clients if c not in drill.killed)
     finally:
         drill.close()
