@@ -110,8 +110,9 @@ import json, os, pymongo
 db = pymongo.MongoClient(os.environ["FEDLAND_MONGO_URI"], serverSelectionTimeoutMS=10000,
                          socketTimeoutMS=30000)[os.environ["FEDLAND_DB"]]
 hosts = {w["client_id"]: w["hostname"] for w in db.workers.find({})}
-print(json.dumps(sorted({hosts.get(s["client_id"], "") for s in db.clients.find(
-    {"experiment_id": os.environ["EXPERIMENT_ID"], "client_id": {"$ne": None}})})))
+# A member document names the worker training it this round (None between rounds).
+print(json.dumps(sorted({hosts.get(s["worker_id"], "") for s in db.clients.find(
+    {"experiment_id": os.environ["EXPERIMENT_ID"], "worker_id": {"$ne": None}})})))
 """
 
 # Runs inside the server container against a real MongoDB: the server's own account.
@@ -367,11 +368,14 @@ def by_name(experiments: list[dict[str, Any]], name: str) -> dict[str, Any]:
 def kill_a_slot_holder(stack: Stack, timeout_s: float) -> dict[str, Any]:
     """SIGKILL a client container holding a slot of A while A is mid-round (round >= 2)."""
     a = wait_for("experiment A in round 2", lambda: _in_round(stack, "A", 2), timeout_s)
-    holders = stack.exec_server(SLOT_HOLDERS, EXPERIMENT_ID=a["id"])
-    clients = stack.containers("client")
-    victims = [cid for cid in clients if any(host and cid.startswith(host) for host in holders)]
-    check(bool(victims), f"no running client container holds a slot of A (holders {holders}, clients {clients})")
-    round_at_kill = a["current_round"]
+
+    def training_a_member() -> list[str]:
+        # Members are assigned per round: between rounds nobody holds one, so ask again.
+        holders = stack.exec_server(SLOT_HOLDERS, EXPERIMENT_ID=a["id"])
+        return [cid for cid in stack.containers("client") if any(host and cid.startswith(host) for host in holders)]
+
+    victims = wait_for("a client container training a member of A", training_a_member, timeout_s)
+    round_at_kill = (by_name(experiment_states(stack) or [a], "A"))["current_round"]
     run("docker", "kill", "--signal", "KILL", victims[0])
     log(f"SIGKILLed client container {victims[0][:12]} (holds a slot of A) in A's round {round_at_kill}")
     return {"container": victims[0], "round": round_at_kill}

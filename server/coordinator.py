@@ -95,7 +95,13 @@ class Coordinator:
         self.measurements.close()
 
     def recover(self) -> int:
-        """Rebuild the rounds of active experiments from the store (see `Rounds.recover`); workers get a grace period."""
+        """Rebuild the rounds of active experiments from the store (see `Rounds.recover`); workers get a grace period.
+
+        First deletes the GridFS files a crash left unreferenced (`Store.delete_orphan_files`).
+        """
+        orphans = self.store.delete_orphan_files()  # what a crash left between a file and its document
+        if orphans:
+            log.warning("deleted %d unreferenced GridFS files a crash left behind", orphans)
         aggregated = self.rounds.recover()
         now = self.clock()
         with self._seen_lock:

@@ -160,8 +160,12 @@ def test_new_app_on_the_same_store_resumes(
     # the server dies after storing the second update, before aggregating it
     put_update_like_a_crashed_server(store, experiment_id, 1, 1, second, update_1, num_examples=1800)
     assert store.get_round(experiment_id, 1) is None
+    # ... and another worker's upload was cut off between its weights file and its stats document
+    orphan = store.save_client_model(wire.encode(update_0), experiment_id, 1, 0)
 
-    restarted = start_api()  # recovers on start
+    restarted = start_api()  # recovers on start, and first deletes what no document references
+    assert orphan not in {str(f["_id"]) for f in store.db["client_models.files"].find({}, {"_id": 1})}
+    assert store.count("client_models.files") == 2  # the two stored updates stay
     assert restarted.get(f"/experiments/{experiment_id}").json()["current_round"] == 2
     global_1 = restarted.model(experiment_id, 2)
     expected = (update_0["fc3.bias"].astype(np.float64) + 3 * update_1["fc3.bias"].astype(np.float64)) / 4
