@@ -39,6 +39,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -56,14 +57,15 @@ IMAGE = "fedland:compose-test"
 HEARTBEAT_TIMEOUT_S = 6  # a killed client's slot is freed this soon
 POLL_S = 0.5
 
-# A: 3 clients, 5 rounds (the kill and the restart happen here); B: 4 clients,
-# so it needs the client added while running (scale, or the client-only project).
+# A: 3 members, 12 rounds of ~2,000 images each, long enough that a worker is
+# caught mid-round and killed, and the server restarted while A still runs;
+# B: 4 members (members are not workers: any number of workers serves them).
 EXPERIMENTS = {
     "experiments": [
         {
             "description": f"compose test {name}: {clients} IID clients, {rounds} rounds",
             "target_balance_ratios": [[0.1] * 10] * clients,
-            "subset_fractions": [0.02] * clients,
+            "subset_fractions": [fraction] * clients,
             "rounds": rounds,
             "seed": seed,
             "landscape": {
@@ -71,7 +73,7 @@ EXPERIMENTS = {
                 "interpolation_points": 3, "grid_points": 3,
             },
         }
-        for name, clients, rounds, seed in (("A", 3, 5, 1), ("B", 4, 2, 2))
+        for name, clients, rounds, fraction, seed in (("A", 3, 12, 0.1, 1), ("B", 4, 2, 0.02, 2))
     ]
 }
 
@@ -371,6 +373,8 @@ def kill_a_slot_holder(stack: Stack, timeout_s: float) -> dict[str, Any]:
 
     def training_a_member() -> list[str]:
         # Members are assigned per round: between rounds nobody holds one, so ask again.
+        check(by_name(experiment_states(stack) or [a], "A")["status"] == "running",
+              "experiment A ended before a client container could be caught training one of its members")
         holders = stack.exec_server(SLOT_HOLDERS, EXPERIMENT_ID=a["id"])
         return [cid for cid in stack.containers("client") if any(host and cid.startswith(host) for host in holders)]
 
@@ -647,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave everything up")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for each stage")
     args = parser.parse_args(argv)
+    # SIGTERM (a CI timeout, kill) unwinds like an error: the stack is torn down, the Swarm left
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.override:
         args.override = args.override.resolve()
     started = time.monotonic()
