@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from server.strategies import is_statistic
+
 __all__ = [
     "INT64_MAX",
     "INT64_MIN",
@@ -24,6 +26,7 @@ __all__ = [
     "MAX_KEY_CHARS",
     "MAX_STATS_BYTES",
     "MAX_STRING_CHARS",
+    "MAX_STATISTIC_ABS",
     "MAX_WEIGHT_ABS",
     "Invalid",
     "TooLarge",
@@ -43,7 +46,8 @@ MAX_KEY_CHARS = 100  # object keys
 MAX_DESCRIPTION_CHARS = 10_000  # an experiment's description
 MAX_STATS_BYTES = 256 * 1024  # one update's stats, as JSON
 MAX_DOCUMENT_BYTES = 8 * 1024 * 1024  # any stored document, as JSON (MongoDB refuses BSON over 16 MiB)
-MAX_WEIGHT_ABS = 1e4  # |w| of any weight in an update: larger is divergence or an attack, not training
+MAX_WEIGHT_ABS = 1e4  # |w| of any parameter in an update: larger is divergence or an attack, not training
+MAX_STATISTIC_ABS = 1e12  # |v| of a float running statistic (BatchNorm mean/var): activations may be large
 
 # Field-specific string limits (path -> characters); other strings get MAX_STRING_CHARS.
 STRING_LIMITS: dict[str, int] = {"description": MAX_DESCRIPTION_CHARS}
@@ -285,12 +289,18 @@ def _numeric_tree(value: Mapping[str, Any], path: str) -> None:
 
 
 def check_weights_bounded(weights: Mapping[str, np.ndarray], bound: float = MAX_WEIGHT_ABS) -> None:
-    """Refuse weights holding NaN/Inf or any |value| over `bound`, naming the tensor."""
+    """Refuse weights holding NaN/Inf or any |value| over its bound, naming the tensor.
+
+    Parameters are bounded by `bound`, float running statistics (BatchNorm
+    means and variances) by `MAX_STATISTIC_ABS`; integer buffers (BatchNorm's
+    `num_batches_tracked`, which grows every round) only by their dtype.
+    """
     for name, value in weights.items():
-        if not np.issubdtype(value.dtype, np.number) or value.size == 0:
+        if not np.issubdtype(value.dtype, np.inexact) or value.size == 0:
             continue
-        if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+        if not np.isfinite(value).all():
             raise Invalid(f"weights[{name!r}]", "contains NaN or Inf")
+        limit = MAX_STATISTIC_ABS if is_statistic(name, value) else bound
         largest = float(np.max(np.abs(value.astype(np.float64, copy=False))))
-        if largest > bound:
-            raise Invalid(f"weights[{name!r}]", f"holds |w| = {largest:.3g}; the bound is {bound:g}")
+        if largest > limit:
+            raise Invalid(f"weights[{name!r}]", f"holds |w| = {largest:.3g}; the bound is {limit:g}")

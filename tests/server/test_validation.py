@@ -157,6 +157,16 @@ def test_weights_are_bounded_per_tensor() -> None:
         check_weights_bounded(weights)
 
 
+def test_batchnorm_buffers_have_their_own_bounds() -> None:
+    # num_batches_tracked grows every round (ResNet-20 on CIFAR-10 passes 1e4 in ~20 rounds): never refused
+    buffers = {"bn.num_batches_tracked": np.array(10**7, np.int64), "bn.running_var": np.full(4, 5e4, np.float32)}
+    check_weights_bounded(buffers)
+    buffers["bn.running_var"] = np.full(4, 1e13, np.float32)
+    with pytest.raises(Invalid) as caught:
+        check_weights_bounded(buffers)
+    assert caught.value.field == "weights['bn.running_var']" and "1e+12" in str(caught.value)
+
+
 def test_what_a_real_client_sends_passes_check_stats(data_dir: Any) -> None:
     # the stats rule and the client must agree: a measured round's stats, as run_round makes them
     from client.work import run_round
