@@ -536,7 +536,8 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
     put("target_balance_ratios", ratios)
     put("subset_fractions", fractions)
     _validate_participation(spec, put)
-    _check_strategy_fits(spec.strategy, spec.members_per_round)
+    deadline = spec.round_timeout_s is not None  # a round may then close with min_reports updates
+    _check_strategy_fits(spec.strategy, spec.members_per_round, (spec.min_reports or 1) if deadline else None)
 
 
 def _validate_participation(spec: ExperimentSpec, put: Any) -> None:
@@ -571,8 +572,11 @@ def _validate_participation(spec: ExperimentSpec, put: Any) -> None:
             )
 
 
-def _check_strategy_fits(strategy: StrategySpec, num_updates: int) -> None:
-    """Refuse a strategy that cannot aggregate the updates a round brings."""
+def _check_strategy_fits(strategy: StrategySpec, num_updates: int, fewest: int | None = None) -> None:
+    """Refuse a strategy that cannot aggregate the updates a round brings.
+
+    A round brings `num_updates`, or with a deadline anything from `fewest` up.
+    """
     if strategy.name in ROBUST_STRATEGY_NAMES and num_updates > ROBUST_MAX_UPDATES:
         raise SpecError(
             "clients_per_round",
@@ -582,6 +586,12 @@ def _check_strategy_fits(strategy: StrategySpec, num_updates: int) -> None:
     if strategy.name == "Krum" and num_updates > 1:  # one update is passed through as is
         params = strategy.resolved_params
         needed = 2 * params["num_malicious"] + 2
+        if fewest is not None and max(fewest, 2) <= needed:
+            raise SpecError(
+                "min_reports",
+                f"a round closed at its deadline may bring {max(fewest, 2)} updates, and Krum needs more than "
+                f"2 * num_malicious + 2 = {needed} (or exactly 1): min_reports must be > {needed}",
+            )
         if num_updates <= needed:
             raise SpecError(
                 "strategy.params.num_malicious",

@@ -74,3 +74,15 @@ def test_robust_strategies_are_capped_per_round() -> None:
         spec(big, strategy=StrategySpec("FedMedian"))
     assert error.value.field == "clients_per_round"
     assert spec(big).members_per_round == big  # averaging strategies keep a running sum: no cap
+
+
+def test_krum_with_a_deadline_needs_enough_reports_for_any_early_close() -> None:
+    krum = StrategySpec("Krum", {"num_malicious": 3})  # needs more than 8 updates (or exactly 1)
+    assert spec(10, strategy=krum).members_per_round == 10
+    with pytest.raises(SpecError) as error:  # a deadline may close a round with 1..10 updates: 2..8 break Krum
+        spec(10, strategy=krum, round_timeout_s=30, min_reports=1)
+    assert error.value.field == "min_reports" and "must be > 8" in error.value.rule
+    assert spec(10, strategy=krum, round_timeout_s=30, min_reports=9).min_reports == 9
+    with pytest.raises(SpecError) as error:
+        spec(10, strategy=krum, clients_per_round=8)
+    assert error.value.field == "strategy.params.num_malicious"
