@@ -26,7 +26,6 @@ from torch import nn
 from fedland.datasets import Dataset, load_dataset
 from fedland.hessian import spectral_density
 from fedland.measure import landscape_subset
-from fedland.models import build_model
 from fedland.plan import ExperimentPlan
 from fedland.spec import ExperimentSpec
 from fedland.slices import loss_slice_2d
@@ -100,10 +99,8 @@ def _read(db: Database[Any], bucket: str, file_id: Any) -> dict[str, np.ndarray]
         return None
 
 
-def _model(name: str, weights: Mapping[str, np.ndarray]) -> nn.Module:
-    model = build_model(name, seed=0)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-    return model.eval()
+def _model(plan: ExperimentPlan, weights: Mapping[str, np.ndarray]) -> nn.Module:
+    return plan.model(weights).eval()  # the plan is the one owner of model-from-weights (classes, architecture)
 
 
 def _flat(weights: Mapping[str, np.ndarray], names: list[str]) -> np.ndarray:
@@ -136,30 +133,30 @@ def compute_extras(
     except (OSError, ValueError) as error:
         reason = f"the report evaluates stored models on the dataset, which is not available ({error})"
         return ModelExtras(reasons={"round0": reason, "trajectory": reason, "density": reason})
-    model_name = str(experiment.get("model") or "FedNet")
-    seed = int(experiment.get("seed") or 0)
+    plan = ExperimentPlan(ExperimentSpec.from_dict(experiment), dataset)
+    seed = plan.spec.seed
     ids = global_model_ids(db, experiment_id, list(rounds))
     weights = {r: w for r, w in ((r, _read(db, "models", i)) for r, i in sorted(ids.items())) if w is not None}
     round0 = None
     if 0 in weights:
-        result = evaluate(_model(model_name, weights[0]), [(dataset.test_x, dataset.test_y)])
+        result = evaluate(_model(plan, weights[0]), [(dataset.test_x, dataset.test_y)])
         round0 = {"test_loss": float(result.loss), "test_accuracy": float(result.accuracy)}
     else:
         reasons["round0"] = "the store holds no initial (round 0) model for this experiment"
     trajectory = None
     if len(weights) >= 3:
-        trajectory = _trajectory(model_name, weights, _test_subset(dataset, seed))
+        trajectory = _trajectory(plan, weights, _test_subset(dataset, seed))
     else:
         reasons["trajectory"] = "a trajectory needs at least three stored global models (rounds 0..2)"
     found: tuple[Density, ...] = ()
     density_round = None
     if densities:
-        found, density_round = _densities(db, experiment, client_stats, dataset, weights, model_name, seed)
+        found, density_round = _densities(db, plan, client_stats, dataset, weights, seed)
         if not found:
             reasons["density"] = "no measured round has both its global model and the client models stored"
     else:
         reasons["density"] = "spectral densities are computed once the experiment has finished"
-    samples = int(((experiment.get("landscape") or {}).get("num_samples")) or 256)
+    samples = plan.spec.landscape.num_samples
     return ModelExtras(round0, trajectory, found, density_round, samples, reasons)
 
 
@@ -168,10 +165,10 @@ def _test_subset(dataset: Dataset, seed: int, size: int = TRAJECTORY_SAMPLES) ->
     return dataset.test_x[chosen], dataset.test_y[chosen]
 
 
-def _trajectory(model_name: str, weights: Mapping[int, Mapping[str, np.ndarray]],
+def _trajectory(plan: ExperimentPlan, weights: Mapping[int, Mapping[str, np.ndarray]],
                 data: tuple[torch.Tensor, torch.Tensor]) -> Trajectory:
     rounds = sorted(weights)
-    last = _model(model_name, weights[rounds[-1]])
+    last = _model(plan, weights[rounds[-1]])
     names = [n for n, p in last.named_parameters() if p.requires_grad]
     flat = np.stack([_flat(weights[r], names) for r in rounds])  # (rounds, dim)
     directions, coords, ratios = trajectory_plane(flat)
@@ -192,21 +189,19 @@ def _trajectory(model_name: str, weights: Mapping[int, Mapping[str, np.ndarray]]
 
 
 def _densities(
-    db: Database[Any], experiment: Mapping[str, Any], client_stats: list[Mapping[str, Any]], dataset: Dataset,
-    weights: Mapping[int, Mapping[str, np.ndarray]], model_name: str, seed: int,
+    db: Database[Any], plan: ExperimentPlan, client_stats: list[Mapping[str, Any]], dataset: Dataset,
+    weights: Mapping[int, Mapping[str, np.ndarray]], seed: int,
 ) -> tuple[tuple[Density, ...], int | None]:
     measured = sorted({int(d["round"]) for d in client_stats if isinstance(d.get("landscape"), Mapping)
                        and d.get("weights_file_id") and int(d["round"]) in weights and int(d["round"]) - 1 in weights})
     if not measured:
         return (), None
     server_round = measured[-1]
-    landscape = experiment.get("landscape") or {}
-    num_samples = int(landscape.get("num_samples") or 256)
+    num_samples = plan.spec.landscape.num_samples
     # each client's landscape subset, exactly as the client measured it (the plan is the one owner of that rule)
-    plan = ExperimentPlan(ExperimentSpec.from_dict(experiment), dataset)
-    received = _model(model_name, weights[server_round - 1])  # the global model the clients trained from
+    received = _model(plan, weights[server_round - 1])  # the global model the clients trained from
     loss_fn = nn.CrossEntropyLoss()
-    aggregate = _model(model_name, weights[server_round])  # the global model after this round
+    aggregate = _model(plan, weights[server_round])  # the global model after this round
     found = [_density("global", None, aggregate, [_test_subset(dataset, seed, num_samples)], loss_fn, seed)]
     for doc in sorted(client_stats, key=lambda d: int(d["client_index"])):
         if int(doc["round"]) != server_round:
@@ -217,7 +212,7 @@ def _densities(
             continue
         batch = plan.landscape_batch(i)
         found.append(_density("global", i, received, batch, loss_fn, seed))
-        found.append(_density("local", i, _model(model_name, local_weights), batch, loss_fn, seed))
+        found.append(_density("local", i, _model(plan, local_weights), batch, loss_fn, seed))
     return tuple(found), server_round
 
 
