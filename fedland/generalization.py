@@ -52,6 +52,7 @@ __all__ = [
     "PacBayes",
     "generalization_gap",
     "pac_bayes_flatness",
+    "pac_bayes_max_rises",
     "weight_norms",
     "zero_one_error",
 ]
@@ -63,6 +64,13 @@ PAC_BAYES_DELTA = 0.1
 PAC_BAYES_EPSILON = 1e-3
 #: The bisection is geometric over [upper / SIGMA_RANGE, upper]; below that sigma is reported as 0.
 SIGMA_RANGE = 1e4
+#: Doublings of the bracket's upper end before sigma is reported as the largest scale tried.
+MAX_DOUBLINGS = 16
+
+
+def pac_bayes_max_rises(steps: int) -> int:
+    """The most noise scales `pac_bayes_flatness` evaluates (each over `samples` draws): its cost bound."""
+    return 1 + MAX_DOUBLINGS + 1 + steps  # first upper end, doublings, the floor, bisection steps
 
 
 def zero_one_error(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -163,7 +171,7 @@ def pac_bayes_flatness(
         high_rise = rise(high)
         evaluations += 1
         doublings = 0
-        while high_rise <= deviation and doublings < 16:
+        while high_rise <= deviation and doublings < MAX_DOUBLINGS:
             low, low_rise = high, high_rise
             high *= 2.0
             high_rise = rise(high)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fedland.datasets import DATASETS
+from fedland.generalization import pac_bayes_max_rises
 from fedland.models import MODEL_INPUT_SHAPES, MODEL_NAMES, build_model
 from fedland.partition import PartitionError, plan_counts
 
@@ -67,9 +68,12 @@ LANDSCAPE_MAX: dict[str, float] = {
     "grid_points": 101,
     "sharpness_rho": 100.0,
     "grid_radius": 1_000.0,
+    "pac_bayes_samples": 64,
+    "pac_bayes_steps": 64,
+    "power_iterations": 1_000,
 }
 #: Cost bound of one landscape measurement, in sample x parameter products
-#: (``LandscapeSpec.cost``): about a minute on one CPU core; the defaults cost 3.2e9 on FedNet.
+#: (``LandscapeSpec.cost``): about a minute on one CPU core; the defaults cost 6.0e9 on FedNet.
 LANDSCAPE_COST_BUDGET = 1e11
 #: Memory bound of the Hessian trace's probe block: trace_probes x parameters x 8 bytes.
 LANDSCAPE_MEMORY_BUDGET_BYTES = 1 << 30
@@ -278,11 +282,14 @@ class LandscapeSpec:
         """Sample x parameter products of one measurement of a model with `num_params` parameters.
 
         A Hessian-vector product counts twice (forward and backward), a loss
-        evaluation (grid point, interpolation alpha, sharpness) once.
+        evaluation (grid point, interpolation alpha, sharpness, a PAC-Bayes
+        noise draw: two variants, `pac_bayes_max_rises` scales each) once; the
+        spectral norms' power iterations cost two matrix products per layer each.
         """
         products = LANCZOS_PRODUCTS + self.trace_probes
-        evaluations = self.grid_points**2 + self.interpolation_points + 2
-        return float(self.num_samples) * num_params * (2 * products + evaluations)
+        pac_bayes = 2 * self.pac_bayes_samples * pac_bayes_max_rises(self.pac_bayes_steps)
+        evaluations = self.grid_points**2 + self.interpolation_points + 2 + pac_bayes
+        return float(self.num_samples) * num_params * (2 * products + evaluations) + 2.0 * self.power_iterations * num_params
 
     def scheduled(self, server_round: int, rounds: int) -> bool:
         """Whether round ``server_round`` of an experiment of ``rounds`` rounds is measured."""

@@ -111,6 +111,9 @@ OVER_BOUND = [
     ({"grid_points": 103}, "landscape.grid_points", "at most 101"),
     ({"sharpness_rho": 1e308}, "landscape.sharpness_rho", "at most 100"),
     ({"grid_radius": 1e308}, "landscape.grid_radius", "at most 1000"),
+    ({"pac_bayes_samples": 10**6}, "landscape.pac_bayes_samples", "at most 64"),
+    ({"pac_bayes_steps": 10**6}, "landscape.pac_bayes_steps", "at most 64"),
+    ({"power_iterations": 10**7}, "landscape.power_iterations", "at most 1000"),
 ]
 
 
@@ -130,7 +133,12 @@ def test_costly_settings_are_refused_relative_to_the_model_size() -> None:
     # the defaults are far under the bound on both models
     for model in ("FedNet", "FedCNN"):
         cost = LandscapeSpec().cost(spec_module.num_parameters(model))
-        assert cost < spec_module.LANDSCAPE_COST_BUDGET / 5
+        assert cost < spec_module.LANDSCAPE_COST_BUDGET / 4
+    # PAC-Bayes draws count: each within its bound, together too costly on 10,000 samples
+    ExperimentSpec.from_dict(experiment(pac_bayes_samples=16, pac_bayes_steps=16))
+    with pytest.raises(SpecError) as caught:
+        ExperimentSpec.from_dict(experiment(pac_bayes_samples=16, pac_bayes_steps=16, num_samples=10_000))
+    assert caught.value.field == "landscape" and "costs" in str(caught.value)
     # trace_probes=1000 (each field within its own bound) is affordable on FedNet at 256 samples ...
     ExperimentSpec.from_dict(experiment(trace_probes=1000))
     # ... not on 10,000 samples, and FedCNN's 4x parameters cannot hold 1000 probes in memory
