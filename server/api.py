@@ -14,7 +14,7 @@ from server.coordinator import Coordinator
 from server.errors import BadRequest, Conflict, NotFound
 from server.resources import Resources
 from server.store import Store, StoreUnavailable
-from server.validation import Invalid, check_id, parse_json
+from server.validation import MAX_KNOWN_EXPERIMENTS, Invalid, check_id, parse_json
 from server.wsgi import RequestGuard
 from stack.settings import ServerSettings
 
@@ -170,14 +170,20 @@ def heartbeat(client_id: str) -> Response:
 @api.post("/clients/<client_id>/task")
 def task(client_id: str) -> Response:
     """Optional JSON body `{"wait_s": s, "known_experiments": [ids]}`: long-poll, and specs to leave out."""
-    body = request.get_json(silent=True) if request.content_length else None
-    body = body if isinstance(body, dict) else {}
+    body = _json_body() if request.content_length else {}
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object", "body")
     wait_s = body.get("wait_s", 0.0)
     if not isinstance(wait_s, (int, float)) or isinstance(wait_s, bool) or not wait_s >= 0:
         raise BadRequest("wait_s must be a number of seconds >= 0", "wait_s")
     known = body.get("known_experiments", [])
-    if not isinstance(known, list) or not all(isinstance(item, str) for item in known):
-        raise BadRequest("known_experiments must be a list of experiment ids", "known_experiments")
+    if not isinstance(known, list) or len(known) > MAX_KNOWN_EXPERIMENTS:
+        raise BadRequest(f"known_experiments must be a list of at most {MAX_KNOWN_EXPERIMENTS} experiment ids",
+                         "known_experiments")
+    for position, item in enumerate(known):
+        if not isinstance(item, str):
+            raise BadRequest("must be an experiment id (a string)", f"known_experiments[{position}]")
+        check_id(item, f"known_experiments[{position}]")
     return jsonify(_coordinator().task(check_id(client_id, "client_id"), float(wait_s), frozenset(known)))
 
 

@@ -317,6 +317,8 @@ class Rounds:
         with state.fold_lock:
             if state.closed:  # closed by its deadline meanwhile: a straggler
                 self.store.unreport(experiment_id, index, server_round)
+                if file_id is not None:
+                    _undo([file_id], self.store.delete_client_model)
                 raise Conflict(f"round {server_round} closed at its deadline before member {index}'s update")
             if state.mean is not None:
                 state.mean.add(weights, num_examples)

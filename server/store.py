@@ -6,6 +6,7 @@ Times are float seconds since the epoch (from the coordinator's clock).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,8 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 
 from stack.settings import StoreTimeouts
+
+log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
 
@@ -112,12 +115,25 @@ class Store:
 
     # experiments -----------------------------------------------------------
 
-    def insert_experiments(self, experiments: list[Doc], slots: list[Doc]) -> None:
-        """Insert experiment documents (`_id` is their `id`) and their client slots."""
-        if experiments:
-            self.experiments.insert_many([{"_id": e["id"], **e} for e in experiments])
-        if slots:
-            self.clients.insert_many([dict(slot) for slot in slots])
+    def insert_experiments(self, experiments: list[Doc], members: list[Doc]) -> None:
+        """Insert experiment documents (`_id` is their `id`) and their member documents, or neither.
+
+        If an insert fails, what this call inserted is deleted again (best
+        effort: the store may be what failed) and the error raised.
+        """
+        ids = [e["id"] for e in experiments]
+        try:
+            if experiments:
+                self.experiments.insert_many([{"_id": e["id"], **e} for e in experiments])
+            if members:
+                self.clients.insert_many([dict(member) for member in members])
+        except BaseException:
+            try:
+                self.clients.delete_many({"experiment_id": {"$in": ids}})
+                self.experiments.delete_many({"_id": {"$in": ids}})
+            except Exception as error:  # noqa: BLE001 - the original error is the one to report
+                log.warning("could not delete experiments %s of a failed submit: %s", ids, error)
+            raise
 
     def get_experiment(self, experiment_id: str) -> Doc | None:
         return _plain(self.experiments.find_one({"_id": experiment_id}))

@@ -26,6 +26,7 @@ __all__ = [
     "MAX_KEY_CHARS",
     "MAX_STATS_BYTES",
     "MAX_STRING_CHARS",
+    "MAX_KNOWN_EXPERIMENTS",
     "MAX_STATISTIC_ABS",
     "MAX_WEIGHT_ABS",
     "Invalid",
@@ -47,6 +48,7 @@ MAX_DESCRIPTION_CHARS = 10_000  # an experiment's description
 MAX_STATS_BYTES = 256 * 1024  # one update's stats, as JSON
 MAX_DOCUMENT_BYTES = 8 * 1024 * 1024  # any stored document, as JSON (MongoDB refuses BSON over 16 MiB)
 MAX_WEIGHT_ABS = 1e4  # |w| of any parameter in an update: larger is divergence or an attack, not training
+MAX_KNOWN_EXPERIMENTS = 1_000  # ids a worker may list in a task request (the specs it holds)
 MAX_STATISTIC_ABS = 1e12  # |v| of a float running statistic (BatchNorm mean/var): activations may be large
 
 # Field-specific string limits (path -> characters); other strings get MAX_STRING_CHARS.

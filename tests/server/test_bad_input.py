@@ -149,3 +149,35 @@ def test_deep_meta_is_refused(api: Api, store: Store, make_spec: Callable[..., d
     )
     assert (response.status_code, response.json()["field"]) == (400, "meta")
     assert counts(store) == before
+
+
+def test_a_failed_member_insert_leaves_no_experiment_behind(
+    api: Api, store: Store, make_spec: Callable[..., dict]
+) -> None:
+    # a real store refusal after the experiment documents were written: two members with equal num_train
+    store.clients.create_index([("num_train", 1)], unique=True)
+    before = counts(store)
+    response = post_text(api, "/experiments", json.dumps(make_spec()))  # 2 members of 600 examples each
+    assert response.status_code == 500, response.text  # the store refused: a server-side failure, logged
+    assert counts(store) == before  # no experiment without members, no round-0 model
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "rule"),
+    [
+        (DEEP, "body", "nested deeper than 32"),
+        ("{not json", "body", "JSON"),
+        ("[1, 2]", "body", "JSON object"),
+        ('{"wait_s": "soon"}', "wait_s", "seconds"),
+        ('{"known_experiments": [7]}', "known_experiments[0]", "experiment id"),
+        ('{"known_experiments": ["../x"]}', "known_experiments[0]", "letters, digits"),
+        (json.dumps({"known_experiments": ["a"] * 1001}), "known_experiments", "at most 1000"),
+    ],
+)
+def test_hostile_task_requests(api: Api, store: Store, body: str, field: str, rule: str) -> None:
+    worker = api.register()
+    before = counts(store)
+    response = post_text(api, f"/clients/{worker}/task", body)
+    assert response.status_code == 400, response.text
+    assert response.json()["field"] == field and rule in response.json()["error"], response.json()
+    assert counts(store) == before

@@ -84,12 +84,14 @@ def test_a_deadline_closes_the_round_with_the_updates_it_has(
     assert round_doc["participants"] == sorted([tasks[0]["client_index"], tasks[1]["client_index"]])
     assert len(round_doc["selected"]) == 3
     straggler = tasks[2]
+    files = store.count("client_models.files")
     try:
         report(coordinator, workers[2], straggler)
         raise AssertionError("a straggler's update after the round closed must be refused")
     except Conflict:
         pass
     assert len(store.stats_of_round(experiment_id, 1)) == 2
+    assert store.count("client_models.files") == files  # the straggler's weights are not kept either
     # round 2 has its own deadline, from its start: the timer closes it
     tasks = [coordinator.task(w) for w in workers]
     assert all(t["round"] == 2 for t in tasks)
