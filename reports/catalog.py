@@ -55,6 +55,17 @@ def _barrier_caption(data: ExperimentData) -> str:
             "(colour: round) with its straight line dotted.")
 
 
+def _between_clients_caption(data: ExperimentData) -> str:
+    return ("Measured by the server in rounds with at most 16 participants. Left: the barrier of the linear path "
+            f"between every pair of client models of the last measured round ({BARRIER_DEFINITION}, the same "
+            f"definition as above), loss on the server's held-out test subset ({_samples(data)} test images); 0 on "
+            "the diagonal; a high entry means the two local models sit in different basins. Right: the flatness "
+            "gap (Caldarola et al. 2022): each client's local model's largest Hessian eigenvalue on its own "
+            f"landscape subset ({_samples(data)} training images), against the aggregated global model's on the "
+            "union of those subsets (black); clients above the black line sit in sharper regions of their own "
+            "losses than the aggregate does on all the data.")
+
+
 def _surface_caption(data: ExperimentData) -> str:
     return ("Loss (cross-entropy) of the server's held-out test subset "
             f"({_samples(data)} test images) on the plane through the aggregated global model (★, the centre) "
@@ -87,6 +98,8 @@ EXPERIMENT_FIGURES: tuple[FigureKind, ...] = (
     FigureKind("spectral_density.png", "Hessian spectral density, local vs global", _density_caption,
                figures.spectral_density, True, "density"),
     FigureKind("barriers.png", "Interpolation barriers", _barrier_caption, landscape_figures.barriers, True),
+    FigureKind("client_geometry.png", "Between the clients: pairwise barriers and the flatness gap",
+               _between_clients_caption, landscape_figures.client_geometry, True),
     FigureKind("surfaces.png", "Loss surface", _surface_caption, landscape_figures.surfaces, True),
     FigureKind("contributions.png", "Client contributions",
                "Leave-one-out: the global test metric without the client minus with all clients (full test split). "

@@ -1,8 +1,10 @@
-"""Landscape geometry figures: interpolation barriers, the PCA loss surfaces, the global-model trajectory."""
+"""Landscape geometry figures: interpolation barriers, between-client geometry, PCA loss surfaces, trajectory."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,8 +13,16 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.patheffects import withStroke
 
-from reports.data import BARRIER_DEFINITION, DIP_DEFINITION, ExperimentData, Surface, interpolation_curve, path_dip
-from reports.figures import GLOBAL_STYLE, LOCAL_STYLE, integer_rounds, plot
+from reports.data import (
+    BARRIER_DEFINITION,
+    DIP_DEFINITION,
+    ExperimentData,
+    Series,
+    Surface,
+    interpolation_curve,
+    path_dip,
+)
+from reports.figures import GLOBAL_STYLE, LOCAL_STYLE, SERVER_STYLE, integer_rounds, plot
 from reports.style import SEQUENTIAL, client_colour, figure_legend, new_figure, save, use_log_scale
 
 HALO = [withStroke(linewidth=2.5, foreground="white")]  # text readable on any contour colour
@@ -72,6 +82,62 @@ def barriers(data: ExperimentData, out_dir: Path) -> Path | None:
     figure.suptitle(f"{data.label}: linear interpolation, global → local (dotted: the straight line)\n"
                     f"{BARRIER_DEFINITION}; {DIP_DEFINITION}", fontsize="medium")
     return save(figure, out_dir / "barriers.png")
+
+
+def _round_block(doc: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
+    landscape = doc.get("landscape")
+    block = landscape.get(key) if isinstance(landscape, Mapping) else None
+    return block if isinstance(block, Mapping) else None
+
+
+def client_geometry(data: ExperimentData, out_dir: Path) -> Path | None:
+    """The last measured round's barriers between every pair of clients, and the flatness gap by round."""
+    gaps = [(int(doc["round"]), block) for doc in data.rounds if (block := _round_block(doc, "flatness_gap"))]
+    if not gaps:
+        return None
+    pairs = [(int(doc["round"]), block) for doc in data.rounds if (block := _round_block(doc, "pairwise_barriers"))]
+    figure, (left, right) = new_figure(2, width=5.0, height=4.2)
+    if pairs:
+        server_round, block = pairs[-1]
+        indices = [int(i) for i in block["client_indices"]]
+        matrix = np.array([[np.nan if v is None else float(v) for v in row] for row in block["barriers"]])
+        image = left.imshow(matrix, cmap=SEQUENTIAL, vmin=0.0, vmax=max(float(np.nanmax(matrix)), 1e-12))
+        figure.colorbar(image, ax=left, label="barrier, loss above the straight line", format="%.3g")
+        positions = list(range(len(indices)))
+        left.set_xticks(positions, [str(i) for i in indices])
+        left.set_yticks(positions, [str(i) for i in indices])
+        if len(indices) <= 8:
+            for row in positions:
+                for column in positions:
+                    if np.isfinite(matrix[row, column]):
+                        left.annotate(f"{matrix[row, column]:.3g}", (column, row), ha="center", va="center",
+                                      fontsize="small", path_effects=HALO)
+        left.set_xlabel("client j")
+        left.set_ylabel("client i")
+        left.set_title(f"round {server_round}: barrier on the path client i → client j")
+    else:
+        left.text(0.5, 0.5, "one participant per round:\nno pair of client models", ha="center", va="center",
+                  transform=left.transAxes)
+        left.set_axis_off()
+    local: dict[int, list[tuple[int, float | None]]] = {}
+    for server_round, block in gaps:
+        for index, value in zip(block["client_indices"], block["local"]):
+            local.setdefault(int(index), []).append((server_round, value))
+    values: list[float] = []
+    for index, entries in sorted(local.items()):
+        series = Series(tuple(r for r, v in entries if v is not None), tuple(float(v) for _, v in entries if v is not None))
+        values += plot(right, series, color=client_colour(index, data.num_clients), label=f"client {index}", **LOCAL_STYLE)
+    union = Series(tuple(r for r, b in gaps if b.get("global") is not None),
+                   tuple(float(b["global"]) for _, b in gaps if b.get("global") is not None))
+    values += plot(right, union, label="global model, union of the clients' data", **SERVER_STYLE)
+    use_log_scale(right, values)
+    right.set_ylabel("top Hessian eigenvalue")
+    right.set_title("flatness gap: local model on its own data vs global on all")
+    integer_rounds(right)
+    right.grid(True, alpha=0.3)
+    figure_legend(figure, right.get_legend_handles_labels()[0])
+    figure.suptitle(f"{data.label}: between the clients (server, held-out and landscape subsets)", fontsize="medium")
+    return save(figure, out_dir / "client_geometry.png")
 
 
 def _round_cmap():  # type: ignore[no-untyped-def]

@@ -5,7 +5,11 @@ written (in the background, the last round before the experiment finishes): the
 aggregated model's scalars on a held-out subset of the test split, each
 client's alignment with the aggregate update, the gradient dissimilarity B over
 the clients' own landscape subsets, leave-one-out contributions on the full
-test split, and the PCA loss surface (stored as a ``landscapes`` document).
+test split, the PCA loss surface (stored as a ``landscapes`` document), and, in
+rounds of at most ``PAIRWISE_MAX_MEMBERS`` participants, the matrix of
+interpolation barriers between every pair of client models (on the held-out
+subset) and the local-vs-global flatness gap (each local model's top Hessian
+eigenvalue on its own landscape subset against the global model's on their union).
 A failure never fails the round: the round gets ``{"error": "..."}``. The
 inputs are rebuilt from the store by ``load_aggregated_round``, the one way both
 the normal path and the recovery at start-up get them.
@@ -19,11 +23,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fedland.device import resolve_device
-from fedland.measure import gap_document, finite_or_none, measure_model, pca_surface
+from fedland.measure import (
+    finite_or_none,
+    flatness_gap_document,
+    gap_document,
+    measure_model,
+    pairwise_barriers,
+    pca_surface,
+)
 from fedland.scalars import cosine_similarity, gradient_dissimilarity
 from fedland.spec import ExperimentSpec
 from server.resources import Resources
@@ -36,6 +48,10 @@ log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+#: Pairwise barriers cost m(m-1)/2 paths and the flatness gap m + 1 Lanczos runs: only rounds
+#: with at most this many participants get them (the other round-level measures are linear in m).
+PAIRWISE_MAX_MEMBERS = 16
 
 def leave_one_out(
     aggregate: Callable[[Sequence[ClientUpdate]], Weights],
@@ -183,6 +199,15 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
             lambda rest: strategy.aggregate(previous, rest, state)[0], updates, client_indices, evaluate, full
         ),
     }
+    if len(local_models) <= PAIRWISE_MAX_MEMBERS:
+        indices = [int(i) for i in client_indices]
+        if len(local_models) >= 2:
+            alphas = np.linspace(0.0, 1.0, lspec.interpolation_points)
+            doc["pairwise_barriers"] = {"client_indices": indices, **pairwise_barriers(local_models, held_out, alphas)}
+        doc["flatness_gap"] = {
+            "client_indices": indices,
+            **flatness_gap_document(global_model, local_models, [plan.landscape_batch(i) for i in indices], seed),
+        }
     doc["surface_id"] = store.save_landscape(experiment_id, server_round, "pca_surface", surface)
     doc["duration_s"] = time.perf_counter() - started
     return doc

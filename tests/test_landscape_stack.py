@@ -29,6 +29,7 @@ from fedland.models import build_model
 from fedland.partition import partition
 from fedland.plan import ClientData, ExperimentPlan
 from fedland.scalars import gradient_dissimilarity
+from fedland.slices import interpolate
 from fedland.spec import ExperimentSpec, LandscapeSpec
 from server.landscape import AggregatedRound, leave_one_out, measure_round
 from server.resources import Resources
@@ -121,9 +122,10 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
 
     for round_doc in stack.db.rounds.find({"experiment_id": experiment_id}):
         doc = round_doc["landscape"]
+        pairwise = {"pairwise_barriers", "flatness_gap"} if num_clients >= 2 else {"flatness_gap"}
         assert set(doc) == {
             "num_samples", "duration_s", "global", "client_alignment", "gradient_dissimilarity", "leave_one_out",
-            "surface_id", "generalization_gap",
+            "surface_id", "generalization_gap", *pairwise,
         }, doc
         assert all(finite(v) for v in doc["generalization_gap"].values()), doc
         assert doc["num_samples"] == LSPEC.num_samples and doc["duration_s"] > 0
@@ -156,6 +158,30 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
         assert losses[LSPEC.grid_points // 2, LSPEC.grid_points // 2] == pytest.approx(expected_loss, rel=1e-6)
         expected_b = gradient_dissimilarity(global_model, F.cross_entropy, subsets)
         assert doc["gradient_dissimilarity"] == pytest.approx(expected_b, rel=1e-6)
+        # pairwise barriers and the flatness gap, from the stored client models
+        locals_ = [
+            model_from(store.load_client_model(s["weights_file_id"]), spec)
+            for s in sorted(stack.db.client_stats.find({"experiment_id": experiment_id, "round": round_doc["round"]}),
+                            key=lambda s: s["client_index"])
+        ]
+        if num_clients >= 2:
+            held_out = [(mnist.test_x[held], mnist.test_y[held])]
+            pairwise_doc = doc["pairwise_barriers"]
+            assert pairwise_doc["client_indices"] == list(range(num_clients))
+            path = interpolate(locals_[0], locals_[1], F.cross_entropy, held_out, np.asarray(pairwise_doc["alphas"]))
+            assert pairwise_doc["barriers"][0][1] == pairwise_doc["barriers"][1][0]
+            assert pairwise_doc["barriers"][0][1] == pytest.approx(path.barrier, rel=1e-5, abs=1e-7)
+            assert pairwise_doc["losses"][0][1] == pytest.approx(path.losses.tolist(), rel=1e-5)
+            assert pairwise_doc["barriers"][0][0] == 0.0
+        gap = doc["flatness_gap"]
+        assert gap["client_indices"] == list(range(num_clients)) and gap["curvature"] == "hessian"
+        seed = ExperimentPlan(spec, mnist).server_measurement_seed(round_doc["round"])
+        last = num_clients - 1
+        local_top = top_eigenvalues(locals_[last], F.cross_entropy, subsets[last], k=1, tol=EIGEN_TOL,
+                                    max_iter=EIGEN_MAX_ITER, seed=seed).values[0]
+        assert gap["local"][last] == pytest.approx(local_top, rel=1e-6)
+        assert gap["gaps"] == pytest.approx([v - gap["global"] for v in gap["local"]], rel=1e-9)
+        assert gap["mean_gap"] == pytest.approx(float(np.mean(gap["gaps"])), rel=1e-9)  # equal subset sizes
 
 
 def test_landscapes_in_the_running_stack(
