@@ -57,7 +57,9 @@ def test_a_bad_strategy_parameter_in_a_file_stops_the_run_before_anything_starts
 
 def test_default_workers_are_the_most_members_a_round_trains_at_most_four() -> None:
     assert default_workers([spec("two clients")]) == 2
-    assert default_workers(main.EXPERIMENTS) == 4  # the 100-member example trains 10 per round
+    many = ExperimentSpec.from_dict({**spec("x").to_dict(), "target_balance_ratios": [[0.1] * 10] * 100,
+                                     "subset_fractions": [0.1] * 100, "clients_per_round": 10})
+    assert default_workers([many, spec("two clients")]) == 4  # 10 per round, capped at 4
     one = ExperimentSpec.from_dict({**spec("x").to_dict(), "clients_per_round": 1})
     assert default_workers([one]) == 1
 
