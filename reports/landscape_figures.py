@@ -29,6 +29,7 @@ HALO = [withStroke(linewidth=2.5, foreground="white")]  # text readable on any c
 UPSAMPLE = 8  # display grid points per stored grid interval (bicubic)
 LEVELS = 40  # filled contour levels: smooth colour steps
 MAX_CURVE_PANELS = 8
+MAX_CLIENT_LINES = 8  # more participants than this: points and their mean instead of a line each
 
 
 def barriers(data: ExperimentData, out_dir: Path) -> Path | None:
@@ -101,7 +102,8 @@ def client_geometry(data: ExperimentData, out_dir: Path) -> Path | None:
         server_round, block = pairs[-1]
         indices = [int(i) for i in block["client_indices"]]
         matrix = np.array([[np.nan if v is None else float(v) for v in row] for row in block["barriers"]])
-        image = left.imshow(matrix, cmap=SEQUENTIAL, vmin=0.0, vmax=max(float(np.nanmax(matrix)), 1e-12))
+        highest = float(np.nanmax(matrix)) if np.isfinite(matrix).any() else 0.0
+        image = left.imshow(matrix, cmap=SEQUENTIAL, vmin=0.0, vmax=highest if highest > 0 else 1.0)
         figure.colorbar(image, ax=left, label="barrier, loss above the straight line", format="%.3g")
         positions = list(range(len(indices)))
         left.set_xticks(positions, [str(i) for i in indices])
@@ -114,7 +116,8 @@ def client_geometry(data: ExperimentData, out_dir: Path) -> Path | None:
                                       fontsize="small", path_effects=HALO)
         left.set_xlabel("client j")
         left.set_ylabel("client i")
-        left.set_title(f"round {server_round}: barrier on the path client i → client j")
+        left.set_title(f"round {server_round}: barrier, client i ↔ client j"
+                       + ("\n(every path stays at or below its straight line)" if highest <= 0 else ""))
     else:
         left.text(0.5, 0.5, "one participant per round:\nno pair of client models", ha="center", va="center",
                   transform=left.transAxes)
@@ -124,19 +127,31 @@ def client_geometry(data: ExperimentData, out_dir: Path) -> Path | None:
         for index, value in zip(block["client_indices"], block["local"]):
             local.setdefault(int(index), []).append((server_round, value))
     values: list[float] = []
-    for index, entries in sorted(local.items()):
-        series = Series(tuple(r for r, v in entries if v is not None), tuple(float(v) for _, v in entries if v is not None))
-        values += plot(right, series, color=client_colour(index, data.num_clients), label=f"client {index}", **LOCAL_STYLE)
+    if len(local) <= MAX_CLIENT_LINES:
+        for index, entries in sorted(local.items()):
+            series = Series(tuple(r for r, v in entries if v is not None),
+                            tuple(float(v) for _, v in entries if v is not None))
+            values += plot(right, series, color=client_colour(index, data.num_clients), label=f"client {index}",
+                           **LOCAL_STYLE)
+    else:  # partial participation: a line per member would be a legend of every member
+        points = [(r, float(v)) for entries in local.values() for r, v in entries if v is not None]
+        right.plot([r for r, _ in points], [v for _, v in points], linestyle="none", marker="o", markersize=4,
+                   color="grey", alpha=0.6, label="a participant's local model")
+        values += [v for _, v in points]
+        mean = [(r, float(b["global"]) + float(b["mean_gap"])) for r, b in gaps
+                if b.get("global") is not None and b.get("mean_gap") is not None]
+        values += plot(right, Series(tuple(r for r, _ in mean), tuple(v for _, v in mean)), color="grey",
+                       label="participants' mean (by subset size)", **LOCAL_STYLE)
     union = Series(tuple(r for r, b in gaps if b.get("global") is not None),
                    tuple(float(b["global"]) for _, b in gaps if b.get("global") is not None))
-    values += plot(right, union, label="global model, union of the clients' data", **SERVER_STYLE)
+    values += plot(right, union, label="global, on the union", **SERVER_STYLE)
     use_log_scale(right, values)
     right.set_ylabel("top Hessian eigenvalue")
-    right.set_title("flatness gap: local model on its own data vs global on all")
+    right.set_title("flatness gap: local on own data vs global on all")
     integer_rounds(right)
     right.grid(True, alpha=0.3)
     figure_legend(figure, right.get_legend_handles_labels()[0])
-    figure.suptitle(f"{data.label}: between the clients (server, held-out and landscape subsets)", fontsize="medium")
+    figure.suptitle(f"{data.label}: between the clients", fontsize="medium")
     return save(figure, out_dir / "client_geometry.png")
 
 
