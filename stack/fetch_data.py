@@ -2,7 +2,8 @@
 
 Downloads what is absent (checksum-verified) and verifies what is present, then
 exits 0; any missing or corrupted file exits 1 with a message naming it.
-MNIST by default; `--dataset FashionMNIST|CIFAR10|CIFAR100` (repeatable) for others. The
+`--dataset MNIST|FashionMNIST|CIFAR10|CIFAR100` (repeatable), else FEDLAND_DATASETS
+(comma-separated; default MNIST). The
 Compose stack runs it once (service `data-init`) so that the server and the
 clients share one read-only copy instead of each downloading it.
 """
@@ -20,9 +21,6 @@ from stack.settings import DataSettings, configure_logging
 
 log = logging.getLogger("stack.fetch_data")
 
-#: What runs without --dataset: the README's commands use MNIST; CIFAR's archives are ~170 MB each.
-DEFAULT_DATASET = "MNIST"
-
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stack.fetch_data", description=__doc__.splitlines()[0])
@@ -30,7 +28,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--dataset",
         action="append",
         choices=sorted(DATASETS),
-        help=f"dataset to fetch (repeatable; default: {DEFAULT_DATASET} only, the others are large)",
+        help="dataset to fetch (repeatable; default: FEDLAND_DATASETS, else MNIST only: the others are large)",
     )
     parser.add_argument(
         "--no-download", action="store_true", help="only verify: fail if a file is absent instead of downloading it"
@@ -47,7 +45,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ)
         return 2
     configure_logging(settings.log_level)
     data_dir = settings.data_dir
-    for name in args.dataset or [DEFAULT_DATASET]:
+    for name in args.dataset or settings.datasets:
         try:
             dataset = load_dataset(name, data_dir, download=not args.no_download)
         except (DatasetMissingError, DatasetIntegrityError) as error:

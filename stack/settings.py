@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedland.datasets import DATASETS
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_DATA_DIR = Path("./data")
 #: Where the embedded store keeps its files when no MongoDB URI is given: the one rule
@@ -220,11 +222,23 @@ class DataSettings:
 
     data_dir: Path = DEFAULT_DATA_DIR
     log_level: str = "INFO"
+    datasets: tuple[str, ...] = ("MNIST",)  # what to fetch without --dataset (CIFAR's archives are ~170 MB each)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> DataSettings:
-        """Parse FEDLAND_DATA_DIR and FEDLAND_LOG_LEVEL; a bad value raises ValueError naming it."""
-        return cls(data_dir=_data_dir(env), log_level=_log_level(env))
+        """Parse FEDLAND_DATA_DIR, FEDLAND_LOG_LEVEL and FEDLAND_DATASETS; a bad value raises ValueError naming it."""
+        return cls(data_dir=_data_dir(env), log_level=_log_level(env), datasets=_datasets(env))
+
+
+def _datasets(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = env.get("FEDLAND_DATASETS", "").strip()
+    names = tuple(name.strip() for name in raw.split(",") if name.strip()) if raw else ("MNIST",)
+    unknown = [name for name in names if name not in DATASETS]
+    if unknown:
+        raise ValueError(
+            f"FEDLAND_DATASETS: unknown dataset {unknown[0]!r}; a comma-separated list of {', '.join(sorted(DATASETS))}"
+        )
+    return names
 
 
 @dataclass(frozen=True)

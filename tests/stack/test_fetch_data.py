@@ -45,3 +45,14 @@ def test_fetch_data_without_download_names_the_missing_files(tmp_path: Path) -> 
     result = run_fetch_data(tmp_path, "--no-download")
     assert result.returncode == 1
     assert str(tmp_path / "mnist" / "train-images-idx3-ubyte.gz") in result.stderr
+
+
+def test_fetch_data_takes_its_datasets_from_the_environment(tmp_path: Path) -> None:
+    env = {**os.environ, "FEDLAND_DATA_DIR": str(tmp_path), "FEDLAND_DATASETS": "FashionMNIST, CIFAR10"}
+    command = [sys.executable, "-m", "stack.fetch_data", "--no-download"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1  # absent here: the first of the list is named, not MNIST
+    assert str(tmp_path / "fashion-mnist") in result.stderr and f"{tmp_path / 'mnist'}/" not in result.stderr
+    bad = subprocess.run(command, cwd=REPO, env={**env, "FEDLAND_DATASETS": "MNIST,SVHN"}, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "FEDLAND_DATASETS: unknown dataset 'SVHN'" in bad.stderr
