@@ -13,6 +13,7 @@ from types import FrameType
 
 from client.loop import ClientLoop, make_transport_factory
 from client.work import LocalData, PartitionMismatch
+from fedland.device import resolve_device
 from stack.settings import ClientSettings, configure_logging, set_torch_threads
 
 log = logging.getLogger("client")
@@ -41,6 +42,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
+    log.info("computing on %s (FEDLAND_DEVICE=%s)", resolve_device(settings.device), settings.device)
     make_transport = make_transport_factory(settings.server_url, settings.token, stop)
     loop = ClientLoop(make_transport, LocalData(Path(settings.data_dir), device=settings.device), stop)
     try:
