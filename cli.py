@@ -25,12 +25,10 @@ DEFAULT_REPORTS = Path("data/reports")  # beside the store and the logs (reports
 
 def write_run_reports(reports_dir: Path, store_uri: str, db_name: str, ids: list[str], data_dir: Path) -> Path:
     """Write the reports of a run's experiments while its store is still up; returns the index page."""
-    import pymongo
-
     from reports import write_reports
+    from stack.embedded import connect
 
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-        store_uri, serverSelectionTimeoutMS=10_000, connectTimeoutMS=10_000, socketTimeoutMS=60_000)
+    client = connect(store_uri)
     try:
         return write_reports(client[db_name], ids, reports_dir, data_dir=data_dir)
     finally:

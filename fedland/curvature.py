@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from fedland._objective import Batch, LossFn, Objective, _Group, check_finite, preserved
 from fedland.hessian import (
     RETAIN_GRAPH_MAX_SAMPLES,
-    CurvatureOperator,
     EigenResult,
     HessianOperator,
     operator_top_eigenvalues,

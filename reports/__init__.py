@@ -19,6 +19,7 @@ import re
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -213,44 +214,33 @@ def report_main(
     ``watch``: every experiment, re-rendered as rounds land until all are done or Ctrl-C).
     ``data_dir``: the dataset the stored models are evaluated on (default ``./data``).
     """
-    import pymongo
-
-    from stack.embedded import EmbeddedMongo
+    from stack.embedded import open_database
     from stack.settings import set_torch_threads
 
-    uri, name = store.mongo_uri, store.db_name
-    embedded = None
-    if uri is None:
-        if not Path(store.store_dir).is_dir():
-            print(f"no store: {store.store_dir} does not exist and FEDLAND_MONGO_URI is unset", file=sys.stderr)
-            return 2
-        embedded = EmbeddedMongo(store.store_dir)
-        uri = embedded.start()
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-        uri, serverSelectionTimeoutMS=10_000, connectTimeoutMS=10_000, socketTimeoutMS=60_000)
     data_dir = default_data_dir() if data_dir is None else data_dir
     set_torch_threads(torch_threads)
-    try:
-        db = client[name]
-        for experiment_id in experiment_ids:
-            load_experiment(db, experiment_id)  # unknown ids fail before anything is written
-        if watch:
-            print(f"watching the store; reports in {Path(out_dir).resolve()} (Ctrl-C stops)")
-            index = watch_reports(db, list(experiment_ids) or None, out_dir, threading.Event(),
-                                  poll_interval_s=poll_interval_s, data_dir=data_dir)
-            if index is None:
+    with ExitStack() as resources:
+        try:
+            db = resources.enter_context(open_database(store))
+        except FileNotFoundError as error:
+            print(error, file=sys.stderr)
+            return 2
+        try:
+            for experiment_id in experiment_ids:
+                load_experiment(db, experiment_id)  # unknown ids fail before anything is written
+            if watch:
+                print(f"watching the store; reports in {Path(out_dir).resolve()} (Ctrl-C stops)")
+                index = watch_reports(db, list(experiment_ids) or None, out_dir, threading.Event(),
+                                      poll_interval_s=poll_interval_s, data_dir=data_dir)
+                if index is None:
+                    index = write_reports(db, list(experiment_ids) or None, out_dir, data_dir=data_dir)
+            else:
                 index = write_reports(db, list(experiment_ids) or None, out_dir, data_dir=data_dir)
-        else:
-            index = write_reports(db, list(experiment_ids) or None, out_dir, data_dir=data_dir)
-    except ValueError as error:
-        print(f"report: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("report: stopped", file=sys.stderr)
-        return 130
-    finally:
-        client.close()
-        if embedded is not None:
-            embedded.stop()
+        except ValueError as error:
+            print(f"report: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("report: stopped", file=sys.stderr)
+            return 130
     print(f"reports written; open {index.resolve()}")
     return 0

@@ -6,7 +6,6 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from reports import watch_reports
 
@@ -39,11 +38,10 @@ class LiveReports:
         self._thread.join()
 
     def _run(self) -> None:
-        import pymongo
+        from stack.embedded import connect
 
         store_uri, db_name, ids, out_dir, data_dir, poll_interval_s = self._args
-        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-            store_uri, serverSelectionTimeoutMS=10_000, connectTimeoutMS=10_000, socketTimeoutMS=60_000)
+        client = connect(store_uri)
         try:
             self.index = watch_reports(client[db_name], ids, out_dir, self.stop_event,
                                        poll_interval_s=poll_interval_s, data_dir=data_dir)

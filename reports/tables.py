@@ -27,14 +27,14 @@ import json
 import math
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from pymongo.database import Database
 
+from stack.embedded import open_database as open_store  # the results database (URI, else the embedded store)
 from stack.settings import StoreSettings
 from reports.data import linear_barrier, path_dip, interpolation_curve, list_experiment_ids, load_experiment, value_at
 
@@ -43,34 +43,6 @@ __all__ = ["TABLES", "export_main", "load_tables", "open_store", "write_tables",
 TABLES = ("experiments", "clients", "client_metrics", "client_rounds", "rounds", "interpolation")
 SCALARS = ("loss", "accuracy", "grad_norm", "trace", "trace_stderr", "sharpness")
 EVALUATION = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
-
-
-@contextmanager
-def open_store(store: StoreSettings | None = None) -> Iterator[Database[Any]]:
-    """The results database: ``FEDLAND_MONGO_URI``, else the embedded store the launcher keeps (``./data/store``).
-
-    ``store`` None: ``StoreSettings.from_env()``. The embedded store is started for
-    the duration of the ``with`` block and stopped after it.
-    """
-    import pymongo
-
-    from stack.embedded import EmbeddedMongo
-
-    store = StoreSettings.from_env() if store is None else store
-    uri, embedded = store.mongo_uri, None
-    if uri is None:
-        if not Path(store.store_dir).is_dir():
-            raise FileNotFoundError(f"no store: {store.store_dir} does not exist and FEDLAND_MONGO_URI is unset")
-        embedded = EmbeddedMongo(store.store_dir)
-        uri = embedded.start()
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-        uri, serverSelectionTimeoutMS=10_000, connectTimeoutMS=10_000, socketTimeoutMS=60_000)
-    try:
-        yield client[store.db_name]
-    finally:
-        client.close()
-        if embedded is not None:
-            embedded.stop()
 
 
 def _number(doc: Any, *path: str | int) -> float:

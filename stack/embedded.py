@@ -12,13 +12,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import pymongo
 import pymongo.errors
+from pymongo.database import Database
+
+from stack.settings import StoreSettings, StoreTimeouts
 
 log = logging.getLogger(__name__)
 
@@ -285,3 +289,37 @@ def _reaped(pid: int) -> bool:
     except ChildProcessError:
         return False
     return done == pid
+
+
+def connect(uri: str, timeouts: StoreTimeouts | None = None) -> pymongo.MongoClient[dict[str, Any]]:
+    """A pymongo client of `uri` with the configured timeouts (default: FEDLAND_MONGO_*_TIMEOUT_MS)."""
+    return pymongo.MongoClient(uri, **(timeouts or StoreTimeouts.from_env()).client_options())
+
+
+@contextmanager
+def open_database(
+    store: StoreSettings | None = None, timeouts: StoreTimeouts | None = None
+) -> Iterator[Database[dict[str, Any]]]:
+    """The results database: ``store.mongo_uri``, else the embedded store in ``store.store_dir``.
+
+    ``store`` None: ``StoreSettings.from_env()`` (FEDLAND_MONGO_URI, FEDLAND_DB,
+    FEDLAND_STORE_DIR). An embedded store is started (or a running one attached)
+    for the ``with`` block and stopped after it.
+
+    Raises:
+        FileNotFoundError: no URI, and no store directory to start from.
+    """
+    store = StoreSettings.from_env() if store is None else store
+    uri, embedded = store.mongo_uri, None
+    if uri is None:
+        if not Path(store.store_dir).is_dir():
+            raise FileNotFoundError(f"no store: {store.store_dir} does not exist and FEDLAND_MONGO_URI is unset")
+        embedded = EmbeddedMongo(store.store_dir)
+        uri = embedded.start()
+    client = connect(uri, timeouts)
+    try:
+        yield client[store.db_name]
+    finally:
+        client.close()
+        if embedded is not None:
+            embedded.stop()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedland.datasets import DATASETS, DataFile, DatasetInfo
+from fedland.datasets import DATASETS, DatasetInfo
 from fedland.datasets import CIFAR_MEMBERS
 
 

@@ -6,7 +6,6 @@ import threading
 import time
 from typing import Any, Callable
 
-import numpy as np
 
 from fedland.participation import selected_members
 from fedland.spec import ExperimentSpec
