@@ -202,8 +202,7 @@ def run_local(
         except (OSError, ValueError) as error:  # missing (and not downloadable) or corrupted files
             print(f"error: {error}", file=sys.stderr)
             return 2
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     num_clients = options.clients or default_workers(specs)
     local = LocalRun(options, env)
     started = time.monotonic()
@@ -229,7 +228,14 @@ def run_local(
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
-        local.stop()
+        # a second Ctrl-C must not cut the teardown short (orphaned clients, a store left running)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            local.stop()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     print(summary_table(ids, documents, last_rounds))
     print(f"wall time {time.monotonic() - started:.1f} s; logs in {options.log_dir}")
     if reports is not None:
