@@ -36,7 +36,8 @@ class Resources:
         self.device = device  # FEDLAND_DEVICE of the landscape measurements
         self._plans: OrderedDict[str, ExperimentPlan] = OrderedDict()
         self._references: dict[tuple[str, int], wire.Weights] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the plans
+        self._references_lock = threading.Lock()
 
     def load(self, dataset_name: str) -> None:
         """Load (and verify) a dataset now, so that a later request does not."""
@@ -47,12 +48,16 @@ class Resources:
         key = json.dumps({**spec.to_dict(), "timestamp": None}, sort_keys=True)
         with self._lock:
             plan = self._plans.get(key)
-            if plan is None:
-                plan = ExperimentPlan(spec, load_dataset(spec.dataset_name, self.data_dir))
-                self._plans[key] = plan
-                if len(self._plans) > PLAN_CACHE_SIZE:
-                    self._plans.popitem(last=False)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        # built outside the lock (a dataset load, a partition): other experiments' requests go on meanwhile
+        built = ExperimentPlan(spec, load_dataset(spec.dataset_name, self.data_dir))
+        with self._lock:
+            plan = self._plans.setdefault(key, built)  # a concurrent build of the same plan: keep the first
             self._plans.move_to_end(key)
+            while len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
             return plan
 
     def partition_summary(self, spec: ExperimentSpec) -> list[dict[str, Any]]:
@@ -66,7 +71,7 @@ class Resources:
     def reference(self, model_name: str, num_classes: int = 10) -> wire.Weights:
         """Weights with the layout (keys, shapes, dtypes) every update of this model must have."""
         key = (model_name, num_classes)
-        with self._lock:
+        with self._references_lock:  # not the plans' lock: every update asks for it
             if key not in self._references:
                 self._references[key] = wire.from_module(build_model(model_name, 0, num_classes=num_classes))
             return self._references[key]
