@@ -33,7 +33,7 @@ from server.errors import BadRequest, NotFound
 from server.measurements import LandscapeWorker
 from server.resources import Resources
 from server.rounds import RoundState, Rounds
-from server.store import Store, StoreUnavailable
+from server.store import Store, StoreUnavailable, undo_files
 from server.validation import check_document_size, check_tree
 from stack import wire
 
@@ -181,11 +181,7 @@ class Coordinator:
                 files.append(self.store.save_model(initial, experiment["id"], 0, "global"))
             self.store.insert_experiments(experiments, all_members)
         except BaseException:
-            for file_id in files:
-                try:
-                    self.store.delete_model(file_id)
-                except Exception as error:  # noqa: BLE001 - the original error is the one to report
-                    log.warning("could not delete file %s of a failed request: %s", file_id, error)
+            undo_files(files, self.store.delete_model)
             raise
         pending = 0
         for (spec, _, initial), doc in zip(prepared, experiments):

@@ -38,7 +38,7 @@ from fedland.spec import ExperimentSpec
 from server.errors import BadRequest, Conflict, NotFound
 from server.measurements import LandscapeWorker
 from server.resources import Resources
-from server.store import DuplicateError, Store, StoreUnavailable
+from server.store import DuplicateError, Store, StoreUnavailable, undo_files
 from server.round_inputs import load_round_inputs
 from server.strategies import RunningMean, is_averaging, make_strategy
 from server.validation import Invalid, check_stats, check_weights_bounded
@@ -312,13 +312,13 @@ class Rounds:
             raise Conflict(f"member {index} already reported round {server_round}") from None
         except BaseException:  # a refused or failed insert leaves no file behind
             if file_id is not None:
-                _undo([file_id], self.store.delete_client_model)
+                undo_files([file_id], self.store.delete_client_model)
             raise
         with state.fold_lock:
             if state.closed:  # closed by its deadline meanwhile: a straggler
                 self.store.unreport(experiment_id, index, server_round)
                 if file_id is not None:
-                    _undo([file_id], self.store.delete_client_model)
+                    undo_files([file_id], self.store.delete_client_model)
                 raise Conflict(f"round {server_round} closed at its deadline before member {index}'s update")
             if state.mean is not None:
                 state.mean.add(weights, num_examples)
@@ -538,12 +538,3 @@ def parse_meta(meta: Any, num_clients: int, max_epochs: int) -> tuple[str, int, 
             raise BadRequest(f"meta.{key}: unknown key", f"meta.{key}")
     stats = check_stats(meta.get("stats", {}), max_epochs=max_epochs)  # known keys only: none is reserved
     return worker_id, client_index, num_examples, stats
-
-
-def _undo(file_ids: list[str], delete: Callable[[str], None]) -> None:
-    """Delete files a failed request wrote (best effort: the store may be what failed)."""
-    for file_id in file_ids:
-        try:
-            delete(file_id)
-        except Exception as error:  # noqa: BLE001 - the original error is the one to report
-            log.warning("could not delete file %s of a failed request: %s", file_id, error)

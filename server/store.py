@@ -7,7 +7,7 @@ Times are float seconds since the epoch (from the coordinator's clock).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gridfs
@@ -380,3 +380,13 @@ class Store:
         """Number of documents in `collection` matching `query` (tests and reports)."""
         # find, not count_documents: nx-27017 cannot count GridFS collections with a filter
         return len(list(self.db[collection].find(dict(query or {}), {"_id": 1})))
+
+
+def undo_files(file_ids: list[str], delete: Callable[[str], None]) -> None:
+    """Delete files a failed request wrote (best effort: the store may be what failed)."""
+    for file_id in file_ids:
+        try:
+            delete(file_id)
+        except Exception as error:  # noqa: BLE001 - the original error is the one to report
+            log.warning("could not delete file %s of a failed request: %s", file_id, error)
+
