@@ -73,7 +73,9 @@ def write_experiment_report(data: ExperimentData, out_dir: Path, index_href: str
                     stale.unlink(missing_ok=True)  # from an earlier report
                 reason = _skip_reason(data, kind.needs_landscape, kind.reason_key)
                 entries.append(FigureEntry(kind.title, kind.caption_for(data), None, reason))
-                log.info("experiment %s: %s skipped", data.experiment_id, kind.title)
+                # while it runs, most figures wait for data: only the final report says so at INFO
+                (log.debug if data.running else log.info)(
+                    "experiment %s: %s skipped: %s", data.experiment_id, kind.title, reason)
             else:
                 entries.append(FigureEntry(kind.title, kind.caption_for(data), path.name))
     page = out_dir / "index.html"
