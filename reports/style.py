@@ -68,11 +68,6 @@ def series_style(position: int, count: int) -> dict[str, Any]:
     }
 
 
-def series_colour(position: int, count: int) -> str | tuple[float, float, float, float]:
-    """The colour of the ``position``-th experiment on the comparison figures."""
-    return client_colour(position, count)
-
-
 def new_figure(ncols: int, nrows: int = 1, *, width: float = 5.2, height: float = 3.6) -> tuple[Figure, list[Axes]]:
     figure = Figure(figsize=(width * ncols, height * nrows), dpi=DPI, layout="constrained")
     axes = figure.subplots(nrows, ncols, squeeze=False)

@@ -68,20 +68,12 @@ class LandscapeWorker:
             futures += [f for eid, f in self._finishing.items() if experiment_id is None or eid == experiment_id]
         return not wait_futures(futures, timeout=timeout_s).not_done
 
-    def finish(self, experiment: Doc) -> None:
-        """Before the experiment is finished: its queued measurements, then any still missing, here.
-
-        Not on the measurement thread (it would wait for itself): `finish_then` is.
-        """
-        self.wait(experiment["id"])
-        self._measure_missing(experiment)
-
     def _measure_missing(self, experiment: Doc) -> None:
         for server_round in self._unmeasured_rounds(experiment):
             self._measure_safely(experiment["id"], server_round)
 
     def finish_then(self, experiment: Doc, then: Callable[[], None]) -> None:
-        """On the measurement thread, after the rounds queued so far: `finish`, then `then` (dropped after `close`)."""
+        """On the measurement thread, after the rounds queued so far: any unmeasured round, then `then` (dropped after `close`)."""
 
         def job() -> None:  # the rounds queued before it are done: one thread, first in first out
             try:

@@ -48,10 +48,6 @@ log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
 MODEL_CACHE_ENTRIES = 64  # global models kept in memory for the workers' downloads (~0.2 MB each for FedNet)
-RESERVED_STATS = frozenset(
-    {"_id", "experiment_id", "client_index", "client_id", "worker_id", "round", "num_examples", "weights_file_id",
-     "received_at"}
-)
 
 
 @dataclass

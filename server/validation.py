@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from fedland.spec import INT64_MAX, MAX_DESCRIPTION_CHARS
 from server.strategies import is_statistic
 
 __all__ = [
@@ -39,12 +40,10 @@ __all__ = [
     "parse_json",
 ]
 
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1  # BSON keeps integers as int64
+INT64_MIN = -(2**63)  # INT64_MAX: fedland.spec's, the store keeps integers as BSON int64
 MAX_DEPTH = 32  # nesting of objects and lists in any JSON body
 MAX_STRING_CHARS = 1_000  # any string value without a field-specific limit
 MAX_KEY_CHARS = 100  # object keys
-MAX_DESCRIPTION_CHARS = 10_000  # an experiment's description
 MAX_STATS_BYTES = 256 * 1024  # one update's stats, as JSON
 MAX_DOCUMENT_BYTES = 8 * 1024 * 1024  # any stored document, as JSON (MongoDB refuses BSON over 16 MiB)
 MAX_WEIGHT_ABS = 1e4  # |w| of any parameter in an update: larger is divergence or an attack, not training
