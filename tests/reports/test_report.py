@@ -25,7 +25,7 @@ from reports.data import load_experiment, path_dip
 
 # figures computed from the stored models need MNIST (FEDLAND_DATA_DIR); without it they are skipped, saying so
 MNIST = bool(os.environ.get("FEDLAND_DATA_DIR")) and (Path(os.environ["FEDLAND_DATA_DIR"]) / "mnist").is_dir()
-LANDSCAPE_FIGURES = {"curvature.png", "barriers.png", "surfaces.png", "contributions.png"}
+LANDSCAPE_FIGURES = {"curvature.png", "barriers.png", "client_geometry.png", "surfaces.png", "contributions.png"}
 BASE_FIGURES = {"accuracy_loss.png", "class_balance.png"}
 MODEL_FIGURES = {"trajectory.png", "spectral_density.png"} if MNIST else set()  # computed from the stored models
 NO_DATA = Path("/nonexistent-dataset-dir")  # the figures from the models are skipped, saying why (and fast)
@@ -118,7 +118,19 @@ def insert_experiment(store: Store, experiment_id: str, spec: ExperimentSpec, st
                 "leave_one_out": [{"client_index": i, "delta_test_loss": 0.02 * (i + 1) * r,
                                    "delta_test_accuracy": -0.01 * (i + 1) * r} for i in range(spec.num_clients)],
                 "surface_id": surface_id,
+                # the server's between-client measures (flatness gap from 1 participant, barriers from 2)
+                "flatness_gap": {"client_indices": list(range(spec.num_clients)), "curvature": "hessian",
+                                 "local": [2.0 + i + 0.5 * r for i in range(spec.num_clients)], "global": 1.5 + 0.2 * r,
+                                 "gaps": [0.5 + i + 0.3 * r for i in range(spec.num_clients)],
+                                 "mean_gap": 0.5 + 0.3 * r + (spec.num_clients - 1) / 2},
             }
+            if spec.num_clients >= 2:
+                m = spec.num_clients
+                round_doc["landscape"]["pairwise_barriers"] = {
+                    "client_indices": list(range(m)), "alphas": ALPHAS,
+                    "barriers": [[0.0 if i == j else 0.01 * (i + j) * r for j in range(m)] for i in range(m)],
+                    "losses": [[[0.3] * len(ALPHAS) for _ in range(m)] for _ in range(m)],
+                }
             grid = np.linspace(-spec.landscape.grid_radius, spec.landscape.grid_radius, spec.landscape.grid_points)
             x, y = np.meshgrid(grid, grid)  # (ny, nx)
             store.landscapes.insert_one({
