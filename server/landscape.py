@@ -171,6 +171,7 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
     previous_model, global_model = plan.model(previous).to(device), plan.model(new_global).to(device)
     local_models = [plan.model(update.weights).to(device) for update in updates]
     strategy = make_strategy(spec.strategy)
+    client_batches = [plan.landscape_batch(i) for i in client_indices]  # each participant's subset, built once
 
     def evaluate(weights: Weights) -> tuple[float, float]:
         evaluation = resources.evaluate(spec, weights)
@@ -190,10 +191,10 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
             for i, local in zip(client_indices, local_models)
         ],
         "gradient_dissimilarity": finite_or_none(
-            gradient_dissimilarity(global_model, F.cross_entropy, [plan.landscape_batch(i) for i in client_indices])
+            gradient_dissimilarity(global_model, F.cross_entropy, client_batches)
         ),
         "generalization_gap": gap_document(
-            global_model, [batch for i in client_indices for batch in plan.landscape_batch(i)], held_out
+            global_model, [batch for batches in client_batches for batch in batches], held_out
         ),
         "leave_one_out": leave_one_out(
             lambda rest: strategy.aggregate(previous, rest, state)[0], updates, client_indices, evaluate, full
@@ -206,7 +207,7 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
             doc["pairwise_barriers"] = {"client_indices": indices, **pairwise_barriers(local_models, held_out, alphas)}
         doc["flatness_gap"] = {
             "client_indices": indices,
-            **flatness_gap_document(global_model, local_models, [plan.landscape_batch(i) for i in indices], seed),
+            **flatness_gap_document(global_model, local_models, client_batches, seed),
         }
     doc["surface_id"] = store.save_landscape(experiment_id, server_round, "pca_surface", surface)
     doc["duration_s"] = time.perf_counter() - started
