@@ -36,7 +36,7 @@ class PartitionMismatch(RuntimeError):
     """The partition recomputed here differs from the server's: the dataset files differ."""
 
 
-Weights = dict[str, torch.Tensor]
+StateDict = dict[str, torch.Tensor]  # torch tensors by name (numpy ones: fedland.strategies.NamedArrays)
 
 
 PLAN_CACHE_ENTRIES = 4  # experiments whose plan (partitions) a worker keeps
@@ -61,7 +61,7 @@ class LocalData:
     _members: OrderedDict[tuple[str, int], ClientData] = field(default_factory=OrderedDict)
     # (experiment_id, client_index) -> (round, weights) of the global model trained from
     # in its latest round, for the landscape's `cosine_to_previous_update`
-    _last_global: dict[tuple[str, int], tuple[int, Weights]] = field(default_factory=dict)
+    _last_global: dict[tuple[str, int], tuple[int, StateDict]] = field(default_factory=dict)
 
     def plan(self, experiment_id: str, spec: ExperimentSpec) -> ExperimentPlan:
         """The experiment's plan (cached: see the class docstring)."""
@@ -96,7 +96,7 @@ class LocalData:
         )
         return data
 
-    def previous_global(self, experiment_id: str, client_index: int, server_round: int) -> Weights | None:
+    def previous_global(self, experiment_id: str, client_index: int, server_round: int) -> StateDict | None:
         """The global model this client trained from in round ``server_round - 1``, if it did."""
         last = self._last_global.get((experiment_id, client_index))
         return last[1] if last is not None and last[0] == server_round - 1 else None
@@ -145,7 +145,7 @@ def run_round(
     global_model: torch.nn.Module,
     server_round: int,
     fetch_s: float,
-    previous_global: Weights | None = None,
+    previous_global: StateDict | None = None,
     *,
     device: str | torch.device = "cpu",
 ) -> RoundResult:
@@ -212,7 +212,7 @@ def _landscape(
     client_index: int,
     global_model: torch.nn.Module,
     local_model: torch.nn.Module,
-    previous: Weights | None,
+    previous: StateDict | None,
     seed: int,
 ) -> dict[str, Any]:
     try:

@@ -30,13 +30,13 @@ from fedland.datasets import DATASETS
 from fedland.generalization import pac_bayes_max_rises
 from fedland.models import MODEL_INPUT_SHAPES, MODEL_NAMES, build_model
 from fedland.partition import PartitionError, plan_counts
+from fedland.strategies import STRATEGIES
 
 __all__ = [
     "STORE_KEYS",
     "STRATEGY_NAMES",
     "STRATEGY_PARAMS",
     "ROBUST_MAX_UPDATES",
-    "ROBUST_STRATEGY_NAMES",
     "ExperimentSpec",
     "LandscapeSpec",
     "SpecError",
@@ -91,7 +91,7 @@ class SpecError(ValueError):
 
 # --- strategy parameters ------------------------------------------------------
 # The one table of aggregation strategies and their parameters: the spec accepts
-# exactly what the server can build (server.strategies takes these values as given).
+# exactly what fedland.strategies can build (make_strategy takes these values as given).
 
 _REQUIRED = object()
 
@@ -150,9 +150,9 @@ STRATEGY_PARAMS: dict[str, dict[str, StrategyParam]] = {
     },
 }
 STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGY_PARAMS)
-# Robust strategies need every update of a round at once (the others only their
-# weighted mean): the server holds at most ROBUST_MAX_UPDATES of them per round.
-ROBUST_STRATEGY_NAMES: frozenset[str] = frozenset({"FedMedian", "FedTrimmedAvg", "Krum"})
+# Robust strategies (STRATEGIES[name].averages is False) need every update of a round
+# at once (the others only their weighted mean): the server holds at most
+# ROBUST_MAX_UPDATES of them per round.
 ROBUST_MAX_UPDATES = 100
 
 
@@ -584,7 +584,7 @@ def _check_strategy_fits(strategy: StrategySpec, num_updates: int, fewest: int |
 
     A round brings `num_updates`, or with a deadline anything from `fewest` up.
     """
-    if strategy.name in ROBUST_STRATEGY_NAMES and num_updates > ROBUST_MAX_UPDATES:
+    if not STRATEGIES[strategy.name].averages and num_updates > ROBUST_MAX_UPDATES:
         raise SpecError(
             "clients_per_round",
             f"{strategy.name} holds every update of a round in memory: at most {ROBUST_MAX_UPDATES} members per "

@@ -16,6 +16,7 @@ from fedland.datasets import load_dataset
 from fedland.models import build_model
 from fedland.plan import ExperimentPlan
 from fedland.spec import ExperimentSpec
+from fedland.strategies import NamedArrays
 from fedland.training import Evaluation, batches, evaluate
 from stack import wire
 
@@ -35,7 +36,7 @@ class Resources:
         self.eval_batch_size = eval_batch_size
         self.device = device  # FEDLAND_DEVICE of the landscape measurements
         self._plans: OrderedDict[str, ExperimentPlan] = OrderedDict()
-        self._references: dict[tuple[str, int], wire.Weights] = {}
+        self._references: dict[tuple[str, int], NamedArrays] = {}
         self._lock = threading.Lock()  # the plans
         self._references_lock = threading.Lock()
 
@@ -64,11 +65,11 @@ class Resources:
         """Per client: class counts, frequencies, Gini, sizes and partition digest on the real labels."""
         return [part.to_stats() for part in self.plan(spec).partitions]
 
-    def initial_weights(self, spec: ExperimentSpec) -> wire.Weights:
+    def initial_weights(self, spec: ExperimentSpec) -> NamedArrays:
         """The round-0 model: `build_model(spec.model, spec.seed)`."""
         return wire.from_module(self.plan(spec).model())
 
-    def reference(self, model_name: str, num_classes: int = 10) -> wire.Weights:
+    def reference(self, model_name: str, num_classes: int = 10) -> NamedArrays:
         """Weights with the layout (keys, shapes, dtypes) every update of this model must have."""
         key = (model_name, num_classes)
         with self._references_lock:  # not the plans' lock: every update asks for it

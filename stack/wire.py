@@ -8,7 +8,7 @@ import numpy as np
 import safetensors.numpy
 import torch
 
-Weights = dict[str, np.ndarray]
+from fedland.strategies import NamedArrays
 
 
 def _as_array(name: str, value: object) -> np.ndarray:
@@ -27,7 +27,7 @@ def encode(state: Mapping[str, object]) -> bytes:
     return bytes(safetensors.numpy.save(arrays))
 
 
-def decode(data: bytes) -> Weights:
+def decode(data: bytes) -> NamedArrays:
     """Parse safetensors bytes into named numpy arrays; bad bytes raise ValueError."""
     try:
         return dict(safetensors.numpy.load(bytes(data)))
@@ -58,6 +58,6 @@ def to_state_dict(weights: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.array(value, copy=True)) for name, value in weights.items()}
 
 
-def from_module(model: torch.nn.Module) -> Weights:
+def from_module(model: torch.nn.Module) -> NamedArrays:
     """Copy a module's state dict (parameters and buffers) into named numpy arrays."""
     return {name: value.detach().cpu().numpy().copy() for name, value in model.state_dict().items()}

@@ -31,10 +31,10 @@ from fedland.plan import ClientData, ExperimentPlan
 from fedland.scalars import gradient_dissimilarity
 from fedland.slices import interpolate
 from fedland.spec import ExperimentSpec, LandscapeSpec
+from fedland.strategies import ClientUpdate, make_strategy, weighted_mean
 from server.landscape import AggregatedRound, leave_one_out, measure_round
 from server.resources import Resources
 from server.store import Store
-from server.strategies import ClientUpdate, make_strategy, weighted_mean
 from stack import wire
 from reports import write_reports
 from reports.compare import COMPARISONS

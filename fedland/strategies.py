@@ -1,8 +1,9 @@
 """Aggregation strategies: pure functions of (global weights, client updates, server state).
 
-Every strategy has the same interface::
+Every strategy has the same contract (`Strategy`)::
 
     new_global, new_state = strategy.aggregate(global_weights, updates, state)
+    new_global, new_state = strategy.aggregate_mean(global_weights, mean, state)  # if strategy.averages
 
 `state` holds the server optimiser's arrays (momentum, Adam moments) by name so
 that it can be stored next to the global model and a restarted server resumes
@@ -17,13 +18,18 @@ num_examples-weighted mean and keep no optimiser state for them (a server step
 could make a variance negative); FedAvg/FedProx average them like every key,
 and the robust rules (median, trimmed mean, Krum) apply to them as to the rest.
 
-Memory: the averaging strategies (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi,
-FedAdagrad) depend on the updates only through their num_examples-weighted
-mean, so the server folds each update into a `RunningMean` as it arrives and
-calls `aggregate_mean` (memory O(model), whatever the number of updates). The
-robust strategies (FedMedian, FedTrimmedAvg, Krum) need every update of the
-round at once; the spec refuses more than `fedland.spec.ROBUST_MAX_UPDATES`
-members per round for them.
+Memory: the averaging strategies (``averages = True``: FedAvg, FedProx, FedAvgM,
+FedAdam, FedYogi, FedAdagrad) depend on the updates only through their
+num_examples-weighted mean, so the server folds each update into a `RunningMean`
+as it arrives and calls `aggregate_mean` (memory O(model), whatever the number
+of updates). The robust strategies (``averages = False``: FedMedian,
+FedTrimmedAvg, Krum) need every update of the round at once: their
+`aggregate_mean` raises, and the spec refuses more than
+`fedland.spec.ROBUST_MAX_UPDATES` members per round for them.
+
+`STRATEGIES` maps each spec name (`fedland.spec.STRATEGY_PARAMS`, which holds
+the parameters and their rules) to its class, named as in the spec;
+`make_strategy` builds one from a `StrategySpec`.
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 
-from fedland.spec import ROBUST_STRATEGY_NAMES, StrategySpec
+if TYPE_CHECKING:  # fedland.spec asks STRATEGIES whether a strategy averages: no import at run time
+    from fedland.spec import StrategySpec
 
-Weights = dict[str, np.ndarray]
+NamedArrays = dict[str, np.ndarray]  # model weights or strategy state, by name (numpy; the wire format's type)
 
 
 @dataclass(frozen=True)
@@ -49,12 +56,26 @@ class ClientUpdate:
 
 
 class Strategy(Protocol):
+    """What the server calls: both return (new global weights, new strategy state); inputs are never mutated."""
+
+    # True: the strategy needs only the updates' num_examples-weighted mean (the server keeps a
+    # RunningMean and calls aggregate_mean); False: every update at once (aggregate_mean raises)
+    averages: ClassVar[bool]
+
     def aggregate(
         self,
         global_weights: Mapping[str, np.ndarray],
         updates: Sequence[ClientUpdate],
         state: Mapping[str, np.ndarray],
-    ) -> tuple[Weights, Weights]: ...
+    ) -> tuple[NamedArrays, NamedArrays]:
+        """The new global model from every update of the round."""
+        ...
+
+    def aggregate_mean(
+        self, global_weights: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]
+    ) -> tuple[NamedArrays, NamedArrays]:
+        """The new global model from the updates' num_examples-weighted mean alone (only if `averages`)."""
+        ...
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -70,8 +91,8 @@ def _check_updates(global_weights: Mapping[str, np.ndarray], updates: Sequence[C
             raise ValueError(f"updates[{position}].weights: keys differ from the global model")
 
 
-def _cast_like(reference: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray]) -> Weights:
-    out: Weights = {}
+def _cast_like(reference: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray]) -> NamedArrays:
+    out: NamedArrays = {}
     for name, like in reference.items():
         value = values[name]
         if not np.issubdtype(like.dtype, np.inexact):
@@ -80,7 +101,7 @@ def _cast_like(reference: Mapping[str, np.ndarray], values: Mapping[str, np.ndar
     return out
 
 
-def weighted_mean(updates: Sequence[ClientUpdate]) -> Weights:
+def weighted_mean(updates: Sequence[ClientUpdate]) -> NamedArrays:
     """Per-key mean of the updates weighted by num_examples (float64)."""
     total = float(sum(update.num_examples for update in updates))
     names = list(updates[0].weights)
@@ -100,11 +121,12 @@ def is_statistic(name: str, value: np.ndarray) -> bool:
     """Whether a key is a running statistic (BatchNorm buffers, any integer key) rather than a parameter."""
     return name.rsplit(".", 1)[-1] in STATISTIC_SUFFIXES or not np.issubdtype(np.asarray(value).dtype, np.inexact)
 
+
 class RunningMean:
     """The num_examples-weighted mean of updates folded in one at a time: float64, O(model) memory."""
 
     def __init__(self) -> None:
-        self._sums: Weights = {}
+        self._sums: NamedArrays = {}
         self.total_examples = 0
         self.count = 0
 
@@ -123,7 +145,7 @@ class RunningMean:
         self.total_examples += int(num_examples)
         self.count += 1
 
-    def mean(self) -> Weights:
+    def mean(self) -> NamedArrays:
         if not self.count:
             raise ValueError("updates: at least one client update is needed")
         return {name: total / float(self.total_examples) for name, total in self._sums.items()}
@@ -147,24 +169,46 @@ def _state_or_zeros(state: Mapping[str, np.ndarray], key: str, like: np.ndarray)
 # ---------------------------------------------------------------- strategies
 
 
-@dataclass(frozen=True)
-class FedAvg:
-    """McMahan et al. 2017: mean of the client weights weighted by num_examples."""
+class _Averaging:
+    """An averaging strategy: `aggregate` is `aggregate_mean` of the updates' weighted mean."""
 
+    averages: ClassVar[bool] = True
 
     def aggregate(
         self,
         global_weights: Mapping[str, np.ndarray],
         updates: Sequence[ClientUpdate],
         state: Mapping[str, np.ndarray],
-    ) -> tuple[Weights, Weights]:
+    ) -> tuple[NamedArrays, NamedArrays]:
         _check_updates(global_weights, updates)
         return self.aggregate_mean(global_weights, weighted_mean(updates), state)
 
     def aggregate_mean(
         self, global_weights: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]
-    ) -> tuple[Weights, Weights]:
-        """The new global model from the updates' num_examples-weighted mean alone."""
+    ) -> tuple[NamedArrays, NamedArrays]:
+        raise NotImplementedError
+
+
+class _Robust:
+    """A robust strategy: it needs every update of the round, not their mean."""
+
+    averages: ClassVar[bool] = False
+
+    def aggregate_mean(
+        self, global_weights: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]
+    ) -> tuple[NamedArrays, NamedArrays]:
+        raise NotImplementedError(
+            f"{type(self).__name__} needs every update of the round (averages is False), not their mean: call aggregate"
+        )
+
+
+@dataclass(frozen=True)
+class FedAvg(_Averaging):
+    """McMahan et al. 2017: mean of the client weights weighted by num_examples."""
+
+    def aggregate_mean(
+        self, global_weights: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]
+    ) -> tuple[NamedArrays, NamedArrays]:
         return _cast_like(global_weights, mean), {}
 
 
@@ -176,33 +220,23 @@ class FedProx(FedAvg):
 
 
 @dataclass(frozen=True)
-class FedAvgM:
+class FedAvgM(_Averaging):
     """Hsu et al. 2019: server momentum on the pseudo-gradient x - FedAvg(updates)."""
 
     server_learning_rate: float
     server_momentum: float
 
-    def aggregate(
-        self,
-        global_weights: Mapping[str, np.ndarray],
-        updates: Sequence[ClientUpdate],
-        state: Mapping[str, np.ndarray],
-    ) -> tuple[Weights, Weights]:
-        _check_updates(global_weights, updates)
-        return self.aggregate_mean(global_weights, weighted_mean(updates), state)
-
     def aggregate_mean(
-        self, global_weights: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]
-    ) -> tuple[Weights, Weights]:
-        """The new global model from the updates' num_examples-weighted mean alone."""
-        new_global: Weights = {}
-        new_state: Weights = {}
+        self, global_weights: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]
+    ) -> tuple[NamedArrays, NamedArrays]:
+        new_global: NamedArrays = {}
+        new_state: NamedArrays = {}
         for name, current in global_weights.items():
             if is_statistic(name, current):
-                new_global[name] = average[name]
+                new_global[name] = mean[name]
                 continue
             x = np.asarray(current, dtype=np.float64)
-            pseudo_gradient = x - average[name]
+            pseudo_gradient = x - mean[name]
             momentum = self.server_momentum * _state_or_zeros(state, f"momentum/{name}", x) + pseudo_gradient
             new_state[f"momentum/{name}"] = momentum
             new_global[name] = x - self.server_learning_rate * momentum
@@ -210,7 +244,7 @@ class FedAvgM:
 
 
 @dataclass(frozen=True)
-class _Adaptive:
+class _Adaptive(_Averaging):
     """Reddi et al. 2021 server optimisers on the pseudo-gradient Δ = avg - x.
 
     As in Flower, not exactly the paper: Δ is the num_examples-weighted mean (the
@@ -226,27 +260,17 @@ class _Adaptive:
     def _second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def aggregate(
-        self,
-        global_weights: Mapping[str, np.ndarray],
-        updates: Sequence[ClientUpdate],
-        state: Mapping[str, np.ndarray],
-    ) -> tuple[Weights, Weights]:
-        _check_updates(global_weights, updates)
-        return self.aggregate_mean(global_weights, weighted_mean(updates), state)
-
     def aggregate_mean(
-        self, global_weights: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]
-    ) -> tuple[Weights, Weights]:
-        """The new global model from the updates' num_examples-weighted mean alone."""
-        new_global: Weights = {}
-        new_state: Weights = {}
+        self, global_weights: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]
+    ) -> tuple[NamedArrays, NamedArrays]:
+        new_global: NamedArrays = {}
+        new_state: NamedArrays = {}
         for name, current in global_weights.items():
             if is_statistic(name, current):
-                new_global[name] = average[name]
+                new_global[name] = mean[name]
                 continue
             x = np.asarray(current, dtype=np.float64)
-            delta = average[name] - x
+            delta = mean[name] - x
             m = self.beta_1 * _state_or_zeros(state, f"m/{name}", x) + (1.0 - self.beta_1) * delta
             v = self._second_moment(_state_or_zeros(state, f"v/{name}", x), delta)
             new_state[f"m/{name}"] = m
@@ -275,7 +299,7 @@ class FedAdagrad(_Adaptive):
 
 
 @dataclass(frozen=True)
-class Median:
+class FedMedian(_Robust):
     """Yin et al. 2018: coordinate-wise median of the client weights (unweighted)."""
 
     def aggregate(
@@ -283,14 +307,14 @@ class Median:
         global_weights: Mapping[str, np.ndarray],
         updates: Sequence[ClientUpdate],
         state: Mapping[str, np.ndarray],
-    ) -> tuple[Weights, Weights]:
+    ) -> tuple[NamedArrays, NamedArrays]:
         _check_updates(global_weights, updates)
         medians = {name: np.median(_stack(updates, name), axis=0) for name in global_weights}
         return _cast_like(global_weights, medians), {}
 
 
 @dataclass(frozen=True)
-class TrimmedMean:
+class FedTrimmedAvg(_Robust):
     """Yin et al. 2018: per coordinate, drop the floor(beta*n) largest and smallest values, then average."""
 
     beta: float
@@ -300,7 +324,7 @@ class TrimmedMean:
         global_weights: Mapping[str, np.ndarray],
         updates: Sequence[ClientUpdate],
         state: Mapping[str, np.ndarray],
-    ) -> tuple[Weights, Weights]:
+    ) -> tuple[NamedArrays, NamedArrays]:
         _check_updates(global_weights, updates)
         trimmed = math.floor(self.beta * len(updates))
         if len(updates) - 2 * trimmed < 1:
@@ -313,7 +337,7 @@ class TrimmedMean:
 
 
 @dataclass(frozen=True)
-class Krum:
+class Krum(_Robust):
     """Blanchard et al. 2017: the update(s) closest to their n-f-2 nearest neighbours.
 
     score(i) = sum of squared distances from update i to its n-f-2 nearest (Blanchard et
@@ -344,7 +368,7 @@ class Krum:
         global_weights: Mapping[str, np.ndarray],
         updates: Sequence[ClientUpdate],
         state: Mapping[str, np.ndarray],
-    ) -> tuple[Weights, Weights]:
+    ) -> tuple[NamedArrays, NamedArrays]:
         _check_updates(global_weights, updates)
         if len(updates) == 1:
             return _cast_like(global_weights, weighted_mean(updates)), {}
@@ -355,24 +379,20 @@ class Krum:
 
 # ---------------------------------------------------------------- construction
 
-STRATEGIES: dict[str, type] = {
+# by the spec's name, which is the class's name
+STRATEGIES: dict[str, type[Strategy]] = {
     "FedAvg": FedAvg,
     "FedProx": FedProx,
     "FedAvgM": FedAvgM,
     "FedAdam": FedAdam,
     "FedYogi": FedYogi,
     "FedAdagrad": FedAdagrad,
-    "FedMedian": Median,
-    "FedTrimmedAvg": TrimmedMean,
+    "FedMedian": FedMedian,
+    "FedTrimmedAvg": FedTrimmedAvg,
     "Krum": Krum,
 }
 
 
 def make_strategy(spec: StrategySpec) -> Strategy:
     """Build the strategy a (valid, hence checked) `StrategySpec` names, with every parameter resolved."""
-    return STRATEGIES[spec.name](**spec.resolved_params)  # type: ignore[no-any-return]
-
-
-def is_averaging(spec: StrategySpec) -> bool:
-    """Whether the strategy needs only the weighted mean of the updates (a running sum), not each update."""
-    return spec.name not in ROBUST_STRATEGY_NAMES
+    return STRATEGIES[spec.name](**spec.resolved_params)

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
 import pytest
 
-from fedland.spec import SpecError, StrategySpec
-from server.strategies import (
+from fedland.spec import STRATEGY_PARAMS, SpecError, StrategySpec
+from fedland.strategies import (
     STRATEGIES,
     ClientUpdate,
     FedAdam,
     FedAvg,
     FedAvgM,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
     Krum,
-    Median,
-    TrimmedMean,
+    RunningMean,
+    Strategy,
     is_statistic,
     make_strategy,
     weighted_mean,
@@ -25,7 +28,7 @@ from server.strategies import (
 from stack import wire
 
 
-def default(name: str) -> object:
+def default(name: str) -> Strategy:
     """The strategy `name` with the spec's default parameters."""
     return make_strategy(StrategySpec(name))
 
@@ -108,7 +111,8 @@ def test_adaptive_second_step(strategy: FedAdam, expected_v: list[float]) -> Non
 
 def test_state_survives_the_wire_format() -> None:
     strategy = make_strategy(StrategySpec("FedYogi", {"eta": 0.1}))
-    x, state = {"w": arr(0, 0)}, {}
+    x: dict[str, np.ndarray] = {"w": arr(0, 0)}
+    state: dict[str, np.ndarray] = {}
     direct_x, direct_state = x, state
     for target in (arr(1, 2), arr(-1, 3), arr(0.5, 0.5)):
         ups = [ClientUpdate({"w": target}, 1)]
@@ -126,17 +130,17 @@ def test_median_is_coordinatewise_and_unweighted() -> None:
         ClientUpdate({"w": arr(5, 20)}, 1),
         ClientUpdate({"w": arr(2, -4)}, 1),
     ]
-    new, _ = Median().aggregate({"w": arr(0, 0)}, ups, {})
+    new, _ = FedMedian().aggregate({"w": arr(0, 0)}, ups, {})
     np.testing.assert_array_equal(new["w"], [2, 10])
-    new, _ = Median().aggregate({"w": arr(0, 0)}, ups[:2], {})
+    new, _ = FedMedian().aggregate({"w": arr(0, 0)}, ups[:2], {})
     np.testing.assert_array_equal(new["w"], [3, 15])
 
 
 def test_trimmed_mean_drops_beta_of_each_end() -> None:
     ups = [ClientUpdate({"w": arr(v, -v)}, 1) for v in (1, 2, 3, 100)]
-    new, _ = TrimmedMean(beta=0.25).aggregate({"w": arr(0, 0)}, ups, {})  # drop 1 each end
+    new, _ = FedTrimmedAvg(beta=0.25).aggregate({"w": arr(0, 0)}, ups, {})  # drop 1 each end
     np.testing.assert_allclose(new["w"], [2.5, -2.5])
-    new, _ = TrimmedMean(beta=0.2).aggregate({"w": arr(0, 0)}, ups, {})  # floor(0.8) = 0 dropped
+    new, _ = FedTrimmedAvg(beta=0.2).aggregate({"w": arr(0, 0)}, ups, {})  # floor(0.8) = 0 dropped
     np.testing.assert_allclose(new["w"], [26.5, -26.5])
 
 
@@ -186,18 +190,14 @@ def test_make_strategy_builds_every_named_strategy_with_params() -> None:
     assert make_strategy(StrategySpec("FedProx", {"mu": 0.1})) == FedProx(mu=0.1)
     assert make_strategy(StrategySpec("FedAdam", {"eta": 0.1, "tau": 1e-9})) == FedAdam(eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-9)
     assert make_strategy(StrategySpec("Krum", {"num_malicious": 2, "num_selected": 3})) == Krum(2, 3)
-    assert make_strategy(StrategySpec("FedTrimmedAvg", {"beta": 0.3})) == TrimmedMean(beta=0.3)
-    assert make_strategy(StrategySpec("FedTrimmedAvg")) == TrimmedMean(beta=0.1)
+    assert make_strategy(StrategySpec("FedTrimmedAvg", {"beta": 0.3})) == FedTrimmedAvg(beta=0.3)
+    assert make_strategy(StrategySpec("FedTrimmedAvg")) == FedTrimmedAvg(beta=0.1)
 
 
 def test_every_spec_strategy_builds_and_takes_exactly_the_spec_parameters() -> None:
-    from dataclasses import fields
-
-    from fedland.spec import STRATEGY_PARAMS
-
     assert set(STRATEGIES) == set(STRATEGY_PARAMS)
     for name, cls in STRATEGIES.items():
-        assert {f.name for f in fields(cls)} == set(STRATEGY_PARAMS[name]), name
+        assert set(inspect.signature(cls).parameters) == set(STRATEGY_PARAMS[name]), name
 
 
 def test_krum_with_too_few_clients_is_refused_by_the_spec() -> None:
@@ -277,8 +277,6 @@ def test_batchnorm_statistics_get_the_weighted_mean(name: str) -> None:
 
 
 def test_running_mean_folds_updates_into_the_weighted_mean_in_o_model_memory() -> None:
-    from server.strategies import RunningMean, weighted_mean
-
     rng = np.random.default_rng(0)
     updates = [
         ClientUpdate({"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}, n)
@@ -296,6 +294,63 @@ def test_running_mean_folds_updates_into_the_weighted_mean_in_o_model_memory() -
     strategy = make_strategy(spec)
     global_weights = {name: np.zeros_like(value) for name, value in updates[0].weights.items()}
     from_updates = strategy.aggregate(global_weights, updates, {})
-    from_mean = strategy.aggregate_mean(global_weights, running.mean(), {})  # type: ignore[attr-defined]
+    from_mean = strategy.aggregate_mean(global_weights, running.mean(), {})
     for name in global_weights:
         np.testing.assert_array_equal(from_updates[0][name], from_mean[0][name])
+
+
+# ---------------------------------------------------------------- the contract
+
+ROBUST = {"FedMedian", "FedTrimmedAvg", "Krum"}
+
+
+def test_each_class_is_named_as_in_the_spec() -> None:
+    assert set(STRATEGIES) == set(STRATEGY_PARAMS)
+    for name, cls in STRATEGIES.items():
+        assert cls.__name__ == name
+        assert type(make_strategy(StrategySpec(name, {"mu": 0.0} if name == "FedProx" else {}))) is cls
+
+
+def test_only_the_robust_strategies_do_not_average() -> None:
+    assert {name for name, cls in STRATEGIES.items() if not cls.averages} == ROBUST
+
+
+def _random_round(seed: int) -> tuple[dict[str, np.ndarray], list[ClientUpdate], dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    shapes = {"w": (3, 4), "b": (4,), "bn.running_var": (4,)}
+    global_weights = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
+    global_weights["bn.num_batches_tracked"] = np.asarray(3, dtype=np.int64)
+    updates = [
+        ClientUpdate({name: (value + rng.normal(size=value.shape)).astype(value.dtype) for name, value in
+                      global_weights.items()}, num_examples)
+        for num_examples in (5, 17, 1, 300)
+    ]
+    # a second round's state: every optimiser's arrays (momentum, m, v) for the parameters
+    state = {
+        f"{kind}/{name}": np.abs(rng.normal(size=shapes[name]))
+        for kind in ("momentum", "m", "v")
+        for name in ("w", "b")
+    }
+    return global_weights, updates, state
+
+
+@pytest.mark.parametrize("name", sorted(set(STRATEGIES) - ROBUST))
+def test_an_averaging_strategy_gives_the_same_bits_from_the_mean_as_from_the_updates(name: str) -> None:
+    strategy = make_strategy(StrategySpec(name, {"mu": 0.01} if name == "FedProx" else {}))
+    global_weights, updates, state = _random_round(0)
+    for round_state in ({}, state):
+        from_updates = strategy.aggregate(global_weights, updates, round_state)
+        from_mean = strategy.aggregate_mean(global_weights, weighted_mean(updates), round_state)
+        for expected, got in zip(from_updates, from_mean):
+            assert sorted(expected) == sorted(got)
+            for key in expected:
+                assert expected[key].dtype == got[key].dtype
+                np.testing.assert_array_equal(expected[key], got[key], strict=True)
+
+
+@pytest.mark.parametrize("name", sorted(ROBUST))
+def test_a_robust_strategy_refuses_the_mean(name: str) -> None:
+    global_weights, updates, _ = _random_round(1)
+    strategy = make_strategy(StrategySpec(name))
+    with pytest.raises(NotImplementedError, match=f"{name} needs every update of the round"):
+        strategy.aggregate_mean(global_weights, weighted_mean(updates), {})
