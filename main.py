@@ -15,12 +15,14 @@ the same members); members are not processes, so `--clients 4` serves all 100.
 
 from __future__ import annotations
 
+from typing import Any
+
+from cli import main
 from fedland import schemes
 from fedland.spec import ExperimentSpec, LandscapeSpec, StrategySpec
-from cli import main
 
-COMMON = dict(dataset_name="MNIST", model="FedNet", rounds=5, local_epochs=1, batch_size=32, seed=42)
-SGD = dict(learning_rate=0.05, momentum=0.5)
+COMMON: dict[str, Any] = dict(dataset_name="MNIST", model="FedNet", rounds=5, local_epochs=1, batch_size=32, seed=42)
+SGD: dict[str, Any] = dict(learning_rate=0.05, momentum=0.5)
 
 IID_RATIOS, IID_FRACTIONS = schemes.iid(3)  # the largest feasible fraction: ~20,000 images each
 DIRICHLET_RATIOS, DIRICHLET_FRACTIONS = schemes.dirichlet(3, alpha=0.5, seed=42)  # largest feasible

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedland import schemes  # noqa: E402
 from fedland.spec import ExperimentSpec  # noqa: E402
-from main import EXPERIMENTS  # noqa: E402
 from launch.launcher import LocalRun, RunOptions, make_transport  # noqa: E402
+from main import EXPERIMENTS  # noqa: E402
 from stack.settings import StoreSettings  # noqa: E402
 
 DONE = ("finished", "failed")
@@ -155,7 +155,7 @@ def main() -> int:
                 wait_finished(run, [experiment_id])
                 if landscape is None:
                     continue
-                client = pymongo.MongoClient(run.store_uri)
+                client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(run.store_uri)
                 results[landscape] = per_round(client[env.get("FEDLAND_DB", "fedland")], experiment_id)
                 client.close()
         finally:

@@ -10,7 +10,6 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-
 from client.loop import ClientLoop, make_transport_factory
 from client.work import LocalData, PartitionMismatch
 from fedland.device import resolve_device

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from stack.api_client import ApiError, Conflict, Stopped, Transport, UnknownClient
 from client.work import LocalData, load_weights, run_round
 from fedland.spec import ExperimentSpec
+from stack.api_client import ApiError, Conflict, Stopped, Transport, UnknownClient
 
 log = logging.getLogger(__name__)
 

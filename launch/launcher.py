@@ -22,12 +22,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from stack.api_client import Transport
 from fedland.datasets import verify_dataset
 from fedland.spec import ExperimentSpec, SpecError
-from stack.embedded import EmbeddedMongo, free_port
 from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
 from launch.progress import Progress, summary_table
+from stack.api_client import Transport
+from stack.embedded import EmbeddedMongo, free_port
 from stack.settings import DEFAULT_LOG_DIR, StoreSettings
 
 log = logging.getLogger(__name__)

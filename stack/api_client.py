@@ -6,8 +6,8 @@ import json
 import logging
 import random
 import threading
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import requests

@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedland.datasets import DATASETS
 
@@ -121,8 +122,8 @@ class StoreTimeouts:
     connect_ms: int = 5_000  # open a connection (FEDLAND_MONGO_CONNECT_TIMEOUT_MS)
     socket_ms: int = 30_000  # wait for one reply (FEDLAND_MONGO_SOCKET_TIMEOUT_MS)
 
-    def client_options(self) -> dict[str, int]:
-        """Keyword arguments of `pymongo.MongoClient`."""
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments of `pymongo.MongoClient` (each an int)."""
         return {
             "serverSelectionTimeoutMS": self.server_selection_ms,
             "connectTimeoutMS": self.connect_ms,

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedland.datasets import DATASETS, DatasetInfo
-from fedland.datasets import CIFAR_MEMBERS
+from fedland.datasets import CIFAR_MEMBERS, DATASETS, DatasetInfo
 
 
 def _idx(array: np.ndarray) -> bytes:

@@ -17,10 +17,10 @@ from typing import Any
 import pymongo
 import pytest
 
-from stack.api_client import Transport
 from fedland.spec import ExperimentSpec
-from stack.embedded import free_port
 from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
+from stack.api_client import Transport
+from stack.embedded import free_port
 
 TOKEN = "e2e-token"
 IID = [[0.1] * 10]
@@ -56,7 +56,8 @@ class LocalStack:
     """A server and clients as child processes on one database of the test store."""
 
     def __init__(self, mongo_uri: str, db_name: str, data_dir: Path, log_dir: Path, **server_env: str) -> None:
-        self.db = pymongo.MongoClient(mongo_uri)[db_name]
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+        self.db = client[db_name]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         base = child_env(os.environ, FEDLAND_DATA_DIR=str(data_dir), FEDLAND_TOKEN=TOKEN, FEDLAND_LOG_LEVEL="INFO")

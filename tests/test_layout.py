@@ -23,6 +23,8 @@ def project_imports(path: Path) -> set[tuple[str, int]]:
     """(top-level project package, line) of every import in `path`, function-level ones included."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 import main
-from fedland.spec import ExperimentSpec
 from cli import main as launcher_main
 from cli import parse_args
+from fedland.spec import ExperimentSpec
 from launch.launcher import default_workers, prepare
 from launch.progress import summary_table
 

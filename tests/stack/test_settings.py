@@ -86,7 +86,7 @@ def test_bad_client_url_names_the_variable() -> None:
 
 
 @pytest.mark.parametrize("cls", [ServerSettings, ClientSettings])
-def test_device_defaults_to_cpu_and_takes_every_form(cls: type) -> None:
+def test_device_defaults_to_cpu_and_takes_every_form(cls: type[ServerSettings] | type[ClientSettings]) -> None:
     assert cls.from_env({"FEDLAND_TOKEN": "t"}).device == "cpu"
     for value in ("auto", "cpu", "cuda", "cuda:1", " CUDA:0 "):
         assert cls.from_env({"FEDLAND_TOKEN": "t", "FEDLAND_DEVICE": value}).device == value.strip().lower()

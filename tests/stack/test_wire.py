@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -51,7 +53,9 @@ def test_compatible_weights_pass() -> None:
         (lambda w: w["fc.weight"].__setitem__((1, 2), -np.inf), r"weights\['fc.weight'\]: contains NaN or Inf"),
     ],
 )
-def test_check_compatible_refuses_and_names_the_key(change, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_check_compatible_refuses_and_names_the_key(
+    change: Callable[[dict[str, np.ndarray]], object], message: str
+) -> None:
     weights = reference()
     change(weights)
     decoded = wire.decode(wire.encode(weights))  # refusals hold after the wire too
