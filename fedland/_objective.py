@@ -17,6 +17,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -121,6 +122,63 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+@dataclass(frozen=True)
+class EvaluationTotals:
+    """What :func:`evaluation_loop` adds up over the batches."""
+
+    loss: float  # the sum of the batches' loss terms
+    correct: int | None  # correct predictions; None when not counted or some batch is not class scores
+    count: int  # examples
+
+
+def evaluation_loop(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Any]],
+    loss_fn: Callable[[Tensor, Any], Tensor],
+    *,
+    reduction: Literal["mean", "sum"] = "mean",
+    forward: Callable[[Tensor], Tensor] | None = None,
+    device: torch.device | None = None,
+    correct: Callable[[Tensor, Any], int | None] | None = None,
+) -> EvaluationTotals:
+    """The one evaluation loop: loss terms summed over batches, in eval mode, without gradients.
+
+    Runs under :func:`preserved`, so ``model`` is left exactly as found. Each
+    batch adds ``float(loss_fn(outputs, targets))``, times the batch size with
+    ``reduction="mean"`` (a mean-reduced loss) or as it is with ``"sum"`` (a
+    summed loss, or a share already weighted); terms are added as Python floats
+    in batch order.
+
+    Args:
+        batches: ``(inputs, targets)`` pairs with ``len(inputs)`` examples each.
+        forward: ``inputs -> outputs``; default ``model(inputs)``.
+        device: move inputs and targets there first (``None``: leave them).
+        correct: ``(outputs, targets) -> `` correct predictions, or None when
+            the outputs are not class scores; ``None``: accuracy not counted.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: must be 'mean' or 'sum', got {reduction!r}")
+    run = model if forward is None else forward
+    total, count = 0.0, 0
+    right: int | None = 0 if correct is not None else None
+    with preserved(model), torch.no_grad():
+        model.eval()
+        for inputs, targets in batches:
+            if device is not None:
+                inputs, targets = inputs.to(device), targets.to(device)
+            outputs = run(inputs)
+            n = int(inputs.shape[0])
+            loss = float(loss_fn(outputs, targets))
+            total += loss * n if reduction == "mean" else loss
+            count += n
+            if correct is not None and right is not None:
+                batch_right = correct(outputs, targets)
+                right = None if batch_right is None else right + batch_right
+    if count == 0:
+        raise ValueError("batches: no examples to evaluate")
+    return EvaluationTotals(loss=total, correct=right, count=count)
+
+
 def materialize(data: Iterable[Batch], field: str = "data") -> list[Batch]:
     """Read an iterable of ``(inputs, targets)`` batches once into a list."""
     batches: list[Batch] = []
@@ -218,15 +276,20 @@ class Objective:
         return self.outputs_loss(outputs, group), _correct(outputs, group.targets)
 
     def evaluate(self, theta: Tensor, buffers: Mapping[str, Tensor] | None = None) -> tuple[float, float | None]:
-        """Mean loss and accuracy (None when outputs are not class scores) at ``theta``."""
-        loss = 0.0
-        correct_or_none: int | None = 0
-        with torch.no_grad():
-            for group in self.groups:
-                g_loss, g_correct = self.group_loss(theta, group, buffers)
-                loss += float(g_loss.detach())
-                correct_or_none = None if g_correct is None or correct_or_none is None else correct_or_none + g_correct
-        return loss, None if correct_or_none is None else correct_or_none / self.num_examples
+        """Mean loss and accuracy (None when outputs are not class scores) at ``theta``.
+
+        One :func:`evaluation_loop` pass over the groups; each group adds its
+        share of the mean (``outputs_loss``), so nothing is divided at the end.
+        """
+        totals = evaluation_loop(
+            self.model,
+            [(group.inputs, group) for group in self.groups],
+            self.outputs_loss,
+            reduction="sum",
+            forward=lambda inputs: self.forward(self.state(theta, buffers), inputs),
+            correct=lambda outputs, group: _correct(outputs, group.targets),
+        )
+        return totals.loss, None if totals.correct is None else totals.correct / self.num_examples
 
     def gradient(self, theta: Tensor) -> tuple[float, Tensor]:
         """Mean loss and its gradient ``(dim,)`` at ``theta``."""
@@ -243,7 +306,11 @@ class Objective:
         return loss, grad
 
     def outputs(self, theta: Tensor, group: _Group, buffers: Mapping[str, Tensor] | None = None) -> Tensor:
-        """The model's outputs on one group at ``theta`` (with a graph when grad is enabled).
+        """The model's outputs on one group at ``theta`` (with a graph when grad is enabled)."""
+        return self.forward(self.state(theta, buffers), group.inputs)
+
+    def state(self, theta: Tensor, buffers: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The tensors ``functional_call`` is given at ``theta``: parameters, then ``buffers`` over them.
 
         Without grad (slices, interpolation), 4-D weights are handed over in
         channels-last layout: oneDNN's channels-last convolutions made a no-grad
@@ -255,12 +322,16 @@ class Objective:
             state = {n: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for n, t in state.items()}
         if buffers is not None:
             state.update(buffers)
+        return state
+
+    def forward(self, state: dict[str, Tensor], inputs: Tensor) -> Tensor:
+        """The model's outputs on ``inputs`` ``(n, ...)`` with ``state``, in micro-batches of ``chunk_size``."""
         attention = math_attention() if torch.is_grad_enabled() else contextlib.nullcontext()
         with _eval_mode(self.model), attention:
             return torch.cat(
                 [
-                    functional_call(self.model, state, (group.inputs[i : i + self.chunk_size],))
-                    for i in range(0, group.inputs.shape[0], self.chunk_size)
+                    functional_call(self.model, state, (inputs[i : i + self.chunk_size],))
+                    for i in range(0, inputs.shape[0], self.chunk_size)
                 ]
             )
 

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from fedland._objective import materialize, preserved
+from fedland._objective import evaluation_loop, materialize, preserved
 
 __all__ = [
     "PAC_BAYES_DELTA",
@@ -140,16 +140,11 @@ def pac_bayes_flatness(
 
         def loss_at(weights: Mapping[str, Tensor]) -> float:
             state = {**weights, **fixed, **buffers}
-            total, count = 0.0, 0
-            with torch.no_grad():
-                for inputs, targets in data:
-                    device = next(iter(weights.values())).device
-                    outputs = functional_call(model, state, (inputs.to(device),))
-                    total += float(loss_fn(outputs, targets.to(device))) * int(targets.shape[0])
-                    count += int(targets.shape[0])
-            if count == 0:
-                raise ValueError("batches: no examples")
-            return total / count
+            totals = evaluation_loop(
+                model, data, loss_fn, forward=lambda inputs: functional_call(model, state, (inputs,)),
+                device=next(iter(weights.values())).device,
+            )
+            return totals.loss / totals.count
 
         base = loss_at(params)
         draw_seeds = torch.randint(0, 2**62, (samples,), generator=torch.Generator().manual_seed(seed)).tolist()

@@ -1,4 +1,4 @@
-"""The landscape measurements of a federated round, as JSON-able dicts (DEVELOPERS.md, issue 5).
+"""The landscape measurements of a federated round, as JSON-able dicts.
 
 Pure functions over the metrics of ``fedland`` (``top_eigenvalues``,
 ``hessian_trace``, ``gradient_norm``, ``sharpness``, ``interpolate``,
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedland._objective import NonFiniteLossError, auto_chunk_size, materialize, preserved
+from fedland._objective import NonFiniteLossError, auto_chunk_size, evaluation_loop, materialize, preserved
 from fedland.curvature import Curvature, flatness_gap
 from fedland.directions import model_direction
 from fedland.generalization import generalization_gap, pac_bayes_flatness, weight_norms, zero_one_error
@@ -416,30 +416,19 @@ def pca_surface(
 def mean_loss(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch]) -> tuple[float, float | None]:
     """Size-weighted mean of ``loss_fn`` over the batches, and accuracy (None unless class scores), in eval mode.
 
-    Restores every submodule's train/eval mode; parameters are only read.
+    One ``evaluation_loop`` pass on the model's device; the model is left exactly as found.
     """
-    modes = [(module, module.training) for module in model.modules()]
-    total, correct, count = 0.0, 0, 0
-    scores = True
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
-    try:
-        model.eval()
-        with torch.no_grad():
-            for inputs, targets in batches:
-                inputs, targets = inputs.to(device), targets.to(device)
-                outputs = model(inputs)  # (batch, classes)
-                total += float(loss_fn(outputs, targets)) * int(targets.shape[0])
-                count += int(targets.shape[0])
-                scores = scores and outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point()
-                if scores:
-                    correct += int((outputs.argmax(dim=1) == targets).sum())
-    finally:
-        for module, training in modes:
-            module.training = training
-    if count == 0:
-        raise ValueError("batches: no examples")
-    return total / count, (correct / count if scores else None)
+    totals = evaluation_loop(model, batches, loss_fn, device=device, correct=_class_scores_correct)
+    return totals.loss / totals.count, (None if totals.correct is None else totals.correct / totals.count)
+
+
+def _class_scores_correct(outputs: Tensor, targets: Tensor) -> int | None:
+    """Correct argmax predictions of scores ``(batch, classes)`` against labels ``(batch,)``; None otherwise."""
+    if outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point():
+        return int((outputs.argmax(dim=1) == targets).sum())
+    return None
 
 
 def finite_or_none(value: Any) -> float | None:

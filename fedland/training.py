@@ -7,11 +7,13 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedland._objective import evaluation_loop
 from fedland.augment import random_crop_flip
 from fedland.device import resolve_device
 
@@ -89,8 +91,8 @@ def evaluate(
 ) -> Evaluation:
     """Mean cross-entropy and accuracy of ``model`` over ``batches``.
 
-    Runs in eval mode without gradients and restores each submodule's
-    train/eval mode afterwards.
+    Runs ``fedland._objective.evaluation_loop`` (eval mode, no gradients,
+    the model left exactly as found) on the summed cross-entropy of each batch.
 
     Args:
         model: a classifier returning logits ``(batch, classes)``; when
@@ -102,25 +104,23 @@ def evaluate(
     Returns:
         The loss and accuracy averaged over all examples.
     """
-    modes = {module: module.training for module in model.modules()}
-    total_loss, correct, count = 0.0, 0, 0
     runner = _on_device(model, device)
-    where = _device_of(runner)
-    try:
-        runner.eval()
-        with torch.no_grad():
-            for inputs, targets in batches:
-                inputs, targets = inputs.to(where), targets.to(where)
-                logits = runner(inputs)  # (batch, classes)
-                total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
-                correct += int((logits.argmax(dim=1) == targets).sum())
-                count += len(targets)
-    finally:
-        for module, training in modes.items():
-            module.train(training)
-    if count == 0:
-        raise ValueError("batches: no examples to evaluate")
-    return Evaluation(loss=total_loss / count, accuracy=correct / count, num_examples=count)
+    totals = evaluation_loop(
+        runner,
+        batches,
+        partial(F.cross_entropy, reduction="sum"),
+        reduction="sum",
+        device=_device_of(runner),
+        correct=_argmax_correct,
+    )
+    assert totals.correct is not None
+    return Evaluation(loss=totals.loss / totals.count, accuracy=totals.correct / totals.count,
+                      num_examples=totals.count)
+
+
+def _argmax_correct(logits: torch.Tensor, targets: torch.Tensor) -> int:
+    """Correct argmax predictions of ``logits`` ``(batch, classes)`` against class indices ``(batch,)``."""
+    return int((logits.argmax(dim=1) == targets).sum())
 
 
 def train_local(
