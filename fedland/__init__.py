@@ -7,6 +7,7 @@ it found it, and draws randomness only from its ``seed``. See the README's libra
 """
 
 from fedland._objective import NonFiniteLossError
+from fedland.ascent_sharpness import adaptive_sharpness, worst_case_sharpness
 from fedland.curvature import (
     FisherOperator,
     FlatnessGap,
@@ -33,7 +34,6 @@ from fedland.hessian import (
 from fedland.models import build_model
 from fedland.partition import ClientPartition, partition
 from fedland.scalars import cosine_similarity, distance, gradient_dissimilarity, gradient_norm, path_norm, sharpness
-from fedland.sharpness import adaptive_sharpness, worst_case_sharpness
 from fedland.slices import (
     Interpolation,
     PairwiseBarriers,

@@ -5,17 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.fedland._landscape_helpers import (
-    assert_unchanged,
-    dense_fisher,
-    dense_ggn,
-    dense_hessian,
-    make_data,
-    messy_state,
-    snapshot,
-    tiny_cnn,
-    tiny_mlp,
-)
 from torch import nn
 
 from fedland.curvature import (
@@ -28,6 +17,17 @@ from fedland.curvature import (
     layer_top_eigenvalues,
 )
 from fedland.hessian import operator_spectral_density, operator_top_eigenvalues, operator_trace
+from tests.fedland._landscape_helpers import (
+    assert_unchanged,
+    dense_fisher,
+    dense_ggn,
+    dense_hessian,
+    make_data,
+    messy_state,
+    snapshot,
+    tiny_cnn,
+    tiny_mlp,
+)
 
 torch.set_num_threads(1)
 LOSS = nn.CrossEntropyLoss()

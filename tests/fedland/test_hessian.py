@@ -5,16 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.fedland._landscape_helpers import (
-    assert_unchanged,
-    dense_hessian,
-    make_data,
-    messy_state,
-    quadratic,
-    snapshot,
-    tiny_cnn,
-    tiny_mlp,
-)
 from torch import nn
 
 from fedland._objective import DEFAULT_CHUNK_SIZE, Objective, auto_chunk_size
@@ -29,6 +19,16 @@ from fedland.hessian import (
 )
 from fedland.models import build_model
 from fedland.scalars import gradient_norm
+from tests.fedland._landscape_helpers import (
+    assert_unchanged,
+    dense_hessian,
+    make_data,
+    messy_state,
+    quadratic,
+    snapshot,
+    tiny_cnn,
+    tiny_mlp,
+)
 
 torch.set_num_threads(1)
 LOSS = nn.CrossEntropyLoss()

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.fedland._landscape_helpers import dense_hessian, make_data, quadratic, tiny_mlp
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fedland.ascent_sharpness import adaptive_sharpness, worst_case_sharpness
 from fedland.curvature import curvature_operator, flatness_gap, layer_top_eigenvalues
 from fedland.hessian import (
     HessianOperator,
@@ -21,8 +21,8 @@ from fedland.hessian import (
     top_eigenvalues,
 )
 from fedland.scalars import gradient_dissimilarity, gradient_norm, sharpness
-from fedland.sharpness import adaptive_sharpness, worst_case_sharpness
 from fedland.slices import interpolate, loss_slice_1d, loss_slice_2d, pairwise_barriers
+from tests.fedland._landscape_helpers import dense_hessian, make_data, quadratic, tiny_mlp
 
 torch.set_num_threads(1)
 LOSS = nn.CrossEntropyLoss()

@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+from fedland.ascent_sharpness import adaptive_sharpness, worst_case_sharpness
+from fedland.scalars import sharpness
 from tests.fedland._landscape_helpers import (
     _flat_function,
     assert_unchanged,
@@ -15,10 +19,6 @@ from tests.fedland._landscape_helpers import (
     tiny_cnn,
     tiny_mlp,
 )
-from torch import nn
-
-from fedland.scalars import sharpness
-from fedland.sharpness import adaptive_sharpness, worst_case_sharpness
 
 torch.set_num_threads(1)
 LOSS = nn.CrossEntropyLoss()
