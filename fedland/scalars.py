@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from fedland._objective import DEFAULT_CHUNK_SIZE, Batch, LossFn, Objective, preserved
 
-Weights = nn.Module | Mapping[str, Tensor]
+ModelOrParams = nn.Module | Mapping[str, Tensor]  # a model, or tensors by parameter name
 
 
 def gradient_norm(
@@ -98,13 +98,13 @@ def path_norm(model: nn.Module, input_shape: Sequence[int]) -> float:
     return math.sqrt(max(float(out.sum()), 0.0))
 
 
-def _values(weights: Weights) -> dict[str, Tensor]:
+def _values(weights: ModelOrParams) -> dict[str, Tensor]:
     if isinstance(weights, nn.Module):
         return {n: p.detach() for n, p in weights.named_parameters()}
     return {n: t.detach() for n, t in weights.items() if t.is_floating_point()}
 
 
-def _pair(a: Weights, b: Weights, reference: Weights | None) -> tuple[Tensor, Tensor]:
+def _pair(a: ModelOrParams, b: ModelOrParams, reference: ModelOrParams | None) -> tuple[Tensor, Tensor]:
     """Flat float64 vectors of ``a`` and ``b`` (minus ``reference``), over shared names.
 
     The names are a module's parameters if any argument is a module, else the
@@ -130,13 +130,13 @@ def _pair(a: Weights, b: Weights, reference: Weights | None) -> tuple[Tensor, Te
     return flat["a"], flat["b"]
 
 
-def distance(a: Weights, b: Weights) -> float:
+def distance(a: ModelOrParams, b: ModelOrParams) -> float:
     """L2 distance between two models' parameters (modules: parameters; state dicts: float tensors)."""
     va, vb = _pair(a, b, None)
     return float((va - vb).norm())
 
 
-def cosine_similarity(a: Weights, b: Weights, reference: Weights | None = None) -> float:
+def cosine_similarity(a: ModelOrParams, b: ModelOrParams, reference: ModelOrParams | None = None) -> float:
     """Cosine between two models' parameter vectors, or between their updates ``a - reference`` and ``b - reference``.
 
     Returns:
