@@ -2,8 +2,8 @@
 
 Same model (fedland's FedCNN, ~215k parameters, trained one epoch), same real
 MNIST samples, one run, one thread. Every time is CPU time (``time.process_time``,
-so other load on the machine changes it little). Prints figures and the ratios
-against the targets of issue 14; asserts nothing.
+so other load on the machine changes it little). Prints figures and the speed-up
+ratios against the targets in ``TARGETS``; asserts nothing.
 
     FEDLAND_DATA_DIR=/path/to/data python bench/bench_metrics.py [--samples 2000] [--slice-points 21]
 

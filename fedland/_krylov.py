@@ -149,7 +149,8 @@ def lanczos_top(
        has converged too. Ritz values only rise towards their eigenvalues as the
        space grows, and an eigenvalue the space has not yet resolved first shows
        as such a rising, unconverged ``theta_{k+1}``; accepting on test 1 alone
-       reported the 6th eigenvalue of a FedCNN Hessian as the 5th (issue 14).
+       reported the 6th eigenvalue of a FedCNN Hessian as the 5th
+       (``tests/fedland/test_metric_edge_cases.py``).
 
     ``check_steps > 0`` adds a restart check: once both tests pass, a fresh
     random vector orthogonal to the space is continued as a second Krylov

@@ -319,7 +319,8 @@ class Objective:
         """
         state: dict[str, Tensor] = dict(self.unflatten(theta))
         if not torch.is_grad_enabled():  # evaluation only: 4-D (conv) weights channels-last
-            state = {n: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for n, t in state.items()}
+            state = {n: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+                     for n, t in state.items()}
         if buffers is not None:
             state.update(buffers)
         return state

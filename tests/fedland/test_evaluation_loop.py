@@ -113,7 +113,9 @@ def test_mean_loss_keeps_its_numbers_and_leaves_the_model() -> None:
 
 
 @pytest.mark.parametrize("loss_fn", [F.cross_entropy, zero_one_error])
-def test_pac_bayes_base_loss_keeps_its_numbers_and_leaves_the_model(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+def test_pac_bayes_base_loss_keeps_its_numbers_and_leaves_the_model(
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+) -> None:
     model, data = _awkward_cnn(), make_data((1, 6, 6), [7, 5, 9])
     before = _snapshot(model)
     result = pac_bayes_flatness(model, loss_fn, data, samples=2, steps=2, seed=3)

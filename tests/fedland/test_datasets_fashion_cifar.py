@@ -1,4 +1,7 @@
-"""Fashion-MNIST, CIFAR-10 and CIFAR-100: the real readers on tiny files in the exact binary formats."""
+"""Fashion-MNIST, CIFAR-10 and CIFAR-100: the real readers on tiny files in the exact binary formats.
+
+MNIST has its own tests (real files) in ``test_datasets.py``.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +12,13 @@ import io
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from fedland.augment import random_crop_flip
 from fedland.datasets import DATASETS, DatasetIntegrityError, DatasetMissingError, load_dataset
-from fedland.training import batches
 from tests.datasets_tiny import write_tiny
 
-NEW = ["FashionMNIST", "CIFAR10", "CIFAR100"]
+NAMES = ["FashionMNIST", "CIFAR10", "CIFAR100"]
 
 
 def test_class_counts_are_known_without_the_files() -> None:
@@ -29,7 +29,7 @@ def test_class_counts_are_known_without_the_files() -> None:
     assert DATASETS["CIFAR10"].augment and not DATASETS["FashionMNIST"].augment
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", NAMES)
 def test_tiny_files_load_with_labels_and_normalisation(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -71,7 +71,7 @@ def test_cifar_records_are_read_label_then_channel_planes(tmp_path: Path, monkey
     assert torch.allclose(data.train_x[:, :, 5, 7], expected)
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", NAMES)
 def test_a_digest_mismatch_is_refused(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     info = write_tiny(name, tmp_path)
     wrong = dataclasses.replace(info.files[0], archive_md5="0" * 32)
@@ -81,7 +81,7 @@ def test_a_digest_mismatch_is_refused(name: str, tmp_path: Path, monkeypatch: py
     assert f"{wrong.served_name} is corrupted" in str(caught.value) and "0" * 32 in str(caught.value)
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", NAMES)
 def test_real_digests_refuse_test_files_and_missing_files_say_where(name: str, tmp_path: Path) -> None:
     with pytest.raises(DatasetMissingError) as caught:
         load_dataset(name, tmp_path, download=False)
@@ -102,31 +102,3 @@ def test_fashion_mnist_is_accepted_only_gzip_compressed(tmp_path: Path, monkeypa
         (directory / data_file.served_name).unlink()
     with pytest.raises(DatasetMissingError, match="train-images-idx3-ubyte.gz"):
         load_dataset("FashionMNIST", tmp_path, download=False)
-
-
-def test_augmentation_is_seeded_shape_preserving_and_a_crop_or_flip() -> None:
-    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
-    first = random_crop_flip(images, torch.Generator().manual_seed(0), padding=2)
-    again = random_crop_flip(images, torch.Generator().manual_seed(0), padding=2)
-    assert torch.equal(first, again) and first.shape == images.shape
-    generator = torch.Generator().manual_seed(0)
-    offsets = torch.randint(0, 5, (2, 2), generator=generator)
-    flips = torch.rand(2, generator=generator) < 0.5
-    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
-    for i in range(2):
-        dy, dx = (int(v) for v in offsets[i])
-        crop = padded[i, :, dy : dy + 8, dx : dx + 8]
-        assert torch.equal(first[i], crop.flip(-1) if flips[i] else crop)
-    unpadded = random_crop_flip(images, torch.Generator().manual_seed(3), padding=0)  # flips only
-    assert all(torch.equal(u, x) or torch.equal(u, x.flip(-1)) for u, x in zip(unpadded, images))
-
-
-def test_batches_augment_training_only_and_need_a_generator() -> None:
-    x, y = torch.randn(10, 3, 32, 32), torch.arange(10)
-    plain = list(batches(x, y, 4, torch.Generator().manual_seed(1)))
-    augmented = list(batches(x, y, 4, torch.Generator().manual_seed(1), augment=True))
-    assert [b[1].tolist() for b in plain] == [b[1].tolist() for b in augmented]  # same shuffle order
-    assert not torch.equal(plain[0][0], augmented[0][0])
-    with pytest.raises(ValueError, match="^augment:"):
-        list(batches(x, y, 4, augment=True))
-    assert np.array_equal(next(batches(x, y, 10))[0].numpy(), x.numpy())  # evaluation batches are untouched

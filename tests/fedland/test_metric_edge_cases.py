@@ -1,4 +1,4 @@
-"""The six defects of issue 14: each misuse a clear error, no missed eigenvalue, attention models on CPU."""
+"""Metric edge cases: no missed eigenvalue, each misuse a clear error, Hutch++ on few parameters, attention on CPU."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ LOSS = nn.CrossEntropyLoss()
 # 1. a missed eigenvalue reported as converged
 
 def test_fedcnn_fifth_eigenvalue_is_not_missed(data_dir: str) -> None:
-    """Issue 14's case: plain Lanczos at tol=1e-2 accepted 4.839 (the 6th eigenvalue) as the 5th (5.056)."""
+    """Lanczos accepting on residuals alone at tol=1e-2 took 4.839 (the 6th eigenvalue) for the 5th (5.056)."""
     from fedland.datasets import load_dataset
     from fedland.models import build_model
     from fedland.training import train_local
