@@ -39,6 +39,7 @@ import pymongo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedland import schemes  # noqa: E402
+from stack import records  # noqa: E402
 from stack.embedded import EmbeddedMongo, free_port  # noqa: E402
 
 BOUNDARY = "fedlandbenchboundary"
@@ -121,14 +122,14 @@ async def worker(
     http = Http(host, port, token)
     try:
         started = time.perf_counter()
-        status, body = await http.request("POST", "/api/v1/clients", json.dumps({"hostname": "bench", "pid": number}).encode())
+        status, body = await http.request("POST", "/api/v1/workers", json.dumps({"hostname": "bench", "pid": number}).encode())
         stats.latency["register"].append(time.perf_counter() - started)
-        worker_id = json.loads(body)["client_id"]
+        worker_id = json.loads(body)["worker_id"]
         models: dict[int, bytes] = {}
         while not done.is_set():
             started = time.perf_counter()
             request = {"wait_s": 10.0, "known_experiments": [experiment_id]}
-            status, body = await http.request("POST", f"/api/v1/clients/{worker_id}/task", json.dumps(request).encode())
+            status, body = await http.request("POST", f"/api/v1/workers/{worker_id}/task", json.dumps(request).encode())
             stats.latency["task"].append(time.perf_counter() - started)
             if status == 200:
                 stats.answered.add(number)
@@ -149,7 +150,7 @@ async def worker(
                     "GET", f"/api/v1/experiments/{experiment_id}/rounds/{server_round}/model"
                 )
                 stats.latency["model"].append(time.perf_counter() - started)
-            meta = {"client_id": worker_id, "client_index": index, "num_examples": num_train[index], "stats": {}}
+            meta = {"worker_id": worker_id, "client_index": index, "num_examples": num_train[index], "stats": {}}
             started = time.perf_counter()
             status, body = await http.request(
                 "POST", f"/api/v1/experiments/{experiment_id}/rounds/{server_round}/updates",
@@ -208,7 +209,7 @@ async def _drive(server: subprocess.Popen[bytes], port: int, token: str, uri: st
     await http.close()
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(uri, serverSelectionTimeoutMS=10_000)
     db = client["bench"]
-    num_train = {int(d["client_index"]): int(d["num_train"]) for d in db["clients"].find({"experiment_id": experiment_id})}
+    num_train = {member.client_index: member.num_train for member in records.read_members(db, experiment_id)}
     stats, done = Stats(), asyncio.Event()
     started = time.perf_counter()
     tasks = [asyncio.create_task(worker(i, "127.0.0.1", port, token, experiment_id, num_train, rounds, stats, done))

@@ -22,7 +22,7 @@ from typing import Any
 
 from client.work import LocalData, load_weights, run_round
 from fedland.spec import ExperimentSpec
-from stack.api_client import ApiError, Conflict, Stopped, Transport, UnknownClient
+from stack.api_client import ApiError, Conflict, Stopped, Transport, UnknownWorker
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,9 @@ SPEC_CACHE_ENTRIES = 32
 class Heartbeat:
     """Background thread posting a heartbeat every `interval_s` while the client works."""
 
-    def __init__(self, make_transport: TransportFactory, client_id: str, interval_s: float) -> None:
+    def __init__(self, make_transport: TransportFactory, worker_id: str, interval_s: float) -> None:
         self.transport = make_transport(max_attempts=1)  # a missed beat is retried at the next beat
-        self.client_id = client_id
+        self.worker_id = worker_id
         self.interval_s = interval_s
         self.lost = threading.Event()  # the server no longer knows this client
         self._done = threading.Event()
@@ -46,9 +46,9 @@ class Heartbeat:
         try:
             while not self._done.wait(self.interval_s):
                 try:
-                    transport.heartbeat(self.client_id)
-                except UnknownClient:
-                    log.warning("heartbeat: server does not know client %s", self.client_id)
+                    transport.heartbeat(self.worker_id)
+                except UnknownWorker:
+                    log.warning("heartbeat: server does not know worker %s", self.worker_id)
                     self.lost.set()
                     return
                 except Stopped:
@@ -94,16 +94,16 @@ class ClientLoop:
         try:
             while not self.stop.is_set():
                 registration = self.transport.register(socket.gethostname(), os.getpid())
-                log.info("registered as client %s", registration.client_id)
+                log.info("registered as worker %s", registration.worker_id)
                 try:
-                    self._work(registration.client_id, registration.heartbeat_interval_s)
-                except UnknownClient as error:
+                    self._work(registration.worker_id, registration.heartbeat_interval_s)
+                except UnknownWorker as error:
                     # back off only if the server keeps forgetting fresh registrations
                     forgotten = 0 if self._tasks_done else forgotten + 1
                     delay_s = self.transport.backoff.delay_s(forgotten - 1, self.transport.rng) if forgotten else 0.0
                     log.warning(
                         "server forgot client %s (%s); registering again in %.1f s",
-                        registration.client_id, error, delay_s,
+                        registration.worker_id, error, delay_s,
                     )
                     self.stop.wait(delay_s)
         except Stopped:
@@ -112,22 +112,22 @@ class ClientLoop:
             self.transport.close()
         log.info("client stopped")
 
-    def _work(self, client_id: str, heartbeat_interval_s: float) -> None:
+    def _work(self, worker_id: str, heartbeat_interval_s: float) -> None:
         self._tasks_done = 0
         failures = 0  # consecutive tasks that failed
         while not self.stop.is_set():
-            task = self.transport.next_task(client_id, heartbeat_interval_s, list(self._specs))
+            task = self.transport.next_task(worker_id, heartbeat_interval_s, list(self._specs))
             self._tasks_done += 1  # the 404 that ends this loop is raised before this line
             action = task.get("action")
             if action == "wait":
                 self.stop.wait(float(task.get("retry_after_s", 1.0)))
                 continue
-            heartbeat = Heartbeat(self.make_transport, client_id, heartbeat_interval_s)
+            heartbeat = Heartbeat(self.make_transport, worker_id, heartbeat_interval_s)
             try:
                 if action != "train":
                     raise ValueError(f"unknown task action {action!r}")
                 with heartbeat:
-                    self._train(client_id, task)
+                    self._train(worker_id, task)
                 failures = 0
             except (ApiError, ValueError, KeyError, TypeError) as error:
                 # the server refused or sent something unusable: log, back off, ask again
@@ -136,7 +136,7 @@ class ClientLoop:
                 log.error("task failed (%s: %s); asking again in %.1f s", type(error).__name__, error, delay_s)
                 self.stop.wait(delay_s)
             if heartbeat.lost.is_set():
-                raise UnknownClient("heartbeat answered 404")
+                raise UnknownWorker("heartbeat answered 404")
 
     def _spec(self, experiment_id: str, spec_dict: dict[str, Any] | None) -> ExperimentSpec:
         if experiment_id not in self._specs:
@@ -148,7 +148,7 @@ class ClientLoop:
         self._specs.move_to_end(experiment_id)
         return self._specs[experiment_id]
 
-    def _train(self, client_id: str, task: dict[str, Any]) -> None:
+    def _train(self, worker_id: str, task: dict[str, Any]) -> None:
         experiment_id = str(task["experiment_id"])
         client_index = int(task["client_index"])
         server_round = int(task["round"])
@@ -170,7 +170,7 @@ class ClientLoop:
             log.info("stopping: abandoning round %d of experiment %s", server_round, experiment_id)
             return
         meta = {
-            "client_id": client_id,
+            "worker_id": worker_id,
             "client_index": client_index,
             "num_examples": result.num_examples,
             "stats": result.stats,

@@ -72,7 +72,7 @@ def main() -> int:
         stack.callback(server.close)
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-        log.info("serving on http://%s:%s/api/v1", settings.host, server.effective_port)  # type: ignore[union-attr]
+        log.info("serving on http://%s:%s/api/v1", settings.host, server.effective_port)
         try:
             server.run()
         except SystemExit:

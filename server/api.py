@@ -11,10 +11,10 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from server.coordinator import Coordinator
-from server.errors import BadRequest, Conflict, NotFound
+from server.errors import Conflict, Invalid, NotFound
 from server.resources import Resources
 from server.store import Store, StoreUnavailable
-from server.validation import MAX_KNOWN_EXPERIMENTS, Invalid, check_id, parse_json
+from server.validation import check_id, parse_json, parse_query_number, parse_task_request
 from server.wsgi import RequestGuard
 from stack.settings import ServerSettings
 
@@ -60,17 +60,20 @@ def create_app(
 
 
 def coordinator_of(app: Flask) -> Coordinator:
-    return app.extensions["fedland.coordinator"]  # type: ignore[no-any-return]
+    coordinator: Coordinator = app.extensions["fedland.coordinator"]
+    return coordinator
 
 
 def _coordinator() -> Coordinator:
-    return coordinator_of(current_app)  # type: ignore[arg-type]
+    return coordinator_of(current_app)
 
 
-def _error(status: int, message: str, field: str | None = None) -> tuple[Response, int]:
+def _error(status: int, message: str, field: str | None = None, rule: str | None = None) -> tuple[Response, int]:
     body: dict[str, Any] = {"error": message}
     if field is not None:
         body["field"] = field
+    if rule is not None:
+        body["rule"] = rule
     return jsonify(body), status
 
 
@@ -100,19 +103,14 @@ def _conflict(error: Conflict) -> tuple[Response, int]:
     return _error(409, str(error))
 
 
-@api.errorhandler(BadRequest)
-def _bad_request(error: BadRequest) -> tuple[Response, int]:
-    return _error(400, str(error), error.field)
-
-
 @api.errorhandler(Invalid)
 def _invalid(error: Invalid) -> tuple[Response, int]:
-    return _error(error.status, str(error), error.field)
+    return _error(error.status, str(error), error.field, error.rule)
 
 
 def _json_body(*, check: bool = True) -> Any:
     if not request.is_json:
-        raise BadRequest("body must be JSON (Content-Type: application/json)", "body")
+        raise Invalid("body", "must be JSON (Content-Type: application/json)")
     return parse_json(request.get_data(cache=False), check=check)
 
 
@@ -131,24 +129,12 @@ def submit_experiments() -> tuple[Response, int]:
 def list_experiments() -> Response:
     """Summaries; with `?version=V&wait_s=S`, first waits up to S s (at most 30) for a change after version V."""
     coordinator = _coordinator()
-    version = _number_arg("version", int)
+    version = parse_query_number("version", request.args.get("version"), int)
     if version is not None:
-        coordinator.wait_for_change(int(version), min(_number_arg("wait_s", float) or 0.0, 30.0))
+        wait_s = parse_query_number("wait_s", request.args.get("wait_s"), float) or 0.0
+        coordinator.wait_for_change(int(version), min(wait_s, 30.0))
     current = coordinator.version
     return jsonify({"experiments": coordinator.list_experiments(), "version": current})
-
-
-def _number_arg(name: str, kind: type) -> float | None:
-    raw = request.args.get(name)
-    if raw is None:
-        return None
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise BadRequest(f"query parameter {name} must be a number, got {raw!r}", name) from None
-    if not value >= 0:
-        raise BadRequest(f"query parameter {name} must be >= 0, got {raw!r}", name)
-    return float(value)
 
 
 @api.get("/experiments/<experiment_id>")
@@ -156,35 +142,23 @@ def get_experiment(experiment_id: str) -> Response:
     return jsonify(_coordinator().experiment(check_id(experiment_id, "experiment_id")))
 
 
-@api.post("/clients")
-def register_client() -> tuple[Response, int]:
+@api.post("/workers")
+def register_worker() -> tuple[Response, int]:
     return jsonify(_coordinator().register(_json_body())), 201
 
 
-@api.post("/clients/<client_id>/heartbeat")
-def heartbeat(client_id: str) -> Response:
-    _coordinator().heartbeat(check_id(client_id, "client_id"))
+@api.post("/workers/<worker_id>/heartbeat")
+def heartbeat(worker_id: str) -> Response:
+    _coordinator().heartbeat(check_id(worker_id, "worker_id"))
     return jsonify({"ok": True})
 
 
-@api.post("/clients/<client_id>/task")
-def task(client_id: str) -> Response:
+@api.post("/workers/<worker_id>/task")
+def task(worker_id: str) -> Response:
     """Optional JSON body `{"wait_s": s, "known_experiments": [ids]}`: long-poll, and specs to leave out."""
-    body = _json_body() if request.content_length else {}
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object", "body")
-    wait_s = body.get("wait_s", 0.0)
-    if not isinstance(wait_s, (int, float)) or isinstance(wait_s, bool) or not wait_s >= 0:
-        raise BadRequest("wait_s must be a number of seconds >= 0", "wait_s")
-    known = body.get("known_experiments", [])
-    if not isinstance(known, list) or len(known) > MAX_KNOWN_EXPERIMENTS:
-        raise BadRequest(f"known_experiments must be a list of at most {MAX_KNOWN_EXPERIMENTS} experiment ids",
-                         "known_experiments")
-    for position, item in enumerate(known):
-        if not isinstance(item, str):
-            raise BadRequest("must be an experiment id (a string)", f"known_experiments[{position}]")
-        check_id(item, f"known_experiments[{position}]")
-    return jsonify(_coordinator().task(check_id(client_id, "client_id"), float(wait_s), frozenset(known)))
+    wanted = parse_task_request(_json_body() if request.content_length else {})
+    coordinator = _coordinator()
+    return jsonify(coordinator.task(check_id(worker_id, "worker_id"), wanted.wait_s, wanted.known_experiments))
 
 
 @api.get("/experiments/<experiment_id>/rounds/<int:server_round>/model")
@@ -198,10 +172,10 @@ def submit_update(experiment_id: str, server_round: int) -> tuple[Response, int]
     check_id(experiment_id, "experiment_id")
     raw_meta = request.form.get("meta")
     if raw_meta is None:
-        raise BadRequest("multipart field 'meta' (JSON) is missing", "meta")
+        raise Invalid("meta", "multipart field 'meta' (JSON) is missing")
     meta = parse_json(raw_meta, "meta")
     upload = request.files.get("weights")
     if upload is None:
-        raise BadRequest("multipart file 'weights' (safetensors) is missing", "weights")
+        raise Invalid("weights", "multipart file 'weights' (safetensors) is missing")
     result = _coordinator().submit_update(experiment_id, server_round, meta, upload.read())
     return jsonify(result), 202

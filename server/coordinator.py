@@ -28,22 +28,38 @@ from typing import Any
 
 from bson import ObjectId
 
-from fedland.spec import ExperimentSpec, SpecError
-from server.errors import BadRequest, NotFound
+from server.errors import Invalid, NotFound
 from server.measurements import LandscapeWorker
 from server.resources import Resources
-from server.rounds import RoundState, Rounds
+from server.rounds import Rounds, RoundState
 from server.store import Store, StoreUnavailable, undo_files
-from server.validation import check_document_size, check_tree
-from stack import wire
+from server.validation import (
+    check_document_size,
+    check_tree,
+    parse_registration,
+    parse_specs,
+    spec_field,
+)
+from stack import records, wire
+from stack.records import ExperimentRecord, MemberRecord, ModelFile, WorkerRecord
 
 log = logging.getLogger(__name__)
 
-Doc = dict[str, Any]
-SUMMARY_KEYS = (
-    "id", "description", "status", "current_round", "rounds", "created_at", "started_at", "finished_at", "error",
-)
-SPEC_KEYS = frozenset(ExperimentSpec.__dataclass_fields__)
+#: An answer of the API (JSON-able).
+Answer = dict[str, Any]
+
+
+def experiment_view(experiment: ExperimentRecord) -> Answer:
+    """An experiment as the API shows it: its spec's fields, then where it stands (times in epoch seconds)."""
+    return {
+        **experiment.spec.to_dict(),
+        "status": experiment.status,
+        "current_round": experiment.current_round,
+        "created_at": experiment.created_at,
+        "started_at": experiment.started_at,
+        "finished_at": experiment.finished_at,
+        "error": experiment.error,
+    }
 
 
 class Coordinator:
@@ -79,7 +95,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         self._rng = random.Random()
-        store.ensure_indexes()
+        store.prepare()
 
     def start(self, interval_s: float | None = None) -> None:
         """Reap lost workers, close rounds past their deadline and flush liveness every `interval_s`."""
@@ -124,89 +140,70 @@ class Coordinator:
 
     def submit(self, body: Any) -> list[str]:
         """Validate one spec or a list (all of them first), then store them; returns their ids."""
-        items = body if isinstance(body, list) else [body]
-        if not items:
-            raise BadRequest("body: an empty list holds no experiment", "body")
-        prefixes = [f"experiments[{i}]." if isinstance(body, list) else "" for i in range(len(items))]
-        specs: list[ExperimentSpec] = []
-        for prefix, item in zip(prefixes, items):
-            try:
-                spec = ExperimentSpec.from_dict(item)
-            except SpecError as error:
-                raise BadRequest(f"{prefix}{error}", f"{prefix}{error.field}") from None
-            specs.append(spec)
+        specs = parse_specs(body)
         prepared = []
-        for prefix, spec in zip(prefixes, specs):
+        for position, spec in enumerate(specs):
             try:
                 members = self.resources.partition_summary(spec)
             except ValueError as error:
                 field = getattr(error, "field", "target_balance_ratios")
-                raise BadRequest(f"{prefix}{error}", f"{prefix}{field}") from None
+                rule = getattr(error, "rule", str(error))
+                raise Invalid(spec_field(body, position, field), rule) from None
             document = spec.to_dict()
-            where = prefix.rstrip(".")
+            where = spec_field(body, position, "").rstrip(".")
             check_tree(document, where)  # storable
             check_document_size(document, where or "body")
             prepared.append((spec, members, wire.encode(self.resources.initial_weights(spec))))
         # Nothing was written so far. Round-0 models go first (an experiment without
         # its initial model must never exist) and are deleted if the insert fails.
         now = self.clock()
-        experiments, all_members = [], []
+        experiments: list[ExperimentRecord] = []
+        all_members: list[MemberRecord] = []
         for spec, members, _ in prepared:
             experiment_id = str(ObjectId())  # sorts by creation within a process
-            experiments.append(
-                {
-                    **spec.with_id(experiment_id).to_dict(),
-                    "status": "queued",
-                    "current_round": 1,
-                    "created_at": now,
-                    "started_at": None,
-                    "finished_at": None,
-                    "error": None,
-                }
-            )
-            for stats in members:
-                all_members.append(
-                    {
-                        "experiment_id": experiment_id,
-                        **stats,
-                        "worker_id": None,
-                        "assigned_round": None,
-                        "assigned_at": None,
-                        "reported_round": 0,
-                    }
-                )
+            experiments.append(ExperimentRecord(id=experiment_id, spec=spec.with_id(experiment_id), created_at=now))
+            all_members.extend(MemberRecord.of_partition(experiment_id, stats) for stats in members)
         files: list[str] = []
         try:
-            for (spec, _, initial), experiment in zip(prepared, experiments):
-                files.append(self.store.save_model(initial, experiment["id"], 0, "global"))
+            for (_, _, initial), experiment in zip(prepared, experiments):
+                files.append(self.store.save_model(initial, ModelFile(experiment.id, 0, records.GLOBAL)))
             self.store.insert_experiments(experiments, all_members)
         except BaseException:
             undo_files(files, self.store.delete_model)
             raise
         pending = 0
-        for (spec, _, initial), doc in zip(prepared, experiments):
-            self.rounds.remember_model(doc["id"], 0, initial, spec.rounds)
-            state = self.rounds.open({**doc})
+        for (spec, _, initial), experiment in zip(prepared, experiments):
+            self.rounds.remember_model(experiment.id, 0, initial, spec.rounds)
+            state = self.rounds.open(experiment)
             pending += 0 if state is None else len(state.pending)
-        ids = [doc["id"] for doc in experiments]
+        ids = [experiment.id for experiment in experiments]
         log.info("queued experiments %s", ", ".join(ids))
         self._changed(pending)
         return ids
 
-    def list_experiments(self) -> list[Doc]:
+    def list_experiments(self) -> list[Answer]:
         summaries = []
-        for doc in self.store.list_experiments():
-            summary = {key: doc.get(key) for key in SUMMARY_KEYS}
-            summary["num_clients"] = len(doc.get("target_balance_ratios", []))
-            last = self.store.latest_round(doc["id"]) if doc.get("status") != "queued" else None
-            summary["last_round"] = (
-                None if last is None else {key: last.get(key) for key in ("round", "test_loss", "test_accuracy")}
-            )
-            summaries.append(summary)
+        for experiment in self.store.list_experiments():
+            last = self.store.latest_round(experiment.id) if experiment.status != "queued" else None
+            summaries.append({
+                "id": experiment.id,
+                "description": experiment.spec.description,
+                "status": experiment.status,
+                "current_round": experiment.current_round,
+                "rounds": experiment.spec.rounds,
+                "created_at": experiment.created_at,
+                "started_at": experiment.started_at,
+                "finished_at": experiment.finished_at,
+                "error": experiment.error,
+                "num_clients": experiment.spec.num_clients,
+                "last_round": None if last is None else {
+                    "round": last.round, "test_loss": last.test_loss, "test_accuracy": last.test_accuracy,
+                },
+            })
         return summaries
 
-    def experiment(self, experiment_id: str) -> Doc:
-        return self.rounds.experiment(experiment_id)
+    def experiment(self, experiment_id: str) -> Answer:
+        return experiment_view(self.rounds.experiment(experiment_id))
 
     @property
     def version(self) -> int:
@@ -243,25 +240,19 @@ class Coordinator:
         """The longest a task request long-polls: a waiting worker's requests are its heartbeats."""
         return self.heartbeat_interval_s
 
-    def register(self, body: Any) -> Doc:
-        if not isinstance(body, Mapping):
-            raise BadRequest("body must be an object with hostname and pid", "body")
-        hostname, pid = body.get("hostname"), body.get("pid")
-        if not isinstance(hostname, str) or not hostname or len(hostname) > 255:
-            raise BadRequest("hostname must be a non-empty string of at most 255 characters", "hostname")
-        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < 2**32:
-            raise BadRequest("pid must be an integer in [0, 2**32)", "pid")
+    def register(self, body: Any) -> Answer:
+        registration = parse_registration(body)
         now = self.clock()
         worker_id = uuid.uuid4().hex
-        self.store.insert_worker(
-            {"client_id": worker_id, "hostname": hostname, "pid": pid, "registered_at": now, "last_seen": now,
-             "status": "alive"}
-        )
+        self.store.insert_worker(WorkerRecord(
+            worker_id=worker_id, hostname=registration.hostname, pid=registration.pid,
+            registered_at=now, last_seen=now,
+        ))
         with self._seen_lock:
             self._seen[worker_id] = now
             self._flushed[worker_id] = now
-        log.info("registered worker %s (%s pid %d)", worker_id, hostname, pid)
-        return {"client_id": worker_id, "heartbeat_interval_s": self.heartbeat_interval_s}
+        log.info("registered worker %s (%s pid %d)", worker_id, registration.hostname, registration.pid)
+        return {"worker_id": worker_id, "heartbeat_interval_s": self.heartbeat_interval_s}
 
     def heartbeat(self, worker_id: str) -> None:
         """Note that the worker is alive; NotFound if it never registered."""
@@ -271,7 +262,7 @@ class Coordinator:
                 self._seen[worker_id] = now
                 return
         if self.store.get_worker(worker_id) is None:  # known before a restart, or reaped and back
-            raise NotFound(f"client {worker_id!r} not registered")
+            raise NotFound(f"worker {worker_id!r} not registered")
         with self._seen_lock:
             self._seen[worker_id] = now
 
@@ -315,7 +306,7 @@ class Coordinator:
             self._wake(len(freed))
         return len(freed)
 
-    def task(self, worker_id: str, wait_s: float = 0.0, known: frozenset[str] = frozenset()) -> Doc:
+    def task(self, worker_id: str, wait_s: float = 0.0, known: frozenset[str] = frozenset()) -> Answer:
         """The worker's next action: train a member's round, or wait; long-polls up to `wait_s` for work.
 
         Counts as a heartbeat. `known` lists experiments whose spec the worker holds (left out of the answer).
@@ -342,10 +333,10 @@ class Coordinator:
                 self._poll_slots.release()
             self.heartbeat(worker_id)
 
-    def _wait(self, retry_after_s: float) -> Doc:
+    def _wait(self, retry_after_s: float) -> Answer:
         return {"action": "wait", "retry_after_s": retry_after_s}
 
-    def _claim(self, worker_id: str, known: frozenset[str]) -> Doc | None:
+    def _claim(self, worker_id: str, known: frozenset[str]) -> Answer | None:
         with self.rounds.lock:
             held = next(
                 ((s, i) for s in self.rounds.active() for i, w in s.assigned.items() if w == worker_id), None
@@ -372,8 +363,8 @@ class Coordinator:
         )
         return self._train_task(state, index, known)
 
-    def _train_task(self, state: RoundState, index: int, known: frozenset[str]) -> Doc:
-        task: Doc = {
+    def _train_task(self, state: RoundState, index: int, known: frozenset[str]) -> Answer:
+        task: Answer = {
             "action": "train",
             "experiment_id": state.experiment_id,
             "client_index": index,
@@ -381,8 +372,7 @@ class Coordinator:
             "partition_digest": state.digests[index],
         }
         if state.experiment_id not in known:
-            experiment = self.experiment(state.experiment_id)
-            task["spec"] = {key: value for key, value in experiment.items() if key in SPEC_KEYS}
+            task["spec"] = state.spec.to_dict()
         return task
 
     # models and updates ----------------------------------------------------
@@ -391,7 +381,7 @@ class Coordinator:
         """The safetensors model that round `server_round` trains from (round 1: the initial model)."""
         return self.rounds.global_model(experiment_id, server_round)
 
-    def submit_update(self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes) -> Doc:
+    def submit_update(self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes) -> Answer:
         """Accept one member's weights and stats for a round; aggregates when the round is complete."""
         result = self.rounds.accept(experiment_id, server_round, meta, weights_data)
         if isinstance(meta, Mapping) and isinstance(meta.get("client_id"), str):

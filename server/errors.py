@@ -1,19 +1,32 @@
-"""Errors the coordinator raises; the HTTP layer maps each to a status code."""
+"""Errors the coordinator raises; the HTTP layer maps each to a status code and nothing else.
+
+`Invalid(field, rule)` is the one error of bad input (`server/validation.py`
+raises it, as do the rules that need the store's state): the answer names both.
+"""
 
 from __future__ import annotations
 
 
 class NotFound(LookupError):
-    """No such experiment, client, round or model (404)."""
+    """No such experiment, worker, round or model (404)."""
 
 
 class Conflict(Exception):
-    """The request is valid but too late, a duplicate, or from a client not holding the slot (409)."""
+    """The request is valid but too late, a duplicate, or from a worker not holding the member (409)."""
 
 
-class BadRequest(ValueError):
-    """A malformed request; `field` names the offending input (400)."""
+class Invalid(ValueError):
+    """A request input breaks a rule; `field` names the input, `rule` what it must be (400)."""
 
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
+    status = 400
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
         self.field = field
+        self.rule = rule
+
+
+class TooLarge(Invalid):
+    """A request input is over a documented size limit (413)."""
+
+    status = 413

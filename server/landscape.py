@@ -38,14 +38,16 @@ from fedland.measure import (
 )
 from fedland.scalars import cosine_similarity, gradient_dissimilarity
 from fedland.spec import ExperimentSpec
+from fedland.strategies import ClientUpdate, NamedArrays, make_strategy
 from server.resources import Resources
 from server.round_inputs import load_round_inputs
 from server.store import Store
-from server.strategies import ClientUpdate, Weights, make_strategy
-from stack import wire
+from stack import records, wire
+from stack.records import LandscapeRecord
 
 log = logging.getLogger(__name__)
 
+#: A landscape document (JSON-able; its keys are those of DEVELOPERS.md "Landscape measurements").
 Doc = dict[str, Any]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -54,10 +56,10 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 PAIRWISE_MAX_MEMBERS = 16
 
 def leave_one_out(
-    aggregate: Callable[[Sequence[ClientUpdate]], Weights],
+    aggregate: Callable[[Sequence[ClientUpdate]], NamedArrays],
     updates: Sequence[ClientUpdate],
     client_indices: Sequence[int],
-    evaluate: Callable[[Weights], tuple[float, float]],
+    evaluate: Callable[[NamedArrays], tuple[float, float]],
     full: tuple[float, float],
 ) -> list[Doc]:
     """Per client, ``metric(aggregate without it) - metric(aggregate of all)`` for test loss and accuracy.
@@ -99,11 +101,11 @@ class AggregatedRound:
     spec: ExperimentSpec
     experiment_id: str
     server_round: int
-    previous: Weights  # the global model the round trained from
-    state: Weights  # the strategy state the round started from
+    previous: NamedArrays  # the global model the round trained from
+    state: NamedArrays  # the strategy state the round started from
     updates: Sequence[ClientUpdate]
     client_indices: Sequence[int]  # of each update, same order
-    new_global: Weights
+    new_global: NamedArrays
     full_evaluation: tuple[float, float]  # (loss, accuracy) of new_global on the full test split
 
 
@@ -117,10 +119,10 @@ def load_aggregated_round(store: Store, spec: ExperimentSpec, experiment_id: str
     Raises:
         LookupError: the round, the previous model or a participant's update is not stored.
     """
-    round_doc = store.get_round(experiment_id, server_round)
-    if round_doc is None:
+    round_record = store.get_round(experiment_id, server_round)
+    if round_record is None:
         raise LookupError(f"round {server_round} of experiment {experiment_id} is not aggregated")
-    participants = [int(index) for index in round_doc["participants"]]
+    participants = list(round_record.participants)
     inputs = load_round_inputs(store, experiment_id, server_round, participants)
     return AggregatedRound(
         spec=spec,
@@ -130,8 +132,8 @@ def load_aggregated_round(store: Store, spec: ExperimentSpec, experiment_id: str
         state=inputs.state,
         updates=inputs.updates,
         client_indices=inputs.client_indices,
-        new_global=wire.decode(store.load_model(str(round_doc["model_file_id"]))),
-        full_evaluation=(float(round_doc["test_loss"]), float(round_doc["test_accuracy"])),
+        new_global=wire.decode(store.load_model(round_record.model_file_id)),
+        full_evaluation=(round_record.test_loss, round_record.test_accuracy),
     )
 
 
@@ -173,7 +175,7 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
     strategy = make_strategy(spec.strategy)
     client_batches = [plan.landscape_batch(i) for i in client_indices]  # each participant's subset, built once
 
-    def evaluate(weights: Weights) -> tuple[float, float]:
+    def evaluate(weights: NamedArrays) -> tuple[float, float]:
         evaluation = resources.evaluate(spec, weights)
         return float(evaluation.loss), float(evaluation.accuracy)
 
@@ -204,11 +206,14 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
         indices = [int(i) for i in client_indices]
         if len(local_models) >= 2:
             alphas = np.linspace(0.0, 1.0, lspec.interpolation_points)
-            doc["pairwise_barriers"] = {"client_indices": indices, **pairwise_barriers(local_models, held_out, alphas)}
+            barriers = {"client_indices": indices, **pairwise_barriers(local_models, held_out, alphas)}
+            doc["pairwise_barriers_id"] = store.save_landscape(
+                LandscapeRecord(experiment_id, server_round, records.PAIRWISE_BARRIERS, barriers)
+            )
         doc["flatness_gap"] = {
             "client_indices": indices,
             **flatness_gap_document(global_model, local_models, client_batches, seed),
         }
-    doc["surface_id"] = store.save_landscape(experiment_id, server_round, "pca_surface", surface)
+    doc["surface_id"] = store.save_landscape(LandscapeRecord(experiment_id, server_round, records.SURFACE, surface))
     doc["duration_s"] = time.perf_counter() - started
     return doc

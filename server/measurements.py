@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from collections.abc import Callable
-from typing import Any
 
-from fedland.spec import ExperimentSpec
 from server.landscape import measure_stored_round
 from server.resources import Resources
 from server.store import Store
+from stack.records import ExperimentRecord
 
 log = logging.getLogger(__name__)
-
-Doc = dict[str, Any]
 
 
 class LandscapeWorker:
@@ -56,10 +53,10 @@ class LandscapeWorker:
             self._pending[key] = future
         future.add_done_callback(lambda done: self._forget(key, done))
 
-    def queue_unmeasured(self, experiment: Doc) -> None:
+    def queue_unmeasured(self, experiment: ExperimentRecord) -> None:
         """Queue every scheduled round of `experiment` whose document has no landscape yet."""
         for server_round in self._unmeasured_rounds(experiment):
-            self.queue(experiment["id"], server_round)
+            self.queue(experiment.id, server_round)
 
     def wait(self, experiment_id: str | None = None, timeout_s: float | None = None) -> bool:
         """Wait for the measurements and final jobs queued so far (of one experiment, or all); True if none is left."""
@@ -68,32 +65,32 @@ class LandscapeWorker:
             futures += [f for eid, f in self._finishing.items() if experiment_id is None or eid == experiment_id]
         return not wait_futures(futures, timeout=timeout_s).not_done
 
-    def _measure_missing(self, experiment: Doc) -> None:
+    def _measure_missing(self, experiment: ExperimentRecord) -> None:
         for server_round in self._unmeasured_rounds(experiment):
-            self._measure_safely(experiment["id"], server_round)
+            self._measure_safely(experiment.id, server_round)
 
-    def finish_then(self, experiment: Doc, then: Callable[[], None]) -> None:
+    def finish_then(self, experiment: ExperimentRecord, then: Callable[[], None]) -> None:
         """On the measurement thread, after the rounds queued so far: any unmeasured round, then `then` (dropped after `close`)."""
 
         def job() -> None:  # the rounds queued before it are done: one thread, first in first out
             try:
                 self._measure_missing(experiment)
             except Exception:  # noqa: BLE001 - the measurement thread must outlive any job
-                log.exception("experiment %s: final measurements failed", experiment["id"])
+                log.exception("experiment %s: final measurements failed", experiment.id)
             then()
 
         with self._lock:
             try:
                 future = self.executor.submit(job)
             except RuntimeError:  # closed: the next start finishes it (`Rounds.recover`)
-                log.info("experiment %s: not finished, shutting down", experiment["id"])
+                log.info("experiment %s: not finished, shutting down", experiment.id)
                 return
-            self._finishing[experiment["id"]] = future
+            self._finishing[experiment.id] = future
 
         def forget(done: Future[None]) -> None:
             with self._lock:
-                if self._finishing.get(experiment["id"]) is done:
-                    del self._finishing[experiment["id"]]
+                if self._finishing.get(experiment.id) is done:
+                    del self._finishing[experiment.id]
 
         future.add_done_callback(forget)
 
@@ -102,10 +99,10 @@ class LandscapeWorker:
             if self._pending.get(key) is future:
                 del self._pending[key]
 
-    def _unmeasured_rounds(self, experiment: Doc) -> list[int]:
-        spec = ExperimentSpec.from_dict(experiment)
+    def _unmeasured_rounds(self, experiment: ExperimentRecord) -> list[int]:
+        spec = experiment.spec
         return [
-            r for r in self.store.rounds_without_landscape(experiment["id"]) if spec.landscape.scheduled(r, spec.rounds)
+            r for r in self.store.rounds_without_landscape(experiment.id) if spec.landscape.scheduled(r, spec.rounds)
         ]
 
     def _measure_safely(self, experiment_id: str, server_round: int) -> None:
@@ -119,11 +116,10 @@ class LandscapeWorker:
         if experiment is None:
             log.info("experiment %s is gone: round %d not measured", experiment_id, server_round)
             return
-        round_doc = self.store.get_round(experiment_id, server_round)
-        if round_doc is None or "landscape" in round_doc:
+        round_record = self.store.get_round(experiment_id, server_round)
+        if round_record is None or round_record.landscape is not None:
             return
-        spec = ExperimentSpec.from_dict(experiment)
-        landscape = measure_stored_round(self.store, self.resources, spec, experiment_id, server_round)
+        landscape = measure_stored_round(self.store, self.resources, experiment.spec, experiment_id, server_round)
         if self.store.set_round_landscape(experiment_id, server_round, landscape) and "error" not in landscape:
             log.info(
                 "experiment %s round %d: landscape measured in %.2f s",

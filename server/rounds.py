@@ -33,20 +33,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedland.participation import selected_members
-from fedland.datasets import DATASETS
 from fedland.spec import ExperimentSpec
-from server.errors import BadRequest, Conflict, NotFound
+from fedland.strategies import NamedArrays, RunningMean, make_strategy
+from server.errors import Conflict, Invalid, NotFound
 from server.measurements import LandscapeWorker
 from server.resources import Resources
-from server.store import DuplicateError, Store, StoreUnavailable, undo_files
 from server.round_inputs import load_round_inputs
-from server.strategies import RunningMean, is_averaging, make_strategy
-from server.validation import Invalid, check_stats, check_weights_bounded
-from stack import wire
+from server.store import DuplicateError, Store, StoreUnavailable, undo_files
+from server.validation import UpdateMeta, check_weights_bounded, parse_meta
+from stack import records, wire
+from stack.records import ClientModelFile, ClientStatsRecord, ExperimentRecord, ModelFile, RoundRecord
 
 log = logging.getLogger(__name__)
 
-Doc = dict[str, Any]
 MODEL_CACHE_ENTRIES = 64  # global models kept in memory for the workers' downloads (~0.2 MB each for FedNet)
 
 
@@ -107,73 +106,73 @@ class Rounds:
         self.on_change = on_change  # (members newly pending) -> None: wakes waiting workers and progress views
         self.lock = threading.RLock()
         self.states: dict[str, RoundState] = {}  # experiment id -> its current round, in queue order
-        self._docs: dict[str, Doc] = {}  # experiment documents of the states (written through)
+        self._experiments: dict[str, ExperimentRecord] = {}  # the active experiments (written through)
         self._models: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._models_lock = threading.Lock()
         self._total_rounds: dict[str, int] = {}
 
     # experiments -------------------------------------------------------------
 
-    def experiment(self, experiment_id: str) -> Doc:
+    def experiment(self, experiment_id: str) -> ExperimentRecord:
         with self.lock:
-            cached = self._docs.get(experiment_id)
-        doc = dict(cached) if cached is not None else self.store.get_experiment(experiment_id)
-        if doc is None:
+            cached = self._experiments.get(experiment_id)
+        experiment = cached if cached is not None else self.store.get_experiment(experiment_id)
+        if experiment is None:
             raise NotFound(f"experiment {experiment_id!r} not found")
-        return doc
+        return experiment
 
     def _update(self, experiment_id: str, changes: Mapping[str, Any], where: Mapping[str, Any] | None = None) -> bool:
         changed = self.store.update_experiment(experiment_id, changes, where=where)
         with self.lock:
-            if changed and experiment_id in self._docs:
-                self._docs[experiment_id].update(changes)
+            if changed and experiment_id in self._experiments:
+                self._experiments[experiment_id] = self._experiments[experiment_id].replace(**changes)
         return changed
 
     def mark_running(self, experiment_id: str) -> None:
         """A queued experiment's first member was assigned."""
         now = self.clock()
         with self.lock:
-            doc = self._docs.get(experiment_id)
-            if doc is None or doc["status"] != "queued":
+            experiment = self._experiments.get(experiment_id)
+            if experiment is None or experiment.status != "queued":
                 return
-            doc["status"] = "running"
+            self._experiments[experiment_id] = experiment.replace(status="running")
             state = self.states.get(experiment_id)
             if state is not None and state.server_round == 1:
                 state.started_at = now  # round 1 starts with the experiment, not when it was queued
         self._update(experiment_id, {"status": "running", "started_at": now}, {"status": "queued"})
 
-    def open(self, experiment: Doc, *, recovering: bool = False) -> RoundState | None:
+    def open(self, experiment: ExperimentRecord, *, recovering: bool = False) -> RoundState | None:
         """Start tracking the experiment's current round (pending: its selected members)."""
-        spec = ExperimentSpec.from_dict(experiment)
-        server_round = int(experiment["current_round"])
-        members = self.store.slots(experiment["id"])
+        spec, experiment_id, server_round = experiment.spec, experiment.id, experiment.current_round
+        members = self.store.members(experiment_id)
         selected = selected_members(spec, server_round)
+        averages = make_strategy(spec.strategy).averages
         state = RoundState(
             spec=spec,
-            experiment_id=experiment["id"],
+            experiment_id=experiment_id,
             server_round=server_round,
             selected=selected,
-            started_at=self._round_started_at(experiment, server_round) or self.clock(),
-            durable=not is_averaging(spec.strategy) or spec.landscape.scheduled(server_round, spec.rounds),
-            num_train={int(m["client_index"]): int(m["num_train"]) for m in members},
-            digests={int(m["client_index"]): str(m["partition_digest"]) for m in members},
-            last_worker=self._last_workers(experiment["id"], server_round),
-            mean=RunningMean() if is_averaging(spec.strategy) else None,
+            started_at=self._round_started_at(experiment) or self.clock(),
+            durable=not averages or spec.landscape.scheduled(server_round, spec.rounds),
+            num_train={m.client_index: m.num_train for m in members},
+            digests={m.client_index: m.partition_digest for m in members},
+            last_worker=self._last_workers(experiment_id, server_round),
+            mean=RunningMean() if averages else None,
         )
         assigned: dict[int, str] = {}
         if recovering:
             self._recover_reports(state)
             assigned = {
-                int(m["client_index"]): str(m["worker_id"])
+                m.client_index: m.worker_id
                 for m in members
-                if m.get("worker_id") and m.get("assigned_round") == server_round
-                and int(m["client_index"]) in selected and int(m["client_index"]) not in state.reported
+                if m.worker_id and m.assigned_round == server_round
+                and m.client_index in selected and m.client_index not in state.reported
             }
         state.assigned = assigned
         state.pending = [i for i in selected if i not in state.reported and i not in assigned]
         with self.lock:
-            self._docs[experiment["id"]] = dict(experiment)
-            self.states[experiment["id"]] = state
+            self._experiments[experiment_id] = experiment
+            self.states[experiment_id] = state
         return state
 
     def _last_workers(self, experiment_id: str, server_round: int) -> dict[int, str]:
@@ -181,19 +180,18 @@ class Rounds:
         if server_round <= 1:
             return {}
         return {
-            int(doc["client_index"]): str(doc["worker_id"])
-            for doc in self.store.stats_of_round(experiment_id, server_round - 1)
-            if doc.get("worker_id")
+            stats.client_index: stats.worker_id
+            for stats in self.store.stats_of_round(experiment_id, server_round - 1)
+            if stats.worker_id
         }
 
     def _recover_reports(self, state: RoundState) -> None:
         """Fold the round's stored updates back in; reports whose update was not stored train again."""
         for stats in self.store.stats_of_round(state.experiment_id, state.server_round):
-            index = int(stats["client_index"])
+            index = stats.client_index
             if index not in state.selected:
                 continue
-            file_id = stats.get("weights_file_id")
-            if file_id is None:
+            if stats.weights_file_id is None:
                 log.warning(
                     "experiment %s round %d: member %d's update was lost with the restart; it trains again",
                     state.experiment_id, state.server_round, index,
@@ -201,11 +199,11 @@ class Rounds:
                 self.store.unreport(state.experiment_id, index, state.server_round)
                 continue
             if state.mean is not None:
-                state.mean.add(wire.decode(self.store.load_client_model(file_id)), int(stats["num_examples"]))
+                state.mean.add(wire.decode(self.store.load_client_model(stats.weights_file_id)), stats.num_examples)
             state.reported.add(index)
             state.folded.add(index)
-            if stats.get("worker_id") or stats.get("client_id"):
-                state.last_worker[index] = str(stats.get("worker_id") or stats.get("client_id"))
+            if stats.worker_id:
+                state.last_worker[index] = stats.worker_id
 
     def active(self) -> list[RoundState]:
         """Open rounds, oldest experiment first (call under `lock`)."""
@@ -221,53 +219,57 @@ class Rounds:
             while len(self._models) > MODEL_CACHE_ENTRIES:
                 self._models.popitem(last=False)
 
-    def global_model(self, experiment_id: str, server_round: int) -> bytes:
-        """The safetensors model that round `server_round` trains from (round 1: the initial model)."""
-        key = (experiment_id, server_round - 1)
+    def _cached_model(self, experiment_id: str, aggregated_round: int) -> bytes | None:
+        key = (experiment_id, aggregated_round)
         with self._models_lock:
             if key in self._models and key[1] < self._total_rounds.get(experiment_id, 0):
                 self._models.move_to_end(key)
                 return self._models[key]
+        return None
+
+    def global_model(self, experiment_id: str, server_round: int) -> bytes:
+        """The safetensors model that round `server_round` trains from (round 1: the initial model)."""
+        cached = self._cached_model(experiment_id, server_round - 1)
+        if cached is not None:
+            return cached
         experiment = self.experiment(experiment_id)
-        if not 1 <= server_round <= experiment["rounds"]:
-            raise NotFound(f"round {server_round} is outside 1..{experiment['rounds']}")
+        rounds = experiment.spec.rounds
+        if not 1 <= server_round <= rounds:
+            raise NotFound(f"round {server_round} is outside 1..{rounds}")
         file_id = self.store.global_model_id(experiment_id, server_round - 1)
         if file_id is None:
             raise NotFound(f"round {server_round - 1} of experiment {experiment_id} is not aggregated yet")
         data = self.store.load_model(file_id)
-        self.remember_model(experiment_id, server_round - 1, data, int(experiment["rounds"]))
+        self.remember_model(experiment_id, server_round - 1, data, rounds)
         return data
 
     # updates ---------------------------------------------------------------
 
-    def accept(self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes) -> Doc:
+    def accept(self, experiment_id: str, server_round: int, raw_meta: Any, weights_data: bytes) -> dict[str, bool]:
         """Accept one member's update of the current round; closes and aggregates the round when complete."""
         experiment = self.experiment(experiment_id)
-        worker_id, index, num_examples, stats = parse_meta(
-            meta, len(experiment["target_balance_ratios"]), int(experiment["local_epochs"])
-        )
-        if experiment["status"] != "running":
-            raise Conflict(f"experiment {experiment_id} is {experiment['status']}")
+        spec = experiment.spec
+        meta = parse_meta(raw_meta, spec.num_clients, spec.local_epochs)
+        worker_id, index = meta.worker_id, meta.client_index
+        if experiment.status != "running":
+            raise Conflict(f"experiment {experiment_id} is {experiment.status}")
         with self.lock:
             state = self.states.get(experiment_id)
             if state is None or state.server_round != server_round or state.closed:
-                current = experiment["current_round"] if state is None else state.server_round
+                current = experiment.current_round if state is None else state.server_round
                 raise Conflict(f"round {server_round} is not open (current round {current})")
             if index in state.reported:
                 raise Conflict(f"member {index} already reported round {server_round}")
             if state.assigned.get(index) != worker_id:
                 raise Conflict(f"member {index} is not assigned to worker {worker_id} in round {server_round}")
             expected = state.num_train[index]
-        if num_examples != expected:  # strategies weight by it: a worker may not inflate a member's share
-            raise BadRequest(
-                f"meta.num_examples must be the member's {expected} training examples, got {num_examples}",
-                "meta.num_examples",
-            )
+        if meta.num_examples != expected:  # strategies weight by it: a worker may not inflate a member's share
+            raise Invalid("meta.num_examples", f"must be the member's {expected} training examples, got {meta.num_examples}")
         try:
             weights = wire.decode(weights_data)
-            wire.check_compatible(weights, self.resources.reference(experiment["model"], DATASETS[experiment["dataset_name"]].num_classes))
+            wire.check_compatible(weights, self.resources.reference(spec.model, spec.num_classes))
         except ValueError as error:
-            raise BadRequest(str(error), "weights") from None
+            raise Invalid("weights", str(error)) from None
         check_weights_bounded(weights)  # one worker's absurd weights must not sink the aggregate
         with self.lock:  # the assignment may have moved while the weights were checked
             if state.closed or index in state.reported or state.assigned.get(index) != worker_id:
@@ -275,7 +277,7 @@ class Rounds:
             del state.assigned[index]
             state.reported.add(index)
         try:
-            self._store_update(state, index, worker_id, num_examples, stats, weights, weights_data)
+            self._store_update(state, meta, weights, weights_data)
         except BaseException:
             with self.lock:  # give the assignment back: the worker may retry
                 state.reported.discard(index)
@@ -284,24 +286,24 @@ class Rounds:
         log.info("experiment %s round %d: update of member %d", experiment_id, server_round, index)
         return {"accepted": True, "aggregated": self.close_if_complete(state)}
 
-    def _store_update(
-        self, state: RoundState, index: int, worker_id: str, num_examples: int, stats: Doc,
-        weights: wire.Weights, weights_data: bytes,
-    ) -> None:
-        experiment_id, server_round = state.experiment_id, state.server_round
-        file_id = self.store.save_client_model(weights_data, experiment_id, server_round, index) if state.durable else None
-        doc = {
-            **stats,
-            "experiment_id": experiment_id,
-            "client_index": index,
-            "worker_id": worker_id,
-            "round": server_round,
-            "num_examples": num_examples,
-            "weights_file_id": file_id,
-            "received_at": self.clock(),
-        }
+    def _store_update(self, state: RoundState, meta: UpdateMeta, weights: NamedArrays, weights_data: bytes) -> None:
+        experiment_id, server_round, index = state.experiment_id, state.server_round, meta.client_index
+        file_id = (
+            self.store.save_client_model(weights_data, ClientModelFile(experiment_id, server_round, index))
+            if state.durable else None
+        )
+        stats = ClientStatsRecord(
+            experiment_id=experiment_id,
+            round=server_round,
+            client_index=index,
+            worker_id=meta.worker_id,
+            received_at=self.clock(),
+            num_examples=meta.num_examples,
+            weights_file_id=file_id,
+            stats=meta.stats,
+        )
         try:
-            self.store.insert_client_stats(doc)
+            self.store.insert_client_stats(stats)
         except DuplicateError:
             if file_id is not None:
                 self.store.delete_client_model(file_id)
@@ -317,10 +319,10 @@ class Rounds:
                     undo_files([file_id], self.store.delete_client_model)
                 raise Conflict(f"round {server_round} closed at its deadline before member {index}'s update")
             if state.mean is not None:
-                state.mean.add(weights, num_examples)
+                state.mean.add(weights, meta.num_examples)
             state.folded.add(index)
         with self.lock:
-            state.last_worker[index] = worker_id
+            state.last_worker[index] = meta.worker_id
 
     # closing and aggregation --------------------------------------------------
 
@@ -348,12 +350,12 @@ class Rounds:
     def _aggregate_and_advance(self, state: RoundState) -> bool:
         experiment_id, server_round = state.experiment_id, state.server_round
         experiment = self.experiment(experiment_id)
-        if experiment["status"] != "running" or experiment["current_round"] != server_round:
+        if experiment.status != "running" or experiment.current_round != server_round:
             return False
         aggregated = True
         if self.store.get_round(experiment_id, server_round) is None:
             try:
-                aggregated = self._aggregate(state, experiment)
+                aggregated = self._aggregate(state)
             except StoreUnavailable:
                 raise  # not the round's fault: 503, and the next update or the timer aggregates it
             except Exception as error:  # any failure ends the experiment, visibly
@@ -363,24 +365,21 @@ class Rounds:
         self.advance(experiment, server_round)
         return aggregated
 
-    def _aggregate(self, state: RoundState, experiment: Doc) -> bool:
+    def _aggregate(self, state: RoundState) -> bool:
         started = time.perf_counter()
         spec, experiment_id, server_round = state.spec, state.experiment_id, state.server_round
         participants = sorted(state.folded)
-        previous_id = self.store.global_model_id(experiment_id, server_round - 1)
-        if previous_id is None:
-            raise RuntimeError(f"global model of round {server_round - 1} is missing")
-        current = wire.decode(self.global_model(experiment_id, server_round))
-        state_id = self.store.strategy_state_id(experiment_id, server_round - 1)
-        strategy_state = {} if state_id is None else wire.decode(self.store.load_model(state_id))
         strategy = make_strategy(spec.strategy)
+        inputs = load_round_inputs(  # the averaging strategies' updates are already in the running mean
+            self.store, experiment_id, server_round, participants if state.mean is None else [],
+            previous=self._cached_model(experiment_id, server_round - 1),
+        )
         if state.mean is not None:
-            new_global, new_state = strategy.aggregate_mean(current, state.mean.mean(), strategy_state)  # type: ignore[attr-defined]
+            new_global, new_state = strategy.aggregate_mean(inputs.previous, state.mean.mean(), inputs.state)
             num_examples = state.mean.total_examples
         else:
-            updates = load_round_inputs(self.store, experiment_id, server_round, participants).updates
-            new_global, new_state = strategy.aggregate(current, updates, strategy_state)
-            num_examples = sum(update.num_examples for update in updates)
+            new_global, new_state = strategy.aggregate(inputs.previous, inputs.updates, inputs.state)
+            num_examples = sum(update.num_examples for update in inputs.updates)
         wire.check_compatible(new_global, self.resources.reference(spec.model, spec.num_classes))
         try:  # checked before it replaces the global model
             check_weights_bounded(new_global)
@@ -393,28 +392,30 @@ class Rounds:
 
         # files of an attempt cut off before its rounds document stay unreferenced: harmless
         model_data = wire.encode(new_global)
-        model_file_id = self.store.save_model(model_data, experiment_id, server_round, "global")
-        state_file_id = self.store.save_model(wire.encode(new_state), experiment_id, server_round, "strategy_state")
+        model_file_id = self.store.save_model(model_data, ModelFile(experiment_id, server_round, records.GLOBAL))
+        state_file_id = self.store.save_model(
+            wire.encode(new_state), ModelFile(experiment_id, server_round, records.STRATEGY_STATE)
+        )
         finished_at = self.clock()
-        doc = {
-            "experiment_id": experiment_id,
-            "round": server_round,
-            "test_loss": float(evaluation.loss),
-            "test_accuracy": float(evaluation.accuracy),
-            "num_test": int(evaluation.num_examples),
-            "selected": list(state.selected),
-            "participants": participants,
-            "num_examples": int(num_examples),
-            "strategy": spec.strategy.name,
-            "started_at": state.started_at,
-            "finished_at": finished_at,
-            "duration_s": finished_at - state.started_at,
-            "aggregation_s": aggregation_s,
-            "model_file_id": model_file_id,
-            "strategy_state_file_id": state_file_id,
-        }
+        round_record = RoundRecord(
+            experiment_id=experiment_id,
+            round=server_round,
+            started_at=state.started_at,
+            finished_at=finished_at,
+            test_loss=float(evaluation.loss),
+            test_accuracy=float(evaluation.accuracy),
+            num_test=int(evaluation.num_examples),
+            selected=tuple(state.selected),
+            participants=tuple(participants),
+            num_examples=int(num_examples),
+            strategy=spec.strategy.name,
+            duration_s=finished_at - state.started_at,
+            aggregation_s=aggregation_s,
+            model_file_id=model_file_id,
+            strategy_state_file_id=state_file_id,
+        )
         try:
-            self.store.insert_round(doc)
+            self.store.insert_round(round_record)
         except DuplicateError:
             log.warning("experiment %s round %d was already aggregated", experiment_id, server_round)
             self.store.delete_model(model_file_id)
@@ -428,21 +429,20 @@ class Rounds:
         )
         return True
 
-    def _round_started_at(self, experiment: Doc, server_round: int) -> float | None:
-        if server_round == 1:
-            return experiment.get("started_at")
-        previous = self.store.get_round(experiment["id"], server_round - 1)
-        return None if previous is None else previous.get("finished_at")
+    def _round_started_at(self, experiment: ExperimentRecord) -> float | None:
+        if experiment.current_round == 1:
+            return experiment.started_at
+        previous = self.store.get_round(experiment.id, experiment.current_round - 1)
+        return None if previous is None else previous.finished_at
 
-    def advance(self, experiment: Doc, server_round: int) -> None:
+    def advance(self, experiment: ExperimentRecord, server_round: int) -> None:
         """After round `server_round` is stored: open the next round, or finish once measured."""
-        experiment_id = experiment["id"]
-        spec = ExperimentSpec.from_dict(experiment)
+        experiment_id, spec = experiment.id, experiment.spec
         where = {"status": "running", "current_round": server_round}
-        if server_round >= experiment["rounds"]:
+        if server_round >= spec.rounds:
             with self.lock:
                 self.states.pop(experiment_id, None)
-            self.store.release_experiment_slots(experiment_id)
+            self.store.release_experiment_members(experiment_id)
             if spec.landscape.enabled:
                 # "finished" promises every scheduled round's landscape: finish on the measurement thread
                 self.measurements.finish_then(experiment, lambda: self._finish(experiment_id, where))
@@ -459,30 +459,30 @@ class Rounds:
         self.on_change(0 if state is None else len(state.pending))
 
     def _resync(self, experiment_id: str) -> None:
-        doc = self.store.get_experiment(experiment_id)
+        experiment = self.store.get_experiment(experiment_id)
         with self.lock:
             state = self.states.get(experiment_id)
-            if doc is None or doc["status"] != "running":
+            if experiment is None or experiment.status != "running":
                 self.states.pop(experiment_id, None)
-                self._docs.pop(experiment_id, None)
+                self._experiments.pop(experiment_id, None)
                 return
-            self._docs[experiment_id] = dict(doc)
-        if state is None or state.server_round != doc["current_round"]:
-            self.open(doc, recovering=True)
+            self._experiments[experiment_id] = experiment
+        if state is None or state.server_round != experiment.current_round:
+            self.open(experiment, recovering=True)
 
     def _finish(self, experiment_id: str, where: Mapping[str, Any]) -> None:
         if self._update(experiment_id, {"status": "finished", "finished_at": self.clock()}, where):
             log.info("experiment %s finished", experiment_id)
         with self.lock:
-            self._docs.pop(experiment_id, None)
+            self._experiments.pop(experiment_id, None)
         self.on_change(0)
 
     def fail(self, experiment_id: str, error: str) -> None:
         self._update(experiment_id, {"status": "failed", "error": error, "finished_at": self.clock()})
         with self.lock:
             self.states.pop(experiment_id, None)
-            self._docs.pop(experiment_id, None)
-        self.store.release_experiment_slots(experiment_id)
+            self._experiments.pop(experiment_id, None)
+        self.store.release_experiment_members(experiment_id)
         self.on_change(0)
 
     # recovery -----------------------------------------------------------------
@@ -496,41 +496,21 @@ class Rounds:
         """
         aggregated = 0
         for experiment in self.store.active_experiments():
-            self.resources.load(experiment["dataset_name"])  # load now, not in a request
-            server_round = int(experiment["current_round"])
-            if experiment["status"] == "running" and self.store.get_round(experiment["id"], server_round) is not None:
+            self.resources.load(experiment.spec.dataset_name)  # load now, not in a request
+            server_round = experiment.current_round
+            if experiment.status == "running" and self.store.get_round(experiment.id, server_round) is not None:
                 with self.lock:
-                    self._docs[experiment["id"]] = dict(experiment)
+                    self._experiments[experiment.id] = experiment
                 self.advance(experiment, server_round)
                 continue
             state = self.open(experiment, recovering=True)
-            if state is not None and experiment["status"] == "running":
+            if state is not None and experiment.status == "running":
                 aggregated += self.close_if_complete(state)
         for experiment in self.store.list_experiments():
-            if experiment.get("status") in ("running", "finished"):
+            if experiment.status in ("running", "finished"):
                 self.measurements.queue_unmeasured(experiment)
         return aggregated
 
     def assigned_workers(self) -> set[str]:
         with self.lock:
             return {worker for state in self.states.values() for worker in state.assigned.values()}
-
-
-def parse_meta(meta: Any, num_clients: int, max_epochs: int) -> tuple[str, int, int, Doc]:
-    """(worker_id, client_index, num_examples, stats) from the update's `meta`, or BadRequest."""
-    if not isinstance(meta, Mapping):
-        raise BadRequest("meta must be a JSON object", "meta")
-    worker_id = meta.get("client_id")
-    if not isinstance(worker_id, str) or not worker_id or len(worker_id) > 64:
-        raise BadRequest("meta.client_id must be a non-empty string of at most 64 characters", "meta.client_id")
-    client_index = meta.get("client_index")
-    if not isinstance(client_index, int) or isinstance(client_index, bool) or not 0 <= client_index < num_clients:
-        raise BadRequest(f"meta.client_index must be an integer in [0, {num_clients})", "meta.client_index")
-    num_examples = meta.get("num_examples")
-    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
-        raise BadRequest("meta.num_examples must be an integer > 0", "meta.num_examples")
-    for key in meta:
-        if key not in ("client_id", "client_index", "num_examples", "stats"):
-            raise BadRequest(f"meta.{key}: unknown key", f"meta.{key}")
-    stats = check_stats(meta.get("stats", {}), max_epochs=max_epochs)  # known keys only: none is reserved
-    return worker_id, client_index, num_examples, stats

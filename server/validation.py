@@ -1,8 +1,9 @@
-"""Request validation: JSON bodies, client stats and weights checked before anything is written.
+"""Request validation: every request input checked before anything is written.
 
-Pure functions (no Flask, no store). Each refusal raises `Invalid` naming the
-field and the rule; the HTTP layer answers 400 (413 for `TooLarge`). The limits
-below are the documented ones (README "Limits").
+The one validation layer: pure functions (no Flask, no store) from a request's
+raw input to typed values. Each refusal raises `Invalid(field, rule)`
+(`server/errors.py`); the HTTP layer answers 400 (413 for `TooLarge`) naming
+both. The limits below are the documented ones (README "Limits").
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fedland.spec import INT64_MAX, MAX_DESCRIPTION_CHARS
-from server.strategies import is_statistic
+from fedland.spec import INT64_MAX, MAX_DESCRIPTION_CHARS, ExperimentSpec, SpecError
+from fedland.strategies import is_statistic
+from server.errors import Invalid, TooLarge
 
 __all__ = [
     "INT64_MAX",
@@ -38,6 +41,11 @@ __all__ = [
     "check_tree",
     "check_weights_bounded",
     "parse_json",
+    "parse_meta",
+    "parse_query_number",
+    "parse_registration",
+    "parse_specs",
+    "parse_task_request",
 ]
 
 INT64_MIN = -(2**63)  # INT64_MAX: fedland.spec's, the store keeps integers as BSON int64
@@ -55,23 +63,6 @@ STRING_LIMITS: dict[str, int] = {"description": MAX_DESCRIPTION_CHARS}
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}\Z")
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
-
-
-class Invalid(ValueError):
-    """A request input breaks a rule; `field` names the input (answered 400)."""
-
-    status = 400
-
-    def __init__(self, field: str, rule: str) -> None:
-        super().__init__(f"{field}: {rule}")
-        self.field = field
-        self.rule = rule
-
-
-class TooLarge(Invalid):
-    """A request input is over a documented size limit (answered 413)."""
-
-    status = 413
 
 
 def _refuse_constant(name: str) -> Any:
@@ -305,3 +296,115 @@ def check_weights_bounded(weights: Mapping[str, np.ndarray], bound: float = MAX_
         largest = float(np.max(np.abs(value.astype(np.float64, copy=False))))
         if largest > limit:
             raise Invalid(f"weights[{name!r}]", f"holds |w| = {largest:.3g}; the bound is {limit:g}")
+
+
+# --- request bodies --------------------------------------------------------------
+
+
+def parse_specs(body: Any) -> list[ExperimentSpec]:
+    """One spec object or a non-empty list of them; a refusal names the field (``experiments[i].`` in a list)."""
+    items = body if isinstance(body, list) else [body]
+    if not items:
+        raise Invalid("body", "an empty list holds no experiment")
+    specs = []
+    for position, item in enumerate(items):
+        prefix = f"experiments[{position}]." if isinstance(body, list) else ""
+        try:
+            specs.append(ExperimentSpec.from_dict(item))
+        except SpecError as error:
+            raise Invalid(f"{prefix}{error.field}", error.rule) from None
+    return specs
+
+
+def spec_field(body: Any, position: int, field: str) -> str:
+    """The name of a spec's field in a submission: ``experiments[i].field`` when the body is a list."""
+    return f"experiments[{position}].{field}" if isinstance(body, list) else field
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A worker's registration: where it runs."""
+
+    hostname: str
+    pid: int
+
+
+def parse_registration(body: Any) -> Registration:
+    if not isinstance(body, Mapping):
+        raise Invalid("body", "must be an object with hostname and pid")
+    hostname, pid = body.get("hostname"), body.get("pid")
+    if not isinstance(hostname, str) or not hostname or len(hostname) > 255:
+        raise Invalid("hostname", "must be a non-empty string of at most 255 characters")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < 2**32:
+        raise Invalid("pid", "must be an integer in [0, 2**32)")
+    return Registration(hostname, pid)
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """A worker's task request: how long it may long-poll, and the experiments whose spec it holds."""
+
+    wait_s: float = 0.0
+    known_experiments: frozenset[str] = frozenset()
+
+
+def parse_task_request(body: Any) -> TaskRequest:
+    if not isinstance(body, Mapping):
+        raise Invalid("body", "must be a JSON object")
+    wait_s = body.get("wait_s", 0.0)
+    if not isinstance(wait_s, (int, float)) or isinstance(wait_s, bool) or not wait_s >= 0:
+        raise Invalid("wait_s", "must be a number of seconds >= 0")
+    known = body.get("known_experiments", [])
+    if not isinstance(known, list) or len(known) > MAX_KNOWN_EXPERIMENTS:
+        raise Invalid("known_experiments", f"must be a list of at most {MAX_KNOWN_EXPERIMENTS} experiment ids")
+    for position, item in enumerate(known):
+        if not isinstance(item, str):
+            raise Invalid(f"known_experiments[{position}]", "must be an experiment id (a string)")
+        check_id(item, f"known_experiments[{position}]")
+    return TaskRequest(float(wait_s), frozenset(known))
+
+
+def parse_query_number(name: str, raw: str | None, kind: type[int] | type[float]) -> float | None:
+    """A query parameter that must be a number >= 0 (None when absent)."""
+    if raw is None:
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise Invalid(name, f"query parameter must be a number, got {raw!r}") from None
+    if not value >= 0:
+        raise Invalid(name, f"query parameter must be >= 0, got {raw!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class UpdateMeta:
+    """The `meta` of a member's update: who sends it, for which member, and what the worker measured."""
+
+    worker_id: str
+    client_index: int
+    num_examples: int
+    stats: dict[str, Any]
+
+
+META_KEYS = ("worker_id", "client_index", "num_examples", "stats")
+
+
+def parse_meta(meta: Any, num_clients: int, max_epochs: int) -> UpdateMeta:
+    """The typed `meta` of an update (`META_KEYS`), or `Invalid` naming the first offending key."""
+    if not isinstance(meta, Mapping):
+        raise Invalid("meta", "must be a JSON object")
+    for key in meta:
+        if key not in META_KEYS:
+            raise Invalid(f"meta.{key}", f"unknown key; valid keys: {', '.join(META_KEYS)}")
+    worker_id = meta.get("worker_id")
+    if not isinstance(worker_id, str) or not _ID.match(worker_id):
+        raise Invalid("meta.worker_id", "must be the worker's id: 1 to 64 letters, digits, '_' or '-'")
+    client_index = meta.get("client_index")
+    if not isinstance(client_index, int) or isinstance(client_index, bool) or not 0 <= client_index < num_clients:
+        raise Invalid("meta.client_index", f"must be an integer in [0, {num_clients})")
+    num_examples = meta.get("num_examples")
+    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
+        raise Invalid("meta.num_examples", "must be an integer > 0")
+    stats = check_stats(meta.get("stats", {}), max_epochs=max_epochs)
+    return UpdateMeta(worker_id, client_index, num_examples, stats)

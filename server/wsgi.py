@@ -89,7 +89,7 @@ class _JsonError(waitress.utilities.Error):
 def _guarded_channel(token: str) -> type[waitress.channel.HTTPChannel]:
     expected = f"Bearer {token}".encode()
 
-    class GuardedParser(waitress.parser.HTTPRequestParser):  # type: ignore[misc]
+    class GuardedParser(waitress.parser.HTTPRequestParser):
         """Refuses a request with a body and no valid token as soon as its headers are in."""
 
         def received(self, data: bytes) -> int:
@@ -110,7 +110,7 @@ def _guarded_channel(token: str) -> type[waitress.channel.HTTPChannel]:
                         self.completed = True
             return consumed
 
-    class GuardedChannel(waitress.channel.HTTPChannel):  # type: ignore[misc]
+    class GuardedChannel(waitress.channel.HTTPChannel):
         parser_class = GuardedParser
 
     return GuardedChannel
@@ -122,7 +122,7 @@ OVERLOADED = (
 )
 
 
-class GuardedServer(waitress.server.TcpWSGIServer):  # type: ignore[misc]
+class GuardedServer(waitress.server.TcpWSGIServer):
     """waitress with the token checked before a body is read, and a 503 (not a stall) at the connection limit.
 
     At `connection_limit` open connections, a new connection is accepted, answered

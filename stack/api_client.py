@@ -22,8 +22,8 @@ class Stopped(Exception):
     """The stop event was set while waiting for the server."""
 
 
-class UnknownClient(Exception):
-    """The server does not know this client id (404 on a client route): register again."""
+class UnknownWorker(Exception):
+    """The server does not know this worker id (404 on a worker route): register again."""
 
 
 class Conflict(Exception):
@@ -65,7 +65,7 @@ class Backoff:
 
 @dataclass(frozen=True)
 class Registration:
-    client_id: str
+    worker_id: str
     heartbeat_interval_s: float
 
 
@@ -149,14 +149,14 @@ class Transport:
         return self.request("GET", "/health").status_code == 200
 
     def register(self, hostname: str, pid: int) -> Registration:
-        body = _json(self.request("POST", "/clients", json={"hostname": hostname, "pid": pid}), 201)
-        return Registration(str(body["client_id"]), float(body["heartbeat_interval_s"]))
+        body = _json(self.request("POST", "/workers", json={"hostname": hostname, "pid": pid}), 201)
+        return Registration(str(body["worker_id"]), float(body["heartbeat_interval_s"]))
 
-    def heartbeat(self, client_id: str) -> None:
-        _json(self.request("POST", f"/clients/{client_id}/heartbeat"), 200, unknown_client=True)
+    def heartbeat(self, worker_id: str) -> None:
+        _json(self.request("POST", f"/workers/{worker_id}/heartbeat"), 200, unknown_worker=True)
 
     def next_task(
-        self, client_id: str, wait_s: float = 0.0, known_experiments: Sequence[str] = ()
+        self, worker_id: str, wait_s: float = 0.0, known_experiments: Sequence[str] = ()
     ) -> dict[str, Any]:
         """The next task; the server holds the request up to `wait_s` s for work (long-poll).
 
@@ -164,8 +164,8 @@ class Transport:
         """
         body = {"wait_s": wait_s, "known_experiments": list(known_experiments)}
         timeout = (self.timeout_s[0], self.timeout_s[1] + wait_s)
-        response = self.request("POST", f"/clients/{client_id}/task", json=body, timeout=timeout)
-        return _json(response, 200, unknown_client=True)
+        response = self.request("POST", f"/workers/{worker_id}/task", json=body, timeout=timeout)
+        return _json(response, 200, unknown_worker=True)
 
     def fetch_model(self, experiment_id: str, server_round: int) -> bytes:
         """Safetensors bytes of the global model that round `server_round` trains from."""
@@ -235,11 +235,11 @@ def _error_message(response: requests.Response) -> str:
         return response.text[:200]
 
 
-def _check(response: requests.Response, expected: int, *, unknown_client: bool = False) -> None:
+def _check(response: requests.Response, expected: int, *, unknown_worker: bool = False) -> None:
     if response.status_code == expected:
         return
-    if unknown_client and response.status_code == 404:
-        raise UnknownClient(_error_message(response))
+    if unknown_worker and response.status_code == 404:
+        raise UnknownWorker(_error_message(response))
     try:
         field = response.json().get("field")
     except (ValueError, AttributeError):
@@ -247,6 +247,6 @@ def _check(response: requests.Response, expected: int, *, unknown_client: bool =
     raise ApiError(response.status_code, _error_message(response), field)
 
 
-def _json(response: requests.Response, expected: int, *, unknown_client: bool = False) -> Any:
-    _check(response, expected, unknown_client=unknown_client)
+def _json(response: requests.Response, expected: int, *, unknown_worker: bool = False) -> Any:
+    _check(response, expected, unknown_worker=unknown_worker)
     return response.json()

@@ -7,6 +7,8 @@
 - `token`: the bearer token the test servers accept.
 - `clock`: a `ManualClock` to inject where code takes `clock=`; advance it instead of sleeping.
 - `serve`: `serve(app) -> base_url` runs a WSGI app under waitress on 127.0.0.1 for the test.
+- `local_stack`: `local_stack(**server_env) -> tests.helpers.LocalStack`, a `python -m server` child process on
+  the test's database (clients added with `add_clients`); every stack started is stopped after the test.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.helpers import LocalStack
 
 TEST_TOKEN = "test-token-0123456789"
 
@@ -57,7 +62,7 @@ def store(mongo_uri: str, mongo_db_name: str) -> Iterator[Any]:
     from server.store import Store
 
     store = Store(mongo_uri, mongo_db_name)
-    store.ensure_indexes()
+    store.prepare()
     yield store
     store.close()
 
@@ -110,3 +115,22 @@ def serve() -> Iterator[Callable[[Any], str]]:
     for stop, thread in running:
         stop.set()
         thread.join(timeout=10)
+
+
+@pytest.fixture
+def local_stack(
+    mongo_uri: str, mongo_db_name: str, data_dir: Path, tmp_path: Path
+) -> Iterator[Callable[..., LocalStack]]:
+    from tests.helpers import LocalStack
+
+    stacks: list[LocalStack] = []
+
+    def make(**server_env: str) -> LocalStack:
+        stack = LocalStack(mongo_uri, mongo_db_name, data_dir, tmp_path / "logs", **server_env)
+        stacks.append(stack)
+        stack.start_server()
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
