@@ -31,10 +31,12 @@ from reports.style import (
     use_log_scale,
 )
 
-LOCAL_STYLE = dict(linestyle="-", marker="o", markersize=6, linewidth=1.4)
+LOCAL_STYLE: dict[str, Any] = dict(linestyle="-", marker="o", markersize=6, linewidth=1.4)
 # hollow and larger than the black global markers: a client line on top of the global one still shows
-GLOBAL_STYLE = dict(linestyle="--", marker="o", markersize=8, linewidth=1.1, markerfacecolor="none")
-SERVER_STYLE = dict(color=GLOBAL_COLOUR, linestyle="-", marker="D", markersize=3.5, linewidth=1.8, zorder=5)
+GLOBAL_STYLE: dict[str, Any] = dict(linestyle="--", marker="o", markersize=8, linewidth=1.1, markerfacecolor="none")
+SERVER_STYLE: dict[str, Any] = dict(
+    color=GLOBAL_COLOUR, linestyle="-", marker="D", markersize=3.5, linewidth=1.8, zorder=5
+)
 DODGE = 0.07  # rounds: horizontal offset between clients' error bars
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.axes import Axes
-from matplotlib.colors import LogNorm, Normalize
+from matplotlib.colors import Colormap, LogNorm, Normalize
 from matplotlib.patheffects import withStroke
 
 from reports.data import (
@@ -24,6 +24,9 @@ from reports.data import (
 )
 from reports.figures import GLOBAL_STYLE, LOCAL_STYLE, SERVER_STYLE, integer_rounds, plot
 from reports.style import SEQUENTIAL, client_colour, figure_legend, new_figure, save, use_log_scale
+
+if TYPE_CHECKING:
+    from matplotlib.cm import ScalarMappable
 
 HALO = [withStroke(linewidth=2.5, foreground="white")]  # text readable on any contour colour
 UPSAMPLE = 8  # display grid points per stored grid interval (bicubic)
@@ -155,16 +158,16 @@ def client_geometry(data: ExperimentData, out_dir: Path) -> Path | None:
     return save(figure, out_dir / "client_geometry.png")
 
 
-def _round_cmap():  # type: ignore[no-untyped-def]
+def _round_cmap() -> Colormap:
     import matplotlib
 
     return matplotlib.colormaps[SEQUENTIAL]
 
 
-def _scalar_mappable(norm: Normalize, cmap: object) -> object:
+def _scalar_mappable(norm: Normalize, cmap: Colormap) -> ScalarMappable:
     from matplotlib.cm import ScalarMappable
 
-    return ScalarMappable(norm=norm, cmap=cmap)  # type: ignore[arg-type]
+    return ScalarMappable(norm=norm, cmap=cmap)
 
 
 def chosen_surfaces(data: ExperimentData) -> list[int]:

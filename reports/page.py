@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from pathlib import PurePosixPath
 from dataclasses import dataclass
 from html import escape
+from pathlib import PurePosixPath
 from typing import Any
 
 from matplotlib.colors import to_hex
 
-from reports.data import ExperimentData, linear_barrier, interpolation_curve, value_at
+from reports.data import ExperimentData, interpolation_curve, linear_barrier, value_at
 from reports.style import VECTOR_FORMAT, client_colour, vector_path
 
 CSS = """
@@ -77,7 +77,7 @@ def _figures(entries: Sequence[FigureEntry]) -> str:
         if entry.file_name is None:
             parts.append(f'<p class="skipped">Skipped: {escape(entry.reason or "no data")}.</p>')
         else:
-            vector = escape(vector_path(PurePosixPath(entry.file_name)).as_posix())  # type: ignore[arg-type]
+            vector = escape(vector_path(PurePosixPath(entry.file_name)).as_posix())
             link = f' <a class="vector" href="{vector}">[{VECTOR_FORMAT.upper()}]</a>'
             caption = f"<figcaption>{escape(entry.caption)}{link}</figcaption>"
             parts.append(f'<figure><img src="{escape(entry.file_name)}" alt="{escape(entry.title)}">{caption}</figure>')

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import matplotlib
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.rcsetup import cycler  # what ``matplotlib.cycler`` is (the stubs do not re-export it)
+from matplotlib.ticker import MaxNLocator
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType  # the stubs' rc key names (not in matplotlib's runtime before 3.10)
+
+PathT = TypeVar("PathT", bound=PurePath)
 
 DPI = 110
 GLOBAL_COLOUR = "black"  # the server's global model on the full (or held-out) test split
@@ -28,14 +35,14 @@ SEQUENTIAL = "viridis"  # surfaces and round scales: perceptually uniform, reada
 #: Vector copies beside every PNG (what a paper includes).
 VECTOR_FORMAT = "pdf"
 
-RC = {
+RC: dict[RcKeyType, Any] = {
     "font.size": 9.5,
     "axes.titlesize": 10,
     "axes.labelsize": 9.5,
     "legend.fontsize": 8.5,
     "axes.spines.top": False,
     "axes.spines.right": False,
-    "axes.prop_cycle": matplotlib.cycler(color=OKABE_ITO),
+    "axes.prop_cycle": cycler(color=OKABE_ITO),
     "pdf.fonttype": 42,  # TrueType in the PDF: text stays text in LaTeX and editors
     "svg.fonttype": "none",
 }
@@ -84,7 +91,8 @@ def use_log_scale(ax: Axes, values: Sequence[float], axis: str = "y") -> bool:
 
 
 def integer_rounds(ax: Axes) -> None:
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    # a linear round axis: its locator is the default AutoLocator, a MaxNLocator
+    cast(MaxNLocator, ax.xaxis.get_major_locator()).set_params(integer=True)
     ax.set_xlabel("round")
     ax.grid(True, alpha=0.3)
 
@@ -94,7 +102,7 @@ def figure_legend(figure: Figure, handles: Sequence[Artist]) -> None:
     figure.legend(handles=list(handles), loc="outside right upper", fontsize="small", ncol=1 + len(handles) // 24)
 
 
-def vector_path(path: Path) -> Path:
+def vector_path(path: PathT) -> PathT:
     """The vector copy written beside a PNG."""
     return path.with_suffix("." + VECTOR_FORMAT)
 

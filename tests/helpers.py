@@ -1,6 +1,6 @@
 """Helpers shared by the end-to-end tests: a quick spec, polling, and a local stack of real processes.
 
-`local_stack` is a fixture: import it into a test module to use it there.
+`LocalStack` is what the `local_stack` fixture (tests/conftest.py) starts.
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pymongo
-import pytest
 
 from fedland.spec import ExperimentSpec
 from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
@@ -103,23 +102,6 @@ class LocalStack:
             self.server.stop(timeout_s=10)
         self.api.close()
         self.db.client.close()
-
-
-@pytest.fixture
-def local_stack(
-    mongo_uri: str, mongo_db_name: str, data_dir: Path, tmp_path: Path
-) -> Iterator[Callable[..., LocalStack]]:
-    stacks: list[LocalStack] = []
-
-    def make(**server_env: str) -> LocalStack:
-        stack = LocalStack(mongo_uri, mongo_db_name, data_dir, tmp_path / "logs", **server_env)
-        stacks.append(stack)
-        stack.start_server()
-        return stack
-
-    yield make
-    for stack in stacks:
-        stack.stop()
 
 
 def finite(value: Any) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 import pymongo
 import pymongo.errors
 import pytest
+from pymongo.database import Database
 
 from fedland.spec import LandscapeSpec
 from stack.embedded import EmbeddedMongo, free_port
@@ -51,7 +52,9 @@ class Drill:
             FEDLAND_MONGO_SOCKET_TIMEOUT_MS="5000",
             FEDLAND_STORE_RETRY_AFTER_S="1",
         )
-        self.db = pymongo.MongoClient(uri, serverSelectionTimeoutMS=1000, connectTimeoutMS=500)["drill"]
+        self.db: Database[dict[str, Any]] = pymongo.MongoClient(
+            uri, serverSelectionTimeoutMS=1000, connectTimeoutMS=500
+        )["drill"]
         self.events: list[str] = []
         self.killed: list[Any] = []
 

@@ -13,19 +13,20 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pymongo
 import pytest
+from pymongo.database import Database
 
 from fedland.datasets import load_dataset
 from fedland.partition import partition
 from launch.processes import child_env
-from tests.helpers import (  # noqa: F401 (local_stack is a fixture)
+from tests.helpers import (
     TOKEN,
     LocalStack,
     assert_complete,
     finite,
-    local_stack,
     small_spec,
     wait_until,
 )
@@ -68,10 +69,12 @@ def test_two_clients_two_rounds(local_stack: Callable[..., LocalStack], data_dir
         stack.db.client_stats.find_one({"experiment_id": experiment_id, "client_index": 0, "round": r})
         for r in (1, 2)
     )
+    assert round1 is not None and round2 is not None
     assert round2["global"]["train_loss"] < round1["global"]["train_loss"]
 
     [summary] = [e for e in stack.api.list_experiments() if e["id"] == experiment_id]
     last = stack.db.rounds.find_one({"experiment_id": experiment_id, "round": 2})
+    assert last is not None
     assert summary["last_round"] == {"round": 2, "test_loss": last["test_loss"], "test_accuracy": last["test_accuracy"]}
 
 
@@ -145,7 +148,7 @@ def test_main_quick_run_from_an_experiments_file(
     experiments.write_text(json.dumps([small_spec(2, rounds=3), small_spec(1, rounds=3, fraction=0.02)]))
     result = run_main(["--rounds", "1", "--experiments", str(experiments)], main_env)
     assert result.returncode == 0, result.stdout + result.stderr
-    db = pymongo.MongoClient(mongo_uri)[mongo_db_name]
+    db: Database[dict[str, Any]] = pymongo.MongoClient(mongo_uri)[mongo_db_name]
     try:
         docs = list(db.experiments.find())
         assert sorted(d["status"] for d in docs) == ["finished", "finished"]
@@ -169,7 +172,7 @@ def test_main_refuses_invalid_experiments_before_submitting(
     result = run_main(["--experiments", str(experiments)], main_env, timeout_s=60)
     assert result.returncode == 2
     assert "experiments[1]" in result.stderr
-    db = pymongo.MongoClient(mongo_uri)[mongo_db_name]
+    db: Database[dict[str, Any]] = pymongo.MongoClient(mongo_uri)[mongo_db_name]
     try:
         assert db.experiments.count_documents({}) == 0
     finally:

@@ -13,10 +13,9 @@ import pytest
 
 from fedland.participation import selected_members
 from fedland.spec import ExperimentSpec, LandscapeSpec, StrategySpec
-from tests.helpers import (  # noqa: F401 (local_stack is a fixture)
+from tests.helpers import (
     LocalStack,
     finite,
-    local_stack,
     small_spec,
     wait_until,
 )

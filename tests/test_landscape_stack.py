@@ -32,14 +32,14 @@ from fedland.scalars import gradient_dissimilarity
 from fedland.slices import interpolate
 from fedland.spec import ExperimentSpec, LandscapeSpec
 from fedland.strategies import ClientUpdate, make_strategy, weighted_mean
+from reports import write_reports
+from reports.catalog import EXPERIMENT_FIGURES
+from reports.compare import COMPARISONS
 from server.landscape import AggregatedRound, leave_one_out, measure_round
 from server.resources import Resources
 from server.store import Store
 from stack import wire
-from reports import write_reports
-from reports.compare import COMPARISONS
-from reports.catalog import EXPERIMENT_FIGURES
-from tests.helpers import LocalStack, assert_complete, finite, local_stack, small_spec  # noqa: F401 (fixture)
+from tests.helpers import LocalStack, assert_complete, finite, small_spec
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)  # as the client and server processes (FEDLAND_TORCH_THREADS=1)
@@ -89,6 +89,7 @@ def client_subsets(spec: ExperimentSpec, data_dir: Path) -> list[list[tuple[torc
 def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: ExperimentSpec, data_dir: Path) -> None:
     num_clients = spec.num_clients
     subsets = client_subsets(spec, data_dir)
+    stats: dict[str, Any] | None  # the experiment's documents, then find_one's
     for stats in stack.db.client_stats.find({"experiment_id": experiment_id}):
         doc = stats["landscape"]
         assert set(doc) == {"num_samples", "duration_s", "global", "local", "interpolation", "update"}, doc
@@ -111,6 +112,7 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
 
     # the stack's numbers are fedland's on the stored model and the recomputed subset
     stats = stack.db.client_stats.find_one({"experiment_id": experiment_id, "round": 2, "client_index": 0})
+    assert stats is not None
     local = model_from(store.load_client_model(stats["weights_file_id"]), spec)
     eigen = top_eigenvalues(
         local, F.cross_entropy, subsets[0], k=LSPEC.top_k, tol=EIGEN_TOL, max_iter=EIGEN_MAX_ITER,
@@ -138,6 +140,7 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
             values = (entry["delta_test_loss"], entry["delta_test_accuracy"])
             assert values == (None, None) if num_clients == 1 else all(finite(v) for v in values), entry
         surface = stack.db.landscapes.find_one({"_id": ObjectId(doc["surface_id"])})
+        assert surface is not None
         key = (surface["experiment_id"], surface["round"], surface["kind"])
         assert key == (experiment_id, round_doc["round"], "pca_surface")
         assert len(surface["x"]) == len(surface["y"]) == LSPEC.grid_points
@@ -185,7 +188,7 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
 
 
 def test_landscapes_in_the_running_stack(
-    local_stack: Callable[..., LocalStack], data_dir: Path, tmp_path: Path  # noqa: F811
+    local_stack: Callable[..., LocalStack], data_dir: Path, tmp_path: Path
 ) -> None:
     stack = local_stack()
     store = Store.from_database(stack.db)
@@ -207,8 +210,8 @@ def test_landscapes_in_the_running_stack(
             assert (page.parent / kind.file_name).stat().st_size > 0 and f'src="{kind.file_name}"' in html
     html = index.read_text(encoding="utf-8")
     assert "Skipped" not in html
-    for kind in COMPARISONS:
-        assert (index.parent / "comparison" / kind.file_name).is_file() and f"comparison/{kind.file_name}" in html
+    for chart in COMPARISONS:
+        assert (index.parent / "comparison" / chart.file_name).is_file() and f"comparison/{chart.file_name}" in html
 
 
 def _weights(seed: int) -> dict[str, np.ndarray]:

@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from fedland.datasets import DATASETS, load_dataset
-from fedland.measure import measure_generalization, mean_loss
+from fedland.measure import mean_loss, measure_generalization
 from fedland.plan import ExperimentPlan
 from fedland.spec import ExperimentSpec, LandscapeSpec, StrategySpec
 from fedland.training import batches, evaluate
 from server.store import Store
 from stack import wire
 from tests.datasets_tiny import registry_hook, write_tiny
-from tests.helpers import LocalStack, assert_complete, finite, local_stack  # noqa: F401 (fixture)
+from tests.helpers import LocalStack, assert_complete, finite
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)
@@ -98,6 +98,7 @@ def test_new_dataset_and_model_through_the_stack(
     store = Store.from_database(stack.db)
     plan = ExperimentPlan(spec, load_dataset(dataset, data_dir))
 
+    stats: dict[str, Any] | None  # the experiment's documents, then find_one's
     for stats in stack.db.client_stats.find({"experiment_id": experiment_id}):
         for phase in ("global", "local"):
             assert set(stats[phase]) >= {"train_loss", "test_loss", "generalization_gap"}
@@ -110,6 +111,7 @@ def test_new_dataset_and_model_through_the_stack(
 
     # round 2 of client 0, recomputed from the stored local model with direct fedland calls
     stats = stack.db.client_stats.find_one({"experiment_id": experiment_id, "client_index": 0, "round": 2})
+    assert stats is not None
     local = plan.model(wire.decode(store.load_client_model(stats["weights_file_id"])))
     data = plan.client_data(0)
     train = evaluate(local, batches(data.train_x, data.train_y, 1024))
@@ -126,6 +128,7 @@ def test_new_dataset_and_model_through_the_stack(
     assert stored["norms"]["spectral_sum"] == pytest.approx(direct["norms"]["spectral_sum"], rel=1e-9)
     # the aggregated model of round 2 on the full test split
     last = stack.db.rounds.find_one({"experiment_id": experiment_id, "round": 2})
+    assert last is not None
     global_model = plan.model(wire.decode(store.load_model(last["model_file_id"])))
     full = evaluate(global_model, batches(plan.dataset.test_x, plan.dataset.test_y, 1000))
     assert last["test_loss"] == pytest.approx(full.loss, rel=1e-6) and finite(last["test_accuracy"])
