@@ -18,7 +18,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.process_time() - start
 
 
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+def table(title: str, header: list[str], rows: Sequence[Sequence[object]]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print(f"\n## {title}")
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -60,7 +60,7 @@ def peer(name: str) -> Any:
 def bench_top_eigenvalue(model: nn.Module, loss_fn: nn.Module, batches: list, ref: float) -> float:
     rows, times, ours_runs = [], {}, []
     for tol in (1e-5, 1e-3, 1e-2, 5e-2):
-        ours, t = timed(lambda tol=tol: top_eigenvalues(model, loss_fn, batches, k=1, tol=tol, seed=0))
+        ours, t = timed(lambda: top_eigenvalues(model, loss_fn, batches, k=1, tol=tol, seed=0))
         err = abs(ours.values[0] - ref) / ref
         ours_runs.append((t, err))
         rows.append([f"fedland lanczos (tol={tol:g})", f"{t:.1f}", ours.num_hvps, f"{ours.values[0]:.6f}", f"{err:.1e}"])
@@ -112,7 +112,7 @@ def bench_top5(model: nn.Module, loss_fn: nn.Module, batches: list, reference: n
     """Top-5 eigenvalues: fedland Lanczos (default acceptance) against PyHessian's deflated power iteration."""
     rows, worst = [], {}
     for tol in (1e-2, 1e-3):
-        ours, t = timed(lambda tol=tol: top_eigenvalues(model, loss_fn, batches, k=5, tol=tol, seed=0))
+        ours, t = timed(lambda: top_eigenvalues(model, loss_fn, batches, k=5, tol=tol, seed=0))
         err = float(np.max(np.abs(ours.values - reference) / reference))
         worst[f"ours{tol}"] = (t, err)
         rows.append([f"fedland lanczos k=5 (tol={tol:g})", f"{t:.1f}", ours.num_hvps, f"{err:.1e}", ours.converged])
@@ -152,7 +152,7 @@ def bench_trace(model: nn.Module, loss_fn: nn.Module, batches: list) -> float:
     rows = [["PyHessian 0.1 trace() (Hutchinson)", samples.size, f"{t_peer:.1f}", f"{samples.mean():.2f}", f"{target:.2f}"]]
     needed, result, t = None, None, 0.0
     for budget in (4, 6, 9, 12, 15, 18, 24, 30, 36, 48, 60, 72, 96, 120, 150, 200):
-        result, t = timed(lambda b=budget: hessian_trace(model, loss_fn, batches, num_hvps=b, seed=0))
+        result, t = timed(lambda: hessian_trace(model, loss_fn, batches, num_hvps=budget, seed=0))
         if result.std_error <= target:
             needed = budget
             break

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol, cast
 
 import numpy as np
 
@@ -106,9 +106,9 @@ def weighted_mean(updates: Sequence[ClientUpdate]) -> NamedArrays:
     total = float(sum(update.num_examples for update in updates))
     names = list(updates[0].weights)
     return {
-        name: sum(
-            (update.num_examples / total) * np.asarray(update.weights[name], dtype=np.float64)
-            for update in updates
+        name: cast(  # never the int start value: there is at least one update
+            np.ndarray,
+            sum((update.num_examples / total) * np.asarray(update.weights[name], dtype=np.float64) for update in updates),
         )
         for name in names
     }

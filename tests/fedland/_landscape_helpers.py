@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 Batches = list[tuple[Tensor, Tensor]]
+LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs, targets) -> scalar loss
 
 
-def tiny_mlp(seed: int = 0) -> nn.Module:
+def tiny_mlp(seed: int = 0) -> nn.Sequential:
     """Linear(4, 6) - Tanh - Linear(6, 3) in float64 (51 parameters)."""
     gen = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
@@ -102,7 +105,7 @@ def _input_shape(model: nn.Module) -> tuple[int, ...]:
     return (1, 6, 6) if isinstance(model, TinyCNN) else (4,)
 
 
-def snapshot(model: nn.Module) -> dict[str, object]:
+def snapshot(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Everything a metric must leave alone, copied."""
     return {
         "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
@@ -114,13 +117,13 @@ def snapshot(model: nn.Module) -> dict[str, object]:
     }
 
 
-def assert_unchanged(model: nn.Module, before: dict[str, object]) -> None:
+def assert_unchanged(model: nn.Module, before: dict[str, dict[str, Any]]) -> None:
     """Fail unless the model matches its snapshot exactly."""
     after = snapshot(model)
-    for key, value in before["state"].items():  # type: ignore[union-attr]
-        assert torch.equal(after["state"][key], value), f"{key} changed"  # type: ignore[index]
-    for name, grad in before["grads"].items():  # type: ignore[union-attr]
-        now = after["grads"][name]  # type: ignore[index]
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), f"{key} changed"
+    for name, grad in before["grads"].items():
+        now = after["grads"][name]
         assert (grad is None) == (now is None), f"{name}.grad presence changed"
         if grad is not None:
             assert torch.equal(now, grad), f"{name}.grad changed"
@@ -139,7 +142,7 @@ class _Point(nn.Module):
         return self.theta.expand(x.shape[0], -1)  # (batch, n)
 
 
-def quadratic(eigenvalues: Tensor, seed: int = 0) -> tuple[nn.Module, object, Batches, Tensor]:
+def quadratic(eigenvalues: Tensor, seed: int = 0) -> tuple[_Point, LossFn, Batches, Tensor]:
     """A loss ``0.5 theta^T A theta`` whose Hessian ``A = Q diag(eigenvalues) Q^T`` is known.
 
     Returns the model, the loss function, a dataset, and ``A``.
@@ -157,7 +160,7 @@ def quadratic(eigenvalues: Tensor, seed: int = 0) -> tuple[nn.Module, object, Ba
     return model, loss_fn, data, a
 
 
-def _flat_function(model: nn.Module) -> tuple[object, Tensor]:
+def _flat_function(model: nn.Module) -> tuple[LossFn, Tensor]:
     """``theta -> model`` as a function of the flat trainable parameters (eval-mode copy), and theta."""
     ref = copy.deepcopy(model).eval()
     named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]

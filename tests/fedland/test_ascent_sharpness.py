@@ -98,5 +98,5 @@ def test_model_untouched_and_arguments_checked() -> None:
     assert_unchanged(model, before)
     for kwargs, field in (({"rho": 0}, "rho"), ({"steps": 0}, "steps"), ({"eta": -1.0}, "eta")):
         with pytest.raises(ValueError, match=field):
-            worst_case_sharpness(model, LOSS, data, **kwargs)  # type: ignore[arg-type]
+            worst_case_sharpness(model, LOSS, data, **kwargs)
     assert np.isfinite(adaptive_sharpness(model, LOSS, data))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -42,7 +43,8 @@ def test_resolve_device_names() -> None:
 def test_cpu_training_is_bit_identical_to_before(name: str) -> None:
     data = load_dataset("MNIST", DATA_DIR or "")
     model = build_model(name, 3)
-    for kwargs in ({}, {"device": "cpu"}):
+    options: tuple[dict[str, Any], ...] = ({}, {"device": "cpu"})
+    for kwargs in options:
         trained, report = train_local(
             model, data.train_x[:600], data.train_y[:600], epochs=2, batch_size=32, learning_rate=0.05,
             momentum=0.5, seed=11, prox_mu=0.01, **kwargs,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 import torch
+from torch import nn
 
 from fedland.directions import model_direction, random_direction
 from tests.fedland._landscape_helpers import assert_unchanged, messy_state, snapshot, tiny_cnn, tiny_mlp
@@ -38,7 +41,7 @@ def test_layer_and_none_normalisation() -> None:
 def test_biases_kept_when_asked() -> None:
     model = tiny_mlp()
     direction = random_direction(model, seed=0, ignore_1d=False)
-    assert float(direction["0.bias"].norm()) == pytest.approx(float(model[0].bias.detach().norm()), rel=1e-10)
+    assert float(direction["0.bias"].norm()) == pytest.approx(float(cast(nn.Linear, model[0]).bias.detach().norm()), rel=1e-10)
 
 
 def test_same_seed_same_direction_and_global_rng_untouched() -> None:

@@ -21,7 +21,7 @@ from fedland.models import build_model
 torch.set_num_threads(1)
 
 
-def _linear_regression() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+def _linear_regression() -> tuple[nn.Linear, list[tuple[torch.Tensor, torch.Tensor]]]:
     generator = torch.Generator().manual_seed(0)
     model = nn.Linear(4, 1, bias=False)
     with torch.no_grad():

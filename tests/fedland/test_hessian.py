@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pytest
 import torch
@@ -141,7 +143,7 @@ def test_averaging_not_summing() -> None:
 
 
 @pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
-def test_trace_within_three_standard_errors(method: str) -> None:
+def test_trace_within_three_standard_errors(method: Literal["hutch++", "hutchinson"]) -> None:
     model, data = _case("cnn")
     exact = float(torch.trace(dense_hessian(model, LOSS, data)))
     result = hessian_trace(model, LOSS, data, method=method, num_hvps=45, seed=1)

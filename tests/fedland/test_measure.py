@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import cast
 
 import numpy as np
 import pytest
@@ -105,9 +106,9 @@ def test_client_round_document() -> None:
     assert doc["interpolation"] == {
         "alphas": path.alphas.tolist(), "losses": path.losses.tolist(), "barrier": path.barrier,
     }
-    update, before = flat(local) - flat(global_model), flat(global_model) - flat(previous)
+    update, prior = flat(local) - flat(global_model), flat(global_model) - flat(previous)
     assert doc["update"]["distance"] == pytest.approx(float(update.norm()), rel=1e-12)
-    expected = float(update @ before / (update.norm() * before.norm()))
+    expected = float(update @ prior / (update.norm() * prior.norm()))
     assert doc["update"]["cosine_to_previous_update"] == pytest.approx(expected, rel=1e-12)
 
     first = measure_client_round(global_model, local, None, DATA, LSPEC, seed=5, loss_fn=LOSS)
@@ -196,9 +197,10 @@ def test_pairwise_barriers_document_is_the_slices_matrix_as_json() -> None:
     permuted = tiny_mlp(0)  # the same function, hidden units in another order: a barrier between the two
     with torch.no_grad():
         order = torch.tensor([5, 4, 3, 2, 1, 0])
-        permuted[0].weight.copy_(permuted[0].weight[order])
-        permuted[0].bias.copy_(permuted[0].bias[order])
-        permuted[2].weight.copy_(permuted[2].weight[:, order])
+        first, last = cast(nn.Linear, permuted[0]), cast(nn.Linear, permuted[2])
+        first.weight.copy_(first.weight[order])
+        first.bias.copy_(first.bias[order])
+        last.weight.copy_(last.weight[:, order])
     models = [tiny_mlp(0), permuted, tiny_mlp(1)]
     before = [snapshot(m) for m in models]
     doc = pairwise_barriers(models, DATA, np.linspace(0, 1, 5), loss_fn=LOSS)
@@ -228,7 +230,7 @@ def test_flatness_gap_document_against_dense_hessians() -> None:
 def test_a_model_with_a_nan_loss_is_stored_as_none() -> None:
     model = tiny_mlp()
     with torch.no_grad():
-        model[0].weight[0, 0] = math.nan
+        cast(nn.Linear, model[0]).weight[0, 0] = math.nan
     doc = measure_model(model, LOSS, DATA, LSPEC, seed=0)
     assert doc["loss"] is None and doc["top_eigenvalues"] == [None, None, None] and doc["trace"] is None
     round_doc = measure_client_round(tiny_mlp(1), model, None, DATA, LSPEC, 0, loss_fn=LOSS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import pytest
@@ -105,7 +106,7 @@ def test_max_iter_below_k_is_a_value_error() -> None:
 def _nan_model() -> nn.Module:
     model = tiny_mlp()
     with torch.no_grad():
-        model[2].bias[0] = math.nan
+        cast(nn.Linear, model[2]).bias[0] = math.nan
     return model
 
 

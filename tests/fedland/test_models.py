@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ def test_cifar_parameter_counts_and_classes() -> None:
     assert count(build_model("CifarCNN", 0)) == conv + 2 * (32 + 64 + 64) + (1024 * 512 + 512) + (512 * 10 + 10)
     assert count(build_model("ResNet20", 0)) == count(build_model("ResNet20-noshort", 0)) == 269_722  # He et al.: 0.27M
     assert count(build_model("ResNet18", 0)) == 11_173_962  # the CIFAR ResNet-18 of kuangliu/pytorch-cifar
-    assert build_model("ResNet18", 0, num_classes=100).fc.out_features == 100
+    assert cast(torch.nn.Linear, build_model("ResNet18", 0, num_classes=100).fc).out_features == 100
     with pytest.raises(ValueError, match="^num_classes:"):
         build_model("ResNet20", 0, num_classes=1)
 

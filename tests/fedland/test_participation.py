@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from fedland.participation import select_members, selected_members
@@ -52,7 +54,7 @@ def test_all_members_by_default() -> None:
         ({"round_timeout_s": 5, "clients_per_round": 4, "min_reports": 5}, "min_reports"),
     ],
 )
-def test_participation_rules_name_the_field(overrides: dict[str, object], field: str) -> None:
+def test_participation_rules_name_the_field(overrides: dict[str, Any], field: str) -> None:
     with pytest.raises(SpecError) as error:
         spec(**overrides)
     assert error.value.field == field

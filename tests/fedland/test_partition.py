@@ -148,6 +148,7 @@ def test_stats_are_json_and_carry_the_digest() -> None:
 
 @needs_mnist
 def test_real_mnist_centralized_gets_every_sample() -> None:
+    assert DATA_DIR is not None  # needs_mnist: skipped unless it is set
     data = load_dataset("MNIST", DATA_DIR, download=False)
     ratios, fractions = centralized("MNIST")
     (part,) = partition(data.train_y, data.test_y, ratios, fractions, seed=0)
@@ -159,6 +160,7 @@ def test_real_mnist_centralized_gets_every_sample() -> None:
 @needs_mnist
 @pytest.mark.parametrize("scheme", [lambda: dirichlet(10, 0.3, seed=1), lambda: shards(20, 2, seed=2)])
 def test_real_mnist_non_iid_partition(scheme) -> None:
+    assert DATA_DIR is not None  # needs_mnist: skipped unless it is set
     data = load_dataset("MNIST", DATA_DIR, download=False)
     labels = data.train_y.numpy()
     ratios, fractions = scheme()

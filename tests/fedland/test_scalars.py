@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import cast
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_path_norm_of_two_layer_net_by_hand() -> None:
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))  # negative weights and biases
-    w1, w2 = net[0].weight.detach(), net[2].weight.detach()
+    w1, w2 = cast(nn.Linear, net[0]).weight.detach(), cast(nn.Linear, net[2]).weight.detach()
     paths = sum(float(w2[k, j] ** 2 * w1[j, i] ** 2) for i in range(3) for j in range(4) for k in range(2))
     assert path_norm(net, (3,)) == pytest.approx(math.sqrt(paths), rel=1e-12)
 
@@ -69,13 +70,13 @@ def test_path_norm_folds_eval_batchnorm_scale_and_drops_shift() -> None:
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
-        net[1].running_mean.copy_(torch.randn(4, generator=gen, dtype=torch.float64))
-        net[1].running_var.copy_(torch.rand(4, generator=gen, dtype=torch.float64) + 0.5)
+        cast(torch.Tensor, net[1].running_mean).copy_(torch.randn(4, generator=gen, dtype=torch.float64))
+        cast(torch.Tensor, net[1].running_var).copy_(torch.rand(4, generator=gen, dtype=torch.float64) + 0.5)
     net.train()
     before = snapshot(net)
-    bn = net[1]
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    w1, w2 = net[0].weight.detach(), net[3].weight.detach()
+    bn = cast(nn.BatchNorm1d, net[1])
+    scale = bn.weight.detach() / torch.sqrt(cast(torch.Tensor, bn.running_var) + bn.eps)
+    w1, w2 = cast(nn.Linear, net[0]).weight.detach(), cast(nn.Linear, net[3]).weight.detach()
     paths = float(((w2**2) @ torch.diag(scale**2) @ (w1**2)).sum())
     assert path_norm(net, (3,)) == pytest.approx(math.sqrt(paths), rel=1e-12)
     assert_unchanged(net, before)
@@ -87,10 +88,10 @@ def test_path_norm_folds_a_batchnorm_without_affine_parameters() -> None:
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
-        net[1].running_var.copy_(torch.rand(4, generator=gen, dtype=torch.float64) + 0.5)
-    bn = net[1]
-    scale = 1.0 / torch.sqrt(bn.running_var + bn.eps)
-    w1, w2 = net[0].weight.detach(), net[3].weight.detach()
+        cast(torch.Tensor, net[1].running_var).copy_(torch.rand(4, generator=gen, dtype=torch.float64) + 0.5)
+    bn = cast(nn.BatchNorm1d, net[1])
+    scale = 1.0 / torch.sqrt(cast(torch.Tensor, bn.running_var) + bn.eps)
+    w1, w2 = cast(nn.Linear, net[0]).weight.detach(), cast(nn.Linear, net[3]).weight.detach()
     paths = float(((w2**2) @ torch.diag(scale**2) @ (w1**2)).sum())
     assert path_norm(net, (3,)) == pytest.approx(math.sqrt(paths), rel=1e-12)
 

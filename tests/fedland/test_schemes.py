@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -40,9 +41,9 @@ SCHEMES = {
 
 @pytest.mark.parametrize("name", SCHEMES)
 def test_scheme_gives_a_valid_reproducible_spec(name: str) -> None:
-    state = np.random.get_state()[1].copy()
+    state = cast(tuple[Any, ...], np.random.get_state())[1].copy()  # legacy=True: a tuple, never the dict
     ratios, fractions = SCHEMES[name](seed=3)
-    assert np.array_equal(np.random.get_state()[1], state)  # the global numpy RNG is untouched
+    assert np.array_equal(cast(tuple[Any, ...], np.random.get_state())[1], state)  # the global numpy RNG is untouched
     check_rows(ratios)
     spec = ExperimentSpec(target_balance_ratios=ratios, subset_fractions=fractions)
     assert spec.num_clients == 10

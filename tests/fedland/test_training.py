@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import Any, cast
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 from fedland.datasets import load_dataset
-from fedland.models import build_model
+from fedland.models import FedNet, build_model
 from fedland.training import batches, evaluate, train_local
 
 torch.set_num_threads(1)
@@ -47,7 +49,7 @@ def test_batches_in_order_and_shuffled() -> None:
 
 
 def test_evaluate_matches_a_full_batch_computation_and_restores_modes() -> None:
-    model = build_model("FedNet", seed=1)
+    model = cast(FedNet, build_model("FedNet", seed=1))
     x, y = toy_data(50)
     with torch.no_grad():
         logits = model(x)
@@ -69,7 +71,7 @@ def test_train_local_leaves_the_input_alone_and_is_deterministic() -> None:
     model = build_model("FedNet", seed=0)
     before = state(model)
     x, y = toy_data(100)
-    kwargs = dict(epochs=2, batch_size=16, learning_rate=0.05, momentum=0.9)
+    kwargs: dict[str, Any] = dict(epochs=2, batch_size=16, learning_rate=0.05, momentum=0.9)
     trained, report = train_local(model, x, y, seed=3, **kwargs)
     again, _ = train_local(model, x, y, seed=3, **kwargs)
     other, _ = train_local(model, x, y, seed=4, **kwargs)
@@ -77,8 +79,8 @@ def test_train_local_leaves_the_input_alone_and_is_deterministic() -> None:
     assert all(p.grad is None for p in model.parameters())
     assert trained is not model and all(p.grad is None for p in trained.parameters())
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in trained.state_dict().items())
-    assert not torch.equal(trained.fc1.weight, other.fc1.weight)
-    assert not torch.equal(trained.fc1.weight, model.fc1.weight)
+    assert not torch.equal(cast(FedNet, trained).fc1.weight, cast(FedNet, other).fc1.weight)
+    assert not torch.equal(cast(FedNet, trained).fc1.weight, cast(FedNet, model).fc1.weight)
     assert report.num_examples == 100 and len(report.epoch_losses) == 2 and report.duration_s > 0
 
 
@@ -93,8 +95,8 @@ def test_prox_term_matches_a_hand_written_step() -> None:
         reference.zero_grad()
         F.cross_entropy(reference(x), y).backward()
         with torch.no_grad():
-            for p, p0 in zip(reference.parameters(), anchor):
-                p -= lr * (p.grad + mu * (p - p0))
+            for p, p0 in zip(cast(Iterator[torch.Tensor], reference.parameters()), anchor):  # p -= is Tensor math
+                p -= lr * (cast(torch.Tensor, p.grad) + mu * (p - p0))  # backward() filled every grad
     trained, _ = train_local(model, x, y, epochs=2, batch_size=32, learning_rate=lr, momentum=0.0, seed=0, prox_mu=mu)
     for p, q in zip(trained.parameters(), reference.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
@@ -118,7 +120,7 @@ def test_large_prox_mu_stays_closer_to_the_global_weights() -> None:
 def test_bad_arguments_name_the_parameter() -> None:
     model = build_model("FedNet", seed=0)
     x, y = toy_data(8)
-    ok = dict(epochs=1, batch_size=4, learning_rate=0.1, momentum=0.0, seed=0)
+    ok: dict[str, Any] = dict(epochs=1, batch_size=4, learning_rate=0.1, momentum=0.0, seed=0)
     for name, value in [("epochs", 0), ("learning_rate", -1.0), ("momentum", 1.0), ("prox_mu", -0.1), ("batch_size", 0)]:
         with pytest.raises(ValueError, match=f"^{name}"):
             train_local(model, x, y, **{**ok, name: value})
@@ -128,6 +130,7 @@ def test_bad_arguments_name_the_parameter() -> None:
 
 @needs_mnist
 def test_fednet_learns_mnist_from_2000_samples() -> None:
+    assert DATA_DIR is not None  # needs_mnist: skipped unless it is set
     data = load_dataset("MNIST", DATA_DIR, download=False)
     model = build_model("FedNet", seed=0)
     trained, report = train_local(
