@@ -17,9 +17,9 @@ from typing import Any
 from fedland.spec import ExperimentSpec, load_specs
 from launch.launcher import RunOptions, prepare, queue_only, run_local
 from stack.api_client import ApiError
-from stack.settings import LauncherSettings, configure_logging
+from stack.settings import LauncherSettings, StoreSettings, configure_logging
 
-COMMANDS = ("run", "report", "export")
+COMMANDS = ("run", "report", "export", "upgrade-store")
 DEFAULT_REPORTS = Path("data/reports")  # beside the store and the logs (reports/ is the package)
 
 
@@ -65,7 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("csv", "parquet", "tensorboard"), default="csv")
     export.add_argument("--out", metavar="DIR", type=Path, default=Path("data/export"), help="output directory")
     export.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
+    upgrade = commands.add_parser("upgrade-store",
+                                  help="upgrade a store written by an earlier release in place, saying what changed")
+    upgrade.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
     return parser
+
+
+def upgrade_store_main(store: StoreSettings) -> int:
+    """`python main.py upgrade-store`: upgrade the store in place and print what changed; returns the exit code."""
+    from stack.embedded import open_database
+    from stack.records import SchemaError
+    from stack.store_upgrade import upgrade_store
+
+    try:
+        with open_database(store) as db:
+            changes = upgrade_store(db)
+    except (FileNotFoundError, SchemaError) as error:
+        print(f"upgrade-store: {error}", file=sys.stderr)
+        return 2
+    where = store.mongo_uri or store.store_dir
+    if not changes:
+        print(f"the store {store.db_name!r} in {where} is current: nothing to upgrade")
+    for line in changes:
+        print(f"upgraded {line}")
+    return 0
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -96,6 +119,8 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
         from reports.tables import export_main
 
         return export_main(args.experiment_ids, args.format, args.out, settings.store)
+    if args.command == "upgrade-store":
+        return upgrade_store_main(settings.store)
     if args.clients is not None and args.clients < 1:
         print("--clients must be >= 1", file=sys.stderr)
         return 2

@@ -25,13 +25,13 @@ from typing import Any
 
 from pymongo.database import Database
 
-from stack.settings import StoreSettings
-
 from reports.catalog import EXPERIMENT_FIGURES
 from reports.compare import COMPARISONS, comparison
 from reports.data import ExperimentData, list_experiment_ids, load_experiment, with_extras
 from reports.page import FigureEntry, experiment_page, experiment_summary, index_page
 from reports.style import paper_style, vector_path
+from stack import records
+from stack.settings import StoreSettings
 
 __all__ = ["report_main", "watch_reports", "write_reports", "write_experiment_report"]
 
@@ -149,11 +149,7 @@ def write_index(out: Path, compared: Sequence[ExperimentData]) -> Path:
 
 def _signature(db: Database[Any], experiment_id: str) -> tuple[Any, ...]:
     """What changes when an experiment progresses: status, rounds, measured rounds, client stats."""
-    doc = db["experiments"].find_one({"_id": experiment_id}, {"status": 1, "current_round": 1}) or {}
-    query = {"experiment_id": experiment_id}
-    return (doc.get("status"), doc.get("current_round"), db["rounds"].count_documents(query),
-            db["rounds"].count_documents({**query, "landscape": {"$exists": True}}),
-            db["client_stats"].count_documents(query), db["landscapes"].count_documents(query))
+    return records.progress_signature(db, experiment_id)
 
 
 def watch_reports(

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 from pymongo.database import Database
 
-from fedland.spec import STORE_KEYS
 from reports.models import ModelExtras
+from stack import records
 
+#: A stored document as the figures read it (a record's fields by name; see `stack.records`).
 Doc = dict[str, Any]
 Path_ = Sequence[str | int]  # keys and list indices into a document, e.g. ("landscape", "local", "trace")
 
@@ -68,7 +69,7 @@ class ExperimentData:
     description: str
     status: str
     error: str | None
-    spec: Doc  # the stored spec fields, without the store's own keys
+    spec: Doc  # the experiment's spec (`ExperimentSpec.to_dict()`)
     clients: tuple[PartitionSummary, ...]
     rounds: tuple[Doc, ...]  # `rounds` documents, by round
     client_stats: tuple[Doc, ...]  # `client_stats` documents, by (round, client_index)
@@ -232,65 +233,60 @@ def _series(pairs: Iterable[tuple[int, float | None]]) -> Series:
 # --- loading -----------------------------------------------------------------
 
 
-def list_experiment_ids(db: Database[Doc], *, status: str | None = "finished") -> list[str]:
+def list_experiment_ids(db: Database[Any], *, status: str | None = "finished") -> list[str]:
     """Ids of the experiments with this status (all when None), oldest first."""
-    query = {} if status is None else {"status": status}
-    cursor = db["experiments"].find(query, {"_id": 1, "id": 1}).sort([("created_at", 1), ("_id", 1)])
-    return [str(doc.get("id") or doc["_id"]) for doc in cursor]
+    return records.experiment_ids(db, None if status is None else [status])
 
 
-def load_experiment(db: Database[Doc], experiment_id: str) -> ExperimentData:
-    """Read an experiment and its clients, rounds, client stats and surfaces.
+def load_experiment(db: Database[Any], experiment_id: str) -> ExperimentData:
+    """Read an experiment and its members, rounds, client stats and surfaces through `stack.records`.
 
     Raises ValueError naming ``experiment_id`` when the store has no such experiment.
     """
-    doc = db["experiments"].find_one({"_id": experiment_id}) or db["experiments"].find_one({"id": experiment_id})
-    if doc is None:
+    records.check_schema(db)
+    experiment = records.read_experiment(db, experiment_id)
+    if experiment is None:
         known = ", ".join(list_experiment_ids(db, status=None)) or "none"
         raise ValueError(f"experiment_id: no experiment {experiment_id!r} in the store (known: {known})")
-    query = {"experiment_id": experiment_id}
-    clients = sorted(
-        (_partition(c) for c in db["clients"].find(query)), key=lambda c: c.client_index
-    )
-    rounds = sorted((_plain(r) for r in db["rounds"].find(query)), key=lambda r: r["round"])
-    stats = sorted(
-        (_plain(s) for s in db["client_stats"].find(query)), key=lambda s: (s["round"], s["client_index"])
-    )
-    surfaces = sorted(
-        (_surface(s) for s in db["landscapes"].find({**query, "kind": "pca_surface"})), key=lambda s: s.round
-    )
-    spec = {k: v for k, v in doc.items() if k not in STORE_KEYS}
+    barriers = {b.round: b.content for b in records.read_landscapes(db, experiment_id, records.PAIRWISE_BARRIERS)}
+    surfaces = (_surface(s) for s in records.read_landscapes(db, experiment_id, records.SURFACE))
     return ExperimentData(
         experiment_id=experiment_id,
-        description=str(doc.get("description") or ""),
-        status=str(doc.get("status") or "unknown"),
-        error=doc.get("error"),
-        spec=spec,
-        clients=tuple(clients),
-        rounds=tuple(rounds),
-        client_stats=tuple(stats),
+        description=experiment.spec.description,
+        status=experiment.status,
+        error=experiment.error,
+        spec=experiment.spec.to_dict(),
+        clients=tuple(_partition(member) for member in records.read_members(db, experiment_id)),
+        rounds=tuple(_round_tree(r, barriers.get(r.round)) for r in records.read_rounds(db, experiment_id)),
+        client_stats=tuple(stats.tree() for stats in records.read_client_stats(db, experiment_id)),
         surfaces=tuple(s for s in surfaces if s is not None),
     )
 
 
-def _plain(doc: Mapping[str, Any]) -> Doc:
-    return {k: v for k, v in doc.items() if k != "_id"}
+def _round_tree(round_record: records.RoundRecord, pairwise: Mapping[str, Any] | None) -> Doc:
+    """A round as the figures read it: its fields, the pairwise barriers in its landscape."""
+    tree = round_record.tree()
+    landscape = tree.get("landscape")
+    if pairwise is not None and isinstance(landscape, Mapping):
+        tree["landscape"] = {**landscape, records.PAIRWISE_BARRIERS: dict(pairwise)}
+    return tree
 
 
-def _partition(doc: Mapping[str, Any]) -> PartitionSummary:
+def _partition(member: records.MemberRecord) -> PartitionSummary:
     return PartitionSummary(
-        client_index=int(doc["client_index"]),
-        num_train=int(doc.get("num_train") or 0),
-        num_test=int(doc.get("num_test") or 0),
-        gini_index=value_at(doc, ("gini_index",)),
-        class_counts=tuple(int(c) for c in doc.get("class_counts") or ()),
-        test_class_counts=tuple(int(c) for c in doc.get("test_class_counts") or ()),
-        class_frequencies=tuple(float(f) for f in doc.get("class_frequencies") or ()),
+        client_index=member.client_index,
+        num_train=member.num_train,
+        num_test=member.num_test,
+        gini_index=value_at({"gini": member.gini_index}, ("gini",)),
+        class_counts=member.class_counts,
+        test_class_counts=member.test_class_counts,
+        class_frequencies=member.class_frequencies,
     )
 
 
-def _surface(doc: Mapping[str, Any]) -> Surface | None:
-    """A surface document, or None when its grid is malformed (it is then left out)."""
+def _surface(landscape: records.LandscapeRecord) -> Surface | None:
+    """A surface, or None when its grid is malformed (it is then left out)."""
+    doc = landscape.content
     try:
         x = np.asarray(doc["x"], dtype=np.float64)
         y = np.asarray(doc["y"], dtype=np.float64)
@@ -305,7 +301,7 @@ def _surface(doc: Mapping[str, Any]) -> Surface | None:
         if value_at(p, ("x",)) is not None and value_at(p, ("y",)) is not None
     )
     return Surface(
-        round=int(doc["round"]),
+        round=landscape.round,
         x=x,
         y=y,
         losses=losses,
@@ -326,7 +322,6 @@ def with_extras(db: Database[Doc], data: ExperimentData, data_dir: Any, *, densi
 
     from reports.models import compute_extras
 
-    experiment = {**data.spec, "id": data.experiment_id}
-    extras = compute_extras(db, experiment, list(data.rounds), list(data.client_stats), Path(data_dir),
-                            densities=not data.running if densities is None else densities)
+    extras = compute_extras(db, data.experiment_id, data.spec, list(data.rounds), list(data.client_stats),
+                            Path(data_dir), densities=not data.running if densities is None else densities)
     return replace(data, extras=extras)

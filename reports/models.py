@@ -27,10 +27,10 @@ from fedland.datasets import Dataset, load_dataset
 from fedland.hessian import spectral_density
 from fedland.measure import landscape_subset
 from fedland.plan import ExperimentPlan
-from fedland.spec import ExperimentSpec
 from fedland.slices import loss_slice_2d
+from fedland.spec import ExperimentSpec
 from fedland.training import evaluate
-from stack import wire
+from stack import records, wire
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,9 @@ class ModelExtras:
 def global_model_ids(db: Database[Any], experiment_id: str, rounds: list[Mapping[str, Any]]) -> dict[int, Any]:
     """GridFS ids of the global models by round: round 0 from the file metadata, the others from ``rounds``."""
     ids: dict[int, Any] = {}
-    initial = list(db["models.files"].find(
-        {"metadata.experiment_id": experiment_id, "metadata.round": 0, "metadata.kind": "global"}, {"_id": 1}))
-    if initial:
-        ids[0] = max(doc["_id"] for doc in initial)
+    initial = records.initial_model_id(db, experiment_id)
+    if initial is not None:
+        ids[0] = initial
     for doc in rounds:
         if doc.get("model_file_id"):
             ids[int(doc["round"])] = doc["model_file_id"]
@@ -122,21 +121,21 @@ def trajectory_plane(flat_models: np.ndarray) -> tuple[np.ndarray, np.ndarray, t
 
 
 def compute_extras(
-    db: Database[Any], experiment: Mapping[str, Any], rounds: list[Mapping[str, Any]],
+    db: Database[Any], experiment_id: str, spec: Mapping[str, Any], rounds: list[Mapping[str, Any]],
     client_stats: list[Mapping[str, Any]], data_dir: Path, *, densities: bool = True,
 ) -> ModelExtras:
     """Round-0 evaluation, trajectory and (last measured round) spectral densities of one experiment."""
     reasons: dict[str, str] = {}
-    experiment_id = str(experiment.get("id") or experiment["_id"])
+    experiment = ExperimentSpec.from_dict(spec)
     try:
-        dataset = load_dataset(str(experiment.get("dataset_name") or "MNIST"), data_dir, download=False)
+        dataset = load_dataset(experiment.dataset_name, data_dir, download=False)
     except (OSError, ValueError) as error:
         reason = f"the report evaluates stored models on the dataset, which is not available ({error})"
         return ModelExtras(reasons={"round0": reason, "trajectory": reason, "density": reason})
-    plan = ExperimentPlan(ExperimentSpec.from_dict(experiment), dataset)
+    plan = ExperimentPlan(experiment, dataset)
     seed = plan.spec.seed
     ids = global_model_ids(db, experiment_id, list(rounds))
-    weights = {r: w for r, w in ((r, _read(db, "models", i)) for r, i in sorted(ids.items())) if w is not None}
+    weights = {r: w for r, w in ((r, _read(db, records.MODELS, i)) for r, i in sorted(ids.items())) if w is not None}
     round0 = None
     if 0 in weights:
         result = evaluate(_model(plan, weights[0]), [(dataset.test_x, dataset.test_y)])
@@ -206,7 +205,7 @@ def _densities(
     for doc in sorted(client_stats, key=lambda d: int(d["client_index"])):
         if int(doc["round"]) != server_round:
             continue
-        local_weights = _read(db, "client_models", doc["weights_file_id"])
+        local_weights = _read(db, records.CLIENT_MODELS, doc["weights_file_id"])
         i = int(doc["client_index"])
         if local_weights is None or i >= plan.spec.num_clients:
             continue

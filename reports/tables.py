@@ -34,9 +34,9 @@ from typing import Any
 import pandas as pd
 from pymongo.database import Database
 
+from reports.data import interpolation_curve, linear_barrier, list_experiment_ids, load_experiment, path_dip, value_at
 from stack.embedded import open_database as open_store  # the results database (URI, else the embedded store)
 from stack.settings import StoreSettings
-from reports.data import linear_barrier, path_dip, interpolation_curve, list_experiment_ids, load_experiment, value_at
 
 __all__ = ["TABLES", "export_main", "load_tables", "open_store", "write_tables", "write_tensorboard"]
 
@@ -86,8 +86,9 @@ def load_tables(db: Database[Any], experiment_ids: Sequence[str] | None = None) 
             })
         rounds_by_number = {int(r["round"]): r for r in data.rounds}
         for doc in data.client_stats:
-            where = {**key, "round": int(doc["round"]), "client_index": int(doc["client_index"])}
-            landscape = doc.get("landscape") if isinstance(doc.get("landscape"), Mapping) else {}
+            server_round, client_index = int(doc["round"]), int(doc["client_index"])
+            where: dict[str, Any] = {**key, "round": server_round, "client_index": client_index}
+            landscape = doc["landscape"] if isinstance(doc.get("landscape"), Mapping) else {}
             for model in ("global", "local"):
                 block = landscape.get(model) or {}
                 rows["client_metrics"].append({
@@ -95,7 +96,7 @@ def load_tables(db: Database[Any], experiment_ids: Sequence[str] | None = None) 
                     **{f"landscape_{m}": _number(block, m) for m in SCALARS}, **_eigenvalues(block),
                 })
             curve = interpolation_curve(doc)
-            round_doc = rounds_by_number.get(where["round"], {})
+            round_doc = rounds_by_number.get(server_round, {})
             rows["client_rounds"].append({
                 **where, "num_examples": _number(doc, "num_examples"),
                 "duration_total_s": _number(doc, "duration_s", "total"),
@@ -104,15 +105,14 @@ def load_tables(db: Database[Any], experiment_ids: Sequence[str] | None = None) 
                 "barrier_stored": _number(landscape, "interpolation", "barrier"),
                 "update_distance": _number(landscape, "update", "distance"),
                 "cosine_to_previous_update": _number(landscape, "update", "cosine_to_previous_update"),
-                "alignment_cosine": _entry(round_doc, "client_alignment", where["client_index"], "cosine"),
-                "loo_delta_test_loss": _entry(round_doc, "leave_one_out", where["client_index"], "delta_test_loss"),
-                "loo_delta_test_accuracy": _entry(round_doc, "leave_one_out", where["client_index"],
-                                                  "delta_test_accuracy"),
+                "alignment_cosine": _entry(round_doc, "client_alignment", client_index, "cosine"),
+                "loo_delta_test_loss": _entry(round_doc, "leave_one_out", client_index, "delta_test_loss"),
+                "loo_delta_test_accuracy": _entry(round_doc, "leave_one_out", client_index, "delta_test_accuracy"),
             })
             for alpha, loss in zip(*(curve or ([], []))):
                 rows["interpolation"].append({**where, "alpha": alpha, "loss": loss})
         for r in data.rounds:
-            landscape = r.get("landscape") if isinstance(r.get("landscape"), Mapping) else {}
+            landscape = r["landscape"] if isinstance(r.get("landscape"), Mapping) else {}
             block = landscape.get("global") or {}
             rows["rounds"].append({
                 **key, "round": int(r["round"]), "test_loss": _number(r, "test_loss"),

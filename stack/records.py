@@ -373,7 +373,7 @@ class ClientStatsRecord:
         return {
             "experiment_id": self.experiment_id, "round": self.round, "client_index": self.client_index,
             "worker_id": self.worker_id, "received_at": self.received_at, "num_examples": self.num_examples,
-            **self.stats,
+            "weights_file_id": self.weights_file_id, **self.stats,
         }
 
     @staticmethod

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-
-import os
 
 import matplotlib.image
 import numpy as np
@@ -15,13 +14,22 @@ import torch
 
 from fedland.datasets import DATASETS
 from fedland.models import build_model
-from stack import wire
 from fedland.partition import gini_coefficient, plan_counts
 from fedland.spec import ExperimentSpec, LandscapeSpec
-from server.store import Store
 from reports import report_main, write_reports
-from stack.settings import StoreSettings
 from reports.data import load_experiment, path_dip
+from server.store import Store
+from stack import records, wire
+from stack.records import (
+    ClientModelFile,
+    ClientStatsRecord,
+    ExperimentRecord,
+    LandscapeRecord,
+    MemberRecord,
+    ModelFile,
+    RoundRecord,
+)
+from stack.settings import StoreSettings
 
 # figures computed from the stored models need MNIST (FEDLAND_DATA_DIR); without it they are skipped, saying so
 MNIST = bool(os.environ.get("FEDLAND_DATA_DIR")) and (Path(os.environ["FEDLAND_DATA_DIR"]) / "mnist").is_dir()
@@ -64,53 +72,58 @@ def weights(spec: ExperimentSpec, server_round: int, client_index: int | None = 
 
 
 def insert_experiment(store: Store, experiment_id: str, spec: ExperimentSpec, status: str = "finished") -> None:
-    """Store an experiment with every round, in the documents the server and clients write."""
+    """Store an experiment with every round, through the records the server and clients write."""
     info = DATASETS[spec.dataset_name]
     train, test = plan_counts(info.train_class_counts, info.test_class_counts,
                               spec.target_balance_ratios, spec.subset_fractions)
-    slots = [
-        {"experiment_id": experiment_id, "client_index": i, "class_counts": counts, "test_class_counts": test[i],
-         "class_frequencies": [c / sum(counts) for c in counts], "gini_index": gini_coefficient(counts),
-         "num_train": sum(counts), "num_test": sum(test[i]), "partition_digest": f"digest-{i}",
-         "client_id": None, "heartbeat_at": None, "reported_round": spec.rounds}
+    members = [
+        MemberRecord(
+            experiment_id=experiment_id, client_index=i, class_counts=tuple(counts), test_class_counts=tuple(test[i]),
+            class_frequencies=tuple(c / sum(counts) for c in counts), gini_index=gini_coefficient(counts),
+            num_train=sum(counts), num_test=sum(test[i]), partition_digest=f"digest-{i}", reported_round=spec.rounds,
+        )
         for i, counts in enumerate(train)
     ]
-    experiment = {**spec.with_id(experiment_id).to_dict(), "status": status, "current_round": spec.rounds,
-                  "created_at": 1.0, "started_at": 2.0, "finished_at": 3.0, "error": None}
-    store.insert_experiments([experiment], slots)
-    store.save_model(wire.encode(weights(spec, 0)), experiment_id, 0, "global")
+    experiment = ExperimentRecord(id=experiment_id, spec=spec.with_id(experiment_id), status=status,
+                                  current_round=spec.rounds, created_at=1.0, started_at=2.0, finished_at=3.0)
+    store.insert_experiments([experiment], members)
+    store.save_model(wire.encode(weights(spec, 0)), ModelFile(experiment_id, 0, records.GLOBAL))
     for r in range(1, spec.rounds + 1):
         measured = spec.landscape.scheduled(r, spec.rounds)
         for i in range(spec.num_clients):
             local_loss, global_loss = 0.3 + 1.5 / (r + 1) + 0.2 * i, 0.5 + 2.0 / (r + 1)
-            doc: dict[str, Any] = {
-                "experiment_id": experiment_id, "client_index": i, "client_id": f"c{i}", "round": r,
-                "num_examples": slots[i]["num_train"], "duration_s": {"train": 1.0, "total": 1.5},
+            stats: dict[str, Any] = {
+                "duration_s": {"train": 1.0, "total": 1.5},
                 "global": {"train_loss": global_loss, "train_accuracy": 1 - global_loss / 4,
                            "test_loss": global_loss, "test_accuracy": 1 - global_loss / 4},
                 "local": {"train_loss": local_loss, "train_accuracy": 1 - local_loss / 4,
                           "test_loss": local_loss, "test_accuracy": 1 - local_loss / 4},
-                "weights_file_id": store.save_client_model(wire.encode(weights(spec, r, i)), experiment_id, r, i),
             }
             if measured:
                 line = [(1 - a) * global_loss + a * local_loss for a in ALPHAS]
-                doc["landscape"] = {
+                stats["landscape"] = {
                     "num_samples": spec.landscape.num_samples, "duration_s": 2.0,
                     "global": metrics(global_loss, 1.5 * 4**r), "local": metrics(local_loss, 2.0 * 4**r * (1 + i)),
                     "interpolation": {"alphas": ALPHAS, "barrier": barrier_of(i, r),
                                       "losses": [v + bump_of(i, r) * 4 * a * (1 - a) for v, a in zip(line, ALPHAS)]},
                     "update": {"distance": 0.1 * r, "cosine_to_previous_update": None if r == 1 else 0.5},
                 }
-            store.insert_client_stats(doc)
-        round_doc: dict[str, Any] = {
-            "experiment_id": experiment_id, "round": r, "test_loss": 0.4 + 1.8 / (r + 1),
-            "test_accuracy": 0.9 - 0.45 / (r + 1), "participants": list(range(spec.num_clients)),
-            "num_examples": sum(s["num_train"] for s in slots), "duration_s": 4.0,
-            "model_file_id": store.save_model(wire.encode(weights(spec, r)), experiment_id, r, "global"),
-        }
+            file_id = store.save_client_model(wire.encode(weights(spec, r, i)), ClientModelFile(experiment_id, r, i))
+            store.insert_client_stats(ClientStatsRecord(
+                experiment_id=experiment_id, round=r, client_index=i, worker_id=f"c{i}", received_at=4.0 + r,
+                num_examples=members[i].num_train, weights_file_id=file_id, stats=stats,
+            ))
+        landscape: dict[str, Any] | None = None
         if measured:
-            surface_id = f"{experiment_id}-surface-{r}"
-            round_doc["landscape"] = {
+            grid = np.linspace(-spec.landscape.grid_radius, spec.landscape.grid_radius, spec.landscape.grid_points)
+            x, y = np.meshgrid(grid, grid)  # (ny, nx)
+            surface_id = store.save_landscape(LandscapeRecord(experiment_id, r, records.SURFACE, {
+                "x": grid.tolist(), "y": grid.tolist(), "losses": (0.3 + r * (x**2 + 3 * (y - 0.2) ** 2)).tolist(),
+                "explained_variance_ratio": [0.7, 0.2],
+                "client_points": [{"client_index": i, "x": 0.5 * (-1) ** i, "y": 0.3 * (i + 1)}
+                                  for i in range(spec.num_clients)],
+            }))
+            landscape = {
                 "num_samples": spec.landscape.num_samples, "duration_s": 3.0, "global": metrics(0.4, 3.0 * 4**r),
                 "client_alignment": [{"client_index": i, "cosine": 0.9 - 0.6 * i / spec.num_clients - 0.05 * r}
                                      for i in range(spec.num_clients)],
@@ -126,21 +139,22 @@ def insert_experiment(store: Store, experiment_id: str, spec: ExperimentSpec, st
             }
             if spec.num_clients >= 2:
                 m = spec.num_clients
-                round_doc["landscape"]["pairwise_barriers"] = {
-                    "client_indices": list(range(m)), "alphas": ALPHAS,
-                    "barriers": [[0.0 if i == j else 0.01 * (i + j) * r for j in range(m)] for i in range(m)],
-                    "losses": [[[0.3] * len(ALPHAS) for _ in range(m)] for _ in range(m)],
-                }
-            grid = np.linspace(-spec.landscape.grid_radius, spec.landscape.grid_radius, spec.landscape.grid_points)
-            x, y = np.meshgrid(grid, grid)  # (ny, nx)
-            store.landscapes.insert_one({
-                "_id": surface_id, "experiment_id": experiment_id, "round": r, "kind": "pca_surface",
-                "x": grid.tolist(), "y": grid.tolist(), "losses": (0.3 + r * (x**2 + 3 * (y - 0.2) ** 2)).tolist(),
-                "explained_variance_ratio": [0.7, 0.2],
-                "client_points": [{"client_index": i, "x": 0.5 * (-1) ** i, "y": 0.3 * (i + 1)}
-                                  for i in range(spec.num_clients)],
-            })
-        store.insert_round(round_doc)
+                landscape["pairwise_barriers_id"] = store.save_landscape(LandscapeRecord(
+                    experiment_id, r, records.PAIRWISE_BARRIERS, {
+                        "client_indices": list(range(m)), "alphas": ALPHAS,
+                        "barriers": [[0.0 if i == j else 0.01 * (i + j) * r for j in range(m)] for i in range(m)],
+                        "losses": [[[0.3] * len(ALPHAS) for _ in range(m)] for _ in range(m)],
+                    }))
+        store.insert_round(RoundRecord(
+            experiment_id=experiment_id, round=r, started_at=10.0 * r, finished_at=10.0 * r + 4.0,
+            test_loss=0.4 + 1.8 / (r + 1), test_accuracy=0.9 - 0.45 / (r + 1), num_test=10_000,
+            selected=tuple(range(spec.num_clients)), participants=tuple(range(spec.num_clients)),
+            num_examples=sum(m.num_train for m in members), strategy=spec.strategy.name, duration_s=4.0,
+            aggregation_s=0.1, model_file_id=store.save_model(wire.encode(weights(spec, r)),
+                                                               ModelFile(experiment_id, r, records.GLOBAL)),
+            strategy_state_file_id=store.save_model(wire.encode({}), ModelFile(experiment_id, r, records.STRATEGY_STATE)),
+            landscape=landscape,
+        ))
 
 
 def two_experiments(store: Store) -> tuple[str, str]:
@@ -221,13 +235,13 @@ def test_reports_of_two_experiments(store: Store, tmp_path: Path) -> None:
     assert plain_page.count("Skipped: landscape measurement is disabled") == len(LANDSCAPE_FIGURES) + 1
     assert 'http-equiv="refresh"' not in measured_page  # finished: no reload
     # the partition table and the spec, from the stored documents
-    for slot in store.slots(measured_id):
-        row = (f"<td>{slot['num_train']}</td><td>{slot['num_test']}</td><td>{slot['gini_index']:.3f}</td>"
-               + "".join(f"<td>{n}</td>" for n in slot["class_counts"]))
+    for member in store.members(measured_id):
+        row = (f"<td>{member.num_train}</td><td>{member.num_test}</td><td>{member.gini_index:.3f}</td>"
+               + "".join(f"<td>{n}</td>" for n in member.class_counts))
         assert row in measured_page
     assert "&quot;description&quot;: &quot;non-IID unbalanced, 2 clients&quot;" in measured_page
     final = store.get_round(measured_id, 3)
-    assert final is not None and f"<b>{final['test_accuracy']:.4f}</b>" in measured_page
+    assert final is not None and f"<b>{final.test_accuracy:.4f}</b>" in measured_page
     # the barrier column: the report's definition from the stored curve, fixed decimals with a sign
     assert f"<td>{barrier_of(1, 2):.4f}</td>" not in measured_page and "<td>0.0000</td>" in measured_page
 
@@ -300,12 +314,11 @@ def test_single_client_nulls_and_an_unstarted_experiment(store: Store, tmp_path:
                             rounds=2, timestamp="2025-01-02T03:04:05+00:00")
     insert_experiment(store, "exp-single", single)
     # leave-one-out is undefined with one client: the server stores nulls
-    store.rounds.update_many({"experiment_id": "exp-single"}, {"$set": {
+    store.db[records.ROUNDS].update_many({"experiment_id": "exp-single"}, {"$set": {
         "landscape.leave_one_out": [{"client_index": 0, "delta_test_loss": None, "delta_test_accuracy": None}]}})
     queued = ExperimentSpec(description="queued", target_balance_ratios=[[0.1] * 10], subset_fractions=[0.05],
                             rounds=2, timestamp="2025-01-02T03:04:05+00:00")
-    store.insert_experiments([{**queued.with_id("exp-queued").to_dict(), "status": "queued", "current_round": 0,
-                               "created_at": 1.0, "started_at": None, "finished_at": None, "error": None}], [])
+    store.insert_experiments([ExperimentRecord(id="exp-queued", spec=queued.with_id("exp-queued"), created_at=1.0)], [])
     write_reports(store.db, ["exp-single", "exp-queued"], tmp_path, data_dir=NO_DATA)
 
     single_page = (tmp_path / "exp-single" / "index.html").read_text(encoding="utf-8")

@@ -10,6 +10,7 @@ import pytest
 
 from reports.tables import TABLES, export_main, load_tables, write_tables, write_tensorboard
 from server.store import Store
+from stack import records
 from stack.settings import StoreSettings
 from tests.reports.test_report import barrier_of, dip_of, two_experiments
 
@@ -22,7 +23,7 @@ def stored_equal(value: object, expected: object) -> bool:
 
 def check_against_store(tables: dict[str, pd.DataFrame], store: Store, experiment_id: str) -> None:
     rounds = tables["rounds"].set_index(["experiment_id", "round"])
-    for doc in store.rounds_of(experiment_id):
+    for doc in (r.tree() for r in store.rounds_of(experiment_id)):
         row = rounds.loc[(experiment_id, doc["round"])]
         assert row["test_loss"] == pytest.approx(doc["test_loss"])
         assert row["test_accuracy"] == pytest.approx(doc["test_accuracy"])
@@ -35,7 +36,7 @@ def check_against_store(tables: dict[str, pd.DataFrame], store: Store, experimen
             assert math.isnan(row["landscape_trace"]) if "landscape_trace" in row else True
     metrics = tables["client_metrics"].set_index(["experiment_id", "round", "client_index", "model"])
     per_client = tables["client_rounds"].set_index(["experiment_id", "round", "client_index"])
-    docs = list(store.client_stats.find({"experiment_id": experiment_id}))
+    docs = [stats.tree() for stats in records.read_client_stats(store.db, experiment_id)]
     assert len(docs) > 0
     for doc in docs:
         for model in ("global", "local"):
@@ -56,7 +57,7 @@ def check_against_store(tables: dict[str, pd.DataFrame], store: Store, experimen
                                 doc["landscape"]["update"]["cosine_to_previous_update"])
     curve = tables["interpolation"]
     one = curve[(curve.experiment_id == experiment_id) & (curve["round"] == 2) & (curve.client_index == 1)]
-    doc = store.client_stats.find_one({"experiment_id": experiment_id, "round": 2, "client_index": 1})
+    doc = next((d for d in docs if d["round"] == 2 and d["client_index"] == 1), None)
     if doc is not None and "landscape" in doc:
         assert list(one["loss"]) == pytest.approx(doc["landscape"]["interpolation"]["losses"])
 
@@ -68,9 +69,9 @@ def test_tables_files_and_tensorboard_round_trip(store: Store, tmp_path: Path) -
     assert list(tables["experiments"]["experiment_id"]) == [measured_id, plain_id]
     assert len(tables["client_metrics"]) == 2 * 3 * 2 * 2  # experiments x rounds x clients x models
     clients = tables["clients"].set_index(["experiment_id", "client_index"])
-    for slot in store.slots(measured_id):
-        row = clients.loc[(measured_id, slot["client_index"])]
-        assert [row[f"train_class_{k}"] for k in range(10)] == slot["class_counts"]
+    for member in store.members(measured_id):
+        row = clients.loc[(measured_id, member.client_index)]
+        assert [row[f"train_class_{k}"] for k in range(10)] == list(member.class_counts)
     for experiment_id in (measured_id, plain_id):
         check_against_store(tables, store, experiment_id)
 
@@ -88,10 +89,10 @@ def test_tables_files_and_tensorboard_round_trip(store: Store, tmp_path: Path) -
     events = EventAccumulator(str(runs[0])).Reload()
     accuracy = events.Scalars("global/test_accuracy")
     assert [e.step for e in accuracy] == [1, 2, 3]
-    assert [e.value for e in accuracy] == pytest.approx([d["test_accuracy"] for d in store.rounds_of(measured_id)])
+    assert [e.value for e in accuracy] == pytest.approx([r.test_accuracy for r in store.rounds_of(measured_id)])
     local = events.Scalars("client_1/local/top_eigenvalue_1")
-    stored = [d["landscape"]["local"]["top_eigenvalues"][0]
-              for d in store.client_stats.find({"experiment_id": measured_id, "client_index": 1})]
+    stored = [s.stats["landscape"]["local"]["top_eigenvalues"][0]
+              for s in records.read_client_stats(store.db, measured_id) if s.client_index == 1]
     assert sorted(e.value for e in local) == pytest.approx(sorted(stored), rel=1e-6)
 
 
@@ -102,6 +103,6 @@ def test_export_command(store: Store, mongo_uri: str, mongo_db_name: str, tmp_pa
     assert export_main([measured_id], "csv", tmp_path, settings) == 0
     assert "rounds (3 rows)" in capsys.readouterr().out
     assert list(pd.read_csv(tmp_path / "rounds.csv")["test_accuracy"]) == pytest.approx(
-        [d["test_accuracy"] for d in store.rounds_of(measured_id)])
+        [r.test_accuracy for r in store.rounds_of(measured_id)])
     assert export_main(["nope"], "csv", tmp_path / "x", settings) == 2
     assert "experiment_id: no experiment 'nope'" in capsys.readouterr().err
