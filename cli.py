@@ -17,10 +17,9 @@ from typing import Any
 from fedland.spec import ExperimentSpec, load_specs
 from launch.launcher import RunOptions, prepare, queue_only, run_local
 from stack.api_client import ApiError
-from stack.settings import LauncherSettings, StoreSettings, configure_logging
+from stack.settings import DEFAULT_REPORTS_DIR, LauncherSettings, StoreSettings, configure_logging
 
 COMMANDS = ("run", "report", "export", "upgrade-store")
-DEFAULT_REPORTS = Path("data/reports")  # beside the store and the logs (reports/ is the package)
 
 
 def write_run_reports(reports_dir: Path, store_uri: str, db_name: str, ids: list[str], data_dir: Path) -> Path:
@@ -51,13 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--experiments", metavar="FILE", type=Path, help="JSON/TOML experiments instead of main.py's")
     run.add_argument("--only", metavar="TEXT", help="only experiments whose description contains TEXT")
     run.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
-    run.add_argument("--reports", metavar="DIR", type=Path, default=DEFAULT_REPORTS,
-                     help=f"where to write the reports, live and at the end (default {DEFAULT_REPORTS})")
+    run.add_argument("--reports", metavar="DIR", type=Path, default=DEFAULT_REPORTS_DIR,
+                     help=f"where to write the reports, live and at the end (default {DEFAULT_REPORTS_DIR})")
     run.add_argument("--no-reports", action="store_true", help="no reports, neither live nor at the end")
     report = commands.add_parser("report", help="write PNG/PDF/HTML reports of stored experiments")
     report.add_argument("experiment_ids", nargs="*", metavar="EXPERIMENT_ID", help="default: every finished one")
     report.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
-    report.add_argument("--out", metavar="DIR", type=Path, default=DEFAULT_REPORTS, help="output directory")
+    report.add_argument("--out", metavar="DIR", type=Path, default=DEFAULT_REPORTS_DIR, help="output directory")
     report.add_argument("--watch", action="store_true",
                         help="re-render as rounds land until the experiments finish (pages reload themselves)")
     export = commands.add_parser("export", help="write stored results as tidy tables or TensorBoard event files")

@@ -54,6 +54,9 @@ LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs, targets) -> scalar mean
 #: Lanczos residual tolerance for the top eigenvalues: the eigenvalue error is about
 #: residual^2 / gap (~1e-4 relative here), far below the sampling noise of a 256-example subset.
 EIGEN_TOL = 1e-2
+#: Pairwise barriers cost m(m-1)/2 paths and the flatness gap m + 1 Lanczos runs: a round's between-client
+#: measures are taken only with at most this many participants (the other round-level measures are linear in m).
+PAIRWISE_MAX_MEMBERS = 16
 EIGEN_MAX_ITER = 60
 
 

@@ -2,7 +2,7 @@
 
     write_reports(db, ["65a1..."], Path("data/reports"))  # -> data/reports/index.html
     watch_reports(db, None, Path("data/reports"), stop)     # re-render as rounds land, until all finish
-    report_main([], store_uri=None, db_name="fedland", out_dir=Path("data/reports"))  # the CLI's entry
+    report_main([], StoreSettings.from_env(), Path("data/reports"))  # the CLI's entry (python main.py report)
 
 Layout: ``out_dir/index.html``, ``out_dir/comparison/*.png|pdf`` and per experiment
 ``out_dir/<experiment_id>/index.html`` with its figures and ``summary.json`` (its
@@ -31,13 +31,13 @@ from reports.data import ExperimentData, list_experiment_ids, load_experiment, w
 from reports.page import FigureEntry, experiment_page, experiment_summary, index_page
 from reports.style import paper_style, vector_path
 from stack import records
-from stack.settings import StoreSettings
+from stack.settings import DEFAULT_REPORTS_DIR, StoreSettings
 
 __all__ = ["report_main", "watch_reports", "write_reports", "write_experiment_report"]
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
-DEFAULT_OUT = Path("data/reports")  # beside the store and the logs; reports/ is this package
+DEFAULT_OUT = DEFAULT_REPORTS_DIR
 
 
 def _directory_name(experiment_id: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedland.measure import PAIRWISE_MAX_MEMBERS
 from reports import figures, landscape_figures
 from reports.data import BARRIER_DEFINITION, DIP_DEFINITION, ExperimentData
 from reports.figures import FigureKind
@@ -56,7 +57,8 @@ def _barrier_caption(data: ExperimentData) -> str:
 
 
 def _between_clients_caption(data: ExperimentData) -> str:
-    return ("Measured by the server in rounds with at most 16 participants. Left: the barrier of the linear path "
+    return (f"Measured by the server in rounds with at most {PAIRWISE_MAX_MEMBERS} participants. Left: the barrier "
+            "of the linear path "
             f"between every pair of client models of the last measured round ({BARRIER_DEFINITION}, the same "
             f"definition as above), loss on the server's held-out test subset ({_samples(data)} test images); 0 on "
             "the diagonal; a high entry means the two local models sit in different basins. Right: the flatness "

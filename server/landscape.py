@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from fedland.device import resolve_device
 from fedland.measure import (
+    PAIRWISE_MAX_MEMBERS,
     finite_or_none,
     flatness_gap_document,
     gap_document,
@@ -51,9 +52,6 @@ log = logging.getLogger(__name__)
 Doc = dict[str, Any]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
-#: Pairwise barriers cost m(m-1)/2 paths and the flatness gap m + 1 Lanczos runs: only rounds
-#: with at most this many participants get them (the other round-level measures are linear in m).
-PAIRWISE_MAX_MEMBERS = 16
 
 def leave_one_out(
     aggregate: Callable[[Sequence[ClientUpdate]], NamedArrays],

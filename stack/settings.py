@@ -18,6 +18,7 @@ DEFAULT_DATA_DIR = Path("./data")
 #: `python -m server`, `python main.py` and `python main.py report` all follow.
 DEFAULT_STORE_DIR = Path("./data/store")
 DEFAULT_LOG_DIR = Path("./data/logs")
+DEFAULT_REPORTS_DIR = Path("./data/reports")  # beside the store and the logs (reports/ is the package)
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:
@@ -179,17 +180,17 @@ class ServerSettings:
             mongo_uri=store.mongo_uri,
             db_name=store.db_name,
             store_dir=store.store_dir,
-            host=_text(env, "FEDLAND_HOST", "127.0.0.1"),
-            port=_int(env, "FEDLAND_PORT", 8080, low=0, high=65535),
-            heartbeat_timeout_s=_positive_float(env, "FEDLAND_HEARTBEAT_TIMEOUT_S", 30.0),
-            max_body_mb=_int(env, "FEDLAND_MAX_BODY_MB", 64, low=1),
-            torch_threads=_int(env, "FEDLAND_TORCH_THREADS", 1, low=1),
+            host=_text(env, "FEDLAND_HOST", cls.host),
+            port=_int(env, "FEDLAND_PORT", cls.port, low=0, high=65535),
+            heartbeat_timeout_s=_positive_float(env, "FEDLAND_HEARTBEAT_TIMEOUT_S", cls.heartbeat_timeout_s),
+            max_body_mb=_int(env, "FEDLAND_MAX_BODY_MB", cls.max_body_mb, low=1),
+            torch_threads=_int(env, "FEDLAND_TORCH_THREADS", cls.torch_threads, low=1),
             log_level=_log_level(env),
             device=_device(env),
-            threads=_int(env, "FEDLAND_SERVER_THREADS", 256, low=2, high=4096),
-            connection_limit=_int(env, "FEDLAND_SERVER_CONNECTIONS", 4096, low=16),
+            threads=_int(env, "FEDLAND_SERVER_THREADS", cls.threads, low=2, high=4096),
+            connection_limit=_int(env, "FEDLAND_SERVER_CONNECTIONS", cls.connection_limit, low=16),
             store_timeouts=StoreTimeouts.from_env(env),
-            store_retry_after_s=_int(env, "FEDLAND_STORE_RETRY_AFTER_S", 5, low=1, high=3600),
+            store_retry_after_s=_int(env, "FEDLAND_STORE_RETRY_AFTER_S", cls.store_retry_after_s, low=1, high=3600),
         )
 
 
@@ -210,8 +211,8 @@ class ClientSettings:
         return cls(
             token=_token(env),
             data_dir=_data_dir(env),
-            server_url=_url(env, "FEDLAND_SERVER_URL", "http://127.0.0.1:8080"),
-            torch_threads=_int(env, "FEDLAND_TORCH_THREADS", 1, low=1),
+            server_url=_url(env, "FEDLAND_SERVER_URL", cls.server_url),
+            torch_threads=_int(env, "FEDLAND_TORCH_THREADS", cls.torch_threads, low=1),
             log_level=_log_level(env),
             device=_device(env),
         )
