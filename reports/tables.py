@@ -120,8 +120,16 @@ def load_tables(db: Database[Any], experiment_ids: Sequence[str] | None = None) 
                 "num_participants": len(r.get("participants") or []), "duration_s": _number(r, "duration_s"),
                 **{f"landscape_{m}": _number(block, m) for m in SCALARS}, **_eigenvalues(block),
                 "gradient_dissimilarity": _number(landscape, "gradient_dissimilarity"),
+                **_round_measures(landscape),
             })
     return {name: pd.DataFrame(table_rows) for name, table_rows in rows.items()}
+
+
+def _round_measures(landscape: Mapping[str, Any]) -> dict[str, float]:
+    """Every number at the top of a round's landscape (a measure added there reaches the table by itself)."""
+    own = ("num_samples", "duration_s")  # the measurement's own bookkeeping, not a measure of the model
+    return {key: _number(landscape, key) for key, value in landscape.items()
+            if key not in own and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def _nan(value: float | None) -> float:
