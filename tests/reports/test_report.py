@@ -159,7 +159,7 @@ def insert_experiment(store: Store, experiment_id: str, spec: ExperimentSpec, st
 
 def two_experiments(store: Store) -> tuple[str, str]:
     """A non-IID pair measured every round, and an IID pair with landscapes disabled."""
-    common = dict(rounds=3, timestamp="2025-01-02T03:04:05+00:00", seed=3)
+    common: dict[str, Any] = dict(rounds=3, timestamp="2025-01-02T03:04:05+00:00", seed=3)
     measured = ExperimentSpec(description="non-IID unbalanced, 2 clients",
                               target_balance_ratios=[[0.1] * 10, [0.5, 0.5] + [0.0] * 8],
                               subset_fractions=[0.1, 0.05], landscape=LandscapeSpec(every=1), **common)

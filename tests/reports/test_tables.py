@@ -57,8 +57,9 @@ def check_against_store(tables: dict[str, pd.DataFrame], store: Store, experimen
                                 doc["landscape"]["update"]["cosine_to_previous_update"])
     curve = tables["interpolation"]
     one = curve[(curve.experiment_id == experiment_id) & (curve["round"] == 2) & (curve.client_index == 1)]
-    doc = next((d for d in docs if d["round"] == 2 and d["client_index"] == 1), None)
-    if doc is not None and "landscape" in doc:
+    found = [d for d in docs if d["round"] == 2 and d["client_index"] == 1]
+    if found and "landscape" in found[0]:
+        doc = found[0]
         assert list(one["loss"]) == pytest.approx(doc["landscape"]["interpolation"]["losses"])
 
 
