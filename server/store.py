@@ -16,7 +16,6 @@ import pymongo
 import pymongo.errors
 from bson import ObjectId
 from pymongo import ReturnDocument
-from pymongo.collection import Collection
 from pymongo.database import Database
 
 from stack import records
@@ -28,7 +27,6 @@ from stack.records import (
     LandscapeRecord,
     MemberRecord,
     ModelFile,
-    RefusedUpdateRecord,
     RoundRecord,
     WorkerRecord,
 )
@@ -72,9 +70,6 @@ class Store:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
-
-    def collection(self, name: str) -> Collection[Document]:
-        return self.db[name]
 
     def prepare(self) -> None:
         """Refuse a store of another schema (`records.SchemaError`), mark a new one, create the unique indexes."""
@@ -205,9 +200,6 @@ class Store:
 
     def stats_of_round(self, experiment_id: str, server_round: int) -> list[ClientStatsRecord]:
         return records.read_client_stats(self.db, experiment_id, server_round)
-
-    def insert_refused_update(self, refused: RefusedUpdateRecord) -> None:
-        self.db[records.REFUSED_UPDATES].insert_one(refused.to_doc())
 
     def insert_round(self, round_record: RoundRecord) -> None:
         try:

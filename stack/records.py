@@ -81,10 +81,6 @@ SCHEMA_VERSION = 2
 
 ACTIVE = ("queued", "running")
 DONE = ("finished", "failed")
-STATUSES = (*ACTIVE, *DONE)
-
-#: Collections of the previous release's schema that version 2 renamed (old name -> new name).
-RENAMED_COLLECTIONS = {"clients": MEMBERS}
 
 
 class SchemaError(RuntimeError):
@@ -154,10 +150,6 @@ class ExperimentRecord:
     error: str | None = None  # why it failed
 
     DATES: ClassVar[frozenset[str]] = frozenset({"created_at", "started_at", "finished_at"})
-
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE
 
     def to_doc(self) -> Document:
         return {
@@ -472,10 +464,9 @@ class RoundRecord:
         return key
 
 
-#: Kinds of `landscapes` documents, and the key of the round's landscape that names each.
+#: Kinds of `landscapes` documents (the round's landscape names them by `surface_id`, `pairwise_barriers_id`).
 SURFACE = "pca_surface"
 PAIRWISE_BARRIERS = "pairwise_barriers"
-LANDSCAPE_REFERENCES = {SURFACE: "surface_id", PAIRWISE_BARRIERS: "pairwise_barriers_id"}
 
 
 @dataclass(frozen=True)
@@ -558,8 +549,6 @@ class ModelFile:
     round: int
     kind: str  # GLOBAL | STRATEGY_STATE
 
-    BUCKET: ClassVar[str] = MODELS
-
     @property
     def filename(self) -> str:
         return f"{self.experiment_id}-{self.kind}-{self.round}.safetensors"
@@ -584,8 +573,6 @@ class ClientModelFile:
     experiment_id: str
     round: int
     client_index: int
-
-    BUCKET: ClassVar[str] = CLIENT_MODELS
 
     @property
     def filename(self) -> str:
@@ -687,11 +674,6 @@ def read_rounds(db: Database[Document], experiment_id: str) -> list[RoundRecord]
 def read_landscapes(db: Database[Document], experiment_id: str, kind: str) -> list[LandscapeRecord]:
     cursor = db[LANDSCAPES].find({"experiment_id": experiment_id, "kind": kind})
     return [LandscapeRecord.from_doc(doc) for doc in _sorted(cursor, [("round", 1)])]
-
-
-def read_refused_updates(db: Database[Document], experiment_id: str) -> list[RefusedUpdateRecord]:
-    cursor = db[REFUSED_UPDATES].find({"experiment_id": experiment_id})
-    return [RefusedUpdateRecord.from_doc(doc) for doc in _sorted(cursor, [("round", 1), ("client_index", 1)])]
 
 
 def files_collection(bucket: str) -> str:
