@@ -1,8 +1,8 @@
 """The aggregation server's coordinator: experiments, workers, and which worker trains which member.
 
 No HTTP here (see server/api.py); rounds, updates and aggregation are in
-server/rounds.py. A *member* is a slot of a federation (`client_index`, a data
-partition; one `clients` document each); a *worker* is a client process (one
+server/rounds.py. A *member* is a place in a federation (`client_index`, a data
+partition; one `members` document each); a *worker* is a client process (one
 `workers` document each). A worker asks for a task and gets (experiment, member,
 round): the lowest pending selected member of the oldest experiment with work,
 preferring a member it trained before (its data is likely cached). Any number of

@@ -27,7 +27,7 @@ class UnknownWorker(Exception):
 
 
 class Conflict(Exception):
-    """The server refused an update as late, duplicate, or from a slot this client lost (409)."""
+    """The server refused an update as late, duplicate, or for a member this worker no longer holds (409)."""
 
 
 class ApiError(RuntimeError):
