@@ -1,4 +1,4 @@
-"""HTTP API over loopback: auth, experiments, clients and task assignment, errors."""
+"""HTTP API over loopback: auth, experiments, workers and task assignment, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fedland.models import build_model
 from fedland.partition import partition
 from fedland.spec import ExperimentSpec
 from server.store import Store
-from stack import wire
+from stack import records, wire
 
 
 def test_health_needs_the_token(api: Any) -> None:
@@ -30,12 +30,13 @@ def test_wrong_token_changes_nothing(api: Any, store: Store, make_spec: Callable
 
     response = requests.post(api.base + "/experiments", json=make_spec(), headers={"Authorization": "Bearer x"}, timeout=10)
     assert response.status_code == 401
-    response = requests.post(api.base + "/clients", json={"hostname": "h", "pid": 1}, timeout=10)
+    response = requests.post(api.base + "/workers", json={"hostname": "h", "pid": 1}, timeout=10)
     assert response.status_code == 401
-    assert store.count("experiments") == 0 and store.count("clients") == 0 and store.count("workers") == 0
+    assert store.count(records.EXPERIMENTS) == 0 and store.count(records.MEMBERS) == 0
+    assert store.count(records.WORKERS) == 0
 
 
-def test_submit_stores_experiment_slots_and_initial_model(
+def test_submit_stores_experiment_members_and_initial_model(
     api: Any, store: Store, make_spec: Callable[..., dict], data_dir: Any
 ) -> None:
     (experiment_id,) = api.submit(make_spec())
@@ -49,15 +50,15 @@ def test_submit_stores_experiment_slots_and_initial_model(
     spec = ExperimentSpec.from_dict(doc)  # the document is a spec plus store fields
     assert spec.id == experiment_id and spec.seed == 7 and doc["error"] is None
 
-    # slots carry the partition statistics of the real labels
+    # members carry the partition statistics of the real labels
     data = load_dataset("MNIST", data_dir)
     parts = partition(data.train_y, data.test_y, spec.target_balance_ratios, spec.subset_fractions, spec.seed)
-    slots = store.slots(experiment_id)
-    assert [s["client_index"] for s in slots] == [0, 1]
-    for slot, part in zip(slots, parts):
-        assert slot["partition_digest"] == part.digest()
-        assert slot["class_counts"] == part.class_counts == [60] * 10  # floor(60000 / 2) * 0.02 / 10 classes
-        assert slot["num_train"] == 600 and slot["worker_id"] is None and slot["reported_round"] == 0
+    members = store.members(experiment_id)
+    assert [m.client_index for m in members] == [0, 1]
+    for member, part in zip(members, parts):
+        assert member.partition_digest == part.digest()
+        assert list(member.class_counts) == part.class_counts == [60] * 10  # floor(60000 / 2) * 0.02 / 10 classes
+        assert member.num_train == 600 and member.worker_id is None and member.reported_round == 0
 
     # round 1 trains from build_model(model, seed)
     initial = api.model(experiment_id, 1)
@@ -89,37 +90,41 @@ def test_invalid_list_writes_nothing_and_names_the_field(
     assert (response.status_code, response.json()["field"]) == (400, "body")
     assert api.post("/experiments", json=[]).status_code == 400
 
-    for collection in ("experiments", "clients", "models.files", "models.chunks"):
+    for collection in (
+        records.EXPERIMENTS, records.MEMBERS, records.files_collection(records.MODELS),
+        records.chunks_collection(records.MODELS),
+    ):
         assert store.count(collection) == 0, collection
 
 
-def test_register_heartbeat_and_unknown_clients(api: Any, store: Store) -> None:
-    response = api.post("/clients", json={"hostname": "node-1", "pid": 42})
+def test_register_heartbeat_and_unknown_workers(api: Any, store: Store) -> None:
+    response = api.post("/workers", json={"hostname": "node-1", "pid": 42})
     assert response.status_code == 201
     body = response.json()
     assert body["heartbeat_interval_s"] == 10.0  # a third of the 30 s timeout
-    assert store.workers.find_one({"client_id": body["client_id"]})["hostname"] == "node-1"
-    assert api.post(f"/clients/{body['client_id']}/heartbeat").json() == {"ok": True}
-    assert api.post("/clients/unknown/heartbeat").status_code == 404
-    assert api.post("/clients/unknown/task").status_code == 404
-    response = api.post("/clients", json={"hostname": "", "pid": 1})
+    worker = store.get_worker(body["worker_id"])
+    assert worker is not None and worker.hostname == "node-1"
+    assert api.post(f"/workers/{body['worker_id']}/heartbeat").json() == {"ok": True}
+    assert api.post("/workers/unknown/heartbeat").status_code == 404
+    assert api.post("/workers/unknown/task").status_code == 404
+    response = api.post("/workers", json={"hostname": "", "pid": 1})
     assert (response.status_code, response.json()["field"]) == (400, "hostname")
-    response = api.post("/clients", json={"hostname": "h", "pid": "1"})
+    response = api.post("/workers", json={"hostname": "h", "pid": "1"})
     assert (response.status_code, response.json()["field"]) == (400, "pid")
 
 
-def test_task_assignment_distinct_slots_oldest_first(api: Any, make_spec: Callable[..., dict]) -> None:
+def test_task_assignment_distinct_members_oldest_first(api: Any, make_spec: Callable[..., dict]) -> None:
     first, second = api.submit(make_spec(description="A"), make_spec(description="B", seed=8))
-    clients = [api.register(f"host-{i}") for i in range(5)]
-    tasks = [api.task(c) for c in clients]
+    workers = [api.register(f"host-{i}") for i in range(5)]
+    tasks = [api.task(w) for w in workers]
     assigned = [(t.get("experiment_id"), t.get("client_index")) for t in tasks[:4]]
     assert assigned == [(first, 0), (first, 1), (second, 0), (second, 1)]
     assert all(t["action"] == "train" and t["round"] == 1 for t in tasks[:4])
     assert tasks[4]["action"] == "wait" and tasks[4]["retry_after_s"] > 0
     assert tasks[0]["spec"]["description"] == "A" and tasks[2]["spec"]["seed"] == 8
     assert ExperimentSpec.from_dict(tasks[0]["spec"]).num_clients == 2
-    # asking again keeps the same slot
-    again = api.task(clients[1])
+    # asking again keeps the same member
+    again = api.task(workers[1])
     assert (again["experiment_id"], again["client_index"], again["round"]) == (first, 1, 1)
     assert again["partition_digest"] == tasks[1]["partition_digest"] != tasks[0]["partition_digest"]
     assert api.get(f"/experiments/{first}").json()["status"] == "running"
@@ -155,10 +160,10 @@ def test_update_refusals(api: Any, store: Store, make_spec: Callable[..., dict])
     response = api.post(f"/experiments/{experiment_id}/rounds/1/updates", data={"meta": "{"})
     assert (response.status_code, response.json()["field"]) == (400, "meta")
     assert api.update(experiment_id, 1, other, 0, weights).status_code == 409  # not the holder
-    assert api.update(experiment_id, 1, other, 1, weights).status_code == 409  # slot 1 is free
+    assert api.update(experiment_id, 1, other, 1, weights).status_code == 409  # member 1 is free
     assert api.update(experiment_id, 2, holder, 0, weights).status_code == 409  # not the current round
     assert api.update("nope", 1, holder, 0, weights).status_code == 404
-    assert store.count("client_stats") == 0 and store.count("client_models.files") == 0
+    assert store.count(records.CLIENT_STATS) == 0 and store.count(records.files_collection(records.CLIENT_MODELS)) == 0
 
 
 def test_body_too_large_is_413(start_api: Callable[..., Any], make_spec: Callable[..., dict]) -> None:
