@@ -1,4 +1,4 @@
-"""Issue 12's cases over real HTTP: each is a 4xx naming the field, and leaves the store as it was."""
+"""Bad input over real HTTP: each case is a 4xx naming the field, and leaves the store as it was."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from server.store import Store
-from stack import wire
+from stack import records, wire
 from tests.server.conftest import Api
 
 COLLECTIONS = (
-    "experiments", "clients", "workers", "client_stats", "rounds", "models.files", "client_models.files",
+    records.EXPERIMENTS, records.MEMBERS, records.WORKERS, records.CLIENT_STATS, records.ROUNDS,
+    records.files_collection(records.MODELS), records.files_collection(records.CLIENT_MODELS),
 )
 
 
@@ -36,10 +37,10 @@ DEEP = "[" * 100_000 + "]" * 100_000
     ("path", "body", "status", "field", "rule"),
     [
         ("/experiments", DEEP, 400, "body", "nested deeper than 32"),
-        ("/clients", DEEP, 400, "body", "nested deeper than 32"),
-        ("/clients", '{"hostname": "h", "pid": 9223372036854775808}', 400, "pid", "int64"),
-        ("/clients", '{"hostname": "\\ud800", "pid": 1}', 400, "hostname", "lone surrogate"),
-        ("/clients", '{"hostname": "h", "pid": NaN}', 400, "body", "NaN"),
+        ("/workers", DEEP, 400, "body", "nested deeper than 32"),
+        ("/workers", '{"hostname": "h", "pid": 9223372036854775808}', 400, "pid", "int64"),
+        ("/workers", '{"hostname": "\\ud800", "pid": 1}', 400, "hostname", "lone surrogate"),
+        ("/workers", '{"hostname": "h", "pid": NaN}', 400, "body", "NaN"),
     ],
 )
 def test_hostile_json_bodies(
@@ -102,7 +103,7 @@ def test_a_failed_experiment_insert_leaves_no_round_zero_model(
 ) -> None:
     api.submit(make_spec(description="taken"))
     # a real store refusal after the round-0 model was written: a unique index the insert breaks
-    store.experiments.create_index([("description", 1)], unique=True)
+    store.db[records.EXPERIMENTS].create_index([("description", 1)], unique=True)
     before = counts(store)
     response = post_text(api, "/experiments", json.dumps(make_spec(description="taken")))
     assert response.status_code == 500  # the store refused: a server-side failure, logged
@@ -155,7 +156,7 @@ def test_a_failed_member_insert_leaves_no_experiment_behind(
     api: Api, store: Store, make_spec: Callable[..., dict]
 ) -> None:
     # a real store refusal after the experiment documents were written: two members with equal num_train
-    store.clients.create_index([("num_train", 1)], unique=True)
+    store.db[records.MEMBERS].create_index([("num_train", 1)], unique=True)
     before = counts(store)
     response = post_text(api, "/experiments", json.dumps(make_spec()))  # 2 members of 600 examples each
     assert response.status_code == 500, response.text  # the store refused: a server-side failure, logged
@@ -177,7 +178,7 @@ def test_a_failed_member_insert_leaves_no_experiment_behind(
 def test_hostile_task_requests(api: Api, store: Store, body: str, field: str, rule: str) -> None:
     worker = api.register()
     before = counts(store)
-    response = post_text(api, f"/clients/{worker}/task", body)
+    response = post_text(api, f"/workers/{worker}/task", body)
     assert response.status_code == 400, response.text
     assert response.json()["field"] == field and rule in response.json()["error"], response.json()
     assert counts(store) == before
