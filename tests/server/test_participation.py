@@ -6,14 +6,13 @@ import threading
 import time
 from typing import Any, Callable
 
-
 from fedland.participation import selected_members
 from fedland.spec import ExperimentSpec
 from server.api import coordinator_of, create_app
 from server.coordinator import Coordinator
 from server.errors import Conflict
 from server.store import Store
-from stack import wire
+from stack import records, wire
 
 
 def six_members(make_spec: Callable[..., dict], **overrides: Any) -> dict:
@@ -29,8 +28,9 @@ def start(store: Store, clock: Any, make_settings: Callable[..., Any], **setting
 def report(coordinator: Coordinator, worker: str, task: dict, offset: float = 0.0) -> dict:
     weights = wire.decode(coordinator.global_model(task["experiment_id"], task["round"]))
     update = {name: (value + offset).astype(value.dtype) for name, value in weights.items()}
-    num_train = coordinator.store.slot(task["experiment_id"], task["client_index"])["num_train"]
-    meta = {"client_id": worker, "client_index": task["client_index"], "num_examples": num_train}
+    member = coordinator.store.member(task["experiment_id"], task["client_index"])
+    assert member is not None
+    meta = {"worker_id": worker, "client_index": task["client_index"], "num_examples": member.num_train}
     return coordinator.submit_update(task["experiment_id"], task["round"], meta, wire.encode(update))
 
 
@@ -47,7 +47,7 @@ def test_only_the_selected_members_train_and_one_worker_serves_them_all(
     coordinator = start(store, clock, make_settings)
     (experiment_id,) = coordinator.submit(six_members(make_spec, rounds=3, clients_per_round=2))
     spec = ExperimentSpec.from_dict(coordinator.experiment(experiment_id))
-    worker = coordinator.register({"hostname": "h", "pid": 1})["client_id"]
+    worker = coordinator.register({"hostname": "h", "pid": 1})["worker_id"]
     for server_round in (1, 2, 3):
         trained = []
         for _ in range(2):
@@ -56,13 +56,14 @@ def test_only_the_selected_members_train_and_one_worker_serves_them_all(
             trained.append(task["client_index"])
             report(coordinator, worker, task, 0.01 * server_round)
         assert tuple(sorted(trained)) == selected_members(spec, server_round)
-        round_doc = store.get_round(experiment_id, server_round)
-        assert round_doc["selected"] == round_doc["participants"] == list(selected_members(spec, server_round))
+        round_record = store.get_round(experiment_id, server_round)
+        assert round_record is not None
+        assert round_record.selected == round_record.participants == selected_members(spec, server_round)
     assert coordinator.task(worker)["action"] == "wait"
     assert coordinator.experiment(experiment_id)["status"] == "finished"
     stats = store.rounds_of(experiment_id)
-    assert [len(d["participants"]) for d in stats] == [2, 2, 2]
-    assert {s["worker_id"] for r in (1, 2, 3) for s in store.stats_of_round(experiment_id, r)} == {worker}
+    assert [len(d.participants) for d in stats] == [2, 2, 2]
+    assert {s.worker_id for r in (1, 2, 3) for s in store.stats_of_round(experiment_id, r)} == {worker}
     coordinator.close()
 
 
@@ -73,24 +74,25 @@ def test_a_deadline_closes_the_round_with_the_updates_it_has(
     (experiment_id,) = coordinator.submit(
         six_members(make_spec, rounds=2, clients_per_round=3, round_timeout_s=60, min_reports=2)
     )
-    workers = [coordinator.register({"hostname": "h", "pid": i})["client_id"] for i in range(3)]
+    workers = [coordinator.register({"hostname": "h", "pid": i})["worker_id"] for i in range(3)]
     tasks = [coordinator.task(w) for w in workers]
     assert report(coordinator, workers[0], tasks[0])["aggregated"] is False
     clock.advance(61)
     assert coordinator.rounds.close_due() == 0  # past the deadline, but only 1 of the 2 updates needed
     assert report(coordinator, workers[1], tasks[1])["aggregated"] is True  # the second closes it at once
-    round_doc = store.get_round(experiment_id, 1)
-    assert round_doc["participants"] == sorted([tasks[0]["client_index"], tasks[1]["client_index"]])
-    assert len(round_doc["selected"]) == 3
+    round_record = store.get_round(experiment_id, 1)
+    assert round_record is not None
+    assert list(round_record.participants) == sorted([tasks[0]["client_index"], tasks[1]["client_index"]])
+    assert len(round_record.selected) == 3
     straggler = tasks[2]
-    files = store.count("client_models.files")
+    files = store.count(records.files_collection(records.CLIENT_MODELS))
     try:
         report(coordinator, workers[2], straggler)
         raise AssertionError("a straggler's update after the round closed must be refused")
     except Conflict:
         pass
     assert len(store.stats_of_round(experiment_id, 1)) == 2
-    assert store.count("client_models.files") == files  # the straggler's weights are not kept either
+    assert store.count(records.files_collection(records.CLIENT_MODELS)) == files  # the straggler's weights are not kept either
     # round 2 has its own deadline, from its start: the timer closes it
     tasks = [coordinator.task(w) for w in workers]
     assert all(t["round"] == 2 for t in tasks)
@@ -108,7 +110,7 @@ def test_a_waiting_worker_gets_the_next_round_as_soon_as_it_exists(
 ) -> None:
     coordinator = start(store, clock, make_settings)
     (experiment_id,) = coordinator.submit(six_members(make_spec, rounds=2, clients_per_round=2))
-    first, second = (coordinator.register({"hostname": "h", "pid": i})["client_id"] for i in range(2))
+    first, second = (coordinator.register({"hostname": "h", "pid": i})["worker_id"] for i in range(2))
     task_a, task_b = coordinator.task(first), coordinator.task(second)
     report(coordinator, first, task_a)
     answers: list[dict] = []
@@ -119,7 +121,7 @@ def test_a_waiting_worker_gets_the_next_round_as_soon_as_it_exists(
     waiting.join(timeout=60)
     assert answers and (answers[0]["action"], answers[0]["round"]) == ("train", 2)
     # nothing to do: a long-poll that ends without work says "ask again at once"
-    idle = coordinator.register({"hostname": "h", "pid": 9})["client_id"]
+    idle = coordinator.register({"hostname": "h", "pid": 9})["worker_id"]
     coordinator.task(second)  # takes round 2's other member
     assert coordinator.task(idle, wait_s=0.2) == {"action": "wait", "retry_after_s": 0.0}
     coordinator.close()
@@ -130,7 +132,7 @@ def test_concurrent_workers_take_distinct_members(
 ) -> None:
     coordinator = start(store, clock, make_settings)
     (experiment_id,) = coordinator.submit(six_members(make_spec, clients_per_round=4))
-    workers = [coordinator.register({"hostname": "h", "pid": i})["client_id"] for i in range(8)]
+    workers = [coordinator.register({"hostname": "h", "pid": i})["worker_id"] for i in range(8)]
     barrier = threading.Barrier(len(workers))
     tasks: dict[str, dict] = {}
 
@@ -146,7 +148,7 @@ def test_concurrent_workers_take_distinct_members(
     taken = sorted(t["client_index"] for t in tasks.values() if t["action"] == "train")
     spec = ExperimentSpec.from_dict(coordinator.experiment(experiment_id))
     assert taken == list(selected_members(spec, 1))
-    holders = {m["client_index"]: m["worker_id"] for m in store.slots(experiment_id) if m["worker_id"]}
+    holders = {m.client_index: m.worker_id for m in store.members(experiment_id) if m.worker_id}
     assert holders == {t["client_index"]: w for w, t in tasks.items() if t["action"] == "train"}
     coordinator.close()
 
@@ -156,14 +158,19 @@ def test_the_timer_reaps_a_silent_worker_and_its_member_goes_to_another(
 ) -> None:
     coordinator = start(store, clock, make_settings, heartbeat_timeout_s=3.0)  # the timer ticks every 0.5 s
     (experiment_id,) = coordinator.submit(six_members(make_spec, clients_per_round=1))
-    silent, alive = (coordinator.register({"hostname": "h", "pid": i})["client_id"] for i in range(2))
+    silent, alive = (coordinator.register({"hostname": "h", "pid": i})["worker_id"] for i in range(2))
     task = coordinator.task(silent)
     assert coordinator.task(alive)["action"] == "wait"
     clock.advance(2)
     coordinator.heartbeat(alive)
     clock.advance(2)  # silent for 4 s > 3 s; alive for 2 s
-    wait_for(lambda: store.slot(experiment_id, task["client_index"])["worker_id"] is None, "the timer to reap")
-    assert store.workers.find_one({"client_id": silent})["status"] == "lost"
+    def released() -> bool:
+        member = store.member(experiment_id, task["client_index"])
+        return member is not None and member.worker_id is None
+
+    wait_for(released, "the timer to reap")
+    lost = store.get_worker(silent)
+    assert lost is not None and lost.status == "lost" and lost.status_at == clock()
     again = coordinator.task(alive)
     assert (again["action"], again["client_index"]) == ("train", task["client_index"])
     try:
