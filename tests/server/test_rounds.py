@@ -11,7 +11,8 @@ import pytest
 from server.api import coordinator_of, create_app
 from server.coordinator import Coordinator
 from server.store import Store
-from stack import wire
+from stack import records, wire
+from stack.records import ClientModelFile, ClientStatsRecord
 
 
 def shifted(weights: dict[str, np.ndarray], offset: float, scale: float = 1.0) -> dict[str, np.ndarray]:
@@ -33,12 +34,12 @@ def test_round_aggregates_with_fedavg_then_finishes(api: Any, store: Store, make
     update_0, update_1 = shifted(global_0, 0.01), shifted(global_0, -0.03, scale=0.5)
 
     inflated = api.update(experiment_id, 1, first, 0, update_0, num_examples=10**6)
-    assert (inflated.status_code, inflated.json()["field"]) == (400, "meta.num_examples")  # not the slot's 600
+    assert (inflated.status_code, inflated.json()["field"]) == (400, "meta.num_examples")  # not the member's 600
     response = api.update(experiment_id, 1, first, 0, update_0, num_examples=600,
                           stats={"duration_s": {"train": 1.5}, "global": {"train_loss": 2.3}, "local": {"train_loss": 1.1}})
     assert (response.status_code, response.json()) == (202, {"accepted": True, "aggregated": False})
     assert api.update(experiment_id, 1, first, 0, update_0).status_code == 409  # duplicate
-    assert api.task(first)["action"] == "wait"  # its slot already reported round 1
+    assert api.task(first)["action"] == "wait"  # its member already reported round 1
     assert store.get_round(experiment_id, 1) is None
 
     response = api.update(experiment_id, 1, second, 1, update_1, num_examples=1800)
@@ -52,25 +53,25 @@ def test_round_aggregates_with_fedavg_then_finishes(api: Any, store: Store, make
         np.testing.assert_allclose(global_1[name], expected, rtol=0, atol=1e-6)
         assert global_1[name].dtype == np.float32
 
-    round_doc = store.get_round(experiment_id, 1)
-    assert round_doc is not None
-    assert round_doc["participants"] == [0, 1] and round_doc["num_examples"] == 2400
-    assert round_doc["num_test"] == 10_000 and np.isfinite(round_doc["test_loss"])
-    assert 0.0 <= round_doc["test_accuracy"] <= 1.0
-    assert round_doc["finished_at"] >= round_doc["started_at"] and round_doc["duration_s"] >= 0
-    stored = wire.decode(store.load_model(round_doc["model_file_id"]))
+    round_record = store.get_round(experiment_id, 1)
+    assert round_record is not None
+    assert round_record.participants == (0, 1) and round_record.num_examples == 2400
+    assert round_record.num_test == 10_000 and np.isfinite(round_record.test_loss)
+    assert 0.0 <= round_record.test_accuracy <= 1.0
+    assert round_record.finished_at >= round_record.started_at and round_record.duration_s >= 0
+    stored = wire.decode(store.load_model(round_record.model_file_id))
     np.testing.assert_array_equal(stored["fc1.weight"], global_1["fc1.weight"])
 
     stats = store.stats_of_round(experiment_id, 1)
-    assert [(s["client_index"], s["worker_id"], s["num_examples"]) for s in stats] == [(0, first, 600), (1, second, 1800)]
-    assert stats[0]["global"] == {"train_loss": 2.3} and stats[0]["duration_s"] == {"train": 1.5}
+    assert [(s.client_index, s.worker_id, s.num_examples) for s in stats] == [(0, first, 600), (1, second, 1800)]
+    assert stats[0].stats["global"] == {"train_loss": 2.3} and stats[0].stats["duration_s"] == {"train": 1.5}
     assert api.get(f"/experiments/{experiment_id}").json()["current_round"] == 2
     (summary,) = api.get("/experiments").json()["experiments"]
-    assert summary["last_round"] == {"round": 1, "test_loss": round_doc["test_loss"],
-                                     "test_accuracy": round_doc["test_accuracy"]}
+    assert summary["last_round"] == {"round": 1, "test_loss": round_record.test_loss,
+                                     "test_accuracy": round_record.test_accuracy}
     assert summary["status"] == "running" and summary["started_at"] is not None and summary["error"] is None
 
-    # round 2, then the experiment is finished and its slots are released
+    # round 2, then the experiment is finished and its members are released
     assert [api.task(c)["round"] for c in (first, second)] == [2, 2]
     assert api.update(experiment_id, 2, first, 0, shifted(global_1, 0.0)).status_code == 202
     last = api.update(experiment_id, 2, second, 1, shifted(global_1, 0.0), num_examples=1800)
@@ -78,21 +79,21 @@ def test_round_aggregates_with_fedavg_then_finishes(api: Any, store: Store, make
     assert coordinator_of(api.app).measurements.wait(timeout_s=300)  # finished once the last round is measured
     doc = api.get(f"/experiments/{experiment_id}").json()
     assert (doc["status"], doc["current_round"]) == ("finished", 2)
-    assert all(slot["worker_id"] is None for slot in store.slots(experiment_id))
+    assert all(member.worker_id is None for member in store.members(experiment_id))
     assert api.task(first)["action"] == "wait"
     assert api.update(experiment_id, 2, first, 0, shifted(global_1, 0.0)).status_code == 409
     assert api.get(f"/experiments/{experiment_id}/rounds/3/model").status_code == 404
-    assert store.count("rounds", {"experiment_id": experiment_id}) == 2
+    assert store.count(records.ROUNDS, {"experiment_id": experiment_id}) == 2
 
 
-def test_heartbeat_expiry_frees_the_slot(api: Any, clock: Any, make_spec: Callable[..., dict]) -> None:
+def test_heartbeat_expiry_frees_the_member(api: Any, clock: Any, make_spec: Callable[..., dict]) -> None:
     (experiment_id,) = api.submit(make_spec())
     stale, alive = start_two(api, experiment_id)
     newcomer = api.register("c")
     assert api.task(newcomer)["action"] == "wait"
 
     clock.advance(20)
-    api.post(f"/clients/{alive}/heartbeat")
+    api.post(f"/workers/{alive}/heartbeat")
     clock.advance(15)  # stale silent for 35 s > 30 s; alive for 15 s
     task = api.task(newcomer)
     assert (task["action"], task["client_index"], task["round"]) == ("train", 0, 1)
@@ -113,11 +114,12 @@ def test_absurd_weights_are_refused_naming_the_tensor_and_the_experiment_goes_on
     first, second = start_two(api, experiment_id)
     weights = api.model(experiment_id, 1)
     huge = {name: np.full(value.shape, 3e38, np.float32) for name, value in weights.items()}  # finite, overflows
-    files_before = store.count("client_models.files")
+    files_before = store.count(records.files_collection(records.CLIENT_MODELS))
     response = api.update(experiment_id, 1, first, 0, huge)
     assert response.status_code == 400
     assert response.json()["field"].startswith("weights[") and "the bound is 10000" in response.json()["error"]
-    assert store.count("client_models.files") == files_before and store.count("client_stats") == 0
+    assert store.count(records.files_collection(records.CLIENT_MODELS)) == files_before
+    assert store.count(records.CLIENT_STATS) == 0
     # both clients then send sane updates: the round aggregates, the experiment runs on
     assert api.update(experiment_id, 1, first, 0, shifted(weights, 0.01)).status_code == 202
     response = api.update(experiment_id, 1, second, 1, shifted(weights, -0.01))
@@ -138,15 +140,18 @@ def test_an_out_of_bounds_aggregate_never_replaces_the_global_model(
     assert api.update(experiment_id, 1, second, 1, shifted(weights, 0.5)).status_code == 202
     doc = api.get(f"/experiments/{experiment_id}").json()
     assert doc["status"] == "failed" and "aggregated model is out of bounds" in doc["error"]
-    assert store.count("rounds") == 0 and store.count("models.files") == 1  # only the round-0 model
+    assert store.count(records.ROUNDS) == 0
+    assert store.count(records.files_collection(records.MODELS)) == 1  # only the round-0 model
 
 
 def put_update_like_a_crashed_server(store: Store, experiment_id: str, server_round: int, client_index: int,
-                                     client_id: str, weights: dict[str, np.ndarray], num_examples: int) -> None:
+                                     worker_id: str, weights: dict[str, np.ndarray], num_examples: int) -> None:
     """What submit_update writes before it aggregates: the state a crash mid-aggregation leaves."""
-    file_id = store.save_client_model(wire.encode(weights), experiment_id, server_round, client_index)
-    store.insert_client_stats({"experiment_id": experiment_id, "client_index": client_index, "client_id": client_id,
-                               "round": server_round, "num_examples": num_examples, "weights_file_id": file_id})
+    file_id = store.save_client_model(wire.encode(weights), ClientModelFile(experiment_id, server_round, client_index))
+    store.insert_client_stats(ClientStatsRecord(
+        experiment_id=experiment_id, round=server_round, client_index=client_index, worker_id=worker_id,
+        received_at=1.0, num_examples=num_examples, weights_file_id=file_id,
+    ))
 
 
 def test_new_app_on_the_same_store_resumes(
@@ -161,16 +166,17 @@ def test_new_app_on_the_same_store_resumes(
     put_update_like_a_crashed_server(store, experiment_id, 1, 1, second, update_1, num_examples=1800)
     assert store.get_round(experiment_id, 1) is None
     # ... and another worker's upload was cut off between its weights file and its stats document
-    orphan = store.save_client_model(wire.encode(update_0), experiment_id, 1, 0)
+    orphan = store.save_client_model(wire.encode(update_0), ClientModelFile(experiment_id, 1, 0))
 
     restarted = start_api()  # recovers on start, and first deletes what no document references
-    assert orphan not in {str(f["_id"]) for f in store.db["client_models.files"].find({}, {"_id": 1})}
-    assert store.count("client_models.files") == 2  # the two stored updates stay
+    client_files = records.files_collection(records.CLIENT_MODELS)
+    assert orphan not in {str(f["_id"]) for f in store.db[client_files].find({}, {"_id": 1})}
+    assert store.count(client_files) == 2  # the two stored updates stay
     assert restarted.get(f"/experiments/{experiment_id}").json()["current_round"] == 2
     global_1 = restarted.model(experiment_id, 2)
     expected = (update_0["fc3.bias"].astype(np.float64) + 3 * update_1["fc3.bias"].astype(np.float64)) / 4
     np.testing.assert_allclose(global_1["fc3.bias"], expected, atol=1e-6)
-    # the same clients carry on with their slots against the new server
+    # the same workers carry on with their members against the new server
     assert [restarted.task(c)["round"] for c in (first, second)] == [2, 2]
     assert [restarted.task(c)["client_index"] for c in (first, second)] == [0, 1]
     assert restarted.update(experiment_id, 2, first, 0, global_1).status_code == 202
@@ -182,12 +188,12 @@ def test_concurrent_recovery_aggregates_exactly_once(
     app = create_app(make_settings(), Store.from_database(store.db), clock=clock)
     coordinator = coordinator_of(app)
     (experiment_id,) = coordinator.submit(make_spec(rounds=3, strategy={"name": "FedAvgM", "params": {}}))
-    clients = [coordinator.register({"hostname": "h", "pid": i})["client_id"] for i in range(2)]
-    for client_id in clients:
-        assert coordinator.task(client_id)["action"] == "train"
+    clients = [coordinator.register({"hostname": "h", "pid": i})["worker_id"] for i in range(2)]
+    for worker_id in clients:
+        assert coordinator.task(worker_id)["action"] == "train"
     weights = wire.decode(coordinator.global_model(experiment_id, 1))
-    for index, client_id in enumerate(clients):
-        put_update_like_a_crashed_server(store, experiment_id, 1, index, client_id, shifted(weights, 0.1), 10)
+    for index, worker_id in enumerate(clients):
+        put_update_like_a_crashed_server(store, experiment_id, 1, index, worker_id, shifted(weights, 0.1), 10)
 
     others = [coordinator_of(create_app(make_settings(), Store.from_database(store.db), clock=clock, recover=False))
               for _ in range(3)]
@@ -203,15 +209,15 @@ def test_concurrent_recovery_aggregates_exactly_once(
         thread.start()
     for thread in threads:
         thread.join()
-    assert store.count("rounds", {"experiment_id": experiment_id}) == 1
+    assert store.count(records.ROUNDS, {"experiment_id": experiment_id}) == 1
     assert coordinator.experiment(experiment_id)["current_round"] == 2
-    round_doc = store.get_round(experiment_id, 1)
-    assert round_doc is not None
-    assert set(wire.decode(store.load_model(round_doc["strategy_state_file_id"]))) == {f"momentum/{k}" for k in weights}
+    round_record = store.get_round(experiment_id, 1)
+    assert round_record is not None
+    assert set(wire.decode(store.load_model(round_record.strategy_state_file_id))) == {f"momentum/{k}" for k in weights}
     global_1 = wire.decode(coordinator.global_model(experiment_id, 2))
     # FedAvgM's first step (momentum from zero, server rate 1) equals FedAvg: global + 0.1
     np.testing.assert_allclose(global_1["fc2.bias"], weights["fc2.bias"] + np.float32(0.1), atol=1e-6)
-    assert store.count("models.files", {"metadata.round": 1, "metadata.kind": "global"}) == 1
+    assert store.count(records.files_collection(records.MODELS), {"metadata.round": 1, "metadata.kind": "global"}) == 1
 
 
 # landscape measurements in the background --------------------------------------------------------
@@ -223,18 +229,19 @@ def play_rounds(coordinator: Coordinator, clients: list[str], experiment_id: str
     """Each client trains (by hand: a shift of the global model) and reports every round in `rounds`."""
     for server_round in rounds:
         weights = wire.decode(coordinator.global_model(experiment_id, server_round))
-        for client_id in clients:
-            task = coordinator.task(client_id)
+        for worker_id in clients:
+            task = coordinator.task(worker_id)
             assert (task["action"], task["experiment_id"], task["round"]) == ("train", experiment_id, server_round)
             index = task["client_index"]
-            num_train = coordinator.store.slot(experiment_id, index)["num_train"]
-            meta = {"client_id": client_id, "client_index": index, "num_examples": num_train}
+            member = coordinator.store.member(experiment_id, index)
+            assert member is not None
+            meta = {"worker_id": worker_id, "client_index": index, "num_examples": member.num_train}
             update = shifted(weights, 0.01 * (index + 1) * (-1) ** server_round, scale=1.0 - 0.1 * index)
             coordinator.submit_update(experiment_id, server_round, meta, wire.encode(update))
 
 
 def landscapes_of(store: Store, experiment_id: str) -> dict[int, Any]:
-    return {doc["round"]: doc.get("landscape") for doc in store.rounds_of(experiment_id)}
+    return {record.round: record.landscape for record in store.rounds_of(experiment_id)}
 
 
 def assert_same_measurement(after: Any, before: Any, path: str = "landscape") -> None:
@@ -261,7 +268,7 @@ def test_finished_means_measured_and_a_restart_measures_lost_landscapes(
     landscape = {**CHEAP_LANDSCAPE, "every": 2}
     finished_id, running_id = first.submit([make_spec(rounds=3, landscape=landscape),
                                             make_spec(rounds=3, landscape=CHEAP_LANDSCAPE)])
-    clients = [first.register({"hostname": "h", "pid": i})["client_id"] for i in range(2)]
+    clients = [first.register({"hostname": "h", "pid": i})["worker_id"] for i in range(2)]
     play_rounds(first, clients, finished_id, range(1, 4))
     # "finished" promises every scheduled round (2, and the last) is measured: it comes after them
     assert first.measurements.wait(timeout_s=300)
@@ -270,8 +277,8 @@ def test_finished_means_measured_and_a_restart_measures_lost_landscapes(
     assert before[1] is None and before[2] is not None and before[3] is not None
     assert "error" not in before[2] and "error" not in before[3]
     for server_round in (2, 3):
-        round_doc = store.get_round(finished_id, server_round)
-        assert round_doc is not None and round_doc["aggregation_s"] > 0
+        round_record = store.get_round(finished_id, server_round)
+        assert round_record is not None and round_record.aggregation_s > 0
         assert 0 < before[server_round]["duration_s"]
     play_rounds(first, clients, running_id, range(1, 3))  # the second experiment stops in round 3
     assert first.measurements.wait(timeout_s=300)
@@ -283,8 +290,10 @@ def test_finished_means_measured_and_a_restart_measures_lost_landscapes(
     # the server stops before measuring: its documents lack the landscape (surfaces stay, as after a crash)
     lost = [(finished_id, 2), (finished_id, 3), (running_id, 1)]
     for experiment_id, server_round in lost:
-        store.rounds.update_one({"experiment_id": experiment_id, "round": server_round}, {"$unset": {"landscape": ""}})
-    surfaces = store.count("landscapes")
+        store.db[records.ROUNDS].update_one(
+            {"experiment_id": experiment_id, "round": server_round}, {"$unset": {"landscape": ""}}
+        )
+    surfaces = store.count(records.LANDSCAPES)
     restarted = coordinator_of(create_app(make_settings(), Store.from_database(store.db), clock=clock))
     assert restarted.measurements.wait(timeout_s=300)
     after, running_after = landscapes_of(store, finished_id), landscapes_of(store, running_id)
@@ -293,7 +302,7 @@ def test_finished_means_measured_and_a_restart_measures_lost_landscapes(
         assert_same_measurement(after[server_round], before[server_round])
     for server_round in (1, 2):
         assert_same_measurement(running_after[server_round], running_before[server_round])
-    assert store.count("landscapes") == surfaces  # measured again in place: the same surface ids
+    assert store.count(records.LANDSCAPES) == surfaces  # measured again in place: the same surface ids
     restarted.close()
 
 
@@ -302,13 +311,15 @@ def test_measurements_of_broken_or_deleted_rounds_leave_the_worker_alive(
 ) -> None:
     coordinator = coordinator_of(create_app(make_settings(), Store.from_database(store.db), clock=clock))
     (experiment_id,) = coordinator.submit(make_spec(rounds=3, landscape=CHEAP_LANDSCAPE))
-    clients = [coordinator.register({"hostname": "h", "pid": i})["client_id"] for i in range(2)]
+    clients = [coordinator.register({"hostname": "h", "pid": i})["worker_id"] for i in range(2)]
     play_rounds(coordinator, clients, experiment_id, range(1, 4))
     assert coordinator.measurements.wait(timeout_s=300)
     assert coordinator.experiment(experiment_id)["status"] == "finished"
     measured = landscapes_of(store, experiment_id)
     for server_round in (1, 2, 3):
-        store.rounds.update_one({"experiment_id": experiment_id, "round": server_round}, {"$unset": {"landscape": ""}})
+        store.db[records.ROUNDS].update_one(
+            {"experiment_id": experiment_id, "round": server_round}, {"$unset": {"landscape": ""}}
+        )
 
     # queued while the worker is busy; then round 1's updates vanish and the experiment fails
     gate = threading.Event()
@@ -316,24 +327,26 @@ def test_measurements_of_broken_or_deleted_rounds_leave_the_worker_alive(
     for server_round in (1, 2, 3):
         coordinator.measurements.queue(experiment_id, server_round)
     for stats in store.stats_of_round(experiment_id, 1):
-        store.delete_client_model(stats["weights_file_id"])
+        assert stats.weights_file_id is not None
+        store.delete_client_model(stats.weights_file_id)
     store.update_experiment(experiment_id, {"status": "failed", "error": "stopped by the test"})
     gate.set()
     assert coordinator.measurements.wait(timeout_s=300) and blocker.result() is True
     after = landscapes_of(store, experiment_id)
-    assert after[1]["error"].startswith("NoFile")  # stored as an error, like any failed measurement
+    assert after[1] is not None and after[1]["error"].startswith("NoFile")  # stored as an error, like any failed measurement
     for server_round in (2, 3):  # the rounds are real: measured as before
         assert_same_measurement(after[server_round], measured[server_round])
 
     # queued, then the whole experiment is deleted
-    store.rounds.update_one({"experiment_id": experiment_id, "round": 2}, {"$unset": {"landscape": ""}})
+    store.db[records.ROUNDS].update_one({"experiment_id": experiment_id, "round": 2}, {"$unset": {"landscape": ""}})
     gate.clear()
     blocker = coordinator.measurements.executor.submit(gate.wait)
     coordinator.measurements.queue(experiment_id, 2)
-    store.experiments.delete_one({"_id": experiment_id})
+    store.db[records.EXPERIMENTS].delete_one({"_id": experiment_id})
     gate.set()
     assert coordinator.measurements.wait(timeout_s=300)
-    assert "landscape" not in (store.get_round(experiment_id, 2) or {})
+    deleted_round = store.get_round(experiment_id, 2)
+    assert deleted_round is None or deleted_round.landscape is None
     # the same worker thread still takes jobs
     name = coordinator.measurements.executor.submit(lambda: threading.current_thread().name).result(timeout=60)
     assert name.startswith("landscape")
