@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.store import Store
-from stack import wire
+from stack import records, wire
 from tests.server.conftest import Api
 
 pytestmark = pytest.mark.slow
@@ -29,8 +29,9 @@ EXAMPLES = 120
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None)
 
 COLLECTIONS = (
-    "experiments", "clients", "workers", "client_stats", "rounds", "landscapes",
-    "models.files", "models.chunks", "client_models.files", "client_models.chunks",
+    records.EXPERIMENTS, records.MEMBERS, records.WORKERS, records.CLIENT_STATS, records.ROUNDS, records.LANDSCAPES,
+    records.files_collection(records.MODELS), records.chunks_collection(records.MODELS),
+    records.files_collection(records.CLIENT_MODELS), records.chunks_collection(records.CLIENT_MODELS),
 )
 
 HOSTILE_STRINGS = ["\ud800", "\udfff x", "$gt", "a.b", "a\x00b", "", "x" * 20_000, "d" * 10_001]
@@ -161,12 +162,12 @@ def test_fuzz_client_routes(api: Api, store: Store, make_spec: Callable[..., dic
         ids,
         st.sampled_from(["register", "heartbeat", "task"]),
     )
-    def run(field: str, value: Any, client_id: str, route: str) -> None:
+    def run(field: str, value: Any, worker_id: str, route: str) -> None:
         if route == "register":
             body = dumps(with_field({"hostname": "h", "pid": 1}, field, value))
-            check(api, store, lambda: post_json(api, "/clients", body), {201, 400, 413})
+            check(api, store, lambda: post_json(api, "/workers", body), {201, 400, 413})
         else:
-            path = f"/clients/{quote(client_id.encode('utf-8', 'surrogatepass'), safe='')}/{route}"
+            path = f"/workers/{quote(worker_id.encode('utf-8', 'surrogatepass'), safe='')}/{route}"
             check(api, store, lambda: api.post(path), {200, 400, 404, 405})
 
     run()
@@ -208,7 +209,7 @@ def hostile_weights(reference: dict[str, np.ndarray]) -> Any:
 
 
 META_FIELDS = [
-    "client_id", "client_index", "num_examples", "stats", "extra", "stats.global", "stats.local",
+    "worker_id", "client_index", "num_examples", "stats", "extra", "stats.global", "stats.local",
     "stats.duration_s", "stats.duration_s.train", "stats.train_loss_per_epoch", "stats.landscape",
     "stats.landscape.global", "stats.round", "stats.$set", "stats.global.test_accuracy",
 ]
@@ -220,7 +221,7 @@ def test_fuzz_update_route(api: Api, store: Store, make_spec: Callable[..., dict
     assert api.task(first)["client_index"] == 0 and api.task(second)["client_index"] == 1
     reference = api.model(experiment_id, 1)
     good_meta = {
-        "client_id": first, "client_index": 0, "num_examples": 600,
+        "worker_id": first, "client_index": 0, "num_examples": 600,
         "stats": {"duration_s": {"train": 0.5}, "global": {"test_accuracy": 0.1}, "train_loss_per_epoch": [1.0]},
     }
     good_weights = wire.encode(reference)
@@ -247,6 +248,8 @@ def test_fuzz_update_route(api: Api, store: Store, make_spec: Callable[..., dict
 
     run()
     # whatever was accepted, nothing is orphaned: every client-model file is referenced by a stat
-    referenced = {str(doc["weights_file_id"]) for doc in store.client_stats.find({}, {"weights_file_id": 1})}
-    files = {str(doc["_id"]) for doc in store.db["client_models.files"].find({}, {"_id": 1})}
+    referenced = {
+        str(records.ClientStatsRecord.from_doc(doc).weights_file_id) for doc in store.db[records.CLIENT_STATS].find()
+    }
+    files = {str(doc["_id"]) for doc in store.db[records.files_collection(records.CLIENT_MODELS)].find({}, {"_id": 1})}
     assert files == referenced

@@ -11,6 +11,7 @@ import pytest
 
 from server.api import create_app
 from server.store import Store
+from stack import records
 from stack.embedded import EmbeddedMongo, free_port
 from stack.settings import ServerSettings, StoreTimeouts
 from tests.server.conftest import Api, small_spec
@@ -30,7 +31,7 @@ def test_store_outage_is_a_503_with_retry_after_and_no_traceback(
         settings = ServerSettings(token=token, data_dir=data_dir, store_timeouts=FAST, store_retry_after_s=2)
         api = Api(serve(create_app(settings, store)), token)
         (experiment_id,) = api.submit(small_spec())
-        client_id = api.register()
+        worker_id = api.register()
 
         embedded.stop()
         caplog.clear()
@@ -38,9 +39,9 @@ def test_store_outage_is_a_503_with_retry_after_and_no_traceback(
             answers = [
                 api.get("/experiments"),
                 api.get(f"/experiments/{experiment_id}"),
-                api.post("/clients", json={"hostname": "h", "pid": 1}),
-                api.post(f"/clients/{client_id}/task"),
-                api.post(f"/clients/{client_id}/heartbeat"),
+                api.post("/workers", json={"hostname": "h", "pid": 1}),
+                api.post(f"/workers/{worker_id}/task"),
+                api.post(f"/workers/{worker_id}/heartbeat"),
                 api.get(f"/experiments/{experiment_id}/rounds/1/model"),
                 api.post("/experiments", json=small_spec()),
             ]
@@ -58,8 +59,9 @@ def test_store_outage_is_a_503_with_retry_after_and_no_traceback(
         embedded = EmbeddedMongo(store_dir, port=port)  # the store comes back on the same files
         embedded.start()
         assert api.get(f"/experiments/{experiment_id}").json()["status"] == "queued"
-        assert api.task(client_id)["action"] == "train"
-        assert store.count("experiments") == 1 and store.count("models.files") == 1  # the refused submit left nothing
+        assert api.task(worker_id)["action"] == "train"
+        # the refused submit left nothing
+        assert store.count(records.EXPERIMENTS) == 1 and store.count(records.files_collection(records.MODELS)) == 1
     finally:
         store.close()
         embedded.stop()
