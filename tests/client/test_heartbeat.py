@@ -19,7 +19,7 @@ def wait_until(condition: Any, timeout_s: float = 60.0) -> bool:
 
 
 def test_beats_every_interval_until_the_block_ends(stub_server: Any) -> None:
-    script = stub_server(routes={("POST", "/api/v1/clients/c-1/heartbeat"): (200, {"ok": True})})
+    script = stub_server(routes={("POST", "/api/v1/workers/c-1/heartbeat"): (200, {"ok": True})})
     make = make_transport_factory(script.url, "t", threading.Event(), seed=1)
     started = time.monotonic()
     with Heartbeat(make, "c-1", interval_s=0.1) as heartbeat:
@@ -27,14 +27,14 @@ def test_beats_every_interval_until_the_block_ends(stub_server: Any) -> None:
     elapsed = time.monotonic() - started
     beats = len(script.calls)
     assert 4 <= beats <= elapsed / 0.1 + 2  # never faster than the interval
-    assert {(method, path) for method, path, _, _ in script.calls} == {("POST", "/api/v1/clients/c-1/heartbeat")}
+    assert {(method, path) for method, path, _, _ in script.calls} == {("POST", "/api/v1/workers/c-1/heartbeat")}
     assert not heartbeat.lost.is_set()
     time.sleep(0.3)
     assert len(script.calls) == beats  # stopped with the block
 
 
-def test_a_404_marks_the_client_lost(stub_server: Any) -> None:
-    script = stub_server(status=404, body={"error": "unknown client"})
+def test_a_404_marks_the_worker_lost(stub_server: Any) -> None:
+    script = stub_server(status=404, body={"error": "unknown worker"})
     make = make_transport_factory(script.url, "t", threading.Event(), seed=1)
     with Heartbeat(make, "c-1", interval_s=0.05) as heartbeat:
         assert heartbeat.lost.wait(5.0)
@@ -42,7 +42,7 @@ def test_a_404_marks_the_client_lost(stub_server: Any) -> None:
 
 
 def test_an_unreachable_server_is_not_fatal(stub_server: Any) -> None:
-    script = stub_server(fail_first=2, routes={("POST", "/api/v1/clients/c-1/heartbeat"): (200, {"ok": True})})
+    script = stub_server(fail_first=2, routes={("POST", "/api/v1/workers/c-1/heartbeat"): (200, {"ok": True})})
     make = make_transport_factory(script.url, "t", threading.Event(), seed=1)
     with Heartbeat(make, "c-1", interval_s=0.05) as heartbeat:
         assert wait_until(lambda: len(script.calls) >= 4)  # one try per beat: two 503s, then beats that pass

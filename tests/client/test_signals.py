@@ -90,8 +90,8 @@ def wait_for(predicate: Any) -> None:
 def test_exits_zero_while_waiting_for_work(stub_server: Any, tmp_path: Path, signum: int) -> None:
     script = stub_server(
         routes={
-            ("POST", "/api/v1/clients"): (201, {"client_id": "c-1", "heartbeat_interval_s": 5.0}),
-            ("POST", "/api/v1/clients/c-1/task"): (200, {"action": "wait", "retry_after_s": 60.0}),
+            ("POST", "/api/v1/workers"): (201, {"worker_id": "c-1", "heartbeat_interval_s": 5.0}),
+            ("POST", "/api/v1/workers/c-1/task"): (200, {"action": "wait", "retry_after_s": 60.0}),
         }
     )
     client = Client(script.url, tmp_path)
@@ -118,12 +118,12 @@ def test_a_second_signal_stops_at_once_without_a_traceback(tmp_path: Path) -> No
 def test_reregisters_when_the_server_forgets_it(stub_server: Any, tmp_path: Path) -> None:
     script = stub_server(
         routes={
-            ("POST", "/api/v1/clients"): (201, {"client_id": "c-1", "heartbeat_interval_s": 5.0}),
-            ("POST", "/api/v1/clients/c-1/task"): (404, {"error": "unknown client"}),
+            ("POST", "/api/v1/workers"): (201, {"worker_id": "c-1", "heartbeat_interval_s": 5.0}),
+            ("POST", "/api/v1/workers/c-1/task"): (404, {"error": "unknown worker"}),
         }
     )
     client = Client(script.url, tmp_path)
-    registrations = lambda: sum(path == "/api/v1/clients" for _, path, _, _ in script.calls)  # noqa: E731
+    registrations = lambda: sum(path == "/api/v1/workers" for _, path, _, _ in script.calls)  # noqa: E731
     wait_for(lambda: registrations() >= 3)
     assert client.stop(signal.SIGTERM) == 0, client.output
     assert "registering again" in client.output

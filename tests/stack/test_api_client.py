@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from stack.api_client import ApiError, Backoff, Conflict, Stopped, Transport, UnknownClient
+from stack.api_client import ApiError, Backoff, Conflict, Stopped, Transport, UnknownWorker
 from stack.embedded import free_port
 
 TOKEN = "test-token"  # the stub server (conftest.py) does not check it; the tests read what it received
@@ -27,13 +27,13 @@ def transport(url: str, **kwargs: Any) -> Transport:
 
 
 def test_retries_5xx_until_success_and_sends_token(stub_server: Any) -> None:
-    script = stub_server(fail_first=3, status=201, body={"client_id": "c-1", "heartbeat_interval_s": 2.5})
+    script = stub_server(fail_first=3, status=201, body={"worker_id": "c-1", "heartbeat_interval_s": 2.5})
     registration = transport(script.url).register("host-a", 1234)
-    assert registration.client_id == "c-1"
+    assert registration.worker_id == "c-1"
     assert registration.heartbeat_interval_s == 2.5
     assert len(script.calls) == 4  # three 503s, then the answer
     for method, path, headers, body in script.calls:
-        assert (method, path) == ("POST", "/api/v1/clients")
+        assert (method, path) == ("POST", "/api/v1/workers")
         assert headers["Authorization"] == f"Bearer {TOKEN}"
         assert json.loads(body) == {"hostname": "host-a", "pid": 1234}
 
@@ -93,9 +93,9 @@ def test_stop_event_interrupts_backoff(stub_server: Any) -> None:
 @pytest.mark.parametrize(
     ("status", "call", "error"),
     [
-        (404, lambda t: t.next_task("c-9"), UnknownClient),
-        (404, lambda t: t.heartbeat("c-9"), UnknownClient),
-        (409, lambda t: t.post_update("e-1", 2, {"client_id": "c-9"}, b"weights"), Conflict),
+        (404, lambda t: t.next_task("c-9"), UnknownWorker),
+        (404, lambda t: t.heartbeat("c-9"), UnknownWorker),
+        (409, lambda t: t.post_update("e-1", 2, {"worker_id": "c-9"}, b"weights"), Conflict),
         (400, lambda t: t.submit_experiments([{}]), ApiError),
     ],
 )
@@ -108,7 +108,7 @@ def test_client_errors_are_not_retried(stub_server: Any, status: int, call: Any,
 
 def test_update_is_multipart_with_meta_and_weights(stub_server: Any) -> None:
     script = stub_server(status=202, body={"accepted": True, "aggregated": False})
-    meta = {"client_id": "c-1", "client_index": 0, "num_examples": 10, "stats": {}}
+    meta = {"worker_id": "c-1", "client_index": 0, "num_examples": 10, "stats": {}}
     answer = transport(script.url).post_update("e-1", 3, meta, b"\x00\x01weights")
     assert answer == {"accepted": True, "aggregated": False}
     method, path, headers, body = script.calls[0]
