@@ -374,7 +374,7 @@ def parse_query_number(name: str, raw: str | None, kind: type[int] | type[float]
         raise Invalid(name, f"query parameter must be a number, got {raw!r}") from None
     if not value >= 0:
         raise Invalid(name, f"query parameter must be >= 0, got {raw!r}")
-    return float(value)
+    return value  # an int stays one: float() of a huge one raises OverflowError
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from server.validation import (
     MAX_DEPTH,
+    MAX_KNOWN_EXPERIMENTS,
     MAX_STATS_BYTES,
     Invalid,
     TooLarge,
@@ -18,6 +20,11 @@ from server.validation import (
     check_stats,
     check_weights_bounded,
     parse_json,
+    parse_meta,
+    parse_query_number,
+    parse_registration,
+    parse_specs,
+    parse_task_request,
 )
 
 
@@ -84,8 +91,8 @@ def test_ids_from_urls() -> None:
     assert check_id("0123abcdef_-", "experiment_id") == "0123abcdef_-"
     for bad in ("", "x" * 65, "a b", "\udc80", "$gt", "a/b"):
         with pytest.raises(Invalid) as caught:
-            check_id(bad, "client_id")
-        assert caught.value.field == "client_id"
+            check_id(bad, "worker_id")
+        assert caught.value.field == "worker_id"
 
 
 REAL_STATS: dict[str, Any] = {
@@ -159,7 +166,9 @@ def test_weights_are_bounded_per_tensor() -> None:
 
 def test_batchnorm_buffers_have_their_own_bounds() -> None:
     # num_batches_tracked grows every round (ResNet-20 on CIFAR-10 passes 1e4 in ~20 rounds): never refused
-    buffers = {"bn.num_batches_tracked": np.array(10**7, np.int64), "bn.running_var": np.full(4, 5e4, np.float32)}
+    buffers: dict[str, np.ndarray] = {
+        "bn.num_batches_tracked": np.array(10**7, np.int64), "bn.running_var": np.full(4, 5e4, np.float32),
+    }
     check_weights_bounded(buffers)
     buffers["bn.running_var"] = np.full(4, 1e13, np.float32)
     with pytest.raises(Invalid) as caught:
@@ -181,3 +190,114 @@ def test_what_a_real_client_sends_passes_check_stats(data_dir: Any) -> None:
     stats = run_round(plan, plan.client_data(0), plan.model(), 1, 0.0).stats
     assert "generalization" in stats["landscape"]["local"] and "generalization_gap" in stats["local"]
     assert check_stats(stats, max_epochs=spec.local_epochs) == stats
+
+
+def test_invalid_names_the_field_and_the_rule() -> None:
+    error = Invalid("meta.num_examples", "must be an integer > 0")
+    assert (error.field, error.rule, error.status) == ("meta.num_examples", "must be an integer > 0", 400)
+    assert str(error) == "meta.num_examples: must be an integer > 0"
+    large = TooLarge("body", "the limit is 5")
+    assert isinstance(large, Invalid) and large.status == 413 and str(large) == "body: the limit is 5"
+
+
+def test_registration() -> None:
+    registration = parse_registration({"hostname": "node-1", "pid": 42})
+    assert (registration.hostname, registration.pid) == ("node-1", 42)
+    refusals: list[tuple[Any, str]] = [
+        ([], "body"),
+        ({"pid": 1}, "hostname"),
+        ({"hostname": "", "pid": 1}, "hostname"),
+        ({"hostname": "h" * 256, "pid": 1}, "hostname"),
+        ({"hostname": 7, "pid": 1}, "hostname"),
+        ({"hostname": "h"}, "pid"),
+        ({"hostname": "h", "pid": "1"}, "pid"),
+        ({"hostname": "h", "pid": True}, "pid"),
+        ({"hostname": "h", "pid": -1}, "pid"),
+        ({"hostname": "h", "pid": 2**32}, "pid"),
+    ]
+    for body, field in refusals:
+        with pytest.raises(Invalid) as caught:
+            parse_registration(body)
+        assert caught.value.field == field, body
+
+
+def test_task_requests() -> None:
+    assert parse_task_request({}) == parse_task_request({"wait_s": 0, "known_experiments": []})
+    wanted = parse_task_request({"wait_s": 2, "known_experiments": ["e-1", "e_2"]})
+    assert (wanted.wait_s, wanted.known_experiments) == (2.0, frozenset({"e-1", "e_2"}))
+    assert isinstance(wanted.wait_s, float)
+    refusals: list[tuple[Any, str]] = [
+        ([], "body"),
+        ({"wait_s": -1}, "wait_s"),
+        ({"wait_s": True}, "wait_s"),
+        ({"wait_s": "1"}, "wait_s"),
+        ({"wait_s": math.nan}, "wait_s"),
+        ({"known_experiments": "e-1"}, "known_experiments"),
+        ({"known_experiments": ["e"] * (MAX_KNOWN_EXPERIMENTS + 1)}, "known_experiments"),
+        ({"known_experiments": ["e-1", 3]}, "known_experiments[1]"),
+        ({"known_experiments": ["e-1", "a/b"]}, "known_experiments[1]"),
+    ]
+    for body, field in refusals:
+        with pytest.raises(Invalid) as caught:
+            parse_task_request(body)
+        assert caught.value.field == field, body
+
+
+def test_query_numbers() -> None:
+    assert parse_query_number("version", None, int) is None
+    assert parse_query_number("version", "3", int) == 3
+    assert parse_query_number("wait_s", "2.5", float) == 2.5
+    huge = "9" * 400  # more than a float holds: still a version, not a server error
+    assert parse_query_number("version", huge, int) == int(huge)
+    for name, raw, kind in [("version", "x", int), ("version", "1.5", int), ("version", "-1", int),
+                            ("wait_s", "nan", float), ("wait_s", "-0.1", float), ("wait_s", "", float)]:
+        with pytest.raises(Invalid) as caught:
+            parse_query_number(name, raw, kind)
+        assert caught.value.field == name and repr(raw) in caught.value.rule
+
+
+GOOD_META: dict[str, Any] = {"worker_id": "w-1", "client_index": 1, "num_examples": 600, "stats": REAL_STATS}
+
+
+def test_update_meta() -> None:
+    meta = parse_meta(GOOD_META, num_clients=2, max_epochs=2)
+    assert (meta.worker_id, meta.client_index, meta.num_examples, meta.stats) == ("w-1", 1, 600, REAL_STATS)
+    assert parse_meta({**GOOD_META, "stats": {}}, num_clients=2, max_epochs=2).stats == {}
+    without_stats = {key: value for key, value in GOOD_META.items() if key != "stats"}
+    assert parse_meta(without_stats, num_clients=2, max_epochs=2).stats == {}
+    refusals: list[tuple[Any, str]] = [
+        ([], "meta"),
+        ({**GOOD_META, "client_id": "w-1"}, "meta.client_id"),  # the previous release's name: refused, not ignored
+        ({**GOOD_META, "worker_id": None}, "meta.worker_id"),
+        ({**GOOD_META, "worker_id": "a b"}, "meta.worker_id"),
+        ({**GOOD_META, "worker_id": "x" * 65}, "meta.worker_id"),
+        ({**GOOD_META, "client_index": 2}, "meta.client_index"),
+        ({**GOOD_META, "client_index": -1}, "meta.client_index"),
+        ({**GOOD_META, "client_index": True}, "meta.client_index"),
+        ({**GOOD_META, "client_index": 1.0}, "meta.client_index"),
+        ({**GOOD_META, "num_examples": 0}, "meta.num_examples"),
+        ({**GOOD_META, "num_examples": "600"}, "meta.num_examples"),
+        ({**GOOD_META, "stats": {"round": 3}}, "meta.stats.round"),
+    ]
+    for meta_value, field in refusals:
+        with pytest.raises(Invalid) as caught:
+            parse_meta(meta_value, num_clients=2, max_epochs=2)
+        assert caught.value.field == field, meta_value
+
+
+def test_specs_one_or_a_list() -> None:
+    from tests.server.conftest import small_spec
+
+    (one,) = parse_specs(small_spec())
+    assert one.description == "server test" and one.num_clients == 2
+    assert [spec.seed for spec in parse_specs([small_spec(), small_spec(seed=8)])] == [7, 8]
+    refusals: list[tuple[Any, str]] = [
+        ([], "body"),
+        (small_spec(rounds=0), "rounds"),
+        ([small_spec(), small_spec(rounds=0)], "experiments[1].rounds"),
+        ([small_spec(), "x"], "experiments[1].experiment"),
+    ]
+    for body, field in refusals:
+        with pytest.raises(Invalid) as caught:
+            parse_specs(body)
+        assert caught.value.field == field, body
