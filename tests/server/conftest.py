@@ -54,12 +54,12 @@ class Api:
         return list(response.json()["ids"])
 
     def register(self, hostname: str = "test-host") -> str:
-        response = self.post("/clients", json={"hostname": hostname, "pid": 1234})
+        response = self.post("/workers", json={"hostname": hostname, "pid": 1234})
         assert response.status_code == 201, response.text
-        return str(response.json()["client_id"])
+        return str(response.json()["worker_id"])
 
-    def task(self, client_id: str) -> dict[str, Any]:
-        response = self.post(f"/clients/{client_id}/task")
+    def task(self, worker_id: str) -> dict[str, Any]:
+        response = self.post(f"/workers/{worker_id}/task")
         assert response.status_code == 200, response.text
         return dict(response.json())
 
@@ -73,14 +73,14 @@ class Api:
         self,
         experiment_id: str,
         server_round: int,
-        client_id: str,
+        worker_id: str,
         client_index: int,
         weights: dict[str, np.ndarray] | bytes,
         num_examples: int = 600,  # small_spec's clients hold round(30000 * 0.02) examples
         stats: dict[str, Any] | None = None,
     ) -> requests.Response:
         meta = {
-            "client_id": client_id,
+            "worker_id": worker_id,
             "client_index": client_index,
             "num_examples": num_examples,
             "stats": stats if stats is not None else {"duration_s": {"train": 0.5}},
