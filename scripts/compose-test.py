@@ -9,8 +9,9 @@ the project must be installed), `docker compose scale client=4` while it
 runs, SIGKILL a client that holds a slot mid-round, restart the server
 container mid-experiment, wait until every experiment is `finished`, check
 the documents (each round once, one `client_stats` per client x round, each
-round's model in GridFS), Mongo Express's login (401 without, 200 with), and
-`down -v` leaves no container, volume or network.
+round's model in GridFS), Mongo Express's login (401 without, 200 with) and its
+pages of one `rounds` and one `client_stats` document (identity keys first, in
+order; times shown as dates), and `down -v` leaves no container, volume or network.
 
 Swarm (--swarm): the same experiments and checks on a single-node Swarm
 (`docker swarm init` on loopback when the engine is in none): the stack from
@@ -36,8 +37,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import html
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -46,6 +49,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -77,31 +81,32 @@ EXPERIMENTS = {
     ]
 }
 
-# Runs inside the server container (its pymongo, its URI): the stored documents.
+# Runs inside the server container (its pymongo, its URI, the image's own stack.records): the stored documents.
 CHECK_DOCUMENTS = r"""
 import json, os, struct, sys
-import gridfs, pymongo
+import bson, gridfs, pymongo
+from stack import records
 client = pymongo.MongoClient(os.environ["FEDLAND_MONGO_URI"], serverSelectionTimeoutMS=10000,
                              connectTimeoutMS=10000, socketTimeoutMS=30000)
 db = client[os.environ["FEDLAND_DB"]]
-models = gridfs.GridFSBucket(db, bucket_name="models")
+models = gridfs.GridFSBucket(db, bucket_name=records.MODELS)
 report = []
-for e in db.experiments.find({}):
-    eid, clients, rounds = str(e["_id"]), len(e["target_balance_ratios"]), e["rounds"]
-    round_numbers = sorted(doc["round"] for doc in db.rounds.find({"experiment_id": eid}))
-    pairs = sorted((doc["client_index"], doc["round"]) for doc in db.client_stats.find({"experiment_id": eid}))
+for e in records.read_experiments(db):
+    eid, clients, rounds = e.id, e.spec.num_clients, e.spec.rounds
+    round_records = records.read_rounds(db, eid)
+    pairs = sorted((s.client_index, s.round) for s in records.read_client_stats(db, eid))
     round_models = []
-    for doc in db.rounds.find({"experiment_id": eid}):
-        files = list(models.find({"_id": __import__("bson").ObjectId(doc["model_file_id"])}))
+    for r in round_records:
+        files = list(models.find({"_id": bson.ObjectId(r.model_file_id)}))
         data = models.open_download_stream(files[0]._id).read() if files else b""
         header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]]) if len(data) > 8 else {}
-        round_models.append({"round": doc["round"], "bytes": len(data), "tensors": len(header) - ("__metadata__" in header),
+        round_models.append({"round": r.round, "bytes": len(data), "tensors": len(header) - ("__metadata__" in header),
                              "meta_round": files[0].metadata.get("round") if files else None})
     report.append({
-        "id": eid, "description": e["description"], "status": e["status"], "clients": clients, "rounds": rounds,
-        "round_numbers": round_numbers, "client_stats": pairs, "round_models": round_models,
-        "accuracies": [doc["test_accuracy"] for doc in db.rounds.find({"experiment_id": eid})],
-        "landscapes_last_round": len(list(db.landscapes.find({"experiment_id": eid, "round": rounds}, {"_id": 1}))),
+        "id": eid, "description": e.spec.description, "status": e.status, "clients": clients, "rounds": rounds,
+        "round_numbers": sorted(r.round for r in round_records), "client_stats": pairs, "round_models": round_models,
+        "accuracies": [r.test_accuracy for r in round_records],
+        "landscapes_last_round": db[records.LANDSCAPES].count_documents({"experiment_id": eid, "round": rounds}),
     })
 print(json.dumps(report))
 """
@@ -109,13 +114,39 @@ print(json.dumps(report))
 # Runs inside the server container: which workers (container hostnames) hold slots.
 SLOT_HOLDERS = r"""
 import json, os, pymongo
+from stack import records
 db = pymongo.MongoClient(os.environ["FEDLAND_MONGO_URI"], serverSelectionTimeoutMS=10000,
                          socketTimeoutMS=30000)[os.environ["FEDLAND_DB"]]
-hosts = {w["client_id"]: w["hostname"] for w in db.workers.find({})}
-# A member document names the worker training it this round (None between rounds).
-print(json.dumps(sorted({hosts.get(s["worker_id"], "") for s in db.clients.find(
-    {"experiment_id": os.environ["EXPERIMENT_ID"], "worker_id": {"$ne": None}})})))
+hosts = {w["worker_id"]: w["hostname"] for w in db[records.WORKERS].find({})}
+# A member names the worker training it this round (None between rounds): members.worker_id -> workers.worker_id.
+print(json.dumps(sorted({hosts.get(m.worker_id, "") for m in records.read_members(db, os.environ["EXPERIMENT_ID"])
+                         if m.worker_id is not None})))
 """
+
+# Runs inside the server container: one stored document of `rounds` and one of `client_stats`, by id, with
+# their keys in stored order (what Mongo Express shows on the document's page).
+SAMPLE_DOCUMENTS = r"""
+import json, os, pymongo
+from stack import records
+db = pymongo.MongoClient(os.environ["FEDLAND_MONGO_URI"], serverSelectionTimeoutMS=10000,
+                         socketTimeoutMS=30000)[os.environ["FEDLAND_DB"]]
+out = {}
+for name in (records.ROUNDS, records.CLIENT_STATS):
+    doc = db[name].find_one({})
+    out[name] = None if doc is None else {"_id": str(doc["_id"]), "keys": list(doc)}
+print(json.dumps(out))
+"""
+
+# Mongo Express: the keys a person finds first in a document's page, in this order; those that are dates.
+IDENTITY_KEYS = {
+    "rounds": ("experiment_id", "round", "started_at", "finished_at"),
+    "client_stats": ("experiment_id", "round", "client_index", "worker_id", "received_at"),
+}
+DATE_KEYS = {"rounds": ("started_at", "finished_at"), "client_stats": ("received_at",)}
+# A date as Mongo Express 1.0.2 prints it: ISODate('2026-...') on a document's page (mongodb-query-parser's
+# toJSString), a JavaScript Date string ("Fri Dec 04 2026 20:27:21 GMT+0000 ...") in a collection's table.
+ISO_DATE = r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}"
+JS_DATE = r"[A-Z][a-z]{2} [A-Z][a-z]{2} \d{2} \d{4} \d{2}:\d{2}:\d{2} GMT"
 
 # Runs inside the server container against a real MongoDB: the server's own account.
 CHECK_PRIVILEGES = r"""
@@ -281,6 +312,13 @@ class Stack:
         check(code == 200, f"Mongo Express with the login from .env answered {code}, not 200")
         for name in ("rounds", "client_stats"):
             check(name in body, f"Mongo Express's page of {db_name} does not list {name}")
+        samples = self.exec_server(SAMPLE_DOCUMENTS)
+        for name, sample in samples.items():
+            check(sample is not None, f"no {name} document stored")
+            how = check_document_page(lambda page: status({"Authorization": f"Basic {auth}"}, page),
+                                      f"{url}{name}", name, sample)
+            log(f"Mongo Express: {how} of {name} {sample['_id']} opens on {', '.join(IDENTITY_KEYS[name])} "
+                f"(in this order, before the other keys), {', '.join(DATE_KEYS[name])} shown as dates")
         me_env = run("docker", "exec", self.containers("mongo-express")[0], "env").stdout.splitlines()
         check("ME_CONFIG_SITE_GRIDFS_ENABLED=true" in me_env, "Mongo Express runs without GridFS enabled")
         if standin:
@@ -296,6 +334,56 @@ class Stack:
         check(code == 200 and ".safetensors" in body, f"Mongo Express's GridFS bucket page: {code}")
         log("Mongo Express: 401 without the login (and with a wrong password), 200 with it; lists rounds, "
             "client_stats and the GridFS bucket models with its .safetensors files")
+
+
+def key_position(text: str, key: str) -> int:
+    """Where `key:` (quoted or not, not part of a longer name) first occurs in a document's text; -1 if nowhere."""
+    match = re.search(rf"(?<![\w$])[\"']?{re.escape(key)}[\"']?\s*:", text)
+    return -1 if match is None else match.start()
+
+
+def check_document_page(fetch: Callable[[str], tuple[int, str]], collection_url: str, name: str,
+                        sample: dict[str, Any]) -> str:
+    """Mongo Express's page of one stored document: identity keys first, in order, and dates shown as dates.
+
+    Mongo Express 1.0.2 serves a document at <collection>/<JSON of its _id, URL-encoded> (an ObjectId's JSON
+    is its hex string) with the document in a textarea, HTML-escaped; should that page not come (Mongo
+    Express redirects to the collection when it finds no such document), the collection's table filtered
+    to that _id is read instead: its columns in first-seen key order, one cell per column. Says which page.
+    """
+    identity, dates, doc_id = IDENTITY_KEYS[name], DATE_KEYS[name], str(sample["_id"])
+    others = [key for key in sample["keys"] if key not in identity and key != "_id"]
+    check([key for key in sample["keys"] if key != "_id"][:len(identity)] == list(identity),
+          f"stored {name} document keys {sample['keys']} do not open on {identity}")
+    code, body = fetch(f"{collection_url}/{urllib.parse.quote(json.dumps(doc_id), safe='')}")
+    check(code == 200, f"Mongo Express's page of {name} document {doc_id} answered {code}")
+    textarea = re.search(r"<textarea[^>]*\bid=[\"']document[\"'][^>]*>(.*?)</textarea>", body, re.S)
+    if textarea is not None and doc_id in textarea.group(1):
+        text = html.unescape(textarea.group(1))
+        positions = [key_position(text, key) for key in identity]
+        check(all(p >= 0 for p in positions) and positions == sorted(positions),
+              f"{name} document page: identity keys {identity} at {positions}:\n{text[:800]}")
+        late = [key for key in others if 0 <= key_position(text, key) < positions[-1]]
+        check(not late, f"{name} document page: {late} before the identity keys:\n{text[:800]}")
+        for key in dates:
+            shown = re.search(rf"(?<![\w$])[\"']?{key}[\"']?\s*:\s*(?:ISODate|new Date|Date)?\(?\s*"
+                              rf"(?:\{{\s*[\"']?\$date[\"']?\s*:\s*)?[\"']?{ISO_DATE}", text)
+            check(shown is not None, f"{name} document page: {key} is not shown as a date:\n{text[:800]}")
+        return "the document's page"
+    query = urllib.parse.urlencode({"key": "_id", "value": doc_id, "type": "O"})
+    code, body = fetch(f"{collection_url}?{query}")
+    check(code == 200, f"Mongo Express's page of {name} filtered to {doc_id} answered {code}")
+    columns = [html.unescape(c) for c in re.findall(r"<th[^>]*\bdata-column=\"([^\"]*)\"", body)]
+    check(columns[1:len(identity) + 1] == list(identity),
+          f"{name} collection page: columns {columns} do not open on {identity} (document page: no textarea)")
+    cells = [html.unescape(re.sub(r"<[^>]+>", " ", cell)).strip()
+             for cell in re.findall(r"<div class=\"tableContent\">(.*?)</div>\s*</td>", body, re.S)]
+    check(len(cells) >= len(columns), f"{name} collection page: {len(cells)} cells for columns {columns}")
+    for key in dates:
+        value = cells[columns.index(key)]
+        check(re.search(ISO_DATE, value) is not None or re.search(JS_DATE, value) is not None,
+              f"{name} collection page: {key} shows {value!r}, not a date")
+    return "the collection's table (filtered to one _id)"
 
 
 class ComposeStack(Stack):

@@ -18,6 +18,7 @@ import pymongo
 
 from fedland.spec import ExperimentSpec
 from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
+from stack import records
 from stack.api_client import Transport
 from stack.embedded import free_port
 
@@ -78,14 +79,14 @@ class LocalStack:
         self.clients += new
         return new
 
-    def experiment(self, experiment_id: str) -> dict[str, Any]:
-        doc = self.db.experiments.find_one({"_id": experiment_id})
-        assert doc is not None
-        return doc
+    def experiment(self, experiment_id: str) -> records.ExperimentRecord:
+        experiment = records.read_experiment(self.db, experiment_id)
+        assert experiment is not None
+        return experiment
 
-    def wait_done(self, experiment_id: str, timeout_s: float = 90.0) -> dict[str, Any]:
+    def wait_done(self, experiment_id: str, timeout_s: float = 90.0) -> records.ExperimentRecord:
         wait_until(
-            lambda: self.experiment(experiment_id)["status"] in ("finished", "failed"),
+            lambda: self.experiment(experiment_id).status in records.DONE,
             timeout_s, f"experiment {experiment_id} to finish", self.logs,
         )
         return self.experiment(experiment_id)
@@ -110,17 +111,17 @@ def finite(value: Any) -> bool:
 
 def assert_complete(stack: LocalStack, experiment_id: str, num_clients: int, rounds: int) -> None:
     """Exactly one stats doc per client x round, one rounds doc per round, global models 0..rounds."""
-    doc = stack.experiment(experiment_id)
-    assert doc["status"] == "finished", (doc.get("error"), stack.logs())
-    stats = list(stack.db.client_stats.find({"experiment_id": experiment_id}))
-    keys = sorted((s["client_index"], s["round"]) for s in stats)
+    experiment = stack.experiment(experiment_id)
+    assert experiment.status == "finished", (experiment.error, stack.logs())
+    stats = records.read_client_stats(stack.db, experiment_id)
+    keys = sorted((s.client_index, s.round) for s in stats)
     assert keys == [(i, r) for i in range(num_clients) for r in range(1, rounds + 1)]
-    rounds_docs = list(stack.db.rounds.find({"experiment_id": experiment_id}))
-    assert sorted(r["round"] for r in rounds_docs) == list(range(1, rounds + 1))
-    for round_doc in rounds_docs:
-        assert finite(round_doc["test_loss"]) and 0.0 <= round_doc["test_accuracy"] <= 1.0
-    model_rounds = sorted(
-        f["metadata"]["round"]
-        for f in stack.db["models.files"].find({"metadata.experiment_id": experiment_id, "metadata.kind": "global"})
+    rounds_records = records.read_rounds(stack.db, experiment_id)
+    assert sorted(r.round for r in rounds_records) == list(range(1, rounds + 1))
+    for round_record in rounds_records:
+        assert finite(round_record.test_loss) and 0.0 <= round_record.test_accuracy <= 1.0
+    files = stack.db[records.files_collection(records.MODELS)].find(
+        {"metadata.experiment_id": experiment_id, "metadata.kind": records.GLOBAL}
     )
+    model_rounds = sorted(records.ModelFile.from_metadata(f["metadata"]).round for f in files)
     assert model_rounds == list(range(rounds + 1))

@@ -23,6 +23,7 @@ import pytest
 from pymongo.database import Database
 
 from fedland.spec import LandscapeSpec
+from stack import records
 from stack.embedded import EmbeddedMongo, free_port
 from tests.helpers import LocalStack, assert_complete, small_spec
 
@@ -73,8 +74,12 @@ class Drill:
             time.sleep(0.1)
 
     def current_round(self, experiment_id: str) -> int:
-        doc = self.read(lambda db: db.experiments.find_one({"_id": experiment_id}), {})
-        return int((doc or {}).get("current_round", 0))
+        experiment = self.read(lambda db: records.read_experiment(db, experiment_id))
+        return 0 if experiment is None else int(experiment.current_round)
+
+    def status(self, experiment_id: str) -> str | None:
+        experiment = self.read(lambda db: records.read_experiment(db, experiment_id))
+        return None if experiment is None else str(experiment.status)
 
     def kill_client(self, rng: random.Random) -> None:
         victim = rng.choice([c for c in self.stack.clients if c.alive()])
@@ -103,13 +108,15 @@ class Drill:
         self.events.append("killed the store")
 
     def orphans(self) -> set[str]:
-        referenced = {str(d["weights_file_id"]) for d in self.db.client_stats.find({}, {"weights_file_id": 1})}
-        for doc in self.db.rounds.find({}, {"model_file_id": 1, "strategy_state_file_id": 1}):
+        referenced = {
+            str(d["weights_file_id"]) for d in self.db[records.CLIENT_STATS].find({}, {"weights_file_id": 1})
+        }
+        for doc in self.db[records.ROUNDS].find({}, {"model_file_id": 1, "strategy_state_file_id": 1}):
             referenced |= {str(doc["model_file_id"]), str(doc["strategy_state_file_id"])}
         files = set()
-        for bucket in ("models", "client_models"):
-            for file in self.db[f"{bucket}.files"].find({}, {"_id": 1, "metadata": 1}):
-                if not (bucket == "models" and file["metadata"].get("round") == 0):
+        for bucket in (records.MODELS, records.CLIENT_MODELS):
+            for file in self.db[records.files_collection(bucket)].find({}, {"_id": 1, "metadata": 1}):
+                if not (bucket == records.MODELS and file["metadata"].get("round") == 0):
                     files.add(str(file["_id"]))
         return files - referenced
 
@@ -137,8 +144,7 @@ def test_drill_kills_client_server_and_store_at_random_moments(seed: int, tmp_pa
             kills[name](rng)
         assert len(drill.events) == 3 and drill.current_round(experiment_id) <= ROUNDS
         drill.wait(
-            lambda: drill.read(lambda db: db.experiments.find_one({"_id": experiment_id})["status"]) in
-            ("finished", "failed"), "the experiment to finish",
+            lambda: drill.status(experiment_id) in records.DONE, "the experiment to finish",
         )
         assert_complete(drill.stack, experiment_id, num_clients=NUM_CLIENTS, rounds=ROUNDS)
 

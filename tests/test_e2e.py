@@ -22,6 +22,7 @@ from pymongo.database import Database
 from fedland.datasets import load_dataset
 from fedland.partition import partition
 from launch.processes import child_env
+from stack import records
 from tests.helpers import (
     TOKEN,
     LocalStack,
@@ -47,15 +48,16 @@ def test_two_clients_two_rounds(local_stack: Callable[..., LocalStack], data_dir
     # the partition each client trained on is the one computed here from the spec and real MNIST
     mnist = load_dataset("MNIST", data_dir)
     parts = partition(mnist.train_y, mnist.test_y, spec["target_balance_ratios"], spec["subset_fractions"], 7)
-    slots = {d["client_index"]: d for d in stack.db.clients.find({"experiment_id": experiment_id})}
+    slots = {m.client_index: m for m in records.read_members(stack.db, experiment_id)}
     assert sorted(slots) == [0, 1]
     for index, part in enumerate(parts):
-        assert slots[index]["class_counts"] == list(part.class_counts)
-        assert slots[index]["partition_digest"] == part.digest()
+        assert slots[index].class_counts == tuple(part.class_counts)
+        assert slots[index].partition_digest == part.digest()
 
-    for stats in stack.db.client_stats.find({"experiment_id": experiment_id}):
-        part = parts[stats["client_index"]]
-        assert stats["num_examples"] == part.num_train
+    for record in records.read_client_stats(stack.db, experiment_id):
+        part = parts[record.client_index]
+        assert record.num_examples == part.num_train
+        stats = record.stats
         for phase in ("global", "local"):
             for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
                 assert finite(stats[phase][key]), (phase, key, stats[phase])
@@ -66,16 +68,15 @@ def test_two_clients_two_rounds(local_stack: Callable[..., LocalStack], data_dir
         assert durations["total"] >= durations["train"] > 0
     # round 2 starts from the aggregate of round 1: the clients' "global" stats there beat round 1's
     round1, round2 = (
-        stack.db.client_stats.find_one({"experiment_id": experiment_id, "client_index": 0, "round": r})
-        for r in (1, 2)
+        [s for s in records.read_client_stats(stack.db, experiment_id, r) if s.client_index == 0] for r in (1, 2)
     )
-    assert round1 is not None and round2 is not None
-    assert round2["global"]["train_loss"] < round1["global"]["train_loss"]
+    assert len(round1) == 1 and len(round2) == 1
+    assert round2[0].stats["global"]["train_loss"] < round1[0].stats["global"]["train_loss"]
 
     [summary] = [e for e in stack.api.list_experiments() if e["id"] == experiment_id]
-    last = stack.db.rounds.find_one({"experiment_id": experiment_id, "round": 2})
+    last = records.read_round(stack.db, experiment_id, 2)
     assert last is not None
-    assert summary["last_round"] == {"round": 2, "test_loss": last["test_loss"], "test_accuracy": last["test_accuracy"]}
+    assert summary["last_round"] == {"round": 2, "test_loss": last.test_loss, "test_accuracy": last.test_accuracy}
 
 
 def test_killed_client_slot_is_reassigned(local_stack: Callable[..., LocalStack]) -> None:
@@ -84,19 +85,20 @@ def test_killed_client_slot_is_reassigned(local_stack: Callable[..., LocalStack]
     [experiment_id] = stack.api.submit_experiments([small_spec(num_clients=2, rounds=rounds)])
     first, second = stack.add_clients(2)
     wait_until(
-        lambda: stack.db.rounds.count_documents({"experiment_id": experiment_id}) >= 1,
+        lambda: len(records.read_rounds(stack.db, experiment_id)) >= 1,
         60, "round 1", stack.logs,
     )
     first.process.send_signal(signal.SIGKILL)
     first.wait(10)
-    assert stack.experiment(experiment_id)["status"] == "running"
+    assert stack.experiment(experiment_id).status == "running"
     [third] = stack.add_clients(1)
     stack.wait_done(experiment_id)
     assert_complete(stack, experiment_id, num_clients=2, rounds=rounds)
     assert second.alive() and third.alive()
 
-    worker_ids = {w["pid"]: w["client_id"] for w in stack.db.workers.find()}
-    holders = {s["worker_id"] for s in stack.db.client_stats.find({"experiment_id": experiment_id})}
+    workers = (records.WorkerRecord.from_doc(doc) for doc in stack.db[records.WORKERS].find())
+    worker_ids = {w.pid: w.worker_id for w in workers}
+    holders = {s.worker_id for s in records.read_client_stats(stack.db, experiment_id)}
     assert {worker_ids[first.pid], worker_ids[second.pid]} <= holders  # the third may or may not get a member
     assert holders <= {worker_ids[first.pid], worker_ids[second.pid], worker_ids[third.pid]}
 
@@ -107,13 +109,13 @@ def test_server_restart_resumes_on_the_same_store(local_stack: Callable[..., Loc
     [experiment_id] = stack.api.submit_experiments([small_spec(num_clients=2, rounds=rounds)])
     stack.add_clients(2)
     wait_until(
-        lambda: stack.db.rounds.count_documents({"experiment_id": experiment_id}) >= 2,
+        lambda: len(records.read_rounds(stack.db, experiment_id)) >= 2,
         60, "round 2", stack.logs,
     )
     assert stack.server is not None
     stack.server.process.send_signal(signal.SIGKILL)
     stack.server.wait(10)
-    done_before = stack.db.rounds.count_documents({"experiment_id": experiment_id})
+    done_before = len(records.read_rounds(stack.db, experiment_id))
     assert done_before < rounds
     time.sleep(1.0)  # clients meet a dead port and back off
     stack.start_server()
@@ -150,10 +152,10 @@ def test_main_quick_run_from_an_experiments_file(
     assert result.returncode == 0, result.stdout + result.stderr
     db: Database[dict[str, Any]] = pymongo.MongoClient(mongo_uri)[mongo_db_name]
     try:
-        docs = list(db.experiments.find())
-        assert sorted(d["status"] for d in docs) == ["finished", "finished"]
-        assert [d["rounds"] for d in docs] == [1, 1]  # --rounds overrides the file
-        assert db.rounds.count_documents({}) == 2
+        stored = records.read_experiments(db)
+        assert sorted(e.status for e in stored) == ["finished", "finished"]
+        assert [e.spec.rounds for e in stored] == [1, 1]  # --rounds overrides the file
+        assert db[records.ROUNDS].count_documents({}) == 2
     finally:
         db.client.close()
     table = result.stdout
@@ -174,7 +176,7 @@ def test_main_refuses_invalid_experiments_before_submitting(
     assert "experiments[1]" in result.stderr
     db: Database[dict[str, Any]] = pymongo.MongoClient(mongo_uri)[mongo_db_name]
     try:
-        assert db.experiments.count_documents({}) == 0
+        assert db[records.EXPERIMENTS].count_documents({}) == 0
     finally:
         db.client.close()
 
@@ -191,8 +193,8 @@ def test_main_only_queues_on_a_running_server(
     env = {**main_env, "FEDLAND_TOKEN": TOKEN}
     result = run_main(["--server", stack.url, "--experiments", str(experiments)], env, timeout_s=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    [doc] = list(stack.db.experiments.find())
-    assert (doc["status"], doc["description"], doc["rounds"]) == ("queued", "queued from a file", 2)
-    assert f"queued {doc['_id']}" in result.stdout
+    [experiment] = records.read_experiments(stack.db)
+    assert (experiment.status, experiment.spec.description, experiment.spec.rounds) == ("queued", "queued from a file", 2)
+    assert f"queued {experiment.id}" in result.stdout
     assert not stack.clients  # nothing started: no client, no embedded store
     assert not (tmp_path / "store").exists()

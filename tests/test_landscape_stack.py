@@ -38,7 +38,7 @@ from reports.compare import COMPARISONS
 from server.landscape import AggregatedRound, leave_one_out, measure_round
 from server.resources import Resources
 from server.store import Store
-from stack import wire
+from stack import records, wire
 from tests.helpers import LocalStack, assert_complete, finite, small_spec
 
 pytestmark = pytest.mark.slow
@@ -89,9 +89,9 @@ def client_subsets(spec: ExperimentSpec, data_dir: Path) -> list[list[tuple[torc
 def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: ExperimentSpec, data_dir: Path) -> None:
     num_clients = spec.num_clients
     subsets = client_subsets(spec, data_dir)
-    stats: dict[str, Any] | None  # the experiment's documents, then find_one's
-    for stats in stack.db.client_stats.find({"experiment_id": experiment_id}):
-        doc = stats["landscape"]
+    reports = {(s.round, s.client_index): s for s in records.read_client_stats(stack.db, experiment_id)}
+    for stats in reports.values():
+        doc = stats.stats["landscape"]
         assert set(doc) == {"num_samples", "duration_s", "global", "local", "interpolation", "update"}, doc
         assert doc["num_samples"] == LSPEC.num_samples and doc["duration_s"] > 0
         assert_metrics(doc["global"], LSPEC.top_k)
@@ -103,28 +103,27 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
         assert path["losses"][-1] == pytest.approx(doc["local"]["loss"], rel=1e-5)
         assert finite(path["barrier"]) and finite(doc["update"]["distance"]) and doc["update"]["distance"] > 0
         cosine = doc["update"]["cosine_to_previous_update"]
-        before = stack.db.client_stats.find_one(
-            {"experiment_id": experiment_id, "round": stats["round"] - 1, "client_index": stats["client_index"]}
-        )
+        before = reports.get((stats.round - 1, stats.client_index))
         # the worker remembers the model a member trained from only if it trained that member the round before
-        same_worker = before is not None and before.get("worker_id") == stats.get("worker_id")
+        same_worker = before is not None and before.worker_id == stats.worker_id
         assert cosine is None if not same_worker else (finite(cosine) and -1 <= cosine <= 1)
 
     # the stack's numbers are fedland's on the stored model and the recomputed subset
-    stats = stack.db.client_stats.find_one({"experiment_id": experiment_id, "round": 2, "client_index": 0})
-    assert stats is not None
-    local = model_from(store.load_client_model(stats["weights_file_id"]), spec)
+    stats = reports[(2, 0)]
+    assert stats.weights_file_id is not None
+    local = model_from(store.load_client_model(stats.weights_file_id), spec)
     eigen = top_eigenvalues(
         local, F.cross_entropy, subsets[0], k=LSPEC.top_k, tol=EIGEN_TOL, max_iter=EIGEN_MAX_ITER,
         seed=int(np.random.SeedSequence([spec.seed, 0, 2]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)),
     )
-    assert stats["landscape"]["local"]["top_eigenvalues"] == pytest.approx(eigen.values.tolist(), rel=1e-6)
+    assert stats.stats["landscape"]["local"]["top_eigenvalues"] == pytest.approx(eigen.values.tolist(), rel=1e-6)
     expected_loss, _ = mean_loss(local, F.cross_entropy, subsets[0])
-    assert stats["landscape"]["local"]["loss"] == pytest.approx(expected_loss, rel=1e-6)
+    assert stats.stats["landscape"]["local"]["loss"] == pytest.approx(expected_loss, rel=1e-6)
 
-    for round_doc in stack.db.rounds.find({"experiment_id": experiment_id}):
-        doc = round_doc["landscape"]
-        pairwise = {"pairwise_barriers", "flatness_gap"} if num_clients >= 2 else {"flatness_gap"}
+    for round_record in records.read_rounds(stack.db, experiment_id):
+        assert round_record.landscape is not None
+        doc = round_record.landscape
+        pairwise = {"pairwise_barriers_id", "flatness_gap"} if num_clients >= 2 else {"flatness_gap"}
         assert set(doc) == {
             "num_samples", "duration_s", "global", "client_alignment", "gradient_dissimilarity", "leave_one_out",
             "surface_id", "generalization_gap", *pairwise,
@@ -139,10 +138,10 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
         for entry in doc["leave_one_out"]:
             values = (entry["delta_test_loss"], entry["delta_test_accuracy"])
             assert values == (None, None) if num_clients == 1 else all(finite(v) for v in values), entry
-        surface = stack.db.landscapes.find_one({"_id": ObjectId(doc["surface_id"])})
+        surface = stack.db[records.LANDSCAPES].find_one({"_id": ObjectId(doc["surface_id"])})
         assert surface is not None
         key = (surface["experiment_id"], surface["round"], surface["kind"])
-        assert key == (experiment_id, round_doc["round"], "pca_surface")
+        assert key == (experiment_id, round_record.round, "pca_surface")
         assert len(surface["x"]) == len(surface["y"]) == LSPEC.grid_points
         losses = np.array(surface["losses"], dtype=np.float64)
         assert losses.shape == (LSPEC.grid_points, LSPEC.grid_points) and np.isfinite(losses).all()
@@ -153,7 +152,7 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
         assert surface["second_direction"] == ("random" if num_clients == 1 else "principal")
 
         # the server's global metrics and B, recomputed from the stored model and the recomputed subsets
-        global_model = model_from(store.load_model(round_doc["model_file_id"]), spec)
+        global_model = model_from(store.load_model(round_record.model_file_id), spec)
         mnist = load_dataset(spec.dataset_name, data_dir)
         held = torch.from_numpy(landscape_subset(int(mnist.test_y.shape[0]), LSPEC.num_samples, (spec.seed, 2**32)))
         expected_loss, _ = mean_loss(global_model, F.cross_entropy, [(mnist.test_x[held], mnist.test_y[held])])
@@ -162,14 +161,17 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
         expected_b = gradient_dissimilarity(global_model, F.cross_entropy, subsets)
         assert doc["gradient_dissimilarity"] == pytest.approx(expected_b, rel=1e-6)
         # pairwise barriers and the flatness gap, from the stored client models
-        locals_ = [
-            model_from(store.load_client_model(s["weights_file_id"]), spec)
-            for s in sorted(stack.db.client_stats.find({"experiment_id": experiment_id, "round": round_doc["round"]}),
-                            key=lambda s: s["client_index"])
-        ]
+        round_reports = sorted(
+            (s for s in reports.values() if s.round == round_record.round), key=lambda s: s.client_index
+        )
+        assert all(s.weights_file_id is not None for s in round_reports)
+        locals_ = [model_from(store.load_client_model(str(s.weights_file_id)), spec) for s in round_reports]
         if num_clients >= 2:
             held_out = [(mnist.test_x[held], mnist.test_y[held])]
-            pairwise_doc = doc["pairwise_barriers"]
+            pairwise_doc = stack.db[records.LANDSCAPES].find_one({"_id": ObjectId(doc["pairwise_barriers_id"])})
+            assert pairwise_doc is not None
+            key = (pairwise_doc["experiment_id"], pairwise_doc["round"], pairwise_doc["kind"])
+            assert key == (experiment_id, round_record.round, "pairwise_barriers")
             assert pairwise_doc["client_indices"] == list(range(num_clients))
             path = interpolate(locals_[0], locals_[1], F.cross_entropy, held_out, np.asarray(pairwise_doc["alphas"]))
             assert pairwise_doc["barriers"][0][1] == pairwise_doc["barriers"][1][0]
@@ -178,7 +180,7 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
             assert pairwise_doc["barriers"][0][0] == 0.0
         gap = doc["flatness_gap"]
         assert gap["client_indices"] == list(range(num_clients)) and gap["curvature"] == "hessian"
-        seed = ExperimentPlan(spec, mnist).server_measurement_seed(round_doc["round"])
+        seed = ExperimentPlan(spec, mnist).server_measurement_seed(round_record.round)
         last = num_clients - 1
         local_top = top_eigenvalues(locals_[last], F.cross_entropy, subsets[last], k=1, tol=EIGEN_TOL,
                                     max_iter=EIGEN_MAX_ITER, seed=seed).values[0]

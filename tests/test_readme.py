@@ -74,4 +74,5 @@ def test_results_snippet_runs_as_written(store: Any, mongo_uri: str, mongo_db_na
     for label in ("test_accuracy", "top_eigenvalue_1", "barrier", "non-IID unbalanced, 2 clients"):
         assert label in result.stdout, result.stdout
     final = store.get_round("exp-landscape", 3)
-    assert f"{final['test_accuracy']:.6f}"[:6] in result.stdout
+    assert final is not None
+    assert f"{final.test_accuracy:.6f}"[:6] in result.stdout

@@ -25,7 +25,7 @@ from fedland.plan import ExperimentPlan
 from fedland.spec import ExperimentSpec, LandscapeSpec, StrategySpec
 from fedland.training import batches, evaluate
 from server.store import Store
-from stack import wire
+from stack import records, wire
 from tests.datasets_tiny import registry_hook, write_tiny
 from tests.helpers import LocalStack, assert_complete, finite
 
@@ -98,21 +98,28 @@ def test_new_dataset_and_model_through_the_stack(
     store = Store.from_database(stack.db)
     plan = ExperimentPlan(spec, load_dataset(dataset, data_dir))
 
-    stats: dict[str, Any] | None  # the experiment's documents, then find_one's
-    for stats in stack.db.client_stats.find({"experiment_id": experiment_id}):
+    for record in records.read_client_stats(stack.db, experiment_id):
+        stats = record.stats
         for phase in ("global", "local"):
             assert set(stats[phase]) >= {"train_loss", "test_loss", "generalization_gap"}
         assert set(stats["landscape"]["local"]["generalization"]) == {"pac_bayes", "pac_bayes_magnitude", "norms"}
-        where = f"client_stats.round{stats['round']}"
+        where = f"client_stats.round{record.round}"
         _every_number_finite({k: stats[k] for k in ("global", "local", "landscape")}, where)
-    for round_doc in stack.db.rounds.find({"experiment_id": experiment_id}):
-        assert "generalization_gap" in round_doc["landscape"]
-        _every_number_finite(round_doc["landscape"], "rounds.landscape")
+    round_records = records.read_rounds(stack.db, experiment_id)
+    for round_record in round_records:
+        assert round_record.landscape is not None and "generalization_gap" in round_record.landscape
+        _every_number_finite(dict(round_record.landscape), "rounds.landscape")
+    # the pairwise barriers, once inline in the round's landscape, live in `landscapes`
+    pairwise = records.read_landscapes(stack.db, experiment_id, records.PAIRWISE_BARRIERS)
+    assert [p.round for p in pairwise] == [r.round for r in round_records]
+    for landscape in pairwise:
+        _every_number_finite(dict(landscape.content), "rounds.landscape.pairwise_barriers")
 
     # round 2 of client 0, recomputed from the stored local model with direct fedland calls
-    stats = stack.db.client_stats.find_one({"experiment_id": experiment_id, "client_index": 0, "round": 2})
-    assert stats is not None
-    local = plan.model(wire.decode(store.load_client_model(stats["weights_file_id"])))
+    [report] = [s for s in records.read_client_stats(stack.db, experiment_id, 2) if s.client_index == 0]
+    stats = report.stats
+    assert report.weights_file_id is not None
+    local = plan.model(wire.decode(store.load_client_model(report.weights_file_id)))
     data = plan.client_data(0)
     train = evaluate(local, batches(data.train_x, data.train_y, 1024))
     test = evaluate(local, batches(data.test_x, data.test_y, 1024))
@@ -127,8 +134,8 @@ def test_new_dataset_and_model_through_the_stack(
     assert stored["norms"]["frobenius_sum"] == pytest.approx(direct["norms"]["frobenius_sum"], rel=1e-9)
     assert stored["norms"]["spectral_sum"] == pytest.approx(direct["norms"]["spectral_sum"], rel=1e-9)
     # the aggregated model of round 2 on the full test split
-    last = stack.db.rounds.find_one({"experiment_id": experiment_id, "round": 2})
+    last = records.read_round(stack.db, experiment_id, 2)
     assert last is not None
-    global_model = plan.model(wire.decode(store.load_model(last["model_file_id"])))
+    global_model = plan.model(wire.decode(store.load_model(last.model_file_id)))
     full = evaluate(global_model, batches(plan.dataset.test_x, plan.dataset.test_y, 1000))
-    assert last["test_loss"] == pytest.approx(full.loss, rel=1e-6) and finite(last["test_accuracy"])
+    assert last.test_loss == pytest.approx(full.loss, rel=1e-6) and finite(last.test_accuracy)
