@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 StoreUnavailable = pymongo.errors.ConnectionFailure
 
 _UNASSIGNED = MemberRecord.changes(worker_id=None, assigned_round=None, assigned_at=None)
+_SWAP_ATTEMPTS = 16  # an experiment's document changes a few times per round: a swap that keeps losing is a bug
 
 
 class DuplicateError(Exception):
@@ -118,12 +119,25 @@ class Store:
     def update_experiment(
         self, experiment_id: str, changes: Mapping[str, Any], *, where: Mapping[str, Any] | None = None
     ) -> bool:
-        """Set these `ExperimentRecord` fields if the experiment's fields match `where`; True if one matched."""
-        condition = ExperimentRecord.changes(**(where or {}))
-        result = self.db[records.EXPERIMENTS].update_one(
-            {"_id": experiment_id, **condition}, {"$set": ExperimentRecord.changes(**changes)}
-        )
-        return result.matched_count > 0
+        """Set these `ExperimentRecord` fields if the experiment's fields equal `where`; True if it did.
+
+        The document is replaced whole (compare and swap on what it held), not
+        `$set`: nx-27017 stores a `$set` date as a string, and these are dates.
+        """
+        for _ in range(_SWAP_ATTEMPTS):
+            doc = self.db[records.EXPERIMENTS].find_one({"_id": experiment_id})
+            if doc is None:
+                return False
+            current = ExperimentRecord.from_doc(doc)
+            if any(getattr(current, name) != value for name, value in (where or {}).items()):
+                return False
+            held = {name: doc.get(name) for name in ("status", "current_round", "error")}
+            result = self.db[records.EXPERIMENTS].replace_one(
+                {"_id": experiment_id, **held}, current.replace(**changes).to_doc()
+            )
+            if result.matched_count:
+                return True
+        raise RuntimeError(f"experiment {experiment_id}: changed {_SWAP_ATTEMPTS} times while being updated")
 
     # members -------------------------------------------------------------------
 

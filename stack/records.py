@@ -149,8 +149,6 @@ class ExperimentRecord:
     finished_at: float | None = None  # after the last round's measurements, or when it failed
     error: str | None = None  # why it failed
 
-    DATES: ClassVar[frozenset[str]] = frozenset({"created_at", "started_at", "finished_at"})
-
     def to_doc(self) -> Document:
         return {
             "_id": self.id,
@@ -181,11 +179,6 @@ class ExperimentRecord:
 
     def replace(self, **changes: Any) -> ExperimentRecord:
         return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def changes(cls, **values: Any) -> Document:
-        """The `$set` of an update of these fields (e.g. ``status="running", started_at=now``)."""
-        return _changes(cls, cls.DATES, values)
 
 
 @dataclass(frozen=True)

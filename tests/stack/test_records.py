@@ -91,6 +91,20 @@ def test_experiment_round_trip(store: Store) -> None:
     assert records.experiment_ids(store.db, records.DONE) == ["e-failed"]
 
 
+def test_experiment_updates_keep_dates_and_their_condition(store: Store) -> None:
+    queued = experiments()[0]
+    store.insert_experiments([queued], [])
+    assert not store.update_experiment(queued.id, {"status": "running"}, where={"status": "running"})
+    assert store.update_experiment(queued.id, {"status": "running", "started_at": T0 + 5}, where={"status": "queued"})
+    assert store.update_experiment(queued.id, {"status": "finished", "finished_at": T0 + 60.5},
+                                   where={"status": "running", "current_round": 1})
+    doc = stored(store.db, records.EXPERIMENTS, {"_id": queued.id})
+    assert_dates(doc, ["created_at", "started_at", "finished_at"])  # written whole: dates on nx-27017 too
+    assert store.get_experiment(queued.id) == queued.replace(status="finished", started_at=T0 + 5,
+                                                             finished_at=T0 + 60.5)
+    assert not store.update_experiment("nope", {"status": "failed"})
+
+
 def test_member_round_trip(store: Store) -> None:
     members = [
         MemberRecord(
