@@ -102,7 +102,7 @@ class ClientLoop:
                     forgotten = 0 if self._tasks_done else forgotten + 1
                     delay_s = self.transport.backoff.delay_s(forgotten - 1, self.transport.rng) if forgotten else 0.0
                     log.warning(
-                        "server forgot client %s (%s); registering again in %.1f s",
+                        "server forgot worker %s (%s); registering again in %.1f s",
                         registration.worker_id, error, delay_s,
                     )
                     self.stop.wait(delay_s)
