@@ -17,9 +17,8 @@ from pymongo.database import Database
 
 from reports.models import ModelExtras
 from stack import records
+from stack.records import Document
 
-#: A stored document as the figures read it (a record's fields by name; see `stack.records`).
-Doc = dict[str, Any]
 Path_ = Sequence[str | int]  # keys and list indices into a document, e.g. ("landscape", "local", "trace")
 
 
@@ -69,10 +68,10 @@ class ExperimentData:
     description: str
     status: str
     error: str | None
-    spec: Doc  # the experiment's spec (`ExperimentSpec.to_dict()`)
+    spec: Document  # the experiment's spec (`ExperimentSpec.to_dict()`)
     clients: tuple[PartitionSummary, ...]
-    rounds: tuple[Doc, ...]  # `rounds` documents, by round
-    client_stats: tuple[Doc, ...]  # `client_stats` documents, by (round, client_index)
+    rounds: tuple[Document, ...]  # `rounds` documents, by round
+    client_stats: tuple[Document, ...]  # `client_stats` documents, by (round, client_index)
     surfaces: tuple[Surface, ...]  # by round
     extras: ModelExtras = ModelExtras()  # computed from the stored models (round 0, trajectory, densities)
 
@@ -158,7 +157,7 @@ class ExperimentData:
         seen = {c.client_index for c in self.clients} | {int(d["client_index"]) for d in self.client_stats}
         return sorted(seen) if seen else list(range(self.num_clients))
 
-    def stats_of(self, server_round: int) -> list[Doc]:
+    def stats_of(self, server_round: int) -> list[Document]:
         return [doc for doc in self.client_stats if doc["round"] == server_round]
 
 
@@ -263,7 +262,7 @@ def load_experiment(db: Database[Any], experiment_id: str) -> ExperimentData:
     )
 
 
-def _round_tree(round_record: records.RoundRecord, pairwise: Mapping[str, Any] | None) -> Doc:
+def _round_tree(round_record: records.RoundRecord, pairwise: Mapping[str, Any] | None) -> Document:
     """A round as the figures read it: its fields, the pairwise barriers in its landscape."""
     tree = round_record.tree()
     landscape = tree.get("landscape")
@@ -312,7 +311,7 @@ def _surface(landscape: records.LandscapeRecord) -> Surface | None:
     )
 
 
-def with_extras(db: Database[Doc], data: ExperimentData, data_dir: Any, *, densities: bool | None = None) -> ExperimentData:
+def with_extras(db: Database[Document], data: ExperimentData, data_dir: Any, *, densities: bool | None = None) -> ExperimentData:
     """``data`` with what the report computes from its stored models (``reports.models.compute_extras``).
 
     Spectral densities (the slow part) by default only once the experiment is no longer running.

@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,12 +43,10 @@ from server.resources import Resources
 from server.round_inputs import load_round_inputs
 from server.store import Store
 from stack import records, wire
-from stack.records import LandscapeRecord
+from stack.records import Document, LandscapeRecord
 
 log = logging.getLogger(__name__)
 
-#: A landscape document (JSON-able; its keys are those of DEVELOPERS.md "Landscape measurements").
-Doc = dict[str, Any]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -59,7 +56,7 @@ def leave_one_out(
     client_indices: Sequence[int],
     evaluate: Callable[[NamedArrays], tuple[float, float]],
     full: tuple[float, float],
-) -> list[Doc]:
+) -> list[Document]:
     """Per client, ``metric(aggregate without it) - metric(aggregate of all)`` for test loss and accuracy.
 
     Args:
@@ -137,7 +134,7 @@ def load_aggregated_round(store: Store, spec: ExperimentSpec, experiment_id: str
 
 def measure_stored_round(
     store: Store, resources: Resources, spec: ExperimentSpec, experiment_id: str, server_round: int
-) -> Doc:
+) -> Document:
     """``measure_round`` of a round rebuilt by ``load_aggregated_round``, or ``{"error": ...}``; never raises."""
     try:
         aggregated = load_aggregated_round(store, spec, experiment_id, server_round)
@@ -147,7 +144,7 @@ def measure_stored_round(
     return measure_round(store, resources, aggregated)
 
 
-def measure_round(store: Store, resources: Resources, aggregated: AggregatedRound) -> Doc:
+def measure_round(store: Store, resources: Resources, aggregated: AggregatedRound) -> Document:
     """The ``rounds.landscape`` document (and its stored surface), or ``{"error": ...}``; never raises."""
     try:
         return _measure_round(store, resources, aggregated)
@@ -158,7 +155,7 @@ def measure_round(store: Store, resources: Resources, aggregated: AggregatedRoun
         return {"error": f"{type(error).__name__}: {error}"}
 
 
-def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRound) -> Doc:
+def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRound) -> Document:
     spec, experiment_id, server_round = aggregated.spec, aggregated.experiment_id, aggregated.server_round
     previous, state, updates = aggregated.previous, aggregated.state, aggregated.updates
     client_indices, new_global, full = aggregated.client_indices, aggregated.new_global, aggregated.full_evaluation
@@ -183,7 +180,7 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
     )
     for point in surface["client_points"]:
         point["client_index"] = int(client_indices[point["client_index"]])
-    doc: Doc = {
+    doc: Document = {
         "num_samples": int(held_out[0][1].shape[0]),
         "global": measure_model(global_model, F.cross_entropy, held_out, lspec, seed),
         "client_alignment": [
