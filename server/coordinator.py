@@ -384,8 +384,9 @@ class Coordinator:
     def submit_update(self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes) -> Answer:
         """Accept one member's weights and stats for a round; aggregates when the round is complete."""
         result = self.rounds.accept(experiment_id, server_round, meta, weights_data)
-        if isinstance(meta, Mapping) and isinstance(meta.get("client_id"), str):
+        worker_id = meta.get("worker_id") if isinstance(meta, Mapping) else None  # accepted: a checked id
+        if isinstance(worker_id, str):
             with self._seen_lock:
-                if meta["client_id"] in self._seen:
-                    self._seen[meta["client_id"]] = self.clock()
+                if worker_id in self._seen:
+                    self._seen[worker_id] = self.clock()
         return result
