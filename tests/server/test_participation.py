@@ -67,6 +67,26 @@ def test_only_the_selected_members_train_and_one_worker_serves_them_all(
     coordinator.close()
 
 
+def test_an_accepted_update_counts_as_its_workers_heartbeat(
+    store: Store, clock: Any, make_settings: Callable[..., Any], make_spec: Callable[..., dict]
+) -> None:
+    coordinator = start(store, clock, make_settings, heartbeat_timeout_s=3.0)
+    coordinator.submit(six_members(make_spec, rounds=2, clients_per_round=2))
+    worker = coordinator.register({"hostname": "h", "pid": 1})["worker_id"]
+    first = coordinator.task(worker)
+    clock.advance(2)
+    report(coordinator, worker, first)  # the worker's only request in 2 s
+    clock.advance(2)  # 4 s after its task request, 2 s after its update
+    coordinator.reap()
+    alive = store.get_worker(worker)
+    assert alive is not None and alive.status == "alive"  # a silent worker would be "lost" now
+    clock.advance(2)  # 4 s after its update
+    coordinator.reap()
+    lost = store.get_worker(worker)
+    assert lost is not None and lost.status == "lost"
+    coordinator.close()
+
+
 def test_a_deadline_closes_the_round_with_the_updates_it_has(
     store: Store, clock: Any, make_settings: Callable[..., Any], make_spec: Callable[..., dict]
 ) -> None:
