@@ -490,6 +490,8 @@ def restart_server_mid_experiment(stack: Stack, after_round: int, timeout_s: flo
         a, b = by_name(experiments, "A"), by_name(experiments, "B")
         if a["status"] == "running" and a["current_round"] > after_round:
             return a
+        check(a["status"] != "finished" or b["status"] != "finished",
+              "both experiments finished before the server could be restarted mid-experiment")
         return b if a["status"] == "finished" and b["status"] == "running" else None
 
     e = wait_for("an experiment running after the kill", running_after_kill, timeout_s)

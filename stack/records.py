@@ -23,11 +23,12 @@ import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pymongo.database import Database
 
-from fedland.spec import ExperimentSpec
+if TYPE_CHECKING:  # imported where a spec is parsed: reading the other records needs no torch
+    from fedland.spec import ExperimentSpec
 
 __all__ = [
     "ACTIVE",
@@ -165,6 +166,8 @@ class ExperimentRecord:
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> ExperimentRecord:
+        from fedland.spec import ExperimentSpec
+
         experiment_id = str(doc["_id"])
         return cls(
             id=experiment_id,
