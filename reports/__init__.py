@@ -224,6 +224,7 @@ def report_main(
             print(error, file=sys.stderr)
             return 2
         try:
+            records.check_schema(db)  # a store of an earlier release: one line naming the upgrade
             for experiment_id in experiment_ids:
                 load_experiment(db, experiment_id)  # unknown ids fail before anything is written
             if watch:
@@ -234,7 +235,7 @@ def report_main(
                     index = write_reports(db, list(experiment_ids) or None, out_dir, data_dir=data_dir)
             else:
                 index = write_reports(db, list(experiment_ids) or None, out_dir, data_dir=data_dir)
-        except ValueError as error:
+        except (ValueError, records.SchemaError) as error:
             print(f"report: {error}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

@@ -35,6 +35,7 @@ import pandas as pd
 from pymongo.database import Database
 
 from reports.data import interpolation_curve, linear_barrier, list_experiment_ids, load_experiment, path_dip, value_at
+from stack import records
 from stack.embedded import open_database as open_store  # the results database (URI, else the embedded store)
 from stack.settings import StoreSettings
 
@@ -194,7 +195,7 @@ def export_main(experiment_ids: Sequence[str], file_format: str, out_dir: Path, 
     try:
         with open_store(store) as db:
             tables = load_tables(db, list(experiment_ids) or None)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, records.SchemaError) as error:
         print(f"export: {error}", file=sys.stderr)
         return 2
     if file_format == "tensorboard":

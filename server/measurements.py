@@ -3,7 +3,7 @@
 The coordinator writes a round's `rounds` document and advances the experiment
 first, then queues the round here, so clients start the next round while the
 server measures (DEVELOPERS.md "Who measures what"). Before an experiment is
-marked finished, `finish` waits for its queued rounds and measures what is still
+marked finished, `finish_then` waits for its queued rounds and measures what is still
 missing, so a finished experiment has every scheduled round's landscape. A
 restart drops queued rounds; `queue_unmeasured` finds them again.
 """

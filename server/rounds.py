@@ -139,7 +139,8 @@ class Rounds:
             state = self.states.get(experiment_id)
             if state is not None and state.server_round == 1:
                 state.started_at = now  # round 1 starts with the experiment, not when it was queued
-        self._update(experiment_id, {"status": "running", "started_at": now}, {"status": "queued"})
+        if self._update(experiment_id, {"status": "running", "started_at": now}, {"status": "queued"}):
+            self.on_change(0)  # progress views long-poll for status changes
 
     def open(self, experiment: ExperimentRecord, *, recovering: bool = False) -> RoundState | None:
         """Start tracking the experiment's current round (pending: its selected members)."""

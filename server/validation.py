@@ -20,6 +20,7 @@ import numpy as np
 from fedland.spec import INT64_MAX, MAX_DESCRIPTION_CHARS, ExperimentSpec, SpecError
 from fedland.strategies import is_statistic
 from server.errors import Invalid, TooLarge
+from stack.records import STATS_KEYS
 
 __all__ = [
     "INT64_MAX",
@@ -177,7 +178,6 @@ def check_document_size(value: Any, field: str, limit: int | None = None) -> Non
 # --- client stats ------------------------------------------------------------
 
 _EVALUATION_KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
-_STATS_KEYS = ("duration_s", "global", "local", "train_loss_per_epoch", "landscape")
 
 
 def check_stats(stats: Any, *, max_epochs: int) -> dict[str, Any]:
@@ -197,8 +197,8 @@ def check_stats(stats: Any, *, max_epochs: int) -> dict[str, Any]:
     check_tree(stats, field)
     check_document_size(stats, field, MAX_STATS_BYTES)
     for key in stats:
-        if key not in _STATS_KEYS:
-            raise Invalid(f"{field}.{key}", f"unknown key; valid keys: {', '.join(_STATS_KEYS)}")
+        if key not in STATS_KEYS:
+            raise Invalid(f"{field}.{key}", f"unknown key; valid keys: {', '.join(STATS_KEYS)}")
     if "duration_s" in stats:
         durations = _object(stats["duration_s"], f"{field}.duration_s")
         for name, seconds in durations.items():

@@ -61,7 +61,7 @@ def _answer(
     headers: list[tuple[str, str]] | None = None,
 ) -> list[bytes]:
     reasons = {400: "Bad Request", 401: "Unauthorized", 413: "Content Too Large"}
-    payload = {"error": message} if status == 401 else {"error": message, "field": "body"}
+    payload = {"error": message} if status == 401 else {"error": message, "field": "body", "rule": message}
     body = json.dumps(payload).encode()
     all_headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))] + (headers or [])
     start_response(f"{status} {reasons[status]}", all_headers)
@@ -81,7 +81,7 @@ class _JsonError(waitress.utilities.Error):
         self.extra_headers = headers or []
 
     def to_response(self, ident: str | None = None) -> tuple[str, list[tuple[str, str]], bytes]:
-        payload = {"error": self.body} if self.code == 401 else {"error": self.body, "field": "body"}
+        payload = {"error": self.body} if self.code == 401 else {"error": self.body, "field": "body", "rule": self.body}
         headers = [("Content-Type", "application/json"), *self.extra_headers]
         return f"{self.code} {self.reason}", headers, json.dumps(payload).encode()
 

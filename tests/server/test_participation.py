@@ -87,6 +87,19 @@ def test_an_accepted_update_counts_as_its_workers_heartbeat(
     coordinator.close()
 
 
+def test_queued_to_running_moves_the_progress_version(
+    store: Store, clock: Any, make_settings: Callable[..., Any], make_spec: Callable[..., dict]
+) -> None:
+    coordinator = start(store, clock, make_settings)
+    (experiment_id,) = coordinator.submit(six_members(make_spec))
+    worker = coordinator.register({"hostname": "h", "pid": 1})["worker_id"]
+    queued = coordinator.version
+    assert coordinator.task(worker)["action"] == "train"
+    assert coordinator.experiment(experiment_id)["status"] == "running"
+    assert coordinator.wait_for_change(queued, 0.0) > queued  # a progress long-poll answers at once
+    coordinator.close()
+
+
 def test_a_deadline_closes_the_round_with_the_updates_it_has(
     store: Store, clock: Any, make_settings: Callable[..., Any], make_spec: Callable[..., dict]
 ) -> None:

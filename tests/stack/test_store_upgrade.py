@@ -42,11 +42,15 @@ def _legacy(store_dir: Path) -> dict[str, Any]:
     return legacy
 
 
-def _upgrade(store_dir: Path) -> subprocess.CompletedProcess[str]:
+def _main(store_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FEDLAND_STORE_DIR": str(store_dir), "FEDLAND_LOG_LEVEL": "WARNING"}
     env.pop("FEDLAND_MONGO_URI", None)
-    return subprocess.run([sys.executable, "main.py", "upgrade-store"], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300, check=False)
+
+
+def _upgrade(store_dir: Path) -> subprocess.CompletedProcess[str]:
+    return _main(store_dir, "upgrade-store")
 
 
 def test_previous_release_store_upgrades_in_place_and_reads_the_same(tmp_path: Path) -> None:
@@ -54,6 +58,11 @@ def test_previous_release_store_upgrades_in_place_and_reads_the_same(tmp_path: P
     shutil.copytree(FIXTURE, store_dir, ignore=shutil.ignore_patterns("*.md", "*.json"))
     legacy = _legacy(store_dir)
     assert len(legacy["experiments"]) == 2 and len(legacy["rounds"]) == 3
+    for command in (("report", "--out", str(tmp_path / "reports")), ("export", "--out", str(tmp_path / "export"))):
+        refused = _main(store_dir, *command)  # before the upgrade: one line naming it, nothing written
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert "python main.py upgrade-store" in refused.stderr
+    assert not (tmp_path / "reports").exists() and not (tmp_path / "export").exists()
 
     upgraded = _upgrade(store_dir)
     assert upgraded.returncode == 0, upgraded.stderr
