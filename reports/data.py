@@ -247,7 +247,7 @@ def load_experiment(db: Database[Any], experiment_id: str) -> ExperimentData:
     if experiment is None:
         known = ", ".join(list_experiment_ids(db, status=None)) or "none"
         raise ValueError(f"experiment_id: no experiment {experiment_id!r} in the store (known: {known})")
-    barriers = {b.round: b.content for b in records.read_landscapes(db, experiment_id, records.PAIRWISE_BARRIERS)}
+    arrays = records.read_round_arrays(db, experiment_id)
     surfaces = (_surface(s) for s in records.read_landscapes(db, experiment_id, records.SURFACE))
     return ExperimentData(
         experiment_id=experiment_id,
@@ -256,18 +256,18 @@ def load_experiment(db: Database[Any], experiment_id: str) -> ExperimentData:
         error=experiment.error,
         spec=experiment.spec.to_dict(),
         clients=tuple(_partition(member) for member in records.read_members(db, experiment_id)),
-        rounds=tuple(_round_tree(r, barriers.get(r.round)) for r in records.read_rounds(db, experiment_id)),
+        rounds=tuple(_round_tree(r, arrays.get(r.round, {})) for r in records.read_rounds(db, experiment_id)),
         client_stats=tuple(stats.tree() for stats in records.read_client_stats(db, experiment_id)),
         surfaces=tuple(s for s in surfaces if s is not None),
     )
 
 
-def _round_tree(round_record: records.RoundRecord, pairwise: Mapping[str, Any] | None) -> Document:
-    """A round as the figures read it: its fields, the pairwise barriers in its landscape."""
+def _round_tree(round_record: records.RoundRecord, arrays: Mapping[str, Mapping[str, Any]]) -> Document:
+    """A round as the figures read it: its fields, with its `landscapes` arrays (by kind) in its landscape."""
     tree = round_record.tree()
     landscape = tree.get("landscape")
-    if pairwise is not None and isinstance(landscape, Mapping):
-        tree["landscape"] = {**landscape, records.PAIRWISE_BARRIERS: dict(pairwise)}
+    if arrays and isinstance(landscape, Mapping):
+        tree["landscape"] = {**landscape, **{kind: dict(content) for kind, content in arrays.items()}}
     return tree
 
 

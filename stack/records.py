@@ -672,6 +672,16 @@ def read_landscapes(db: Database[Document], experiment_id: str, kind: str) -> li
     return [LandscapeRecord.from_doc(doc) for doc in _sorted(cursor, [("round", 1)])]
 
 
+def read_round_arrays(db: Database[Document], experiment_id: str) -> dict[int, dict[str, Mapping[str, Any]]]:
+    """Per round, its `landscapes` arrays by kind, the surfaces excepted (`read_landscapes` gives those)."""
+    arrays: dict[int, dict[str, Mapping[str, Any]]] = {}
+    cursor = db[LANDSCAPES].find({"experiment_id": experiment_id, "kind": {"$ne": SURFACE}})
+    for doc in _sorted(cursor, [("round", 1), ("kind", 1)]):
+        landscape = LandscapeRecord.from_doc(doc)
+        arrays.setdefault(landscape.round, {})[landscape.kind] = landscape.content
+    return arrays
+
+
 def files_collection(bucket: str) -> str:
     """The files collection of a GridFS bucket, as pymongo names it."""
     return f"{bucket}.files"
