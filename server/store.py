@@ -128,12 +128,11 @@ class Store:
             doc = self.db[records.EXPERIMENTS].find_one({"_id": experiment_id})
             if doc is None:
                 return False
-            current = ExperimentRecord.from_doc(doc)
-            if any(getattr(current, name) != value for name, value in (where or {}).items()):
+            if not ExperimentRecord.matches(doc, where or {}):
                 return False
             held = {name: doc.get(name) for name in ("status", "current_round", "error")}
             result = self.db[records.EXPERIMENTS].replace_one(
-                {"_id": experiment_id, **held}, current.replace(**changes).to_doc()
+                {"_id": experiment_id, **held}, ExperimentRecord.changed_doc(doc, changes)
             )
             if result.matched_count:
                 return True

@@ -137,6 +137,9 @@ def _changes(record_type: type[Any], dates: frozenset[str], values: Mapping[str,
 # Records -----------------------------------------------------------------------
 
 
+_EXPERIMENT_DATES = frozenset({"created_at", "started_at", "finished_at"})
+
+
 @dataclass(frozen=True)
 class ExperimentRecord:
     """An experiment: its spec and where it stands (`experiments`, `_id` = `id`)."""
@@ -182,6 +185,19 @@ class ExperimentRecord:
 
     def replace(self, **changes: Any) -> ExperimentRecord:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def changed_doc(cls, doc: Mapping[str, Any], changes: Mapping[str, Any]) -> Document:
+        """A stored experiment document with these fields (not `id` or `spec`) changed, times as dates."""
+        values = _changes(cls, _EXPERIMENT_DATES, changes)
+        if {"id", "spec"} & set(values):
+            raise KeyError("an experiment's id and spec never change")
+        return {**doc, **values}
+
+    @classmethod
+    def matches(cls, doc: Mapping[str, Any], where: Mapping[str, Any]) -> bool:
+        """Whether a stored experiment document holds these field values."""
+        return all(doc.get(name) == value for name, value in _changes(cls, _EXPERIMENT_DATES, where).items())
 
 
 @dataclass(frozen=True)
