@@ -221,11 +221,11 @@ async def _drive(server: subprocess.Popen[bytes], port: int, token: str, uri: st
     for task in pending:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    rounds_docs = list(db["rounds"].find({"experiment_id": experiment_id}))
+    rounds_docs = records.read_rounds(db, experiment_id)
     result = {
         "members": members, "workers": workers, "accepted": stats.accepted, "refused": stats.refused,
         "updates_per_s": stats.accepted / wall, "wall_s": wall, "answered": len(stats.answered),
-        "round_s": statistics.mean(d["duration_s"] for d in rounds_docs) if rounds_docs else float("nan"),
+        "round_s": statistics.mean(r.duration_s for r in rounds_docs) if rounds_docs else float("nan"),
         "rss_mb": peak_rss_mb(server.pid),
         "latency": {route: _percentiles(values) for route, values in stats.latency.items()},
     }

@@ -37,6 +37,7 @@ from fedland import schemes  # noqa: E402
 from fedland.spec import ExperimentSpec  # noqa: E402
 from launch.launcher import LocalRun, RunOptions, make_transport  # noqa: E402
 from main import EXPERIMENTS  # noqa: E402
+from stack import records  # noqa: E402
 from stack.settings import StoreSettings  # noqa: E402
 
 DONE = ("finished", "failed")
@@ -69,41 +70,41 @@ def wait_finished(run: LocalRun, ids: list[str], timeout_s: float = 900.0) -> No
 
 
 def per_round(db: Any, experiment_id: str) -> list[dict[str, float]]:
-    exp = db.experiments.find_one({"_id": experiment_id})
-    rounds = sorted(db.rounds.find({"experiment_id": experiment_id}), key=lambda d: d["round"])
+    experiment = records.read_experiment(db, experiment_id)
+    assert experiment is not None and experiment.started_at is not None
+    rounds = records.read_rounds(db, experiment_id)
     file_sizes = {
         (f["metadata"]["round"], f["metadata"].get("kind")): f["length"]
-        for f in db["models.files"].find({"metadata.experiment_id": experiment_id})
+        for f in db[records.files_collection(records.MODELS)].find({"metadata.experiment_id": experiment_id})
     }
     uploads: dict[int, int] = {}
-    for f in db["client_models.files"].find({"metadata.experiment_id": experiment_id}):
+    for f in db[records.files_collection(records.CLIENT_MODELS)].find({"metadata.experiment_id": experiment_id}):
         uploads[f["metadata"]["round"]] = uploads.get(f["metadata"]["round"], 0) + f["length"]
     rows = []
-    previous_end = exp["started_at"]
-    for doc in rounds:
-        r = doc["round"]
-        stats = list(db.client_stats.find({"experiment_id": experiment_id, "round": r}))
-        compute = max(
-            s["duration_s"]["train"] + s["duration_s"]["eval_global"] + s["duration_s"]["eval_local"] for s in stats
-        )
-        measure = max(float(s.get("landscape", {}).get("duration_s") or 0.0) for s in stats)
-        server_measure = float((doc.get("landscape") or {}).get("duration_s") or 0.0)
-        wall = doc["finished_at"] - previous_end
-        previous_end = doc["finished_at"]
-        downloads = len(stats) * file_sizes.get((r - 1, "global"), 0)
-        stats_bytes = sum(len(bson.encode(s)) for s in stats)
+    previous_end = experiment.started_at
+    for round_record in rounds:
+        r = round_record.round
+        stats = records.read_client_stats(db, experiment_id, r)
+        durations = [s.stats["duration_s"] for s in stats]
+        compute = max(d["train"] + d["eval_global"] + d["eval_local"] for d in durations)
+        measure = max(float((s.landscape or {}).get("duration_s") or 0.0) for s in stats)
+        server_measure = float((round_record.landscape or {}).get("duration_s") or 0.0)
+        wall = round_record.finished_at - previous_end
+        previous_end = round_record.finished_at
+        downloads = len(stats) * file_sizes.get((r - 1, records.GLOBAL), 0)
+        stats_bytes = sum(len(bson.encode(s.to_doc())) for s in stats)
         rows.append(
             {
                 "round": r,
                 "wall_s": wall,
-                "train_s": max(s["duration_s"]["train"] for s in stats),
+                "train_s": max(d["train"] for d in durations),
                 "compute_s": compute,
                 "client_landscape_s": measure,
                 "server_landscape_s": server_measure,
                 # The server measures in the background except in the last round.
                 "overhead_s": wall - compute - measure - (server_measure if r == len(rounds) else 0.0),
                 "bytes": downloads + uploads.get(r, 0) + stats_bytes,
-                "test_accuracy": doc["test_accuracy"],
+                "test_accuracy": round_record.test_accuracy,
             }
         )
     return rows

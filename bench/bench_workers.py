@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedland.spec import ExperimentSpec  # noqa: E402
 from launch.launcher import LocalRun, RunOptions, make_transport  # noqa: E402
 from main import EXPERIMENTS  # noqa: E402
+from stack import records  # noqa: E402
 from stack.settings import StoreSettings  # noqa: E402
 
 DONE = ("finished", "failed")
@@ -111,20 +112,21 @@ def run(spec: ExperimentSpec, workers: int, env: dict[str, str]) -> dict[str, An
 
 
 def per_round(db: Any, experiment_id: str) -> list[dict[str, float]]:
-    experiment = db.experiments.find_one({"_id": experiment_id})
-    previous_end = experiment["started_at"]
+    experiment = records.read_experiment(db, experiment_id)
+    assert experiment is not None and experiment.started_at is not None
+    previous_end = experiment.started_at
     rows = []
-    for doc in sorted(db.rounds.find({"experiment_id": experiment_id}), key=lambda d: d["round"]):
+    for round_record in records.read_rounds(db, experiment_id):
         per_worker: dict[str, float] = defaultdict(float)
-        for stats in db.client_stats.find({"experiment_id": experiment_id, "round": doc["round"]}):
-            durations = stats["duration_s"]
-            per_worker[stats["worker_id"]] += durations["total"] - durations["fetch"]
+        for stats in records.read_client_stats(db, experiment_id, round_record.round):
+            durations = stats.stats["duration_s"]
+            per_worker[stats.worker_id] += durations["total"] - durations["fetch"]
         rows.append({
-            "wall_s": doc["finished_at"] - previous_end,
+            "wall_s": round_record.finished_at - previous_end,
             "compute_s": max(per_worker.values()),
-            "accuracy": doc["test_accuracy"],
+            "accuracy": round_record.test_accuracy,
         })
-        previous_end = doc["finished_at"]
+        previous_end = round_record.finished_at
     return rows
 
 
