@@ -61,7 +61,7 @@ IMAGE = "fedland:compose-test"
 HEARTBEAT_TIMEOUT_S = 6  # a killed client's slot is freed this soon
 POLL_S = 0.5
 
-# A: 3 members, 12 rounds of ~2,000 images each, long enough that a worker is
+# A: 3 members, 30 rounds of ~2,000 images each, long enough that a worker is
 # caught mid-round and killed, and the server restarted while A still runs;
 # B: 4 members (members are not workers: any number of workers serves them).
 EXPERIMENTS = {
@@ -77,7 +77,7 @@ EXPERIMENTS = {
                 "interpolation_points": 3, "grid_points": 3,
             },
         }
-        for name, clients, rounds, fraction, seed in (("A", 3, 12, 0.1, 1), ("B", 4, 2, 0.02, 2))
+        for name, clients, rounds, fraction, seed in (("A", 3, 30, 0.1, 1), ("B", 4, 2, 0.02, 2))
     ]
 }
 
@@ -113,14 +113,21 @@ print(json.dumps(report))
 
 # Runs inside the server container: which workers (container hostnames) hold slots.
 SLOT_HOLDERS = r"""
-import json, os, pymongo
+import json, os, time, pymongo
 from stack import records
 db = pymongo.MongoClient(os.environ["FEDLAND_MONGO_URI"], serverSelectionTimeoutMS=10000,
                          socketTimeoutMS=30000)[os.environ["FEDLAND_DB"]]
-hosts = {w["worker_id"]: w["hostname"] for w in db[records.WORKERS].find({})}
 # A member names the worker training it this round (None between rounds): members.worker_id -> workers.worker_id.
-print(json.dumps(sorted({hosts.get(m.worker_id, "") for m in records.read_members(db, os.environ["EXPERIMENT_ID"])
-                         if m.worker_id is not None})))
+# Asked here in a loop (a round lasts about a second; one `docker exec` takes longer), for up to 20 s.
+deadline, holders = time.monotonic() + 20, set()
+while not holders and time.monotonic() < deadline:
+    held = {m.worker_id for m in records.read_members(db, os.environ["EXPERIMENT_ID"]) if m.worker_id is not None}
+    if held:
+        hosts = {w["worker_id"]: w["hostname"] for w in db[records.WORKERS].find({})}
+        holders = {hosts.get(worker, "") for worker in held}
+    else:
+        time.sleep(0.02)
+print(json.dumps(sorted(holders)))
 """
 
 # Runs inside the server container: one stored document of `rounds` and one of `client_stats`, by id, with
