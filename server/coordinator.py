@@ -49,10 +49,9 @@ log = logging.getLogger(__name__)
 Answer = dict[str, Any]
 
 
-def experiment_view(experiment: ExperimentRecord) -> Answer:
-    """An experiment as the API shows it: its spec's fields, then where it stands (times in epoch seconds)."""
+def standing(experiment: ExperimentRecord) -> Answer:
+    """Where an experiment stands, as the API shows it (times in epoch seconds)."""
     return {
-        **experiment.spec.to_dict(),
         "status": experiment.status,
         "current_round": experiment.current_round,
         "created_at": experiment.created_at,
@@ -60,6 +59,11 @@ def experiment_view(experiment: ExperimentRecord) -> Answer:
         "finished_at": experiment.finished_at,
         "error": experiment.error,
     }
+
+
+def experiment_view(experiment: ExperimentRecord) -> Answer:
+    """An experiment as the API shows it: its spec's fields, then where it stands."""
+    return {**experiment.spec.to_dict(), **standing(experiment)}
 
 
 class Coordinator:
@@ -188,13 +192,8 @@ class Coordinator:
             summaries.append({
                 "id": experiment.id,
                 "description": experiment.spec.description,
-                "status": experiment.status,
-                "current_round": experiment.current_round,
                 "rounds": experiment.spec.rounds,
-                "created_at": experiment.created_at,
-                "started_at": experiment.started_at,
-                "finished_at": experiment.finished_at,
-                "error": experiment.error,
+                **standing(experiment),
                 "num_clients": experiment.spec.num_clients,
                 "last_round": None if last is None else {
                     "round": last.round, "test_loss": last.test_loss, "test_accuracy": last.test_accuracy,
