@@ -36,6 +36,7 @@ __all__ = [
     "STORE_KEYS",
     "STRATEGY_NAMES",
     "STRATEGY_PARAMS",
+    "DEFAULT_UPDATE_SCREENING",
     "ROBUST_MAX_UPDATES",
     "ExperimentSpec",
     "LandscapeSpec",
@@ -154,6 +155,9 @@ STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGY_PARAMS)
 # at once (the others only their weighted mean): the server holds at most
 # ROBUST_MAX_UPDATES of them per round.
 ROBUST_MAX_UPDATES = 100
+#: The default `ExperimentSpec.update_screening`: an update that moved the model a hundred times its own size is
+#: corrupt, not heterogeneous (honest updates of the examples, tiny and skewed members included, stay far below 1).
+DEFAULT_UPDATE_SCREENING = 100.0
 
 
 @dataclass(frozen=True)
@@ -334,6 +338,12 @@ class ExperimentSpec:
     ``round_timeout_s`` (``None``: no deadline) closes a round after that many
     seconds with the updates received, once at least ``min_reports`` arrived
     (default 1; at most the members per round).
+
+    ``update_screening`` is the largest distance an update may move the
+    round's global model, relative to its size
+    (``fedland.strategies.relative_distance``); the server refuses, records
+    and reassigns an update beyond it. ``None`` turns screening off (robust
+    aggregation stays a choice of ``strategy``).
     Lists are stored as tuples; ``to_dict`` gives lists back (the participation
     keys only when set, so older documents read back unchanged).
     """
@@ -355,6 +365,7 @@ class ExperimentSpec:
     clients_per_round: int | float | None = None
     round_timeout_s: float | None = None
     min_reports: int | None = None
+    update_screening: float | None = DEFAULT_UPDATE_SCREENING
     timestamp: str = field(default_factory=_now_iso)
     id: str | None = None
 
@@ -407,6 +418,10 @@ class ExperimentSpec:
                 for name in ("clients_per_round", "round_timeout_s", "min_reports")
                 if getattr(self, name) is not None
             },
+            **(
+                {} if self.update_screening == DEFAULT_UPDATE_SCREENING
+                else {"update_screening": self.update_screening}
+            ),
         }
 
     @classmethod
@@ -563,6 +578,14 @@ def _validate_participation(spec: ExperimentSpec, put: Any) -> None:
             raise SpecError(
                 "clients_per_round", f"must be an integer count or a fraction in (0, 1] (or null), got {per_round!r}"
             )
+    screening = spec.update_screening
+    if screening is not None:
+        if not _is_real(screening) or not screening > 0:
+            raise SpecError(
+                "update_screening",
+                f"must be a finite number > 0 (the largest relative distance of an update) or null, got {screening!r}",
+            )
+        put("update_screening", float(screening))
     timeout = spec.round_timeout_s
     if timeout is not None:
         if not _is_real(timeout) or not timeout > 0:

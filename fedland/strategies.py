@@ -122,6 +122,25 @@ def is_statistic(name: str, value: np.ndarray) -> bool:
     return name.rsplit(".", 1)[-1] in STATISTIC_SUFFIXES or not np.issubdtype(np.asarray(value).dtype, np.inexact)
 
 
+def relative_distance(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """``||weights - reference|| / max(||reference||, 1)`` over the parameters (statistics left out), float64.
+
+    How far an update moved from the round's global model, in units of that
+    model's size (at least 1, so a near-zero model does not make every update
+    look far). The server screens updates with it (``ExperimentSpec.update_screening``).
+    """
+    distance = 0.0
+    size = 0.0
+    for name, value in reference.items():
+        if is_statistic(name, value):
+            continue
+        base = np.asarray(value, dtype=np.float64)
+        moved = np.asarray(weights[name], dtype=np.float64) - base
+        distance += float(np.dot(moved.ravel(), moved.ravel()))
+        size += float(np.dot(base.ravel(), base.ravel()))
+    return math.sqrt(distance) / max(math.sqrt(size), 1.0)
+
+
 class RunningMean:
     """The num_examples-weighted mean of updates folded in one at a time: float64, O(model) memory."""
 

@@ -32,7 +32,7 @@ from server.errors import Invalid, NotFound
 from server.measurements import LandscapeWorker
 from server.resources import Resources
 from server.rounds import Rounds, RoundState
-from server.store import Store, StoreUnavailable, undo_files
+from server.store import Store, StoreClosed, StoreUnavailable, undo_files
 from server.validation import (
     check_document_size,
     check_tree,
@@ -86,11 +86,17 @@ class Coordinator:
         self.clock = clock
         #: Measures the landscape of aggregated rounds on one background thread.
         self.measurements = LandscapeWorker(store, resources)
-        self.rounds = Rounds(store, resources, self.measurements, clock=clock, on_change=self._changed)
+        self.rounds = Rounds(
+            store, resources, self.measurements, clock=clock, on_change=self._changed, alive_workers=self.alive_workers
+        )
         self._seen: dict[str, float] = {}  # worker -> last request (the clock's time)
         self._seen_lock = threading.Lock()
         self._flushed: dict[str, float] = {}
         self._last_reap = clock()
+        self._last_tick = clock()
+        self._last_idle = float("-inf")  # when a worker last asked for work and got none
+        self._store_back_at = float("-inf")  # when the store last answered again after not answering
+        self._store_down = False
         self._work = threading.Condition()  # workers long-polling for a task
         self._work_generation = 0
         self._poll_slots = threading.BoundedSemaphore(max(long_poll_slots, 1))
@@ -135,8 +141,12 @@ class Coordinator:
                 self.reap()
                 self.rounds.close_due()
                 self.flush_liveness()
+                self.fail_stalled()
             except StoreUnavailable as error:  # an outage: said once per tick, without a traceback
                 log.warning("reaper tick skipped: store unavailable (%s: %s)", type(error).__name__, error)
+            except StoreClosed:  # the store's client was closed under a server that was not: nothing left to do
+                log.info("the store was closed: the reaper stops")
+                return
             except Exception:  # noqa: BLE001 - the timer must outlive a store hiccup
                 log.exception("reaper tick failed")
 
@@ -260,8 +270,11 @@ class Coordinator:
             if worker_id in self._seen:
                 self._seen[worker_id] = now
                 return
-        if self.store.get_worker(worker_id) is None:  # known before a restart, or reaped and back
+        worker = self.store.get_worker(worker_id)  # known before a restart, or reaped and back
+        if worker is None:
             raise NotFound(f"worker {worker_id!r} not registered")
+        if worker.status != "alive":
+            self.store.set_worker_status(worker_id, "alive", now)
         with self._seen_lock:
             self._seen[worker_id] = now
 
@@ -273,37 +286,84 @@ class Coordinator:
         if moved:
             self.store.touch_workers(moved)
 
+    def alive_workers(self) -> set[str]:
+        """The workers heard from within the heartbeat timeout."""
+        cutoff = self.clock() - self.heartbeat_timeout_s
+        with self._seen_lock:
+            return {w for w, seen in self._seen.items() if seen >= cutoff}
+
+    def fail_stalled(self) -> int:
+        """Fail the experiments whose round stalled past its deadline (see `Rounds.fail_stalled`)."""
+        now = self.clock()
+        elapsed, self._last_tick = now - self._last_tick, now
+        idle = now - self._last_idle <= max(self.max_wait_s, self.retry_after_s) * 2
+        return self.rounds.fail_stalled(elapsed, idle, floor_s=self.heartbeat_timeout_s)
+
+    def _store_answers(self, now: float) -> bool:
+        """Ping the store; note when it answers again after an outage (liveness counts from then)."""
+        try:
+            self.store.ping()
+        except StoreUnavailable:
+            if not self._store_down:
+                log.warning("store unavailable: no worker is reaped until it answers again")
+            self._store_down = True
+            return False
+        if self._store_down:
+            self._store_down = False
+            self._store_back_at = now
+            log.info("store answers again: workers get %.0f s to be heard from", self.heartbeat_timeout_s)
+        return True
+
     def reap(self) -> int:
-        """Give the members of workers silent longer than the heartbeat timeout back to pending; returns how many."""
+        """Free members of workers silent past the heartbeat timeout, or holding one past its deadline; how many.
+
+        Nothing is reaped while the store does not answer, and silence counts only
+        from when it answered again: a worker whose requests the outage held up is
+        not silent. A member held longer than the round's hold deadline
+        (`RoundState.hold_deadline_s`: derived from the round's reports) goes back to
+        pending although its worker heartbeats. The store is written first; memory
+        changes only once it was.
+        """
         now = self.clock()
         self._last_reap = now
+        if not self._store_answers(now):
+            return 0
         cutoff = now - self.heartbeat_timeout_s
         with self._seen_lock:
-            lost = {w for w, seen in self._seen.items() if seen < cutoff}
-            for worker in lost:
-                del self._seen[worker]
-        with self._seen_lock:
-            alive = set(self._seen)
-        freed: list[tuple[RoundState, int, str]] = []
+            lost = {w for w, seen in self._seen.items() if max(seen, self._store_back_at) < cutoff}
+        freed: list[tuple[RoundState, int, str, str]] = []
         with self.rounds.lock:
             for state in self.rounds.active():
-                for index, worker in list(state.assigned.items()):
-                    if worker not in alive:
-                        del state.assigned[index]
-                        state.pending.append(index)
-                        freed.append((state, index, worker))
-                state.pending.sort()
-        for state, index, worker in freed:
+                for index, worker in state.assigned.items():
+                    if worker in lost:
+                        freed.append((state, index, worker, f"worker {worker} silent for over {self.heartbeat_timeout_s:.0f} s"))
+                        continue
+                    deadline = state.hold_deadline_s(index, self.heartbeat_timeout_s)
+                    held = now - state.assigned_at.get(index, now)
+                    if deadline is not None and held > deadline:
+                        freed.append((state, index, worker, f"worker {worker} held it {held:.0f} s (deadline {deadline:.0f} s)"))
+        for state, index, _, _ in freed:
             self.store.release_member(state.experiment_id, index)
-            log.warning(
-                "member %d of experiment %s freed: worker %s silent for over %.0f s",
-                index, state.experiment_id, worker, self.heartbeat_timeout_s,
-            )
         for worker in lost:
             self.store.set_worker_status(worker, "lost", now)
-        if freed:
-            self._wake(len(freed))
-        return len(freed)
+        count = 0
+        with self.rounds.lock:
+            for state, index, worker, why in freed:
+                if state.closed or state.assigned.get(index) != worker:
+                    continue
+                del state.assigned[index]
+                state.assigned_at.pop(index, None)
+                state.pending.append(index)
+                state.pending.sort()
+                count += 1
+                log.warning("member %d of experiment %s round %d freed: %s", index, state.experiment_id, state.server_round, why)
+        with self._seen_lock:
+            for worker in lost:
+                if worker in self._seen and max(self._seen[worker], self._store_back_at) < cutoff:
+                    del self._seen[worker]
+        if count:
+            self._wake(count)
+        return count
 
     def task(self, worker_id: str, wait_s: float = 0.0, known: frozenset[str] = frozenset()) -> Answer:
         """The worker's next action: train a member's round, or wait; long-polls up to `wait_s` for work.
@@ -322,6 +382,7 @@ class Coordinator:
                 return task
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self._last_idle = self.clock()
                 return self._wait(0.0 if wait_s > 0 else self.retry_after_s)
             if not self._poll_slots.acquire(blocking=False):  # every long-poll thread is taken: come back later
                 return self._wait(self._rng.uniform(0.5, 1.0) * self.max_wait_s)
@@ -344,11 +405,12 @@ class Coordinator:
                 return self._train_task(held[0], held[1], known)
             chosen: tuple[RoundState, int] | None = None
             for state in self.rounds.active():
-                if not state.pending:
+                index = state.claimable(worker_id)
+                if index is None:
                     continue
-                index = next((i for i in state.pending if state.last_worker.get(i) == worker_id), state.pending[0])
                 state.pending.remove(index)
                 state.assigned[index] = worker_id
+                state.assigned_at[index] = self.clock()
                 chosen = (state, index)
                 break
         if chosen is None:

@@ -26,6 +26,16 @@ class Invalid(ValueError):
         self.rule = rule
 
 
+class Refused(Invalid):
+    """A well-formed update whose values the round cannot use: non-finite, out of bounds or screened out (422).
+
+    Unlike other bad input it is recorded (a `refused_updates` document) and its
+    member goes to another worker.
+    """
+
+    status = 422
+
+
 class TooLarge(Invalid):
     """A request input is over a documented size limit (413)."""
 

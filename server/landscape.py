@@ -10,7 +10,9 @@ rounds of at most ``PAIRWISE_MAX_MEMBERS`` participants, the matrix of
 interpolation barriers between every pair of client models (on the held-out
 subset) and the local-vs-global flatness gap (each local model's top Hessian
 eigenvalue on its own landscape subset against the global model's on their union).
-A failure never fails the round: the round gets ``{"error": "..."}``. The
+A failure never fails the round: the round gets ``{"error": "..."}``; a store
+that does not answer is not a failure of the measurement (`StoreUnavailable`
+propagates, and the measurement thread measures the round again). The
 inputs are rebuilt from the store by ``load_aggregated_round``, the one way both
 the normal path and the recovery at start-up get them.
 """
@@ -41,7 +43,7 @@ from fedland.spec import ExperimentSpec
 from fedland.strategies import ClientUpdate, NamedArrays, make_strategy
 from server.resources import Resources
 from server.round_inputs import load_round_inputs
-from server.store import Store
+from server.store import Store, StoreUnavailable
 from stack import records, wire
 from stack.records import Document, LandscapeRecord
 
@@ -135,9 +137,11 @@ def load_aggregated_round(store: Store, spec: ExperimentSpec, experiment_id: str
 def measure_stored_round(
     store: Store, resources: Resources, spec: ExperimentSpec, experiment_id: str, server_round: int
 ) -> Document:
-    """``measure_round`` of a round rebuilt by ``load_aggregated_round``, or ``{"error": ...}``; never raises."""
+    """``measure_round`` of a round rebuilt by ``load_aggregated_round``, or ``{"error": ...}``; raises only `StoreUnavailable`."""
     try:
         aggregated = load_aggregated_round(store, spec, experiment_id, server_round)
+    except StoreUnavailable:
+        raise  # not the round's fault: measured again once the store answers (`LandscapeWorker`)
     except Exception as error:  # noqa: BLE001 - a round that cannot be rebuilt gets an error, not a crash
         log.exception("experiment %s round %d: cannot rebuild the round to measure it", experiment_id, server_round)
         return {"error": f"{type(error).__name__}: {error}"}
@@ -145,9 +149,11 @@ def measure_stored_round(
 
 
 def measure_round(store: Store, resources: Resources, aggregated: AggregatedRound) -> Document:
-    """The ``rounds.landscape`` document (and its stored surface), or ``{"error": ...}``; never raises."""
+    """The ``rounds.landscape`` document (and its stored surface), or ``{"error": ...}``; raises only `StoreUnavailable`."""
     try:
         return _measure_round(store, resources, aggregated)
+    except StoreUnavailable:
+        raise
     except Exception as error:  # noqa: BLE001 - a failed measurement must not cost the round
         log.exception(
             "experiment %s round %d: landscape measurement failed", aggregated.experiment_id, aggregated.server_round

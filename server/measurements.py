@@ -5,7 +5,9 @@ first, then queues the round here, so clients start the next round while the
 server measures (DEVELOPERS.md "Who measures what"). Before an experiment is
 marked finished, `finish_then` waits for its queued rounds and measures what is still
 missing, so a finished experiment has every scheduled round's landscape. A
-restart drops queued rounds; `queue_unmeasured` finds them again.
+restart drops queued rounds; `queue_unmeasured` finds them again. A measurement
+cut off by a store outage is measured again once the store answers (with backoff,
+up to `RETRY_MAX_S` between tries), never stored as an error.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from concurrent.futures import wait as wait_futures
 
 from server.landscape import measure_stored_round
 from server.resources import Resources
-from server.store import Store
+from server.store import Store, StoreUnavailable
 from stack.records import ExperimentRecord
 
 log = logging.getLogger(__name__)
+
+RETRY_FIRST_S = 1.0  # after a store outage cut a measurement off: first wait, doubled up to RETRY_MAX_S
+RETRY_MAX_S = 30.0
 
 
 class LandscapeWorker:
@@ -34,9 +39,11 @@ class LandscapeWorker:
         self._pending: dict[tuple[str, int], Future[None]] = {}
         self._finishing: dict[str, Future[None]] = {}  # experiment -> its final job (`finish_then`)
         self._lock = threading.Lock()
+        self._closed = threading.Event()
 
     def close(self) -> None:
         """The running measurement ends; queued ones are dropped (the next start recovers them)."""
+        self._closed.set()  # a measurement waiting for the store gives up
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     def queue(self, experiment_id: str, server_round: int) -> None:
@@ -73,11 +80,16 @@ class LandscapeWorker:
         """On the measurement thread, after the rounds queued so far: any unmeasured round, then `then` (dropped after `close`)."""
 
         def job() -> None:  # the rounds queued before it are done: one thread, first in first out
-            try:
-                self._measure_missing(experiment)
-            except Exception:  # noqa: BLE001 - the measurement thread must outlive any job
-                log.exception("experiment %s: final measurements failed", experiment.id)
-            then()
+            def finish() -> None:
+                try:
+                    self._measure_missing(experiment)
+                except StoreUnavailable:
+                    raise
+                except Exception:  # noqa: BLE001 - the measurement thread must outlive any job
+                    log.exception("experiment %s: final measurements failed", experiment.id)
+                then()
+
+            self._until_stored(f"experiment {experiment.id}: finishing", finish)
 
         with self._lock:
             try:
@@ -106,10 +118,28 @@ class LandscapeWorker:
         ]
 
     def _measure_safely(self, experiment_id: str, server_round: int) -> None:
-        try:
-            self._measure(experiment_id, server_round)
-        except Exception:  # noqa: BLE001 - the measurement thread must outlive any job
-            log.exception("experiment %s round %d: landscape measurement not stored", experiment_id, server_round)
+        def measure() -> None:
+            try:
+                self._measure(experiment_id, server_round)
+            except StoreUnavailable:
+                raise
+            except Exception:  # noqa: BLE001 - the measurement thread must outlive any job
+                log.exception("experiment %s round %d: landscape measurement not stored", experiment_id, server_round)
+
+        self._until_stored(f"experiment {experiment_id} round {server_round}: landscape measurement", measure)
+
+    def _until_stored(self, what: str, job: Callable[[], None]) -> None:
+        """Run `job` again (with backoff) while the store does not answer, until it completes or `close`."""
+        wait_s = RETRY_FIRST_S
+        while True:
+            try:
+                job()
+                return
+            except StoreUnavailable as error:
+                log.warning("%s: the store did not answer (%s); trying again in %.0f s", what, type(error).__name__, wait_s)
+            if self._closed.wait(wait_s):
+                return
+            wait_s = min(wait_s * 2, RETRY_MAX_S)
 
     def _measure(self, experiment_id: str, server_round: int) -> None:
         experiment = self.store.get_experiment(experiment_id)

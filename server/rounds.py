@@ -34,19 +34,32 @@ from typing import Any
 
 from fedland.participation import selected_members
 from fedland.spec import ExperimentSpec
-from fedland.strategies import STRATEGIES, NamedArrays, RunningMean, make_strategy
-from server.errors import Conflict, Invalid, NotFound
+from fedland.strategies import STRATEGIES, NamedArrays, RunningMean, make_strategy, relative_distance
+from server.errors import Conflict, Invalid, NotFound, Refused
 from server.measurements import LandscapeWorker
 from server.resources import Resources
 from server.round_inputs import load_round_inputs
 from server.store import DuplicateError, Store, StoreUnavailable, undo_files
 from server.validation import UpdateMeta, check_weights_bounded, parse_meta
 from stack import records, wire
-from stack.records import ClientModelFile, ClientStatsRecord, ExperimentRecord, ModelFile, RoundRecord
+from stack.records import (
+    ClientModelFile,
+    ClientStatsRecord,
+    ExperimentRecord,
+    ModelFile,
+    RefusedUpdateRecord,
+    RoundRecord,
+)
 
 log = logging.getLogger(__name__)
 
 MODEL_CACHE_ENTRIES = 64  # global models kept in memory for the workers' downloads (~0.2 MB each for FedNet)
+#: A worker holding a member this many times the round's longest report (per example) without reporting loses it.
+HOLD_FACTOR = 5.0
+#: Refused updates from this many distinct workers in one round (or from every live worker) fail the experiment.
+REFUSING_WORKERS_TO_FAIL = 2
+#: A round stalled (workers idle, none of its members trained) this many times its longest round so far fails.
+STALL_FACTOR = 10.0
 
 
 @dataclass
@@ -68,6 +81,15 @@ class RoundState:
     mean: RunningMean | None = None  # None: the strategy needs each update (robust)
     folded: set[int] = field(default_factory=set)  # members whose update is in `mean` / stored
     closed: bool = False
+    written: bool = False  # closed, and its round document and the next round are in the store
+    writing: bool = False  # a thread is writing the closed round (guarded by `fold_lock`)
+    stragglers: list[int] = field(default_factory=list)  # assigned when the round closed: released on writing
+    assigned_at: dict[int, float] = field(default_factory=dict)  # member -> when its worker got it (the clock)
+    task_s: dict[int, float] = field(default_factory=dict)  # member -> seconds from assignment to its report
+    barred: dict[int, set[str]] = field(default_factory=dict)  # member -> workers whose update for it was refused
+    refused_by: dict[str, str] = field(default_factory=dict)  # worker -> why its (first) update was refused
+    stalled_s: float = 0.0  # seconds nobody trained any member while a worker was idle (`Rounds.fail_stalled`)
+    previous: NamedArrays | None = None  # the global model the round trains from, for screening (lazy)
     fold_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -86,6 +108,24 @@ class RoundState:
         deadline = self.deadline_at
         return deadline is not None and now >= deadline and len(self.folded) >= self.min_reports
 
+    def claimable(self, worker_id: str) -> int | None:
+        """The pending member `worker_id` should train: one it trained before if any; never one it was refused for."""
+        allowed = [i for i in self.pending if worker_id not in self.barred.get(i, ())]
+        return next((i for i in allowed if self.last_worker.get(i) == worker_id), allowed[0] if allowed else None)
+
+    def hold_deadline_s(self, index: int, floor_s: float) -> float | None:
+        """How long a worker may hold member `index` without reporting; None until a member reported this round.
+
+        `HOLD_FACTOR` times the longest report of the round, scaled up for a member
+        with more training examples than the one that took the longest per example,
+        and at least `floor_s`: a slow member is not a stuck one.
+        """
+        if not self.task_s:
+            return None
+        longest = max(self.task_s.values())
+        per_example = max(seconds / max(self.num_train[member], 1) for member, seconds in self.task_s.items())
+        return max(floor_s, HOLD_FACTOR * max(longest, per_example * self.num_train[index]))
+
 
 class Rounds:
     """Round states of the active experiments, the updates route and aggregation."""
@@ -98,8 +138,10 @@ class Rounds:
         *,
         clock: Callable[[], float],
         on_change: Callable[[int], None],
+        alive_workers: Callable[[], set[str]] = set,
     ) -> None:
         self.store = store
+        self.alive_workers = alive_workers  # the workers heard from within the heartbeat timeout
         self.resources = resources
         self.measurements = measurements
         self.clock = clock
@@ -110,6 +152,7 @@ class Rounds:
         self._models: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._models_lock = threading.Lock()
         self._total_rounds: dict[str, int] = {}
+        self._longest_round_s: dict[str, float] = {}  # experiment -> its longest stored round (stall deadlines)
 
     # experiments -------------------------------------------------------------
 
@@ -247,15 +290,71 @@ class Rounds:
     # updates ---------------------------------------------------------------
 
     def accept(self, experiment_id: str, server_round: int, raw_meta: Any, weights_data: bytes) -> dict[str, bool]:
-        """Accept one member's update of the current round; closes and aggregates the round when complete."""
+        """Accept one member's update of the current round; closes and aggregates the round when complete.
+
+        An update whose values the round cannot use (non-finite statistics or
+        weights, weights out of bounds, or farther from the global model than the
+        spec's ``update_screening``) is refused (`Refused`, 422), recorded, and
+        its member goes to another worker (see `refuse`).
+        """
         experiment = self.experiment(experiment_id)
         spec = experiment.spec
-        meta = parse_meta(raw_meta, spec.num_clients, spec.local_epochs)
+        try:
+            meta = parse_meta(raw_meta, spec.num_clients, spec.local_epochs)
+        except Refused as refusal:  # the ids were parsed before the statistics
+            self.refuse(experiment_id, server_round, raw_meta["worker_id"], raw_meta["client_index"], refusal)
+            raise
         worker_id, index = meta.worker_id, meta.client_index
-        if experiment.status != "running":
-            raise Conflict(f"experiment {experiment_id} is {experiment.status}")
+        state = self._holding(experiment, server_round, index, worker_id)
         with self.lock:
-            state = self.states.get(experiment_id)
+            expected = state.num_train[index]
+        if meta.num_examples != expected:  # strategies weight by it: a worker may not inflate a member's share
+            raise Invalid("meta.num_examples", f"must be the member's {expected} training examples, got {meta.num_examples}")
+        try:
+            weights = wire.decode(weights_data)
+        except ValueError as error:
+            raise Invalid("weights", str(error)) from None
+        try:
+            check_weights_bounded(weights)  # one worker's absurd (or diverged) weights must not sink the aggregate
+        except Refused as refusal:
+            self.refuse(experiment_id, server_round, worker_id, index, refusal)
+            raise
+        try:
+            wire.check_compatible(weights, self.resources.reference(spec.model, spec.num_classes))
+        except ValueError as error:
+            raise Invalid("weights", str(error)) from None
+        try:
+            self._screen(state, weights)
+        except Refused as refusal:
+            self.refuse(experiment_id, server_round, worker_id, index, refusal)
+            raise
+        with self.lock:  # the assignment may have moved while the weights were checked
+            if state.closed or index in state.reported or state.assigned.get(index) != worker_id:
+                raise Conflict(f"member {index} is no longer assigned to worker {worker_id} in round {server_round}")
+            del state.assigned[index]
+            state.reported.add(index)
+            assigned_at = state.assigned_at.pop(index, None)
+        try:
+            self._store_update(state, meta, weights, weights_data)
+        except BaseException:
+            with self.lock:  # give the assignment back: the worker may retry
+                state.reported.discard(index)
+                state.assigned[index] = worker_id
+                if assigned_at is not None:
+                    state.assigned_at[index] = assigned_at
+            raise
+        if assigned_at is not None:
+            with self.lock:
+                state.task_s[index] = max(self.clock() - assigned_at, 0.0)
+        log.info("experiment %s round %d: update of member %d", experiment_id, server_round, index)
+        return {"accepted": True, "aggregated": self.close_if_complete(state)}
+
+    def _holding(self, experiment: ExperimentRecord, server_round: int, index: int, worker_id: str) -> RoundState:
+        """The open round in which `worker_id` holds member `index` (Conflict otherwise)."""
+        if experiment.status != "running":
+            raise Conflict(f"experiment {experiment.id} is {experiment.status}")
+        with self.lock:
+            state = self.states.get(experiment.id)
             if state is None or state.server_round != server_round or state.closed:
                 current = experiment.current_round if state is None else state.server_round
                 raise Conflict(f"round {server_round} is not open (current round {current})")
@@ -263,29 +362,57 @@ class Rounds:
                 raise Conflict(f"member {index} already reported round {server_round}")
             if state.assigned.get(index) != worker_id:
                 raise Conflict(f"member {index} is not assigned to worker {worker_id} in round {server_round}")
-            expected = state.num_train[index]
-        if meta.num_examples != expected:  # strategies weight by it: a worker may not inflate a member's share
-            raise Invalid("meta.num_examples", f"must be the member's {expected} training examples, got {meta.num_examples}")
-        try:
-            weights = wire.decode(weights_data)
-            wire.check_compatible(weights, self.resources.reference(spec.model, spec.num_classes))
-        except ValueError as error:
-            raise Invalid("weights", str(error)) from None
-        check_weights_bounded(weights)  # one worker's absurd weights must not sink the aggregate
-        with self.lock:  # the assignment may have moved while the weights were checked
-            if state.closed or index in state.reported or state.assigned.get(index) != worker_id:
-                raise Conflict(f"member {index} is no longer assigned to worker {worker_id} in round {server_round}")
-            del state.assigned[index]
-            state.reported.add(index)
-        try:
-            self._store_update(state, meta, weights, weights_data)
-        except BaseException:
-            with self.lock:  # give the assignment back: the worker may retry
-                state.reported.discard(index)
-                state.assigned[index] = worker_id
-            raise
-        log.info("experiment %s round %d: update of member %d", experiment_id, server_round, index)
-        return {"accepted": True, "aggregated": self.close_if_complete(state)}
+            return state
+
+    def _screen(self, state: RoundState, weights: NamedArrays) -> None:
+        """Refuse an update farther from the round's global model than the spec's ``update_screening``."""
+        limit = state.spec.update_screening
+        if limit is None:
+            return
+        if state.previous is None:
+            state.previous = wire.decode(self.global_model(state.experiment_id, state.server_round))
+        distance = relative_distance(weights, state.previous)
+        if not distance <= limit:
+            raise Refused(
+                "weights",
+                f"moved the global model {distance:.3g} times its size; update_screening allows {limit:g}",
+            )
+
+    def refuse(self, experiment_id: str, server_round: int, worker_id: Any, index: Any, refusal: Invalid) -> None:
+        """Record a refused update, hand its member to another worker, and fail the experiment if refusals spread.
+
+        The worker is not offered that member again this round. Refused updates from
+        `REFUSING_WORKERS_TO_FAIL` distinct workers (or from every worker alive, when
+        fewer are) end the experiment as failed, with the reasons: its training
+        diverges or the federation is under attack, and waiting would never end.
+        """
+        experiment = self.experiment(experiment_id)
+        state = self._holding(experiment, server_round, int(index), str(worker_id))  # only the holder is recorded
+        worker_id, index = str(worker_id), int(index)
+        self.store.insert_refused_update(RefusedUpdateRecord(
+            experiment_id=experiment_id, round=server_round, client_index=index, worker_id=worker_id,
+            refused_at=self.clock(), field=refusal.field, rule=refusal.rule,
+        ))
+        with self.lock:
+            if state.assigned.get(index) == worker_id:
+                del state.assigned[index]
+                state.assigned_at.pop(index, None)
+                state.pending.append(index)
+                state.pending.sort()
+            state.barred.setdefault(index, set()).add(worker_id)
+            state.refused_by.setdefault(worker_id, f"{refusal.field} {refusal.rule}")
+            refusing = dict(state.refused_by)
+        self.store.release_member(experiment_id, index)
+        log.warning(
+            "experiment %s round %d: update of member %d from worker %s refused (%s); the member trains elsewhere",
+            experiment_id, server_round, index, worker_id, refusal,
+        )
+        alive = len(self.alive_workers())
+        if len(refusing) >= min(REFUSING_WORKERS_TO_FAIL, max(alive, 1)):
+            reasons = "; ".join(f"worker {w}: {why}" for w, why in refusing.items())
+            self.fail(experiment_id, f"round {server_round}: updates refused from {len(refusing)} worker(s): {reasons}")
+        else:
+            self.on_change(1)
 
     def _store_update(self, state: RoundState, meta: UpdateMeta, weights: NamedArrays, weights_data: bytes) -> None:
         experiment_id, server_round, index = state.experiment_id, state.server_round, meta.client_index
@@ -328,43 +455,128 @@ class Rounds:
     # closing and aggregation --------------------------------------------------
 
     def close_if_complete(self, state: RoundState) -> bool:
-        """Close, aggregate and advance the round if it is complete; True if this call aggregated it."""
+        """Close, aggregate and advance the round if it is complete; True if this call aggregated it.
+
+        A round whose writing a store outage cut off stays closed (no update is
+        folded into it any more) and unwritten: the timer (`close_due`) writes it
+        again once the store answers.
+        """
         with state.fold_lock:
             if state.closed or not state.complete(self.clock()):
                 return False
             state.closed = True
+            state.writing = True
         with self.lock:
-            stragglers = dict(state.assigned)
+            state.stragglers = sorted(state.assigned)
             state.assigned.clear()
+            state.assigned_at.clear()
             state.pending.clear()
-        for index in stragglers:
-            self.store.release_member(state.experiment_id, index)
-        self.store.mark_round_reported(state.experiment_id, sorted(state.folded), state.server_round)
-        return self._aggregate_and_advance(state)
+        return self._write_closed(state)
+
+    def _write_closed(self, state: RoundState) -> bool:
+        """Write a closed round (stragglers released, reports marked, aggregate, next round); `writing` is held."""
+        try:
+            for index in state.stragglers:
+                self.store.release_member(state.experiment_id, index)
+            self.store.mark_round_reported(state.experiment_id, sorted(state.folded), state.server_round)
+            aggregated = self._aggregate_and_advance(state)
+            state.written = True
+            return aggregated
+        except StoreUnavailable:
+            log.warning(
+                "experiment %s round %d: closed, but the store did not answer while writing it; the timer retries",
+                state.experiment_id, state.server_round,
+            )
+            raise
+        finally:
+            with state.fold_lock:
+                state.writing = False
 
     def close_due(self) -> int:
-        """Close the rounds whose deadline passed with enough updates (the coordinator's timer calls this)."""
+        """Close the rounds past their deadline with enough updates, and write closed rounds an outage cut off.
+
+        The coordinator's timer calls this.
+        """
         with self.lock:
             due = [s for s in self.states.values() if not s.closed and s.deadline_at is not None]
-        return sum(self.close_if_complete(state) for state in due)
+            unwritten = [s for s in self.states.values() if s.closed and not s.written]
+        aggregated = 0
+        for state in unwritten:
+            with state.fold_lock:
+                if state.writing or state.written:
+                    continue
+                state.writing = True
+            aggregated += self._write_closed(state)
+        return aggregated + sum(self.close_if_complete(state) for state in due)
 
     def _aggregate_and_advance(self, state: RoundState) -> bool:
         experiment_id, server_round = state.experiment_id, state.server_round
         experiment = self.experiment(experiment_id)
-        if experiment.status != "running" or experiment.current_round != server_round:
+        if experiment.status != "running":
+            return False
+        if experiment.current_round > server_round:  # advanced in the store; an outage cut off the next round's opening
+            with self.lock:
+                reopen = self.states.get(experiment_id) is state
+            if reopen:
+                opened = self.open(experiment)
+                self.on_change(0 if opened is None else len(opened.pending))
+            return False
+        if experiment.current_round != server_round:
             return False
         aggregated = True
         if self.store.get_round(experiment_id, server_round) is None:
             try:
                 aggregated = self._aggregate(state)
             except StoreUnavailable:
-                raise  # not the round's fault: 503, and the next update or the timer aggregates it
+                raise  # not the round's fault: 503, and the timer writes the closed round again (`close_due`)
             except Exception as error:  # any failure ends the experiment, visibly
                 log.exception("experiment %s round %d: aggregation failed", experiment_id, server_round)
                 self.fail(experiment_id, f"round {server_round}: {type(error).__name__}: {error}")
                 return False
         self.advance(experiment, server_round)
         return aggregated
+
+    def fail_stalled(self, elapsed_s: float, worker_idle: bool, floor_s: float) -> int:
+        """Count `elapsed_s` of stalled time and fail the experiments whose round is stalled past its deadline.
+
+        A running experiment's round is stalled while no worker trains any of its
+        members and some worker is idle (asked for work and got none): what is
+        left, nobody can or will train. Its stall deadline is `STALL_FACTOR` times
+        the longest of `floor_s`, the spec's ``round_timeout_s`` and the
+        experiment's longest round so far; past it the experiment ends as failed,
+        with that reason, instead of holding the queue forever. Returns how many
+        experiments it failed.
+        """
+        with self.lock:
+            states = [
+                s for s in self.states.values()
+                if not s.closed and self._experiments.get(s.experiment_id, None) is not None
+                and self._experiments[s.experiment_id].status == "running"
+            ]
+            for state in states:
+                stalled = worker_idle and not state.assigned
+                state.stalled_s = state.stalled_s + elapsed_s if stalled else 0.0
+        failed = 0
+        for state in states:
+            deadline = self._stall_deadline_s(state, floor_s)
+            if state.stalled_s > deadline:
+                self.fail(
+                    state.experiment_id,
+                    f"round {state.server_round} stalled: for {state.stalled_s:.0f} s no worker trained any of its "
+                    f"members while workers were idle ({len(state.folded)} of {len(state.selected)} members reported, "
+                    f"{len(state.pending)} left that no live worker may train); the stall deadline is "
+                    f"{deadline:.0f} s ({STALL_FACTOR:g} times the longest round so far, round_timeout_s or "
+                    f"{floor_s:g} s)",
+                )
+                failed += 1
+        return failed
+
+    def _stall_deadline_s(self, state: RoundState, floor_s: float) -> float:
+        longest = self._longest_round_s.get(state.experiment_id)
+        if longest is None and state.server_round > 1:
+            longest = max((r.duration_s for r in self.store.rounds_of(state.experiment_id)), default=0.0)
+            self._longest_round_s[state.experiment_id] = longest
+        return STALL_FACTOR * max(floor_s, state.spec.round_timeout_s or 0.0, longest or 0.0)
 
     def _aggregate(self, state: RoundState) -> bool:
         started = time.perf_counter()
@@ -423,6 +635,9 @@ class Rounds:
             self.store.delete_model(state_file_id)
             return False
         self.remember_model(experiment_id, server_round, model_data, spec.rounds)
+        with self.lock:
+            longest = self._longest_round_s.get(experiment_id, 0.0)
+            self._longest_round_s[experiment_id] = max(longest, round_record.duration_s)
         log.info(
             "experiment %s round %d/%d: %d of %d selected members, test loss %.4f, accuracy %.4f",
             experiment_id, server_round, spec.rounds, len(participants), len(state.selected),

@@ -27,6 +27,7 @@ from stack.records import (
     LandscapeRecord,
     MemberRecord,
     ModelFile,
+    RefusedUpdateRecord,
     RoundRecord,
     WorkerRecord,
 )
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: The store did not answer in time (the HTTP layer answers 503 with Retry-After).
 StoreUnavailable = pymongo.errors.ConnectionFailure
+#: The store's client was closed (the server is shutting down).
+StoreClosed = pymongo.errors.InvalidOperation
 
 _UNASSIGNED = MemberRecord.changes(worker_id=None, assigned_round=None, assigned_at=None)
 _SWAP_ATTEMPTS = 16  # an experiment's document changes a few times per round: a swap that keeps losing is a bug
@@ -72,6 +75,10 @@ class Store:
         if self._client is not None:
             self._client.close()
 
+    def ping(self) -> None:
+        """Raise `StoreUnavailable` unless the store answers (within the configured timeouts)."""
+        self.db.command("ping")
+
     def prepare(self) -> None:
         """Refuse a store of another schema (`records.SchemaError`), mark a new one, create the unique indexes."""
         records.check_schema(self.db, claim=True)
@@ -83,6 +90,7 @@ class Store:
         self.db[records.ROUNDS].create_index([("experiment_id", 1), ("round", 1)], unique=True)
         self.db[records.LANDSCAPES].create_index([("experiment_id", 1), ("round", 1), ("kind", 1)], unique=True)
         self.db[records.EXPERIMENTS].create_index([("status", 1), ("created_at", 1)])
+        self.db[records.REFUSED_UPDATES].create_index([("experiment_id", 1), ("round", 1)])
 
     # experiments -----------------------------------------------------------
 
@@ -210,6 +218,12 @@ class Store:
             self.db[records.CLIENT_STATS].insert_one(stats.to_doc())
         except pymongo.errors.DuplicateKeyError as error:
             raise DuplicateError(str(error)) from None
+
+    def insert_refused_update(self, refused: RefusedUpdateRecord) -> None:
+        self.db[records.REFUSED_UPDATES].insert_one(refused.to_doc())
+
+    def refused_updates(self, experiment_id: str) -> list[RefusedUpdateRecord]:
+        return records.read_refused_updates(self.db, experiment_id)
 
     def stats_of_round(self, experiment_id: str, server_round: int) -> list[ClientStatsRecord]:
         return records.read_client_stats(self.db, experiment_id, server_round)

@@ -19,7 +19,7 @@ import numpy as np
 
 from fedland.spec import INT64_MAX, MAX_DESCRIPTION_CHARS, ExperimentSpec, SpecError
 from fedland.strategies import is_statistic
-from server.errors import Invalid, TooLarge
+from server.errors import Invalid, Refused, TooLarge
 from stack.records import STATS_KEYS
 
 __all__ = [
@@ -70,12 +70,14 @@ def _refuse_constant(name: str) -> Any:
     raise Invalid("body", f"{name} is not a JSON number (numbers must be finite)")
 
 
-def parse_json(text: str | bytes, field: str = "", *, check: bool = True) -> Any:
+def parse_json(text: str | bytes, field: str = "", *, check: bool = True, finite: bool = True) -> Any:
     """Parse JSON and check it with `check_tree`; NaN/Infinity, deep nesting and bad UTF-8 refused.
 
     With ``check=False`` only the nesting depth is checked: the caller validates
     the values (the spec's own rules first, so they name the field) and then
-    calls `check_tree` on what it will store.
+    calls `check_tree` on what it will store. With ``finite=False`` NaN and
+    Infinity are read as floats (an update's statistics: `parse_meta` refuses
+    and records them as the update's fault, not the request's).
     """
     name = field or "body"
     if isinstance(text, bytes):
@@ -84,7 +86,7 @@ def parse_json(text: str | bytes, field: str = "", *, check: bool = True) -> Any
         except UnicodeDecodeError as error:
             raise Invalid(name, f"must be UTF-8 ({error.reason} at byte {error.start})") from None
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_constant=_refuse_constant if finite else float)
     except Invalid as error:
         raise Invalid(name, error.rule) from None
     except RecursionError:
@@ -291,11 +293,11 @@ def check_weights_bounded(weights: Mapping[str, np.ndarray], bound: float = MAX_
         if not np.issubdtype(value.dtype, np.inexact) or value.size == 0:
             continue
         if not np.isfinite(value).all():
-            raise Invalid(f"weights[{name!r}]", "contains NaN or Inf")
+            raise Refused(f"weights[{name!r}]", "contains NaN or Inf")
         limit = MAX_STATISTIC_ABS if is_statistic(name, value) else bound
         largest = float(np.max(np.abs(value.astype(np.float64, copy=False))))
         if largest > limit:
-            raise Invalid(f"weights[{name!r}]", f"holds |w| = {largest:.3g}; the bound is {limit:g}")
+            raise Refused(f"weights[{name!r}]", f"holds |w| = {largest:.3g}; the bound is {limit:g}")
 
 
 # --- request bodies --------------------------------------------------------------
@@ -406,5 +408,23 @@ def parse_meta(meta: Any, num_clients: int, max_epochs: int) -> UpdateMeta:
     num_examples = meta.get("num_examples")
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
         raise Invalid("meta.num_examples", "must be an integer > 0")
-    stats = check_stats(meta.get("stats", {}), max_epochs=max_epochs)
+    raw_stats = meta.get("stats", {})
+    broken = _first_non_finite(raw_stats, "meta.stats")
+    if broken is not None:  # the member's training diverged: the update is refused and recorded, not retried
+        raise Refused(broken[0], f"is {broken[1]}: the member's training did not stay finite")
+    stats = check_stats(raw_stats, max_epochs=max_epochs)
     return UpdateMeta(worker_id, client_index, num_examples, stats)
+
+
+def _first_non_finite(value: Any, path: str) -> tuple[str, float] | None:
+    """The path and value of the first NaN or infinite number in a JSON tree, or None."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return where, item
+        if isinstance(item, Mapping):
+            stack.extend((child, f"{where}.{key}") for key, child in reversed(list(item.items())))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}[{i}]") for i, child in reversed(list(enumerate(item))))
+    return None

@@ -683,6 +683,12 @@ def read_rounds(db: Database[Document], experiment_id: str) -> list[RoundRecord]
     return [RoundRecord.from_doc(doc) for doc in _sorted(cursor, [("round", 1)])]
 
 
+def read_refused_updates(db: Database[Document], experiment_id: str) -> list[RefusedUpdateRecord]:
+    """The experiment's refused updates, by round then time."""
+    cursor = db[REFUSED_UPDATES].find({"experiment_id": experiment_id})
+    return [RefusedUpdateRecord.from_doc(doc) for doc in _sorted(cursor, [("round", 1), ("refused_at", 1)])]
+
+
 def read_landscapes(db: Database[Document], experiment_id: str, kind: str) -> list[LandscapeRecord]:
     cursor = db[LANDSCAPES].find({"experiment_id": experiment_id, "kind": kind})
     return [LandscapeRecord.from_doc(doc) for doc in _sorted(cursor, [("round", 1)])]

@@ -142,13 +142,12 @@ def test_update_refusals(api: Any, store: Store, make_spec: Callable[..., dict])
 
     refusals: list[tuple[Any, str]] = [
         (changed(**{name: np.zeros((3, 3), np.float32)}), "shape"),
-        (changed(**{name: np.full(weights[name].shape, np.nan, np.float32)}), "NaN"),
         (changed(**{name: weights[name].astype(np.float64)}), "dtype"),
         ({k: v for k, v in weights.items() if k != name}, "missing"),
         (changed(extra=np.zeros(1, np.float32)), "unexpected"),
         (b"not safetensors", "safetensors"),
     ]
-    for payload, message in refusals:
+    for payload, message in refusals:  # malformed: refused, not recorded (NaN is: see tests/server/test_rounds.py)
         response = api.update(experiment_id, 1, holder, 0, payload)
         assert response.status_code == 400, message
         assert message in response.json()["error"] and response.json()["field"] == "weights"

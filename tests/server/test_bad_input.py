@@ -115,7 +115,6 @@ def test_a_failed_experiment_insert_leaves_no_round_zero_model(
     [
         ({"landscape": {"trace": 2**63}}, "meta.stats.landscape.trace"),
         ({"a\x00b": 1}, "meta.stats"),
-        ({"duration_s": {"train": float("nan")}}, "meta"),
         ({"deep": json.loads("[" * 30 + "]" * 30)}, "meta.stats.deep"),
         ({"$set": {"status": "finished"}}, "meta.stats"),
         ({"global": {"test_accuracy": 1.0, "rounds": 3}}, "meta.stats.global.rounds"),

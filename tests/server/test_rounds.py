@@ -107,7 +107,7 @@ def test_heartbeat_expiry_frees_the_member(api: Any, clock: Any, make_spec: Call
     assert api.task(stale)["action"] == "wait"
 
 
-def test_absurd_weights_are_refused_naming_the_tensor_and_the_experiment_goes_on(
+def test_absurd_weights_are_refused_recorded_and_their_member_trains_elsewhere(
     api: Any, store: Store, make_spec: Callable[..., dict]
 ) -> None:
     (experiment_id,) = api.submit(make_spec())
@@ -116,16 +116,70 @@ def test_absurd_weights_are_refused_naming_the_tensor_and_the_experiment_goes_on
     huge = {name: np.full(value.shape, 3e38, np.float32) for name, value in weights.items()}  # finite, overflows
     files_before = store.count(records.files_collection(records.CLIENT_MODELS))
     response = api.update(experiment_id, 1, first, 0, huge)
-    assert response.status_code == 400
+    assert response.status_code == 422
     assert response.json()["field"].startswith("weights[") and "the bound is 10000" in response.json()["error"]
     assert store.count(records.files_collection(records.CLIENT_MODELS)) == files_before
     assert store.count(records.CLIENT_STATS) == 0
-    # both clients then send sane updates: the round aggregates, the experiment runs on
-    assert api.update(experiment_id, 1, first, 0, shifted(weights, 0.01)).status_code == 202
-    response = api.update(experiment_id, 1, second, 1, shifted(weights, -0.01))
+    (refused,) = records.read_refused_updates(store.db, experiment_id)
+    assert (refused.round, refused.client_index, refused.worker_id) == (1, 0, first)
+    assert refused.field == response.json()["field"] and "the bound is 10000" in refused.rule
+    # the refused worker no longer holds member 0 and is not offered it again; the other worker trains it
+    assert api.update(experiment_id, 1, first, 0, shifted(weights, 0.01)).status_code == 409
+    assert api.update(experiment_id, 1, second, 1, shifted(weights, -0.01)).status_code == 202
+    assert api.task(first)["action"] == "wait"
+    assert api.task(second)["client_index"] == 0
+    response = api.update(experiment_id, 1, second, 0, shifted(weights, 0.01))
     assert (response.status_code, response.json()["aggregated"]) == (202, True)
     doc = api.get(f"/experiments/{experiment_id}").json()
     assert doc["status"] == "running" and doc["current_round"] == 2
+
+
+def test_updates_refused_from_two_workers_fail_the_experiment_with_the_reasons(
+    api: Any, store: Store, make_spec: Callable[..., dict]
+) -> None:
+    (experiment_id,) = api.submit(make_spec())
+    first, second = start_two(api, experiment_id)
+    weights = api.model(experiment_id, 1)
+    diverged = {"duration_s": {"train": 0.5}, "local": {"train_loss": float("nan")}}
+    response = api.update(experiment_id, 1, first, 0, weights, stats=diverged)
+    assert response.status_code == 422, response.text
+    assert api.get(f"/experiments/{experiment_id}").json()["status"] == "running"  # one worker: maybe its fault
+    nan_weights = {name: np.full(value.shape, np.nan, value.dtype) for name, value in weights.items()}
+    response = api.update(experiment_id, 1, second, 1, nan_weights)
+    assert response.status_code == 422 and "NaN" in response.json()["error"]
+    doc = api.get(f"/experiments/{experiment_id}").json()
+    assert doc["status"] == "failed"
+    assert "updates refused from 2 worker(s)" in doc["error"]
+    assert "meta.stats.local.train_loss is nan" in doc["error"] and "contains NaN or Inf" in doc["error"]
+    assert [r.worker_id for r in records.read_refused_updates(store.db, experiment_id)] == [first, second]
+    assert api.task(first)["action"] == "wait"  # the queue moves on: nothing left to train
+
+
+def test_an_update_far_from_the_global_model_is_screened_out_unless_screening_is_off(
+    api: Any, store: Store, make_spec: Callable[..., dict]
+) -> None:
+    screened, unscreened = api.submit(
+        make_spec(description="on", rounds=1), make_spec(description="off", rounds=1, update_screening=None)
+    )
+    assert api.get(f"/experiments/{unscreened}").json()["update_screening"] is None
+    first, second = api.register("a"), api.register("b")
+    for experiment_id in (screened, unscreened):
+        assert api.task(first)["client_index"] == 0 and api.task(second)["client_index"] == 1
+        weights = api.model(experiment_id, 1)
+        poisoned = {name: np.full(value.shape, 9999.0, value.dtype) for name, value in weights.items()}
+        response = api.update(experiment_id, 1, first, 0, poisoned)
+        if experiment_id == screened:
+            assert response.status_code == 422, response.text
+            assert "update_screening allows 100" in response.json()["error"]
+            assert len(records.read_refused_updates(store.db, screened)) == 1
+            # an honest update moves the model far less than its size
+            assert api.update(experiment_id, 1, second, 1, shifted(weights, 0.01)).status_code == 202
+            assert api.task(second)["client_index"] == 0
+            response = api.update(experiment_id, 1, second, 0, shifted(weights, -0.01))
+            assert response.json()["aggregated"] is True
+        else:
+            assert response.status_code == 202, response.text
+            assert records.read_refused_updates(store.db, unscreened) == []
 
 
 def test_an_out_of_bounds_aggregate_never_replaces_the_global_model(
