@@ -18,12 +18,13 @@ closes rounds whose deadline passed. A waiting worker long-polls (`task` with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from bson import ObjectId
@@ -44,6 +45,9 @@ from stack import records, wire
 from stack.records import ExperimentRecord, MemberRecord, ModelFile, WorkerRecord
 
 log = logging.getLogger(__name__)
+
+#: A store ping slower than this (seconds) means the store stalled: workers' requests were held up meanwhile.
+SLOW_PING_S = 1.0
 
 #: An answer of the API (JSON-able).
 Answer = dict[str, Any]
@@ -86,10 +90,9 @@ class Coordinator:
         self.clock = clock
         #: Measures the landscape of aggregated rounds on one background thread.
         self.measurements = LandscapeWorker(store, resources)
-        self.rounds = Rounds(
-            store, resources, self.measurements, clock=clock, on_change=self._changed, alive_workers=self.alive_workers
-        )
+        self.rounds = Rounds(store, resources, self.measurements, clock=clock, on_change=self._changed)
         self._seen: dict[str, float] = {}  # worker -> last request (the clock's time)
+        self._in_flight: dict[str, int] = {}  # worker -> its requests being served (never reaped meanwhile)
         self._seen_lock = threading.Lock()
         self._flushed: dict[str, float] = {}
         self._last_reap = clock()
@@ -286,12 +289,6 @@ class Coordinator:
         if moved:
             self.store.touch_workers(moved)
 
-    def alive_workers(self) -> set[str]:
-        """The workers heard from within the heartbeat timeout."""
-        cutoff = self.clock() - self.heartbeat_timeout_s
-        with self._seen_lock:
-            return {w for w, seen in self._seen.items() if seen >= cutoff}
-
     def fail_stalled(self) -> int:
         """Fail the experiments whose round stalled past its deadline (see `Rounds.fail_stalled`)."""
         now = self.clock()
@@ -300,7 +297,8 @@ class Coordinator:
         return self.rounds.fail_stalled(elapsed, idle, floor_s=self.heartbeat_timeout_s)
 
     def _store_answers(self, now: float) -> bool:
-        """Ping the store; note when it answers again after an outage (liveness counts from then)."""
+        """Ping the store; note when it answers again after an outage or a stall (liveness counts from then)."""
+        started = time.monotonic()
         try:
             self.store.ping()
         except StoreUnavailable:
@@ -308,9 +306,10 @@ class Coordinator:
                 log.warning("store unavailable: no worker is reaped until it answers again")
             self._store_down = True
             return False
-        if self._store_down:
+        stalled = time.monotonic() - started > SLOW_PING_S  # it answered, late: requests were held up too
+        if self._store_down or stalled:
             self._store_down = False
-            self._store_back_at = now
+            self._store_back_at = self.clock()
             log.info("store answers again: workers get %.0f s to be heard from", self.heartbeat_timeout_s)
         return True
 
@@ -330,7 +329,10 @@ class Coordinator:
             return 0
         cutoff = now - self.heartbeat_timeout_s
         with self._seen_lock:
-            lost = {w for w, seen in self._seen.items() if max(seen, self._store_back_at) < cutoff}
+            lost = {
+                w for w, seen in self._seen.items()
+                if max(seen, self._store_back_at) < cutoff and not self._in_flight.get(w)
+            }
         freed: list[tuple[RoundState, int, str, str]] = []
         with self.rounds.lock:
             for state in self.rounds.active():
@@ -365,11 +367,30 @@ class Coordinator:
             self._wake(count)
         return count
 
+    @contextlib.contextmanager
+    def _serving(self, worker_id: str) -> Iterator[None]:
+        """A worker whose request is being served is alive, however long the store holds the request up."""
+        with self._seen_lock:
+            self._in_flight[worker_id] = self._in_flight.get(worker_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._seen_lock:
+                left = self._in_flight.pop(worker_id) - 1
+                if left:
+                    self._in_flight[worker_id] = left
+                if worker_id in self._seen:
+                    self._seen[worker_id] = max(self._seen[worker_id], self.clock())
+
     def task(self, worker_id: str, wait_s: float = 0.0, known: frozenset[str] = frozenset()) -> Answer:
         """The worker's next action: train a member's round, or wait; long-polls up to `wait_s` for work.
 
         Counts as a heartbeat. `known` lists experiments whose spec the worker holds (left out of the answer).
         """
+        with self._serving(worker_id):
+            return self._task(worker_id, wait_s, known)
+
+    def _task(self, worker_id: str, wait_s: float, known: frozenset[str]) -> Answer:
         self.heartbeat(worker_id)
         if self.clock() - self._last_reap >= self.heartbeat_timeout_s / 6.0:
             self.reap()
@@ -444,10 +465,8 @@ class Coordinator:
 
     def submit_update(self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes) -> Answer:
         """Accept one member's weights and stats for a round; aggregates when the round is complete."""
-        result = self.rounds.accept(experiment_id, server_round, meta, weights_data)
-        worker_id = meta.get("worker_id") if isinstance(meta, Mapping) else None  # accepted: a checked id
-        if isinstance(worker_id, str):
-            with self._seen_lock:
-                if worker_id in self._seen:
-                    self._seen[worker_id] = self.clock()
-        return result
+        worker_id = meta.get("worker_id") if isinstance(meta, Mapping) else None
+        if not isinstance(worker_id, str):
+            return self.rounds.accept(experiment_id, server_round, meta, weights_data)  # refuses the meta
+        with self._serving(worker_id):
+            return self.rounds.accept(experiment_id, server_round, meta, weights_data)

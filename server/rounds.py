@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 MODEL_CACHE_ENTRIES = 64  # global models kept in memory for the workers' downloads (~0.2 MB each for FedNet)
 #: A worker holding a member this many times the round's longest report (per example) without reporting loses it.
 HOLD_FACTOR = 5.0
-#: Refused updates from this many distinct workers in one round (or from every live worker) fail the experiment.
+#: Refused updates from this many distinct workers in one round fail the experiment.
 REFUSING_WORKERS_TO_FAIL = 2
 #: A round stalled (workers idle, none of its members trained) this many times its longest round so far fails.
 STALL_FACTOR = 10.0
@@ -138,10 +138,8 @@ class Rounds:
         *,
         clock: Callable[[], float],
         on_change: Callable[[int], None],
-        alive_workers: Callable[[], set[str]] = set,
     ) -> None:
         self.store = store
-        self.alive_workers = alive_workers  # the workers heard from within the heartbeat timeout
         self.resources = resources
         self.measurements = measurements
         self.clock = clock
@@ -382,9 +380,10 @@ class Rounds:
         """Record a refused update, hand its member to another worker, and fail the experiment if refusals spread.
 
         The worker is not offered that member again this round. Refused updates from
-        `REFUSING_WORKERS_TO_FAIL` distinct workers (or from every worker alive, when
-        fewer are) end the experiment as failed, with the reasons: its training
-        diverges or the federation is under attack, and waiting would never end.
+        `REFUSING_WORKERS_TO_FAIL` distinct workers end the experiment as failed, with
+        the reasons: its training diverges or the federation is under attack, and
+        waiting would never end. (With a single worker, the round stalls once that
+        worker may train none of what is left: `fail_stalled` ends it.)
         """
         experiment = self.experiment(experiment_id)
         state = self._holding(experiment, server_round, int(index), str(worker_id))  # only the holder is recorded
@@ -407,8 +406,7 @@ class Rounds:
             "experiment %s round %d: update of member %d from worker %s refused (%s); the member trains elsewhere",
             experiment_id, server_round, index, worker_id, refusal,
         )
-        alive = len(self.alive_workers())
-        if len(refusing) >= min(REFUSING_WORKERS_TO_FAIL, max(alive, 1)):
+        if len(refusing) >= REFUSING_WORKERS_TO_FAIL:
             reasons = "; ".join(f"worker {w}: {why}" for w, why in refusing.items())
             self.fail(experiment_id, f"round {server_round}: updates refused from {len(refusing)} worker(s): {reasons}")
         else:
@@ -566,7 +564,8 @@ class Rounds:
                     f"members while workers were idle ({len(state.folded)} of {len(state.selected)} members reported, "
                     f"{len(state.pending)} left that no live worker may train); the stall deadline is "
                     f"{deadline:.0f} s ({STALL_FACTOR:g} times the longest round so far, round_timeout_s or "
-                    f"{floor_s:g} s)",
+                    f"{floor_s:g} s)"
+                    + "".join(f"; worker {w}'s update refused: {why}" for w, why in state.refused_by.items()),
                 )
                 failed += 1
         return failed
