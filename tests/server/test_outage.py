@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,3 +67,99 @@ def test_store_outage_is_a_503_with_retry_after_and_no_traceback(
     finally:
         store.close()
         embedded.stop()
+
+
+class OutageAt(Store):
+    """The test store, whose server (a real nx-27017) is stopped just before the first `method` call."""
+
+    def __init__(self, uri: str, embedded: EmbeddedMongo, method: str) -> None:
+        super().__init__(uri, "outage", timeouts=FAST)
+        self.embedded, self.method, self.struck = embedded, method, threading.Event()
+
+    def _strike(self, method: str) -> None:
+        if method == self.method and not self.struck.is_set():
+            self.embedded.stop()  # a real outage, at the moment under test
+            self.struck.set()
+
+    def insert_round(self, round_record: records.RoundRecord) -> None:
+        self._strike("insert_round")
+        super().insert_round(round_record)
+
+    def save_landscape(self, landscape: records.LandscapeRecord) -> str:
+        self._strike("save_landscape")
+        return super().save_landscape(landscape)
+
+
+def outage_stack(
+    tmp_path: Path, token: str, data_dir: Path, serve: Callable[[Any], str], method: str
+) -> tuple[Api, OutageAt, Callable[[], None]]:
+    port = free_port()
+    embedded = EmbeddedMongo(tmp_path / "store", port=port)
+    store = OutageAt(embedded.start(), embedded, method)
+    settings = ServerSettings(token=token, data_dir=data_dir, store_timeouts=FAST, heartbeat_timeout_s=3.0)
+
+    def restart() -> None:
+        EmbeddedMongo(tmp_path / "store", port=port).start()
+
+    return Api(serve(create_app(settings, store)), token), store, restart
+
+
+def report_round(api: Api, experiment_id: str, workers: list[str], server_round: int) -> list[Any]:
+    weights = api.model(experiment_id, server_round)
+    answers = []
+    for index, worker in enumerate(workers):
+        assert api.task(worker)["client_index"] == index
+        shifted = {name: (value + 0.01 * (index + 1)).astype(value.dtype) for name, value in weights.items()}
+        answers.append(api.update(experiment_id, server_round, worker, index, shifted))
+    return answers
+
+
+def test_a_round_whose_writing_an_outage_cut_off_is_written_by_the_timer(
+    tmp_path: Path, token: str, data_dir: Path, serve: Callable[[Any], str]
+) -> None:
+    api, store, restart = outage_stack(tmp_path, token, data_dir, serve, "insert_round")
+    try:
+        (experiment_id,) = api.submit(small_spec(landscape={"enabled": False}))
+        workers = [api.register("a"), api.register("b")]
+        first, last = report_round(api, experiment_id, workers, 1)
+        assert first.status_code == 202
+        assert last.status_code == 503  # closed, then the store went away while the round was written
+        assert store.struck.is_set()
+        restart()
+        # no update and no restart: the timer writes the closed round and opens round 2
+        deadline = time.monotonic() + 60
+        while records.read_round(store.db, experiment_id, 1) is None or api.task(workers[0])["action"] != "train":
+            assert time.monotonic() < deadline, "round 1 was never written"
+            time.sleep(0.2)
+        assert api.get(f"/experiments/{experiment_id}").json()["current_round"] == 2
+        assert [r.participants for r in records.read_rounds(store.db, experiment_id)] == [(0, 1)]
+    finally:
+        store.close()
+        store.embedded.stop()
+
+
+def test_a_landscape_measurement_an_outage_cut_off_is_measured_again(
+    tmp_path: Path, token: str, data_dir: Path, serve: Callable[[Any], str]
+) -> None:
+    cheap = {"num_samples": 64, "trace_probes": 4, "interpolation_points": 2, "grid_points": 3, "top_k": 1}
+    api, store, restart = outage_stack(tmp_path, token, data_dir, serve, "save_landscape")
+    try:
+        (experiment_id,) = api.submit(small_spec(rounds=1, landscape=cheap))
+        workers = [api.register("a"), api.register("b")]
+        answers = report_round(api, experiment_id, workers, 1)
+        assert [a.status_code for a in answers] == [202, 202]
+        deadline = time.monotonic() + 60
+        while not store.struck.is_set():  # the measurement, on its thread, reached its first write
+            assert time.monotonic() < deadline, "the measurement never wrote"
+            time.sleep(0.1)
+        restart()
+        deadline = time.monotonic() + 120
+        while api.get(f"/experiments/{experiment_id}").json()["status"] != "finished":
+            assert time.monotonic() < deadline, "the experiment never finished"
+            time.sleep(0.2)
+        landscape = records.read_round(store.db, experiment_id, 1).landscape  # type: ignore[union-attr]
+        assert landscape is not None and "error" not in landscape, landscape
+        assert landscape.get("surface_id") and records.read_landscapes(store.db, experiment_id, records.SURFACE)
+    finally:
+        store.close()
+        store.embedded.stop()

@@ -405,3 +405,28 @@ def test_measurements_of_broken_or_deleted_rounds_leave_the_worker_alive(
     name = coordinator.measurements.executor.submit(lambda: threading.current_thread().name).result(timeout=60)
     assert name.startswith("landscape")
     coordinator.close()
+
+
+def test_a_round_no_worker_may_train_fails_at_its_stall_deadline(
+    api: Any, store: Store, clock: Any, make_spec: Callable[..., dict]
+) -> None:
+    (experiment_id,) = api.submit(make_spec())
+    (only,) = [api.register("a")]  # a single worker: its refusals alone do not fail the experiment
+    diverged = {"local": {"train_loss": float("nan")}}
+    for member in (0, 1):
+        assert api.task(only)["client_index"] == member
+        weights = api.model(experiment_id, 1)
+        assert api.update(experiment_id, 1, only, member, weights, stats=diverged).status_code == 422
+    coordinator = coordinator_of(api.app)
+    for _ in range(14):  # 280 s of a stalled round: under the deadline (10 x the 30 s heartbeat timeout)
+        clock.advance(20.0)
+        assert api.task(only)["action"] == "wait"  # idle: it may train neither member
+        coordinator.fail_stalled()
+    assert api.get(f"/experiments/{experiment_id}").json()["status"] == "running"
+    for _ in range(2):
+        clock.advance(20.0)
+        api.task(only)
+        coordinator.fail_stalled()
+    doc = api.get(f"/experiments/{experiment_id}").json()
+    assert doc["status"] == "failed"
+    assert doc["error"].startswith("round 1 stalled") and "meta.stats.local.train_loss is nan" in doc["error"]
