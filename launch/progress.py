@@ -44,6 +44,8 @@ class Progress:
             postfix = str(summary.get("status", ""))
             if last.get("test_accuracy") is not None:
                 postfix += f", test accuracy {float(last['test_accuracy']):.4f}"
+            if summary.get("error"):  # a failed experiment says why, where its progress is shown
+                postfix += f": {str(summary['error'])[:200]}"
             bar = self._bars.get(experiment_id)
             if bar is not None:
                 if done != bar.n:

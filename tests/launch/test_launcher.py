@@ -12,7 +12,7 @@ from cli import main as launcher_main
 from cli import parse_args
 from fedland.spec import ExperimentSpec
 from launch.launcher import default_workers, prepare
-from launch.progress import summary_table
+from launch.progress import Progress, summary_table
 
 
 def spec(description: str, rounds: int = 5, fraction: float = 0.1) -> ExperimentSpec:
@@ -74,6 +74,14 @@ def test_summary_table_rows() -> None:
     assert lines[0].split() == ["experiment", "status", "rounds", "test", "acc", "test", "loss", "duration", "s"]
     assert lines[2].split() == ["IID", "finished", "5/5", "0.9500", "0.1648", "12.5"]
     assert lines[3].split() == ["skewed", "failed", "0/5", "-", "-", "-"]
+
+
+def test_progress_shows_why_an_experiment_failed(caplog: pytest.LogCaptureFixture) -> None:
+    reason = "round 1: updates refused from 2 worker(s): worker a: meta.stats.local.train_loss is nan"
+    with caplog.at_level("INFO"), Progress(["e1"], [spec("diverging")], enabled=False) as progress:
+        progress.update({"e1": {"description": "diverging", "rounds": 5, "status": "running", "last_round": None}})
+        progress.update({"e1": {"description": "diverging", "rounds": 5, "status": "failed", "error": reason}})
+    assert caplog.messages[-1] == f"diverging: round 0/5, failed: {reason}"
 
 
 def test_main_experiments_are_valid() -> None:
