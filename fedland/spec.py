@@ -456,7 +456,7 @@ def fingerprint(spec: ExperimentSpec) -> str:
     fingerprint can be resumed instead of run again.
     """
     data = {key: value for key, value in spec.to_dict().items() if key not in FINGERPRINT_EXCLUDED}
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))  # ASCII: any text, lone surrogates too
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
