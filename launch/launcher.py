@@ -222,15 +222,16 @@ def run_local(
     try:
         local.start(num_clients)
         transport = make_transport(local.url, local.token)
-        ids = transport.submit_experiments([spec.to_dict() for spec in specs], fresh=options.fresh)
+        submitted = transport.submit_experiments([spec.to_dict() for spec in specs], fresh=options.fresh)
+        ids = list(dict.fromkeys(submitted))  # a spec repeated in the run is one experiment
         summaries = {e["id"]: e for e in transport.list_experiments()}
-        say_resumed(ids, summaries)
+        say_resumed(submitted, summaries)
         earlier = [e for e in summaries.values() if e["status"] not in DONE and e["id"] not in ids]
         if earlier:
             log.warning("%d unfinished experiments from earlier runs are queued ahead of these", len(earlier))
         following = contextlib.nullcontext() if follow is None else follow(
             local.store_uri, options.store.db_name, list(ids))
-        with Progress(ids, specs, enabled=options.show_progress) as progress:
+        with Progress(submitted, specs, enabled=options.show_progress) as progress:
             with following:
                 documents = watch(transport, ids, local, options.poll_interval_s, progress)
         last_rounds = {i: progress.last_round(i) for i in ids}
@@ -251,7 +252,7 @@ def run_local(
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-    print(summary_table(ids, documents, last_rounds, resumed=ids.resumed))
+    print(summary_table(ids, documents, last_rounds, resumed=submitted.resumed))
     print(f"wall time {time.monotonic() - started:.1f} s; logs in {options.log_dir}")
     if reports is not None:
         print(f"reports: {reports.resolve()}")
