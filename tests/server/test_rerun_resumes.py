@@ -5,12 +5,15 @@ Real server over loopback HTTP on the test store; identity is `fedland.spec.fing
 
 from __future__ import annotations
 
+import random
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from fedland.spec import ExperimentSpec, fingerprint
 from server.store import Store
 from stack import records
+from stack.api_client import API_PREFIX, Transport
 from tests.server.conftest import Api
 
 
@@ -110,3 +113,19 @@ def test_the_fingerprint_leaves_out_the_id_and_the_time_only(make_spec: Callable
     assert fingerprint(spec) == fingerprint(same)
     for change in ({"seed": 8}, {"rounds": 3}, {"description": "renamed"}, {"learning_rate": 0.02}):
         assert fingerprint(ExperimentSpec.from_dict({**make_spec(), **change})) != fingerprint(spec), change
+
+
+def test_the_transport_reads_resumed_ids_and_asks_for_fresh_ones(
+    api: Api, store: Store, token: str, make_spec: Callable[..., dict[str, Any]]
+) -> None:
+    transport = Transport(api.base.removesuffix(API_PREFIX), token, stop=threading.Event(), rng=random.Random(0))
+    try:
+        first = transport.submit_experiments([make_spec()])
+        again = transport.submit_experiments([make_spec(), make_spec(seed=8)])
+        fresh = transport.submit_experiments([make_spec()], fresh=True)
+    finally:
+        transport.close()
+    assert (list(first), first.resumed) == ([first[0]], ())
+    assert again[0] == first[0] and again[1] != first[0] and again.resumed == (first[0],)
+    assert fresh.resumed == () and fresh[0] not in (*first, *again)
+    assert experiment_count(store) == 3
