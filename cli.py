@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
     run.add_argument("--experiments", metavar="FILE", type=Path, help="JSON/TOML experiments instead of main.py's")
     run.add_argument("--only", metavar="TEXT", help="only experiments whose description contains TEXT")
+    run.add_argument("--fresh", action="store_true",
+                     help="queue every experiment anew (default: resume an identical unfinished one)")
     run.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
     run.add_argument("--reports", metavar="DIR", type=Path, default=DEFAULT_REPORTS_DIR,
                      help=f"where to write the reports, live and at the end (default {DEFAULT_REPORTS_DIR})")
@@ -109,6 +111,15 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
     configure_logging(settings.log_level)
     for chatty in ("fontTools", "fedland.slices"):  # PDF font subsetting; the report's per-row slice progress
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
+    uri = settings.store.mongo_uri
+    if uri is not None and not (args.command == "run" and args.server):  # --server: the store is the server's
+        from stack.embedded import StoreUnreachable, check_reachable
+
+        try:
+            check_reachable(uri)  # a wrong URI is one line now, not a traceback after the store timeouts
+        except StoreUnreachable as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     if args.command == "report":
         from reports import report_main
 
@@ -131,7 +142,7 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
         return 2
     if args.server:
         try:
-            return queue_only(specs, args.server, settings.token)
+            return queue_only(specs, args.server, settings.token, fresh=args.fresh)
         except (ValueError, ConnectionError, ApiError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2 if isinstance(error, ValueError) else 1
@@ -141,6 +152,7 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
         store=settings.store,
         log_dir=settings.log_dir,
         show_progress=not args.no_progress and sys.stderr.isatty(),
+        fresh=args.fresh,
     )
     live: list[Any] = []  # the run's LiveReports, once started
 

@@ -10,6 +10,9 @@ file and writes nothing.
 ``started_at``, ``finished_at``, ``error``) so a stored document reads back as
 its spec; any other unknown key is refused.
 
+``fingerprint(spec)`` is the one definition of "the same experiment": a rerun
+of an unfinished experiment resumes it (see ``fingerprint``).
+
 ``LandscapeSpec`` is the ``landscape`` section: when and how the loss
 landscape is measured (see DEVELOPERS.md "Landscape measurements").
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +46,7 @@ __all__ = [
     "LandscapeSpec",
     "SpecError",
     "StrategySpec",
+    "fingerprint",
     "load_specs",
 ]
 
@@ -449,6 +454,25 @@ class ExperimentSpec:
         if "landscape" in kwargs:
             kwargs["landscape"] = LandscapeSpec.from_dict(kwargs["landscape"])
         return cls(**kwargs)
+
+
+#: Fields left out of a spec's fingerprint: the id the store gave it and when the spec was written
+#: (`timestamp` defaults to the moment of construction, so every run of main.py differs in it).
+FINGERPRINT_EXCLUDED = frozenset({"id", "timestamp"})
+
+
+def fingerprint(spec: ExperimentSpec) -> str:
+    """The identity of an experiment: SHA-256 (hex) of its canonical JSON without `FINGERPRINT_EXCLUDED`.
+
+    Two specs share a fingerprint when every other field of ``to_dict`` is equal:
+    data, model, optimisation, strategy, landscape, participation, seed, and the
+    description too (a renamed experiment is a new one, shown under its new name).
+    Same spec and seed, same numbers: an unfinished experiment with this
+    fingerprint can be resumed instead of run again.
+    """
+    data = {key: value for key, value in spec.to_dict().items() if key not in FINGERPRINT_EXCLUDED}
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))  # ASCII: any text, lone surrogates too
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def load_specs(path: str | Path) -> list[ExperimentSpec]:

@@ -29,6 +29,7 @@ from launch.progress import Progress, summary_table
 from stack.api_client import Transport
 from stack.embedded import EmbeddedMongo, free_port
 from stack.settings import DEFAULT_LOG_DIR, StoreSettings
+from stack.submission import Submitted
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class RunOptions:
     log_dir: Path = DEFAULT_LOG_DIR
     poll_interval_s: float = 1.0  # the longest the progress view waits for a change (it long-polls)
     show_progress: bool = True
+    fresh: bool = False  # queue every experiment anew instead of resuming an identical unfinished one
 
 MAX_DEFAULT_WORKERS = 4
 
@@ -87,18 +89,29 @@ def make_transport(url: str, token: str, stop: threading.Event | None = None) ->
     return Transport(url, token, stop=stop or threading.Event(), rng=random.Random(), max_attempts=5)
 
 
-def queue_only(specs: Sequence[ExperimentSpec], server_url: str, token: str | None) -> int:
-    """Submit `specs` to a running server (token from FEDLAND_TOKEN); print their ids."""
+def queue_only(specs: Sequence[ExperimentSpec], server_url: str, token: str | None, *, fresh: bool = False) -> int:
+    """Submit `specs` to a running server (token from FEDLAND_TOKEN); print their ids, and which were resumed."""
     if not token:
         raise ValueError("FEDLAND_TOKEN must be set to queue experiments on --server")
     transport = make_transport(server_url, token)
     try:
-        ids = transport.submit_experiments([spec.to_dict() for spec in specs])
+        ids = transport.submit_experiments([spec.to_dict() for spec in specs], fresh=fresh)
     finally:
         transport.close()
     for experiment_id, spec in zip(ids, specs):
-        print(f"queued {experiment_id}  {_description(spec)}")
+        verb = "resumed" if experiment_id in ids.resumed else "queued"
+        print(f"{verb} {experiment_id}  {_description(spec)}")
     return 0
+
+
+def say_resumed(ids: Submitted, summaries: Mapping[str, Mapping[str, Any]]) -> None:
+    """One line per resumed experiment on stderr: its id and the rounds it has stored."""
+    for experiment_id in ids.resumed:
+        summary = summaries.get(experiment_id, {})
+        done = int((summary.get("last_round") or {}).get("round") or 0)
+        description = summary.get("description") or ""
+        print(f"resumed {experiment_id} (round {done}/{summary.get('rounds', '?')}) {description}".rstrip(),
+              file=sys.stderr)
 
 
 class LocalRun:
@@ -209,13 +222,16 @@ def run_local(
     try:
         local.start(num_clients)
         transport = make_transport(local.url, local.token)
-        earlier = [e for e in transport.list_experiments() if e["status"] not in DONE]
+        submitted = transport.submit_experiments([spec.to_dict() for spec in specs], fresh=options.fresh)
+        ids = list(dict.fromkeys(submitted))  # a spec repeated in the run is one experiment
+        summaries = {e["id"]: e for e in transport.list_experiments()}
+        say_resumed(submitted, summaries)
+        earlier = [e for e in summaries.values() if e["status"] not in DONE and e["id"] not in ids]
         if earlier:
             log.warning("%d unfinished experiments from earlier runs are queued ahead of these", len(earlier))
-        ids = transport.submit_experiments([spec.to_dict() for spec in specs])
         following = contextlib.nullcontext() if follow is None else follow(
             local.store_uri, options.store.db_name, list(ids))
-        with Progress(ids, specs, enabled=options.show_progress) as progress:
+        with Progress(submitted, specs, enabled=options.show_progress) as progress:
             with following:
                 documents = watch(transport, ids, local, options.poll_interval_s, progress)
         last_rounds = {i: progress.last_round(i) for i in ids}
@@ -236,7 +252,7 @@ def run_local(
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-    print(summary_table(ids, documents, last_rounds))
+    print(summary_table(ids, documents, last_rounds, resumed=submitted.resumed))
     print(f"wall time {time.monotonic() - started:.1f} s; logs in {options.log_dir}")
     if reports is not None:
         print(f"reports: {reports.resolve()}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -25,6 +25,8 @@ class Progress:
         if enabled:
             width = max(len(_label(s)) for s in specs)
             for position, (experiment_id, spec) in enumerate(zip(ids, specs)):
+                if experiment_id in self._bars:  # a spec repeated in one run: one experiment, one bar
+                    continue
                 self._bars[experiment_id] = tqdm(
                     total=spec.rounds,
                     desc=_label(spec).ljust(width),
@@ -95,8 +97,12 @@ def summary_table(
     ids: Sequence[str],
     documents: Mapping[str, Mapping[str, Any]],
     last_rounds: Mapping[str, Mapping[str, Any]],
+    resumed: Collection[str] = (),
 ) -> str:
-    """Plain-text table: experiment, status, rounds, final test accuracy and loss, duration."""
+    """Plain-text table: experiment, status, rounds, final test accuracy and loss, duration.
+
+    The status of an experiment in `resumed` (queued by an earlier run, resumed by this one) says so.
+    """
     header = ("experiment", "status", "rounds", "test acc", "test loss", "duration s")
     rows = []
     for experiment_id in ids:
@@ -106,7 +112,7 @@ def summary_table(
         rows.append(
             (
                 description if len(description) <= 48 else description[:45] + "...",
-                str(doc.get("status", "?")),
+                str(doc.get("status", "?")) + (" (resumed)" if experiment_id in resumed else ""),
                 f"{last.get('round', 0)}/{doc.get('rounds', '?')}",
                 _number(last.get("test_accuracy"), 4),
                 _number(last.get("test_loss"), 4),

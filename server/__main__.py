@@ -19,7 +19,7 @@ from types import FrameType
 from server.api import coordinator_of, create_app
 from server.store import Store
 from server.wsgi import GuardedServer
-from stack.embedded import EmbeddedMongo
+from stack.embedded import EmbeddedMongo, StoreUnreachable, check_reachable
 from stack.settings import ServerSettings, configure_logging, set_torch_threads
 
 log = logging.getLogger("server")
@@ -45,6 +45,12 @@ def main() -> int:
     except ValueError as error:
         print(f"server: {error}", file=sys.stderr)
         return 2
+    if settings.mongo_uri is not None:
+        try:
+            check_reachable(settings.mongo_uri)  # a wrong URI is one line now, not a traceback after the timeouts
+        except StoreUnreachable as error:
+            print(f"server: {error}", file=sys.stderr)
+            return 2
     configure_logging(settings.log_level)
     set_torch_threads(settings.torch_threads)
     with contextlib.ExitStack() as stack:

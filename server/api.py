@@ -14,7 +14,7 @@ from server.coordinator import Coordinator
 from server.errors import Conflict, Invalid, NotFound
 from server.resources import Resources
 from server.store import Store, StoreUnavailable
-from server.validation import check_id, parse_json, parse_query_number, parse_task_request
+from server.validation import check_id, parse_json, parse_query_flag, parse_query_number, parse_task_request
 from server.wsgi import RequestGuard
 from stack.settings import ServerSettings
 
@@ -121,8 +121,13 @@ def health() -> Response:
 
 @api.post("/experiments")
 def submit_experiments() -> tuple[Response, int]:
+    """One spec or a list; `?fresh=1` queues each anew instead of resuming an identical unfinished one.
+
+    Answers `{"ids": [...], "resumed": [...]}`: an id per spec, in order, and those resumed.
+    """
+    fresh = parse_query_flag("fresh", request.args.get("fresh"))
     # the spec's rules name the field first; the coordinator then checks what it stores
-    return jsonify({"ids": _coordinator().submit(_json_body(check=False))}), 201
+    return jsonify(_coordinator().submit(_json_body(check=False), fresh=fresh).answer()), 201
 
 
 @api.get("/experiments")

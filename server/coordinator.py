@@ -29,6 +29,7 @@ from typing import Any
 
 from bson import ObjectId
 
+from fedland.spec import ExperimentSpec, fingerprint
 from server.errors import Invalid, NotFound
 from server.measurements import LandscapeWorker
 from server.resources import Resources
@@ -43,6 +44,7 @@ from server.validation import (
 )
 from stack import records, wire
 from stack.records import ExperimentRecord, MemberRecord, ModelFile, WorkerRecord
+from stack.submission import Submitted
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +157,34 @@ class Coordinator:
 
     # experiments -----------------------------------------------------------
 
-    def submit(self, body: Any) -> list[str]:
-        """Validate one spec or a list (all of them first), then store them; returns their ids."""
+    def submit(self, body: Any, *, fresh: bool = False) -> Submitted:
+        """Validate one spec or a list (all of them first), then store them; returns their ids in order.
+
+        A spec identical to a queued or running experiment's (same `fingerprint`)
+        resumes that experiment instead of queueing a copy, and so does one
+        repeated within `body`; `fresh` queues every spec anew. A resumed
+        experiment goes on from its stored rounds (the server holds its round:
+        opened when it was queued, or rebuilt by `recover`). `resumed` names them.
+        """
         specs = parse_specs(body)
-        prepared = []
+        with self.store.submit_lock:  # no identical submit inserts between the search and the insert
+            return self._submit(body, specs, fresh)
+
+    def _submit(self, body: Any, specs: list[ExperimentSpec], fresh: bool) -> Submitted:
+        positions: list[str | int] = []  # per spec: the id of its unfinished twin, or its index in `prepared`
+        first_of: dict[str, int] = {}  # fingerprint -> index in `prepared`: a spec repeated in one submit
+        resumed: list[str] = []
+        prepared: list[tuple[ExperimentSpec, list[dict[str, Any]], bytes]] = []  # spec, members, initial model
         for position, spec in enumerate(specs):
+            identity = fingerprint(spec)
+            twin = None if fresh else self.store.unfinished_twin(identity)
+            if twin is not None:
+                positions.append(twin.id)
+                resumed.append(twin.id)
+                continue
+            if not fresh and identity in first_of:
+                positions.append(first_of[identity])
+                continue
             try:
                 members = self.resources.partition_summary(spec)
             except ValueError as error:
@@ -170,6 +195,8 @@ class Coordinator:
             where = spec_field(body, position, "").rstrip(".")
             check_tree(document, where)  # storable
             check_document_size(document, where or "body")
+            first_of[identity] = len(prepared)
+            positions.append(len(prepared))
             prepared.append((spec, members, wire.encode(self.resources.initial_weights(spec))))
         # Nothing was written so far. Round-0 models go first (an experiment without
         # its initial model must never exist) and are deleted if the insert fails.
@@ -193,10 +220,13 @@ class Coordinator:
             self.rounds.remember_model(experiment.id, 0, initial, spec.rounds)
             state = self.rounds.open(experiment)
             pending += 0 if state is None else len(state.pending)
-        ids = [experiment.id for experiment in experiments]
-        log.info("queued experiments %s", ", ".join(ids))
+        if experiments:
+            log.info("queued experiments %s", ", ".join(experiment.id for experiment in experiments))
+        if resumed:
+            log.info("resumed unfinished experiments %s (identical specs)", ", ".join(dict.fromkeys(resumed)))
         self._changed(pending)
-        return ids
+        ids = [where if isinstance(where, str) else experiments[where].id for where in positions]
+        return Submitted(ids, resumed)
 
     def list_experiments(self) -> list[Answer]:
         summaries = []

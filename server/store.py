@@ -8,6 +8,7 @@ rounds speak in records and the methods below.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,6 +33,7 @@ from stack.records import (
     WorkerRecord,
 )
 from stack.settings import StoreTimeouts
+from stack.store_upgrade import add_fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,9 @@ class Store:
         return store
 
     def _init_buckets(self) -> None:
+        #: Held by a submit from its search for unfinished twins to its insert: two identical specs
+        #: submitted at once queue one experiment (one server process owns a store).
+        self.submit_lock = threading.Lock()
         self.models = gridfs.GridFSBucket(self.db, bucket_name=records.MODELS)
         self.client_models = gridfs.GridFSBucket(self.db, bucket_name=records.CLIENT_MODELS)
 
@@ -80,7 +85,10 @@ class Store:
         self.db.command("ping")
 
     def prepare(self) -> None:
-        """Refuse a store of another schema (`records.SchemaError`), mark a new one, create the unique indexes."""
+        """Refuse a store of another schema (`records.SchemaError`), mark a new one, create the indexes.
+
+        Also writes the fingerprint of experiments stored without one (`stack.store_upgrade.add_fingerprints`).
+        """
         records.check_schema(self.db, claim=True)
         self.db[records.MEMBERS].create_index([("experiment_id", 1), ("client_index", 1)], unique=True)
         self.db[records.WORKERS].create_index([("worker_id", 1)], unique=True)
@@ -91,6 +99,10 @@ class Store:
         self.db[records.LANDSCAPES].create_index([("experiment_id", 1), ("round", 1), ("kind", 1)], unique=True)
         self.db[records.EXPERIMENTS].create_index([("status", 1), ("created_at", 1)])
         self.db[records.REFUSED_UPDATES].create_index([("experiment_id", 1), ("round", 1)])
+        self.db[records.EXPERIMENTS].create_index([("fingerprint", 1), ("status", 1)])  # a rerun's unfinished twin
+        added = add_fingerprints(self.db)  # experiments stored before fingerprints were
+        if added:
+            log.info("added the fingerprint of %d experiments stored without one", added)
 
     # experiments -----------------------------------------------------------
 
@@ -116,6 +128,10 @@ class Store:
 
     def get_experiment(self, experiment_id: str) -> ExperimentRecord | None:
         return records.read_experiment(self.db, experiment_id)
+
+    def unfinished_twin(self, spec_fingerprint: str) -> ExperimentRecord | None:
+        """The oldest queued or running experiment with this spec fingerprint (`fedland.spec.fingerprint`)."""
+        return records.read_unfinished_twin(self.db, spec_fingerprint)
 
     def list_experiments(self) -> list[ExperimentRecord]:
         return records.read_experiments(self.db)

@@ -366,6 +366,19 @@ def parse_task_request(body: Any) -> TaskRequest:
     return TaskRequest(float(wait_s), frozenset(known))
 
 
+FLAG_VALUES = {"1": True, "true": True, "0": False, "false": False}
+
+
+def parse_query_flag(name: str, raw: str | None) -> bool:
+    """A yes/no query parameter: 1 or true, 0 or false (any case); absent is false."""
+    if raw is None:
+        return False
+    value = FLAG_VALUES.get(raw.strip().lower())
+    if value is None:
+        raise Invalid(name, f"query parameter must be 1, true, 0 or false, got {raw[:40]!r}")
+    return value
+
+
 def parse_query_number(name: str, raw: str | None, kind: type[int] | type[float]) -> float | None:
     """A query parameter that must be a number >= 0 (None when absent)."""
     if raw is None:

@@ -13,6 +13,8 @@ from typing import Any
 import requests
 import urllib3
 
+from stack.submission import Submitted
+
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
@@ -187,10 +189,15 @@ class Transport:
             raise Conflict(_error_message(response))
         return _json(response, 202)
 
-    def submit_experiments(self, specs: list[dict[str, Any]]) -> list[str]:
-        """Queue experiments (all or nothing); returns their ids."""
-        response = self.request("POST", "/experiments", json=specs, idempotent=False)
-        return [str(i) for i in _json(response, 201)["ids"]]
+    def submit_experiments(self, specs: list[dict[str, Any]], *, fresh: bool = False) -> Submitted:
+        """Queue experiments (all or nothing); returns their ids, in order, and those resumed.
+
+        A spec identical to a queued or running experiment's resumes it (its id is
+        returned, and listed in `resumed`); `fresh` queues every spec anew.
+        """
+        params = {"fresh": "1"} if fresh else None
+        body = _json(self.request("POST", "/experiments", json=specs, params=params, idempotent=False), 201)
+        return Submitted([str(i) for i in body["ids"]], [str(i) for i in body.get("resumed") or ()])
 
     def list_experiments(self) -> list[dict[str, Any]]:
         return list(_json(self.request("GET", "/experiments"), 200)["experiments"])

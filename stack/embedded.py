@@ -6,6 +6,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,7 +21,9 @@ from typing import Any
 
 import pymongo
 import pymongo.errors
+import pymongo.uri_parser
 from pymongo.database import Database
+from pymongo.errors import ConnectionFailure
 
 from stack.settings import StoreSettings, StoreTimeouts
 
@@ -289,6 +292,79 @@ def _reaped(pid: int) -> bool:
     except ChildProcessError:
         return False
     return done == pid
+
+
+class StoreUnreachable(RuntimeError):
+    """A configured store did not answer a first ping (the message names its URI, without a password)."""
+
+
+#: How long the first ping of a configured store waits at start-up: an unreachable URI is said in seconds.
+#: Later calls keep the configured timeouts (`StoreTimeouts`), which ride out a store's restart.
+FIRST_PING_TIMEOUT_MS = 2_000
+
+_USERINFO = re.compile(r"^(?P<scheme>mongodb(?:\+srv)?://)(?P<user>[^:@/]*)(?::(?P<password>[^@/]*))?@")
+_SECRET_OPTION = re.compile(r"(?i)([?&][^=&]*(?:password|secret|token)[^=&]*=)[^&]*")
+
+
+def redacted(uri: str) -> str:
+    """`uri` with any password (in its user info, or an option named like one) replaced by ``***``."""
+    match = _USERINFO.match(uri)
+    if match is not None and match["password"] is not None:
+        uri = f"{match['scheme']}{match['user']}:***@{uri[match.end():]}"
+    return _SECRET_OPTION.sub(r"\1***", uri)
+
+
+def check_reachable(uri: str, timeout_ms: int = FIRST_PING_TIMEOUT_MS) -> None:
+    """Ping the store at `uri` once, waiting at most about `timeout_ms`; raise StoreUnreachable if it does not answer.
+
+    For start-up only (`python main.py`, `python -m server`): a wrong URI is said at once
+    instead of after the configured timeouts of every later call.
+    """
+    unreachable = _unreachable_hosts(uri, timeout_ms / 1000)
+    if unreachable is not None:  # nothing listens there: a refusal is said at once, not after a selection timeout
+        raise StoreUnreachable(f"cannot use the store at {redacted(uri)}: {unreachable}")
+    client: pymongo.MongoClient[dict[str, Any]] | None = None
+    try:
+        client = pymongo.MongoClient(
+            uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, socketTimeoutMS=timeout_ms
+        )
+        client.admin.command("ping")
+    except (pymongo.errors.PyMongoError, ValueError) as error:
+        # pymongo's message: "host:port: reason (configured timeouts: ...), Timeout: ..., Topology Description: ..."
+        reason = str(error).split(" (configured timeouts", 1)[0].split(", Timeout:", 1)[0].strip()
+        waited = f" (no answer within {timeout_ms / 1000:g} s)" if isinstance(error, ConnectionFailure) else ""
+        raise StoreUnreachable(
+            f"cannot use the store at {redacted(uri)}: {redacted(reason)[:300] or type(error).__name__}{waited}"
+        ) from None
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _unreachable_hosts(uri: str, timeout_s: float) -> str | None:
+    """Why, when no host of a plain ``mongodb://`` URI accepts a TCP connection (refused, or no answer); else None.
+
+    None too when a host fails otherwise (a name not found) or the URI is not a
+    plain one (``mongodb+srv://``): the ping then says what is wrong, within its timeout.
+    """
+    if not uri.startswith("mongodb://"):
+        return None
+    try:
+        hosts = pymongo.uri_parser.parse_uri(uri)["nodelist"]
+    except (pymongo.errors.PyMongoError, ValueError):
+        return None
+    refusals = []
+    for host, port in hosts:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                return None
+        except ConnectionRefusedError as error:
+            refusals.append(f"{host}:{port}: {error.strerror or 'Connection refused'}")
+        except TimeoutError:
+            refusals.append(f"{host}:{port}: no answer within {timeout_s:g} s")
+        except OSError:
+            return None
+    return "; ".join(refusals) or None
 
 
 def connect(uri: str, timeouts: StoreTimeouts | None = None) -> pymongo.MongoClient[dict[str, Any]]:

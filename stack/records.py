@@ -154,6 +154,8 @@ class ExperimentRecord:
     error: str | None = None  # why it failed
 
     def to_doc(self) -> Document:
+        from fedland.spec import fingerprint
+
         return {
             "_id": self.id,
             "description": self.spec.description,  # what a person looks for first; the spec owns it
@@ -164,11 +166,13 @@ class ExperimentRecord:
             "started_at": to_date(self.started_at),
             "finished_at": to_date(self.finished_at),
             "error": self.error,
+            "fingerprint": fingerprint(self.spec),  # derived from the spec, stored to find a twin by one query
             "spec": self.spec.with_id(self.id).to_dict(),
         }
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> ExperimentRecord:
+        """The record of a stored document; its `fingerprint` is not read (the spec gives it)."""
         from fedland.spec import ExperimentSpec
 
         experiment_id = str(doc["_id"])
@@ -185,6 +189,11 @@ class ExperimentRecord:
 
     def replace(self, **changes: Any) -> ExperimentRecord:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def fingerprint_change(cls, doc: Mapping[str, Any]) -> Document:
+        """The `$set` that gives a stored experiment document written without one its `fingerprint`."""
+        return {"fingerprint": cls.from_doc(doc).to_doc()["fingerprint"]}
 
     @classmethod
     def changed_doc(cls, doc: Mapping[str, Any], changes: Mapping[str, Any]) -> Document:
@@ -651,6 +660,17 @@ def read_experiments(db: Database[Document], statuses: Sequence[str] | None = No
     query: Document = {} if statuses is None else {"status": {"$in": list(statuses)}}
     cursor = db[EXPERIMENTS].find(query)
     return [ExperimentRecord.from_doc(doc) for doc in _sorted(cursor, [("created_at", 1), ("_id", 1)])]
+
+
+def read_unfinished_twin(db: Database[Document], spec_fingerprint: str) -> ExperimentRecord | None:
+    """The oldest queued or running experiment whose spec has this `fedland.spec.fingerprint`, if any."""
+    cursor = db[EXPERIMENTS].find({"fingerprint": spec_fingerprint, "status": {"$in": list(ACTIVE)}})
+    return next((ExperimentRecord.from_doc(doc) for doc in _sorted(cursor, [("created_at", 1), ("_id", 1)])), None)
+
+
+def experiments_without_fingerprint(db: Database[Document]) -> list[Document]:
+    """Stored experiment documents written before fingerprints were stored (`stack.store_upgrade` adds them)."""
+    return list(db[EXPERIMENTS].find({"fingerprint": {"$exists": False}}))
 
 
 def experiment_ids(db: Database[Document], statuses: Sequence[str] | None = None) -> list[str]:

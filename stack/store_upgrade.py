@@ -9,6 +9,10 @@ prints what it changed. Schema 1 (the release before typed records) differs in:
 - every time (`created_at`, `assigned_at`, `received_at`, `started_at`, ...) as float seconds, now BSON dates;
 - `rounds.landscape.pairwise_barriers` inline, now a `landscapes` document named by `pairwise_barriers_id`.
 
+Within schema 2, experiments written before fingerprints were stored lack
+`fingerprint` (`fedland.spec.fingerprint`, which finds a rerun's unfinished twin):
+`add_fingerprints` writes it, here and whenever the server prepares the store.
+
 Each document is rewritten through its record (identity fields first), in place
 and by `_id`; a document already in the new shape is left alone, so an upgrade
 cut off part-way is finished by running it again. Nothing is deleted before its
@@ -35,7 +39,7 @@ from stack.records import (
     WorkerRecord,
 )
 
-__all__ = ["upgrade_store"]
+__all__ = ["add_fingerprints", "upgrade_store"]
 
 _LEGACY_MEMBERS = "clients"
 _LEGACY_WORKER_KEY = "client_id"  # the unique index on it would refuse every upgraded worker (no such field)
@@ -132,13 +136,30 @@ def _drop_legacy_worker_index(db: Database[Document]) -> None:
             db[records.WORKERS].drop_index(name)
 
 
+def add_fingerprints(db: Database[Document]) -> int:
+    """Write the `fingerprint` of each schema-2 experiment that lacks one; returns how many."""
+    changed = 0
+    for doc in records.experiments_without_fingerprint(db):
+        if not isinstance(doc.get("spec"), Mapping):
+            continue  # schema 1: `upgrade_store` rewrites it whole
+        # $set of one string: a server updating the document meanwhile loses nothing
+        db[records.EXPERIMENTS].update_one({"_id": doc["_id"]}, {"$set": ExperimentRecord.fingerprint_change(doc)})
+        changed += 1
+    return changed
+
+
+def _fingerprints_added(db: Database[Document]) -> list[str]:
+    count = add_fingerprints(db)
+    return [f"{records.EXPERIMENTS}: {count} documents: 'fingerprint' added"] if count else []
+
+
 def upgrade_store(db: Database[Document]) -> list[str]:
     """Upgrade `db` in place to `records.SCHEMA_VERSION`; returns one line per change (none: it was current)."""
     version = records.schema_version(db)
     if version is None or version == records.SCHEMA_VERSION:
         if version is None:
             records.mark_schema(db)
-        return []
+        return _fingerprints_added(db)
     if version > records.SCHEMA_VERSION:
         raise records.SchemaError(
             f"the store {db.name!r} has schema {version}, newer than this release's {records.SCHEMA_VERSION}"

@@ -105,7 +105,8 @@ def test_a_failed_experiment_insert_leaves_no_round_zero_model(
     # a real store refusal after the round-0 model was written: a unique index the insert breaks
     store.db[records.EXPERIMENTS].create_index([("description", 1)], unique=True)
     before = counts(store)
-    response = post_text(api, "/experiments", json.dumps(make_spec(description="taken")))
+    # another seed: an identical spec would resume the first experiment, not insert
+    response = post_text(api, "/experiments", json.dumps(make_spec(description="taken", seed=8)))
     assert response.status_code == 500  # the store refused: a server-side failure, logged
     assert counts(store) == before  # ... and the model it had written is gone
 

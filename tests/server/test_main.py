@@ -59,3 +59,17 @@ def test_missing_token_exits_with_a_clear_message() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "FEDLAND_TOKEN" in result.stderr
+
+
+def test_an_unreachable_store_is_one_line_naming_it_and_exit_2() -> None:
+    uri = f"mongodb://alice:s3cret-pw@127.0.0.1:{free_port()}/"  # free a moment ago: nothing listens
+    env = server_env(FEDLAND_TOKEN="t" * 24, FEDLAND_MONGO_URI=uri)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "server"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    duration_s = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("server: ") and "mongodb://alice:***@127.0.0.1:" in line and "Connection refused" in line
+    assert "s3cret-pw" not in result.stderr + result.stdout
+    assert duration_s < 5.0, f"took {duration_s:.1f} s"

@@ -16,13 +16,15 @@ from typing import Any
 
 import pytest
 
-from fedland.spec import STORE_KEYS, ExperimentSpec
+from fedland.spec import STORE_KEYS, ExperimentSpec, fingerprint
 from reports.data import load_experiment
 from server.coordinator import Coordinator
 from server.resources import Resources
 from server.store import Store
 from stack import records
 from stack.embedded import EmbeddedMongo, connect
+from stack.store_upgrade import upgrade_store
+from tests.helpers import small_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = Path(__file__).parent / "previous_release_store"
@@ -136,3 +138,25 @@ def test_previous_release_store_upgrades_in_place_and_reads_the_same(tmp_path: P
                 "round": last["round"], "test_loss": last["test_loss"], "test_accuracy": last["test_accuracy"]}
         coordinator.close()
         client.close()
+
+
+def test_experiments_stored_without_a_fingerprint_get_one_and_are_found_as_twins(store: Store) -> None:
+    spec = ExperimentSpec.from_dict(small_spec(num_clients=1, rounds=2))
+    experiments = [records.ExperimentRecord(id=f"e-{i}", spec=spec.with_id(f"e-{i}"), created_at=1_700_000_000.0 + i)
+                   for i in range(2)]
+    for experiment in experiments:  # as this release wrote them before fingerprints were stored
+        doc = experiment.to_doc()
+        del doc["fingerprint"]
+        store.db[records.EXPERIMENTS].insert_one(doc)
+    assert records.read_experiments(store.db) == experiments  # they read as before
+    identity = fingerprint(spec)
+    assert records.read_unfinished_twin(store.db, identity) is None  # not findable yet
+
+    assert upgrade_store(store.db) == ["experiments: 2 documents: 'fingerprint' added"]
+    assert upgrade_store(store.db) == []  # current now
+    twin = records.read_unfinished_twin(store.db, identity)
+    assert twin is not None and twin.id == "e-0"  # the oldest
+
+    store.db[records.EXPERIMENTS].update_many({}, {"$unset": {"fingerprint": ""}})
+    Store.from_database(store.db).prepare()  # a server start adds them too
+    assert store.count(records.EXPERIMENTS, {"fingerprint": identity}) == 2
