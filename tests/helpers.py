@@ -22,7 +22,8 @@ from stack import records
 from stack.api_client import Transport
 from stack.embedded import free_port
 
-TOKEN = "e2e-token"
+TOKEN = "e2e-token"  # the submitter's
+WORKER_TOKEN = "e2e-worker-token"  # the workers enrol with it
 IID = [[0.1] * 10]
 
 
@@ -60,11 +61,13 @@ class LocalStack:
         self.db = client[db_name]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        base = child_env(os.environ, FEDLAND_DATA_DIR=str(data_dir), FEDLAND_TOKEN=TOKEN, FEDLAND_LOG_LEVEL="INFO")
+        base = child_env(os.environ, FEDLAND_DATA_DIR=str(data_dir), FEDLAND_LOG_LEVEL="INFO")
         self.server_env = child_env(
-            base, FEDLAND_MONGO_URI=mongo_uri, FEDLAND_DB=db_name, FEDLAND_PORT=str(self.port), **server_env
+            base, FEDLAND_MONGO_URI=mongo_uri, FEDLAND_DB=db_name, FEDLAND_PORT=str(self.port),
+            FEDLAND_TOKEN=TOKEN, FEDLAND_WORKER_TOKEN=WORKER_TOKEN, **server_env,
         )
-        self.client_env = child_env(base, FEDLAND_SERVER_URL=self.url)
+        self.client_env = child_env(base, FEDLAND_SERVER_URL=self.url, FEDLAND_WORKER_TOKEN=WORKER_TOKEN)
+        self.client_env.pop("FEDLAND_TOKEN", None)
         self.log_dir = log_dir
         self.server: Child | None = None
         self.clients: list[Child] = []
