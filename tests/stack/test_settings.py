@@ -10,7 +10,7 @@ from stack.settings import ClientSettings, ServerSettings
 
 
 def test_server_defaults() -> None:
-    settings = ServerSettings.from_env({"FEDLAND_TOKEN": "t", "FEDLAND_WORKER_TOKEN": "w", "FEDLAND_WORKER_TOKEN": "w"})
+    settings = ServerSettings.from_env({"FEDLAND_TOKEN": "t", "FEDLAND_WORKER_TOKEN": "w"})
     assert settings == ServerSettings(
         token="t",
         worker_token="w",
@@ -69,7 +69,7 @@ def test_tokens_are_required(value: str) -> None:
     with pytest.raises(ValueError, match="FEDLAND_TOKEN"):
         ServerSettings.from_env({"FEDLAND_TOKEN": value, "FEDLAND_WORKER_TOKEN": "w"})
     with pytest.raises(ValueError, match="FEDLAND_WORKER_TOKEN"):
-        ServerSettings.from_env({"FEDLAND_TOKEN": "t", "FEDLAND_WORKER_TOKEN": "w", "FEDLAND_WORKER_TOKEN": value})
+        ServerSettings.from_env({"FEDLAND_TOKEN": "t", "FEDLAND_WORKER_TOKEN": value})
     with pytest.raises(ValueError, match="FEDLAND_WORKER_TOKEN"):
         ClientSettings.from_env({"FEDLAND_TOKEN": "t", "FEDLAND_WORKER_TOKEN": value})
 
