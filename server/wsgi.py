@@ -247,7 +247,7 @@ class GuardedServer(waitress.server.TcpWSGIServer):
                 channel.will_close = True  # closed by the loop (it is writable now)
                 closed[reason] = closed.get(reason, 0) + 1
         if closed:
-            log.info("closed connections past a timeout: %s", ", ".join(f"{n} {r}" for r, n in sorted(closed.items())))
+            log.debug("closed connections past a timeout: %s", ", ".join(f"{n} {r}" for r, n in sorted(closed.items())))
 
     def handle_accept(self) -> None:
         if len(self._map) < self.adj.connection_limit:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -128,3 +129,24 @@ def assert_complete(stack: LocalStack, experiment_id: str, num_clients: int, rou
     )
     model_rounds = sorted(records.ModelFile.from_metadata(f["metadata"]).round for f in files)
     assert model_rounds == list(range(rounds + 1))
+
+
+def seconds_until_closed(sock: socket.socket, limit_s: float, trickle: bytes = b"") -> float:
+    """Seconds until the server closes `sock`, sending `trickle` a byte every 0.2 s meanwhile (slowloris)."""
+    started = time.monotonic()
+    sock.settimeout(0.2)
+    sent = 0
+    while time.monotonic() - started < limit_s:
+        try:
+            if sock.recv(4096) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            if sent < len(trickle):
+                try:
+                    sock.send(trickle[sent:sent + 1])
+                except OSError:
+                    return time.monotonic() - started
+                sent += 1
+        except OSError:
+            return time.monotonic() - started
+    raise AssertionError(f"still open after {limit_s} s")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,6 +13,7 @@ import requests
 
 from server.auth import Credentials
 from server.wsgi import ConnectionTimeouts, GuardedServer, RequestGuard
+from tests.helpers import seconds_until_closed
 
 TOKEN = "wsgi-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -151,27 +151,6 @@ def test_the_connection_limit_answers_503_only_when_every_connection_is_working(
             sock.close()
 
 
-def closed_after_s(sock: socket.socket, limit_s: float, trickle: bytes = b"") -> float:
-    """Seconds until the server closes `sock`, sending `trickle` a byte at a time meanwhile (slowloris)."""
-    started = time.monotonic()
-    sock.settimeout(0.2)
-    sent = 0
-    while time.monotonic() - started < limit_s:
-        try:
-            if sock.recv(4096) == b"":
-                return time.monotonic() - started
-        except TimeoutError:
-            if sent < len(trickle):
-                try:
-                    sock.send(trickle[sent:sent + 1])
-                except OSError:
-                    return time.monotonic() - started
-                sent += 1
-        except OSError:
-            return time.monotonic() - started
-    raise AssertionError(f"still open after {limit_s} s")
-
-
 def test_slow_headers_and_silent_connections_are_closed_within_the_header_timeout(
     guarded: Callable[..., str],
 ) -> None:
@@ -179,8 +158,8 @@ def test_slow_headers_and_silent_connections_are_closed_within_the_header_timeou
     host, port = url.removeprefix("http://").split(":")
     slowloris = b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n" + b"X-a: b\r\n" * 100
     with socket.create_connection((host, int(port))) as silent, socket.create_connection((host, int(port))) as slow:
-        assert closed_after_s(slow, 10.0, slowloris) < 3.5  # 1 s, and the once-a-second check
-        assert closed_after_s(silent, 10.0) < 3.5
+        assert seconds_until_closed(slow, 10.0, slowloris) < 3.5  # 1 s, and the once-a-second check
+        assert seconds_until_closed(silent, 10.0) < 3.5
     # a request that sends its headers at once is served on the same kind of connection
     assert requests.get(url + "/health", headers=AUTH, timeout=30).status_code == 200
 
@@ -190,7 +169,7 @@ def test_a_slow_body_is_closed_within_the_body_timeout(guarded: Callable[..., st
     sock = working_connection(url)
     assert sock is not None
     with sock:
-        assert closed_after_s(sock, 10.0, b"x" * 100) < 3.5
+        assert seconds_until_closed(sock, 10.0, b"x" * 100) < 3.5
 
 
 def test_at_the_limit_the_oldest_idle_connection_makes_room(guarded: Callable[..., str]) -> None:
@@ -200,7 +179,7 @@ def test_at_the_limit_the_oldest_idle_connection_makes_room(guarded: Callable[..
     try:
         for _ in range(3):  # answered, not 503: each newcomer closes the oldest silent connection
             assert requests.get(url + "/health", headers=AUTH, timeout=30).status_code == 200
-        assert closed_after_s(held[0], 5.0) < 5.0
+        assert seconds_until_closed(held[0], 5.0) < 5.0
     finally:
         for sock in held:
             sock.close()
