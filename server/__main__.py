@@ -5,8 +5,8 @@ of them may hold a waiting worker's long-poll, see `ServerSettings.long_poll_slo
 and up to `FEDLAND_SERVER_CONNECTIONS` open connections (default 4096), polling
 sockets with poll(2) (select(2) stops at 1024 descriptors); the open-files limit
 is raised to its hard limit for them. Slow or idle connections cannot starve the
-rest: headers must arrive within `FEDLAND_HEADER_TIMEOUT_S`, bodies within
-`FEDLAND_BODY_TIMEOUT_S`, and at the limit the oldest connection doing no
+rest: headers must arrive within `FEDLAND_HEADER_TIMEOUT_S`, a body may pause
+at most `FEDLAND_BODY_TIMEOUT_S` (and must then keep a minimum rate), and at the limit the oldest connection doing no
 authenticated work is closed to make room (see `server.wsgi.GuardedServer`).
 """
 

@@ -118,11 +118,16 @@ class GuardedParser(waitress.parser.HTTPRequestParser):
         super().__init__(adj)
         self.started_at = time.time()
         self.headers_at: float | None = None
+        self.body_at = 0.0  # when a byte of the body last came
+        self.body_bytes = 0
 
     def received(self, data: bytes) -> int:
         consumed: int = super().received(data)
-        if self.headers_finished and self.headers_at is None:
-            self.headers_at = time.time()
+        if self.headers_at is not None:
+            self.body_at = time.time()
+            self.body_bytes += consumed
+        elif self.headers_finished:
+            self.headers_at = self.body_at = time.time()
             if isinstance(self.error, waitress.utilities.RequestEntityTooLarge):  # type: ignore[has-type]
                 limit = self.adj.max_request_body_size
                 self.error = _JsonError(
@@ -155,12 +160,16 @@ def _guarded_channel(credentials: Credentials) -> type[GuardedChannel]:
     return type("Channel", (GuardedChannel,), {"parser_class": parser})
 
 
+#: A body slower than this on average (after its first `body_timeout_s`) is closed: a trickle, not a slow link.
+MIN_BODY_BYTES_PER_S = 16 * 1024
+
+
 @dataclass(frozen=True)
 class ConnectionTimeouts:
     """How long a connection may take, in seconds (`ServerSettings` fields of the same names)."""
 
     header_timeout_s: float = 5.0  # a request's headers, from its first byte (or from the connect)
-    body_timeout_s: float = 30.0  # its body, from the end of its headers
+    body_timeout_s: float = 10.0  # its body: the longest pause, and when its average rate starts to count
     idle_timeout_s: float = 60.0  # a kept-alive connection between requests
 
 
@@ -175,7 +184,11 @@ def expired(channel: GuardedChannel, now: float, timeouts: ConnectionTimeouts) -
         return "idle" if now - channel.last_activity > timeouts.idle_timeout_s else None
     if request.headers_at is None:
         return "header" if now - request.started_at > timeouts.header_timeout_s else None
-    return "body" if now - request.headers_at > timeouts.body_timeout_s else None
+    if now - request.body_at > timeouts.body_timeout_s:
+        return "body"  # paused too long
+    elapsed_s = now - request.headers_at
+    too_slow = request.body_bytes < MIN_BODY_BYTES_PER_S * elapsed_s
+    return "body" if elapsed_s > timeouts.body_timeout_s and too_slow else None
 
 
 def _eviction_order(channel: GuardedChannel) -> tuple[int, float] | None:
@@ -201,8 +214,9 @@ class GuardedServer(waitress.server.TcpWSGIServer):
     """waitress that checks credentials before a body is read, and that idle or slow connections cannot starve.
 
     - A request's headers must be in within `header_timeout_s` of its first byte
-      (of the connect for a silent connection), its body within `body_timeout_s`
-      of its headers; a kept-alive connection is closed after `idle_timeout_s`
+      (of the connect for a silent connection); its body may pause at most
+      `body_timeout_s` and, after that long, must average `MIN_BODY_BYTES_PER_S`
+      (16 KiB/s: a slow link passes, a trickle does not); a kept-alive connection is closed after `idle_timeout_s`
       without a request. Checked every second.
     - At `connection_limit` open connections, a new connection closes the oldest
       one doing no authenticated work (silent or sending headers first, then

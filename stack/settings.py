@@ -171,7 +171,7 @@ class ServerSettings:
     max_workers: int = 1024  # workers registered and alive at once
     registrations_per_min: int = 120  # worker registrations a minute (as many at once)
     header_timeout_s: float = 5.0  # a request's headers must be in this long after its first byte (or the connect)
-    body_timeout_s: float = 30.0  # a request's body must be in this long after its headers
+    body_timeout_s: float = 10.0  # a request's body may pause this long (and must then average 16 KiB/s)
     idle_timeout_s: float = 60.0  # a kept-alive connection with no request open is closed after this
 
     def __post_init__(self) -> None:

@@ -172,6 +172,23 @@ def test_a_slow_body_is_closed_within_the_body_timeout(guarded: Callable[..., st
         assert seconds_until_closed(sock, 10.0, b"x" * 100) < 3.5
 
 
+def test_a_slow_but_steady_body_is_served(guarded: Callable[..., str]) -> None:
+    url = guarded(timeouts=ConnectionTimeouts(body_timeout_s=1.0), max_request_body_size=1 << 20)
+    host, port = url.removeprefix("http://").split(":")
+    chunk, chunks = b"x" * 4096, 32  # 128 KiB at about 40 KiB/s: over three body timeouts, above the minimum rate
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            f"POST /x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {len(chunk) * chunks}\r\n\r\n".encode()
+        )
+        pace = threading.Event()
+        for _ in range(chunks):
+            sock.sendall(chunk)
+            pace.wait(0.1)  # the pace of a slow link, not a wait for the server
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"received": 131072}'), answer
+
+
 def test_at_the_limit_the_oldest_idle_connection_makes_room(guarded: Callable[..., str]) -> None:
     url = guarded(connection_limit=6, max_request_body_size=1000)
     host, port = url.removeprefix("http://").split(":")
