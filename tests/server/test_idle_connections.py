@@ -72,15 +72,15 @@ class Crowd:
             slow: list[tuple[socket.socket, int] | None] = []
             for entry in self.slow:
                 if entry is None or entry[0] in closed:
-                    sock = self._connect()
-                    entry = None if sock is None else (sock, 0)
+                    fresh = self._connect()
+                    entry = None if fresh is None else (fresh, 0)
                 if entry is not None:
-                    sock, sent = entry
+                    slow_sock, sent = entry
                     try:
-                        sock.send(SLOW_HEADERS[sent:sent + 1])  # one byte per turn: never a whole header block
-                        entry = (sock, sent + 1)
+                        slow_sock.send(SLOW_HEADERS[sent:sent + 1])  # one byte per turn: never a whole header block
+                        entry = (slow_sock, sent + 1)
                     except OSError:
-                        sock.close()
+                        slow_sock.close()
                         entry = None
                 slow.append(entry)
             self.slow = slow
