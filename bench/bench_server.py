@@ -124,7 +124,9 @@ async def worker(
         started = time.perf_counter()
         status, body = await http.request("POST", "/api/v1/workers", json.dumps({"hostname": "bench", "pid": number}).encode())
         stats.latency["register"].append(time.perf_counter() - started)
-        worker_id = json.loads(body)["worker_id"]
+        registration = json.loads(body)
+        worker_id = registration["worker_id"]
+        http.token = registration["worker_secret"]  # the enrolment token registers; the worker's secret does the rest
         models: dict[int, bytes] = {}
         while not done.is_set():
             started = time.perf_counter()
@@ -176,21 +178,25 @@ def peak_rss_mb(pid: int) -> float:
 
 def run_pair(members: int, workers: int, rounds: int, data_dir: Path) -> dict[str, Any]:
     token = secrets.token_urlsafe(16)
+    worker_token = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory() as tmp, EmbeddedMongo(Path(tmp) / "store") as uri:
         port = free_port()
         env = {**os.environ, "FEDLAND_TOKEN": token, "FEDLAND_MONGO_URI": uri, "FEDLAND_PORT": str(port),
-               "FEDLAND_DATA_DIR": str(data_dir), "FEDLAND_LOG_LEVEL": "WARNING", "FEDLAND_DB": "bench"}
+               "FEDLAND_DATA_DIR": str(data_dir), "FEDLAND_LOG_LEVEL": "WARNING", "FEDLAND_DB": "bench",
+               "FEDLAND_WORKER_TOKEN": worker_token,
+               # every fake worker registers at once: the bound and the rate must not be what is measured
+               "FEDLAND_MAX_WORKERS": str(max(1024, workers)), "FEDLAND_REGISTRATIONS_PER_MIN": str(max(120, workers))}
         root = Path(__file__).resolve().parents[1]
         server = subprocess.Popen([sys.executable, "-m", "server"], cwd=root, env=env)
         try:
-            return asyncio.run(_drive(server, port, token, uri, members, workers, rounds))
+            return asyncio.run(_drive(server, port, token, worker_token, uri, members, workers, rounds))
         finally:
             server.terminate()
             server.wait(timeout=60)
 
 
-async def _drive(server: subprocess.Popen[bytes], port: int, token: str, uri: str, members: int, workers: int,
-                 rounds: int) -> dict[str, Any]:
+async def _drive(server: subprocess.Popen[bytes], port: int, token: str, worker_token: str, uri: str, members: int,
+                 workers: int, rounds: int) -> dict[str, Any]:
     http = Http("127.0.0.1", port, token)
     for _ in range(600):
         try:
@@ -212,8 +218,10 @@ async def _drive(server: subprocess.Popen[bytes], port: int, token: str, uri: st
     num_train = {member.client_index: member.num_train for member in records.read_members(db, experiment_id)}
     stats, done = Stats(), asyncio.Event()
     started = time.perf_counter()
-    tasks = [asyncio.create_task(worker(i, "127.0.0.1", port, token, experiment_id, num_train, rounds, stats, done))
-             for i in range(workers)]
+    tasks = [
+        asyncio.create_task(worker(i, "127.0.0.1", port, worker_token, experiment_id, num_train, rounds, stats, done))
+        for i in range(workers)
+    ]
     await done.wait()
     wall = time.perf_counter() - started
     # every worker finishes its request in flight (a long-poll ends within its wait_s)

@@ -22,7 +22,7 @@ from typing import Any
 
 from client.work import LocalData, load_weights, run_round
 from fedland.spec import ExperimentSpec
-from stack.api_client import ApiError, Conflict, Stopped, Transport, UnknownWorker
+from stack.api_client import ApiError, Conflict, Registration, Stopped, Transport, UnknownWorker
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,12 @@ SPEC_CACHE_ENTRIES = 32
 class Heartbeat:
     """Background thread posting a heartbeat every `interval_s` while the client works."""
 
-    def __init__(self, make_transport: TransportFactory, worker_id: str, interval_s: float) -> None:
+    def __init__(
+        self, make_transport: TransportFactory, worker_id: str, interval_s: float, worker_secret: str | None = None
+    ) -> None:
         self.transport = make_transport(max_attempts=1)  # a missed beat is retried at the next beat
+        if worker_secret is not None:
+            self.transport.act_as(worker_secret)
         self.worker_id = worker_id
         self.interval_s = interval_s
         self.lost = threading.Event()  # the server no longer knows this client
@@ -48,7 +52,7 @@ class Heartbeat:
                 try:
                     transport.heartbeat(self.worker_id)
                 except UnknownWorker:
-                    log.warning("heartbeat: server does not know worker %s", self.worker_id)
+                    log.warning("heartbeat: server does not know worker %s or its secret", self.worker_id)
                     self.lost.set()
                     return
                 except Stopped:
@@ -95,8 +99,9 @@ class ClientLoop:
             while not self.stop.is_set():
                 registration = self.transport.register(socket.gethostname(), os.getpid())
                 log.info("registered as worker %s", registration.worker_id)
+                self.transport.act_as(registration.worker_secret)
                 try:
-                    self._work(registration.worker_id, registration.heartbeat_interval_s)
+                    self._work(registration)
                 except UnknownWorker as error:
                     # back off only if the server keeps forgetting fresh registrations
                     forgotten = 0 if self._tasks_done else forgotten + 1
@@ -112,7 +117,8 @@ class ClientLoop:
             self.transport.close()
         log.info("client stopped")
 
-    def _work(self, worker_id: str, heartbeat_interval_s: float) -> None:
+    def _work(self, registration: Registration) -> None:
+        worker_id, heartbeat_interval_s = registration.worker_id, registration.heartbeat_interval_s
         self._tasks_done = 0
         failures = 0  # consecutive tasks that failed
         while not self.stop.is_set():
@@ -122,7 +128,7 @@ class ClientLoop:
             if action == "wait":
                 self.stop.wait(float(task.get("retry_after_s", 1.0)))
                 continue
-            heartbeat = Heartbeat(self.make_transport, worker_id, heartbeat_interval_s)
+            heartbeat = Heartbeat(self.make_transport, worker_id, heartbeat_interval_s, registration.worker_secret)
             try:
                 if action != "train":
                     raise ValueError(f"unknown task action {action!r}")
@@ -136,7 +142,7 @@ class ClientLoop:
                 log.error("task failed (%s: %s); asking again in %.1f s", type(error).__name__, error, delay_s)
                 self.stop.wait(delay_s)
             if heartbeat.lost.is_set():
-                raise UnknownWorker("heartbeat answered 404")
+                raise UnknownWorker("heartbeat answered 401 or 404")
 
     def _spec(self, experiment_id: str, spec_dict: dict[str, Any] | None) -> ExperimentSpec:
         if experiment_id not in self._specs:

@@ -120,7 +120,8 @@ class LocalRun:
     def __init__(self, options: RunOptions, env: Mapping[str, str]) -> None:
         self.options = options
         self.env = dict(env)
-        self.token = secrets.token_urlsafe(24)
+        self.token = secrets.token_urlsafe(24)  # the submitter's: this process queues and watches
+        self.worker_token = secrets.token_urlsafe(24)  # the clients enrol with it; each then gets its own secret
         self.store: EmbeddedMongo | None = None
         self.server: Child | None = None
         self.clients: list[Child] = []
@@ -139,13 +140,15 @@ class LocalRun:
             self.env,
             FEDLAND_MONGO_URI=uri,
             FEDLAND_TOKEN=self.token,
+            FEDLAND_WORKER_TOKEN=self.worker_token,
             FEDLAND_HOST="127.0.0.1",
             FEDLAND_PORT=str(port),
         )
         self.server = start_server(server_env, self.options.log_dir / "server.log")
         wait_healthy(self.server, self.url, self.token)
-        client_env = child_env(self.env, FEDLAND_SERVER_URL=self.url, FEDLAND_TOKEN=self.token)
+        client_env = child_env(self.env, FEDLAND_SERVER_URL=self.url, FEDLAND_WORKER_TOKEN=self.worker_token)
         client_env.pop("FEDLAND_MONGO_URI", None)
+        client_env.pop("FEDLAND_TOKEN", None)  # workers cannot queue experiments
         self.clients = start_clients(num_clients, client_env, self.options.log_dir)
         log.info("server %s, %d clients, logs in %s", self.url, num_clients, self.options.log_dir)
 

@@ -254,7 +254,8 @@ class Stack:
         files = ["-f", str(REPO / "compose.yaml")] + (["-f", str(args.override)] if args.override else [])
         self.compose = [*compose, "--project-name", name, "--project-directory", str(REPO),
                         "--env-file", str(self.env_file), *files]
-        self.token = env_value(self.env_file, "FEDLAND_TOKEN")
+        self.token = env_value(self.env_file, "FEDLAND_TOKEN")  # the submitter's
+        self.worker_token = env_value(self.env_file, "FEDLAND_WORKER_TOKEN")  # what clients enrol with
         self.url = f"http://127.0.0.1:{self.port}"
 
     def c(self, *args: str, timeout: float = 600, check_rc: bool = True) -> subprocess.CompletedProcess[str]:
@@ -643,7 +644,7 @@ def swarm_main(args: argparse.Namespace, work: Path, compose: list[str], standin
     env_file = clients_work / "clients.env"
     gateway = run("docker", "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}")
     server_url = f"http://{gateway.stdout.strip()}:{stack.port}"  # this host, as another host would reach it
-    env_file.write_text(f"FEDLAND_SERVER_URL={server_url}\nFEDLAND_TOKEN={stack.token}\n")
+    env_file.write_text(f"FEDLAND_SERVER_URL={server_url}\nFEDLAND_WORKER_TOKEN={stack.worker_token}\n")
     clients = [*compose, "--project-name", "fedland-swarm-clients", "--project-directory", str(REPO),
                "--env-file", str(env_file), "-f", str(REPO / "compose.clients.yaml")]
     clients_env = {**stack.env, "CLIENT_REPLICAS": "1"}

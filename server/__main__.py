@@ -4,7 +4,10 @@ waitress serves with `FEDLAND_SERVER_THREADS` request threads (default 256: most
 of them may hold a waiting worker's long-poll, see `ServerSettings.long_poll_slots`)
 and up to `FEDLAND_SERVER_CONNECTIONS` open connections (default 4096), polling
 sockets with poll(2) (select(2) stops at 1024 descriptors); the open-files limit
-is raised to its hard limit for them.
+is raised to its hard limit for them. Slow or idle connections cannot starve the
+rest: headers must arrive within `FEDLAND_HEADER_TIMEOUT_S`, a body may pause
+at most `FEDLAND_BODY_TIMEOUT_S` (and must then keep a minimum rate), and at the limit the oldest connection doing no
+authenticated work is closed to make room (see `server.wsgi.GuardedServer`).
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import signal
 import sys
 from types import FrameType
 
-from server.api import coordinator_of, create_app
+from server.api import app_credentials, coordinator_of, create_app
 from server.store import Store
-from server.wsgi import GuardedServer
+from server.wsgi import ConnectionTimeouts, GuardedServer
 from stack.embedded import EmbeddedMongo, StoreUnreachable, check_reachable
 from stack.settings import ServerSettings, configure_logging, set_torch_threads
 
@@ -65,14 +68,14 @@ def main() -> int:
         _raise_open_files_limit(settings.connection_limit + 256)
         server = GuardedServer(
             app,
-            token=settings.token,  # a body without the token is refused before it is read
+            credentials=app_credentials(app),  # a body without a valid credential is refused before it is read
+            timeouts=ConnectionTimeouts(settings.header_timeout_s, settings.body_timeout_s, settings.idle_timeout_s),
             host=settings.host,
             port=settings.port,
             threads=settings.threads,
             connection_limit=settings.connection_limit,
             backlog=2048,
             asyncore_use_poll=True,
-            channel_timeout=120,
             max_request_body_size=settings.max_body_bytes,  # so is one over the limit, chunked too
         )
         stack.callback(server.close)

@@ -10,12 +10,13 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from server.auth import Credentials, Principal, RateLimit
 from server.coordinator import Coordinator
-from server.errors import Conflict, Invalid, NotFound
+from server.errors import Conflict, Forbidden, Invalid, NotFound, Throttled
 from server.resources import Resources
 from server.store import Store, StoreUnavailable
 from server.validation import check_id, parse_json, parse_query_flag, parse_query_number, parse_task_request
-from server.wsgi import RequestGuard
+from server.wsgi import PRINCIPAL, RequestGuard
 from stack.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,14 @@ def create_app(
         if settings.mongo_uri is None:
             raise ValueError("FEDLAND_MONGO_URI must be set to serve without an explicit store")
         store = Store(settings.mongo_uri, settings.db_name, timeouts=settings.store_timeouts)
+    credentials = credentials_of(settings, store)
     coordinator = Coordinator(
         store,
         Resources(settings.data_dir, device=settings.device),
         heartbeat_timeout_s=settings.heartbeat_timeout_s,
         long_poll_slots=settings.long_poll_slots,
+        max_workers=settings.max_workers,
+        credentials=credentials,
         clock=clock,
     )
     if recover:
@@ -47,21 +51,35 @@ def create_app(
     coordinator.start()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.config["FEDLAND_TOKEN"] = settings.token
     app.config["STORE_RETRY_AFTER_S"] = settings.store_retry_after_s
     app.extensions["fedland.store"] = store
     app.extensions["fedland.coordinator"] = coordinator
+    app.extensions["fedland.credentials"] = credentials
+    app.extensions["fedland.registrations"] = RateLimit(settings.registrations_per_min, clock=clock)
     app.register_blueprint(api)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(StoreUnavailable, _store_unavailable)
-    # token and Content-Length are checked before Flask (or anything) reads the body
-    app.wsgi_app = RequestGuard(app.wsgi_app, settings.token, settings.max_body_bytes)  # type: ignore[method-assign]
+    # credential, route and Content-Length are checked before Flask (or anything) reads the body
+    app.wsgi_app = RequestGuard(app.wsgi_app, credentials, settings.max_body_bytes)  # type: ignore[method-assign]
     return app
+
+
+def credentials_of(settings: ServerSettings, store: Store) -> Credentials:
+    """The submitter and enrolment tokens of `settings`, and the secrets of the workers in `store`."""
+    credentials = Credentials(settings.token, settings.worker_token)
+    credentials.load(store.worker_secret_digests())
+    return credentials
 
 
 def coordinator_of(app: Flask) -> Coordinator:
     coordinator: Coordinator = app.extensions["fedland.coordinator"]
     return coordinator
+
+
+def app_credentials(app: Flask) -> Credentials:
+    """The credentials `app` accepts (the waitress guard checks the same ones before a body is read)."""
+    credentials: Credentials = app.extensions["fedland.credentials"]
+    return credentials
 
 
 def _coordinator() -> Coordinator:
@@ -105,7 +123,10 @@ def _conflict(error: Conflict) -> tuple[Response, int]:
 
 @api.errorhandler(Invalid)
 def _invalid(error: Invalid) -> tuple[Response, int]:
-    return _error(error.status, str(error), error.field, error.rule)
+    response, status = _error(error.status, str(error), error.field, error.rule)
+    if isinstance(error, Throttled):
+        response.headers["Retry-After"] = str(error.retry_after_s)
+    return response, status
 
 
 def _json_body(*, check: bool = True) -> Any:
@@ -149,6 +170,14 @@ def get_experiment(experiment_id: str) -> Response:
 
 @api.post("/workers")
 def register_worker() -> tuple[Response, int]:
+    """A new worker's id and secret; at most FEDLAND_REGISTRATIONS_PER_MIN a minute (429 with Retry-After)."""
+    limit: RateLimit = current_app.extensions["fedland.registrations"]
+    retry_after_s = limit.take()
+    if retry_after_s:
+        raise Throttled(
+            "workers", f"at most {limit.per_minute} registrations a minute (FEDLAND_REGISTRATIONS_PER_MIN)",
+            retry_after_s,
+        )
     return jsonify(_coordinator().register(_json_body())), 201
 
 
@@ -180,6 +209,9 @@ def submit_update(experiment_id: str, server_round: int) -> tuple[Response, int]
         raise Invalid("meta", "multipart field 'meta' (JSON) is missing")
     # NaN statistics are the update's fault, not the request's: parse_meta refuses and records them
     meta = parse_json(raw_meta, "meta", check=False, finite=False)
+    principal: Principal = request.environ[PRINCIPAL]
+    if isinstance(meta, dict) and meta.get("worker_id") != principal.worker_id:
+        raise Forbidden("meta.worker_id", "must be the id of the worker whose secret signs the request")
     upload = request.files.get("weights")
     if upload is None:
         raise Invalid("weights", "multipart file 'weights' (safetensors) is missing")

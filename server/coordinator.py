@@ -30,7 +30,8 @@ from typing import Any
 from bson import ObjectId
 
 from fedland.spec import ExperimentSpec, fingerprint
-from server.errors import Invalid, NotFound
+from server.auth import Credentials, new_worker_secret
+from server.errors import Invalid, NotFound, Throttled
 from server.measurements import LandscapeWorker
 from server.resources import Resources
 from server.rounds import Rounds, RoundState
@@ -83,9 +84,13 @@ class Coordinator:
         heartbeat_timeout_s: float = 30.0,
         retry_after_s: float = 1.0,
         long_poll_slots: int = 64,
+        max_workers: int = 1024,
+        credentials: Credentials | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.max_workers = max_workers
+        self.credentials = credentials  # told each new worker's secret (server/auth.py)
         self.resources = resources
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.retry_after_s = retry_after_s
@@ -283,18 +288,34 @@ class Coordinator:
         return self.heartbeat_interval_s
 
     def register(self, body: Any) -> Answer:
+        """A new worker: its id and its own secret (only the secret's digest is stored).
+
+        Throttled (429) while `max_workers` workers are alive (a silent one stops counting once reaped).
+        """
         registration = parse_registration(body)
+        with self._seen_lock:
+            alive = len(self._seen)
+        if alive >= self.max_workers:
+            raise Throttled(
+                "workers",
+                f"at most {self.max_workers} workers may be registered at once (FEDLAND_MAX_WORKERS); "
+                f"a slot frees when a worker has been silent for {self.heartbeat_timeout_s:.0f} s",
+                max(1, round(self.heartbeat_interval_s)),
+            )
         now = self.clock()
         worker_id = uuid.uuid4().hex
+        secret, digest = new_worker_secret(worker_id)
         self.store.insert_worker(WorkerRecord(
             worker_id=worker_id, hostname=registration.hostname, pid=registration.pid,
-            registered_at=now, last_seen=now,
+            registered_at=now, last_seen=now, secret_sha256=digest,
         ))
+        if self.credentials is not None:
+            self.credentials.allow_worker(worker_id, digest)
         with self._seen_lock:
             self._seen[worker_id] = now
             self._flushed[worker_id] = now
         log.info("registered worker %s (%s pid %d)", worker_id, registration.hostname, registration.pid)
-        return {"worker_id": worker_id, "heartbeat_interval_s": self.heartbeat_interval_s}
+        return {"worker_id": worker_id, "worker_secret": secret, "heartbeat_interval_s": self.heartbeat_interval_s}
 
     def heartbeat(self, worker_id: str) -> None:
         """Note that the worker is alive; NotFound if it never registered."""

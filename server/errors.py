@@ -40,3 +40,19 @@ class TooLarge(Invalid):
     """A request input is over a documented size limit (413)."""
 
     status = 413
+
+
+class Throttled(Invalid):
+    """A request over a documented bound or rate (429); try again after `retry_after_s`."""
+
+    status = 429
+
+    def __init__(self, field: str, rule: str, retry_after_s: int) -> None:
+        super().__init__(field, rule)
+        self.retry_after_s = retry_after_s
+
+
+class Forbidden(Invalid):
+    """An authenticated request for something its credential may not do (403)."""
+
+    status = 403

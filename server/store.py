@@ -215,6 +215,11 @@ class Store:
         doc = self.db[records.WORKERS].find_one(WorkerRecord.key(worker_id))
         return None if doc is None else WorkerRecord.from_doc(doc)
 
+    def worker_secret_digests(self) -> dict[str, str]:
+        """Every worker's secret digest (worker id -> SHA-256 hex), for `server.auth.Credentials.load`."""
+        workers = (WorkerRecord.from_doc(doc) for doc in self.db[records.WORKERS].find(WorkerRecord.with_secret()))
+        return {worker.worker_id: worker.secret_sha256 for worker in workers if worker.secret_sha256}
+
     def touch_workers(self, last_seen: Mapping[str, float]) -> None:
         """Write the workers' `last_seen` (the coordinator keeps liveness in memory and flushes what moved)."""
         for worker_id, seen in last_seen.items():

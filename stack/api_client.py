@@ -25,7 +25,7 @@ class Stopped(Exception):
 
 
 class UnknownWorker(Exception):
-    """The server does not know this worker id (404 on a worker route): register again."""
+    """The server does not know this worker or its secret (404 or 401 on a worker route): register again."""
 
 
 class Conflict(Exception):
@@ -68,14 +68,17 @@ class Backoff:
 @dataclass(frozen=True)
 class Registration:
     worker_id: str
+    worker_secret: str  # this worker's own credential: every later request of the worker sends it
     heartbeat_interval_s: float
 
 
 class Transport:
-    """Calls the server's HTTP API, retrying connection failures and 5xx answers.
+    """Calls the server's HTTP API, retrying connection failures, 5xx and 429 answers.
 
-    A 5xx with ``Retry-After`` (the store is down, the server is at its
-    connection limit) is retried no sooner than the server asks.
+    A 5xx or 429 with ``Retry-After`` (the store is down, the server is at its
+    connection limit, registrations are over their rate) is retried no sooner
+    than the server asks. `token` is the credential sent until `act_as` gives a
+    worker's own secret; `register` always sends `token` (the enrolment token).
 
     Retries go on until `max_attempts` (None: forever) or until `stop` is set, in
     which case `Stopped` is raised. Not thread-safe: give each thread its own.
@@ -100,8 +103,13 @@ class Transport:
         self.backoff = backoff
         self.max_attempts = max_attempts
         self.timeout_s = timeout_s
+        self.token = token
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def act_as(self, worker_secret: str) -> None:
+        """Send `worker_secret` (a registration's) with every later request but `register`."""
+        self.session.headers["Authorization"] = f"Bearer {worker_secret}"
 
     def close(self) -> None:
         self.session.close()
@@ -129,11 +137,11 @@ class Transport:
                         f"{method} {path} failed ({problem}); it may have been applied: check before repeating it"
                     ) from error
             else:
-                if response.status_code < 500:
+                if response.status_code < 500 and response.status_code != 429:
                     return response
                 problem = f"HTTP {response.status_code}: {_error_message(response)}"
                 retry_after_s = retry_after(response)
-                if not idempotent:
+                if not idempotent and response.status_code != 429:  # a 429 was not applied
                     raise ConnectionError(
                         f"{method} {path} failed ({problem}); it may have been applied: check before repeating it"
                     )
@@ -151,8 +159,11 @@ class Transport:
         return self.request("GET", "/health").status_code == 200
 
     def register(self, hostname: str, pid: int) -> Registration:
-        body = _json(self.request("POST", "/workers", json={"hostname": hostname, "pid": pid}), 201)
-        return Registration(str(body["worker_id"]), float(body["heartbeat_interval_s"]))
+        """A new worker id and its secret (sent with the enrolment token; see `act_as`)."""
+        enrolment = {"Authorization": f"Bearer {self.token}"}
+        response = self.request("POST", "/workers", json={"hostname": hostname, "pid": pid}, headers=enrolment)
+        body = _json(response, 201)
+        return Registration(str(body["worker_id"]), str(body["worker_secret"]), float(body["heartbeat_interval_s"]))
 
     def heartbeat(self, worker_id: str) -> None:
         _json(self.request("POST", f"/workers/{worker_id}/heartbeat"), 200, unknown_worker=True)
@@ -245,7 +256,7 @@ def _error_message(response: requests.Response) -> str:
 def _check(response: requests.Response, expected: int, *, unknown_worker: bool = False) -> None:
     if response.status_code == expected:
         return
-    if unknown_worker and response.status_code == 404:
+    if unknown_worker and response.status_code in (401, 404):
         raise UnknownWorker(_error_message(response))
     try:
         field = response.json().get("field")

@@ -291,6 +291,7 @@ class WorkerRecord:
     registered_at: float = 0.0
     last_seen: float = 0.0  # flushed from the coordinator's memory every few seconds
     status_at: float | None = None
+    secret_sha256: str | None = None  # of the worker's own secret (server/auth.py); None: registered before secrets
 
     DATES: ClassVar[frozenset[str]] = frozenset({"registered_at", "last_seen", "status_at"})
 
@@ -303,6 +304,7 @@ class WorkerRecord:
             "registered_at": to_date(self.registered_at),
             "last_seen": to_date(self.last_seen),
             "status_at": to_date(self.status_at),
+            "secret_sha256": self.secret_sha256,
         }
 
     @classmethod
@@ -315,6 +317,7 @@ class WorkerRecord:
             registered_at=from_date(doc.get("registered_at")) or 0.0,
             last_seen=from_date(doc.get("last_seen")) or 0.0,
             status_at=from_date(doc.get("status_at")),
+            secret_sha256=doc.get("secret_sha256"),
         )
 
     @classmethod
@@ -324,6 +327,11 @@ class WorkerRecord:
     @staticmethod
     def key(worker_id: str) -> Document:
         return {"worker_id": worker_id}
+
+    @staticmethod
+    def with_secret() -> Document:
+        """The filter of workers that hold a secret."""
+        return {"secret_sha256": {"$type": "string"}}
 
 
 #: The keys of a worker's stats object (checked by `server.validation.check_stats`), in stored order.

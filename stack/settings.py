@@ -29,7 +29,14 @@ def _text(env: Mapping[str, str], name: str, default: str) -> str:
 def _token(env: Mapping[str, str]) -> str:
     value = env.get("FEDLAND_TOKEN", "").strip()
     if not value:
-        raise ValueError("FEDLAND_TOKEN is required: set it to the shared bearer token")
+        raise ValueError("FEDLAND_TOKEN is required: set it to the submitter's bearer token")
+    return value
+
+
+def _worker_token(env: Mapping[str, str]) -> str:
+    value = env.get("FEDLAND_WORKER_TOKEN", "").strip()
+    if not value:
+        raise ValueError("FEDLAND_WORKER_TOKEN is required: set it to the token workers enrol with")
     return value
 
 
@@ -144,7 +151,8 @@ class StoreTimeouts:
 class ServerSettings:
     """Configuration of `python -m server` (and of the launcher's store)."""
 
-    token: str
+    token: str  # the submitter's: queues experiments and reads them
+    worker_token: str  # the enrolment token: registers workers, nothing else
     data_dir: Path = DEFAULT_DATA_DIR
     mongo_uri: str | None = None
     db_name: str = "fedland"
@@ -160,6 +168,15 @@ class ServerSettings:
     connection_limit: int = 4096  # open connections (each worker keeps one or two alive)
     store_timeouts: StoreTimeouts = StoreTimeouts()
     store_retry_after_s: int = 5  # Retry-After of a 503 while the store is unavailable
+    max_workers: int = 1024  # workers registered and alive at once
+    registrations_per_min: int = 120  # worker registrations a minute (as many at once)
+    header_timeout_s: float = 5.0  # a request's headers must be in this long after its first byte (or the connect)
+    body_timeout_s: float = 10.0  # a request's body may pause this long (and must then average 16 KiB/s)
+    idle_timeout_s: float = 60.0  # a kept-alive connection with no request open is closed after this
+
+    def __post_init__(self) -> None:
+        if self.token == self.worker_token:
+            raise ValueError("FEDLAND_WORKER_TOKEN must differ from FEDLAND_TOKEN (the submitter's)")
 
     @property
     def max_body_bytes(self) -> int:
@@ -176,6 +193,7 @@ class ServerSettings:
         store = StoreSettings.from_env(env)
         return cls(
             token=_token(env),
+            worker_token=_worker_token(env),
             data_dir=_data_dir(env),
             mongo_uri=store.mongo_uri,
             db_name=store.db_name,
@@ -191,6 +209,11 @@ class ServerSettings:
             connection_limit=_int(env, "FEDLAND_SERVER_CONNECTIONS", cls.connection_limit, low=16),
             store_timeouts=StoreTimeouts.from_env(env),
             store_retry_after_s=_int(env, "FEDLAND_STORE_RETRY_AFTER_S", cls.store_retry_after_s, low=1, high=3600),
+            max_workers=_int(env, "FEDLAND_MAX_WORKERS", cls.max_workers, low=1),
+            registrations_per_min=_int(env, "FEDLAND_REGISTRATIONS_PER_MIN", cls.registrations_per_min, low=1),
+            header_timeout_s=_positive_float(env, "FEDLAND_HEADER_TIMEOUT_S", cls.header_timeout_s),
+            body_timeout_s=_positive_float(env, "FEDLAND_BODY_TIMEOUT_S", cls.body_timeout_s),
+            idle_timeout_s=_positive_float(env, "FEDLAND_IDLE_TIMEOUT_S", cls.idle_timeout_s),
         )
 
 
@@ -198,7 +221,7 @@ class ServerSettings:
 class ClientSettings:
     """Configuration of `python -m client`."""
 
-    token: str
+    token: str  # the enrolment token (FEDLAND_WORKER_TOKEN); registration returns the worker's own secret
     data_dir: Path = DEFAULT_DATA_DIR
     server_url: str = "http://127.0.0.1:8080"
     torch_threads: int = 1
@@ -209,7 +232,7 @@ class ClientSettings:
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ClientSettings:
         """Parse FEDLAND_* variables; a bad value raises ValueError naming the variable."""
         return cls(
-            token=_token(env),
+            token=_worker_token(env),
             data_dir=_data_dir(env),
             server_url=_url(env, "FEDLAND_SERVER_URL", cls.server_url),
             torch_threads=_int(env, "FEDLAND_TORCH_THREADS", cls.torch_threads, low=1),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from stack import records
 from stack.api_client import Transport
 from stack.embedded import free_port
 
-TOKEN = "e2e-token"
+TOKEN = "e2e-token"  # the submitter's
+WORKER_TOKEN = "e2e-worker-token"  # the workers enrol with it
 IID = [[0.1] * 10]
 
 
@@ -60,11 +62,13 @@ class LocalStack:
         self.db = client[db_name]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        base = child_env(os.environ, FEDLAND_DATA_DIR=str(data_dir), FEDLAND_TOKEN=TOKEN, FEDLAND_LOG_LEVEL="INFO")
+        base = child_env(os.environ, FEDLAND_DATA_DIR=str(data_dir), FEDLAND_LOG_LEVEL="INFO")
         self.server_env = child_env(
-            base, FEDLAND_MONGO_URI=mongo_uri, FEDLAND_DB=db_name, FEDLAND_PORT=str(self.port), **server_env
+            base, FEDLAND_MONGO_URI=mongo_uri, FEDLAND_DB=db_name, FEDLAND_PORT=str(self.port),
+            FEDLAND_TOKEN=TOKEN, FEDLAND_WORKER_TOKEN=WORKER_TOKEN, **server_env,
         )
-        self.client_env = child_env(base, FEDLAND_SERVER_URL=self.url)
+        self.client_env = child_env(base, FEDLAND_SERVER_URL=self.url, FEDLAND_WORKER_TOKEN=WORKER_TOKEN)
+        self.client_env.pop("FEDLAND_TOKEN", None)
         self.log_dir = log_dir
         self.server: Child | None = None
         self.clients: list[Child] = []
@@ -125,3 +129,24 @@ def assert_complete(stack: LocalStack, experiment_id: str, num_clients: int, rou
     )
     model_rounds = sorted(records.ModelFile.from_metadata(f["metadata"]).round for f in files)
     assert model_rounds == list(range(rounds + 1))
+
+
+def seconds_until_closed(sock: socket.socket, limit_s: float, trickle: bytes = b"") -> float:
+    """Seconds until the server closes `sock`, sending `trickle` a byte every 0.2 s meanwhile (slowloris)."""
+    started = time.monotonic()
+    sock.settimeout(0.2)
+    sent = 0
+    while time.monotonic() - started < limit_s:
+        try:
+            if sock.recv(4096) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            if sent < len(trickle):
+                try:
+                    sock.send(trickle[sent:sent + 1])
+                except OSError:
+                    return time.monotonic() - started
+                sent += 1
+        except OSError:
+            return time.monotonic() - started
+    raise AssertionError(f"still open after {limit_s} s")

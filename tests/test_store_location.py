@@ -31,7 +31,10 @@ def test_server_launcher_and_report_use_one_embedded_store(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLAND_")}
-    env |= {"FEDLAND_DATA_DIR": str(data_dir), "FEDLAND_TOKEN": "location-token-0123456789"}
+    env |= {
+        "FEDLAND_DATA_DIR": str(data_dir), "FEDLAND_TOKEN": "location-token-0123456789",
+        "FEDLAND_WORKER_TOKEN": "location-worker-token",
+    }
     assert ServerSettings.from_env(env).store_dir == LauncherSettings.from_env(env).store.store_dir == DEFAULT_STORE_DIR
 
     # 1. python -m server, with no URI, starts its embedded store in ./data/store

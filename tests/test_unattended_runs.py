@@ -21,7 +21,7 @@ from fedland.spec import LandscapeSpec
 from stack import records, wire
 from stack.api_client import ApiError, Transport
 from stack.embedded import EmbeddedMongo
-from tests.helpers import TOKEN, LocalStack, small_spec, wait_until
+from tests.helpers import WORKER_TOKEN, LocalStack, small_spec, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,11 @@ OFF = LandscapeSpec(enabled=False)
 
 
 def hostile_worker(stack: LocalStack) -> tuple[Transport, str]:
-    transport = Transport(stack.url, TOKEN, stop=threading.Event(), rng=random.Random(1), max_attempts=3)
-    return transport, transport.register(socket.gethostname(), os.getpid()).worker_id
+    """A worker registered as the real ones are (the enrolment token, then its own secret): this test speaks for it."""
+    transport = Transport(stack.url, WORKER_TOKEN, stop=threading.Event(), rng=random.Random(1), max_attempts=3)
+    registration = transport.register(socket.gethostname(), os.getpid())
+    transport.act_as(registration.worker_secret)
+    return transport, registration.worker_id
 
 
 def test_a_diverging_experiment_fails_with_its_reason_and_the_queue_moves_on(

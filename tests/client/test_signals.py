@@ -33,7 +33,7 @@ class Client:
         env = {
             **os.environ,
             "FEDLAND_SERVER_URL": server_url,
-            "FEDLAND_TOKEN": "test-token",
+            "FEDLAND_WORKER_TOKEN": "test-token",
             "FEDLAND_DATA_DIR": str(tmp_path),
             "FEDLAND_LOG_LEVEL": "INFO",
         }
@@ -90,7 +90,7 @@ def wait_for(predicate: Any) -> None:
 def test_exits_zero_while_waiting_for_work(stub_server: Any, tmp_path: Path, signum: int) -> None:
     script = stub_server(
         routes={
-            ("POST", "/api/v1/workers"): (201, {"worker_id": "c-1", "heartbeat_interval_s": 5.0}),
+            ("POST", "/api/v1/workers"): (201, {"worker_id": "c-1", "worker_secret": "c-1.s", "heartbeat_interval_s": 5.0}),
             ("POST", "/api/v1/workers/c-1/task"): (200, {"action": "wait", "retry_after_s": 60.0}),
         }
     )
@@ -118,7 +118,7 @@ def test_a_second_signal_stops_at_once_without_a_traceback(tmp_path: Path) -> No
 def test_reregisters_when_the_server_forgets_it(stub_server: Any, tmp_path: Path) -> None:
     script = stub_server(
         routes={
-            ("POST", "/api/v1/workers"): (201, {"worker_id": "c-1", "heartbeat_interval_s": 5.0}),
+            ("POST", "/api/v1/workers"): (201, {"worker_id": "c-1", "worker_secret": "c-1.s", "heartbeat_interval_s": 5.0}),
             ("POST", "/api/v1/workers/c-1/task"): (404, {"error": "unknown worker"}),
         }
     )
@@ -130,9 +130,9 @@ def test_reregisters_when_the_server_forgets_it(stub_server: Any, tmp_path: Path
 
 
 def test_bad_configuration_exits_2(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "FEDLAND_TOKEN"}
+    env = {k: v for k, v in os.environ.items() if k not in ("FEDLAND_TOKEN", "FEDLAND_WORKER_TOKEN")}
     result = subprocess.run(
         [sys.executable, "-m", "client"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
-    assert "FEDLAND_TOKEN" in result.stderr
+    assert "FEDLAND_WORKER_TOKEN" in result.stderr

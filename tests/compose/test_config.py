@@ -197,7 +197,7 @@ def test_make_env_fills_every_secret_with_fresh_random_values(tmp_path: Path) ->
     assert stat.S_IMODE(first.stat().st_mode) == 0o600
     example = read_env_file(REPO / ".env.example")
     secrets = [key for key, value in example.items() if value == ""]
-    assert {"MONGO_ROOT_PASSWORD", "ME_BASICAUTH_PASSWORD", "FEDLAND_TOKEN"} <= set(secrets)
+    assert {"MONGO_ROOT_PASSWORD", "ME_BASICAUTH_PASSWORD", "FEDLAND_TOKEN", "FEDLAND_WORKER_TOKEN"} <= set(secrets)
     one, two = read_env_file(first), read_env_file(second)
     assert list(one) == list(example)  # every documented variable, in order
     for key in secrets:
@@ -218,6 +218,28 @@ def test_make_env_refuses_to_overwrite_unless_forced(tmp_path: Path) -> None:
     assert path.read_text() == "MONGO_ROOT_PASSWORD=keep-me\n"
     assert make_env(path, "--force").returncode == 0
     assert read_env_file(path)["MONGO_ROOT_PASSWORD"] not in ("", "keep-me")
+
+
+def test_make_env_adds_what_an_older_env_lacks_and_keeps_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("MONGO_ROOT_PASSWORD=keep-me\nFEDLAND_TOKEN=old-submitter-token\n")
+    result = make_env(path, "--add-missing")
+    assert result.returncode == 0, result.stderr
+    env = read_env_file(path)
+    assert (env["MONGO_ROOT_PASSWORD"], env["FEDLAND_TOKEN"]) == ("keep-me", "old-submitter-token")
+    assert re.fullmatch(r"[0-9a-f]{48}", env["FEDLAND_WORKER_TOKEN"])  # a fresh secret
+    assert set(env) == set(read_env_file(REPO / ".env.example"))  # every variable a fresh .env has
+    assert make_env(path, "--add-missing").returncode == 0 and read_env_file(path) == env  # nothing more to add
+
+
+def test_clients_get_the_enrolment_token_and_never_the_submitter_token(
+    stack_config: dict[str, Any], clients_config: dict[str, Any]
+) -> None:
+    server = service_environment(stack_config, "server")
+    assert server["FEDLAND_TOKEN"] != server["FEDLAND_WORKER_TOKEN"]
+    for config in (stack_config, clients_config):
+        client = service_environment(config, "client")
+        assert "FEDLAND_TOKEN" not in client and client["FEDLAND_WORKER_TOKEN"]
 
 
 def test_env_example_documents_exactly_the_variables_compose_uses() -> None:
@@ -261,7 +283,7 @@ def test_compose_config_is_valid(compose_file: str, env_file: Path) -> None:
 @pytest.mark.parametrize("compose_file", COMPOSE_FILES)
 def test_compose_config_names_each_missing_required_variable(compose_file: str, tmp_path: Path) -> None:
     required = set(REQUIRED.findall((REPO / compose_file).read_text()))
-    assert "FEDLAND_TOKEN" in required
+    assert "FEDLAND_WORKER_TOKEN" in required  # every file runs clients; compose.yaml also needs FEDLAND_TOKEN
     empty = tmp_path / "empty.env"
     empty.write_text("")
     result = run_compose(compose_file, empty, "config", "--quiet")

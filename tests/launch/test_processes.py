@@ -14,7 +14,7 @@ def test_stop_all_signals_each_client_once_and_logs_end_cleanly(tmp_path: Path) 
     env = child_env(
         os.environ,
         FEDLAND_SERVER_URL=f"http://127.0.0.1:{free_port()}",  # nobody there: the clients back off
-        FEDLAND_TOKEN="t",
+        FEDLAND_WORKER_TOKEN="t",
         FEDLAND_DATA_DIR=str(tmp_path),
         FEDLAND_LOG_LEVEL="INFO",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,20 +33,49 @@ def small_spec(**overrides: Any) -> dict[str, Any]:
     return spec
 
 
-class Api:
-    """requests against one server, with the bearer token set."""
+WORKER_TOKEN = "test-worker-token-0123456789"  # the enrolment token of the test servers
+_WORKER_PATH = re.compile(r"/workers/([^/]+)/")
 
-    def __init__(self, base_url: str, token: str, app: Any = None) -> None:
+
+class Api:
+    """requests against one server, each with the credential a real caller sends.
+
+    The submitter token by default; the enrolment token to register; a worker's own
+    secret on its routes (`/workers/<id>/...`), and on updates that of the worker
+    last registered unless `as_worker` names another (`act(worker_id)` gives its header).
+    """
+
+    def __init__(self, base_url: str, token: str, app: Any = None, worker_token: str = WORKER_TOKEN) -> None:
         self.app = app  # the Flask app served, when the test started it
         self.base = f"{base_url}/api/v1"
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
+        self.enrolment = {"Authorization": f"Bearer {worker_token}"}
+        self.secrets: dict[str, str] = {}  # worker id -> its secret
+        self.last_worker: str | None = None
 
-    def get(self, path: str, **kwargs: Any) -> requests.Response:
-        return self.session.get(self.base + path, timeout=60, **kwargs)
+    def act(self, worker_id: str) -> dict[str, str]:
+        """The Authorization header of a registered worker."""
+        return {"Authorization": f"Bearer {self.secrets[worker_id]}"}
 
-    def post(self, path: str, **kwargs: Any) -> requests.Response:
-        return self.session.post(self.base + path, timeout=60, **kwargs)
+    def headers_for(self, path: str, as_worker: str | None = None) -> dict[str, str]:
+        if path == "/workers":
+            return self.enrolment
+        named = _WORKER_PATH.match(path)
+        worker = as_worker or (named.group(1) if named else None)
+        if worker is None and path.endswith("/updates"):
+            worker = self.last_worker
+        return self.act(worker) if worker in self.secrets else {}
+
+    def _send(self, method: str, path: str, as_worker: str | None, kwargs: dict[str, Any]) -> requests.Response:
+        headers = {**self.headers_for(path, as_worker), **kwargs.pop("headers", {})}
+        return self.session.request(method, self.base + path, timeout=60, headers=headers, **kwargs)
+
+    def get(self, path: str, as_worker: str | None = None, **kwargs: Any) -> requests.Response:
+        return self._send("GET", path, as_worker, kwargs)
+
+    def post(self, path: str, as_worker: str | None = None, **kwargs: Any) -> requests.Response:
+        return self._send("POST", path, as_worker, kwargs)
 
     def submit(self, *specs: dict[str, Any]) -> list[str]:
         body: Any = specs[0] if len(specs) == 1 else list(specs)
@@ -56,7 +86,10 @@ class Api:
     def register(self, hostname: str = "test-host") -> str:
         response = self.post("/workers", json={"hostname": hostname, "pid": 1234})
         assert response.status_code == 201, response.text
-        return str(response.json()["worker_id"])
+        worker_id = str(response.json()["worker_id"])
+        self.secrets[worker_id] = str(response.json()["worker_secret"])
+        self.last_worker = worker_id
+        return worker_id
 
     def task(self, worker_id: str) -> dict[str, Any]:
         response = self.post(f"/workers/{worker_id}/task")
@@ -88,6 +121,7 @@ class Api:
         data = weights if isinstance(weights, bytes) else wire.encode(weights)
         return self.post(
             f"/experiments/{experiment_id}/rounds/{server_round}/updates",
+            as_worker=worker_id if worker_id in self.secrets else None,
             data={"meta": json.dumps(meta)},
             files={"weights": ("weights.safetensors", data, "application/octet-stream")},
         )
@@ -96,7 +130,7 @@ class Api:
 @pytest.fixture
 def make_settings(token: str, data_dir: Path) -> Callable[..., ServerSettings]:
     def make(**overrides: Any) -> ServerSettings:
-        return ServerSettings(token=token, data_dir=data_dir, **overrides)
+        return ServerSettings(token=token, worker_token=WORKER_TOKEN, data_dir=data_dir, **overrides)
 
     return make
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable
 
 import numpy as np
@@ -104,9 +105,13 @@ def test_register_heartbeat_and_unknown_workers(api: Any, store: Store) -> None:
     assert body["heartbeat_interval_s"] == 10.0  # a third of the 30 s timeout
     worker = store.get_worker(body["worker_id"])
     assert worker is not None and worker.hostname == "node-1"
+    # the store holds the secret's digest, never the secret
+    assert worker.secret_sha256 == hashlib.sha256(body["worker_secret"].encode()).hexdigest()
+    api.secrets[body["worker_id"]] = body["worker_secret"]
     assert api.post(f"/workers/{body['worker_id']}/heartbeat").json() == {"ok": True}
-    assert api.post("/workers/unknown/heartbeat").status_code == 404
-    assert api.post("/workers/unknown/task").status_code == 404
+    # another worker's routes are not this secret's, nor the submitter's
+    assert api.post("/workers/unknown/heartbeat", as_worker=body["worker_id"]).status_code == 403
+    assert api.post("/workers/unknown/task").status_code == 403
     response = api.post("/workers", json={"hostname": "", "pid": 1})
     assert (response.status_code, response.json()["field"]) == (400, "hostname")
     response = api.post("/workers", json={"hostname": "h", "pid": "1"})

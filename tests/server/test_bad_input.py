@@ -24,10 +24,7 @@ def counts(store: Store) -> dict[str, int]:
 
 
 def post_text(api: Api, path: str, text: str) -> Any:
-    return api.session.post(
-        api.base + path, data=text.encode("utf-8", "surrogatepass"),
-        headers={"Content-Type": "application/json"}, timeout=60,
-    )
+    return api.post(path, data=text.encode("utf-8", "surrogatepass"), headers={"Content-Type": "application/json"})
 
 
 DEEP = "[" * 100_000 + "]" * 100_000
@@ -141,10 +138,11 @@ def test_stats_that_left_orphan_files_are_refused_before_any_write(
 
 def test_deep_meta_is_refused(api: Api, store: Store, make_spec: Callable[..., dict]) -> None:
     (experiment_id,) = api.submit(make_spec())
+    worker = api.register()
     data = wire.encode({"w": np.zeros(1, np.float32)})
     before = counts(store)
     response = api.post(
-        f"/experiments/{experiment_id}/rounds/1/updates",
+        f"/experiments/{experiment_id}/rounds/1/updates", as_worker=worker,
         data={"meta": "[" * 100_000 + "]" * 100_000},
         files={"weights": ("w.safetensors", data, "application/octet-stream")},
     )

@@ -104,10 +104,7 @@ def check(api: Api, store: Store, send: Callable[[], Any], allowed: set[int]) ->
 
 
 def post_json(api: Api, path: str, text: str) -> Any:
-    return api.session.post(
-        api.base + path, data=text.encode("utf-8", "surrogatepass"),
-        headers={"Content-Type": "application/json"}, timeout=120,
-    )
+    return api.post(path, data=text.encode("utf-8", "surrogatepass"), headers={"Content-Type": "application/json"})
 
 
 SPEC_FIELDS = [
@@ -168,7 +165,7 @@ def test_fuzz_client_routes(api: Api, store: Store, make_spec: Callable[..., dic
             check(api, store, lambda: post_json(api, "/workers", body), {201, 400, 413})
         else:
             path = f"/workers/{quote(worker_id.encode('utf-8', 'surrogatepass'), safe='')}/{route}"
-            check(api, store, lambda: api.post(path), {200, 400, 404, 405})
+            check(api, store, lambda: api.post(path), {200, 400, 403, 404, 405})
 
     run()
 
@@ -244,7 +241,7 @@ def test_fuzz_update_route(api: Api, store: Store, make_spec: Callable[..., dict
         )
         files = {"weights": ("w.safetensors", weights, "application/octet-stream")}
         data = {"meta": meta.encode("utf-8", "surrogatepass")}
-        check(api, store, lambda: api.post(path, data=data, files=files), {202, 400, 404, 409, 413})
+        check(api, store, lambda: api.post(path, as_worker=first, data=data, files=files), {202, 400, 403, 404, 409, 413})
 
     run()
     # whatever was accepted, nothing is orphaned: every client-model file is referenced by a stat

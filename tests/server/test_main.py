@@ -25,7 +25,7 @@ def server_env(**variables: str) -> dict[str, str]:
 def test_serves_and_stops_on_sigterm(mongo_uri: str, mongo_db_name: str, token: str, tmp_path: Path) -> None:
     port = free_port()
     env = server_env(
-        FEDLAND_TOKEN=token, FEDLAND_MONGO_URI=mongo_uri, FEDLAND_DB=mongo_db_name,
+        FEDLAND_TOKEN=token, FEDLAND_WORKER_TOKEN="main-worker-token", FEDLAND_MONGO_URI=mongo_uri, FEDLAND_DB=mongo_db_name,
         FEDLAND_PORT=str(port), FEDLAND_DATA_DIR=str(tmp_path), FEDLAND_LOG_LEVEL="INFO",
     )
     process = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env,

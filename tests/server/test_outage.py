@@ -16,7 +16,7 @@ from server.store import Store
 from stack import records
 from stack.embedded import EmbeddedMongo, free_port
 from stack.settings import ServerSettings, StoreTimeouts
-from tests.server.conftest import Api, small_spec
+from tests.server.conftest import WORKER_TOKEN, Api, small_spec
 
 FAST = StoreTimeouts(server_selection_ms=300, connect_ms=300, socket_ms=2_000)
 
@@ -30,7 +30,9 @@ def test_store_outage_is_a_503_with_retry_after_and_no_traceback(
     uri = embedded.start()
     store = Store(uri, "outage", timeouts=FAST)
     try:
-        settings = ServerSettings(token=token, data_dir=data_dir, store_timeouts=FAST, store_retry_after_s=2)
+        settings = ServerSettings(
+            token=token, worker_token=WORKER_TOKEN, data_dir=data_dir, store_timeouts=FAST, store_retry_after_s=2
+        )
         api = Api(serve(create_app(settings, store)), token)
         (experiment_id,) = api.submit(small_spec())
         worker_id = api.register()
@@ -96,7 +98,9 @@ def outage_stack(
     port = free_port()
     embedded = EmbeddedMongo(tmp_path / "store", port=port)
     store = OutageAt(embedded.start(), embedded, method)
-    settings = ServerSettings(token=token, data_dir=data_dir, store_timeouts=FAST, heartbeat_timeout_s=3.0)
+    settings = ServerSettings(
+        token=token, worker_token=WORKER_TOKEN, data_dir=data_dir, store_timeouts=FAST, heartbeat_timeout_s=3.0
+    )
 
     def restart() -> None:
         EmbeddedMongo(tmp_path / "store", port=port).start()

@@ -223,6 +223,7 @@ def test_new_app_on_the_same_store_resumes(
     orphan = store.save_client_model(wire.encode(update_0), ClientModelFile(experiment_id, 1, 0))
 
     restarted = start_api()  # recovers on start, and first deletes what no document references
+    restarted.secrets.update(api.secrets)  # the workers keep their secrets: the new app reads their digests
     client_files = records.files_collection(records.CLIENT_MODELS)
     assert orphan not in {str(f["_id"]) for f in store.db[client_files].find({}, {"_id": 1})}
     assert store.count(client_files) == 2  # the two stored updates stay

@@ -1,4 +1,4 @@
-"""Bodies refused before they are read (token, size), and a 503 at the connection limit, over real sockets."""
+"""Bodies refused before they are read (credential, size), connection timeouts and the limit, over real sockets."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from typing import Any
 import pytest
 import requests
 
-from server.wsgi import GuardedServer, RequestGuard
+from server.auth import Credentials
+from server.wsgi import ConnectionTimeouts, GuardedServer, RequestGuard
+from tests.helpers import seconds_until_closed
 
 TOKEN = "wsgi-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CREDENTIALS = Credentials(TOKEN, "wsgi-test-enrolment-token")
 
 
 def echo_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
@@ -30,7 +33,7 @@ def guarded() -> Iterator[Callable[..., str]]:
     running: list[tuple[GuardedServer, threading.Event, threading.Thread]] = []
 
     def start(**options: Any) -> str:
-        server = GuardedServer(echo_app, token=TOKEN, host="127.0.0.1", port=0, threads=2, **options)
+        server = GuardedServer(echo_app, credentials=CREDENTIALS, host="127.0.0.1", port=0, threads=2, **options)
         stop = threading.Event()
 
         def loop() -> None:
@@ -104,25 +107,108 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(guarded: Callable[..
     assert (response.status_code, response.json()) == (200, {"received": 999})
 
 
-def test_the_connection_limit_answers_503_with_retry_after(guarded: Callable[..., str]) -> None:
+def working_connection(url: str) -> socket.socket | None:
+    """A connection whose authorized request is waiting for its body (the server said 100 Continue); None on 503."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(
+        f"POST /x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Content-Length: 100\r\nExpect: 100-continue\r\n\r\n".encode()
+    )
+    answer = sock.recv(4096)
+    if answer.startswith(b"HTTP/1.1 100"):
+        return sock
+    assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in answer and b"connection limit" in answer
+    sock.close()
+    return None
+
+
+def test_the_connection_limit_answers_503_only_when_every_connection_is_working(
+    guarded: Callable[..., str],
+) -> None:
+    url = guarded(connection_limit=6, max_request_body_size=1000)
+    working: list[socket.socket] = []
+    try:
+        for _ in range(10):
+            sock = working_connection(url)
+            if sock is None:
+                break
+            working.append(sock)
+        assert 0 < len(working) < 10  # the limit was reached, and nothing working was closed for the newcomer
+        for sock in working:  # each still waits for its body
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
+        working.pop().close()
+        answers = []
+        for _ in range(200):  # the server sees the closed connection within a few loop turns
+            answers.append(requests.get(url + "/health", headers=AUTH, timeout=30).status_code)
+            if answers[-1] == 200:
+                break
+        assert answers[-1] == 200
+    finally:
+        for sock in working:
+            sock.close()
+
+
+def test_slow_headers_and_silent_connections_are_closed_within_the_header_timeout(
+    guarded: Callable[..., str],
+) -> None:
+    url = guarded(timeouts=ConnectionTimeouts(header_timeout_s=1.0))
+    host, port = url.removeprefix("http://").split(":")
+    slowloris = b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n" + b"X-a: b\r\n" * 100
+    with socket.create_connection((host, int(port))) as silent, socket.create_connection((host, int(port))) as slow:
+        assert seconds_until_closed(slow, 10.0, slowloris) < 3.5  # 1 s, and the once-a-second check
+        assert seconds_until_closed(silent, 10.0) < 3.5
+    # a request that sends its headers at once is served on the same kind of connection
+    assert requests.get(url + "/health", headers=AUTH, timeout=30).status_code == 200
+
+
+def test_a_slow_body_is_closed_within_the_body_timeout(guarded: Callable[..., str]) -> None:
+    url = guarded(timeouts=ConnectionTimeouts(body_timeout_s=1.0), max_request_body_size=10_000)
+    sock = working_connection(url)
+    assert sock is not None
+    with sock:
+        assert seconds_until_closed(sock, 10.0, b"x" * 100) < 3.5
+
+
+def test_a_slow_but_steady_body_is_served(guarded: Callable[..., str]) -> None:
+    url = guarded(timeouts=ConnectionTimeouts(body_timeout_s=1.0), max_request_body_size=1 << 20)
+    host, port = url.removeprefix("http://").split(":")
+    chunk, chunks = b"x" * 4096, 32  # 128 KiB at about 40 KiB/s: over three body timeouts, above the minimum rate
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            f"POST /x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {len(chunk) * chunks}\r\n\r\n".encode()
+        )
+        pace = threading.Event()
+        for _ in range(chunks):
+            sock.sendall(chunk)
+            pace.wait(0.1)  # the pace of a slow link, not a wait for the server
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"received": 131072}'), answer
+
+
+def test_at_the_limit_the_oldest_idle_connection_makes_room(guarded: Callable[..., str]) -> None:
     url = guarded(connection_limit=6, max_request_body_size=1000)
     host, port = url.removeprefix("http://").split(":")
-    held = []
+    held = [socket.create_connection((host, int(port)), timeout=30) for _ in range(8)]  # silent, as attackers hold
     try:
-        for _ in range(8):  # idle keep-alive connections, as many clients hold
-            held.append(socket.create_connection((host, int(port)), timeout=30))
-        response = requests.get(url + "/health", headers=AUTH, timeout=30)
-        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
-        assert "connection limit" in response.json()["error"]
+        for _ in range(3):  # answered, not 503: each newcomer closes the oldest silent connection
+            assert requests.get(url + "/health", headers=AUTH, timeout=30).status_code == 200
+        assert seconds_until_closed(held[0], 5.0) < 5.0
     finally:
         for sock in held:
             sock.close()
-    answers = []
-    for _ in range(200):  # the server sees the closed connections within a few loop turns
-        answers.append(requests.get(url + "/health", headers=AUTH, timeout=30).status_code)
-        if answers[-1] == 200:
-            break
-    assert answers[-1] == 200
+
+
+def test_a_credential_for_another_route_is_refused_before_the_body_is_read(guarded: Callable[..., str]) -> None:
+    url = guarded(max_request_body_size=1 << 30)
+    status, _, body = headers_only(url, [
+        "POST /api/v1/experiments HTTP/1.1", "Host: x", "Authorization: Bearer wsgi-test-enrolment-token",
+        "Content-Length: 300000000",
+    ])
+    assert status.startswith("HTTP/1.1 403") and json.loads(body)["field"] == "Authorization"
 
 
 class Unreadable:
@@ -138,7 +224,7 @@ class Unreadable:
 )
 def test_request_guard_answers_without_reading(headers: dict[str, str], status: int) -> None:
     answered: list[str] = []
-    guard = RequestGuard(echo_app, TOKEN, max_body_bytes=1000)
+    guard = RequestGuard(echo_app, CREDENTIALS, max_body_bytes=1000)
     environ = {"wsgi.input": Unreadable(), "REQUEST_METHOD": "POST", **headers}
     body = b"".join(guard(environ, lambda s, h: answered.append(s)))
     assert answered[0].startswith(str(status)) and "error" in json.loads(body)

@@ -27,9 +27,9 @@ def transport(url: str, **kwargs: Any) -> Transport:
 
 
 def test_retries_5xx_until_success_and_sends_token(stub_server: Any) -> None:
-    script = stub_server(fail_first=3, status=201, body={"worker_id": "c-1", "heartbeat_interval_s": 2.5})
+    script = stub_server(fail_first=3, status=201, body={"worker_id": "c-1", "worker_secret": "c-1.s", "heartbeat_interval_s": 2.5})
     registration = transport(script.url).register("host-a", 1234)
-    assert registration.worker_id == "c-1"
+    assert (registration.worker_id, registration.worker_secret) == ("c-1", "c-1.s")
     assert registration.heartbeat_interval_s == 2.5
     assert len(script.calls) == 4  # three 503s, then the answer
     for method, path, headers, body in script.calls:
