@@ -63,7 +63,7 @@ def test_missing_token_exits_with_a_clear_message() -> None:
 
 def test_an_unreachable_store_is_one_line_naming_it_and_exit_2() -> None:
     uri = f"mongodb://alice:s3cret-pw@127.0.0.1:{free_port()}/"  # free a moment ago: nothing listens
-    env = server_env(FEDLAND_TOKEN="t" * 24, FEDLAND_MONGO_URI=uri)
+    env = server_env(FEDLAND_TOKEN="t" * 24, FEDLAND_WORKER_TOKEN="w" * 24, FEDLAND_MONGO_URI=uri)
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "server"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
