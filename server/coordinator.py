@@ -380,10 +380,8 @@ class Coordinator:
             return 0
         cutoff = now - self.heartbeat_timeout_s
         with self._seen_lock:
-            lost = {
-                w for w, seen in self._seen.items()
-                if max(seen, self._store_back_at) < cutoff and not self._in_flight.get(w)
-            }
+            busy = {w for w, count in self._in_flight.items() if count}  # being served: alive
+            lost = {w for w, seen in self._seen.items() if max(seen, self._store_back_at) < cutoff and w not in busy}
         freed: list[tuple[RoundState, int, str, str]] = []
         with self.rounds.lock:
             for state in self.rounds.active():
@@ -391,9 +389,9 @@ class Coordinator:
                     if worker in lost:
                         freed.append((state, index, worker, f"worker {worker} silent for over {self.heartbeat_timeout_s:.0f} s"))
                         continue
-                    deadline = state.hold_deadline_s(index, self.heartbeat_timeout_s)
-                    held = now - state.assigned_at.get(index, now)
-                    if deadline is not None and held > deadline:
+                    deadline = state.hold_deadline_s(index, 2 * self.heartbeat_timeout_s)
+                    held = now - max(state.assigned_at.get(index, now), self._store_back_at)  # a stall is not its
+                    if deadline is not None and held > deadline and worker not in busy:
                         freed.append((state, index, worker, f"worker {worker} held it {held:.0f} s (deadline {deadline:.0f} s)"))
         for state, index, _, _ in freed:
             self.store.release_member(state.experiment_id, index)

@@ -335,11 +335,14 @@ class Rounds:
         try:
             self._store_update(state, meta, weights, weights_data)
         except BaseException:
-            with self.lock:  # give the assignment back: the worker may retry
-                state.reported.discard(index)
-                state.assigned[index] = worker_id
-                if assigned_at is not None:
-                    state.assigned_at[index] = assigned_at
+            with state.fold_lock:
+                folded = index in state.folded
+            if not folded:  # give the assignment back: the worker may retry
+                with self.lock:
+                    state.reported.discard(index)
+                    state.assigned[index] = worker_id
+                    if assigned_at is not None:
+                        state.assigned_at[index] = assigned_at
             raise
         if assigned_at is not None:
             with self.lock:
@@ -429,7 +432,19 @@ class Rounds:
             stats=meta.stats,
         )
         try:
-            self.store.insert_client_stats(stats)
+            try:
+                self.store.insert_client_stats(stats)
+            except DuplicateError:
+                with state.fold_lock:
+                    folded = index in state.folded
+                if folded:
+                    raise
+                # an earlier attempt stored these stats, then failed (a store that answered late) before its
+                # update was folded: that document stands for nothing, so this attempt replaces it
+                for stale in self.store.delete_client_stats(experiment_id, server_round, index):
+                    if stale.weights_file_id is not None and stale.weights_file_id != file_id:
+                        undo_files([stale.weights_file_id], self.store.delete_client_model)
+                self.store.insert_client_stats(stats)
         except DuplicateError:
             if file_id is not None:
                 self.store.delete_client_model(file_id)

@@ -199,6 +199,13 @@ class Store:
         )
         self.db[records.CLIENT_STATS].delete_many(ClientStatsRecord.key(experiment_id, server_round, client_index))
 
+    def delete_client_stats(self, experiment_id: str, server_round: int, client_index: int) -> list[ClientStatsRecord]:
+        """Delete the member's stats of the round; returns what was deleted (their weights files are the caller's)."""
+        key = ClientStatsRecord.key(experiment_id, server_round, client_index)
+        stale = [ClientStatsRecord.from_doc(doc) for doc in self.db[records.CLIENT_STATS].find(key)]
+        self.db[records.CLIENT_STATS].delete_many(key)
+        return stale
+
     def release_experiment_members(self, experiment_id: str) -> int:
         """Clear every member's assignment (the experiment ended)."""
         result = self.db[records.MEMBERS].update_many(

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pymongo
 import pytest
 
 from server.api import create_app
@@ -167,3 +168,41 @@ def test_a_landscape_measurement_an_outage_cut_off_is_measured_again(
     finally:
         store.close()
         store.embedded.stop()
+
+
+class LateReply(Store):
+    """The test store, whose first client-stats insert is applied but its reply lost (as in a store stall)."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri, "late-reply", timeouts=FAST)
+        self.lost = threading.Event()
+
+    def insert_client_stats(self, stats: records.ClientStatsRecord) -> None:
+        super().insert_client_stats(stats)
+        if not self.lost.is_set():
+            self.lost.set()
+            raise pymongo.errors.NetworkTimeout("the reply was lost (a store that answered too late)")
+
+
+def test_an_update_whose_stored_stats_lost_their_reply_is_accepted_when_retried(
+    tmp_path: Path, token: str, data_dir: Path, serve: Callable[[Any], str]
+) -> None:
+    embedded = EmbeddedMongo(tmp_path / "store")
+    store = LateReply(embedded.start())
+    try:
+        settings = ServerSettings(token=token, worker_token=WORKER_TOKEN, data_dir=data_dir, store_timeouts=FAST)
+        api = Api(serve(create_app(settings, store)), token)
+        (experiment_id,) = api.submit(small_spec(rounds=1, landscape={"enabled": False}))
+        workers = [api.register("a"), api.register("b")]
+        first, second = report_round(api, experiment_id, workers, 1)
+        assert first.status_code == 503 and store.lost.is_set()  # stored, but the server never heard so
+        assert second.status_code == 202 and second.json()["aggregated"] is False
+        weights = api.model(experiment_id, 1)
+        retried = api.update(experiment_id, 1, workers[0], 0, {k: (v + 0.01).astype(v.dtype) for k, v in weights.items()})
+        assert retried.status_code == 202 and retried.json()["aggregated"] is True, retried.text
+        stats = records.read_client_stats(store.db, experiment_id)
+        assert sorted(s.client_index for s in stats) == [0, 1]
+        assert [r.participants for r in records.read_rounds(store.db, experiment_id)] == [(0, 1)]
+    finally:
+        store.close()
+        embedded.stop()
