@@ -78,13 +78,13 @@ def _mapping(doc: Mapping[str, Any], name: str, member: int | None, model: str |
     by_member = isinstance(indices, list) and all(isinstance(i, int) for i in indices)
     for key, child in doc.items():
         key = str(key)
-        if key in MODELS and model is None:
-            yield from _walk(child, name, member, key)
-        elif by_member and key != "client_indices" and _numbers(child) and len(child) == len(indices):
+        of_model = key in MODELS and model is None
+        child_name, child_model = (name, key) if of_model else (_join(name, key), model)
+        if by_member and key != "client_indices" and _numbers(child) and len(child) == len(indices):
             for client_index, element in zip(indices, child):
-                yield from _walk(element, _join(name, key), int(client_index), model)
+                yield from _walk(element, child_name, int(client_index), child_model)
         else:
-            yield from _walk(child, _join(name, key), member, model)
+            yield from _walk(child, child_name, member, child_model)
 
 
 def _numbers(value: Any) -> bool:

@@ -786,16 +786,16 @@ class StudyRecords:
     refused_updates: tuple[RefusedUpdateRecord, ...]  # by (experiment, round, refused_at)
 
 
-def _of_experiments(db: Database[Document], collection: str, experiment_ids: Sequence[str]) -> list[Document]:
+def _of_experiments(db: Database[Document], collection: str, ids: Sequence[str]) -> list[Document]:
     # sorted here, not by the store: one `$in` query per collection, whatever the number of experiments
-    return list(db[collection].find({"experiment_id": {"$in": list(experiment_ids)}}))
+    return list(db[collection].find({"experiment_id": {"$in": list(ids)}}))
 
 
-def read_study(db: Database[Document], experiment_ids: Sequence[str]) -> StudyRecords:
+def read_study(db: Database[Document], ids: Sequence[str]) -> StudyRecords:
     """The experiments with these ids and all their documents; raises ValueError naming an id the store lacks."""
-    order = {experiment_id: position for position, experiment_id in enumerate(experiment_ids)}
-    found = {str(doc["_id"]): doc for doc in db[EXPERIMENTS].find({"_id": {"$in": list(experiment_ids)}})}
-    missing = [experiment_id for experiment_id in experiment_ids if experiment_id not in found]
+    order = {experiment_id: position for position, experiment_id in enumerate(ids)}
+    found = {str(doc["_id"]): doc for doc in db[EXPERIMENTS].find({"_id": {"$in": list(ids)}})}
+    missing = [experiment_id for experiment_id in ids if experiment_id not in found]
     if missing:
         known = ", ".join(experiment_ids(db)) or "none"
         raise ValueError(f"experiment_id: no experiment {missing[0]!r} in the store (known: {known})")
@@ -804,11 +804,11 @@ def read_study(db: Database[Document], experiment_ids: Sequence[str]) -> StudyRe
         return lambda record: (order[record.experiment_id], *(getattr(record, name) for name in fields))
 
     def read(collection: str, record_type: Any, *fields: str) -> tuple[Any, ...]:
-        docs = _of_experiments(db, collection, experiment_ids)
+        docs = _of_experiments(db, collection, ids)
         return tuple(sorted((record_type.from_doc(doc) for doc in docs), key=by_experiment(*fields)))
 
     return StudyRecords(
-        experiments=tuple(ExperimentRecord.from_doc(found[experiment_id]) for experiment_id in experiment_ids),
+        experiments=tuple(ExperimentRecord.from_doc(found[experiment_id]) for experiment_id in ids),
         members=read(MEMBERS, MemberRecord, "client_index"),
         rounds=read(ROUNDS, RoundRecord, "round"),
         client_stats=read(CLIENT_STATS, ClientStatsRecord, "round", "client_index"),
@@ -818,13 +818,13 @@ def read_study(db: Database[Document], experiment_ids: Sequence[str]) -> StudyRe
 
 
 def read_model_files(
-    db: Database[Document], experiment_ids: Sequence[str], *, members: bool = False
+    db: Database[Document], ids: Sequence[str], *, members: bool = False
 ) -> list[StoredFile]:
     """The global models (`MODELS`, kind `GLOBAL`, round 0 included) of these experiments, or with `members`
     the members' stored models (`CLIENT_MODELS`); one query, the newest file of each (experiment, round, member).
     """
     bucket = CLIENT_MODELS if members else MODELS
-    query: Document = {"metadata.experiment_id": {"$in": list(experiment_ids)}}
+    query: Document = {"metadata.experiment_id": {"$in": list(ids)}}
     if not members:
         query["metadata.kind"] = GLOBAL
     newest: dict[Any, StoredFile] = {}
@@ -836,6 +836,6 @@ def read_model_files(
         stored = StoredFile(doc["_id"], int(doc.get("length") or 0), file)
         if file not in newest or str(newest[file].file_id) < str(doc["_id"]):
             newest[file] = stored
-    order = {experiment_id: position for position, experiment_id in enumerate(experiment_ids)}
+    order = {experiment_id: position for position, experiment_id in enumerate(ids)}
     return sorted(newest.values(), key=lambda s: (order[s.file.experiment_id], s.file.round,
                                                   getattr(s.file, "client_index", -1)))
