@@ -74,8 +74,9 @@ def _walk(value: Any, name: str, member: int | None, model: str | None) -> Itera
 
 
 def _mapping(doc: Mapping[str, Any], name: str, member: int | None, model: str | None) -> Iterator[Any]:
-    indices = doc.get("client_indices")
-    by_member = isinstance(indices, list) and all(isinstance(i, int) for i in indices)
+    found = doc.get("client_indices")
+    indices: list[int] = found if isinstance(found, list) and all(isinstance(i, int) for i in found) else []
+    by_member = bool(indices)
     for key, child in doc.items():
         key = str(key)
         of_model = key in MODELS and model is None
