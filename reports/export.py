@@ -4,7 +4,8 @@
 
 TensorBoard: one run per experiment (``<out>/<description>_<id>``), the round as
 the step. The spec's fields are the run's hyperparameters (the hparams
-plugin; final ``global/test_accuracy`` and ``global/test_loss`` its metrics),
+plugin: each run's values, and at the top of the log dir the study's
+hyperparameters and its metrics, ``global/test_accuracy`` and ``global/test_loss``),
 the spec itself is the text ``spec``. Scalars: ``global/<measure>`` (the
 aggregated model), ``round/<measure>`` (the round's other measures); each
 per-member measure is a histogram across the round's members,
@@ -51,6 +52,7 @@ def write_tensorboard(tables: Mapping[str, pd.DataFrame], out_dir: Path) -> list
     measures = tables["measures"]
     measures = measures[~measures["measure"].isin(TIMES)]
     runs = []
+    every_hparam: dict[str, Any] = {}
     for experiment in tables["experiments"].to_dict("records"):
         experiment_id = experiment["experiment_id"]
         run_dir = out_dir / run_name(str(experiment["description"]), experiment_id)
@@ -62,10 +64,17 @@ def write_tensorboard(tables: Mapping[str, pd.DataFrame], out_dir: Path) -> list
             final = final[final["round"] == final["round"].max()] if len(final) else final
             metrics = {f"global/{row['measure']}": row["value"] for row in final.to_dict("records")
                        if row["measure"] in ("test_accuracy", "test_loss")}
-            for summary in hparams(_hparams(experiment, spec), metrics):
-                writer.file_writer.add_summary(summary)
+            values = _hparams(experiment, spec)
+            _, session_start, session_end = hparams(values, metrics)
+            writer.file_writer.add_summary(session_start)
+            writer.file_writer.add_summary(session_end)
             _scalars(writer, own, members=int(experiment["num_clients"]) <= MAX_MEMBER_SCALARS)
+        every_hparam = {**values, **every_hparam}
         runs.append(run_dir)
+    if runs:  # the study's hparams (the union over its runs) and metrics, once, at the top of the log dir
+        with SummaryWriter(log_dir=str(out_dir)) as writer:
+            study, _, _ = hparams(every_hparam, {"global/test_accuracy": 0.0, "global/test_loss": 0.0})
+            writer.file_writer.add_summary(study)
     return runs
 
 

@@ -241,8 +241,12 @@ def test_tensorboard_reads_as_a_study(store: Store, tmp_path: Path) -> None:
     assert start.hparams["strategy.name"].string_value == spec.spec.strategy.name
     assert start.hparams["landscape.every"].number_value == 1
     assert start.hparams["group_id"].string_value == group_id(spec.spec)
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert "_hparams_/experiment" not in content  # the study's, once, at the top of the log dir
+    top = EventAccumulator(str(tmp_path / "tb")).Reload().PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(top["_hparams_/experiment"]).experiment
     assert {m.name.tag for m in experiment.metric_infos} == {"global/test_accuracy", "global/test_loss"}
+    assert {"learning_rate", "strategy.name", "seed", "group_id", "landscape.every"} <= {
+        h.name for h in experiment.hparam_infos}
 
     accuracy = events.Scalars("global/test_accuracy")
     assert [e.step for e in accuracy] == [1, 2, 3]
