@@ -4,8 +4,10 @@ A document is walked key by key; the dotted path of keys names the measure:
 
 - a ``global`` or ``local`` key sets the row's ``model`` and leaves the name
   (``landscape.global.trace`` -> model ``global``, measure ``landscape.trace``);
-- a list of entries that each carry a ``client_index`` gives one row per entry,
-  its ``member`` that index (``landscape.client_alignment`` -> ``cosine`` per member);
+- a list of entries that each carry a ``client_index`` or a ``model`` (``global``,
+  ``local``), a different pair each, gives the entry's numbers that ``member`` and
+  ``model`` (``landscape.client_alignment`` -> ``cosine`` per member; the curves of
+  a spectral density per member and model);
 - beside a ``client_indices`` list, a list as long gives one row per member
   (``flatness_gap.local``, ``flatness_gap.gaps``);
 - a list of entries that each carry a ``name`` puts the name in brackets
@@ -95,10 +97,11 @@ def _numbers(value: Any) -> bool:
 def _list(values: list[Any], name: str, member: int | None, model: str | None) -> Iterator[Any]:
     if not values:
         return
-    if all(isinstance(v, Mapping) and isinstance(v.get("client_index"), int) for v in values):
-        for entry in values:
-            rest = {key: child for key, child in entry.items() if key != "client_index"}
-            yield from _walk(rest, name, int(entry["client_index"]), model)
+    owners = _owners(values)
+    if owners is not None:
+        for entry, (client_index, entry_model) in zip(values, owners):
+            rest = {key: child for key, child in entry.items() if key not in ("client_index", "model")}
+            yield from _walk(rest, name, member if client_index is None else client_index, entry_model or model)
     elif all(isinstance(v, Mapping) and isinstance(v.get("name"), str) for v in values):
         for entry in values:
             rest = {key: child for key, child in entry.items() if key != "name"}
@@ -116,6 +119,19 @@ def _list(values: list[Any], name: str, member: int | None, model: str | None) -
         else:  # ragged, or mixed: each element under its position
             for index, element in enumerate(values):
                 yield from _walk(element, _join(name, str(index)), member, model)
+
+
+def _owners(values: list[Any]) -> list[tuple[int | None, str | None]] | None:
+    """Whose each entry is, when every entry names a distinct (``client_index``, ``model``), else None."""
+    if not all(isinstance(v, Mapping) and (isinstance(v.get("client_index"), int) or v.get("model") in MODELS)
+               for v in values):
+        return None
+    owners = []
+    for entry in values:
+        client_index = entry.get("client_index")
+        owners.append((client_index if isinstance(client_index, int) else None,
+                       entry.get("model") if entry.get("model") in MODELS else None))
+    return owners if len(set(owners)) == len(owners) else None
 
 
 def _grid(values: list[Any]) -> np.ndarray | None:

@@ -49,7 +49,7 @@ TABLES = ("experiments", "partition", "landscape_settings", "measures", "arrays"
           "rounds", "client_metrics", "client_rounds", "interpolation")
 SCALARS = ("loss", "accuracy", "grad_norm", "trace", "trace_stderr", "sharpness")
 EVALUATION = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
-#: A round document's own evaluation: of the aggregated (global) model, on the full test split.
+#: A round's (or round 0's stored evaluation's) own numbers: of the global model, on the full test split.
 ROUND_GLOBAL = ("test_loss", "test_accuracy")
 #: Spec fields with a table of their own (`partition`, `landscape_settings`) or a column already.
 SPEC_ELSEWHERE = ("id", "description", "target_balance_ratios", "subset_fractions", "landscape")
@@ -159,10 +159,12 @@ def _long(study: records.StudyRecords, keys: Mapping[str, Mapping[str, str]]) ->
     arrays: list[dict[str, Any]] = []
     for experiment_id, server_round, source, member, doc in documents(study):
         prefix = "" if source in (records.ROUNDS, records.CLIENT_STATS) else source
+        own_evaluation: set[str] = set() if source == records.CLIENT_STATS else {
+            f"{prefix}.{field}" if prefix else field for field in ROUND_GLOBAL}
         for item in flatten(doc, prefix=prefix, member=member):
             if isinstance(item, Measure):
                 model = item.model
-                if source == records.ROUNDS and model is None and item.measure in ROUND_GLOBAL:
+                if model is None and item.member is None and item.measure in own_evaluation:
                     model = "global"
                 for name, value in zip(measures, (experiment_id, keys[experiment_id]["group_id"], server_round,
                                                   item.member, model, source, item.measure, item.index, item.value)):

@@ -46,3 +46,13 @@ def test_a_member_report_keeps_its_member_and_prefix() -> None:
     rows = list(flatten({"local": {"test_accuracy": 0.8}, "train_loss_per_epoch": [0.3]}, prefix="x", member=4))
     assert rows == [Measure("x.test_accuracy", 0.8, member=4, model="local"),
                     Measure("x.train_loss_per_epoch", 0.3, member=4, index=0)]
+
+
+def test_entries_of_a_member_and_model_keep_both() -> None:
+    curves = {"curves": [{"model": "global", "client_index": None, "grid": [0.5]},
+                         {"model": "local", "client_index": 2, "grid": [1.5]}]}
+    assert list(flatten(curves)) == [Measure("curves.grid", 0.5, model="global", index=0),
+                                     Measure("curves.grid", 1.5, member=2, model="local", index=0)]
+    repeated = {"points": [{"client_index": 1, "x": 0.0}, {"client_index": 1, "x": 1.0}]}  # not one per member
+    assert list(flatten(repeated)) == [Measure("points.0.client_index", 1.0), Measure("points.0.x", 0.0),
+                                       Measure("points.1.client_index", 1.0), Measure("points.1.x", 1.0)]

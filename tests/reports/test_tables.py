@@ -46,7 +46,7 @@ def stored_documents(db: Any, experiment_id: str) -> Iterator[tuple[int, str, in
     for s in records.read_client_stats(db, experiment_id):
         tree = {k: v for k, v in s.tree().items() if k not in ("experiment_id", "round", "client_index")}
         yield s.round, records.CLIENT_STATS, s.client_index, list(numeric_leaves(tree))
-    for kind in (records.SURFACE, records.PAIRWISE_BARRIERS):
+    for kind in sorted(db[records.LANDSCAPES].distinct("kind", {"experiment_id": experiment_id})):
         for landscape in records.read_landscapes(db, experiment_id, kind):
             yield landscape.round, kind, None, list(numeric_leaves(landscape.content))
 
@@ -115,8 +115,18 @@ def assert_partition_and_settings(tables: Mapping[str, pd.DataFrame], db: Any, e
     assert row["group_id"] == group_id(experiment.spec)
 
 
+def store_analysis(store: Store, experiment_id: str) -> None:
+    """Landscape documents of kinds the export has no rule for: round 0's evaluation, densities per member."""
+    store.save_landscape(records.LandscapeRecord(experiment_id, 0, "initial_evaluation", {
+        "test_loss": 2.31, "test_accuracy": 0.098, "num_test": 10_000}))
+    store.save_landscape(records.LandscapeRecord(experiment_id, 3, "spectral_density", {"num_samples": 64, "curves": [
+        {"model": "global", "client_index": None, "grid": [-1.0, 0.0, 1.0], "density": [0.1, 0.8, 0.1]},
+        {"model": "local", "client_index": 1, "grid": [-2.0, 0.0, 2.0], "density": [0.2, 0.6, 0.2]}]}))
+
+
 def test_tables_hold_every_stored_number_and_files_round_trip(store: Store, tmp_path: Path) -> None:
     measured_id, plain_id = two_experiments(store)
+    store_analysis(store, measured_id)
     tables = load_tables(store.db)
     assert set(tables) == set(TABLES)
     assert list(tables["experiments"]["experiment_id"]) == [measured_id, plain_id]
@@ -138,6 +148,10 @@ def test_tables_hold_every_stored_number_and_files_round_trip(store: Store, tmp_
         final.landscape["flatness_gap"]["local"][0]]
     assert pick(measure="landscape.client_alignment.cosine", member=1) == [
         final.landscape["client_alignment"][1]["cosine"]]
+    initial = measures[(measures.experiment_id == measured_id) & (measures["round"] == 0)]
+    assert initial.set_index(["model", "measure"])["value"].loc[("global", "initial_evaluation.test_accuracy")] == 0.098
+    density = measures[(measures.measure == "spectral_density.curves.density") & (measures["member"] == 1)]
+    assert list(density["model"]) == ["local"] * 3 and list(density["value"]) == [0.2, 0.6, 0.2]
     barriers = tables["arrays"][(tables["arrays"].experiment_id == measured_id) & (tables["arrays"]["round"] == 3)
                                 & (tables["arrays"].measure == "pairwise_barriers.barriers")]
     assert barriers.set_index(["axis_0", "axis_1"])["value"].loc[(0, 1)] == pytest.approx(0.01 * 1 * 3)
