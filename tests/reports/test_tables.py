@@ -6,6 +6,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -302,3 +305,23 @@ def test_export_command_of_six_experiments_takes_seconds(
         [r.test_accuracy for r in store.rounds_of(measured_id)])
     assert export_main(["nope"], "csv", tmp_path / "x", settings) == 2
     assert "experiment_id: no experiment 'nope'" in capsys.readouterr().err
+
+
+def test_export_command_line_writes_tables_and_models(store: Store, mongo_uri: str, mongo_db_name: str,
+                                                      tmp_path: Path) -> None:
+    measured_id, _ = two_experiments(store)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "FEDLAND_MONGO_URI": mongo_uri, "FEDLAND_DB": mongo_db_name}
+
+    def export(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "main.py", "export", *args], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=300, check=False)
+
+    refused = export("--members", "--out", str(tmp_path / "refused"))
+    assert refused.returncode == 2 and "--members needs --models" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+    done = export(measured_id, "--format", "parquet", "--models", "--members", "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert "wrote 10 models" in done.stdout  # rounds 0..3, and 2 members x 3 rounds
+    assert set(pd.read_parquet(tmp_path / "out" / "measures.parquet")["experiment_id"]) == {measured_id}
+    assert (tmp_path / "out" / "models" / measured_id / "round_0_global.safetensors").is_file()
