@@ -36,6 +36,8 @@ __all__ = ["MAX_MEMBER_SCALARS", "export_main", "write_models", "write_tensorboa
 MAX_MEMBER_SCALARS = 10
 #: Indexed measures this short (top eigenvalues, explained variance) get a scalar per element.
 MAX_INDEXED_SCALARS = 4
+#: The hparams plugin's metrics: each run's scalars of these tags (its last round is the final value).
+METRICS = ("global/test_accuracy", "global/test_loss")
 #: Times (seconds since the epoch): in the tables, not charted.
 TIMES = frozenset(records.RoundRecord.DATES | records.ClientStatsRecord.DATES)
 
@@ -60,12 +62,8 @@ def write_tensorboard(tables: Mapping[str, pd.DataFrame], out_dir: Path) -> list
         with SummaryWriter(log_dir=str(run_dir)) as writer:
             spec = json.loads(str(experiment["spec"]))
             writer.add_text("spec", "    " + json.dumps(spec, indent=2, sort_keys=True).replace("\n", "\n    "), 0)
-            final = own[(own["model"] == "global") & own["member"].isna() & (own["source"] == records.ROUNDS)]
-            final = final[final["round"] == final["round"].max()] if len(final) else final
-            metrics = {f"global/{row['measure']}": row["value"] for row in final.to_dict("records")
-                       if row["measure"] in ("test_accuracy", "test_loss")}
             values = _hparams(experiment, spec)
-            _, session_start, session_end = hparams(values, metrics)
+            _, session_start, session_end = hparams(values, {})  # the metrics are the study's, below
             writer.file_writer.add_summary(session_start)
             writer.file_writer.add_summary(session_end)
             _scalars(writer, own, members=int(experiment["num_clients"]) <= MAX_MEMBER_SCALARS)
@@ -73,7 +71,7 @@ def write_tensorboard(tables: Mapping[str, pd.DataFrame], out_dir: Path) -> list
         runs.append(run_dir)
     if runs:  # the study's hparams (the union over its runs) and metrics, once, at the top of the log dir
         with SummaryWriter(log_dir=str(out_dir)) as writer:
-            study, _, _ = hparams(every_hparam, {"global/test_accuracy": 0.0, "global/test_loss": 0.0})
+            study, _, _ = hparams(every_hparam, dict.fromkeys(METRICS, 0.0))  # names only: values are the runs'
             writer.file_writer.add_summary(study)
     return runs
 
