@@ -7,8 +7,8 @@
 
 Every table opens on ``experiment_id`` and ``group_id`` (`group_id`: the spec's
 `fedland.spec.fingerprint` with the seed set aside, first 16 hex digits: the
-replicates of one study across seeds share it; ``replicate`` numbers them
-0, 1, ... by creation). Values as stored; absent or null values are NaN.
+replicates of one study across seeds share it; ``replicate`` numbers those
+exported together 0, 1, ... by creation). Values as stored; absent or null values are NaN.
 
 - ``experiments``: experiment: status, times (seconds since the epoch), the spec's
   fields (nested ones dotted: ``strategy.name``, ``strategy.params.mu``), the whole spec
