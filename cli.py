@@ -61,11 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", metavar="DIR", type=Path, default=DEFAULT_REPORTS_DIR, help="output directory")
     report.add_argument("--watch", action="store_true",
                         help="re-render as rounds land until the experiments finish (pages reload themselves)")
-    export = commands.add_parser("export", help="write stored results as tidy tables or TensorBoard event files")
+    export = commands.add_parser("export", help="write stored results as tidy tables or TensorBoard event files, "
+                                 "and the models as safetensors")
     export.add_argument("experiment_ids", nargs="*", metavar="EXPERIMENT_ID", help="default: every experiment")
     export.add_argument("--format", choices=("csv", "parquet", "tensorboard"), default="csv")
     export.add_argument("--out", metavar="DIR", type=Path, default=Path("data/export"), help="output directory")
     export.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
+    export.add_argument("--models", action="store_true",
+                        help="also each round's global model (round 0: the initial one) as safetensors, with "
+                             "models/manifest.json")
+    export.add_argument("--members", action="store_true", help="with --models: the members' stored models too")
     upgrade = commands.add_parser("upgrade-store",
                                   help="upgrade a store written by an earlier release in place, saying what changed")
     upgrade.add_argument("--store-uri", metavar="URI", help="MongoDB URI (default FEDLAND_MONGO_URI, else embedded)")
@@ -126,9 +131,13 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
         return report_main(args.experiment_ids, settings.store, args.out, data_dir=settings.data_dir,
                            watch=args.watch)
     if args.command == "export":
-        from reports.tables import export_main
+        from reports.export import export_main
 
-        return export_main(args.experiment_ids, args.format, args.out, settings.store)
+        if args.members and not args.models:
+            print("--members needs --models", file=sys.stderr)
+            return 2
+        return export_main(args.experiment_ids, args.format, args.out, settings.store, models=args.models,
+                           members=args.members)
     if args.command == "upgrade-store":
         return upgrade_store_main(settings.store)
     if args.clients is not None and args.clients < 1:

@@ -53,6 +53,8 @@ __all__ = [
     "RefusedUpdateRecord",
     "RoundRecord",
     "SchemaError",
+    "StoredFile",
+    "StudyRecords",
     "WorkerRecord",
     "check_schema",
     "from_date",
@@ -758,3 +760,82 @@ def progress_signature(db: Database[Document], experiment_id: str) -> tuple[Any,
         db[CLIENT_STATS].count_documents(ClientStatsRecord.key(experiment_id)),
         db[LANDSCAPES].count_documents({"experiment_id": experiment_id}),
     )
+
+
+# Batched reading (the export: a few queries for any number of experiments) -----------
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A GridFS file by its id, with its metadata record (`ModelFile` or `ClientModelFile`) and size in bytes."""
+
+    file_id: Any  # the bucket's `_id` (an ObjectId), as `GridFSBucket.open_download_stream` takes it
+    length: int
+    file: ModelFile | ClientModelFile
+
+
+@dataclass(frozen=True)
+class StudyRecords:
+    """Every stored document of some experiments, read with one query per collection (`read_study`)."""
+
+    experiments: tuple[ExperimentRecord, ...]  # in the order asked
+    members: tuple[MemberRecord, ...]  # by (experiment, client_index)
+    rounds: tuple[RoundRecord, ...]  # by (experiment, round)
+    client_stats: tuple[ClientStatsRecord, ...]  # by (experiment, round, client_index)
+    landscapes: tuple[LandscapeRecord, ...]  # every kind, by (experiment, round, kind)
+    refused_updates: tuple[RefusedUpdateRecord, ...]  # by (experiment, round, refused_at)
+
+
+def _of_experiments(db: Database[Document], collection: str, ids: Sequence[str]) -> list[Document]:
+    # sorted here, not by the store: one `$in` query per collection, whatever the number of experiments
+    return list(db[collection].find({"experiment_id": {"$in": list(ids)}}))
+
+
+def read_study(db: Database[Document], ids: Sequence[str]) -> StudyRecords:
+    """The experiments with these ids and all their documents; raises ValueError naming an id the store lacks."""
+    order = {experiment_id: position for position, experiment_id in enumerate(ids)}
+    found = {str(doc["_id"]): doc for doc in db[EXPERIMENTS].find({"_id": {"$in": list(ids)}})}
+    missing = [experiment_id for experiment_id in ids if experiment_id not in found]
+    if missing:
+        known = ", ".join(experiment_ids(db)) or "none"
+        raise ValueError(f"experiment_id: no experiment {missing[0]!r} in the store (known: {known})")
+
+    def by_experiment(*fields: str) -> Any:
+        return lambda record: (order[record.experiment_id], *(getattr(record, name) for name in fields))
+
+    def read(collection: str, record_type: Any, *fields: str) -> tuple[Any, ...]:
+        docs = _of_experiments(db, collection, ids)
+        return tuple(sorted((record_type.from_doc(doc) for doc in docs), key=by_experiment(*fields)))
+
+    return StudyRecords(
+        experiments=tuple(ExperimentRecord.from_doc(found[experiment_id]) for experiment_id in ids),
+        members=read(MEMBERS, MemberRecord, "client_index"),
+        rounds=read(ROUNDS, RoundRecord, "round"),
+        client_stats=read(CLIENT_STATS, ClientStatsRecord, "round", "client_index"),
+        landscapes=read(LANDSCAPES, LandscapeRecord, "round", "kind"),
+        refused_updates=read(REFUSED_UPDATES, RefusedUpdateRecord, "round", "refused_at"),
+    )
+
+
+def read_model_files(
+    db: Database[Document], ids: Sequence[str], *, members: bool = False
+) -> list[StoredFile]:
+    """The global models (`MODELS`, kind `GLOBAL`, round 0 included) of these experiments, or with `members`
+    the members' stored models (`CLIENT_MODELS`); one query, the newest file of each (experiment, round, member).
+    """
+    bucket = CLIENT_MODELS if members else MODELS
+    query: Document = {"metadata.experiment_id": {"$in": list(ids)}}
+    if not members:
+        query["metadata.kind"] = GLOBAL
+    newest: dict[Any, StoredFile] = {}
+    for doc in db[files_collection(bucket)].find(query, {"_id": 1, "length": 1, "metadata": 1}):
+        metadata = doc.get("metadata") or {}
+        file: ModelFile | ClientModelFile = (
+            ClientModelFile.from_metadata(metadata) if members else ModelFile.from_metadata(metadata)
+        )
+        stored = StoredFile(doc["_id"], int(doc.get("length") or 0), file)
+        if file not in newest or str(newest[file].file_id) < str(doc["_id"]):
+            newest[file] = stored
+    order = {experiment_id: position for position, experiment_id in enumerate(ids)}
+    return sorted(newest.values(), key=lambda s: (order[s.file.experiment_id], s.file.round,
+                                                  getattr(s.file, "client_index", -1)))
