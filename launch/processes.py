@@ -1,4 +1,4 @@
-"""Local processes of the stack: `python -m server` and `python -m client` as children."""
+"""Local processes of the stack: `python -m server`, `python -m client` (and the reports) as children."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -29,7 +29,8 @@ def child_env(base: Mapping[str, str], **overrides: str) -> dict[str, str]:
 class Child:
     """A child process in its own session (a terminal's Ctrl-C reaches only the launcher)."""
 
-    def __init__(self, name: str, module: str, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, name: str, module: str, env: Mapping[str, str], log_path: Path,
+                 args: Sequence[str] = ()) -> None:
         self.name = name
         self.log_path = log_path
         self._terminated = False
@@ -37,7 +38,7 @@ class Child:
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", module],
+                [sys.executable, "-m", module, *args],
                 env=dict(env),
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
