@@ -152,14 +152,19 @@ class LocalRun:
         log.info("server %s, %d clients, logs in %s", self.url, num_clients, self.options.log_dir)
 
     def stop(self) -> None:
+        began = time.monotonic()
         stop_all(self.clients)
         self.clients = []
+        clients_s = time.monotonic() - began
         if self.server is not None:
             self.server.stop()
             self.server = None
+        server_s = time.monotonic() - began - clients_s
         if self.store is not None:
             self.store.stop()
             self.store = None
+        log.debug("stopped clients in %.1f s, server in %.1f s, store in %.1f s",
+                  clients_s, server_s, time.monotonic() - began - clients_s - server_s)
 
 
 def watch(

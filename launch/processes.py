@@ -93,10 +93,30 @@ class Child:
         return "\n".join(lines[-num_lines:])
 
 
-def stop_all(children: list[Child], timeout_s: float = 15.0) -> None:
-    """Signal all children at once, then wait for each (killing stragglers)."""
+    def stop_now(self) -> None:
+        """A second SIGTERM: a client then leaves at once, even mid-step or mid-long-poll."""
+        if self.alive():
+            self._terminated = True
+            self.process.send_signal(signal.SIGTERM)
+
+
+#: How long children asked to stop may finish their current step before they are told to stop now.
+STOP_GRACE_S = 1.0
+
+
+def stop_all(children: list[Child], timeout_s: float = 15.0, grace_s: float = STOP_GRACE_S) -> None:
+    """Signal all children at once; after ``grace_s`` signal the rest again (stop now); kill stragglers.
+
+    A client finishes its current step after the first SIGTERM, and a long-poll can
+    last many seconds: the second signal keeps a whole teardown within a few seconds.
+    """
     for child in children:
         child.terminate()
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        child.wait(max(0.0, deadline - time.monotonic()))
+    for child in children:
+        child.stop_now()
     for child in children:
         child.stop(timeout_s)
 

@@ -262,7 +262,7 @@ class _Watch:
         if changed:
             self.comparisons_due = True
             self.index = write_index(self.out, self.compared(), figures=False)
-            log.info("reports: accuracy, loss and tables of %d experiments in %s", len(changed), self.out)
+            log.info("accuracy, loss and tables of %d experiments in %s", len(changed), self.out)
 
     def compared(self) -> list[ExperimentData]:
         return [self.loaded[i] for i in self.ids if i in self.loaded]
@@ -272,9 +272,10 @@ class _Watch:
         experiment_id = next(iter(self.due))
         del self.due[experiment_id]
         version = self.version[experiment_id]
-        data = with_extras(self.db, load_experiment(self.db, experiment_id), self.data_dir)
+        data = load_experiment(self.db, experiment_id)
         state = "final" if not data.running else "live"
-        log.info("reports: experiment %s: drawing the %s figures", experiment_id, state)
+        log.info("experiment %s: drawing the %s figures", experiment_id, state)
+        data = with_extras(self.db, data, self.data_dir)
         out_dir = self.out / _directory_name(experiment_id)
         entries = draw_figures(data, out_dir, between=self.between)
         if self.version[experiment_id] == version:  # nothing newer was drawn meanwhile
@@ -282,7 +283,7 @@ class _Watch:
             write_page(data, out_dir, entries)
         else:  # a newer round's quick page stands (it links these figures); its full render is due
             self.loaded[experiment_id] = replace(self.loaded[experiment_id], extras=data.extras)
-        log.info("reports: experiment %s: %s figures in %s", experiment_id, state, out_dir)
+        log.info("experiment %s: %s figures in %s", experiment_id, state, out_dir)
 
     def finished(self) -> bool:
         return bool(self.ids) and all(self.seen[i][0] in FINISHED for i in self.ids)

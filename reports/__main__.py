@@ -36,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reports: bad configuration: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, tag=f"[reports {os.getpid()}] ")
-    logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting
+    for chatty in ("fontTools", "fedland.slices"):  # PDF font subsetting; per-row progress of loss slices
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     return report_main(args.experiment_ids, settings.store, args.out, data_dir=settings.data_dir, watch=args.watch,
                        poll_interval_s=args.poll_interval, torch_threads=max(1, threads))
 
