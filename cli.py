@@ -10,9 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
 
 from fedland.spec import ExperimentSpec, load_specs
 from launch.launcher import RunOptions, prepare, queue_only, run_local
@@ -25,17 +23,14 @@ COMMANDS = ("run", "report", "export", "upgrade-store")
 
 
 #: Once the summary is printed, how long the launcher waits for the report process to draw the final state.
-FINAL_REPORTS_WAIT_S = 20.0
-#: How long the report process may take to stop on SIGTERM before it is killed.
-REPORTS_STOP_S = 4.0
+FINAL_REPORTS_WAIT_S = 15.0
 
 
 class ReportProcess:
     """`python -m reports --watch` beside a run: the pages are drawn in their own process, never the launcher's.
 
-    ``with ReportProcess(...):`` starts it; ``wait_final()`` gives it a bounded time
-    to draw the final state; leaving the block stops it (SIGTERM, then SIGKILL)
-    before the store stops.
+    ``start`` launches it (the launcher stops it with the clients, before the store);
+    ``wait_final()`` gives it a bounded time to draw the final state.
     """
 
     def __init__(self, reports_dir: Path, env: dict[str, str], log_dir: Path,
@@ -46,19 +41,12 @@ class ReportProcess:
         self.wait_s = wait_s
         self.child: Child | None = None
 
-    def start(self, ids: list[str]) -> ReportProcess:
+    def start(self, ids: list[str]) -> Child:
         args = ["--watch", "--out", str(self.reports_dir.resolve()), *ids]
         self.child = Child("reports", "reports", self.env, self.log_path, args=args)
         logging.getLogger("cli").info("live reports: %s (log %s)", (self.reports_dir / "index.html").resolve(),
                                       self.log_path)
-        return self
-
-    def __enter__(self) -> ReportProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.child is not None:
-            self.child.stop(REPORTS_STOP_S)
+        return self.child
 
     def wait_final(self) -> Path | None:
         """The index once the final state is drawn (within ``wait_s``); else None, saying how to finish it."""
@@ -203,13 +191,13 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
     )
     report_process: list[ReportProcess] = []  # the run's, once started
 
-    def follow(store_uri: str, db_name: str, ids: list[str]) -> AbstractContextManager[Any]:
+    def follow(store_uri: str, db_name: str, ids: list[str]) -> list[Child]:
         if reports_dir is None:
-            return nullcontext()
+            return []
         env = child_env(os.environ, FEDLAND_MONGO_URI=store_uri, FEDLAND_DB=db_name,
                         FEDLAND_DATA_DIR=str(settings.data_dir), FEDLAND_LOG_LEVEL=settings.log_level)
-        report_process.append(ReportProcess(reports_dir, env, settings.log_dir).start(ids))
-        return report_process[0]
+        report_process.append(ReportProcess(reports_dir, env, settings.log_dir))
+        return [report_process[0].start(ids)]
 
     def finish(store_uri: str, db_name: str, ids: list[str]) -> Path | None:
         return report_process[0].wait_final() if report_process else None

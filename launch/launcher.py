@@ -8,7 +8,6 @@ With `--server URL` it only queues the experiments on a running stack.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import random
@@ -124,6 +123,7 @@ class LocalRun:
         self.store: EmbeddedMongo | None = None
         self.server: Child | None = None
         self.clients: list[Child] = []
+        self.beside: list[Child] = []  # started by the `follow` callback (the report process): stopped with the clients
         self.url = ""
         self.store_uri = ""
 
@@ -153,8 +153,8 @@ class LocalRun:
 
     def stop(self) -> None:
         began = time.monotonic()
-        stop_all(self.clients)
-        self.clients = []
+        stop_all(self.beside + self.clients)  # all at once: the teardown takes seconds, not the sum of each
+        self.clients, self.beside = [], []
         clients_s = time.monotonic() - began
         if self.server is not None:
             self.server.stop()
@@ -196,9 +196,9 @@ def watch(
 #: Called once the summary is printed, while the store is up (e.g. wait a bounded time for the final
 #: reports): (store URI, database, experiment ids) -> the report index, or None.
 Finisher = Callable[[str, str, list[str]], "Path | None"]
-#: Started once the experiments are queued (e.g. the report process), left after ``finish``, before the
-#: store stops, on success and on Ctrl-C alike: (store URI, db name, ids) -> a context manager.
-Follower = Callable[[str, str, list[str]], contextlib.AbstractContextManager[Any]]
+#: Started once the experiments are queued (e.g. the report process): (store URI, db name, ids) -> the
+#: processes it started. They are stopped together with the clients, before the server and the store.
+Follower = Callable[[str, str, list[str]], Sequence[Child]]
 
 
 def print_summary(ids: Sequence[str], documents: Mapping[str, Mapping[str, Any]], last_rounds: Mapping[str, Any],
@@ -222,11 +222,12 @@ def run_local(
 ) -> int:
     """Run `specs` on a local stack; 0 if every experiment finished, 130/143 if stopped by SIGINT/SIGTERM.
 
-    The summary is printed as soon as the last experiment ends. `follow` (e.g. the
-    report process) is entered once the experiments are queued; `finish` (e.g. a
-    bounded wait for the final reports) runs after the summary; then `follow` is
-    left and clients, server and store stop. Ctrl-C or SIGTERM at any point tears
-    everything down the same way (a second signal is ignored, so it completes).
+    The summary is printed as soon as the last experiment ends. `follow` starts
+    processes beside the run (e.g. the reports) once the experiments are queued;
+    `finish` (e.g. a bounded wait for the final reports) runs after the summary; then
+    those processes and the clients stop, then the server and the store. Ctrl-C or
+    SIGTERM at any point tears everything down the same way (a second signal is
+    ignored, so the teardown completes).
     """
     for name in sorted({spec.dataset_name for spec in specs}):
         try:
@@ -248,18 +249,17 @@ def run_local(
             earlier = [e for e in summaries.values() if e["status"] not in DONE and e["id"] not in ids]
             if earlier:
                 log.warning("%d unfinished experiments from earlier runs are queued ahead of these", len(earlier))
-            following = contextlib.nullcontext() if follow is None else follow(
-                local.store_uri, options.store.db_name, list(ids))
-            with following:
-                with Progress(submitted, specs, enabled=options.show_progress) as progress:
-                    documents = watch(transport, ids, local, options.poll_interval_s, progress)
-                last_rounds = {i: progress.last_round(i) for i in ids}
-                transport.close()
-                failed = print_summary(ids, documents, last_rounds, submitted.resumed,
-                                       time.monotonic() - started, options.log_dir)
-                reports = None if finish is None else finish(local.store_uri, options.store.db_name, list(ids))
-                if reports is not None:
-                    print(f"reports: {reports.resolve()}", flush=True)
+            if follow is not None:
+                local.beside += follow(local.store_uri, options.store.db_name, list(ids))
+            with Progress(submitted, specs, enabled=options.show_progress) as progress:
+                documents = watch(transport, ids, local, options.poll_interval_s, progress)
+            last_rounds = {i: progress.last_round(i) for i in ids}
+            transport.close()
+            failed = print_summary(ids, documents, last_rounds, submitted.resumed,
+                                   time.monotonic() - started, options.log_dir)
+            reports = None if finish is None else finish(local.store_uri, options.store.db_name, list(ids))
+            if reports is not None:
+                print(f"reports: {reports.resolve()}", flush=True)
         except KeyboardInterrupt as stopped:
             print("\ninterrupted: stopping clients, server and store", file=sys.stderr)
             return exit_status(stopped)

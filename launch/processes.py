@@ -101,7 +101,7 @@ class Child:
 
 
 #: How long children asked to stop may finish their current step before they are told to stop now.
-STOP_GRACE_S = 1.0
+STOP_GRACE_S = 0.5
 
 
 def stop_all(children: list[Child], timeout_s: float = 15.0, grace_s: float = STOP_GRACE_S) -> None:
