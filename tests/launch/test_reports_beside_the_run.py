@@ -8,89 +8,30 @@ from __future__ import annotations
 
 import html.parser
 import json
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
 
 import pytest
 
 from reports.atomic import TEMP_SUFFIX
 from stack import records
 from stack.embedded import connect
-from tests.helpers import small_spec, wait_until
+from tests.helpers import MainRun, small_spec, wait_until
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class Run:
-    """`python main.py` in a subprocess; every line of its output kept with the time it appeared."""
-
-    def __init__(self, tmp_path: Path, data_dir: Path, specs: list[dict[str, Any]], **env: str) -> None:
-        self.tmp_path = tmp_path
-        self.logs = tmp_path / "logs"
-        self.reports = tmp_path / "reports"
-        experiments = tmp_path / "experiments.json"
-        experiments.write_text(json.dumps(specs), encoding="utf-8")
-        base = {key: value for key, value in os.environ.items() if not key.startswith("FEDLAND_")}
-        self.env = base | {
-            "FEDLAND_DATA_DIR": str(data_dir), "FEDLAND_STORE_DIR": str(tmp_path / "store"),
-            "FEDLAND_LOG_DIR": str(self.logs), "FEDLAND_LOG_LEVEL": "INFO", **env,
-        }
-        self.lines: list[tuple[float, str]] = []
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "main.py"), "--experiments", str(experiments), "--no-progress",
-             "--reports", str(self.reports)],
-            cwd=tmp_path, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        assert self.process.stdout is not None
-        self._reader = threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True)
-        self._reader.start()
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.lines.append((time.time(), line))
-
-    def output(self) -> str:
-        return "".join(line for _, line in self.lines)
-
-    def log(self, name: str) -> str:
-        try:
-            return (self.logs / name).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-
-    def everything(self) -> str:
-        return self.output() + "".join(self.log(p.name) for p in sorted(self.logs.glob("*.log")))
-
-    def wait(self, timeout_s: float) -> tuple[int, float]:
-        """Exit status and the time it exited."""
-        code = self.process.wait(timeout=timeout_s)
-        exited = time.time()
-        self._reader.join(timeout=10)
-        return code, exited
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 @pytest.fixture
-def runs() -> Iterator[list[Run]]:
-    started: list[Run] = []
+def runs() -> Iterator[list[MainRun]]:
+    started: list[MainRun] = []
     yield started
     for run in started:
         run.kill()
 
 
-def processes_of(run: Run) -> list[int]:
+def processes_of(run: MainRun) -> list[int]:
     """Live processes started for this run: every child inherits its (unique) log directory in its environment."""
     marker = f"FEDLAND_LOG_DIR={run.logs}".encode()
     found = []
@@ -141,9 +82,9 @@ def assert_pages_intact(reports: Path) -> int:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_during_the_final_render_exits_at_once_with_the_pages_intact(
-    tmp_path: Path, data_dir: Path, runs: list[Run], signum: int
+    tmp_path: Path, data_dir: Path, runs: list[MainRun], signum: int
 ) -> None:
-    run = Run(tmp_path, data_dir, [small_spec(2, rounds=2)])
+    run = MainRun(tmp_path, data_dir, [small_spec(2, rounds=2)])
     runs.append(run)
     wait_until(lambda: "drawing the final figures" in run.log("reports.log"), 300,
                "the report process drawing the final figures", run.everything)
@@ -160,9 +101,9 @@ def test_a_signal_during_the_final_render_exits_at_once_with_the_pages_intact(
 
 
 def test_sigterm_while_training_exits_with_143_and_leaves_nothing_running(
-    tmp_path: Path, data_dir: Path, runs: list[Run]
+    tmp_path: Path, data_dir: Path, runs: list[MainRun]
 ) -> None:
-    run = Run(tmp_path, data_dir, [small_spec(2, rounds=30)])
+    run = MainRun(tmp_path, data_dir, [small_spec(2, rounds=30)])
     runs.append(run)
     wait_until(lambda: "round 1/30" in run.log("client-0.log") + run.log("client-1.log"), 300,
                "training", run.everything)
@@ -177,9 +118,9 @@ def test_sigterm_while_training_exits_with_143_and_leaves_nothing_running(
 
 
 def test_the_summary_comes_within_5_s_of_the_last_round_and_the_run_exits_within_30_s(
-    tmp_path: Path, data_dir: Path, mongo_uri: str, mongo_db_name: str, runs: list[Run]
+    tmp_path: Path, data_dir: Path, mongo_uri: str, mongo_db_name: str, runs: list[MainRun]
 ) -> None:
-    run = Run(tmp_path, data_dir, [small_spec(2, rounds=3), small_spec(1, rounds=2, fraction=0.02)],
+    run = MainRun(tmp_path, data_dir, [small_spec(2, rounds=3), small_spec(1, rounds=2, fraction=0.02)],
               FEDLAND_MONGO_URI=mongo_uri, FEDLAND_DB=mongo_db_name)
     runs.append(run)
     code, exited = run.wait(600)
