@@ -70,7 +70,7 @@ def default_data_dir(env: Mapping[str, str] = os.environ) -> Path:
 #: Figures drawn from the stored documents alone, in a fraction of a second: drawn first, on every round.
 QUICK_FIGURES = frozenset(
     kind.file_name for kind in EXPERIMENT_FIGURES if not kind.needs_landscape and kind.reason_key is None)
-PENDING = "drawn after the accuracy, loss and tables of every experiment (this page reloads itself)"
+PENDING = "it is drawn after the accuracy, loss and tables of every experiment (this page reloads itself)"
 FINISHED = ("finished", "failed")
 
 
@@ -94,7 +94,7 @@ def _earlier_entry(kind: FigureKind, data: ExperimentData, out_dir: Path) -> Fig
     """A figure not drawn this time: the one an earlier render left, else a note that it comes next."""
     if (out_dir / kind.file_name).is_file():
         return FigureEntry(kind.title, kind.caption_for(data), kind.file_name)
-    return FigureEntry(kind.title, kind.caption_for(data), None, PENDING)
+    return FigureEntry(kind.title, kind.caption_for(data), None, PENDING, pending=True)
 
 
 def write_experiment_report(
@@ -190,7 +190,7 @@ def write_index(out: Path, compared: Sequence[ExperimentData], *, figures: bool 
             earlier = out / "comparison" / kind.file_name
             if not figures:
                 entries.append(FigureEntry(kind.title, kind.caption, f"comparison/{kind.file_name}")
-                               if earlier.is_file() else FigureEntry(kind.title, kind.caption, None, PENDING))
+                               if earlier.is_file() else FigureEntry(kind.title, kind.caption, None, PENDING, pending=True))
                 continue
             if between is not None:
                 between()

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import html.parser
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import pymongo
 
 from fedland.spec import ExperimentSpec
 from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
+from reports.atomic import TEMP_SUFFIX
 from stack import records
 from stack.api_client import Transport
 from stack.embedded import free_port
@@ -208,3 +210,35 @@ class MainRun:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+class _Strict(html.parser.HTMLParser):
+    """Counts the elements that must open and close a whole page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed: list[str] = []
+
+    def handle_endtag(self, tag: str) -> None:
+        self.closed.append(tag)
+
+
+def assert_pages_intact(reports: Path) -> int:
+    """Every page is a whole document, every row and figure file complete, no temporary file left; returns pages."""
+    assert not [p for p in reports.rglob(f"*{TEMP_SUFFIX}")], "temporary files left behind"
+    pages = sorted(reports.rglob("index.html"))
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>"), page
+        parser = _Strict()
+        parser.feed(text)
+        parser.close()
+        assert parser.closed[-2:] == ["body", "html"], page
+    for summary in reports.rglob("summary.json"):
+        assert json.loads(summary.read_text(encoding="utf-8"))["experiment_id"]
+    for png in reports.rglob("*.png"):
+        data = png.read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and data[-12:-4] == b"\x00\x00\x00\x00IEND", png
+    for pdf in reports.rglob("*.pdf"):
+        assert pdf.read_bytes().rstrip().endswith(b"%%EOF"), pdf
+    return len(pages)

@@ -6,8 +6,6 @@ Real processes: the launcher, nx-27017, `python -m server`, `python -m client`, 
 
 from __future__ import annotations
 
-import html.parser
-import json
 import signal
 import time
 from collections.abc import Iterator
@@ -15,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from reports.atomic import TEMP_SUFFIX
 from stack import records
 from stack.embedded import connect
-from tests.helpers import MainRun, small_spec, wait_until
+from tests.helpers import MainRun, assert_pages_intact, small_spec, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -46,38 +43,6 @@ def processes_of(run: MainRun) -> list[int]:
         if marker in environ.split(b"\0") and "zombie" not in state:
             found.append(int(entry.name))
     return found
-
-
-class _Strict(html.parser.HTMLParser):
-    """Counts the elements that must open and close a whole page."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.closed: list[str] = []
-
-    def handle_endtag(self, tag: str) -> None:
-        self.closed.append(tag)
-
-
-def assert_pages_intact(reports: Path) -> int:
-    """Every page is a whole document, every row and figure file complete, no temporary file left; returns pages."""
-    assert not [p for p in reports.rglob(f"*{TEMP_SUFFIX}")], "temporary files left behind"
-    pages = sorted(reports.rglob("index.html"))
-    for page in pages:
-        text = page.read_text(encoding="utf-8")
-        assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>"), page
-        parser = _Strict()
-        parser.feed(text)
-        parser.close()
-        assert parser.closed[-2:] == ["body", "html"], page
-    for summary in reports.rglob("summary.json"):
-        assert json.loads(summary.read_text(encoding="utf-8"))["experiment_id"]
-    for png in reports.rglob("*.png"):
-        data = png.read_bytes()
-        assert data.startswith(b"\x89PNG\r\n\x1a\n") and data[-12:-4] == b"\x00\x00\x00\x00IEND", png
-    for pdf in reports.rglob("*.pdf"):
-        assert pdf.read_bytes().rstrip().endswith(b"%%EOF"), pdf
-    return len(pages)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
