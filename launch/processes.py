@@ -94,21 +94,22 @@ class Child:
 
 
     def stop_now(self) -> None:
-        """A second SIGTERM: a client then leaves at once, even mid-step or mid-long-poll."""
+        """A second SIGTERM: a client then leaves at once, even in the middle of its local training."""
         if self.alive():
             self._terminated = True
             self.process.send_signal(signal.SIGTERM)
 
 
-#: How long children asked to stop may finish their current step before they are told to stop now.
-STOP_GRACE_S = 0.5
+#: How long children asked to stop may take to finish their current step before they are told to stop now.
+STOP_GRACE_S = 1.5
 
 
 def stop_all(children: list[Child], timeout_s: float = 15.0, grace_s: float = STOP_GRACE_S) -> None:
-    """Signal all children at once; after ``grace_s`` signal the rest again (stop now); kill stragglers.
+    """Signal all children at once; those still running after ``grace_s`` are signalled again (stop now).
 
-    A client finishes its current step after the first SIGTERM, and a long-poll can
-    last many seconds: the second signal keeps a whole teardown within a few seconds.
+    A client finishes its current step (a whole local training) after the first
+    SIGTERM; the second keeps a teardown within seconds. Stragglers are killed
+    after ``timeout_s``.
     """
     for child in children:
         child.terminate()
