@@ -46,9 +46,12 @@ def _raise(signum: int, frame: FrameType | None) -> None:
 def stop_on_signals() -> Iterator[None]:
     """Within the block the first SIGINT or SIGTERM raises ``Interrupted`` (later ones are ignored).
 
-    The previous handlers come back after the block.
+    The previous handlers come back after the block. A signal ignored when the block
+    starts (a shell's background job ignores SIGINT) stays ignored.
     """
-    previous = {signum: signal.signal(signum, _raise) for signum in SIGNALS}
+    # a signal ignored from the start stays ignored (a background job of a shell, nohup)
+    previous = {signum: signal.signal(signum, _raise) for signum in SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
     finally:
