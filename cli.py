@@ -10,28 +10,58 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
 
 from fedland.spec import ExperimentSpec, load_specs
 from launch.launcher import RunOptions, prepare, queue_only, run_local
+from launch.processes import Child, child_env
 from stack.api_client import ApiError
+from stack.interrupts import exit_status, stop_on_signals
 from stack.settings import DEFAULT_REPORTS_DIR, LauncherSettings, StoreSettings, configure_logging
 
 COMMANDS = ("run", "report", "export", "upgrade-store")
 
 
-def write_run_reports(reports_dir: Path, store_uri: str, db_name: str, ids: list[str], data_dir: Path) -> Path:
-    """Write the reports of a run's experiments while its store is still up; returns the index page."""
-    from reports import write_reports
-    from stack.embedded import connect
+#: Once the summary is printed, how long the launcher waits for the report process to draw the final state.
+FINAL_REPORTS_WAIT_S = 15.0
 
-    client = connect(store_uri)
-    try:
-        return write_reports(client[db_name], ids, reports_dir, data_dir=data_dir)
-    finally:
-        client.close()
+
+class ReportProcess:
+    """`python -m reports --watch` beside a run: the pages are drawn in their own process, never the launcher's.
+
+    ``start`` launches it (the launcher stops it with the clients, before the store);
+    ``wait_final()`` gives it a bounded time to draw the final state.
+    """
+
+    def __init__(self, reports_dir: Path, env: dict[str, str], log_dir: Path,
+                 wait_s: float = FINAL_REPORTS_WAIT_S) -> None:
+        self.reports_dir = reports_dir
+        self.env = env
+        self.log_path = log_dir / "reports.log"
+        self.wait_s = wait_s
+        self.child: Child | None = None
+
+    def start(self, ids: list[str]) -> Child:
+        args = ["--watch", "--out", str(self.reports_dir.resolve()), *ids]
+        self.child = Child("reports", "reports", self.env, self.log_path, args=args)
+        logging.getLogger("cli").info("live reports: %s (log %s)", (self.reports_dir / "index.html").resolve(),
+                                      self.log_path)
+        return self.child
+
+    def wait_final(self) -> Path | None:
+        """The index once the final state is drawn (within ``wait_s``); else None, saying how to finish it."""
+        assert self.child is not None
+        code = self.child.wait(self.wait_s)
+        if code == 0:
+            return self.reports_dir / "index.html"
+        finish = f"`python main.py report --out {self.reports_dir}`"
+        if code is None:
+            print(f"reports: the final figures were not all drawn within {self.wait_s:.0f} s; the pages show the "
+                  f"last state drawn. Finish them with {finish} (log {self.log_path})", file=sys.stderr)
+        else:
+            print(f"reports: the report process exited with status {code}; see {self.log_path}. "
+                  f"Write them again with {finish}", file=sys.stderr)
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,8 +166,13 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
         if args.members and not args.models:
             print("--members needs --models", file=sys.stderr)
             return 2
-        return export_main(args.experiment_ids, args.format, args.out, settings.store, models=args.models,
-                           members=args.members)
+        try:
+            with stop_on_signals():
+                return export_main(args.experiment_ids, args.format, args.out, settings.store, models=args.models,
+                                   members=args.members)
+        except KeyboardInterrupt as stopped:
+            print("export: stopped", file=sys.stderr)
+            return exit_status(stopped)
     if args.command == "upgrade-store":
         return upgrade_store_main(settings.store)
     if args.clients is not None and args.clients < 1:
@@ -163,22 +198,17 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
         show_progress=not args.no_progress and sys.stderr.isatty(),
         fresh=args.fresh,
     )
-    live: list[Any] = []  # the run's LiveReports, once started
+    report_process: list[ReportProcess] = []  # the run's, once started
 
-    def follow(store_uri: str, db_name: str, ids: list[str]) -> AbstractContextManager[Any]:
+    def follow(store_uri: str, db_name: str, ids: list[str]) -> list[Child]:
         if reports_dir is None:
-            return nullcontext()
-        from reports.live import LiveReports
-
-        logging.getLogger("cli").info("live reports: %s", (reports_dir / "index.html").resolve())
-        live.append(LiveReports(store_uri, db_name, ids, reports_dir, settings.data_dir))
-        return live[0]
+            return []
+        env = child_env(os.environ, FEDLAND_MONGO_URI=store_uri, FEDLAND_DB=db_name,
+                        FEDLAND_DATA_DIR=str(settings.data_dir), FEDLAND_LOG_LEVEL=settings.log_level)
+        report_process.append(ReportProcess(reports_dir, env, settings.log_dir))
+        return [report_process[0].start(ids)]
 
     def finish(store_uri: str, db_name: str, ids: list[str]) -> Path | None:
-        if reports_dir is None:
-            return None
-        if live and live[0].index is not None:  # the live thread rendered the final state
-            return Path(live[0].index)
-        return write_run_reports(reports_dir, store_uri, db_name, ids, settings.data_dir)
+        return report_process[0].wait_final() if report_process else None
 
     return run_local(specs, options, env, settings.data_dir, finish, follow)

@@ -8,18 +8,15 @@ With `--server URL` it only queues the experiments on a running stack.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import random
 import secrets
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from fedland.datasets import verify_dataset
@@ -28,6 +25,7 @@ from launch.processes import Child, child_env, start_clients, start_server, stop
 from launch.progress import Progress, summary_table
 from stack.api_client import Transport
 from stack.embedded import EmbeddedMongo, free_port
+from stack.interrupts import exit_status, ignore_signals, stop_on_signals
 from stack.settings import DEFAULT_LOG_DIR, StoreSettings
 from stack.submission import Submitted
 
@@ -125,6 +123,7 @@ class LocalRun:
         self.store: EmbeddedMongo | None = None
         self.server: Child | None = None
         self.clients: list[Child] = []
+        self.beside: list[Child] = []  # started by the `follow` callback (the report process): stopped with the clients
         self.url = ""
         self.store_uri = ""
 
@@ -153,14 +152,20 @@ class LocalRun:
         log.info("server %s, %d clients, logs in %s", self.url, num_clients, self.options.log_dir)
 
     def stop(self) -> None:
-        stop_all(self.clients)
-        self.clients = []
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        """Everything at once but the store, which goes last: the teardown takes seconds, not the sum of each.
+
+        The server's close answers long-polling clients at once, and a client whose report
+        finds the server gone stops instead of retrying; the report process needs the store only.
+        """
+        began = time.monotonic()
+        children = self.beside + self.clients + ([self.server] if self.server is not None else [])
+        stop_all(children)
+        self.clients, self.beside, self.server = [], [], None
+        stopped_s = time.monotonic() - began
         if self.store is not None:
             self.store.stop()
             self.store = None
+        log.debug("stopped the processes in %.1f s, the store in %.1f s", stopped_s, time.monotonic() - began - stopped_s)
 
 
 def watch(
@@ -189,14 +194,23 @@ def watch(
             return {experiment_id: transport.get_experiment(experiment_id) for experiment_id in ids}
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C
-
-
-#: Called at the end of a run while the store is up: (store URI, database, experiment ids) -> report index.
+#: Called once the summary is printed, while the store is up (e.g. wait a bounded time for the final
+#: reports): (store URI, database, experiment ids) -> the report index, or None.
 Finisher = Callable[[str, str, list[str]], "Path | None"]
-#: Started once the experiments are queued, left when they end (e.g. live reports): (store URI, db name, ids).
-Follower = Callable[[str, str, list[str]], contextlib.AbstractContextManager[Any]]
+#: Started once the experiments are queued (e.g. the report process): (store URI, db name, ids) -> the
+#: processes it started. They are stopped together with the clients, before the server and the store.
+Follower = Callable[[str, str, list[str]], Sequence[Child]]
+
+
+def print_summary(ids: Sequence[str], documents: Mapping[str, Mapping[str, Any]], last_rounds: Mapping[str, Any],
+                  resumed: Sequence[str], wall_s: float, log_dir: Path) -> list[Mapping[str, Any]]:
+    """The summary table on stdout (flushed: it is read as soon as the last round ends); returns the failed."""
+    print(summary_table(ids, documents, last_rounds, resumed=resumed))
+    print(f"wall time {wall_s:.1f} s; logs in {log_dir}", flush=True)
+    failed = [d for d in documents.values() if d.get("status") != "finished"]
+    for doc in failed:
+        print(f"experiment {doc.get('id')} {doc.get('status')}: {doc.get('error')}", file=sys.stderr)
+    return failed
 
 
 def run_local(
@@ -207,10 +221,14 @@ def run_local(
     finish: Finisher | None = None,
     follow: Follower | None = None,
 ) -> int:
-    """Run `specs` on a local stack; 0 if every experiment finished, 130 if interrupted.
+    """Run `specs` on a local stack; 0 if every experiment finished, 130/143 if stopped by SIGINT/SIGTERM.
 
-    `follow` (e.g. live reports) is entered once the experiments are queued and left
-    when they end; `finish` (e.g. the final reports) runs after that, before the store stops.
+    The summary is printed as soon as the last experiment ends. `follow` starts
+    processes beside the run (e.g. the reports) once the experiments are queued;
+    `finish` (e.g. a bounded wait for the final reports) runs after the summary; then
+    those processes and the clients stop, then the server and the store. Ctrl-C or
+    SIGTERM at any point tears everything down the same way (a second signal is
+    ignored, so the teardown completes).
     """
     for name in sorted({spec.dataset_name for spec in specs}):
         try:
@@ -218,48 +236,38 @@ def run_local(
         except (OSError, ValueError) as error:  # missing (and not downloadable) or corrupted files
             print(f"error: {error}", file=sys.stderr)
             return 2
-    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     num_clients = options.clients or default_workers(specs)
     local = LocalRun(options, env)
     started = time.monotonic()
-    try:
-        local.start(num_clients)
-        transport = make_transport(local.url, local.token)
-        submitted = transport.submit_experiments([spec.to_dict() for spec in specs], fresh=options.fresh)
-        ids = list(dict.fromkeys(submitted))  # a spec repeated in the run is one experiment
-        summaries = {e["id"]: e for e in transport.list_experiments()}
-        say_resumed(submitted, summaries)
-        earlier = [e for e in summaries.values() if e["status"] not in DONE and e["id"] not in ids]
-        if earlier:
-            log.warning("%d unfinished experiments from earlier runs are queued ahead of these", len(earlier))
-        following = contextlib.nullcontext() if follow is None else follow(
-            local.store_uri, options.store.db_name, list(ids))
-        with Progress(submitted, specs, enabled=options.show_progress) as progress:
-            with following:
-                documents = watch(transport, ids, local, options.poll_interval_s, progress)
-        last_rounds = {i: progress.last_round(i) for i in ids}
-        transport.close()
-        reports = None if finish is None else finish(local.store_uri, options.store.db_name, list(ids))
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping clients, server and store", file=sys.stderr)
-        return 130
-    except (RuntimeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    finally:
-        # a second Ctrl-C must not cut the teardown short (orphaned clients, a store left running)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with stop_on_signals():
         try:
-            local.stop()
+            local.start(num_clients)
+            transport = make_transport(local.url, local.token)
+            submitted = transport.submit_experiments([spec.to_dict() for spec in specs], fresh=options.fresh)
+            ids = list(dict.fromkeys(submitted))  # a spec repeated in the run is one experiment
+            summaries = {e["id"]: e for e in transport.list_experiments()}
+            say_resumed(submitted, summaries)
+            earlier = [e for e in summaries.values() if e["status"] not in DONE and e["id"] not in ids]
+            if earlier:
+                log.warning("%d unfinished experiments from earlier runs are queued ahead of these", len(earlier))
+            if follow is not None:
+                local.beside += follow(local.store_uri, options.store.db_name, list(ids))
+            with Progress(submitted, specs, enabled=options.show_progress) as progress:
+                documents = watch(transport, ids, local, options.poll_interval_s, progress)
+            last_rounds = {i: progress.last_round(i) for i in ids}
+            transport.close()
+            failed = print_summary(ids, documents, last_rounds, submitted.resumed,
+                                   time.monotonic() - started, options.log_dir)
+            reports = None if finish is None else finish(local.store_uri, options.store.db_name, list(ids))
+            if reports is not None:
+                print(f"reports: {reports.resolve()}", flush=True)
+        except KeyboardInterrupt as stopped:
+            print("\ninterrupted: stopping clients, server and store", file=sys.stderr)
+            return exit_status(stopped)
+        except (RuntimeError, OSError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-    print(summary_table(ids, documents, last_rounds, resumed=submitted.resumed))
-    print(f"wall time {time.monotonic() - started:.1f} s; logs in {options.log_dir}")
-    if reports is not None:
-        print(f"reports: {reports.resolve()}")
-    failed = [d for d in documents.values() if d.get("status") != "finished"]
-    for doc in failed:
-        print(f"experiment {doc.get('id')} {doc.get('status')}: {doc.get('error')}", file=sys.stderr)
+            ignore_signals()  # a second Ctrl-C must not cut the teardown short (orphaned clients, a running store)
+            local.stop()
     return 0 if not failed else 1

@@ -1,4 +1,4 @@
-"""Local processes of the stack: `python -m server` and `python -m client` as children."""
+"""Local processes of the stack: `python -m server`, `python -m client` (and the reports) as children."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -29,7 +29,8 @@ def child_env(base: Mapping[str, str], **overrides: str) -> dict[str, str]:
 class Child:
     """A child process in its own session (a terminal's Ctrl-C reaches only the launcher)."""
 
-    def __init__(self, name: str, module: str, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, name: str, module: str, env: Mapping[str, str], log_path: Path,
+                 args: Sequence[str] = ()) -> None:
         self.name = name
         self.log_path = log_path
         self._terminated = False
@@ -37,7 +38,7 @@ class Child:
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", module],
+                [sys.executable, "-m", module, *args],
                 env=dict(env),
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
@@ -92,10 +93,31 @@ class Child:
         return "\n".join(lines[-num_lines:])
 
 
-def stop_all(children: list[Child], timeout_s: float = 15.0) -> None:
-    """Signal all children at once, then wait for each (killing stragglers)."""
+    def stop_now(self) -> None:
+        """A second SIGTERM: a client then leaves at once, even in the middle of its local training."""
+        if self.alive():
+            self._terminated = True
+            self.process.send_signal(signal.SIGTERM)
+
+
+#: How long children asked to stop may take to finish their current step before they are told to stop now.
+STOP_GRACE_S = 1.5
+
+
+def stop_all(children: list[Child], timeout_s: float = 15.0, grace_s: float = STOP_GRACE_S) -> None:
+    """Signal all children at once; those still running after ``grace_s`` are signalled again (stop now).
+
+    A client finishes its current step (a whole local training) after the first
+    SIGTERM; the second keeps a teardown within seconds. Stragglers are killed
+    after ``timeout_s``.
+    """
     for child in children:
         child.terminate()
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        child.wait(max(0.0, deadline - time.monotonic()))
+    for child in children:
+        child.stop_now()
     for child in children:
         child.stop(timeout_s)
 

@@ -2,6 +2,7 @@
 
     write_reports(db, ["65a1..."], Path("data/reports"))  # -> data/reports/index.html
     watch_reports(db, None, Path("data/reports"), stop)     # re-render as rounds land, until all finish
+    python -m reports --watch --out data/reports           # the same in its own process (the launcher's)
     report_main([], StoreSettings.from_env(), Path("data/reports"))  # the CLI's entry (python main.py report)
 
 Layout: ``out_dir/index.html``, ``out_dir/comparison/*.png|pdf`` and per experiment
@@ -18,19 +19,24 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pymongo.database import Database
 
+from reports import atomic
 from reports.catalog import EXPERIMENT_FIGURES
 from reports.compare import COMPARISONS, comparison
 from reports.data import ExperimentData, list_experiment_ids, load_experiment, with_extras
+from reports.figures import FigureKind
 from reports.page import FigureEntry, experiment_page, experiment_summary, index_page
 from reports.style import paper_style, vector_path
 from stack import records
+from stack.interrupts import exit_status, stop_on_signals
 from stack.settings import DEFAULT_REPORTS_DIR, StoreSettings
 
 __all__ = ["report_main", "watch_reports", "write_reports", "write_experiment_report"]
@@ -61,28 +67,77 @@ def default_data_dir(env: Mapping[str, str] = os.environ) -> Path:
     return DataSettings.from_env(env).data_dir
 
 
-def write_experiment_report(data: ExperimentData, out_dir: Path, index_href: str = "../index.html") -> Path:
-    """Write one experiment's figures, page and index row into ``out_dir``; returns the page's path."""
+#: Figures drawn from the stored documents alone, in a fraction of a second: drawn first, on every round.
+QUICK_FIGURES = frozenset(
+    kind.file_name for kind in EXPERIMENT_FIGURES if not kind.needs_landscape and kind.reason_key is None)
+PENDING = "it is drawn after the accuracy, loss and tables of every experiment (this page reloads itself)"
+FINISHED = ("finished", "failed")
+
+
+class Stopped(Exception):
+    """A render left between two figures because its ``stop`` event was set."""
+
+
+def _figure_entry(kind: FigureKind, data: ExperimentData, out_dir: Path) -> FigureEntry:
+    path = kind.render(data, out_dir)
+    if path is not None:
+        return FigureEntry(kind.title, kind.caption_for(data), path.name)
+    for stale in (out_dir / kind.file_name, vector_path(out_dir / kind.file_name)):
+        stale.unlink(missing_ok=True)  # from an earlier report
+    reason = _skip_reason(data, kind.needs_landscape, kind.reason_key)
+    # while it runs, most figures wait for data: only the final report says so at INFO
+    (log.debug if data.running else log.info)("experiment %s: %s skipped: %s", data.experiment_id, kind.title, reason)
+    return FigureEntry(kind.title, kind.caption_for(data), None, reason)
+
+
+def _earlier_entry(kind: FigureKind, data: ExperimentData, out_dir: Path) -> FigureEntry:
+    """A figure not drawn this time: the one an earlier render left, else a note that it comes next."""
+    if (out_dir / kind.file_name).is_file():
+        return FigureEntry(kind.title, kind.caption_for(data), kind.file_name)
+    return FigureEntry(kind.title, kind.caption_for(data), None, PENDING, pending=True)
+
+
+def write_experiment_report(
+    data: ExperimentData,
+    out_dir: Path,
+    index_href: str = "../index.html",
+    *,
+    quick: bool = False,
+) -> Path:
+    """Write one experiment's figures, page and index row into ``out_dir``; returns the page's path.
+
+    ``quick``: only the ``QUICK_FIGURES``; the page keeps the other figures an earlier
+    render left. Every file is replaced atomically.
+    """
+    return write_page(data, out_dir, draw_figures(data, out_dir, quick=quick), index_href)
+
+
+def draw_figures(data: ExperimentData, out_dir: Path, *, quick: bool = False,
+                 between: Callable[[], None] | None = None) -> list[FigureEntry]:
+    """Draw the experiment's figures (``quick``: only ``QUICK_FIGURES``); returns the page's entries.
+
+    ``between`` is called before each figure drawn (it may raise ``Stopped``).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     with paper_style():
         for kind in EXPERIMENT_FIGURES:
-            path = kind.render(data, out_dir)
-            if path is None:
-                for stale in (out_dir / kind.file_name, vector_path(out_dir / kind.file_name)):
-                    stale.unlink(missing_ok=True)  # from an earlier report
-                reason = _skip_reason(data, kind.needs_landscape, kind.reason_key)
-                entries.append(FigureEntry(kind.title, kind.caption_for(data), None, reason))
-                # while it runs, most figures wait for data: only the final report says so at INFO
-                (log.debug if data.running else log.info)(
-                    "experiment %s: %s skipped: %s", data.experiment_id, kind.title, reason)
-            else:
-                entries.append(FigureEntry(kind.title, kind.caption_for(data), path.name))
-    page = out_dir / "index.html"
-    page.write_text(experiment_page(data, entries, index_href), encoding="utf-8")
+            if quick and kind.file_name not in QUICK_FIGURES:
+                entries.append(_earlier_entry(kind, data, out_dir))
+                continue
+            if between is not None:
+                between()
+            entries.append(_figure_entry(kind, data, out_dir))
+    return entries
+
+
+def write_page(data: ExperimentData, out_dir: Path, entries: Sequence[FigureEntry],
+               index_href: str = "../index.html") -> Path:
+    """The experiment's page and its index row (``summary.json``), each replaced atomically."""
+    target = atomic.write_text(out_dir / "index.html", experiment_page(data, entries, index_href))
     summary = experiment_summary(data, f"{out_dir.name}/index.html")
-    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    return page
+    atomic.write_text(out_dir / SUMMARY, json.dumps(summary, indent=1))
+    return target
 
 
 def _load(db: Database[Any], experiment_id: str, data_dir: Path | None) -> ExperimentData:
@@ -123,14 +178,25 @@ def write_reports(
     return write_index(out, experiments)
 
 
-def write_index(out: Path, compared: Sequence[ExperimentData]) -> Path:
-    """The index: every experiment page in ``out`` (oldest first), comparison figures of ``compared``."""
+def write_index(out: Path, compared: Sequence[ExperimentData], *, figures: bool = True,
+                between: Callable[[], None] | None = None) -> Path:
+    """The index: every experiment page in ``out`` (oldest first), comparison figures of ``compared``.
+
+    ``figures`` False: the comparison figures an earlier render left (the table alone is new).
+    """
     entries = []
     with paper_style():
         for kind in COMPARISONS:
+            earlier = out / "comparison" / kind.file_name
+            if not figures:
+                entries.append(FigureEntry(kind.title, kind.caption, f"comparison/{kind.file_name}")
+                               if earlier.is_file() else FigureEntry(kind.title, kind.caption, None, PENDING, pending=True))
+                continue
+            if between is not None:
+                between()
             path = comparison(kind, compared, out / "comparison")
             if path is None:
-                for stale in (out / "comparison" / kind.file_name, vector_path(out / "comparison" / kind.file_name)):
+                for stale in (earlier, vector_path(earlier)):
                     stale.unlink(missing_ok=True)
                 entries.append(FigureEntry(kind.title, kind.caption, None, "no experiment has this measurement"))
             else:
@@ -142,14 +208,99 @@ def write_index(out: Path, compared: Sequence[ExperimentData]) -> Path:
         except (OSError, ValueError):
             log.warning("unreadable %s: left out of the index", summary)
     rows.sort(key=lambda row: (str(row.get("created_at") or ""), str(row.get("experiment_id"))))
-    index = out / "index.html"
-    index.write_text(index_page(rows, entries, len(compared)), encoding="utf-8")
-    return index
+    return atomic.write_text(out / "index.html", index_page(rows, entries, len(compared)))
 
 
-def _signature(db: Database[Any], experiment_id: str) -> tuple[Any, ...]:
-    """What changes when an experiment progresses: status, rounds, measured rounds, client stats."""
-    return records.progress_signature(db, experiment_id)
+class _Watch:
+    """The state of ``watch_reports``: what was seen, what is drawn, what waits for its full render."""
+
+    def __init__(self, db: Database[Any], experiment_ids: Sequence[str] | None, out: Path, data_dir: Path,
+                 stop: threading.Event, poll_interval_s: float) -> None:
+        self.db, self.experiment_ids, self.out, self.data_dir = db, experiment_ids, out, data_dir
+        self.stop, self.poll_interval_s = stop, poll_interval_s
+        self.seen: dict[str, tuple[Any, ...]] = {}
+        self.loaded: dict[str, ExperimentData] = {}
+        self.version: dict[str, int] = {}  # quick renders so far: a full render of an older version keeps its page
+        self.due: dict[str, None] = {}  # experiments waiting for their full render, least recently changed first
+        self.comparisons_due = False
+        self.ids: list[str] = []
+        self.index: Path | None = None
+        self.polled_at = 0.0
+
+    def check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Stopped
+
+    def between(self) -> None:
+        """Before each heavy figure: stop if asked, and draw the quick parts of whatever changed meanwhile."""
+        self.check_stop()
+        if time.monotonic() - self.polled_at >= self.poll_interval_s:
+            self.poll()
+
+    def poll(self) -> None:
+        """Read the signatures; redraw the quick parts and the index of what changed (every experiment first)."""
+        self.polled_at = time.monotonic()
+        self.ids = (list_experiment_ids(self.db, status=None) if self.experiment_ids is None
+                    else list(self.experiment_ids))
+        changed = []
+        for experiment_id in self.ids:
+            signature = records.progress_signature(self.db, experiment_id)
+            if self.seen.get(experiment_id) != signature:
+                self.seen[experiment_id] = signature
+                changed.append(experiment_id)
+        for experiment_id in changed:
+            self.check_stop()
+            data = load_experiment(self.db, experiment_id)
+            earlier = self.loaded.get(experiment_id)
+            if earlier is not None:  # round 0 never changes; the rest of the extras is redrawn in the full render
+                data = replace(data, extras=earlier.extras)
+            self.loaded[experiment_id] = data
+            self.version[experiment_id] = self.version.get(experiment_id, 0) + 1
+            write_experiment_report(data, self.out / _directory_name(experiment_id), quick=True)
+            self.due.pop(experiment_id, None)
+            self.due[experiment_id] = None
+        if changed:
+            self.comparisons_due = True
+            self.index = write_index(self.out, self.compared(), figures=False)
+            log.info("accuracy, loss and tables of %d experiments in %s", len(changed), self.out)
+
+    def compared(self) -> list[ExperimentData]:
+        return [self.loaded[i] for i in self.ids if i in self.loaded]
+
+    def render_next(self) -> None:
+        """The full render (every figure) of the experiment that has waited longest."""
+        experiment_id = next(iter(self.due))
+        del self.due[experiment_id]
+        version = self.version[experiment_id]
+        data = load_experiment(self.db, experiment_id)
+        state = "final" if not data.running else "live"
+        log.info("experiment %s: drawing the %s figures", experiment_id, state)
+        data = with_extras(self.db, data, self.data_dir)
+        out_dir = self.out / _directory_name(experiment_id)
+        entries = draw_figures(data, out_dir, between=self.between)
+        if self.version[experiment_id] == version:  # nothing newer was drawn meanwhile
+            self.loaded[experiment_id] = data
+            write_page(data, out_dir, entries)
+        else:  # a newer round's quick page stands (it links these figures); its full render is due
+            self.loaded[experiment_id] = replace(self.loaded[experiment_id], extras=data.extras)
+        log.info("experiment %s: %s figures in %s", experiment_id, state, out_dir)
+
+    def finished(self) -> bool:
+        return bool(self.ids) and all(self.seen[i][0] in FINISHED for i in self.ids)
+
+    def run(self, until_done: bool) -> Path | None:
+        while True:
+            self.poll()
+            while self.due:
+                self.check_stop()
+                self.render_next()
+            if self.comparisons_due:
+                self.comparisons_due = False
+                self.index = write_index(self.out, self.compared(), between=self.between)
+            if until_done and self.finished() and not self.due and not self.comparisons_due:
+                return self.index
+            if self.stop.wait(self.poll_interval_s):
+                return self.index
 
 
 def watch_reports(
@@ -158,41 +309,28 @@ def watch_reports(
     out_dir: str | os.PathLike[str],
     stop: threading.Event,
     *,
-    poll_interval_s: float = 5.0,
+    poll_interval_s: float = 2.0,
     data_dir: Path | None = None,
     until_done: bool = True,
 ) -> Path | None:
-    """Re-render the pages of experiments whose documents changed, every ``poll_interval_s``, until ``stop``.
+    """Re-render the pages of experiments whose documents changed, polling every ``poll_interval_s``, until ``stop``.
 
+    Quick parts first: on each change the index and every changed experiment's
+    accuracy, loss and tables are redrawn before any other figure; then the other
+    figures, one experiment at a time (the one that waited longest first), with the
+    quick parts of whatever changed meanwhile redrawn between two figures.
     ``experiment_ids`` None: every experiment in the store. With ``until_done`` it
     returns once every watched experiment is finished or failed (after rendering
-    that state). Returns the index page (None if nothing was rendered).
+    that state in full). ``stop`` is checked between figures. Returns the index page
+    (None if nothing was rendered).
     """
     out = Path(out_dir)
     data_dir = default_data_dir() if data_dir is None else data_dir
-    seen: dict[str, tuple[Any, ...]] = {}
-    loaded: dict[str, ExperimentData] = {}
-    index: Path | None = None
-    while True:
-        ids = list_experiment_ids(db, status=None) if experiment_ids is None else list(experiment_ids)
-        changed = []
-        for experiment_id in ids:
-            signature = _signature(db, experiment_id)
-            if seen.get(experiment_id) != signature:
-                seen[experiment_id] = signature
-                changed.append(experiment_id)
-        if changed:
-            for experiment_id in changed:  # only what changed is read and evaluated again
-                if stop.is_set():
-                    return index  # the caller writes the final reports itself
-                loaded[experiment_id] = _load(db, experiment_id, data_dir)
-                write_experiment_report(loaded[experiment_id], out / _directory_name(experiment_id))
-            index = write_index(out, [loaded[i] for i in ids if i in loaded])
-            log.info("reports: re-rendered %d experiments in %s", len(changed), out)
-        if until_done and ids and all(seen[i][0] in ("finished", "failed") for i in ids):
-            return index
-        if stop.wait(poll_interval_s):
-            return index
+    watch = _Watch(db, experiment_ids, out, data_dir, stop, poll_interval_s)
+    try:
+        return watch.run(until_done)
+    except Stopped:
+        return watch.index
 
 
 def report_main(
@@ -202,7 +340,7 @@ def report_main(
     *,
     data_dir: Path | None = None,
     watch: bool = False,
-    poll_interval_s: float = 5.0,
+    poll_interval_s: float = 2.0,
     torch_threads: int = 1,
 ) -> int:
     """The `python main.py report [EXPERIMENT_ID ...] [--watch]` command; returns the exit code.
@@ -211,35 +349,38 @@ def report_main(
     ``store.store_dir`` (the launcher's). No ids: every finished experiment (with
     ``watch``: every experiment, re-rendered as rounds land until all are done or Ctrl-C).
     ``data_dir``: the dataset the stored models are evaluated on (default ``./data``).
+    Ctrl-C or SIGTERM stops it at once (130 or 143): every file is written whole
+    or not at all, so the pages stay as the last render left them.
     """
     from stack.embedded import open_database
     from stack.settings import set_torch_threads
 
     data_dir = default_data_dir() if data_dir is None else data_dir
     set_torch_threads(torch_threads)
-    with ExitStack() as resources:
-        try:
-            db = resources.enter_context(open_database(store))
-        except FileNotFoundError as error:
-            print(error, file=sys.stderr)
-            return 2
-        try:
-            records.check_schema(db)  # a store of an earlier release: one line naming the upgrade
-            for experiment_id in experiment_ids:
-                load_experiment(db, experiment_id)  # unknown ids fail before anything is written
-            if watch:
-                print(f"watching the store; reports in {Path(out_dir).resolve()} (Ctrl-C stops)")
-                index = watch_reports(db, list(experiment_ids) or None, out_dir, threading.Event(),
-                                      poll_interval_s=poll_interval_s, data_dir=data_dir)
-                if index is None:
+    try:
+        with stop_on_signals(), ExitStack() as resources:
+            try:
+                db = resources.enter_context(open_database(store))
+            except FileNotFoundError as error:
+                print(error, file=sys.stderr)
+                return 2
+            try:
+                records.check_schema(db)  # a store of an earlier release: one line naming the upgrade
+                for experiment_id in experiment_ids:
+                    load_experiment(db, experiment_id)  # unknown ids fail before anything is written
+                if watch:
+                    print(f"watching the store; reports in {Path(out_dir).resolve()} (Ctrl-C stops)", flush=True)
+                    index = watch_reports(db, list(experiment_ids) or None, out_dir, threading.Event(),
+                                          poll_interval_s=poll_interval_s, data_dir=data_dir)
+                    if index is None:
+                        index = write_reports(db, list(experiment_ids) or None, out_dir, data_dir=data_dir)
+                else:
                     index = write_reports(db, list(experiment_ids) or None, out_dir, data_dir=data_dir)
-            else:
-                index = write_reports(db, list(experiment_ids) or None, out_dir, data_dir=data_dir)
-        except (ValueError, records.SchemaError) as error:
-            print(f"report: {error}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("report: stopped", file=sys.stderr)
-            return 130
-    print(f"reports written; open {index.resolve()}")
+            except (ValueError, records.SchemaError) as error:
+                print(f"report: {error}", file=sys.stderr)
+                return 2
+    except KeyboardInterrupt as stopped:
+        print("report: stopped; the pages are as the last render left them", file=sys.stderr)
+        return exit_status(stopped)
+    print(f"reports written; open {index.resolve()}", flush=True)
     return 0

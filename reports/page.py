@@ -24,6 +24,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white
 th { background: #f3f3f3; } td.text, th.text { text-align: left; }
 figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; max-width: 900px; }
+.pending { color: #555; font-style: italic; }
 .skipped { color: #8a5a00; background: #fff7e0; padding: 0.4em 0.8em; border-left: 3px solid #e0a800; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.3em; vertical-align: middle; }
 .failed { color: #a00; } pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
@@ -32,12 +33,13 @@ figcaption { font-size: 0.85em; color: #555; max-width: 900px; }
 
 @dataclass(frozen=True)
 class FigureEntry:
-    """A figure of a page: written (``file_name`` relative to the page) or skipped (``reason``)."""
+    """A figure of a page: written (``file_name`` relative to the page), skipped (``reason``) or ``pending``."""
 
     title: str
     caption: str
     file_name: str | None
     reason: str | None = None
+    pending: bool = False  # not drawn yet (a live render draws it after the quick parts), rather than skipped
 
 
 #: Seconds between reloads of a page whose experiment is still running.
@@ -74,7 +76,9 @@ def _figures(entries: Sequence[FigureEntry]) -> str:
     parts = []
     for entry in entries:
         parts.append(f"<h2>{escape(entry.title)}</h2>")
-        if entry.file_name is None:
+        if entry.file_name is None and entry.pending:
+            parts.append(f'<p class="pending">Not drawn yet: {escape(entry.reason or "")}.</p>')
+        elif entry.file_name is None:
             parts.append(f'<p class="skipped">Skipped: {escape(entry.reason or "no data")}.</p>')
         else:
             vector = escape(vector_path(PurePosixPath(entry.file_name)).as_posix())

@@ -20,6 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.rcsetup import cycler  # what ``matplotlib.cycler`` is (the stubs do not re-export it)
 from matplotlib.ticker import MaxNLocator
 
+from reports.atomic import replaced
+
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType  # the stubs' rc key names (not in matplotlib's runtime before 3.10)
 
@@ -108,9 +110,10 @@ def vector_path(path: PathT) -> PathT:
 
 
 def save(figure: Figure, path: Path) -> Path:
-    """Write ``path`` (PNG) and its vector copy beside it; returns the PNG's path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI)
+    """Write ``path`` (PNG) and its vector copy beside it, each atomically; returns the PNG's path."""
+    with replaced(path) as temporary:
+        figure.savefig(temporary, dpi=DPI, format="png")
     figure.set_layout_engine("none")  # keep the layout just computed: the PDF needs no second solve
-    figure.savefig(vector_path(path))
+    with replaced(vector_path(path)) as temporary:
+        figure.savefig(temporary, format=VECTOR_FORMAT)
     return path

@@ -28,10 +28,6 @@ from stack.settings import ServerSettings, configure_logging, set_torch_threads
 log = logging.getLogger("server")
 
 
-def _stop(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
-
-
 def _raise_open_files_limit(wanted: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
@@ -79,8 +75,15 @@ def main() -> int:
             max_request_body_size=settings.max_body_bytes,  # so is one over the limit, chunked too
         )
         stack.callback(server.close)
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+        coordinator = coordinator_of(app)
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            # before waitress waits (up to 5 s) for its threads: long-polling workers answer at once
+            coordinator.close()  # idempotent: the exit stack closes it again
+            raise SystemExit(0)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         log.info("serving on http://%s:%s/api/v1", settings.host, server.effective_port)
         try:
             server.run()

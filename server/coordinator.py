@@ -124,8 +124,14 @@ class Coordinator:
         self._timer.start()
 
     def close(self) -> None:
-        """Stop the timer and the measurement thread (queued measurements are dropped; see `recover`)."""
+        """Stop the timer and the measurement thread (queued measurements are dropped; see `recover`).
+
+        Workers long-polling for a task get their answer at once (``wait``).
+        """
         self._stop.set()
+        with self._work:  # long-polling workers answer now, so the HTTP server's threads can end
+            self._work_generation += 1
+            self._work.notify_all()
         if self._timer is not None:
             self._timer.join(timeout=10)
         self.measurements.close()
@@ -451,7 +457,7 @@ class Coordinator:
             if task is not None:
                 return task
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or self._stop.is_set():  # closing: no worker waits for work that will not come
                 self._last_idle = self.clock()
                 return self._wait(0.0 if wait_s > 0 else self.retry_after_s)
             if not self._poll_slots.acquire(blocking=False):  # every long-poll thread is taken: come back later

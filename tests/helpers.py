@@ -1,24 +1,29 @@
-"""Helpers shared by the end-to-end tests: a quick spec, polling, and a local stack of real processes.
+"""Helpers shared by the end-to-end tests: a quick spec, polling, a local stack of real processes, `python main.py`.
 
 `LocalStack` is what the `local_stack` fixture (tests/conftest.py) starts.
 """
 
 from __future__ import annotations
 
+import html.parser
+import json
 import math
 import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pymongo
 
 from fedland.spec import ExperimentSpec
 from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
+from reports.atomic import TEMP_SUFFIX
 from stack import records
 from stack.api_client import Transport
 from stack.embedded import free_port
@@ -26,6 +31,7 @@ from stack.embedded import free_port
 TOKEN = "e2e-token"  # the submitter's
 WORKER_TOKEN = "e2e-worker-token"  # the workers enrol with it
 IID = [[0.1] * 10]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_spec(num_clients: int, rounds: int, fraction: float = 0.04, **overrides: Any) -> dict[str, Any]:
@@ -150,3 +156,89 @@ def seconds_until_closed(sock: socket.socket, limit_s: float, trickle: bytes = b
         except OSError:
             return time.monotonic() - started
     raise AssertionError(f"still open after {limit_s} s")
+
+
+class MainRun:
+    """`python main.py` in a subprocess; every line of its output kept with the time it appeared."""
+
+    def __init__(self, tmp_path: Path, data_dir: Path, specs: list[dict[str, Any]], **env: str) -> None:
+        """Runs ``specs`` with logs in ``tmp_path/logs``, reports in ``tmp_path/reports``; ``env`` adds FEDLAND_*."""
+        self.tmp_path = tmp_path
+        self.logs = tmp_path / "logs"
+        self.reports = tmp_path / "reports"
+        experiments = tmp_path / "experiments.json"
+        experiments.write_text(json.dumps(specs), encoding="utf-8")
+        base = {key: value for key, value in os.environ.items() if not key.startswith("FEDLAND_")}
+        self.env = base | {
+            "FEDLAND_DATA_DIR": str(data_dir), "FEDLAND_STORE_DIR": str(tmp_path / "store"),
+            "FEDLAND_LOG_DIR": str(self.logs), "FEDLAND_LOG_LEVEL": "INFO", **env,
+        }
+        self.lines: list[tuple[float, str]] = []
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "main.py"), "--experiments", str(experiments), "--no-progress",
+             "--reports", str(self.reports)],
+            cwd=tmp_path, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        assert self.process.stdout is not None
+        self._reader = threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append((time.time(), line))
+
+    def output(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+    def log(self, name: str) -> str:
+        try:
+            return (self.logs / name).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def everything(self) -> str:
+        return self.output() + "".join(self.log(p.name) for p in sorted(self.logs.glob("*.log")))
+
+    def wait(self, timeout_s: float) -> tuple[int, float]:
+        """Exit status and the time it exited."""
+        code = self.process.wait(timeout=timeout_s)
+        exited = time.time()
+        self._reader.join(timeout=10)
+        return code, exited
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+class _Strict(html.parser.HTMLParser):
+    """Counts the elements that must open and close a whole page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed: list[str] = []
+
+    def handle_endtag(self, tag: str) -> None:
+        self.closed.append(tag)
+
+
+def assert_pages_intact(reports: Path) -> int:
+    """Every page is a whole document, every row and figure file complete, no temporary file left; returns pages."""
+    assert not [p for p in reports.rglob(f"*{TEMP_SUFFIX}")], "temporary files left behind"
+    pages = sorted(reports.rglob("index.html"))
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>"), page
+        parser = _Strict()
+        parser.feed(text)
+        parser.close()
+        assert parser.closed[-2:] == ["body", "html"], page
+    for summary in reports.rglob("summary.json"):
+        assert json.loads(summary.read_text(encoding="utf-8"))["experiment_id"]
+    for png in reports.rglob("*.png"):
+        data = png.read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and data[-12:-4] == b"\x00\x00\x00\x00IEND", png
+    for pdf in reports.rglob("*.pdf"):
+        assert pdf.read_bytes().rstrip().endswith(b"%%EOF"), pdf
+    return len(pages)

@@ -1,0 +1,33 @@
+"""SIGINT and SIGTERM become one exception with the exit status a shell expects; ignored signals stay ignored."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from stack.interrupts import Interrupted, exit_status, stop_on_signals
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_raises_interrupted_with_its_exit_status(signum: int, status: int) -> None:
+    before = signal.getsignal(signum)
+    with pytest.raises(Interrupted) as raised, stop_on_signals():
+        os.kill(os.getpid(), signum)  # the handler raises before the next statement
+        raise AssertionError("no Interrupted")
+    assert exit_status(raised.value) == status
+    assert signal.getsignal(signum) is before  # the previous handler is back
+    assert exit_status(KeyboardInterrupt()) == 130
+
+
+def test_a_signal_ignored_before_stays_ignored() -> None:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_on_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)  # nothing happens
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
