@@ -27,7 +27,7 @@ from pymongo.database import Database
 
 from reports.catalog import EXPERIMENT_FIGURES
 from reports.compare import COMPARISONS, comparison
-from reports.data import ExperimentData, list_experiment_ids, load_experiment, with_extras
+from reports.data import ExperimentData, list_experiment_ids, load_experiment
 from reports.page import FigureEntry, experiment_page, experiment_summary, index_page
 from reports.style import paper_style, vector_path
 from stack import records
@@ -86,8 +86,7 @@ def write_experiment_report(data: ExperimentData, out_dir: Path, index_href: str
 
 
 def _load(db: Database[Any], experiment_id: str, data_dir: Path | None) -> ExperimentData:
-    data = load_experiment(db, experiment_id)
-    return data if data_dir is None else with_extras(db, data, data_dir)
+    return load_experiment(db, experiment_id)  # the models' analysis is stored: ``data_dir`` is not read
 
 
 def write_reports(
@@ -112,7 +111,6 @@ def write_reports(
     out.mkdir(parents=True, exist_ok=True)
     experiments = []
     for data in documents:
-        data = with_extras(db, data, data_dir)
         directory = _directory_name(data.experiment_id)
         write_experiment_report(data, out / directory)
         experiments.append(data)
