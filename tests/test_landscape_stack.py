@@ -227,8 +227,8 @@ def check_analysis(store: Store, experiment_id: str, spec: ExperimentSpec, data_
         (evaluation.loss, evaluation.accuracy), rel=1e-6)
     assert analysis.trajectory is not None and analysis.trajectory.rounds == tuple(range(spec.rounds + 1))
     assert analysis.spectral_densities is not None and analysis.spectral_densities.round == spec.rounds
-    members = sorted((c.model, c.client_index) for c in analysis.spectral_densities.curves)
-    assert members == sorted([("global", None)] + [(m, i) for i in range(spec.num_clients) for m in ("global", "local")])
+    curves = [(c.model, -1 if c.client_index is None else c.client_index) for c in analysis.spectral_densities.curves]
+    assert sorted(curves) == sorted([("global", -1)] + [(m, i) for i in range(spec.num_clients) for m in ("global", "local")])
 
 
 def _weights(seed: int) -> dict[str, np.ndarray]:
