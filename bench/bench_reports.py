@@ -37,7 +37,13 @@ from fedland import schemes  # noqa: E402
 from fedland.spec import ExperimentSpec, LandscapeSpec  # noqa: E402
 from reports import write_experiment_report  # noqa: E402
 from reports.data import load_experiment  # noqa: E402
-from server.analysis import analyse_finished, evaluate_initial  # noqa: E402
+from server.analysis import (  # noqa: E402
+    analyse_finished,
+    evaluate_initial,
+    global_models,
+    round_densities,
+    trajectory,
+)
 from server.resources import Resources  # noqa: E402
 from server.store import Store  # noqa: E402
 from stack import records, wire  # noqa: E402
@@ -116,10 +122,16 @@ def main() -> None:
         assert experiment is not None
         out = Path(tmp) / "reports"
 
-        def analysis() -> None:
+        def forget_analysis() -> None:
             store.db[records.LANDSCAPES].delete_many({"experiment_id": experiment_id,
                                                       "kind": {"$in": list(records.ANALYSIS_KINDS)}})
+
+        def initial() -> None:
+            forget_analysis()
             evaluate_initial(store, resources, experiment)
+
+        def analysis() -> None:
+            initial()
             analyse_finished(store, resources, experiment)
 
         def render() -> None:
@@ -130,6 +142,13 @@ def main() -> None:
             render()
 
         analysis_s = cpu_seconds(analysis)
+        plan = resources.plan(experiment.spec)
+        models = global_models(store, experiment_id)
+        parts = {
+            "initial evaluation (full test split)": cpu_seconds(initial),
+            "trajectory (21 x 21 grid, 1,000 images)": cpu_seconds(lambda: trajectory(plan, models)),
+            "spectral densities": cpu_seconds(lambda: round_densities(store, plan, experiment_id, models)),
+        }
         stored = [cpu_seconds(render) for _ in range(args.renders)]
         at_render = [cpu_seconds(render_with_analysis) for _ in range(args.renders)]
         store.close()
@@ -137,6 +156,8 @@ def main() -> None:
     print(f"experiment: {args.clients} clients x {rounds} rounds, FedNet on MNIST; CPU seconds (median of "
           f"{args.renders})")
     print(f"  analysis, once per experiment (server)        {analysis_s:8.2f} s")
+    for part, seconds in parts.items():
+        print(f"    {part:<44}{seconds:8.2f} s")
     for label, values in (("render, analysis stored (now)", stored),
                           ("render, analysis at render time (before)", at_render)):
         median = statistics.median(values)

@@ -101,8 +101,8 @@ def write_reports(
     Every id is read before anything is written: an unknown id raises ValueError
     naming ``experiment_id`` and writes nothing. Experiments in the store without
     a page in ``out_dir`` get one too, so the index lists them all. ``data_dir``
-    holds the dataset the report evaluates stored models on (round 0, trajectory,
-    spectral density); None: ``FEDLAND_DATA_DIR`` or ``./data``.
+    is not read: the models' analysis (round 0, trajectory, spectral density) is
+    stored by the server (`reports.models`).
     """
     out = Path(out_dir)
     data_dir = default_data_dir() if data_dir is None else data_dir

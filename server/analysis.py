@@ -61,7 +61,7 @@ def evaluate_initial(store: Store, resources: Resources, experiment: ExperimentR
 def analyse_finished(store: Store, resources: Resources, experiment: ExperimentRecord) -> None:
     """Store the trajectory of the global models and (landscapes measured) the last measured round's densities."""
     plan = resources.plan(experiment.spec)
-    weights = _global_models(store, experiment.id)
+    weights = global_models(store, experiment.id)
     if len(weights) >= 3:
         store.save_landscape(trajectory(plan, weights).record(experiment.id))
     else:
@@ -72,7 +72,8 @@ def analyse_finished(store: Store, resources: Resources, experiment: ExperimentR
             store.save_landscape(densities.record(experiment.id))
 
 
-def _global_models(store: Store, experiment_id: str) -> dict[int, NamedArrays]:
+def global_models(store: Store, experiment_id: str) -> dict[int, NamedArrays]:
+    """The stored global models by round (0: the initial one)."""
     ids = {0: store.global_model_id(experiment_id, 0)}
     ids.update({r.round: r.model_file_id for r in store.rounds_of(experiment_id)})
     return {r: wire.decode(store.load_model(i)) for r, i in sorted(ids.items()) if i is not None}
