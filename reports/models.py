@@ -9,9 +9,7 @@ never evaluates a model. What is not stored is missing, and ``reasons`` says why
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from pymongo.database import Database
@@ -62,7 +60,7 @@ MISSING_AFTER = ("the store holds no {what}: computed by the server before an ex
                  "written before it did so, an experiment that failed, or {why})")
 
 
-def read_extras(db: Database[Any], experiment_id: str, *, running: bool) -> ModelExtras:
+def read_extras(db: Database[records.Document], experiment_id: str, *, running: bool) -> ModelExtras:
     """The experiment's stored analysis (`stack.records.read_analysis`) as the figures draw it."""
     analysis = records.read_analysis(db, experiment_id)
     reasons: dict[str, str] = {}
@@ -100,7 +98,3 @@ def _trajectory(stored: records.TrajectoryAnalysis) -> Trajectory:
         losses=losses,
         num_samples=stored.num_samples,
     )
-
-
-def finite(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
