@@ -23,12 +23,14 @@ from fedland.models import build_model
 from fedland.partition import ClientPartition, partition
 from fedland.spec import ExperimentSpec
 
-__all__ = ["HELD_OUT_STREAM", "ClientData", "ExperimentPlan", "derived_seed"]
+__all__ = ["ANALYSIS_STREAM", "HELD_OUT_STREAM", "ClientData", "ExperimentPlan", "derived_seed"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 #: Second word of the seeds of the server's held-out subset and measurements; no client has this index.
 HELD_OUT_STREAM = 2**32
+#: Second word of the seed of the test subset of the experiment's analysis (trajectory, spectral density).
+ANALYSIS_STREAM = 2**32 + 1
 
 
 def derived_seed(*words: int) -> int:
@@ -97,6 +99,12 @@ class ExperimentPlan:
     def held_out_batch(self) -> list[Batch]:
         """The server's held-out landscape subset of the test split, as one batch."""
         chosen = torch.from_numpy(self.held_out_indices())
+        return [(self.dataset.test_x[chosen], self.dataset.test_y[chosen])]
+
+    def analysis_batch(self, size: int) -> list[Batch]:
+        """A seeded subset of ``size`` test examples (all when fewer), as one batch: the experiment's analysis data."""
+        num_test = int(self.dataset.test_y.shape[0])
+        chosen = torch.from_numpy(landscape_subset(num_test, size, (self.spec.seed, ANALYSIS_STREAM)))
         return [(self.dataset.test_x[chosen], self.dataset.test_y[chosen])]
 
     # -- seeds ------------------------------------------------------------------

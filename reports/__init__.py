@@ -31,7 +31,7 @@ from pymongo.database import Database
 from reports import atomic
 from reports.catalog import EXPERIMENT_FIGURES
 from reports.compare import COMPARISONS, comparison
-from reports.data import ExperimentData, list_experiment_ids, load_experiment, with_extras
+from reports.data import ExperimentData, list_experiment_ids, load_experiment
 from reports.figures import FigureKind
 from reports.page import FigureEntry, experiment_page, experiment_summary, index_page
 from reports.style import paper_style, vector_path
@@ -141,8 +141,7 @@ def write_page(data: ExperimentData, out_dir: Path, entries: Sequence[FigureEntr
 
 
 def _load(db: Database[Any], experiment_id: str, data_dir: Path | None) -> ExperimentData:
-    data = load_experiment(db, experiment_id)
-    return data if data_dir is None else with_extras(db, data, data_dir)
+    return load_experiment(db, experiment_id)  # the models' analysis is stored: ``data_dir`` is not read
 
 
 def write_reports(
@@ -157,8 +156,8 @@ def write_reports(
     Every id is read before anything is written: an unknown id raises ValueError
     naming ``experiment_id`` and writes nothing. Experiments in the store without
     a page in ``out_dir`` get one too, so the index lists them all. ``data_dir``
-    holds the dataset the report evaluates stored models on (round 0, trajectory,
-    spectral density); None: ``FEDLAND_DATA_DIR`` or ``./data``.
+    is not read: the models' analysis (round 0, trajectory, spectral density) is
+    stored by the server (`reports.models`).
     """
     out = Path(out_dir)
     data_dir = default_data_dir() if data_dir is None else data_dir
@@ -167,7 +166,6 @@ def write_reports(
     out.mkdir(parents=True, exist_ok=True)
     experiments = []
     for data in documents:
-        data = with_extras(db, data, data_dir)
         directory = _directory_name(data.experiment_id)
         write_experiment_report(data, out / directory)
         experiments.append(data)
@@ -275,7 +273,6 @@ class _Watch:
         data = load_experiment(self.db, experiment_id)
         state = "final" if not data.running else "live"
         log.info("experiment %s: drawing the %s figures", experiment_id, state)
-        data = with_extras(self.db, data, self.data_dir)
         out_dir = self.out / _directory_name(experiment_id)
         entries = draw_figures(data, out_dir, between=self.between)
         if self.version[experiment_id] == version:  # nothing newer was drawn meanwhile

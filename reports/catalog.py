@@ -14,7 +14,7 @@ def _samples(data: ExperimentData) -> int:
 
 
 def _accuracy_caption(data: ExperimentData) -> str:
-    round0 = ("Round 0 is the initial model, evaluated by the report on the full test split. "
+    round0 = ("Round 0 is the initial model, evaluated by the server on the full test split. "
               if data.extras.round0 is not None else
               f"No round-0 point: {data.extras.reasons.get('round0', 'not available')}. ")
     return ("Black diamonds: the global model after aggregating round r, on the full test split (10,000 images). "
@@ -38,9 +38,10 @@ def _curvature_caption(data: ExperimentData) -> str:
 
 def _density_caption(data: ExperimentData) -> str:
     return ("Eigenvalue density of the Hessian by stochastic Lanczos quadrature (Ghorbani et al. 2019; "
-            "fedland.spectral_density, 3 probes × 40 steps), computed by the report from the stored models of the "
-            "last measured round. Left: the aggregated global model on "
-            f"{_samples(data)} test images (a seeded subset, not the server's). Then per client, on the client's "
+            "fedland.spectral_density, 3 probes × 40 steps), computed once by the server from the stored models of the "
+            "last measured round before the experiment finished. Left: the aggregated global model on "
+            f"{_samples(data)} test images (a seeded subset, not the held-out one). Then per client (the first "
+            "8 participants), on the client's "
             f"own landscape subset ({_samples(data)} training images): its local model (solid) against the global "
             "model it trained from (dashed). Log density axis; mass far right of the bulk is the outlier "
             "eigenvalues that dominate sharpness.")
@@ -85,8 +86,8 @@ def _trajectory_caption(data: ExperimentData) -> str:
     return ("The global model after every round (0 = the initial weights), projected on the first two principal "
             "components of θ_r − θ_last over the rounds (Li et al. 2018, 'Visualizing the loss landscape', "
             "PCA trajectory); the axes are distances in parameter space along those unit directions. Colour: the "
-            f"loss on that plane, evaluated by the report on {samples} test images (a seeded subset of the test "
-            "split) around the last model.")
+            f"loss on that plane, evaluated once by the server (before the experiment finished) on {samples} test "
+            "images (a seeded subset of the test split) around the last model.")
 
 
 EXPERIMENT_FIGURES: tuple[FigureKind, ...] = (

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from pymongo.database import Database
 
-from reports.models import ModelExtras
+from reports.models import ModelExtras, read_extras
 from stack import records
 from stack.records import Document
 
@@ -73,7 +73,7 @@ class ExperimentData:
     rounds: tuple[Document, ...]  # `rounds` documents, by round
     client_stats: tuple[Document, ...]  # `client_stats` documents, by (round, client_index)
     surfaces: tuple[Surface, ...]  # by round
-    extras: ModelExtras = ModelExtras()  # computed from the stored models (round 0, trajectory, densities)
+    extras: ModelExtras = ModelExtras()  # the server's stored analysis of the models (round 0, trajectory, densities)
 
     @property
     def num_clients(self) -> int:
@@ -238,7 +238,7 @@ def list_experiment_ids(db: Database[Any], *, status: str | None = "finished") -
 
 
 def load_experiment(db: Database[Any], experiment_id: str) -> ExperimentData:
-    """Read an experiment and its members, rounds, client stats and surfaces through `stack.records`.
+    """Read an experiment, its members, rounds, client stats, surfaces and analysis through `stack.records`.
 
     Raises ValueError naming ``experiment_id`` when the store has no such experiment.
     """
@@ -259,6 +259,7 @@ def load_experiment(db: Database[Any], experiment_id: str) -> ExperimentData:
         rounds=tuple(_round_tree(r, arrays.get(r.round, {})) for r in records.read_rounds(db, experiment_id)),
         client_stats=tuple(stats.tree() for stats in records.read_client_stats(db, experiment_id)),
         surfaces=tuple(s for s in surfaces if s is not None),
+        extras=read_extras(db, experiment_id, running=experiment.status in records.ACTIVE),
     )
 
 
@@ -309,18 +310,3 @@ def _surface(landscape: records.LandscapeRecord) -> Surface | None:
         second_direction=str(doc.get("second_direction") or "principal"),
         scale=value_at(doc, ("scale",)),
     )
-
-
-def with_extras(db: Database[Document], data: ExperimentData, data_dir: Any, *, densities: bool | None = None) -> ExperimentData:
-    """``data`` with what the report computes from its stored models (``reports.models.compute_extras``).
-
-    Spectral densities (the slow part) by default only once the experiment is no longer running.
-    """
-    from dataclasses import replace
-    from pathlib import Path
-
-    from reports.models import compute_extras
-
-    extras = compute_extras(db, data.experiment_id, data.spec, list(data.rounds), list(data.client_stats),
-                            Path(data_dir), densities=not data.running if densities is None else densities)
-    return replace(data, extras=extras)

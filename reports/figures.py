@@ -221,7 +221,7 @@ def spectral_density(data: ExperimentData, out_dir: Path) -> Path | None:
     per_client = sorted({d.client_index for d in densities if d.client_index is not None})
     shown = per_client[:8]
     figure, axes = new_figure(min(len(shown) + 1, 4), (len(shown) + 4) // 4, width=4.2, height=3.2)
-    panels = [(None, "global model after the round,\nreport's test subset")] + [
+    panels = [(None, "global model after the round,\nanalysis test subset")] + [
         (i, f"client {i}: its train subset") for i in shown]
     for ax, (client, title) in zip(axes, panels):
         for d in densities:

@@ -229,6 +229,7 @@ class Coordinator:
         pending = 0
         for (spec, _, initial), experiment in zip(prepared, experiments):
             self.rounds.remember_model(experiment.id, 0, initial, spec.rounds)
+            self.measurements.queue_initial(experiment)
             state = self.rounds.open(experiment)
             pending += 0 if state is None else len(state.pending)
         if experiments:

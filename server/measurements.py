@@ -1,10 +1,13 @@
-"""The server's background landscape measurements: one thread, each scheduled round once.
+"""The server's background landscape measurements and analysis: one thread, each scheduled round once.
 
 The coordinator writes a round's `rounds` document and advances the experiment
 first, then queues the round here, so clients start the next round while the
-server measures (DEVELOPERS.md "Who measures what"). Before an experiment is
-marked finished, `finish_then` waits for its queued rounds and measures what is still
-missing, so a finished experiment has every scheduled round's landscape. A
+server measures (DEVELOPERS.md "Who measures what"). A queued experiment's
+initial model is evaluated here too (`queue_initial`). Before an experiment is
+marked finished, `finish_then` waits for its queued rounds, measures what is still
+missing and stores the experiment's analysis (`server.analysis`: trajectory,
+spectral densities), so a finished experiment has every scheduled round's
+landscape and everything its report draws. A
 restart drops queued rounds; `queue_unmeasured` finds them again. A measurement
 cut off by a store outage is measured again once the store answers (with backoff,
 up to `RETRY_MAX_S` between tries), never stored as an error.
@@ -14,10 +17,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 
+from server.analysis import analyse_finished, evaluate_initial
 from server.landscape import measure_stored_round
 from server.resources import Resources
 from server.store import Store, StoreUnavailable
@@ -61,9 +66,24 @@ class LandscapeWorker:
         future.add_done_callback(lambda done: self._forget(key, done))
 
     def queue_unmeasured(self, experiment: ExperimentRecord) -> None:
-        """Queue every scheduled round of `experiment` whose document has no landscape yet."""
+        """Queue the initial evaluation and every scheduled round of `experiment` not measured yet."""
+        self.queue_initial(experiment)
         for server_round in self._unmeasured_rounds(experiment):
             self.queue(experiment.id, server_round)
+
+    def queue_initial(self, experiment: ExperimentRecord) -> None:
+        """Evaluate the experiment's initial model on the background thread, unless stored (dropped after `close`)."""
+        key = (experiment.id, 0)  # round 0: no aggregated round has this number
+        with self._lock:
+            if key in self._pending:
+                return
+            try:
+                future = self.executor.submit(self._evaluate_initial_safely, experiment)
+            except RuntimeError:  # closed: the next start recovers it
+                log.info("experiment %s: initial evaluation not queued, shutting down", experiment.id)
+                return
+            self._pending[key] = future
+        future.add_done_callback(lambda done: self._forget(key, done))
 
     def wait(self, experiment_id: str | None = None, timeout_s: float | None = None) -> bool:
         """Wait for the measurements and final jobs queued so far (of one experiment, or all); True if none is left."""
@@ -73,6 +93,7 @@ class LandscapeWorker:
         return not wait_futures(futures, timeout=timeout_s).not_done
 
     def _measure_missing(self, experiment: ExperimentRecord) -> None:
+        self._evaluate_initial_safely(experiment)
         for server_round in self._unmeasured_rounds(experiment):
             self._measure_safely(experiment.id, server_round)
 
@@ -87,6 +108,7 @@ class LandscapeWorker:
                     raise
                 except Exception:  # noqa: BLE001 - the measurement thread must outlive any job
                     log.exception("experiment %s: final measurements failed", experiment.id)
+                self._analyse(experiment)
                 then()
 
             self._until_stored(f"experiment {experiment.id}: finishing", finish)
@@ -140,6 +162,32 @@ class LandscapeWorker:
             if self._closed.wait(wait_s):
                 return
             wait_s = min(wait_s * 2, RETRY_MAX_S)
+
+    def _evaluate_initial_safely(self, experiment: ExperimentRecord) -> None:
+        def evaluate() -> None:
+            try:
+                if evaluate_initial(self.store, self.resources, experiment):
+                    log.info("experiment %s: initial model evaluated", experiment.id)
+            except StoreUnavailable:
+                raise
+            except Exception:  # noqa: BLE001 - the measurement thread must outlive any job
+                log.exception("experiment %s: initial model not evaluated", experiment.id)
+
+        self._until_stored(f"experiment {experiment.id}: initial evaluation", evaluate)
+
+    def _analyse(self, experiment: ExperimentRecord) -> None:
+        """The experiment's analysis (trajectory, densities); a failure is logged and the experiment finishes."""
+        if self.store.get_experiment(experiment.id) is None:
+            return  # deleted meanwhile
+        started = time.perf_counter()
+        try:
+            analyse_finished(self.store, self.resources, experiment)
+        except StoreUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - the measurement thread must outlive any job
+            log.exception("experiment %s: analysis not stored", experiment.id)
+            return
+        log.info("experiment %s: analysis stored in %.2f s", experiment.id, time.perf_counter() - started)
 
     def _measure(self, experiment_id: str, server_round: int) -> None:
         experiment = self.store.get_experiment(experiment_id)

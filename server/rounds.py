@@ -673,11 +673,8 @@ class Rounds:
             with self.lock:
                 self.states.pop(experiment_id, None)
             self.store.release_experiment_members(experiment_id)
-            if spec.landscape.enabled:
-                # "finished" promises every scheduled round's landscape: finish on the measurement thread
-                self.measurements.finish_then(experiment, lambda: self._finish(experiment_id, where))
-            else:
-                self._finish(experiment_id, where)
+            # "finished" promises every scheduled round's landscape and the analysis: finish on the measurement thread
+            self.measurements.finish_then(experiment, lambda: self._finish(experiment_id, where))
             self.on_change(0)
             return
         if not self._update(experiment_id, {"current_round": server_round + 1}, where):
@@ -739,6 +736,8 @@ class Rounds:
         for experiment in self.store.list_experiments():
             if experiment.status in ("running", "finished"):
                 self.measurements.queue_unmeasured(experiment)
+            elif experiment.status == "queued":
+                self.measurements.queue_initial(experiment)
         return aggregated
 
     def assigned_workers(self) -> set[str]:

@@ -46,15 +46,20 @@ __all__ = [
     "SCHEMA_VERSION",
     "ClientModelFile",
     "ClientStatsRecord",
+    "DensityCurve",
+    "ExperimentAnalysis",
     "ExperimentRecord",
+    "InitialEvaluation",
     "LandscapeRecord",
     "MemberRecord",
     "ModelFile",
     "RefusedUpdateRecord",
     "RoundRecord",
     "SchemaError",
+    "SpectralDensities",
     "StoredFile",
     "StudyRecords",
+    "TrajectoryAnalysis",
     "WorkerRecord",
     "check_schema",
     "from_date",
@@ -498,6 +503,11 @@ class RoundRecord:
 #: Kinds of `landscapes` documents (the round's landscape names them by `surface_id`, `pairwise_barriers_id`).
 SURFACE = "pca_surface"
 PAIRWISE_BARRIERS = "pairwise_barriers"
+#: Kinds of the experiment's analysis (`server.analysis`), read by kind: no round's landscape names them.
+INITIAL_EVALUATION = "initial_evaluation"  # round 0: the initial model on the full test split
+TRAJECTORY = "trajectory"  # round R: the global models of rounds 0..R on their PCA plane
+SPECTRAL_DENSITY = "spectral_density"  # the last measured round: Hessian eigenvalue densities
+ANALYSIS_KINDS = (INITIAL_EVALUATION, TRAJECTORY, SPECTRAL_DENSITY)
 
 
 @dataclass(frozen=True)
@@ -528,6 +538,99 @@ class LandscapeRecord:
 
     def key(self) -> Document:
         return {"experiment_id": self.experiment_id, "round": self.round, "kind": self.kind}
+
+
+def _floats(values: Sequence[Any]) -> tuple[float | None, ...]:
+    """Stored numbers as floats, `null` (a non-finite value) as None."""
+    return tuple(None if value is None else float(value) for value in values)
+
+
+@dataclass(frozen=True)
+class InitialEvaluation:
+    """The initial (round 0) model on the full test split (`landscapes`, kind `INITIAL_EVALUATION`, round 0)."""
+
+    test_loss: float | None
+    test_accuracy: float | None
+    num_test: int
+
+    def record(self, experiment_id: str) -> LandscapeRecord:
+        return LandscapeRecord(experiment_id, 0, INITIAL_EVALUATION, dataclasses.asdict(self))
+
+    @classmethod
+    def from_record(cls, landscape: LandscapeRecord) -> InitialEvaluation:
+        doc = landscape.content
+        loss, accuracy = _floats([doc.get("test_loss"), doc.get("test_accuracy")])
+        return cls(loss, accuracy, int(doc["num_test"]))
+
+
+@dataclass(frozen=True)
+class TrajectoryAnalysis:
+    """The global models of rounds 0..R on the first two PCs of ``theta_r - theta_R`` (`landscapes`, kind `TRAJECTORY`).
+
+    Stored at round R; a later analysis of the same experiment replaces it.
+    """
+
+    rounds: tuple[int, ...]
+    coords: tuple[tuple[float, float], ...]  # (len(rounds), 2): along PC 1 and PC 2, parameter-space units
+    explained_variance_ratio: tuple[float, float]
+    xs: tuple[float, ...]  # (n,) contour grid along PC 1, centred on the last model
+    ys: tuple[float, ...]  # (n,)
+    losses: tuple[tuple[float | None, ...], ...]  # (n, n): losses[j][i] at (xs[i], ys[j]); None where not finite
+    num_samples: int  # test examples of the contour losses
+
+    def record(self, experiment_id: str) -> LandscapeRecord:
+        return LandscapeRecord(experiment_id, self.rounds[-1], TRAJECTORY, dataclasses.asdict(self))
+
+    @classmethod
+    def from_record(cls, landscape: LandscapeRecord) -> TrajectoryAnalysis:
+        doc = landscape.content
+        first, second = (float(v) for v in doc["explained_variance_ratio"])
+        return cls(
+            rounds=_ints(doc["rounds"]),
+            coords=tuple((float(x), float(y)) for x, y in doc["coords"]),
+            explained_variance_ratio=(first, second),
+            xs=tuple(float(v) for v in doc["xs"]),
+            ys=tuple(float(v) for v in doc["ys"]),
+            losses=tuple(_floats(row) for row in doc["losses"]),
+            num_samples=int(doc["num_samples"]),
+        )
+
+
+@dataclass(frozen=True)
+class DensityCurve:
+    """A Hessian eigenvalue density of one model on one data subset."""
+
+    model: str  # "global" or "local"
+    client_index: int | None  # whose landscape subset; None: the analysis test subset
+    grid: tuple[float, ...]  # (points,) eigenvalues
+    density: tuple[float, ...]  # (points,) integrates to 1 on grid; 0 where not finite
+
+
+@dataclass(frozen=True)
+class SpectralDensities:
+    """The densities of one measured round (`landscapes`, kind `SPECTRAL_DENSITY`, at that round)."""
+
+    round: int
+    num_samples: int  # of the global model's test subset (the clients': their landscape subsets)
+    curves: tuple[DensityCurve, ...]
+
+    def record(self, experiment_id: str) -> LandscapeRecord:
+        content = {"num_samples": self.num_samples, "curves": [dataclasses.asdict(c) for c in self.curves]}
+        return LandscapeRecord(experiment_id, self.round, SPECTRAL_DENSITY, content)
+
+    @classmethod
+    def from_record(cls, landscape: LandscapeRecord) -> SpectralDensities:
+        doc = landscape.content
+        curves = tuple(
+            DensityCurve(
+                model=str(c["model"]),
+                client_index=None if c.get("client_index") is None else int(c["client_index"]),
+                grid=tuple(float(v) for v in c["grid"]),
+                density=tuple(float(v) for v in c["density"]),
+            )
+            for c in doc["curves"]
+        )
+        return cls(landscape.round, int(doc["num_samples"]), curves)
 
 
 @dataclass(frozen=True)
@@ -725,13 +828,37 @@ def read_landscapes(db: Database[Document], experiment_id: str, kind: str) -> li
 
 
 def read_round_arrays(db: Database[Document], experiment_id: str) -> dict[int, dict[str, Mapping[str, Any]]]:
-    """Per round, its `landscapes` arrays by kind, the surfaces excepted (`read_landscapes` gives those)."""
+    """Per round, its `landscapes` arrays by kind, surfaces and analysis excepted (`read_landscapes` gives those)."""
     arrays: dict[int, dict[str, Mapping[str, Any]]] = {}
-    cursor = db[LANDSCAPES].find({"experiment_id": experiment_id, "kind": {"$ne": SURFACE}})
+    cursor = db[LANDSCAPES].find({"experiment_id": experiment_id, "kind": {"$nin": [SURFACE, *ANALYSIS_KINDS]}})
     for doc in _sorted(cursor, [("round", 1), ("kind", 1)]):
         landscape = LandscapeRecord.from_doc(doc)
         arrays.setdefault(landscape.round, {})[landscape.kind] = landscape.content
     return arrays
+
+
+@dataclass(frozen=True)
+class ExperimentAnalysis:
+    """What the server's analysis stored for an experiment; None where it is not stored."""
+
+    initial_evaluation: InitialEvaluation | None = None
+    trajectory: TrajectoryAnalysis | None = None
+    spectral_densities: SpectralDensities | None = None
+
+
+def read_analysis(db: Database[Document], experiment_id: str) -> ExperimentAnalysis:
+    """The experiment's stored analysis (`INITIAL_EVALUATION`, the latest `TRAJECTORY` and `SPECTRAL_DENSITY`)."""
+    found: dict[str, LandscapeRecord] = {}
+    cursor = db[LANDSCAPES].find({"experiment_id": experiment_id, "kind": {"$in": list(ANALYSIS_KINDS)}})
+    for doc in _sorted(cursor, [("round", 1)]):
+        landscape = LandscapeRecord.from_doc(doc)
+        found[landscape.kind] = landscape  # the latest round of each kind
+    initial, trajectory, densities = (found.get(kind) for kind in ANALYSIS_KINDS)
+    return ExperimentAnalysis(
+        initial_evaluation=None if initial is None else InitialEvaluation.from_record(initial),
+        trajectory=None if trajectory is None else TrajectoryAnalysis.from_record(trajectory),
+        spectral_densities=None if densities is None else SpectralDensities.from_record(densities),
+    )
 
 
 def files_collection(bucket: str) -> str:

@@ -202,6 +202,7 @@ def test_landscapes_in_the_running_stack(
         parsed = ExperimentSpec.from_dict(spec)
         assert_complete(stack, experiment_id, num_clients=parsed.num_clients, rounds=2)
         check_documents(stack, store, experiment_id, parsed, data_dir)
+        check_analysis(store, experiment_id, parsed, data_dir)
 
     index = write_reports(stack.db, ids, tmp_path / "reports", data_dir=data_dir)  # the models on real MNIST
     pages = [index.parent / experiment_id / "index.html" for experiment_id in ids]
@@ -214,6 +215,20 @@ def test_landscapes_in_the_running_stack(
     assert "Skipped" not in html
     for chart in COMPARISONS:
         assert (index.parent / "comparison" / chart.file_name).is_file() and f"comparison/{chart.file_name}" in html
+
+
+def check_analysis(store: Store, experiment_id: str, spec: ExperimentSpec, data_dir: Path) -> None:
+    """The analysis the server stored before "finished": round 0 as every round's evaluation, the trajectory, densities."""
+    analysis = records.read_analysis(store.db, experiment_id)
+    initial_id = store.global_model_id(experiment_id, 0)
+    assert analysis.initial_evaluation is not None and initial_id is not None
+    evaluation = Resources(data_dir).evaluate(spec, wire.decode(store.load_model(initial_id)))
+    assert (analysis.initial_evaluation.test_loss, analysis.initial_evaluation.test_accuracy) == pytest.approx(
+        (evaluation.loss, evaluation.accuracy), rel=1e-6)
+    assert analysis.trajectory is not None and analysis.trajectory.rounds == tuple(range(spec.rounds + 1))
+    assert analysis.spectral_densities is not None and analysis.spectral_densities.round == spec.rounds
+    curves = [(c.model, -1 if c.client_index is None else c.client_index) for c in analysis.spectral_densities.curves]
+    assert sorted(curves) == sorted([("global", -1)] + [(m, i) for i in range(spec.num_clients) for m in ("global", "local")])
 
 
 def _weights(seed: int) -> dict[str, np.ndarray]:

@@ -31,12 +31,12 @@ from stack.records import (
 )
 from stack.settings import StoreSettings
 
-# figures computed from the stored models need MNIST (FEDLAND_DATA_DIR); without it they are skipped, saying so
+# the server's analysis of the stored models needs MNIST (FEDLAND_DATA_DIR); without it the figures say it is missing
 MNIST = bool(os.environ.get("FEDLAND_DATA_DIR")) and (Path(os.environ["FEDLAND_DATA_DIR"]) / "mnist").is_dir()
 LANDSCAPE_FIGURES = {"curvature.png", "barriers.png", "client_geometry.png", "surfaces.png", "contributions.png"}
 BASE_FIGURES = {"accuracy_loss.png", "class_balance.png"}
-MODEL_FIGURES = {"trajectory.png", "spectral_density.png"} if MNIST else set()  # computed from the stored models
-NO_DATA = Path("/nonexistent-dataset-dir")  # the figures from the models are skipped, saying why (and fast)
+MODEL_FIGURES = {"trajectory.png", "spectral_density.png"} if MNIST else set()  # from the server's analysis
+NO_DATA = Path("/nonexistent-dataset-dir")  # a report reads no dataset: the analysis is stored
 COMPARISON_FIGURES = {
     "global_accuracy.png", "global_loss.png", "global_top_eigenvalue.png", "global_trace.png",
     "mean_local_top_eigenvalue.png", "mean_barrier.png",
@@ -157,8 +157,22 @@ def insert_experiment(store: Store, experiment_id: str, spec: ExperimentSpec, st
         ))
 
 
-def two_experiments(store: Store) -> tuple[str, str]:
-    """A non-IID pair measured every round, and an IID pair with landscapes disabled."""
+def analyse(store: Store, experiment_id: str) -> None:
+    """What the server's measurement thread stores for an experiment (`server.analysis`), where MNIST is at hand."""
+    if not MNIST:
+        return
+    from server.analysis import analyse_finished, evaluate_initial
+    from server.resources import Resources
+
+    resources = Resources(os.environ["FEDLAND_DATA_DIR"])
+    experiment = store.get_experiment(experiment_id)
+    assert experiment is not None
+    evaluate_initial(store, resources, experiment)
+    analyse_finished(store, resources, experiment)
+
+
+def two_experiments(store: Store, *, analysed: bool = True) -> tuple[str, str]:
+    """A non-IID pair measured every round, and an IID pair with landscapes disabled (analysed as the server does)."""
     common: dict[str, Any] = dict(rounds=3, timestamp="2025-01-02T03:04:05+00:00", seed=3)
     measured = ExperimentSpec(description="non-IID unbalanced, 2 clients",
                               target_balance_ratios=[[0.1] * 10, [0.5, 0.5] + [0.0] * 8],
@@ -167,6 +181,9 @@ def two_experiments(store: Store) -> tuple[str, str]:
                            subset_fractions=[0.1, 0.1], landscape=LandscapeSpec(enabled=False), **common)
     insert_experiment(store, "exp-landscape", measured)
     insert_experiment(store, "exp-plain", plain)
+    if analysed:
+        analyse(store, "exp-landscape")
+        analyse(store, "exp-plain")
     return "exp-landscape", "exp-plain"
 
 
@@ -203,7 +220,7 @@ def page_images(page: Path) -> set[str]:
 
 def test_reports_of_two_experiments(store: Store, tmp_path: Path) -> None:
     measured_id, plain_id = two_experiments(store)
-    index = write_reports(store.db, None, tmp_path)  # FEDLAND_DATA_DIR: the models' figures too
+    index = write_reports(store.db, None, tmp_path)  # the stored analysis: the models' figures too
 
     assert index == tmp_path / "index.html"
     links = Links(index.read_text(encoding="utf-8"))
@@ -247,11 +264,13 @@ def test_reports_of_two_experiments(store: Store, tmp_path: Path) -> None:
 
 
 def test_landscape_only_experiments_compare_and_rewrites_drop_stale_figures(store: Store, tmp_path: Path) -> None:
-    measured_id, plain_id = two_experiments(store)
+    measured_id, plain_id = two_experiments(store, analysed=False)  # a store written before the server analysed
     write_reports(store.db, [measured_id], tmp_path, data_dir=NO_DATA)
     assert len(list((tmp_path / measured_id).glob("*.png"))) == len(BASE_FIGURES | LANDSCAPE_FIGURES)
-    assert "Skipped: the report evaluates stored models on the dataset, which is not available" in (
-        tmp_path / measured_id / "index.html").read_text(encoding="utf-8")
+    page = (tmp_path / measured_id / "index.html").read_text(encoding="utf-8")
+    assert "Skipped: the store holds no trajectory: computed by the server before an experiment is finished" in page
+    assert "Skipped: the store holds no spectral densities" in page
+    assert "No round-0 point: the store holds no evaluation of the initial model (round 0)" in page
     # the plain experiment alone has no landscape: comparisons of landscape values are skipped, said so
     index = write_reports(store.db, [plain_id], tmp_path, data_dir=NO_DATA)
     text = index.read_text(encoding="utf-8")
@@ -328,5 +347,98 @@ def test_single_client_nulls_and_an_unstarted_experiment(store: Store, tmp_path:
     queued_page = (tmp_path / "exp-queued" / "index.html").read_text(encoding="utf-8")
     assert "No round has been completed." in queued_page
     assert queued_page.count("Skipped: the store holds no data for this figure") == 2
-    assert queued_page.count("Skipped: the report evaluates stored models on the dataset") == 1  # the trajectory
+    assert queued_page.count("Skipped: the server computes it once the experiment&#x27;s last round is measured") == 1
     assert queued_page.count("Skipped: no landscape measurements are stored") == len(LANDSCAPE_FIGURES) + 1
+
+
+def test_a_render_draws_the_stored_analysis_and_evaluates_no_model(
+    store: Store, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.nn.functional as F
+
+    from fedland.datasets import load_dataset
+    from fedland.hessian import spectral_density
+    from fedland.plan import ExperimentPlan
+    from server.analysis import DENSITY_PROBES, DENSITY_STEPS, TRAJECTORY_SAMPLES
+    from server.measurements import LandscapeWorker
+    from server.resources import Resources
+
+    measured_id, _ = two_experiments(store, analysed=False)
+    experiment = store.get_experiment(measured_id)
+    assert experiment is not None
+    # the server's measurement thread: the initial evaluation, then the final job before "finished"
+    worker = LandscapeWorker(store, Resources(data_dir))
+    finished: list[str] = []
+    worker.queue_initial(experiment)
+    worker.finish_then(experiment, lambda: finished.append(measured_id))
+    assert worker.wait(measured_id, timeout_s=600)
+    worker.close()
+    assert finished == [measured_id]
+
+    # a render with model evaluation made impossible: any forward pass, plan or dataset load raises
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a report evaluated a model")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.Module, "__call__", forbidden)
+        patch.setattr(ExperimentPlan, "__init__", forbidden)
+        patch.setattr("fedland.datasets.load_dataset", forbidden)
+        write_reports(store.db, [measured_id], tmp_path, data_dir=NO_DATA)
+        data = load_experiment(store.db, measured_id)
+    page = (tmp_path / measured_id / "index.html").read_text(encoding="utf-8")
+    assert "Skipped" not in page and "Round 0 is the initial model, evaluated by the server" in page
+    for png in ("trajectory.png", "spectral_density.png", "accuracy_loss.png"):
+        assert_valid_png(tmp_path / measured_id / png)
+
+    # the figures' numbers against a dense recomputation from the stored models
+    spec = experiment.spec
+    plan = ExperimentPlan(spec, load_dataset(spec.dataset_name, data_dir))
+    dataset = plan.dataset
+    models = {r: weights(spec, r) for r in range(spec.rounds + 1)}  # the stored global models (see insert_experiment)
+    initial = plan.model(models[0]).eval()
+    with torch.no_grad():
+        logits = initial(dataset.test_x)  # (10000, classes): the whole test split at once
+    assert data.extras.round0 == pytest.approx({
+        "test_loss": float(F.cross_entropy(logits, dataset.test_y)),
+        "test_accuracy": float((logits.argmax(1) == dataset.test_y).float().mean())}, rel=1e-5)
+
+    path = data.extras.trajectory
+    assert path is not None and path.rounds == tuple(range(spec.rounds + 1))
+    names = [n for n, _ in initial.named_parameters()]
+    flat = np.stack([np.concatenate([models[r][n].double().numpy().ravel() for n in names]) for r in path.rounds])
+    differences = flat - flat[-1]  # (rounds, dim)
+    centred = differences[:-1] - differences[:-1].mean(axis=0)
+    gram_values, gram_vectors = np.linalg.eigh(centred @ centred.T)  # the PCs through the Gram matrix, not an SVD
+    order = np.argsort(gram_values)[::-1][:2]
+    directions = (centred.T @ gram_vectors[:, order]) / np.sqrt(gram_values[order])  # (dim, 2) unit columns
+    expected = differences @ directions  # (rounds, 2), up to each axis's sign
+    signs = np.sign(np.sum(expected * path.coords, axis=0))
+    np.testing.assert_allclose(path.coords, expected * signs, rtol=1e-6, atol=1e-8)
+    assert path.explained_variance_ratio == pytest.approx(tuple(gram_values[order] / gram_values.sum()), rel=1e-6)
+    # the contour losses: a forward pass at grid points of the plane, on the analysis subset
+    assert path.losses is not None and path.xs is not None and path.ys is not None
+    (x_sub, y_sub), = plan.analysis_batch(TRAJECTORY_SAMPLES)
+    assert path.num_samples == TRAJECTORY_SAMPLES
+    unit = directions * signs  # (dim, 2), the stored axes' signs
+    for j, i in ((10, 10), (0, 0), (3, 17)):
+        point = flat[-1] + path.xs[i] * unit[:, 0] + path.ys[j] * unit[:, 1]
+        moved, offset = {}, 0
+        for name in names:
+            size = models[0][name].numel()
+            moved[name] = torch.from_numpy(point[offset:offset + size].reshape(models[0][name].shape)).float()
+            offset += size
+        with torch.no_grad():
+            loss = float(F.cross_entropy(plan.model(moved)(x_sub), y_sub))
+        assert path.losses[j, i] == pytest.approx(loss, rel=1e-4), (i, j)
+
+    # the densities: the same SLQ on the same models, subsets and seed as the measurement
+    assert data.extras.density_round == spec.rounds
+    aggregate = plan.model(models[spec.rounds]).eval()
+    reference = spectral_density(aggregate, torch.nn.CrossEntropyLoss(), plan.analysis_batch(
+        spec.landscape.num_samples), num_probes=DENSITY_PROBES, lanczos_steps=DENSITY_STEPS, seed=spec.seed,
+        grid_points=400)
+    (stored,) = [d for d in data.extras.densities if d.client_index is None]
+    np.testing.assert_allclose(stored.grid, reference.grid, rtol=1e-9)
+    np.testing.assert_allclose(stored.density, reference.density, rtol=1e-9)
+    assert sorted((d.model, d.client_index) for d in data.extras.densities if d.client_index is not None) == [
+        ("global", 0), ("global", 1), ("local", 0), ("local", 1)]

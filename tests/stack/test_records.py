@@ -226,6 +226,27 @@ def test_landscape_round_trip(store: Store) -> None:
     assert records.read_landscapes(store.db, "e", records.SURFACE) == [surface]
 
 
+def test_analysis_round_trip_and_its_reader(store: Store) -> None:
+    assert records.read_analysis(store.db, "e") == records.ExperimentAnalysis()  # none stored: every part None
+    initial = records.InitialEvaluation(test_loss=2.302, test_accuracy=None, num_test=10_000)  # a NaN accuracy
+    early = records.TrajectoryAnalysis(
+        rounds=(0, 1, 2), coords=((1.0, 0.5), (0.25, -0.5), (0.0, 0.0)), explained_variance_ratio=(0.75, 0.25),
+        xs=(-1.0, 0.0, 1.0), ys=(-1.0, 0.0, 1.0), losses=((2.0, 1.0, None), (1.5, 0.5, 1.5), (2.0, 1.0, 2.0)),
+        num_samples=1000)
+    later = dataclasses.replace(early, rounds=(0, 1, 2, 3), coords=(*early.coords, (0.0, 0.0)))
+    densities = records.SpectralDensities(round=3, num_samples=256, curves=(
+        records.DensityCurve("global", None, (0.0, 1.0), (0.25, 0.75)),
+        records.DensityCurve("local", 2, (-1.0, 4.0), (0.5, 0.5))))
+    barriers = LandscapeRecord("e", 3, records.PAIRWISE_BARRIERS, {"client_indices": [0, 2], "barriers": [[0.0]]})
+    for landscape in (initial.record("e"), early.record("e"), later.record("e"), densities.record("e"), barriers):
+        store.save_landscape(landscape)
+    raw = stored(store.db, records.LANDSCAPES, {"experiment_id": "e", "round": 0, "kind": records.INITIAL_EVALUATION})
+    assert (raw["test_loss"], raw["test_accuracy"], raw["num_test"]) == (2.302, None, 10_000)
+    # the latest trajectory; the round's arrays (`read_round_arrays`) never hold the analysis
+    assert records.read_analysis(store.db, "e") == records.ExperimentAnalysis(initial, later, densities)
+    assert records.read_round_arrays(store.db, "e") == {3: {records.PAIRWISE_BARRIERS: barriers.content}}
+
+
 def test_refused_update_round_trip(store: Store) -> None:
     refused = RefusedUpdateRecord(experiment_id="e", round=2, client_index=1, worker_id="w-1", refused_at=T0 + 0.5,
                                   field="weights['fc1.weight']", rule="must be finite, got NaN or Inf")
