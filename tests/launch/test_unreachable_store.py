@@ -30,13 +30,22 @@ def run(command: list[str], **variables: str) -> tuple[subprocess.CompletedProce
     return result, time.monotonic() - started
 
 
+def startup_s() -> float:
+    """How long `main.py` takes to start here and now (its imports: torch), with nothing else to do."""
+    _, duration_s = run([sys.executable, "-c", "import main, cli"])
+    return duration_s
+
+
 def assert_one_line_naming(result: subprocess.CompletedProcess[str], uri: str, duration_s: float) -> None:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert redacted(uri) in lines[0] and "Connection refused" in lines[0], lines[0]
     assert "s3cret-pw" not in result.stderr + result.stdout
-    assert duration_s < LIMIT_S, f"took {duration_s:.1f} s"
+    # 5 s on a quiet machine (about 2 s here); on a busy one the imports alone may take longer, so the
+    # limit is what starting takes at this moment plus the 3 s the check itself may use
+    limit_s = max(LIMIT_S, startup_s() + LIMIT_S - 2.0)
+    assert duration_s < limit_s, f"took {duration_s:.1f} s (limit {limit_s:.1f} s)"
 
 
 @pytest.mark.parametrize("command", [[], ["report"], ["export"], ["upgrade-store"]])

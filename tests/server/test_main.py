@@ -72,4 +72,7 @@ def test_an_unreachable_store_is_one_line_naming_it_and_exit_2() -> None:
     [line] = result.stderr.splitlines()
     assert line.startswith("server: ") and "mongodb://alice:***@127.0.0.1:" in line and "Connection refused" in line
     assert "s3cret-pw" not in result.stderr + result.stdout
-    assert duration_s < 5.0, f"took {duration_s:.1f} s"
+    started = time.monotonic()  # what starting takes here and now (imports: torch), with nothing else to do
+    subprocess.run([sys.executable, "-c", "import server.api"], cwd=ROOT, env=env, check=True, timeout=120)
+    limit_s = max(5.0, time.monotonic() - started + 3.0)  # 5 s on a quiet machine (about 2 s here)
+    assert duration_s < limit_s, f"took {duration_s:.1f} s (limit {limit_s:.1f} s)"
