@@ -174,11 +174,15 @@ def watch(
     local: LocalRun,
     poll_interval_s: float,
     progress: Progress,
+    *,
+    trained_only: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Follow the server until every experiment in `ids` is finished or failed; return their documents.
 
-    Each request long-polls: the server answers as soon as a round or status changes
-    (or after `poll_interval_s`, so dead processes are noticed).
+    With `trained_only`, until every one is finished, failed or has all its rounds
+    stored (its last measurements may still run). Each request long-polls: the server
+    answers as soon as a round or status changes (or after `poll_interval_s`, so dead
+    processes are noticed).
     """
     wanted = set(ids)
     version: int | None = None
@@ -190,8 +194,15 @@ def watch(
         experiments, version = transport.watch_experiments(version, poll_interval_s)
         summaries = {e["id"]: e for e in experiments if e["id"] in wanted}
         progress.update(summaries)
-        if len(summaries) == len(wanted) and all(e["status"] in DONE for e in summaries.values()):
+        if len(summaries) == len(wanted) and all(
+            e["status"] in DONE or (trained_only and _all_rounds_stored(e)) for e in summaries.values()
+        ):
             return {experiment_id: transport.get_experiment(experiment_id) for experiment_id in ids}
+
+
+def _all_rounds_stored(summary: Mapping[str, Any]) -> bool:
+    last = summary.get("last_round") or {}
+    return summary.get("status") == "running" and int(last.get("round") or 0) >= int(summary.get("rounds") or 0)
 
 
 #: Called once the summary is printed, while the store is up (e.g. wait a bounded time for the final
@@ -203,10 +214,23 @@ Follower = Callable[[str, str, list[str]], Sequence[Child]]
 
 
 def print_summary(ids: Sequence[str], documents: Mapping[str, Mapping[str, Any]], last_rounds: Mapping[str, Any],
-                  resumed: Sequence[str], wall_s: float, log_dir: Path) -> list[Mapping[str, Any]]:
-    """The summary table on stdout (flushed: it is read as soon as the last round ends); returns the failed."""
-    print(summary_table(ids, documents, last_rounds, resumed=resumed))
+                  resumed: Sequence[str], wall_s: float, log_dir: Path) -> None:
+    """The summary table on stdout, flushed: printed as soon as the last round is stored.
+
+    An experiment whose rounds are all stored but whose last measurements still run
+    shows as ``measuring`` (the launcher waits for it before stopping).
+    """
+    shown = {
+        i: {**d, "status": "measuring"} if d.get("status") == "running" and (last_rounds.get(i) or {}).get("round")
+        else d
+        for i, d in documents.items()
+    }
+    print(summary_table(ids, shown, last_rounds, resumed=resumed))
     print(f"wall time {wall_s:.1f} s; logs in {log_dir}", flush=True)
+
+
+def report_failures(documents: Mapping[str, Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Say on stderr why each experiment that did not finish failed; returns them."""
     failed = [d for d in documents.values() if d.get("status") != "finished"]
     for doc in failed:
         print(f"experiment {doc.get('id')} {doc.get('status')}: {doc.get('error')}", file=sys.stderr)
@@ -253,11 +277,13 @@ def run_local(
             if follow is not None:
                 local.beside += follow(local.store_uri, options.store.db_name, list(ids))
             with Progress(submitted, specs, enabled=options.show_progress) as progress:
-                documents = watch(transport, ids, local, options.poll_interval_s, progress)
-            last_rounds = {i: progress.last_round(i) for i in ids}
+                documents = watch(transport, ids, local, options.poll_interval_s, progress, trained_only=True)
+                last_rounds = {i: progress.last_round(i) for i in ids}
+                print_summary(ids, documents, last_rounds, submitted.resumed, time.monotonic() - started,
+                              options.log_dir)
+                documents = watch(transport, ids, local, options.poll_interval_s, progress)  # measured, finished
             transport.close()
-            failed = print_summary(ids, documents, last_rounds, submitted.resumed,
-                                   time.monotonic() - started, options.log_dir)
+            failed = report_failures(documents)
             reports = None if finish is None else finish(local.store_uri, options.store.db_name, list(ids))
             if reports is not None:
                 print(f"reports: {reports.resolve()}", flush=True)

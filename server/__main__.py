@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import resource
 import signal
 import sys
@@ -77,9 +78,12 @@ def main() -> int:
         stack.callback(server.close)
         coordinator = coordinator_of(app)
 
+        measuring: list[bool] = []
+
         def stop(signum: int, frame: FrameType | None) -> None:
             # before waitress waits (up to 5 s) for its threads: long-polling workers answer at once
-            coordinator.close()  # idempotent: the exit stack closes it again
+            if not coordinator.close():  # idempotent: the exit stack closes it again
+                measuring.append(True)
             raise SystemExit(0)
 
         signal.signal(signal.SIGTERM, stop)
@@ -89,6 +93,12 @@ def main() -> int:
             server.run()
         except SystemExit:
             log.info("stopping")
+    if measuring:
+        # a measurement is still computing (it cannot be cut midway) and its thread would hold the exit up:
+        # everything else is closed, the store holds no trace of it, and the next start measures it again
+        log.warning("stopped during a landscape measurement: the next start measures that round again")
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

@@ -123,10 +123,11 @@ class Coordinator:
         self._timer = threading.Thread(target=self._tick, args=(interval,), name="reaper", daemon=True)
         self._timer.start()
 
-    def close(self) -> None:
+    def close(self) -> bool:
         """Stop the timer and the measurement thread (queued measurements are dropped; see `recover`).
 
-        Workers long-polling for a task get their answer at once (``wait``).
+        Workers long-polling for a task get their answer at once (``wait``). False if a
+        measurement is still running after a short wait (`LandscapeWorker.close`).
         """
         self._stop.set()
         with self._work:  # long-polling workers answer now, so the HTTP server's threads can end
@@ -134,7 +135,7 @@ class Coordinator:
             self._work.notify_all()
         if self._timer is not None:
             self._timer.join(timeout=10)
-        self.measurements.close()
+        return self.measurements.close()
 
     def recover(self) -> int:
         """Rebuild the rounds of active experiments from the store (see `Rounds.recover`); workers get a grace period.

@@ -46,10 +46,18 @@ class LandscapeWorker:
         self._lock = threading.Lock()
         self._closed = threading.Event()
 
-    def close(self) -> None:
-        """The running measurement ends; queued ones are dropped (the next start recovers them)."""
+    def close(self, timeout_s: float = 2.0) -> bool:
+        """Drop the queued measurements (the next start recovers them) and wait up to `timeout_s` for the running one.
+
+        True if none is running any more. A measurement cannot be cut off midway: a
+        caller that must stop sooner (the server on SIGTERM) exits without waiting
+        for it, and the next start measures that round again.
+        """
         self._closed.set()  # a measurement waiting for the store gives up
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            running = [*self._pending.values(), *self._finishing.values()]
+        return not wait_futures(running, timeout=timeout_s).not_done
 
     def queue(self, experiment_id: str, server_round: int) -> None:
         """Measure the stored round's landscape on the background thread (once; dropped after `close`)."""

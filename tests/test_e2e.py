@@ -159,7 +159,7 @@ def test_main_quick_run_from_an_experiments_file(
     finally:
         db.client.close()
     table = result.stdout
-    assert "e2e 2 clients x 3 rounds" in table and table.count("finished") == 2
+    assert "e2e 2 clients x 3 rounds" in table and table.count("finished") + table.count("measuring") == 2
     assert not (tmp_path / "store").exists()  # a given store URI means no embedded store
 
 
