@@ -104,8 +104,9 @@ def outage_stack(
         token=token, worker_token=WORKER_TOKEN, data_dir=data_dir, store_timeouts=FAST, heartbeat_timeout_s=3.0
     )
 
-    def restart() -> None:
-        EmbeddedMongo(tmp_path / "store", port=port).start()
+    def restart() -> None:  # the store comes back on the same files and port; the test stops it (store.embedded)
+        store.embedded = EmbeddedMongo(tmp_path / "store", port=port)
+        store.embedded.start()
 
     return Api(serve(create_app(settings, store)), token), store, restart
 
