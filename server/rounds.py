@@ -561,11 +561,8 @@ class Rounds:
         experiments it failed.
         """
         with self.lock:
-            states = [
-                s for s in self.states.values()
-                if not s.closed and self._experiments.get(s.experiment_id, None) is not None
-                and self._experiments[s.experiment_id].status == "running"
-            ]
+            running = {i for i, experiment in self._experiments.items() if experiment.status == "running"}
+            states = [s for s in self.states.values() if not s.closed and s.experiment_id in running]
             for state in states:
                 stalled = worker_idle and not state.assigned
                 state.stalled_s = state.stalled_s + elapsed_s if stalled else 0.0
