@@ -36,8 +36,8 @@ from torch import nn
 
 from fedland.algorithms import CLIENT_ALGORITHMS
 from fedland.datasets import DATASETS, load_dataset
-from fedland.models import MODEL_INPUT_SHAPES, MODEL_NAMES, build_model
 from fedland.models import _MODELS as _MODEL_FACTORIES
+from fedland.models import MODEL_INPUT_SHAPES, MODEL_NAMES, build_model
 from fedland.strategies import STRATEGIES
 
 __all__ = [
