@@ -212,7 +212,9 @@ def _check_model(path: str, factory: Any, where: str) -> ModelComponent:
             torch.manual_seed(0)
             model = factory(num_classes)
             if not isinstance(model, nn.Module):
-                raise ValueError(f"{where}: {path!r}({num_classes}) returned {type(model).__name__}, not an nn.Module")
+                raise ValueError(
+                    f"{where}: {path!r} returned {type(model).__name__} for num_classes={num_classes}, not an nn.Module"
+                )
             model.eval()
             with torch.no_grad():
                 logits = model(torch.zeros((2, *shape)))
