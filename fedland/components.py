@@ -241,7 +241,7 @@ def _check_dataset(path: str, source: Any, where: str) -> DatasetSource:
     load = getattr(source, "load", None)
     if not callable(load) or not _accepts(load, 1):
         raise ValueError(f"{where}: {path!r} needs a method load(data_dir) returning (train_x, train_y, test_x, test_y)")
-    return source  # type: ignore[no-any-return]
+    return source
 
 
 def _check_strategy(path: str, factory: Any, where: str) -> Callable[..., Any]:
@@ -256,7 +256,7 @@ def _check_strategy(path: str, factory: Any, where: str) -> Callable[..., Any]:
                 f"{where}: {path!r} needs a method {method}(global_weights, updates_or_mean, state) "
                 "(the fedland.strategies.Strategy protocol)"
             )
-    return factory  # type: ignore[no-any-return]
+    return factory
 
 
 def _check_client_algorithm(path: str, factory: Any, where: str) -> Callable[..., Any]:
@@ -274,7 +274,7 @@ def _check_client_algorithm(path: str, factory: Any, where: str) -> Callable[...
         raise ValueError(
             f"{where}: {path!r}.train must accept (model, data, *, seed, hyper, state, round_state): {error}"
         ) from error
-    return factory  # type: ignore[no-any-return]
+    return factory
 
 
 def _accepts(function: Callable[..., Any], positional: int) -> bool:

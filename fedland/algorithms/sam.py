@@ -45,31 +45,36 @@ def sharpness_aware_step(rho: float, eta: float | None) -> GradientStep:
 
     def step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = plain_gradient(model, inputs, targets)
-        params = {name: p for name, p in trainable(model).items() if p.grad is not None}
+        params = trainable(model)
+        ascent: dict[str, torch.Tensor] = {}
         with torch.no_grad():
+            # scales: T (ASAM, parameters named *weight) or 1; scaled: T g; ascent: T^2 g, normalised below
             scales = {
-                name: (p.abs() + eta) if eta is not None and name.endswith("weight") else None
+                name: p.abs() + eta if eta is not None and name.endswith("weight") else torch.ones_like(p)
                 for name, p in params.items()
+                if p.grad is not None
             }
-            scaled = {name: p.grad if scales[name] is None else scales[name] * p.grad for name, p in params.items()}
-            norm = torch.sqrt(sum((value**2).sum() for value in scaled.values())) + _NORM_FLOOR
-            ascent = {
-                name: rho * (value if scales[name] is None else scales[name] * value) / norm
-                for name, value in scaled.items()
-            }
-            for name, p in params.items():
-                p.add_(ascent[name])
+            scaled = {name: scale * _grad(params[name]) for name, scale in scales.items()}
+            norm = torch.sqrt(torch.stack([(value**2).sum() for value in scaled.values()]).sum()) + _NORM_FLOOR
+            for name, scale in scales.items():
+                ascent[name] = rho * scale * scaled[name] / norm
+                params[name].add_(ascent[name])
             buffers = [buffer.clone() for buffer in model.buffers()]
         model.zero_grad(set_to_none=True)
         plain_gradient(model, inputs, targets)
         with torch.no_grad():
-            for name, p in params.items():
-                p.sub_(ascent[name])
+            for name, shift in ascent.items():
+                params[name].sub_(shift)
             for buffer, saved in zip(model.buffers(), buffers):
                 buffer.copy_(saved)
         return loss
 
     return step
+
+
+def _grad(p: nn.Parameter) -> torch.Tensor:
+    assert p.grad is not None  # filtered by the caller
+    return p.grad
 
 
 def _check_rho(rho: float) -> None:
