@@ -10,10 +10,11 @@ of component a spec names:
 * ``"dataset"``: an object with ``num_classes`` (int >= 2), ``input_shape`` and
   ``load(data_dir) -> (train_x, train_y, test_x, test_y)`` tensors (`DatasetSource`);
   not loaded when resolved. The built-ins wrap ``fedland.datasets``.
-* ``"strategy"``: a class (or factory) whose instances follow
-  ``fedland.strategies.Strategy``: a bool ``averages``, ``aggregate`` and ``aggregate_mean``.
-* ``"client_algorithm"``: a class (or factory) whose instances follow
-  ``fedland.algorithms.ClientAlgorithm``: a ``train`` method.
+* ``"strategy"``: a class, built with the spec's parameters, that follows
+  ``fedland.strategies.Strategy``: a bool class attribute ``averages``, methods
+  ``aggregate`` and ``aggregate_mean``.
+* ``"client_algorithm"``: a class, built with the spec's parameters, that
+  follows ``fedland.algorithms.ClientAlgorithm``: a method ``train``.
 
 A name without ``:`` is looked up among the built-ins of its kind, whose entries
 are registered through these same contracts. An import path is imported from the
@@ -114,7 +115,7 @@ def resolve(kind: str, name: str, field: str | None = None) -> Any:
 
     Returns:
         ``"model"``: a `ModelComponent`; ``"dataset"``: a `DatasetSource`;
-        ``"strategy"`` / ``"client_algorithm"``: the class (factory) to build with the spec's parameters.
+        ``"strategy"`` / ``"client_algorithm"``: the class, to build with the spec's parameters.
 
     Raises:
         ValueError: ``"<field>: ..."``: an unknown built-in, a malformed path, a
@@ -246,7 +247,7 @@ def _check_dataset(path: str, source: Any, where: str) -> DatasetSource:
 
 def _check_strategy(path: str, factory: Any, where: str) -> Callable[..., Any]:
     if not callable(factory):
-        raise ValueError(f"{where}: {path!r} must be a strategy class (or factory of its parameters)")
+        raise ValueError(f"{where}: {path!r} must be a strategy class")
     averages = getattr(factory, "averages", None)
     if not isinstance(averages, bool):
         raise ValueError(f"{where}: {path!r} needs a bool class attribute 'averages'; got {averages!r}")
@@ -261,7 +262,7 @@ def _check_strategy(path: str, factory: Any, where: str) -> Callable[..., Any]:
 
 def _check_client_algorithm(path: str, factory: Any, where: str) -> Callable[..., Any]:
     if not callable(factory):
-        raise ValueError(f"{where}: {path!r} must be a client algorithm class (or factory of its parameters)")
+        raise ValueError(f"{where}: {path!r} must be a client algorithm class")
     train = getattr(factory, "train", None)
     if not callable(train):
         raise ValueError(

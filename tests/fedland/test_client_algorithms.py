@@ -206,3 +206,28 @@ def test_sharpness_aware_steps_leave_batchnorm_statistics_to_the_first_pass() ->
 def test_bad_parameters_are_refused_naming_the_field(make: Callable[[], object], field: str) -> None:
     with pytest.raises(ValueError, match=f"^{field}:"):
         make()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("algorithm", [SGD(prox_mu=0.1), Scaffold(), FedDyn(alpha=0.1), FedSAM(rho=0.1),
+                                       FedASAM(rho=0.3)], ids=lambda a: type(a).__name__)
+def test_algorithms_train_on_the_accelerator_as_on_the_cpu(algorithm: ClientAlgorithm) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 1, 28, 28, generator=generator), torch.randint(0, 10, (24,), generator=generator)
+    model = build_model("FedNet", seed=1)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    state = {f"{prefix}{name}": np.full(shape, 0.01) for name, shape in shapes.items() for prefix in ("control/", "grad/")}
+    round_state = {f"control/{name}": np.full(shape, -0.02) for name, shape in shapes.items()}
+    results = {}
+    for device in ("cpu", "cuda"):
+        settings = LocalHyperparameters(epochs=2, batch_size=8, learning_rate=0.05, momentum=0.5, device=device)
+        results[device] = algorithm.train(model, MemberData(x, y), seed=5, hyper=settings, state=state,
+                                          round_state=round_state)
+    cpu, cuda = results["cpu"], results["cuda"]
+    assert next(cuda.model.parameters()).device.type == "cuda"
+    for key, value in cpu.model.state_dict().items():
+        torch.testing.assert_close(cuda.model.state_dict()[key].cpu(), value, rtol=1e-4, atol=1e-5)
+    assert cpu.state.keys() == cuda.state.keys() and cpu.message.keys() == cuda.message.keys()
+    for key in cpu.state:
+        np.testing.assert_allclose(cuda.state[key], cpu.state[key], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(cuda.report.epoch_losses, cpu.report.epoch_losses, rtol=1e-4)
