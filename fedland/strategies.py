@@ -123,6 +123,8 @@ def weighted_mean(updates: Sequence[ClientUpdate]) -> NamedArrays:
 
 def weighted_mean_with_messages(updates: Sequence[ClientUpdate]) -> NamedArrays:
     """`weighted_mean` of the weights and, under their own keys, of the messages (float64)."""
+    if not updates:
+        raise ValueError("updates: at least one client update is needed")
     if any(set(update.message) != set(updates[0].message) for update in updates):
         raise ValueError("updates: the messages' keys differ between updates")
     if any(name in updates[0].weights for name in updates[0].message):
