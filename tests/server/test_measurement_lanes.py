@@ -23,10 +23,14 @@ def test_a_keys_jobs_run_in_order_and_other_keys_run_beside_them() -> None:
         assert release_a.wait(TIMEOUT_S)
         order.append("a1")
 
+    def first_b() -> None:
+        order.append("b1")
+        b_ran.set()
+
     try:
         a1 = lanes.submit("a", first_a)
         a2 = lanes.submit("a", lambda: order.append("a2"))
-        b1 = lanes.submit("b", lambda: (order.append("b1"), b_ran.set()))
+        b1 = lanes.submit("b", first_b)
         assert a_started.wait(TIMEOUT_S)
         assert b_ran.wait(TIMEOUT_S)  # b's job ran while a's first job was still running
         assert not a2.done() and order == ["b1"]  # a's second waits for its first
