@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedland.datasets import Dataset
+from fedland.datasets import Dataset, Images
 from fedland.measure import landscape_subset
 from fedland.models import build_model
 from fedland.partition import ClientPartition, partition
@@ -41,12 +41,12 @@ def derived_seed(*words: int) -> int:
 
 @dataclass(frozen=True, eq=False)
 class ClientData:
-    """One client's share of the dataset: read-only views chosen by its partition."""
+    """One client's share of the dataset: views (index arrays) into the shared images, chosen by its partition."""
 
     client_index: int
-    train_x: torch.Tensor  # (num_train, *input_shape)
+    train_x: Images  # (num_train, *input_shape), float32 when indexed
     train_y: torch.Tensor  # (num_train,)
-    test_x: torch.Tensor  # (num_test, *input_shape)
+    test_x: Images  # (num_test, *input_shape), float32 when indexed
     test_y: torch.Tensor  # (num_test,)
 
     @property
@@ -72,11 +72,13 @@ class ExperimentPlan:
         )
 
     def client_data(self, client_index: int) -> ClientData:
-        """Client ``client_index``'s train and test examples."""
+        """Client ``client_index``'s train and test examples: views of the dataset's images, not copies."""
         part = self.partitions[self._check_client(client_index)]
         train, test = torch.from_numpy(part.train_indices), torch.from_numpy(part.test_indices)
         data = self.dataset
-        return ClientData(client_index, data.train_x[train], data.train_y[train], data.test_x[test], data.test_y[test])
+        return ClientData(
+            client_index, data.train_x.subset(train), data.train_y[train], data.test_x.subset(test), data.test_y[test]
+        )
 
     # -- landscape subsets ------------------------------------------------------
 
