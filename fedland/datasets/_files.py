@@ -83,7 +83,7 @@ def read_verified(path: Path, data_file: DataFile, compressed: bool | None = Non
     archive_digest = hashlib.md5(raw).hexdigest() if data_file.archive_md5 is not None else None
     if as_served and archive_digest is not None and archive_digest != data_file.archive_md5:
         raise DatasetIntegrityError(
-            f"{path} is not the published {data_file.served_name}: its md5 is {archive_digest}, "
+            f"{path} is not the official {data_file.served_name}: its md5 is {archive_digest}, "
             f"expected {data_file.archive_md5}"
         )
     if data_file.md5 is not None:
@@ -99,7 +99,7 @@ def read_verified(path: Path, data_file: DataFile, compressed: bool | None = Non
         )
     if data_file.archive_md5 is not None and archive_digest != data_file.archive_md5:
         raise DatasetIntegrityError(
-            f"{path} is not the published {data_file.served_name}: its md5 is {archive_digest}, "
+            f"{path} is not the official {data_file.served_name}: its md5 is {archive_digest}, "
             f"expected {data_file.archive_md5}; {_fix(data_file)}"
         )
     return content

@@ -91,6 +91,8 @@ def _as_numpy_index(index: Any) -> Any:
         if index.dtype == torch.bool:
             raise TypeError("index: boolean masks are not supported; pass positions")
         return index.cpu().numpy()
-    if isinstance(index, (list, tuple)):
+    if isinstance(index, tuple):
+        raise TypeError("index: only the first (example) dimension is indexed here; index the returned tensor further")
+    if isinstance(index, (list, range)):
         return np.asarray(index, dtype=np.int64)
     return index
