@@ -5,7 +5,9 @@ written next to them (``<directory>/compact/``), each file atomically, then a
 small ``manifest.json`` naming the source files (name, size, mtime) and the
 official digests they were verified against. A process opens the arrays with
 ``np.load(mmap_mode="r")``: every process on the machine shares the same pages
-of the page cache instead of holding its own copy. A source file replaced or
+of the page cache instead of holding its own copy (a data directory that is
+read-only, or marked so, gets none: each process then keeps its own uint8
+arrays in memory). A source file replaced or
 touched since (another size or mtime) makes the copy stale, and it is rebuilt
 from the verified files.
 """
@@ -95,6 +97,8 @@ def write_compact(directory: Path, dataset_name: str, sources: Sequence[SourceFi
     """Write ``arrays`` as the compact copy, then reopen it memory-mapped; None if the directory is read-only."""
     target = compact_directory(directory)
     try:
+        if not writable(directory):
+            raise PermissionError(f"{directory} is read-only")
         target.mkdir(exist_ok=True)
         for name, array in arrays.named().items():
             _write_atomically(target / f"{name}.npy", lambda handle, a=array: np.save(handle, a, allow_pickle=False))
@@ -117,6 +121,19 @@ def write_compact(directory: Path, dataset_name: str, sources: Sequence[SourceFi
         return None
     logger.info("%s: wrote the compact copy of %s", target, dataset_name)
     return Arrays(**{name: np.load(target / f"{name}.npy", mmap_mode="r") for name in ARRAY_NAMES})
+
+
+def writable(directory: Path) -> bool:
+    """Whether the compact copy may be written in ``directory``: writable, and not marked read-only.
+
+    A directory whose mode has no write bit is left alone even by root (who
+    could write it regardless): a shared, read-only copy of the data stays as it is.
+    """
+    try:
+        mode = directory.stat().st_mode
+    except OSError:
+        return False
+    return bool(mode & 0o222) and os.access(directory, os.W_OK)
 
 
 def _write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
