@@ -85,28 +85,34 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ)
 
 
 def install(source: Path, names: Sequence[str] | None, data_dir: Path) -> int:
-    """Install the named datasets (or every one found) from ``source``; 0 if at least one and all named were."""
+    """Install the named datasets (or every one found) from ``source``; 0 if at least one and all named were.
+
+    Without names, a dataset whose files are there but whose content is another's (MNIST and
+    Fashion-MNIST share file names) is skipped; with names, any missing or refused file fails.
+    """
     if not source.is_dir():
         log.error("--from %s: not a directory", source)
         return 1
-    installed = []
+    installed, refused = [], []
     for name in names or sorted(DATASETS):
         try:
             target = install_dataset(name, source, data_dir)
-        except DatasetMissingError as error:
+        except (DatasetMissingError, DatasetIntegrityError) as error:
             if names:
                 log.error("%s", error)
                 return 1
-            log.debug("%s", error)
+            if isinstance(error, DatasetIntegrityError):
+                refused.append(f"{name}: {error}")
             continue
-        except DatasetIntegrityError as error:
-            log.error("%s", error)
-            return 1
         installed.append(name)
         log.info("%s installed in %s (verified, converted)", name, target)
     if not installed:
-        log.error("--from %s: no dataset's files found there (nor in its mnist/, fashion-mnist/, cifar10/, "
-                  "cifar100/ subfolders)", source)
+        log.error(
+            "--from %s: no dataset's official files found there (nor in its %s subfolders)%s",
+            source,
+            ", ".join(f"{info.directory}/" for info in DATASETS.values()),
+            "".join(f"\n  {line}" for line in refused),
+        )
         return 1
     return 0
 
