@@ -47,8 +47,9 @@ def write_tiny(name: str, directory: Path, train_per_class: int = 6, test_per_cl
             content = _idx(array)
             packed = gzip.compress(content, mtime=0)
             (target / data_file.served_name).write_bytes(packed)
-            digests = {"md5": hashlib.md5(content).hexdigest(), "archive_md5": hashlib.md5(packed).hexdigest()}
-            files.append(dataclasses.replace(data_file, **digests))
+            files.append(dataclasses.replace(
+                data_file, md5=hashlib.md5(content).hexdigest(), archive_md5=hashlib.md5(packed).hexdigest()
+            ))
     else:
         train_members, test_members, label_bytes = CIFAR_MEMBERS[real.layout]
         buffer = io.BytesIO()

@@ -14,6 +14,7 @@ from the verified files.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -101,7 +102,7 @@ def write_compact(directory: Path, dataset_name: str, sources: Sequence[SourceFi
             raise PermissionError(f"{directory} is read-only")
         target.mkdir(exist_ok=True)
         for name, array in arrays.named().items():
-            _write_atomically(target / f"{name}.npy", lambda handle, a=array: np.save(handle, a, allow_pickle=False))
+            _write_atomically(target / f"{name}.npy", functools.partial(_save_npy, array=array))
         manifest = {
             "format": FORMAT_VERSION,
             "dataset": dataset_name,
@@ -148,6 +149,10 @@ def _write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
+
+
+def _save_npy(handle: IO[bytes], array: np.ndarray) -> None:
+    np.save(handle, array, allow_pickle=False)
 
 
 def _shapes(arrays: Arrays) -> dict[str, list[int]]:

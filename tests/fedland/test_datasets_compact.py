@@ -20,10 +20,10 @@ import torch
 
 from fedland.datasets import (
     DATASETS,
-    _load_cached,
     DatasetIntegrityError,
     DatasetMissingError,
     Images,
+    _load_cached,
     install_dataset,
     load_dataset,
     verify_dataset,
