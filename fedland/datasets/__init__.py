@@ -39,6 +39,7 @@ from fedland.datasets._files import (
     DataFile,
     DatasetIntegrityError,
     DatasetMissingError,
+    check_verified,
     content_digest,
     download,
     find_file,
@@ -273,8 +274,10 @@ def verify_dataset(name: str, data_dir: str | os.PathLike[str], download: bool =
     """
     info = dataset_info(name)
     paths = _present_files(info, Path(data_dir).expanduser().resolve() / info.directory, download)
-    contents = [read_verified(path, data_file) for path, data_file in zip(paths, info.files)]
-    _compact(info, paths, contents)
+    for path, data_file in zip(paths, info.files):
+        check_verified(path, data_file)  # streamed: a 170 MB archive is not held in memory to check it
+    if open_compact(paths[0].parent, info.name, _sources(info, paths), info.input_shape) is None:
+        _compact(info, paths, [read_verified(path, data_file) for path, data_file in zip(paths, info.files)])
 
 
 def install_dataset(name: str, source: str | os.PathLike[str], data_dir: str | os.PathLike[str]) -> Path:

@@ -105,6 +105,41 @@ def read_verified(path: Path, data_file: DataFile, compressed: bool | None = Non
     return content
 
 
+def check_verified(path: Path, data_file: DataFile) -> None:
+    """Check ``path`` as ``read_verified`` does, streaming it: no more than a chunk is held in memory.
+
+    Raises:
+        DatasetIntegrityError: as ``read_verified``.
+    """
+    compressed = data_file.gzipped and path.name.endswith(".gz")
+    raw_md5, content_md5 = hashlib.md5(), hashlib.md5()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                raw_md5.update(chunk)
+        if compressed:
+            with gzip.open(path, "rb") as stream:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    content_md5.update(chunk)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DatasetIntegrityError(f"{path} is corrupted ({error}); {_fix(data_file)}") from error
+    archive_digest = raw_md5.hexdigest()
+    content_digest = content_md5.hexdigest() if compressed else archive_digest
+    if data_file.md5 is not None:
+        if content_digest == data_file.md5 or (compressed and archive_digest == data_file.archive_md5):
+            return
+        which = "its decompressed content's" if compressed else "its"
+        raise DatasetIntegrityError(
+            f"{path} is not the official {data_file.name}: {which} md5 is {content_digest}, "
+            f"expected {data_file.md5}; {_fix(data_file)}"
+        )
+    if data_file.archive_md5 is not None and archive_digest != data_file.archive_md5:
+        raise DatasetIntegrityError(
+            f"{path} is not the official {data_file.served_name}: its md5 is {archive_digest}, "
+            f"expected {data_file.archive_md5}; {_fix(data_file)}"
+        )
+
+
 def _fix(data_file: DataFile) -> str:
     return (
         f"replace it with an official copy of {data_file.served_name} "
