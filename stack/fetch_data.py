@@ -97,6 +97,9 @@ def install(source: Path, names: Sequence[str] | None, data_dir: Path) -> int:
     for name in names or sorted(DATASETS):
         try:
             target = install_dataset(name, source, data_dir)
+        except PermissionError as error:  # a read-only data directory (DatasetMissingError is an OSError too)
+            log.error("cannot install %s into %s: %s", name, data_dir, error)
+            return 1
         except (DatasetMissingError, DatasetIntegrityError) as error:
             if names:
                 log.error("%s", error)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedland.datasets._compact import Arrays, SourceFile, open_compact, write_compact
+from fedland.datasets._compact import Arrays, SourceFile, open_compact, writable, write_compact
 from fedland.datasets._files import (
     DataFile,
     DatasetIntegrityError,
@@ -268,15 +268,16 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str], download: bool = T
 def verify_dataset(name: str, data_dir: str | os.PathLike[str], download: bool = True) -> None:
     """Check (downloading what is missing) that the dataset's files are the official ones, and convert them once.
 
-    Every file's content is checked; the compact copy is written when absent
-    or stale (and the directory is writable). Nothing stays loaded. Raises the
-    errors of ``load_dataset``.
+    Every file's content is checked (streamed); the compact copy is written
+    when absent or stale and the directory is writable (a read-only one is left
+    as it is). Nothing stays loaded. Raises the errors of ``load_dataset``.
     """
     info = dataset_info(name)
     paths = _present_files(info, Path(data_dir).expanduser().resolve() / info.directory, download)
     for path, data_file in zip(paths, info.files):
         check_verified(path, data_file)  # streamed: a 170 MB archive is not held in memory to check it
-    if open_compact(paths[0].parent, info.name, _sources(info, paths), info.input_shape) is None:
+    directory = paths[0].parent
+    if writable(directory) and open_compact(directory, info.name, _sources(info, paths), info.input_shape) is None:
         _compact(info, paths, [read_verified(path, data_file) for path, data_file in zip(paths, info.files)])
 
 

@@ -205,3 +205,29 @@ def test_fetch_data_from_a_folder_installs_debians_fashion_mnist(data_dir: Path,
     empty = subprocess.run([*command[:-1], str(tmp_path / "data" / "fashion-mnist" / "compact")], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
     assert empty.returncode == 1 and "no dataset's official files found there" in empty.stderr
+
+
+def test_a_directory_marked_read_only_is_left_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    info = write_tiny("CIFAR10", tmp_path)
+    monkeypatch.setitem(DATASETS, "CIFAR10", info)
+    directory = tmp_path / info.directory
+    directory.chmod(0o555)  # as a shared copy of the data is: even root does not write there
+    try:
+        verify_dataset("CIFAR10", tmp_path, download=False)
+        data = load_dataset("CIFAR10", tmp_path, download=False)
+        assert not (directory / "compact").exists()
+        assert not isinstance(data.train_x.pixels, np.memmap)  # the process's own uint8 copy
+        assert torch.bincount(data.train_y).tolist() == [6] * 10
+    finally:
+        directory.chmod(0o755)
+
+
+def test_images_index_the_example_dimension_only() -> None:
+    images = Images(np.zeros((4, 1, 2, 2), dtype=np.uint8), (0.5,), (0.25,))
+    assert images[1].shape == (1, 2, 2) and float(images[1].max()) == -2.0  # (0 - 0.5) / 0.25
+    with pytest.raises(TypeError, match="only the first"):
+        images[0, 0]
+    with pytest.raises(TypeError, match="boolean masks"):
+        images[torch.tensor([True, False, True, False])]
+    with pytest.raises(ValueError, match="one entry per channel"):
+        Images(np.zeros((4, 3, 2, 2), dtype=np.uint8), (0.5,), (0.25,))
