@@ -231,3 +231,23 @@ def test_images_index_the_example_dimension_only() -> None:
         images[torch.tensor([True, False, True, False])]
     with pytest.raises(ValueError, match="one entry per channel"):
         Images(np.zeros((4, 3, 2, 2), dtype=np.uint8), (0.5,), (0.25,))
+
+
+def test_training_on_images_per_batch_equals_training_on_the_tensor(installed_mnist: Path, data_dir: Path) -> None:
+    from fedland.models import build_model
+    from fedland.training import train_local
+
+    info = DATASETS["MNIST"]
+    data = load_dataset("MNIST", installed_mnist, download=False)
+    member = data.train_x.subset(np.arange(0, 60_000, 100))  # (600, 1, 28, 28)
+    up_front = normalised_up_front(idx_images(data_dir / "mnist" / "train-images-idx3-ubyte.gz"), info.mean, info.std)
+    labels = data.train_y[::100]
+    per_batch, _ = train_local(
+        build_model("FedNet", seed=0), member, labels, epochs=1, batch_size=32, learning_rate=0.05, momentum=0.5, seed=11
+    )
+    reference, _ = train_local(
+        build_model("FedNet", seed=0), up_front[::100], labels, epochs=1, batch_size=32, learning_rate=0.05,
+        momentum=0.5, seed=11,
+    )
+    for name, value in reference.state_dict().items():
+        assert torch.equal(per_batch.state_dict()[name], value), name
