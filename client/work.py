@@ -75,7 +75,7 @@ class LocalData:
 
     def client_data(self, experiment_id: str, plan: ExperimentPlan, client_index: int, partition_digest: str) -> ClientData:
         """This client's train/test data, its partition checked against the server's digest."""
-        digest = plan.partitions[client_index].digest()
+        digest = plan.member_partition(client_index).digest()
         if digest != partition_digest:
             raise PartitionMismatch(
                 f"experiment {experiment_id} client {client_index}: local partition digest {digest[:12]}... "
@@ -121,7 +121,10 @@ def load_weights(plan: ExperimentPlan, payload: bytes) -> torch.nn.Module:
 
 
 def _measure(model: torch.nn.Module, data: ClientData) -> dict[str, Any]:
+    """Train and local test loss and accuracy; without a local test set (member_test_split none) train only."""
     train: Evaluation = evaluate(model, batches(data.train_x, data.train_y, EVAL_BATCH_SIZE))
+    if int(data.test_y.shape[0]) == 0:  # absent, not zero: no test metric and no generalisation gap
+        return {"train_loss": float(train.loss), "train_accuracy": float(train.accuracy)}
     test: Evaluation = evaluate(model, batches(data.test_x, data.test_y, EVAL_BATCH_SIZE))
     return {
         "train_loss": float(train.loss),

@@ -217,7 +217,7 @@ def scheme_member(
         raise ValueError(f"test_split: must be one of {', '.join(TEST_SPLITS)}, got {test_split!r}")
     weights = member_class_weights(scheme, info, client_index)
     size = _member_size(scheme, info, client_index)
-    train_counts = class_counts_for(weights, size)
+    train_counts = class_counts_for([float(w) for w in weights], size)
     rng = _member_rng(scheme, _TRAIN_STREAM, client_index)
     train_indices = _draw(pools.train, train_counts, rng)
     if test_split == "shared":
