@@ -114,7 +114,7 @@ def test_other_refusals_name_their_field() -> None:
         plan_counts([100, 120, 90, 90], [20] * 4, [[0.25] * 4, [0.5, 0.25, 0.25]], [0.1, 0.1])
     with pytest.raises(PartitionError, match=r"subset_fractions\[0\]: client 0 would get 0 training samples"):
         partition(TRAIN, TEST, [[0.25] * 4], [0.001], seed=0)
-    with pytest.raises(PartitionError, match=r"subset_fractions\[0\]: client 0 would get 0 test samples"):
+    with pytest.raises(PartitionError, match=r"subset_fractions\[0\]: client 0 would get 0 local test samples"):
         partition(TRAIN, TEST, [[1.0, 0, 0, 0]], [0.005], seed=0)  # 2 train samples -> 0.4 test
     with pytest.raises(PartitionError, match=r"subset_fractions\[2\]: must be a number in \(0, 1\]"):
         partition(TRAIN, TEST, RATIOS, [1.0, 0.5, 1.5], seed=0)
