@@ -117,7 +117,9 @@ def test_explicit_lists_read_back_unchanged() -> None:
 
 
 def test_explicit_lists_of_ten_thousand_members_need_a_test_split_other_than_proportional() -> None:
-    ratios, fractions = [[0.1] * 10] * 10_000, [0.8] * 10_000  # 5 samples each: no class runs out
+    # member i holds 5 samples of class i % 10: no class runs out, but 5 samples' test share is below one sample
+    ratios = [np.eye(10)[i % 10].tolist() for i in range(10_000)]
+    fractions = [0.8] * 10_000
     with pytest.raises(SpecError, match=r"0 local test samples .* member_test_split"):
         ExperimentSpec(target_balance_ratios=ratios, subset_fractions=fractions)
     spec = ExperimentSpec(target_balance_ratios=ratios, subset_fractions=fractions, member_test_split="none")
