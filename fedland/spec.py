@@ -603,8 +603,13 @@ def _validate_partition(spec: ExperimentSpec, put: Any) -> None:
     """Either a partition scheme (checked against the dataset) or explicit ratio and fraction lists."""
     info = DATASETS[spec.dataset_name]
     if spec.partition is not None:
+        if isinstance(spec.partition, Mapping):  # the JSON form, as from_dict reads it
+            try:
+                put("partition", PartitionScheme.from_dict(spec.partition))
+            except PartitionError as error:
+                raise SpecError(error.field, error.rule) from None
         if not isinstance(spec.partition, PartitionScheme):
-            raise SpecError("partition", f"must be a PartitionScheme, got {type(spec.partition).__name__}")
+            raise SpecError("partition", f"must be a PartitionScheme or its dict, got {type(spec.partition).__name__}")
         if spec.target_balance_ratios or spec.subset_fractions:
             raise SpecError(
                 "partition", "a partition scheme replaces target_balance_ratios and subset_fractions: give one or the other"
