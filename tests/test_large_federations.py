@@ -16,6 +16,7 @@ import pytest
 from fedland.datasets import load_dataset
 from fedland.participation import selected_members
 from fedland.plan import ExperimentPlan
+from reports import write_reports
 from reports.tables import load_tables
 from stack import records
 from tests.helpers import LocalStack, finite
@@ -36,7 +37,9 @@ def scheme_federation(partition: dict[str, Any], rounds: int, **overrides: Any) 
     }
 
 
-def test_ten_thousand_members_ten_per_round(local_stack: Callable[..., LocalStack], data_dir: Path) -> None:
+def test_ten_thousand_members_ten_per_round(
+    local_stack: Callable[..., LocalStack], data_dir: Path, tmp_path: Path
+) -> None:
     stack = local_stack()
     large, untested = stack.api.submit_experiments([
         scheme_federation({"scheme": "dirichlet", "alpha": 0.5, "members": 10_000, "seed": 1}, rounds=2),
@@ -89,3 +92,10 @@ def test_ten_thousand_members_ten_per_round(local_stack: Callable[..., LocalStac
         targets = [row[f"target_ratio_{k}"] for k in range(10)]
         assert sorted(targets)[-2:] == [0.5, 0.5] and math.isclose(sum(targets), 1.0)
         assert row["num_test"] == 0
+
+    # the report page: a dash where a member has no local test metric, the members stored in its partition table
+    write_reports(stack.db, [large, untested], tmp_path / "reports")
+    page = (tmp_path / "reports" / untested / "index.html").read_text(encoding="utf-8")
+    assert page.count("<td>—</td><td>—</td><td>—</td><td>—</td>") == 10  # global and local test accuracy, loss
+    assert page.count("<td>0</td><td>0.800</td>") == 10  # num_test 0, two classes of ten: Gini 0.8
+    assert "10000 clients" in (tmp_path / "reports" / large / "index.html").read_text(encoding="utf-8")
