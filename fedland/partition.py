@@ -156,8 +156,11 @@ def plan_counts(
                 f"has {len(client_ratios)} entries but the dataset has {len(train_totals)} classes",
             )
         if n == 0:
+            # round(base * f) >= 1 needs f >= 0.5 / base: the smallest fraction that gives one sample
+            smallest = f"the smallest that gives one is {math.ceil(5_000 / base) / 10_000:.4f}" if base else "none does"
             raise PartitionError(
-                f"subset_fractions[{i}]", f"client {i} would get 0 training samples (fraction {fractions[i]})"
+                f"subset_fractions[{i}]",
+                f"client {i} would get 0 training samples (fraction {fractions[i]} of floor(N / k) = {base}); {smallest}",
             )
         counts = class_counts_for(client_ratios, n)
         for c, (need, have) in enumerate(zip(counts, remaining)):

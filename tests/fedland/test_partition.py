@@ -175,3 +175,11 @@ def test_real_mnist_non_iid_partition(scheme) -> None:
     assert plan_counts(DATASETS["MNIST"].train_class_counts, DATASETS["MNIST"].test_class_counts, ratios, fractions)[
         0
     ] == [p.class_counts for p in parts]
+
+
+def test_a_fraction_too_small_for_one_sample_quotes_the_smallest_that_gives_one() -> None:
+    totals, ratios = [6000] * 10, [[0.1] * 10] * 100  # floor(N / k) = 600
+    with pytest.raises(PartitionError, match=r"fraction 0\.0008 of floor\(N / k\) = 600\); the smallest that gives one is 0\.0009"):
+        plan_counts(totals, [1000] * 10, ratios, [0.0008] * 100)
+    train_counts, _ = plan_counts(totals, [1000] * 10, ratios, [0.0009] * 100, require_test=False)
+    assert all(sum(counts) == 1 for counts in train_counts)
