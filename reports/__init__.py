@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,8 @@ from reports.compare import COMPARISONS, comparison
 from reports.data import ExperimentData, list_experiment_ids, load_experiment
 from reports.figures import FigureKind
 from reports.page import FigureEntry, experiment_page, experiment_summary, index_page
-from reports.style import paper_style, vector_path
-from stack import records
+from reports.style import paper_style, raster_only, vector_path
+from stack import interrupts, records
 from stack.interrupts import exit_status, stop_on_signals
 from stack.settings import DEFAULT_REPORTS_DIR, StoreSettings
 
@@ -78,10 +78,14 @@ class Stopped(Exception):
     """A render left between two figures because its ``stop`` event was set."""
 
 
+class _GiveWay(Exception):
+    """A live render left between two figures: an experiment's final render is due."""
+
+
 def _figure_entry(kind: FigureKind, data: ExperimentData, out_dir: Path) -> FigureEntry:
     path = kind.render(data, out_dir)
     if path is not None:
-        return FigureEntry(kind.title, kind.caption_for(data), path.name)
+        return FigureEntry(kind.title, kind.caption_for(data), path.name, vector=vector_path(path).is_file())
     for stale in (out_dir / kind.file_name, vector_path(out_dir / kind.file_name)):
         stale.unlink(missing_ok=True)  # from an earlier report
     reason = _skip_reason(data, kind.needs_landscape, kind.reason_key)
@@ -93,7 +97,8 @@ def _figure_entry(kind: FigureKind, data: ExperimentData, out_dir: Path) -> Figu
 def _earlier_entry(kind: FigureKind, data: ExperimentData, out_dir: Path) -> FigureEntry:
     """A figure not drawn this time: the one an earlier render left, else a note that it comes next."""
     if (out_dir / kind.file_name).is_file():
-        return FigureEntry(kind.title, kind.caption_for(data), kind.file_name)
+        return FigureEntry(kind.title, kind.caption_for(data), kind.file_name,
+                           vector=vector_path(out_dir / kind.file_name).is_file())
     return FigureEntry(kind.title, kind.caption_for(data), None, PENDING, pending=True)
 
 
@@ -224,16 +229,26 @@ class _Watch:
         self.ids: list[str] = []
         self.index: Path | None = None
         self.polled_at = 0.0
+        self.rendering_live = False
 
     def check_stop(self) -> None:
+        signalled = interrupts.requested()  # a signal whose exception Python swallowed (in a weakref callback)
+        if signalled is not None:
+            raise signalled
         if self.stop.is_set():
             raise Stopped
 
     def between(self) -> None:
-        """Before each heavy figure: stop if asked, and draw the quick parts of whatever changed meanwhile."""
+        """Before each heavy figure: stop if asked, and draw the quick parts of whatever changed meanwhile.
+
+        A live render gives way (``_GiveWay``) once an experiment's final render is due:
+        the final pages are what the run waits for.
+        """
         self.check_stop()
         if time.monotonic() - self.polled_at >= self.poll_interval_s:
             self.poll()
+            if self.rendering_live and any(self.is_final(i) for i in self.due):
+                raise _GiveWay
 
     def poll(self) -> None:
         """Read the signatures; redraw the quick parts and the index of what changed (every experiment first)."""
@@ -265,16 +280,31 @@ class _Watch:
     def compared(self) -> list[ExperimentData]:
         return [self.loaded[i] for i in self.ids if i in self.loaded]
 
+    def is_final(self, experiment_id: str) -> bool:
+        return bool(self.seen[experiment_id][0] in FINISHED)
+
     def render_next(self) -> None:
-        """The full render (every figure) of the experiment that has waited longest."""
-        experiment_id = next(iter(self.due))
+        """The full render (every figure) of the experiment that has waited longest, final renders first.
+
+        A live render draws PNGs only and gives way to a final render that becomes due.
+        """
+        experiment_id = next((i for i in self.due if self.is_final(i)), next(iter(self.due)))
         del self.due[experiment_id]
         version = self.version[experiment_id]
         data = load_experiment(self.db, experiment_id)
         state = "final" if not data.running else "live"
         log.info("experiment %s: drawing the %s figures", experiment_id, state)
         out_dir = self.out / _directory_name(experiment_id)
-        entries = draw_figures(data, out_dir, between=self.between)
+        self.rendering_live = data.running
+        try:
+            with raster_only() if data.running else nullcontext():
+                entries = draw_figures(data, out_dir, between=self.between)
+        except _GiveWay:
+            self.due.setdefault(experiment_id, None)  # drawn again after the final renders
+            log.info("experiment %s: live figures put off for a final render", experiment_id)
+            return
+        finally:
+            self.rendering_live = False
         if self.version[experiment_id] == version:  # nothing newer was drawn meanwhile
             self.loaded[experiment_id] = data
             write_page(data, out_dir, entries)

@@ -358,8 +358,9 @@ def test_a_render_draws_the_stored_analysis_and_evaluates_no_model(
 
     from fedland.datasets import load_dataset
     from fedland.hessian import spectral_density
+    from fedland.measure import DENSITY_PROBES, DENSITY_STEPS
     from fedland.plan import ExperimentPlan
-    from server.analysis import DENSITY_PROBES, DENSITY_STEPS, TRAJECTORY_SAMPLES
+    from server.analysis import TRAJECTORY_SAMPLES
     from server.measurements import LandscapeWorker
     from server.resources import Resources
 
