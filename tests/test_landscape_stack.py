@@ -293,7 +293,9 @@ def test_a_failing_measurement_is_stored_as_an_error(
     assert doc == {"error": "FloatingPointError: injected failure"}
 
     mnist = load_dataset("MNIST", data_dir)
-    data = ClientData(0, mnist.train_x[:64], mnist.train_y[:64], mnist.test_x[:32], mnist.test_y[:32])
+    data = ClientData(
+        0, mnist.train_x.subset(range(64)), mnist.train_y[:64], mnist.test_x.subset(range(32)), mnist.test_y[:32]
+    )
     global_model = build_model("FedNet", 0)
     before = copy.deepcopy(global_model.state_dict())
     result = run_round(ExperimentPlan(spec, mnist), data, global_model, 1, fetch_s=0.0, device=DEVICE)

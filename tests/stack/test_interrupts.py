@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import weakref
 
 import pytest
@@ -35,9 +36,13 @@ def test_a_signal_ignored_before_stays_ignored() -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed exception, expected
-def test_a_signal_whose_exception_python_swallowed_still_stops() -> None:
-    """A signal handled inside a weakref callback raises there, and Python only prints it: ``requested`` still says."""
+def test_a_signal_whose_exception_python_swallowed_still_stops_and_prints_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A signal handled inside a weakref callback raises there and Python drops it: ``requested`` still says,
+    and no "Exception ignored ... Traceback" is printed for it."""
+    unraised: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda hook_args: unraised.append(hook_args.exc_value))
 
     class Thing:
         pass
@@ -56,3 +61,13 @@ def test_a_signal_whose_exception_python_swallowed_still_stops() -> None:
         stopped = requested()
         assert stopped is not None and exit_status(stopped) == 143
     assert requested() is None  # the next block starts afresh
+    assert unraised == []
+    other = ValueError("not a stop")
+
+    class Broken:
+        def __del__(self) -> None:
+            raise other
+
+    with stop_on_signals():
+        Broken()  # any other dropped exception still reaches the hook
+    assert unraised == [other]
