@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from fedland.algorithms import CLIENT_ALGORITHMS
-from fedland.datasets import DATASETS, load_dataset
+from fedland.datasets import DATASETS, Images, load_dataset
 from fedland.models import _MODELS as _MODEL_FACTORIES
 from fedland.models import MODEL_INPUT_SHAPES, MODEL_NAMES, build_model
 from fedland.strategies import STRATEGIES
@@ -55,7 +55,8 @@ __all__ = [
 
 COMPONENT_KINDS = ("model", "dataset", "strategy", "client_algorithm")
 
-DatasetArrays = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # train_x, train_y, test_x, test_y
+#: train_x, train_y, test_x, test_y; images as float tensors or as the compact ``fedland.datasets.Images``
+DatasetArrays = tuple[torch.Tensor | Images, torch.Tensor, torch.Tensor | Images, torch.Tensor]
 
 
 @runtime_checkable

@@ -192,7 +192,8 @@ def test_sharpness_aware_steps_leave_batchnorm_statistics_to_the_first_pass() ->
         once(x)  # one forward pass at the starting weights: the statistics SAM must keep
     trained, expected = dict(sam.model.named_buffers()), dict(once.named_buffers())
     assert trained.keys() == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
-    assert all(torch.equal(trained[key], expected[key]) for key in trained)
+    for key in trained:  # to rounding: a reduction's order may differ between two passes on 2 threads
+        torch.testing.assert_close(trained[key], expected[key], rtol=1e-12, atol=1e-15)
     assert int(trained["1.num_batches_tracked"]) == 1 and not torch.equal(cast(torch.Tensor, norm.running_mean), expected["1.running_mean"])
 
 
