@@ -128,7 +128,7 @@ class ExperimentPlan:
     def landscape_indices(self, client_index: int) -> np.ndarray:
         """Indices into the client's train partition of its landscape subset (ascending)."""
         part = self.member_partition(client_index)
-        return landscape_subset(part.num_train, self.spec.landscape.num_samples, (self.spec.seed, client_index))
+        return landscape_subset(part.num_train, self.spec.landscape.subset_size, (self.spec.seed, client_index))
 
     def landscape_batch(self, client_index: int) -> list[Batch]:
         """The client's landscape subset of its own train data, as one batch."""
@@ -139,7 +139,7 @@ class ExperimentPlan:
     def held_out_indices(self) -> np.ndarray:
         """Indices into the test split of the server's landscape subset (never trained on)."""
         num_test = int(self.dataset.test_y.shape[0])
-        return landscape_subset(num_test, self.spec.landscape.num_samples, (self.spec.seed, HELD_OUT_STREAM))
+        return landscape_subset(num_test, self.spec.landscape.subset_size, (self.spec.seed, HELD_OUT_STREAM))
 
     def held_out_batch(self) -> list[Batch]:
         """The server's held-out landscape subset of the test split, as one batch."""

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from fedland.datasets import DATASETS
-from fedland.generalization import pac_bayes_max_rises
+from fedland.landscape_budget import DEFAULT_BUDGET, ModelCost, member_measurement_s, model_costs, resolve_landscape
 from fedland.models import MODEL_INPUT_SHAPES, MODEL_NAMES, build_model
-from fedland.partition import PartitionError, plan_counts
+from fedland.partition import PartitionError, client_sizes, plan_counts
 from fedland.partition_scheme import TEST_SPLITS, PartitionScheme
 from fedland.strategies import STRATEGIES
 
@@ -79,12 +79,13 @@ LANDSCAPE_MAX: dict[str, float] = {
     "pac_bayes_steps": 64,
     "power_iterations": 1_000,
 }
-#: Cost bound of one landscape measurement, in sample x parameter products
-#: (``LandscapeSpec.cost``): about a minute on one CPU core; the defaults cost 6.0e9 on FedNet.
-LANDSCAPE_COST_BUDGET = 1e11
+#: Cost bound of one member's landscape measurement, in calibrated CPU seconds
+#: (``fedland.landscape_budget.member_measurement_s`` on ``num_samples`` samples).
+LANDSCAPE_COST_BUDGET_S = 3_600.0
+#: The largest ``landscape.budget``: measurement may take at most this many times the training CPU.
+MAX_LANDSCAPE_BUDGET = 100.0
 #: Memory bound of the Hessian trace's probe block: trace_probes x parameters x 8 bytes.
 LANDSCAPE_MEMORY_BUDGET_BYTES = 1 << 30
-LANCZOS_PRODUCTS = 60  # Hessian-vector products of the top-eigenvalue search at most (fedland.measure)
 
 
 class SpecError(ValueError):
@@ -225,7 +226,11 @@ class LandscapeSpec:
 
     Measured in rounds where ``round % every == 0`` and always in the last
     round (``scheduled``). ``num_samples`` is the size of the fixed subset each
-    measurement uses, ``top_k`` the number of Hessian eigenvalues,
+    measurement uses. ``budget`` is the share of a round's training CPU that
+    measurement may take: left unset (``None``), ``every`` and ``num_samples``
+    are chosen to fit it when the experiment spec is built
+    (``fedland.landscape_budget.resolve_landscape``), and a value given wins;
+    an ``ExperimentSpec`` always holds them resolved. ``top_k`` is ``top_k`` the number of Hessian eigenvalues,
     ``trace_probes`` the Hutch++ products for the trace, ``sharpness_rho`` the
     SAM radius, ``interpolation_points`` the alphas in [0, 1] from global to
     local, ``grid_points`` the odd 2D surface resolution per axis and
@@ -236,13 +241,13 @@ class LandscapeSpec:
     ``power_iterations`` the steps of each layer's spectral norm (see
     ``fedland.generalization``).
 
-    The defaults keep a measured round cheap next to FedNet's short MNIST
-    rounds (256 samples, 12 trace products, a 9 x 9 surface; see DEVELOPERS.md).
+    The defaults: 12 trace products, a 9 x 9 surface, and a budget of 25%.
     """
 
     enabled: bool = True
-    every: int = 1
-    num_samples: int = 256
+    every: int | None = None
+    num_samples: int | None = None
+    budget: float = DEFAULT_BUDGET
     top_k: int = 2
     trace_probes: int = 12
     sharpness_rho: float = 0.05
@@ -260,6 +265,8 @@ class LandscapeSpec:
         for name in ("every", "num_samples", "top_k", "trace_probes", "pac_bayes_samples", "pac_bayes_steps",
                      "power_iterations"):
             value = getattr(self, name)
+            if name in ("every", "num_samples") and value is None:
+                continue  # chosen by the budget
             if not _is_int(value) or value <= 0:
                 raise SpecError(f"landscape.{name}", f"must be a positive integer, got {value!r}")
         if self.trace_probes < 4:
@@ -279,34 +286,43 @@ class LandscapeSpec:
                 f"must be a number in (0, 1] (a rise of the training error), got {self.pac_bayes_deviation!r}",
             )
         object.__setattr__(self, "pac_bayes_deviation", float(self.pac_bayes_deviation))
+        if not _is_real(self.budget) or not 0 < self.budget <= MAX_LANDSCAPE_BUDGET:
+            raise SpecError(
+                "landscape.budget",
+                f"must be a number in (0, {MAX_LANDSCAPE_BUDGET:g}] (the share of a round's training CPU "
+                f"measurement may take), got {self.budget!r}",
+            )
+        object.__setattr__(self, "budget", float(self.budget))
         for name in ("sharpness_rho", "grid_radius"):
             value = getattr(self, name)
             if not _is_real(value) or not value > 0:
                 raise SpecError(f"landscape.{name}", f"must be a finite number > 0, got {value!r}")
             object.__setattr__(self, name, float(value))
         for name, high in LANDSCAPE_MAX.items():
-            if getattr(self, name) > high:
+            if getattr(self, name) is not None and getattr(self, name) > high:
                 raise SpecError(f"landscape.{name}", f"must be at most {high:g}, got {getattr(self, name)!r}")
 
-    def cost(self, num_params: int) -> float:
-        """Sample x parameter products of one measurement of a model with `num_params` parameters.
-
-        A Hessian-vector product counts twice (forward and backward), a loss
-        evaluation (grid point, interpolation alpha, sharpness, a PAC-Bayes
-        noise draw: two variants, `pac_bayes_max_rises` scales each) once; the
-        spectral norms' power iterations cost two matrix products per layer each.
-        """
-        products = LANCZOS_PRODUCTS + self.trace_probes
-        pac_bayes = 2 * self.pac_bayes_samples * pac_bayes_max_rises(self.pac_bayes_steps)
-        evaluations = self.grid_points**2 + self.interpolation_points + 2 + pac_bayes
-        return float(self.num_samples) * num_params * (2 * products + evaluations) + 2.0 * self.power_iterations * num_params
+    @property
+    def subset_size(self) -> int:
+        """``num_samples`` as resolved by the experiment spec (``ValueError`` while unset)."""
+        if self.num_samples is None:
+            raise ValueError("landscape.num_samples: unset; an ExperimentSpec resolves it from the budget")
+        return self.num_samples
 
     def scheduled(self, server_round: int, rounds: int) -> bool:
         """Whether round ``server_round`` of an experiment of ``rounds`` rounds is measured."""
-        return self.enabled and (server_round % self.every == 0 or server_round == rounds)
+        if not self.enabled:
+            return False
+        if self.every is None:
+            raise ValueError("landscape.every: unset; an ExperimentSpec resolves it from the budget")
+        return server_round % self.every == 0 or server_round == rounds
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a dict; ``budget`` only when not the default, so older documents read back unchanged."""
+        data = dataclasses.asdict(self)
+        if self.budget == DEFAULT_BUDGET:
+            del data["budget"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LandscapeSpec:
@@ -587,7 +603,6 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
     put("momentum", float(spec.momentum))
     if not isinstance(spec.landscape, LandscapeSpec):
         raise SpecError("landscape", f"must be a LandscapeSpec, got {type(spec.landscape).__name__}")
-    _check_landscape_cost(spec.landscape, spec.model)
 
     if spec.member_test_split not in TEST_SPLITS:
         raise SpecError(
@@ -595,6 +610,8 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
         )
     _validate_partition(spec, put)
     _validate_participation(spec, put)
+    put("landscape", _resolved_landscape(spec))
+    _check_landscape_cost(spec.landscape, spec.model)
     deadline = spec.round_timeout_s is not None  # a round may then close with min_reports updates
     _check_strategy_fits(spec.strategy, spec.members_per_round, (spec.min_reports or 1) if deadline else None)
 
@@ -706,18 +723,34 @@ def _check_strategy_fits(strategy: StrategySpec, num_updates: int, fewest: int |
             )
 
 
+def _resolved_landscape(spec: ExperimentSpec) -> LandscapeSpec:
+    """The landscape section with ``every`` and ``num_samples`` fitted to its budget on this federation."""
+    info = DATASETS[spec.dataset_name]
+    if spec.partition is not None:
+        member_samples: float = spec.partition.member_samples(info)
+    else:
+        sizes = client_sizes(sum(info.train_class_counts), spec.subset_fractions)
+        member_samples = max(1.0, sum(sizes) / len(sizes))
+    return resolve_landscape(
+        spec.landscape, spec.model, members=spec.members_per_round, local_epochs=spec.local_epochs,
+        member_samples=member_samples, held_out_samples=sum(info.test_class_counts), max_every=spec.rounds,
+    )
+
+
 def _check_landscape_cost(lspec: LandscapeSpec, model: str) -> None:
-    """Refuse landscape settings too costly for the model (LANDSCAPE_COST_BUDGET, LANDSCAPE_MEMORY_BUDGET_BYTES)."""
+    """Refuse landscape settings too costly for the model (LANDSCAPE_COST_BUDGET_S, LANDSCAPE_MEMORY_BUDGET_BYTES)."""
     if not lspec.enabled:
         return
-    num_params = num_parameters(model)
-    cost = lspec.cost(num_params)
-    if cost > LANDSCAPE_COST_BUDGET:
+    cost: ModelCost = model_costs()[model]
+    seconds = member_measurement_s(cost, lspec, lspec.subset_size)
+    if seconds > LANDSCAPE_COST_BUDGET_S:
         raise SpecError(
             "landscape",
-            f"one measurement of {model} ({num_params} parameters) costs {cost:.3g} sample x parameter products; "
-            f"the bound is {LANDSCAPE_COST_BUDGET:.3g}: lower num_samples, trace_probes or grid_points",
+            f"one member's measurement of {model} on {lspec.subset_size} samples costs about {seconds:.3g} CPU "
+            f"seconds (calibrated, fedland/landscape_costs.json); the bound is {LANDSCAPE_COST_BUDGET_S:g}: "
+            "lower num_samples, trace_probes or pac_bayes_samples",
         )
+    num_params = num_parameters(model)
     memory = lspec.trace_probes * num_params * 8
     if memory > LANDSCAPE_MEMORY_BUDGET_BYTES:
         raise SpecError(

@@ -159,7 +159,7 @@ def round_densities(
     received = plan.model(weights[server_round - 1]).eval()  # the global model the members trained from
     aggregate = plan.model(weights[server_round]).eval()
     curves = [_curve("global", None, density_document(
-        aggregate, plan.analysis_batch(plan.spec.landscape.num_samples), seed))]
+        aggregate, plan.analysis_batch(plan.spec.landscape.subset_size), seed))]
     members = [s for s in store.stats_of_round(experiment_id, server_round)
                if s.weights_file_id and s.client_index < plan.spec.num_clients]
     for stats in sorted(members, key=lambda s: s.client_index)[:DENSITY_MAX_MEMBERS]:
@@ -169,7 +169,7 @@ def round_densities(
             member = member_densities(received, local, plan.landscape_batch(stats.client_index), seed)
         curves.append(_curve("global", stats.client_index, member["global"]))
         curves.append(_curve("local", stats.client_index, member["local"]))
-    return SpectralDensities(server_round, int(plan.spec.landscape.num_samples), tuple(curves))
+    return SpectralDensities(server_round, int(plan.spec.landscape.subset_size), tuple(curves))
 
 
 def _worker_densities(landscape: Any) -> Mapping[str, Mapping[str, Sequence[float]]] | None:

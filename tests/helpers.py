@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import pymongo
 
-from fedland.spec import ExperimentSpec
+from fedland.spec import ExperimentSpec, LandscapeSpec
 from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
 from reports.atomic import TEMP_SUFFIX
 from stack import records
@@ -35,7 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_spec(num_clients: int, rounds: int, fraction: float = 0.04, **overrides: Any) -> dict[str, Any]:
-    """A quick FedNet experiment: `fraction` of floor(60000 / num_clients) images per client."""
+    """A quick FedNet experiment: `fraction` of floor(60000 / num_clients) images per client.
+
+    The landscape is measured every round on 256 samples unless `landscape` says otherwise (the budget
+    would measure these short rounds rarely).
+    """
+    overrides.setdefault("landscape", LandscapeSpec(every=1, num_samples=256))
     spec = ExperimentSpec(
         description=f"e2e {num_clients} clients x {rounds} rounds",
         target_balance_ratios=IID * num_clients,
