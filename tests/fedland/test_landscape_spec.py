@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from fedland.landscape_budget import member_measurement_s, model_costs
 from fedland.spec import ExperimentSpec, LandscapeSpec, SpecError
 
 UNIFORM = [0.1] * 10
@@ -26,8 +27,8 @@ def experiment(**landscape: Any) -> dict[str, Any]:
 def test_defaults_are_the_documented_ones() -> None:
     assert LandscapeSpec().to_dict() == {
         "enabled": True,
-        "every": 1,
-        "num_samples": 256,
+        "every": None,  # chosen by the budget (25%, left out of the dict as the default)
+        "num_samples": None,
         "top_k": 2,
         "trace_probes": 12,
         "sharpness_rho": 0.05,
@@ -40,17 +41,20 @@ def test_defaults_are_the_documented_ones() -> None:
         "power_iterations": 30,
     }
     spec = ExperimentSpec.from_dict({k: v for k, v in experiment().items() if k != "landscape"})
-    assert spec.landscape == LandscapeSpec()
+    assert dataclasses.replace(spec.landscape, every=None, num_samples=None) == LandscapeSpec()
+    assert spec.landscape.every == 7 and spec.landscape.num_samples == 128  # resolved: only the last round
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.landscape.every = 3  # type: ignore[misc]
 
 
 def test_partial_dict_fills_defaults_and_round_trips_through_json() -> None:
-    spec = ExperimentSpec.from_dict(experiment(every=3, top_k=4, grid_radius=2))
-    assert spec.landscape == LandscapeSpec(every=3, top_k=4, grid_radius=2.0)
+    spec = ExperimentSpec.from_dict(experiment(every=3, num_samples=64, top_k=4, grid_radius=2))
+    assert spec.landscape == LandscapeSpec(every=3, num_samples=64, top_k=4, grid_radius=2.0)
     assert isinstance(spec.landscape.grid_radius, float)
     data = json.loads(json.dumps(spec.to_dict()))
-    assert data["landscape"] == {**LandscapeSpec().to_dict(), "every": 3, "top_k": 4, "grid_radius": 2.0}
+    assert data["landscape"] == {
+        **LandscapeSpec().to_dict(), "every": 3, "num_samples": 64, "top_k": 4, "grid_radius": 2.0
+    }
     assert ExperimentSpec.from_dict(data) == spec
 
 
@@ -94,7 +98,6 @@ def test_schedule_every_k_rounds_and_always_the_last() -> None:
 
     assert measured(LandscapeSpec(every=1), 4) == [1, 2, 3, 4]
     assert measured(LandscapeSpec(every=2), 5) == [2, 4, 5]
-    assert measured(LandscapeSpec(), 3) == [1, 2, 3]  # the default: every round
     assert measured(LandscapeSpec(every=3), 7) == [3, 6, 7]
     assert measured(LandscapeSpec(every=3), 6) == [3, 6]
     assert measured(LandscapeSpec(every=10), 4) == [4]
@@ -124,27 +127,24 @@ def test_each_field_has_an_upper_bound(changes: dict[str, Any], field: str, rule
     assert caught.value.field == field and rule in str(caught.value)
 
 
-def test_costly_settings_are_refused_relative_to_the_model_size() -> None:
+def test_costly_settings_are_refused_by_their_calibrated_cost() -> None:
     from fedland import spec as spec_module
-    from fedland.measure import EIGEN_MAX_ITER
 
-    assert spec_module.LANCZOS_PRODUCTS == EIGEN_MAX_ITER  # the cost model counts what measure does
     assert spec_module.num_parameters("FedNet") == 784 * 64 + 64 + 64 * 32 + 32 + 32 * 10 + 10
-    # the defaults are far under the bound on both models
-    for model in ("FedNet", "FedCNN"):
-        cost = LandscapeSpec().cost(spec_module.num_parameters(model))
-        assert cost < spec_module.LANDSCAPE_COST_BUDGET / 4
-    # PAC-Bayes draws count: each within its bound, together too costly on 10,000 samples
-    ExperimentSpec.from_dict(experiment(pac_bayes_samples=16, pac_bayes_steps=16))
+    # FedNet on all 60,000 samples is affordable; 16x the PAC-Bayes draws (each within its bound) are not
+    fednet = model_costs()["FedNet"]
+    heavy = LandscapeSpec(pac_bayes_samples=64, pac_bayes_steps=64)
+    assert member_measurement_s(fednet, LandscapeSpec(), 60_000) < spec_module.LANDSCAPE_COST_BUDGET_S
+    assert member_measurement_s(fednet, heavy, 60_000) > spec_module.LANDSCAPE_COST_BUDGET_S
+    ExperimentSpec.from_dict(experiment(num_samples=60_000))
     with pytest.raises(SpecError) as caught:
-        ExperimentSpec.from_dict(experiment(pac_bayes_samples=16, pac_bayes_steps=16, num_samples=10_000))
-    assert caught.value.field == "landscape" and "costs" in str(caught.value)
-    # trace_probes=1000 (each field within its own bound) is affordable on FedNet at 256 samples ...
-    ExperimentSpec.from_dict(experiment(trace_probes=1000))
-    # ... not on 10,000 samples, and FedCNN's 4x parameters cannot hold 1000 probes in memory
+        ExperimentSpec.from_dict(experiment(pac_bayes_samples=64, pac_bayes_steps=64, num_samples=60_000))
+    assert caught.value.field == "landscape" and "CPU seconds" in str(caught.value) and "FedNet" in str(caught.value)
+    # FedCNN's products cost ~50x FedNet's: 256 samples are affordable, 60,000 are not
+    ExperimentSpec.from_dict({**experiment(num_samples=256), "model": "FedCNN"})
     with pytest.raises(SpecError) as caught:
-        ExperimentSpec.from_dict(experiment(trace_probes=1000, num_samples=10_000))
-    assert caught.value.field == "landscape" and "costs" in str(caught.value) and "FedNet" in str(caught.value)
+        ExperimentSpec.from_dict({**experiment(num_samples=60_000), "model": "FedCNN"})
+    assert caught.value.field == "landscape" and "FedCNN" in str(caught.value)
     with pytest.raises(SpecError) as caught:
         ExperimentSpec.from_dict({**experiment(trace_probes=1000, num_samples=16), "model": "FedCNN"})
     assert caught.value.field == "landscape.trace_probes" and "MiB" in str(caught.value)
