@@ -104,17 +104,18 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=10)
     parser.add_argument("--check", nargs="*", default=[], help="models to run one real member measurement on")
     parser.add_argument("--no-write", action="store_true", help="print only; keep fedland/landscape_costs.json")
+    parser.add_argument("--from-table", action="store_true", help="report from the table, without calibrating")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     table = {name: row.__dict__ for name, row in model_costs().items()} if COSTS_FILE.exists() else {}
     print(f"{'model':<17} {'train ms':>9} {'fwd ms':>8} {'grad ms':>8} {'hvp ms':>8}   (per sample, one thread)")
-    for name in args.models:
+    for name in [] if args.from_table else args.models:
         cost = calibrate(name, args.samples, args.train_batches, args.repeats)
         table[name] = cost.__dict__
         print(f"{name:<17} {1e3 * cost.train_s:>9.3f} {1e3 * cost.forward_s:>8.3f} {1e3 * cost.gradient_s:>8.3f} "
               f"{1e3 * cost.hvp_s:>8.3f}", flush=True)
-    if not args.no_write:
+    if not args.no_write and not args.from_table:
         document = {"about": "seconds per sample on one CPU thread; written by bench/bench_landscape_budget.py",
                     "models": {name: table[name] for name in MODEL_NAMES if name in table}}
         COSTS_FILE.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

@@ -5,8 +5,8 @@ client process runs (FEDLAND_TORCH_THREADS=1). For each model:
 
 * training throughput: ``train_local`` (SGD, momentum 0.9, batch 64, augmentation on)
   over ``--train-samples`` images, in samples/s;
-* landscape cost: one ``measure_client_round`` with the default ``LandscapeSpec``
-  (256 samples; both models' curvature, PAC-Bayes and norms, interpolation), in
+* landscape cost: one ``measure_client_round`` with the default ``LandscapeSpec`` on
+  256 samples (both models' curvature, PAC-Bayes and norms, interpolation), in
   seconds, and as a share of one local epoch over a 10,000-image client (the
   prototype study's full-fraction CIFAR-10 client).
 
@@ -37,7 +37,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.train_samples, 3, 32, 32, generator=generator)
     y = torch.randint(0, 10, (args.train_samples,), generator=generator)
-    lspec = LandscapeSpec()
+    lspec = LandscapeSpec(every=1, num_samples=256)  # the settings before the budget; see bench_landscape_budget.py
     print(f"{'model':<18} {'params':>10} {'train samples/s':>16} {'landscape s':>12} {'share of 10k epoch':>19}")
     for name in args.models:
         model = build_model(name, seed=0)
@@ -46,7 +46,7 @@ def main() -> None:
                                augment=True)
         rate = args.train_samples / (time.perf_counter() - started)
         started = time.perf_counter()
-        measure_client_round(model, local, None, [(x[:lspec.num_samples], y[:lspec.num_samples])], lspec, seed=2)
+        measure_client_round(model, local, None, [(x[:lspec.subset_size], y[:lspec.subset_size])], lspec, seed=2)
         landscape_s = time.perf_counter() - started
         epoch_s = CLIENT_IMAGES / rate
         params = sum(p.numel() for p in model.parameters())

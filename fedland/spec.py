@@ -79,9 +79,9 @@ LANDSCAPE_MAX: dict[str, float] = {
     "pac_bayes_steps": 64,
     "power_iterations": 1_000,
 }
-#: Cost bound of one member's landscape measurement, in calibrated CPU seconds
-#: (``fedland.landscape_budget.member_measurement_s`` on ``num_samples`` samples).
-LANDSCAPE_COST_BUDGET_S = 3_600.0
+#: Cost bound of one member's landscape measurement, in calibrated CPU seconds (four hours of one core;
+#: ``fedland.landscape_budget.member_measurement_s`` on ``num_samples`` samples; ResNet18 on 128 takes ~1 hour).
+LANDSCAPE_COST_BUDGET_S = 14_400.0
 #: The largest ``landscape.budget``: measurement may take at most this many times the training CPU.
 MAX_LANDSCAPE_BUDGET = 100.0
 #: Memory bound of the Hessian trace's probe block: trace_probes x parameters x 8 bytes.
