@@ -71,9 +71,10 @@ def test_dict_and_json_round_trip_exactly() -> None:
 
 def test_python_construction_has_readable_defaults() -> None:
     spec = ExperimentSpec(target_balance_ratios=[UNIFORM], subset_fractions=[0.5])
-    assert (spec.dataset_name, spec.model, spec.strategy.name, spec.id, spec.landscape) == (
-        "MNIST", "FedNet", "FedAvg", None, LandscapeSpec()
-    )
+    assert (spec.dataset_name, spec.model, spec.strategy.name, spec.id) == ("MNIST", "FedNet", "FedAvg", None)
+    # the default landscape section, with its schedule resolved from the budget
+    assert dataclasses.replace(spec.landscape, every=None, num_samples=None) == LandscapeSpec()
+    assert spec.landscape.every is not None and spec.landscape.scheduled(spec.rounds, spec.rounds)
     assert spec.strategy.prox_mu == 0.0
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", spec.timestamp)
     assert spec.with_id("abc").id == "abc" and spec.id is None
@@ -205,7 +206,7 @@ learning_rate = 0.05
 momentum = 0.9
 seed = 7
 strategy = { name = "FedAdam", params = { eta = 0.01 } }
-landscape = { top_k = 2 }
+landscape = { top_k = 2, every = 1, num_samples = 256 }
 
 [[experiments]]
 description = "one client"
@@ -229,7 +230,7 @@ def test_toml_file(tmp_path: Path) -> None:
         subset_fractions=[0.5, 0.25],
         local_epochs=1,
         strategy={"name": "FedAdam", "params": {"eta": 0.01}},
-        landscape=LandscapeSpec(top_k=2).to_dict(),
+        landscape=LandscapeSpec(top_k=2, every=1, num_samples=256).to_dict(),
     )
     assert (second.model, second.strategy.prox_mu, second.subset_fractions) == ("FedCNN", 0.1, (0.9,))
     assert ExperimentSpec.from_dict(second.to_dict()) == second
