@@ -80,7 +80,7 @@ def client_subsets(spec: ExperimentSpec, data_dir: Path) -> list[list[tuple[torc
     parts = partition(mnist.train_y, mnist.test_y, spec.target_balance_ratios, spec.subset_fractions, spec.seed)
     out = []
     for index, part in enumerate(parts):
-        subset = landscape_subset(part.num_train, LSPEC.num_samples, (spec.seed, index))
+        subset = landscape_subset(part.num_train, LSPEC.subset_size, (spec.seed, index))
         chosen = torch.from_numpy(part.train_indices[subset])
         out.append([(mnist.train_x[chosen], mnist.train_y[chosen])])
     return out
@@ -155,7 +155,7 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
         # the server's global metrics and B, recomputed from the stored model and the recomputed subsets
         global_model = model_from(store.load_model(round_record.model_file_id), spec)
         mnist = load_dataset(spec.dataset_name, data_dir)
-        held = torch.from_numpy(landscape_subset(int(mnist.test_y.shape[0]), LSPEC.num_samples, (spec.seed, 2**32)))
+        held = torch.from_numpy(landscape_subset(int(mnist.test_y.shape[0]), LSPEC.subset_size, (spec.seed, 2**32)))
         expected_loss, _ = mean_loss(global_model, F.cross_entropy, [(mnist.test_x[held], mnist.test_y[held])])
         assert doc["global"]["loss"] == pytest.approx(expected_loss, rel=1e-6)
         assert losses[LSPEC.grid_points // 2, LSPEC.grid_points // 2] == pytest.approx(expected_loss, rel=1e-6)

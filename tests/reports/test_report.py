@@ -436,7 +436,7 @@ def test_a_render_draws_the_stored_analysis_and_evaluates_no_model(
     assert data.extras.density_round == spec.rounds
     aggregate = plan.model(models[spec.rounds]).eval()
     reference = spectral_density(aggregate, torch.nn.CrossEntropyLoss(), plan.analysis_batch(
-        spec.landscape.num_samples), num_probes=DENSITY_PROBES, lanczos_steps=DENSITY_STEPS, seed=spec.seed,
+        spec.landscape.subset_size), num_probes=DENSITY_PROBES, lanczos_steps=DENSITY_STEPS, seed=spec.seed,
         grid_points=400)
     (stored,) = [d for d in data.extras.densities if d.client_index is None]
     np.testing.assert_allclose(stored.grid, reference.grid, rtol=1e-9)
