@@ -28,6 +28,7 @@ def small_spec(**overrides: Any) -> dict[str, Any]:
         "model": "FedNet",
         "seed": 7,
         "strategy": {"name": "FedAvg", "params": {}},
+        "landscape": {"every": 1, "num_samples": 256},  # every round, as the budget would not on these short rounds
     }
     spec.update(overrides)
     return spec

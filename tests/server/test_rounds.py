@@ -277,7 +277,7 @@ def test_concurrent_recovery_aggregates_exactly_once(
 
 # landscape measurements in the background --------------------------------------------------------
 
-CHEAP_LANDSCAPE = {"num_samples": 64, "trace_probes": 4, "interpolation_points": 2, "grid_points": 3}
+CHEAP_LANDSCAPE = {"every": 1, "num_samples": 64, "trace_probes": 4, "interpolation_points": 2, "grid_points": 3}
 
 
 def play_rounds(coordinator: Coordinator, clients: list[str], experiment_id: str, rounds: range) -> None:
