@@ -18,7 +18,7 @@ exported together 0, 1, ... by creation). Values as stored; absent or null value
   ``test_class_<k>``, ``class_frequency_<k>``. With a partition scheme (spec field
   ``partition``) a member is stored once it is first selected, so only those members have
   rows; their ``target_ratio_<k>`` is the scheme's class mix and ``subset_fraction`` is NaN.
-- ``landscape_settings``: experiment: the spec's landscape section.
+- ``landscape_settings``: experiment: the spec's landscape section, every field (``budget`` too).
 - ``measures``: experiment x round x member x model x measure (x index): every number of
   the ``rounds``, ``client_stats`` and ``landscapes`` documents (``reports.measures`` says how
   a document is named; ``source`` is the collection, or the landscape's kind).
@@ -31,6 +31,7 @@ exported together 0, 1, ... by creation). Values as stored; absent or null value
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -97,7 +98,7 @@ def load_tables(db: Database[Any], experiment_ids: Sequence[str] | None = None) 
     tables = {
         "experiments": _experiments(study, groups),
         "partition": _partition(study, keys),
-        "landscape_settings": pd.DataFrame([{**keys[e.id], **e.spec.to_dict()["landscape"]}
+        "landscape_settings": pd.DataFrame([{**keys[e.id], **dataclasses.asdict(e.spec.landscape)}  # budget too
                                             for e in study.experiments]),
         **_long(study, keys),
         **_wide(study, {e.id: {**keys[e.id], "description": e.spec.description} for e in study.experiments}),
