@@ -30,12 +30,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedland.algorithm_spec import ClientAlgorithmSpec, check_pairing
+from fedland.algorithms import cyclical_learning_rate
+from fedland.components import is_import_path, resolve_model, resolve_strategy
 from fedland.datasets import DATASETS
 from fedland.generalization import pac_bayes_max_rises
-from fedland.models import MODEL_INPUT_SHAPES, MODEL_NAMES, build_model
+from fedland.models import MODEL_INPUT_SHAPES
 from fedland.partition import PartitionError, plan_counts
 from fedland.partition_scheme import TEST_SPLITS, PartitionScheme
-from fedland.strategies import STRATEGIES
 
 __all__ = [
     "STORE_KEYS",
@@ -155,6 +157,16 @@ STRATEGY_PARAMS: dict[str, dict[str, StrategyParam]] = {
         "num_malicious": StrategyParam(0, "an integer >= 0", lambda v: _is_int(v) and 0 <= v <= INT64_MAX),
         "num_selected": StrategyParam(1, "an integer >= 1", lambda v: _is_int(v) and 1 <= v <= INT64_MAX),
     },
+    # the server halves of fedland.algorithms (participation comes from the experiment: make_strategy)
+    "SCAFFOLD": {"server_learning_rate": _param(_POSITIVE, 1.0)},
+    "FedDyn": {"alpha": _param(_POSITIVE, 0.01)},
+    "FedSWA": {
+        "start_round": StrategyParam(_REQUIRED, "an integer >= 1", lambda v: _is_int(v) and 1 <= v <= MAX_ROUNDS),
+        "cycle_length": StrategyParam(1, "an integer >= 1", lambda v: _is_int(v) and 1 <= v <= MAX_ROUNDS),
+        "lr_min": StrategyParam(
+            None, "null (a constant learning rate) or a finite number > 0", lambda v: v is None or _POSITIVE.check(v)
+        ),
+    },
 }
 STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGY_PARAMS)
 # Robust strategies (STRATEGIES[name].averages is False) need every update of a round
@@ -172,13 +184,23 @@ class StrategySpec:
 
     Unknown parameters and values outside a parameter's rule raise ``SpecError``;
     ``FedProx`` requires ``params["mu"] >= 0`` (clients read it: ``prox_mu``).
-    ``resolved_params`` adds the defaults of the parameters not given.
+    ``resolved_params`` adds the defaults of the parameters not given. A name
+    ``"package.module:Class"`` is resolved (``fedland.components``) and built
+    with ``params`` as given, which its class checks.
     """
 
     name: str = "FedAvg"
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.name, str) and is_import_path(self.name):
+            object.__setattr__(self, "params", _json_object(self.params, "strategy.params"))
+            factory = _resolved(resolve_strategy, self.name, "strategy.name")
+            try:
+                factory(**self.params)
+            except (TypeError, ValueError) as error:
+                raise SpecError("strategy.params", f"refused by {self.name}: {error}") from None
+            return
         if self.name not in STRATEGY_NAMES:
             raise SpecError("strategy.name", f"unknown strategy {self.name!r}; valid: {', '.join(STRATEGY_NAMES)}")
         object.__setattr__(self, "params", _json_object(self.params, "strategy.params"))
@@ -197,6 +219,8 @@ class StrategySpec:
     @property
     def resolved_params(self) -> dict[str, Any]:
         """Every parameter of the strategy: the given ones, and the defaults of the rest."""
+        if self.name not in STRATEGY_PARAMS:
+            return dict(self.params)
         return {param: self.params.get(param, rule.default) for param, rule in STRATEGY_PARAMS[self.name].items()}
 
     @property
@@ -357,8 +381,13 @@ class ExperimentSpec:
     (``fedland.strategies.relative_distance``); the server refuses, records
     and reassigns an update beyond it. ``None`` turns screening off (robust
     aggregation stays a choice of ``strategy``).
+    ``client_algorithm`` is the members' local training
+    (``fedland.algorithm_spec.ClientAlgorithmSpec``; default plain SGD). ``model``
+    and ``strategy.name`` may be import paths ``"package.module:attr"``
+    (``fedland.components``).
     Lists are stored as tuples; ``to_dict`` gives lists back (the participation
-    keys only when set, so older documents read back unchanged).
+    keys and a non-default client algorithm only when set, so older documents
+    read back unchanged).
     """
 
     target_balance_ratios: Sequence[Sequence[float]] = ()
@@ -374,6 +403,7 @@ class ExperimentSpec:
     learning_rate: float = 0.01
     momentum: float = 0.0
     strategy: StrategySpec = field(default_factory=StrategySpec)
+    client_algorithm: ClientAlgorithmSpec = field(default_factory=ClientAlgorithmSpec)
     seed: int = 0
     augment: bool | None = None
     landscape: LandscapeSpec = field(default_factory=LandscapeSpec)
@@ -406,6 +436,20 @@ class ExperimentSpec:
             return self.clients_per_round
         return max(1, math.floor(self.clients_per_round * self.num_clients + 1e-9))
 
+    @property
+    def participation(self) -> float:
+        """Members per round over the federation's size (SCAFFOLD's and FedDyn's server step)."""
+        return self.members_per_round / self.num_clients
+
+    def round_learning_rate(self, server_round: int) -> float:
+        """The clients' learning rate in round ``server_round``: FedSWA's cyclical one, else ``learning_rate``."""
+        if self.strategy.name == "FedSWA" and self.strategy.params.get("lr_min") is not None:
+            params = self.strategy.resolved_params
+            return cyclical_learning_rate(
+                server_round, params["start_round"], params["cycle_length"], self.learning_rate, params["lr_min"]
+            )
+        return self.learning_rate
+
     def with_id(self, experiment_id: str) -> ExperimentSpec:
         """Return a copy carrying the id the store assigned."""
         return dataclasses.replace(self, id=experiment_id)
@@ -431,6 +475,7 @@ class ExperimentSpec:
             "learning_rate": self.learning_rate,
             "momentum": self.momentum,
             "strategy": self.strategy.to_dict(),
+            **({} if self.client_algorithm.is_default else {"client_algorithm": self.client_algorithm.to_dict()}),
             "seed": self.seed,
             "augment": self.augment,
             "landscape": self.landscape.to_dict(),
@@ -475,6 +520,8 @@ class ExperimentSpec:
             kwargs["strategy"] = StrategySpec.from_dict(kwargs["strategy"])
         if "landscape" in kwargs:
             kwargs["landscape"] = LandscapeSpec.from_dict(kwargs["landscape"])
+        if "client_algorithm" in kwargs:
+            kwargs["client_algorithm"] = ClientAlgorithmSpec.from_dict(kwargs["client_algorithm"])
         return cls(**kwargs)
 
 
@@ -555,14 +602,13 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
         raise SpecError("timestamp", f"must be an ISO 8601 string, got {spec.timestamp!r}") from None
     if not isinstance(spec.dataset_name, str) or spec.dataset_name not in DATASETS:
         raise SpecError("dataset_name", f"unknown dataset {spec.dataset_name!r}; valid: {', '.join(DATASETS)}")
-    if not isinstance(spec.model, str) or spec.model not in MODEL_NAMES:
-        raise SpecError("model", f"unknown model {spec.model!r}; valid: {', '.join(MODEL_NAMES)}")
+    model_shape = _resolved(resolve_model, spec.model, "model").input_shape
     dataset = DATASETS[spec.dataset_name]
-    if MODEL_INPUT_SHAPES[spec.model] != dataset.input_shape:
+    if model_shape != dataset.input_shape:
         fitting = [name for name, shape in MODEL_INPUT_SHAPES.items() if shape == dataset.input_shape]
         raise SpecError(
             "model",
-            f"{spec.model} takes inputs of shape {MODEL_INPUT_SHAPES[spec.model]} but {spec.dataset_name} images "
+            f"{spec.model} takes inputs of shape {model_shape} but {spec.dataset_name} images "
             f"have shape {dataset.input_shape}; models for {spec.dataset_name}: {', '.join(fitting)}",
         )
     if spec.augment is None:
@@ -571,6 +617,11 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
         raise SpecError("augment", f"must be true, false or null (the dataset's default), got {spec.augment!r}")
     if not isinstance(spec.strategy, StrategySpec):
         raise SpecError("strategy", f"must be a StrategySpec, got {type(spec.strategy).__name__}")
+    if not isinstance(spec.client_algorithm, ClientAlgorithmSpec):
+        raise SpecError(
+            "client_algorithm", f"must be a ClientAlgorithmSpec, got {type(spec.client_algorithm).__name__}"
+        )
+    check_pairing(spec.strategy.name, spec.strategy.resolved_params, spec.client_algorithm)
     for name, high in (("rounds", MAX_ROUNDS), ("local_epochs", MAX_LOCAL_EPOCHS), ("batch_size", MAX_BATCH_SIZE)):
         value = getattr(spec, name)
         if not _is_int(value) or not 0 < value <= high:
@@ -582,6 +633,9 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
             "learning_rate", f"must be a finite number > 0 and at most {MAX_LEARNING_RATE:g}, got {spec.learning_rate!r}"
         )
     put("learning_rate", float(spec.learning_rate))
+    lr_min = spec.strategy.params.get("lr_min") if spec.strategy.name == "FedSWA" else None
+    if lr_min is not None and lr_min > spec.learning_rate:
+        raise SpecError("strategy.params.lr_min", f"must be at most learning_rate = {spec.learning_rate!r}, got {lr_min!r}")
     if not _is_real(spec.momentum) or not 0 <= spec.momentum < 1:
         raise SpecError("momentum", f"must be a number in [0, 1), got {spec.momentum!r}")
     put("momentum", float(spec.momentum))
@@ -684,7 +738,7 @@ def _check_strategy_fits(strategy: StrategySpec, num_updates: int, fewest: int |
 
     A round brings `num_updates`, or with a deadline anything from `fewest` up.
     """
-    if not STRATEGIES[strategy.name].averages and num_updates > ROBUST_MAX_UPDATES:
+    if not resolve_strategy(strategy.name).averages and num_updates > ROBUST_MAX_UPDATES:
         raise SpecError(
             "clients_per_round",
             f"{strategy.name} holds every update of a round in memory: at most {ROBUST_MAX_UPDATES} members per "
@@ -729,8 +783,19 @@ def _check_landscape_cost(lspec: LandscapeSpec, model: str) -> None:
 
 @functools.cache
 def num_parameters(model: str) -> int:
-    """Number of parameters of the named model (built once per process)."""
-    return sum(p.numel() for p in build_model(model, 0).parameters())
+    """Number of parameters of the named model, a built-in or an import path (built once per process)."""
+    return sum(p.numel() for p in resolve_model(model).build(0, 10).parameters())
+
+
+def _resolved(resolver: Callable[[str, str], Any], name: Any, field_name: str) -> Any:
+    """``resolver(name, field_name)`` with its ``ValueError`` as a ``SpecError`` naming the field."""
+    if not isinstance(name, str):
+        raise SpecError(field_name, f"must be a name or an import path 'package.module:attr', got {name!r}")
+    try:
+        return resolver(name, field_name)
+    except ValueError as error:
+        where, _, rule = str(error).partition(": ")
+        raise SpecError(where or field_name, rule or str(error)) from None
 
 
 def _ratio_table(value: Any, num_classes: int) -> tuple[tuple[float, ...], ...]:

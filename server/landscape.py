@@ -173,7 +173,7 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
     device = resolve_device(resources.device)
     previous_model, global_model = plan.model(previous).to(device), plan.model(new_global).to(device)
     local_models = [plan.model(update.weights).to(device) for update in updates]
-    strategy = make_strategy(spec.strategy)
+    strategy = make_strategy(spec.strategy, spec.participation)
     client_batches = [plan.landscape_batch(i) for i in client_indices]  # each participant's subset, built once
 
     def evaluate(weights: NamedArrays) -> tuple[float, float]:

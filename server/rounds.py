@@ -32,9 +32,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedland.components import resolve_strategy
 from fedland.participation import selected_members
 from fedland.spec import ExperimentSpec
-from fedland.strategies import STRATEGIES, NamedArrays, RunningMean, make_strategy, relative_distance
+from fedland.strategies import NamedArrays, RunningMean, make_strategy, relative_distance
 from server.errors import Conflict, Invalid, NotFound, Refused
 from server.measurements import LandscapeWorker
 from server.resources import Resources
@@ -189,7 +190,7 @@ class Rounds:
         spec, experiment_id, server_round = experiment.spec, experiment.id, experiment.current_round
         selected = selected_members(spec, server_round)
         members = self._selected_members(experiment_id, spec, selected)
-        averages = STRATEGIES[spec.strategy.name].averages  # the class says it: nothing to build
+        averages = resolve_strategy(spec.strategy.name).averages  # the class says it: nothing to build
         state = RoundState(
             spec=spec,
             experiment_id=experiment_id,
@@ -607,7 +608,7 @@ class Rounds:
         started = time.perf_counter()
         spec, experiment_id, server_round = state.spec, state.experiment_id, state.server_round
         participants = sorted(state.folded)
-        strategy = make_strategy(spec.strategy)
+        strategy = make_strategy(spec.strategy, spec.participation)
         inputs = load_round_inputs(  # the averaging strategies' updates are already in the running mean
             self.store, experiment_id, server_round, participants if state.mean is None else [],
             previous=self._cached_model(experiment_id, server_round - 1),
