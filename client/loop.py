@@ -20,7 +20,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from client.work import LocalData, load_weights, run_round
+from client.work import LocalData, MemberInputs, load_weights, run_round
 from fedland.spec import ExperimentSpec
 from stack.api_client import ApiError, Conflict, Registration, Stopped, Transport, UnknownWorker
 
@@ -166,11 +166,16 @@ class ClientLoop:
         started = time.perf_counter()
         payload = self.transport.fetch_model(experiment_id, server_round)
         global_model = load_weights(plan, payload)
-        fetch_s = time.perf_counter() - started
         if self.stop.is_set():
             return
+        inputs = None
+        if not spec.client_algorithm.is_default:  # plain SGD keeps no state and needs no payload
+            inputs = MemberInputs.decode(self.transport.fetch_member_inputs(experiment_id, server_round, client_index))
+        fetch_s = time.perf_counter() - started
         previous = self.local_data.previous_global(experiment_id, client_index, server_round)
-        result = run_round(plan, data, global_model, server_round, fetch_s, previous, device=self.local_data.device)
+        result = run_round(
+            plan, data, global_model, server_round, fetch_s, previous, device=self.local_data.device, inputs=inputs
+        )
         self.local_data.remember_global(experiment_id, client_index, server_round, global_model)
         if self.stop.is_set():
             log.info("stopping: abandoning round %d of experiment %s", server_round, experiment_id)
@@ -182,7 +187,7 @@ class ClientLoop:
             "stats": result.stats,
         }
         try:
-            answer = self.transport.post_update(experiment_id, server_round, meta, result.weights)
+            answer = self.transport.post_update(experiment_id, server_round, meta, result.weights, result.state)
         except Conflict as error:
             log.warning("update for experiment %s round %d refused: %s", experiment_id, server_round, error)
             return

@@ -522,10 +522,17 @@ class Coordinator:
         """The safetensors model that round `server_round` trains from (round 1: the initial model)."""
         return self.rounds.global_model(experiment_id, server_round)
 
-    def submit_update(self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes) -> Answer:
-        """Accept one member's weights and stats for a round; aggregates when the round is complete."""
+    def member_inputs(self, experiment_id: str, server_round: int, client_index: int, worker_id: str) -> bytes:
+        """The member's client-algorithm state and the strategy's round payload, for the worker holding it."""
+        with self._serving(worker_id):
+            return self.rounds.member_inputs(experiment_id, server_round, client_index, worker_id)
+
+    def submit_update(
+        self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes, state_data: bytes | None = None
+    ) -> Answer:
+        """Accept one member's weights, stats (and client-algorithm state) for a round; aggregates when complete."""
         worker_id = meta.get("worker_id") if isinstance(meta, Mapping) else None
         if not isinstance(worker_id, str):
-            return self.rounds.accept(experiment_id, server_round, meta, weights_data)  # refuses the meta
+            return self.rounds.accept(experiment_id, server_round, meta, weights_data, state_data)  # refuses the meta
         with self._serving(worker_id):
-            return self.rounds.accept(experiment_id, server_round, meta, weights_data)
+            return self.rounds.accept(experiment_id, server_round, meta, weights_data, state_data)
