@@ -13,7 +13,7 @@ from types import FrameType
 from client.loop import ClientLoop, make_transport_factory
 from client.work import LocalData, PartitionMismatch
 from fedland.device import resolve_device
-from stack.settings import ClientSettings, configure_logging, set_torch_threads
+from stack.settings import ClientSettings, configure_logging, set_torch_threads, use_workspace
 
 log = logging.getLogger("client")
 
@@ -21,6 +21,7 @@ log = logging.getLogger("client")
 def main() -> int:
     try:
         settings = ClientSettings.from_env()
+        use_workspace()
     except ValueError as error:
         print(f"client: bad configuration: {error}", file=sys.stderr)
         return 2

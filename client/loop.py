@@ -21,8 +21,9 @@ from types import TracebackType
 from typing import Any
 
 from client.work import LocalData, MemberInputs, load_weights, run_round
-from fedland.spec import ExperimentSpec
+from fedland.spec import ExperimentSpec, SpecError
 from stack.api_client import ApiError, Conflict, Registration, Stopped, Transport, UnknownWorker
+from stack.settings import WORKSPACE_VARIABLE
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,17 @@ class ClientLoop:
         experiment_id = str(task["experiment_id"])
         client_index = int(task["client_index"])
         server_round = int(task["round"])
-        spec = self._spec(experiment_id, task.get("spec"))
+        try:
+            spec = self._spec(experiment_id, task.get("spec"))
+        except SpecError as error:
+            # the server accepted this spec: this worker's environment lacks what it names (a component
+            # by import path, most often); the experiment fails with the reason instead of waiting forever
+            log.error("experiment %s: cannot build its spec here: %s", experiment_id, error)
+            self.transport.report_failure(
+                experiment_id, server_round, client_index,
+                f"{error} (on host {socket.gethostname()}; {WORKSPACE_VARIABLE}={os.environ.get(WORKSPACE_VARIABLE, '')!r})",
+            )
+            return
         plan = self.local_data.plan(experiment_id, spec)
         data = self.local_data.client_data(experiment_id, plan, client_index, str(task["partition_digest"]))
         log.info("experiment %s round %d/%d as client %d", experiment_id, server_round, spec.rounds, client_index)

@@ -24,7 +24,7 @@ from server.api import app_credentials, coordinator_of, create_app
 from server.store import Store
 from server.wsgi import ConnectionTimeouts, GuardedServer
 from stack.embedded import EmbeddedMongo, StoreUnreachable, check_reachable
-from stack.settings import ServerSettings, configure_logging, set_torch_threads
+from stack.settings import ServerSettings, configure_logging, set_torch_threads, use_workspace
 
 log = logging.getLogger("server")
 
@@ -42,6 +42,7 @@ def _raise_open_files_limit(wanted: int) -> None:
 def main() -> int:
     try:
         settings = ServerSettings.from_env()
+        use_workspace()
     except ValueError as error:
         print(f"server: {error}", file=sys.stderr)
         return 2

@@ -212,6 +212,24 @@ def member_inputs(experiment_id: str, server_round: int, client_index: int) -> R
     return Response(data, status=200, mimetype="application/octet-stream")
 
 
+MAX_REASON_CHARS = 4_000
+
+
+@api.post("/experiments/<experiment_id>/rounds/<int:server_round>/members/<int:client_index>/failure")
+def member_failure(experiment_id: str, server_round: int, client_index: int) -> Response:
+    """JSON ``{"error": text}``: the worker holding the member cannot run the experiment; it fails with that text."""
+    body = _json_body()
+    reason = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(reason, str) or not reason.strip():
+        raise Invalid("error", "must be a non-empty string saying why the member cannot be trained")
+    principal: Principal = request.environ[PRINCIPAL]
+    _coordinator().member_failed(
+        check_id(experiment_id, "experiment_id"), server_round, client_index, str(principal.worker_id),
+        reason[:MAX_REASON_CHARS],
+    )
+    return jsonify({"failed": True})
+
+
 @api.post("/experiments/<experiment_id>/rounds/<int:server_round>/updates")
 def submit_update(experiment_id: str, server_round: int) -> tuple[Response, int]:
     check_id(experiment_id, "experiment_id")

@@ -36,7 +36,7 @@ _PREFIX = "/api/v1"
 _WORKER_ROUTE = re.compile(r"/workers/([^/]+)/(?:heartbeat|task)/?")
 _UPDATES = re.compile(r"/experiments/[^/]+/rounds/[^/]+/updates/?")
 _MODEL = re.compile(r"/experiments/[^/]+/rounds/[^/]+/model/?")
-_MEMBER_STATE = re.compile(r"/experiments/[^/]+/rounds/[^/]+/members/[^/]+/state/?")
+_MEMBER_STATE = re.compile(r"/experiments/[^/]+/rounds/[^/]+/members/[^/]+/(?:state|failure)/?")
 _EXPERIMENT = re.compile(r"/experiments/[^/]+/?")
 
 

@@ -527,6 +527,11 @@ class Coordinator:
         with self._serving(worker_id):
             return self.rounds.member_inputs(experiment_id, server_round, client_index, worker_id)
 
+    def member_failed(self, experiment_id: str, server_round: int, client_index: int, worker_id: str, reason: str) -> None:
+        """The worker holding the member cannot run the experiment: the experiment fails with its reason."""
+        with self._serving(worker_id):
+            self.rounds.member_failed(experiment_id, server_round, client_index, worker_id, reason)
+
     def submit_update(
         self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes, state_data: bytes | None = None
     ) -> Answer:

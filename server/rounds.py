@@ -325,6 +325,14 @@ class Rounds:
         payload = round_payload(make_strategy(spec.strategy, spec.participation), strategy_state)
         return wire.encode_member_inputs(member_state, payload)
 
+    def member_failed(self, experiment_id: str, server_round: int, client_index: int, worker_id: str, reason: str) -> None:
+        """The worker holding a member cannot run the experiment (a component it cannot import): fail it, with why."""
+        experiment = self.experiment(experiment_id)
+        self._holding(experiment, server_round, client_index, worker_id)
+        log.error("experiment %s round %d: worker %s cannot train member %d: %s",
+                  experiment_id, server_round, worker_id, client_index, reason)
+        self.fail(experiment_id, f"round {server_round}: worker {worker_id} cannot train member {client_index}: {reason}")
+
     def _message(self, stats: ClientStatsRecord) -> NamedArrays:
         """The message the member's client algorithm sent with this report (empty if none)."""
         if stats.state_file_id is None:

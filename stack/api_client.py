@@ -192,6 +192,14 @@ class Transport:
         _check(response, 200)
         return response.content
 
+    def report_failure(self, experiment_id: str, server_round: int, client_index: int, error: str) -> None:
+        """Tell the server this worker cannot train the member (e.g. a component it cannot import)."""
+        response = self.request(
+            "POST", f"/experiments/{experiment_id}/rounds/{server_round}/members/{client_index}/failure",
+            json={"error": error},
+        )
+        _json(response, 200)
+
     def post_update(
         self, experiment_id: str, server_round: int, meta: dict[str, Any], weights: bytes, state: bytes | None = None
     ) -> dict[str, Any]:

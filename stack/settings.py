@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,6 +289,28 @@ class LauncherSettings:
             log_level=_log_level(env),
             token=env.get("FEDLAND_TOKEN", "").strip() or None,
         )
+
+
+WORKSPACE_VARIABLE = "FEDLAND_WORKSPACE"
+
+
+def use_workspace(env: Mapping[str, str] = os.environ) -> Path | None:
+    """Put the researcher's workspace folder (``FEDLAND_WORKSPACE``) first on ``sys.path``; returns it, or None.
+
+    The one place components named by import path (``fedland.components``) are
+    found besides the installed packages: server, workers and reports call this
+    at start, so all three import the same code. Raises ValueError when the
+    variable names no directory.
+    """
+    raw = env.get(WORKSPACE_VARIABLE, "").strip()
+    if not raw:
+        return None
+    folder = Path(raw).expanduser().resolve()
+    if not folder.is_dir():
+        raise ValueError(f"{WORKSPACE_VARIABLE} must name a directory (the workspace of your components), got {raw!r}")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return folder
 
 
 def configure_logging(level: str = "INFO", tag: str = "") -> None:
