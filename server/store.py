@@ -379,12 +379,13 @@ class Store:
         Reports are kept only for updates that count (`Rounds.recover` removes the
         others), so a member that trains a round again starts from the same state.
         """
-        query = {
-            **ClientStatsRecord.key(experiment_id), "client_index": client_index,
-            "round": {"$lt": before_round}, "state_file_id": {"$ne": None},
-        }
-        latest = list(self.db[records.CLIENT_STATS].find(query, {"state_file_id": 1}).sort("round", -1).limit(1))
-        return str(latest[0]["state_file_id"]) if latest else None
+        query = {**ClientStatsRecord.key(experiment_id), "client_index": client_index, "round": {"$lt": before_round}}
+        kept = [
+            (int(doc["round"]), str(doc["state_file_id"]))
+            for doc in self.db[records.CLIENT_STATS].find(query, {"round": 1, "state_file_id": 1})
+            if doc.get("state_file_id") is not None
+        ]
+        return max(kept)[1] if kept else None
 
     def delete_orphan_files(self) -> int:
         """Delete GridFS files no document references, and chunks of no file; returns the files deleted.
