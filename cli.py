@@ -140,7 +140,7 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
     env = os.environ
     try:
         settings = LauncherSettings.from_env(env, mongo_uri=getattr(args, "store_uri", None))
-        use_workspace(env)
+        use_workspace(settings.workspace)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

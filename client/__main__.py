@@ -21,12 +21,12 @@ log = logging.getLogger("client")
 def main() -> int:
     try:
         settings = ClientSettings.from_env()
-        use_workspace()
     except ValueError as error:
         print(f"client: bad configuration: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, tag=f"[client {os.getpid()}] ")
     set_torch_threads(settings.torch_threads)
+    use_workspace(settings.workspace)
 
     stop = threading.Event()
 

@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = LauncherSettings.from_env(os.environ)
-        use_workspace()
+        use_workspace(settings.workspace)
         threads = int(os.environ.get("FEDLAND_TORCH_THREADS", "1"))
     except ValueError as error:
         print(f"reports: bad configuration: {error}", file=sys.stderr)

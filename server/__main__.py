@@ -42,7 +42,6 @@ def _raise_open_files_limit(wanted: int) -> None:
 def main() -> int:
     try:
         settings = ServerSettings.from_env()
-        use_workspace()
     except ValueError as error:
         print(f"server: {error}", file=sys.stderr)
         return 2
@@ -53,6 +52,7 @@ def main() -> int:
             print(f"server: {error}", file=sys.stderr)
             return 2
     configure_logging(settings.log_level)
+    use_workspace(settings.workspace)
     set_torch_threads(settings.torch_threads)
     with contextlib.ExitStack() as stack:
         uri = settings.mongo_uri

@@ -228,3 +228,30 @@ def test_a_component_a_worker_cannot_import_fails_the_experiment_with_the_path(
     assert experiment.error is not None
     assert f"cannot import module '{lab}.nets' of '{lab}.nets:TinyCNN'" in experiment.error, experiment.error
     assert "model" in experiment.error and "FEDLAND_WORKSPACE=''" in experiment.error
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_the_example_workspace_runs_through_the_stack(
+    local_stack: Callable[..., LocalStack], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    stack = local_stack(FEDLAND_WORKSPACE=str(EXAMPLES))
+    stack.client_env["FEDLAND_WORKSPACE"] = str(EXAMPLES)
+    spec = two_round_spec(
+        model="fedland_examples.nets:SmallCNN",
+        client_algorithm={"name": "fedland_examples.algorithms:ClippedSGD", "max_norm": 0.5},
+    )
+    [experiment_id] = stack.api.submit_experiments([spec])
+    stack.add_clients(2)
+    stack.wait_done(experiment_id, timeout_s=180)
+    assert_complete(stack, experiment_id, num_clients=2, rounds=2)
+    store = Store.from_database(stack.db)
+    model_id = store.global_model_id(experiment_id, 2)
+    assert model_id is not None
+    assert set(wire.decode(store.load_model(model_id))) == {"conv.weight", "conv.bias", "fc.weight", "fc.bias"}
+    for stats in store.stats_of_round(experiment_id, 2):
+        assert stats.landscape is not None and "error" not in stats.landscape
+        assert finite(stats.landscape["local"]["top_eigenvalues"][0])
+    assert records.read_rounds(stack.db, experiment_id)[-1].landscape is not None
