@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from fedland.strategies import make_strategy
 from server.resources import Resources
 from server.store import Store
 from stack import records, wire
-from tests.helpers import LocalStack, assert_complete, finite, small_spec
+from tests.helpers import LocalStack, assert_complete, finite, small_spec, wait_until
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)  # as the child processes (FEDLAND_TORCH_THREADS=1)
@@ -255,3 +256,38 @@ def test_the_example_workspace_runs_through_the_stack(
         assert stats.landscape is not None and "error" not in stats.landscape
         assert finite(stats.landscape["local"]["top_eigenvalues"][0])
     assert records.read_rounds(stack.db, experiment_id)[-1].landscape is not None
+
+
+def test_scaffold_control_variates_survive_a_server_restart(local_stack: Callable[..., LocalStack]) -> None:
+    stack = local_stack()
+    spec = two_round_spec(
+        LandscapeSpec(enabled=False), rounds=4, strategy={"name": "SCAFFOLD"}, client_algorithm="SCAFFOLD"
+    )
+    [experiment_id] = stack.api.submit_experiments([spec])
+    stack.add_clients(2)
+    store = Store.from_database(stack.db)
+    wait_until(lambda: store.get_round(experiment_id, 1), 120, "round 1", stack.logs)
+    assert stack.server is not None
+    stack.server.stop(timeout_s=10)  # the server goes; c and every c_i stay in the store
+    stopped_at = time.time()
+    stack.start_server()
+    stack.wait_done(experiment_id, timeout_s=240)
+    assert_complete(stack, experiment_id, num_clients=2, rounds=4)
+    last = store.get_round(experiment_id, 4)
+    assert last is not None and last.finished_at > stopped_at  # the restarted server ran the rest
+    control: dict[str, np.ndarray] = {}
+    for server_round in range(1, 5):
+        reports = store.stats_of_round(experiment_id, server_round)
+        total = sum(s.num_examples for s in reports)
+        deltas = [(s.num_examples / total, member_state(store, s)[1]) for s in reports]
+        expected = {
+            key.replace("control_delta/", "control/"): control.get(key.replace("control_delta/", "control/"), 0.0)
+            + sum(weight * delta[key] for weight, delta in deltas)
+            for key in deltas[0][1]
+        }
+        state_id = store.strategy_state_id(experiment_id, server_round)
+        assert state_id is not None
+        control = wire.decode(store.load_model(state_id))
+        assert set(control) == set(expected)
+        for key, value in expected.items():  # c_r = c_(r-1) + mean of round r's deltas, across the restart
+            np.testing.assert_allclose(control[key], value, rtol=1e-6, atol=1e-9)
