@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from client.work import LocalData, MemberInputs, load_weights, run_round
+from fedland.components import is_import_path
 from fedland.spec import ExperimentSpec, SpecError
 from stack.api_client import ApiError, Conflict, Registration, Stopped, Transport, UnknownWorker
 from stack.settings import WORKSPACE_VARIABLE
@@ -184,9 +185,21 @@ class ClientLoop:
             inputs = MemberInputs.decode(self.transport.fetch_member_inputs(experiment_id, server_round, client_index))
         fetch_s = time.perf_counter() - started
         previous = self.local_data.previous_global(experiment_id, client_index, server_round)
-        result = run_round(
-            plan, data, global_model, server_round, fetch_s, previous, device=self.local_data.device, inputs=inputs
-        )
+        try:
+            result = run_round(
+                plan, data, global_model, server_round, fetch_s, previous, device=self.local_data.device, inputs=inputs
+            )
+        except Exception as error:
+            brought = [name for name in (spec.model, spec.client_algorithm.name) if is_import_path(name)]
+            if not brought:
+                raise
+            # the researcher's code raised: every worker would, so the experiment fails with the reason
+            log.exception("experiment %s round %d: training with %s failed", experiment_id, server_round, brought)
+            self.transport.report_failure(
+                experiment_id, server_round, client_index,
+                f"training with {', '.join(brought)} raised {type(error).__name__}: {error}",
+            )
+            return
         self.local_data.remember_global(experiment_id, client_index, server_round, global_model)
         if self.stop.is_set():
             log.info("stopping: abandoning round %d of experiment %s", server_round, experiment_id)

@@ -71,6 +71,12 @@ WORKSPACE = {
                 run = local_sgd(model, data, seed, hyper)
                 rounds = int(state.get("rounds", np.asarray(self.start))) + 1
                 return LocalResult(model=run.model, report=run.report, state={"rounds": np.asarray(rounds)})
+
+        class Failing:
+            '''A client algorithm whose training raises.'''
+
+            def train(self, model, data, *, seed, hyper, state, round_state):
+                raise RuntimeError("the lab's step diverged on purpose")
     """,
     "aggregation.py": """
         from dataclasses import dataclass
@@ -291,3 +297,17 @@ def test_scaffold_control_variates_survive_a_server_restart(local_stack: Callabl
         assert set(control) == set(expected)
         for key, value in expected.items():  # c_r = c_(r-1) + mean of round r's deltas, across the restart
             np.testing.assert_allclose(control[key], value, rtol=1e-6, atol=1e-9)
+
+
+def test_a_client_algorithm_that_raises_fails_the_experiment_with_its_error(
+    local_stack: Callable[..., LocalStack], workspace: tuple[Path, str]
+) -> None:
+    folder, lab = workspace
+    stack = local_stack(FEDLAND_WORKSPACE=str(folder))
+    stack.client_env["FEDLAND_WORKSPACE"] = str(folder)
+    spec = two_round_spec(LandscapeSpec(enabled=False), client_algorithm=f"{lab}.algos:Failing")
+    [experiment_id] = stack.api.submit_experiments([spec])
+    stack.add_clients(1)
+    experiment = stack.wait_done(experiment_id, timeout_s=120)
+    assert experiment.status == "failed" and experiment.error is not None
+    assert f"training with {lab}.algos:Failing raised RuntimeError: the lab's step diverged on purpose" in experiment.error
