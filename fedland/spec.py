@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fedland.datasets import DATASETS
-from fedland.generalization import pac_bayes_max_rises
+from fedland.generalization import pac_bayes_typical_draws
 from fedland.models import MODEL_INPUT_SHAPES, MODEL_NAMES, build_model
 from fedland.partition import PartitionError, plan_counts
 from fedland.strategies import STRATEGIES
@@ -74,12 +74,13 @@ LANDSCAPE_MAX: dict[str, float] = {
     "grid_points": 101,
     "sharpness_rho": 100.0,
     "grid_radius": 1_000.0,
-    "pac_bayes_samples": 64,
+    "pac_bayes_samples": 4_096,
     "pac_bayes_steps": 64,
     "power_iterations": 1_000,
 }
 #: Cost bound of one landscape measurement, in sample x parameter products
-#: (``LandscapeSpec.cost``): about a minute on one CPU core; the defaults cost 6.0e9 on FedNet.
+#: (``LandscapeSpec.cost``): about a minute on one CPU core; the defaults cost 6.2e10 on FedNet, most of it
+#: the 128 PAC-Bayes draws (heavier models lower ``pac_bayes_samples``, widening sigma's interval).
 LANDSCAPE_COST_BUDGET = 1e11
 #: Memory bound of the Hessian trace's probe block: trace_probes x parameters x 8 bytes.
 LANDSCAPE_MEMORY_BUDGET_BYTES = 1 << 30
@@ -249,8 +250,8 @@ class LandscapeSpec:
     grid_points: int = 9
     grid_radius: float = 1.0
     pac_bayes_deviation: float = 0.1
-    pac_bayes_samples: int = 4
-    pac_bayes_steps: int = 8
+    pac_bayes_samples: int = 128  # the interval on sigma within +-10% on FedNet (README "PAC-Bayes")
+    pac_bayes_steps: int = 10
     power_iterations: int = 30
 
     def __post_init__(self) -> None:
@@ -261,6 +262,8 @@ class LandscapeSpec:
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise SpecError(f"landscape.{name}", f"must be a positive integer, got {value!r}")
+        if self.pac_bayes_samples < 2:
+            raise SpecError("landscape.pac_bayes_samples", f"must be >= 2 (sigma's interval needs a spread), got {self.pac_bayes_samples}")
         if self.trace_probes < 4:
             raise SpecError("landscape.trace_probes", f"Hutch++ needs at least 4 products, got {self.trace_probes}")
         if not _is_int(self.interpolation_points) or self.interpolation_points < 2:
@@ -292,11 +295,11 @@ class LandscapeSpec:
 
         A Hessian-vector product counts twice (forward and backward), a loss
         evaluation (grid point, interpolation alpha, sharpness, a PAC-Bayes
-        noise draw: two variants, `pac_bayes_max_rises` scales each) once; the
+        noise draw: two variants, `pac_bayes_typical_draws` each) once; the
         spectral norms' power iterations cost two matrix products per layer each.
         """
         products = LANCZOS_PRODUCTS + self.trace_probes
-        pac_bayes = 2 * self.pac_bayes_samples * pac_bayes_max_rises(self.pac_bayes_steps)
+        pac_bayes = 2 * pac_bayes_typical_draws(self.pac_bayes_samples, self.pac_bayes_steps)
         evaluations = self.grid_points**2 + self.interpolation_points + 2 + pac_bayes
         return float(self.num_samples) * num_params * (2 * products + evaluations) + 2.0 * self.power_iterations * num_params
 
@@ -663,7 +666,7 @@ def _check_landscape_cost(lspec: LandscapeSpec, model: str) -> None:
         raise SpecError(
             "landscape",
             f"one measurement of {model} ({num_params} parameters) costs {cost:.3g} sample x parameter products; "
-            f"the bound is {LANDSCAPE_COST_BUDGET:.3g}: lower num_samples, trace_probes or grid_points",
+            f"the bound is {LANDSCAPE_COST_BUDGET:.3g}: lower num_samples, trace_probes, grid_points or pac_bayes_samples",
         )
     memory = lspec.trace_probes * num_params * 8
     if memory > LANDSCAPE_MEMORY_BUDGET_BYTES:

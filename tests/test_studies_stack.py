@@ -34,7 +34,7 @@ torch.set_num_threads(1)
 
 LSPEC = LandscapeSpec(
     num_samples=32, top_k=1, trace_probes=4, interpolation_points=3, grid_points=3,
-    pac_bayes_samples=1, pac_bayes_steps=8, power_iterations=5,
+    pac_bayes_samples=2, pac_bayes_steps=8, power_iterations=5,
 )
 RUNS = [  # every new dataset and every new model once
     ("FashionMNIST", "FedCNN"),

@@ -187,7 +187,7 @@ def test_a_real_run_exports_every_measure(local_stack: Callable[..., LocalStack]
     """Two rounds of a measured 2-member federation on real MNIST: PAC-Bayes, norms, surfaces, barriers."""
     stack = local_stack()
     lspec = LandscapeSpec(every=1, num_samples=64, top_k=2, trace_probes=4, interpolation_points=3, grid_points=3,
-                          pac_bayes_samples=1, pac_bayes_steps=2, power_iterations=5)
+                          pac_bayes_samples=2, pac_bayes_steps=2, power_iterations=5)
     [experiment_id] = stack.api.submit_experiments([small_spec(2, rounds=2, fraction=0.02, landscape=lspec)])
     stack.add_clients(2)
     assert stack.wait_done(experiment_id, timeout_s=240).status == "finished"
