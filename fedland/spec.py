@@ -334,6 +334,9 @@ class ExperimentSpec:
     frequency per class, summing to 1) and ``subset_fractions[i]`` the share of
     ``floor(N / num_clients)`` training samples it gets (see
     ``fedland.partition``). ``seed`` seeds the partition and the initial model.
+    ``replicates`` (1) runs the experiment over that many seeds, ``seed``,
+    ``seed + 1``, ...: queued as one group (``fedland.replicates``), each copy
+    carrying its ``replicate`` index.
     ``landscape`` holds the loss-landscape measurement settings.
     ``augment`` switches the seeded random crop and flip of training batches
     (``fedland.augment``; never applied to evaluation); ``None`` takes the
@@ -368,6 +371,8 @@ class ExperimentSpec:
     momentum: float = 0.0
     strategy: StrategySpec = field(default_factory=StrategySpec)
     seed: int = 0
+    replicates: int = 1  # the same experiment over this many seeds (fedland.replicates)
+    replicate: int | None = None  # which of them, set when queued: runs with the first seed + replicate
     augment: bool | None = None
     landscape: LandscapeSpec = field(default_factory=LandscapeSpec)
     clients_per_round: int | float | None = None
@@ -379,6 +384,7 @@ class ExperimentSpec:
 
     def __post_init__(self) -> None:
         _validate_and_normalise(self)
+        _check_replicates(self)
 
     @property
     def num_clients(self) -> int:
@@ -419,6 +425,8 @@ class ExperimentSpec:
             "momentum": self.momentum,
             "strategy": self.strategy.to_dict(),
             "seed": self.seed,
+            **({} if self.replicates == 1 else {"replicates": self.replicates}),
+            **({} if self.replicate is None else {"replicate": self.replicate}),
             "augment": self.augment,
             "landscape": self.landscape.to_dict(),
             **{
@@ -514,6 +522,19 @@ def load_specs(path: str | Path) -> list[ExperimentSpec]:
 
 
 # --- validation ------------------------------------------------------------
+
+
+def _check_replicates(spec: ExperimentSpec) -> None:
+    from fedland.replicates import MAX_REPLICATES
+
+    if not _is_int(spec.replicates) or not 1 <= spec.replicates <= MAX_REPLICATES:
+        raise SpecError("replicates", f"must be an integer in [1, {MAX_REPLICATES}], got {spec.replicates!r}")
+    if spec.replicate is not None and (not _is_int(spec.replicate) or not 0 <= spec.replicate < spec.replicates):
+        raise SpecError("replicate", f"must be an integer in [0, replicates), got {spec.replicate!r}")
+    first_seed = spec.seed - (spec.replicate or 0)
+    if first_seed < 0 or first_seed + spec.replicates - 1 > INT64_MAX:
+        raise SpecError("seed", f"the replicates' seeds {first_seed}..{first_seed + spec.replicates - 1} must lie in "
+                                "[0, 2**63 - 1]")
 
 
 def _validate_and_normalise(spec: ExperimentSpec) -> None:
