@@ -34,6 +34,7 @@ from reports.compare import COMPARISONS, comparison
 from reports.data import ExperimentData, list_experiment_ids, load_experiment
 from reports.figures import FigureKind
 from reports.page import FigureEntry, experiment_page, experiment_summary, index_page
+from reports.replicates import GROUP_HEADER, group_rows
 from reports.style import paper_style, vector_path
 from stack import records
 from stack.interrupts import exit_status, stop_on_signals
@@ -206,7 +207,8 @@ def write_index(out: Path, compared: Sequence[ExperimentData], *, figures: bool 
         except (OSError, ValueError):
             log.warning("unreadable %s: left out of the index", summary)
     rows.sort(key=lambda row: (str(row.get("created_at") or ""), str(row.get("experiment_id"))))
-    return atomic.write_text(out / "index.html", index_page(rows, entries, len(compared)))
+    page = index_page(rows, entries, len(compared), group_rows(compared), GROUP_HEADER)
+    return atomic.write_text(out / "index.html", page)
 
 
 class _Watch:
