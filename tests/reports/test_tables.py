@@ -325,3 +325,20 @@ def test_export_command_line_writes_tables_and_models(store: Store, mongo_uri: s
     assert "wrote 10 models" in done.stdout  # rounds 0..3, and 2 members x 3 rounds
     assert set(pd.read_parquet(tmp_path / "out" / "measures.parquet")["experiment_id"]) == {measured_id}
     assert (tmp_path / "out" / "models" / measured_id / "round_0_global.safetensors").is_file()
+
+
+def test_a_queued_group_exports_its_group_and_replicate_index(store: Store) -> None:
+    from fedland.replicates import expand_replicates, replicate_group
+
+    measured_id, plain_id = two_experiments(store)
+    stored = records.read_experiment(store.db, measured_id)
+    assert stored is not None
+    replicated = dataclasses.replace(stored.spec, id=None, seed=10, replicates=3)
+    for replica in reversed(expand_replicates(replicated)):  # created last-first: the index is the spec's, not the order
+        insert_experiment(store, f"exp-replica-{replica.replicate}", replica)
+    experiments = load_tables(store.db)["experiments"].set_index("experiment_id")
+    replicas = [f"exp-replica-{r}" for r in range(3)]
+    assert list(experiments.loc[replicas, "replicate"]) == [0, 1, 2]
+    assert list(experiments.loc[replicas, "seed"]) == [10, 11, 12]
+    assert set(experiments.loc[replicas, "group_id"]) == {replicate_group(replicated)}
+    assert experiments.loc[measured_id, "group_id"] != replicate_group(replicated)  # replicates=3 is another study
