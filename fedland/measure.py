@@ -40,6 +40,7 @@ __all__ = [
     "landscape_subset",
     "mean_loss",
     "measure_client_round",
+    "MEASUREMENT_FLAGS",
     "cosine_or_none",
     "measure_generalization",
     "measure_model",
@@ -59,6 +60,10 @@ EIGEN_TOL = 1e-2
 #: measures are taken only with at most this many participants (the other round-level measures are linear in m).
 PAIRWISE_MAX_MEMBERS = 16
 EIGEN_MAX_ITER = 60
+
+
+#: The keys of a measurement document that hold a boolean (all other leaves are numbers, null or a name).
+MEASUREMENT_FLAGS = frozenset({"saturated", "top_eigenvalues_converged"})
 
 
 def landscape_subset(num_examples: int, num_samples: int, seed: int | Sequence[int]) -> np.ndarray:
