@@ -289,7 +289,11 @@ class Objective:
             if t.shape != s:
                 raise ValueError(f"{field}: {n!r} has shape {tuple(t.shape)}, expected {tuple(s)}")
             out.append(t.detach().reshape(-1).to(self.dtype))
-        return torch.cat(out)
+        flat = torch.cat(out)
+        # a direction must be finite; another model's weights are checked by its loss (the non-finite error)
+        if not field.startswith("model") and not bool(torch.isfinite(flat).all()):
+            raise ValueError(f"{field}: must be finite (it holds NaN or inf)")
+        return flat
 
     def group_loss(
         self, theta: Tensor, group: _Group, buffers: Mapping[str, Tensor] | None = None

@@ -189,8 +189,8 @@ def interpolate(
         chunk_size: samples per forward call.
     """
     grid = np.linspace(0.0, 1.0, 11) if alphas is None else np.asarray(alphas, dtype=np.float64)
-    if grid.ndim != 1 or not (np.any(grid == 0.0) and np.any(grid == 1.0)):
-        raise ValueError("alphas: must be a 1-D sequence containing 0 and 1")
+    if grid.ndim != 1 or not (np.any(grid == 0.0) and np.any(grid == 1.0)) or not np.isfinite(grid).all():
+        raise ValueError("alphas: must be a 1-D sequence of finite numbers containing 0 and 1")
     with preserved(model_a), preserved(model_b):
         objective = Objective(model_a, loss_fn, data, chunk_size=chunk_size)
         theta_b = objective.flatten(dict(model_b.named_parameters()), "model_b")

@@ -237,6 +237,11 @@ def test_radius_nan_or_inf_is_a_value_error_naming_rho() -> None:
         ("radius", lambda m, d: loss_slice_1d(m, LOSS, d, radius=math.nan, num_points=3)),
         ("radius", lambda m, d: loss_slice_2d(m, LOSS, d, radius=math.inf, num_points=3)),
         ("chunk_size", lambda m, d: gradient_norm(m, LOSS, d, chunk_size=0)),
+        ("alphas", lambda m, d: interpolate(m, tiny_mlp(1), LOSS, d, alphas=[0.0, math.nan, 1.0])),
+        ("direction", lambda m, d: loss_slice_1d(
+            m, LOSS, d, {n: torch.full_like(p, math.inf) for n, p in m.named_parameters()}, num_points=3)),
+        ("vector", lambda m, d: hessian_vector_product(
+            m, LOSS, d, {n: torch.full_like(p, math.nan) for n, p in m.named_parameters()})),
         ("deviation", lambda m, d: pac_bayes_flatness(m, zero_one_error, d, deviation=math.inf)),
         ("sigma_max", lambda m, d: pac_bayes_flatness(m, zero_one_error, d, sigma_max=math.nan)),
         ("samples", lambda m, d: pac_bayes_flatness(m, zero_one_error, d, samples=1)),
