@@ -98,9 +98,14 @@ def comparison(kind: Comparison, experiments: Sequence[ExperimentData], out_dir:
                          for r, m, h in zip(line_band.rounds, line_band.means, line_band.half_widths)
                          if not math.isnan(h)]
                 if known:
-                    ax.fill_between([k[0] for k in known], [k[1] for k in known], [k[2] for k in known],
-                                    color=drawn[0].get_color(), alpha=0.2, linewidth=0, zorder=1 + position)
-                    values += [k[1] for k in known] + [k[2] for k in known]
+                    xs, lows, highs = [k[0] for k in known], [k[1] for k in known], [k[2] for k in known]
+                    colour = drawn[0].get_color()
+                    ax.fill_between(xs, lows, highs, color=colour, alpha=0.2, linewidth=0, zorder=1 + position)
+                    # bars as well: a round measured alone (a band of zero width) still shows its interval
+                    ax.errorbar(xs, [(lo + hi) / 2 for lo, hi in zip(lows, highs)],
+                                yerr=[(hi - lo) / 2 for lo, hi in zip(lows, highs)], fmt="none", ecolor=colour,
+                                elinewidth=1.0, capsize=3, zorder=2 + position)
+                    values += lows + highs
     if "accuracy" in kind.file_name:
         ax.set_ylim(top=1.0)
     elif not use_log_scale(ax, values) and min(values) >= 0:
@@ -109,5 +114,6 @@ def comparison(kind: Comparison, experiments: Sequence[ExperimentData], out_dir:
     ax.set_title(kind.title)
     ax.set_ylabel(kind.ylabel)
     integer_rounds(ax)
-    figure.legend(loc="outside lower center", fontsize="small", ncol=1 if len(lines) > 4 else 2, frameon=False)
+    one_column = len(lines) > 4 or max(len(label) for label, _, _ in lines) > 45  # long labels side by side get cut
+    figure.legend(loc="outside lower center", fontsize="small", ncol=1 if one_column else 2, frameon=False)
     return save(figure, out_dir / kind.file_name)
