@@ -64,6 +64,9 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _every_number_finite(value: Any, where: str) -> None:
+    if isinstance(value, dict) and value.get("saturated") is True:  # a PAC-Bayes search near chance: no numbers
+        assert all(item is None for key, item in value.items() if key != "saturated"), where
+        return
     if isinstance(value, dict):
         for key, item in value.items():
             if key != "error":
