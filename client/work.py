@@ -21,7 +21,7 @@ import torch
 from fedland.datasets import load_dataset
 from fedland.device import resolve_device
 from fedland.generalization import generalization_gap
-from fedland.measure import measure_client_round
+from fedland.measure import measure_client_round, member_densities
 from fedland.plan import ClientData, ExperimentPlan
 from fedland.spec import ExperimentSpec
 from fedland.training import Evaluation, batches, evaluate, train_local
@@ -40,7 +40,7 @@ StateDict = dict[str, torch.Tensor]  # torch tensors by name (numpy ones: fedlan
 
 
 PLAN_CACHE_ENTRIES = 4  # experiments whose plan (partitions) a worker keeps
-MEMBER_CACHE_BYTES = 256 * 2**20  # members' train/test tensors a worker keeps
+MEMBER_CACHE_BYTES = 256 * 2**20  # members' labels and index arrays a worker keeps (images are shared)
 
 
 @dataclass
@@ -48,9 +48,10 @@ class LocalData:
     """What a worker keeps between tasks, least recently used first out.
 
     The plans (partitions) of the last `PLAN_CACHE_ENTRIES` experiments, the data
-    of the members it trained (at most `MEMBER_CACHE_BYTES` of tensors), and the
-    global model each member last trained from. The dataset itself is cached per
-    process by ``load_dataset`` (a few entries).
+    of the members it trained (views of the shared images: at most
+    `MEMBER_CACHE_BYTES` of labels and indices), and the global model each member
+    last trained from. The dataset itself is cached per process by
+    ``load_dataset`` (a few entries), its images memory-mapped from the compact copy.
     """
 
     data_dir: Path
@@ -75,7 +76,7 @@ class LocalData:
 
     def client_data(self, experiment_id: str, plan: ExperimentPlan, client_index: int, partition_digest: str) -> ClientData:
         """This client's train/test data, its partition checked against the server's digest."""
-        digest = plan.partitions[client_index].digest()
+        digest = plan.member_partition(client_index).digest()
         if digest != partition_digest:
             raise PartitionMismatch(
                 f"experiment {experiment_id} client {client_index}: local partition digest {digest[:12]}... "
@@ -110,7 +111,9 @@ class LocalData:
 
 
 def _nbytes(data: ClientData) -> int:
-    return sum(int(t.element_size() * t.nelement()) for t in (data.train_x, data.train_y, data.test_x, data.test_y))
+    """Bytes a member's data holds of its own: its labels and index arrays (the images are shared)."""
+    labels = sum(int(t.element_size() * t.nelement()) for t in (data.train_y, data.test_y))
+    return labels + data.train_x.nbytes + data.test_x.nbytes
 
 
 def load_weights(plan: ExperimentPlan, payload: bytes) -> torch.nn.Module:
@@ -121,7 +124,10 @@ def load_weights(plan: ExperimentPlan, payload: bytes) -> torch.nn.Module:
 
 
 def _measure(model: torch.nn.Module, data: ClientData) -> dict[str, Any]:
+    """Train and local test loss and accuracy; without a local test set (member_test_split none) train only."""
     train: Evaluation = evaluate(model, batches(data.train_x, data.train_y, EVAL_BATCH_SIZE))
+    if int(data.test_y.shape[0]) == 0:  # absent, not zero: no test metric and no generalisation gap
+        return {"train_loss": float(train.loss), "train_accuracy": float(train.accuracy)}
     test: Evaluation = evaluate(model, batches(data.test_x, data.test_y, EVAL_BATCH_SIZE))
     return {
         "train_loss": float(train.loss),
@@ -186,7 +192,8 @@ def run_round(
     done = time.perf_counter()
     landscape = None
     if spec.landscape.scheduled(server_round, spec.rounds):
-        landscape = _landscape(plan, data.client_index, global_model, local_model, previous_global, seed)
+        landscape = _landscape(plan, data.client_index, global_model, local_model, previous_global, seed,
+                               last_round=server_round == spec.rounds)
     finished = time.perf_counter()
     num_examples = data.num_train
     stats = {  # num_examples travels beside the stats, in the update's meta
@@ -214,11 +221,22 @@ def _landscape(
     local_model: torch.nn.Module,
     previous: StateDict | None,
     seed: int,
+    *,
+    last_round: bool = False,
 ) -> dict[str, Any]:
+    """The member's landscape document; in the experiment's last round also its spectral densities (`densities`),
+    which the server's analysis stores (a failure leaves them out: the server then computes them itself)."""
+    batch = plan.landscape_batch(client_index)
     try:
-        return measure_client_round(
-            global_model, local_model, previous, plan.landscape_batch(client_index), plan.spec.landscape, seed
-        )
+        landscape = measure_client_round(global_model, local_model, previous, batch, plan.spec.landscape, seed)
     except Exception as error:  # noqa: BLE001 - a failed measurement must not cost the round
         log.exception("client %d: landscape measurement failed", client_index)
         return {"error": f"{type(error).__name__}: {error}"}
+    if last_round:
+        started = time.perf_counter()
+        try:
+            landscape["densities"] = member_densities(global_model, local_model, batch, plan.spec.seed)
+        except Exception:  # noqa: BLE001 - the server's analysis computes what is missing
+            log.exception("client %d: spectral densities not measured", client_index)
+        landscape["duration_s"] += time.perf_counter() - started
+    return landscape

@@ -17,7 +17,7 @@ from fedland.curvature import (
     flatness_gap,
     layer_top_eigenvalues,
 )
-from fedland.datasets import DATASETS, load_dataset
+from fedland.datasets import DATASETS, install_dataset, load_dataset
 from fedland.device import resolve_device
 from fedland.directions import model_direction, random_direction
 from fedland.generalization import generalization_gap, pac_bayes_flatness, weight_norms
@@ -80,6 +80,7 @@ __all__ = [
     "gradient_norm",
     "hessian_trace",
     "hessian_vector_product",
+    "install_dataset",
     "interpolate",
     "layer_top_eigenvalues",
     "load_dataset",

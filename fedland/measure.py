@@ -25,15 +25,19 @@ from fedland._objective import NonFiniteLossError, auto_chunk_size, evaluation_l
 from fedland.curvature import Curvature, flatness_gap
 from fedland.directions import model_direction
 from fedland.generalization import generalization_gap, pac_bayes_flatness, weight_norms, zero_one_error
-from fedland.hessian import HessianOperator, operator_top_eigenvalues, operator_trace
+from fedland.hessian import HessianOperator, operator_top_eigenvalues, operator_trace, spectral_density
 from fedland.scalars import cosine_similarity, distance
 from fedland.slices import Interpolation, centered_grid, interpolate, loss_slice_2d
 from fedland.slices import pairwise_barriers as barrier_matrix
 from fedland.spec import LandscapeSpec
 
 __all__ = [
+    "DENSITY_POINTS",
+    "DENSITY_PROBES",
+    "DENSITY_STEPS",
     "EIGEN_MAX_ITER",
     "EIGEN_TOL",
+    "density_document",
     "finite_or_none",
     "gap_document",
     "flatness_gap_document",
@@ -44,6 +48,7 @@ __all__ = [
     "cosine_or_none",
     "measure_generalization",
     "measure_model",
+    "member_densities",
     "pairwise_barriers",
     "pca_surface",
 ]
@@ -60,6 +65,9 @@ EIGEN_TOL = 1e-2
 #: measures are taken only with at most this many participants (the other round-level measures are linear in m).
 PAIRWISE_MAX_MEMBERS = 16
 EIGEN_MAX_ITER = 60
+#: The spectral densities of the experiment's analysis: stochastic Lanczos quadrature (Ghorbani et al. 2019) with
+#: this many probes and Lanczos steps, evaluated on this many grid points.
+DENSITY_PROBES, DENSITY_STEPS, DENSITY_POINTS = 3, 40, 400
 
 
 #: The keys of a measurement document that hold a boolean (all other leaves are numbers, null or a name).
@@ -504,3 +512,30 @@ def _random_orthogonal(direction: Tensor, seed: int) -> Tensor:
         if norm > 0:
             return draw / norm
     raise ValueError("client_models: no direction orthogonal to the update exists (one parameter?)")
+
+
+def density_document(
+    model: nn.Module, batches: Iterable[Batch], seed: int, *, loss_fn: LossFn = F.cross_entropy
+) -> dict[str, list[float]]:
+    """The Hessian's eigenvalue density of ``model`` on ``batches``: ``{"grid", "density"}`` (``DENSITY_*`` settings).
+
+    The one definition of the analysis' densities: a worker computes its member's
+    (``member_densities``) and the server the aggregate's with it. A non-finite
+    density value is stored as 0. Raises ``NonFiniteLossError`` as ``spectral_density``.
+    """
+    result = spectral_density(model, loss_fn, batches, num_probes=DENSITY_PROBES, lanczos_steps=DENSITY_STEPS,
+                              seed=seed, grid_points=DENSITY_POINTS)
+    density = np.asarray(result.density, dtype=np.float64)
+    return {
+        "grid": [float(v) for v in np.asarray(result.grid, dtype=np.float64)],
+        "density": [float(v) for v in np.where(np.isfinite(density), density, 0.0)],
+    }
+
+
+def member_densities(
+    global_model: nn.Module, local_model: nn.Module, batches: Iterable[Batch], seed: int
+) -> dict[str, dict[str, list[float]]]:
+    """A member's densities in its experiment's last round, on its landscape subset, seeded by the experiment's seed:
+    ``{"global": <the model it trained from>, "local": <the model it trained>}`` (``density_document`` each)."""
+    data = materialize(batches)
+    return {"global": density_document(global_model, data, seed), "local": density_document(local_model, data, seed)}

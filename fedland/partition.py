@@ -127,11 +127,15 @@ def plan_counts(
     test_class_totals: Sequence[int] | np.ndarray,
     ratios: Sequence[Sequence[float]],
     fractions: Sequence[float],
+    *,
+    require_test: bool = True,
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Return per-client (train, test) class counts, or raise ``PartitionError``.
 
     This is the feasibility check shared by ``partition`` and the experiment
-    spec: it needs only the class totals of each split.
+    spec: it needs only the class totals of each split. ``require_test``
+    (member_test_split ``proportional``) refuses a client whose proportional
+    test share is empty; the other test splits do not use that share.
     """
     if len(ratios) != len(fractions) or not ratios:
         raise PartitionError(
@@ -152,8 +156,11 @@ def plan_counts(
                 f"has {len(client_ratios)} entries but the dataset has {len(train_totals)} classes",
             )
         if n == 0:
+            # round(base * f) >= 1 needs f >= 0.5 / base: the smallest fraction that gives one sample
+            smallest = f"the smallest that gives one is {math.ceil(5_000 / base) / 10_000:.4f}" if base else "none does"
             raise PartitionError(
-                f"subset_fractions[{i}]", f"client {i} would get 0 training samples (fraction {fractions[i]})"
+                f"subset_fractions[{i}]",
+                f"client {i} would get 0 training samples (fraction {fractions[i]} of floor(N / k) = {base}); {smallest}",
             )
         counts = class_counts_for(client_ratios, n)
         for c, (need, have) in enumerate(zip(counts, remaining)):
@@ -171,9 +178,14 @@ def plan_counts(
         train_counts.append(counts)
     test_counts = _proportional_test_counts(train_counts, train_totals, test_totals)
     for i, counts in enumerate(test_counts):
-        if sum(counts) == 0:
+        if require_test and sum(counts) == 0:
+            per_test = sum(train_totals) / max(sum(test_totals), 1)
             raise PartitionError(
-                f"subset_fractions[{i}]", f"client {i} would get 0 test samples (fraction {fractions[i]} is too small)"
+                f"subset_fractions[{i}]",
+                f"client {i} would get 0 local test samples (fraction {fractions[i]}, {sum(train_counts[i])} training "
+                f"samples): a member's local test set takes its share of each test class, so it needs about "
+                f"{per_test:.0f} training samples per local test sample; give it a larger fraction, or set "
+                "member_test_split to 'shared' or 'none'",
             )
     return train_counts, test_counts
 
@@ -184,6 +196,7 @@ def partition(
     ratios: Sequence[Sequence[float]],
     fractions: Sequence[float],
     seed: int,
+    test_split: str = "proportional",
 ) -> list[ClientPartition]:
     """Split the train and test splits among clients; disjoint, without replacement.
 
@@ -193,6 +206,9 @@ def partition(
         ratios: per client, the target frequency of each class (sums to 1).
         fractions: per client, the share in (0, 1] of ``floor(N / k)`` it gets.
         seed: seeds the per-class shuffle.
+        test_split: ``proportional`` (disjoint local test shares, as above),
+            ``shared`` (every client's test set is the whole test split) or
+            ``none`` (no local test set).
 
     Returns:
         One ``ClientPartition`` per client, in client order.
@@ -205,10 +221,20 @@ def partition(
     test = _as_labels(test_labels, num_classes, "test_labels")
     train_totals = np.bincount(train, minlength=num_classes)
     test_totals = np.bincount(test, minlength=num_classes)
-    train_counts, test_counts = plan_counts(train_totals, test_totals, ratios, fractions)
+    if test_split not in ("proportional", "shared", "none"):
+        raise ValueError(f"test_split: must be 'proportional', 'shared' or 'none', got {test_split!r}")
+    proportional = test_split == "proportional"
+    train_counts, test_counts = plan_counts(train_totals, test_totals, ratios, fractions, require_test=proportional)
     train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     train_chunks = _deal(train, num_classes, train_counts, train_rng)
-    test_chunks = _deal(test, num_classes, test_counts, test_rng)
+    if proportional:
+        test_chunks = _deal(test, num_classes, test_counts, test_rng)
+    else:  # one read-only array shared by every client, or none
+        shared = np.arange(test.size, dtype=np.int64) if test_split == "shared" else np.zeros(0, dtype=np.int64)
+        shared.setflags(write=False)
+        test_chunks = [shared] * len(ratios)
+        whole = [int(n) for n in test_totals] if test_split == "shared" else [0] * num_classes
+        test_counts = [list(whole) for _ in ratios]
     return [
         ClientPartition(
             client_index=i,

@@ -10,17 +10,20 @@ spec and the dataset and ask it; neither re-derives any of these.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedland.datasets import Dataset
+from fedland.datasets import DATASETS, Dataset, Images
 from fedland.measure import landscape_subset
 from fedland.models import build_model
 from fedland.partition import ClientPartition, partition
+from fedland.partition_scheme import ClassPools, scheme_member
 from fedland.spec import ExperimentSpec
 
 __all__ = ["ANALYSIS_STREAM", "HELD_OUT_STREAM", "ClientData", "ExperimentPlan", "derived_seed"]
@@ -29,6 +32,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 #: Second word of the seeds of the server's held-out subset and measurements; no client has this index.
 HELD_OUT_STREAM = 2**32
+#: Scheme members whose partitions a plan keeps (a round's members, and then some).
+DERIVED_CACHE = 1024
 #: Second word of the seed of the test subset of the experiment's analysis (trajectory, spectral density).
 ANALYSIS_STREAM = 2**32 + 1
 
@@ -41,12 +46,12 @@ def derived_seed(*words: int) -> int:
 
 @dataclass(frozen=True, eq=False)
 class ClientData:
-    """One client's share of the dataset: read-only views chosen by its partition."""
+    """One client's share of the dataset: views (index arrays) into the shared images, chosen by its partition."""
 
     client_index: int
-    train_x: torch.Tensor  # (num_train, *input_shape)
+    train_x: Images  # (num_train, *input_shape), float32 when indexed
     train_y: torch.Tensor  # (num_train,)
-    test_x: torch.Tensor  # (num_test, *input_shape)
+    test_x: Images  # (num_test, *input_shape), float32 when indexed
     test_y: torch.Tensor  # (num_test,)
 
     @property
@@ -62,32 +67,72 @@ class ExperimentPlan:
             raise ValueError(f"dataset: the spec needs {spec.dataset_name!r}, got {dataset.name!r}")
         self.spec = spec
         self.dataset = dataset
+        self._derived: OrderedDict[int, ClientPartition] = OrderedDict()  # scheme members, most recent last
+        self._derived_lock = threading.Lock()
 
     @functools.cached_property
     def partitions(self) -> list[ClientPartition]:
-        """Every client's partition (``fedland.partition`` on the real labels), in client order."""
+        """Every client's partition in client order (all at once: for explicit ratio lists, or a few members)."""
         spec = self.spec
+        if spec.partition is not None:
+            return [self.member_partition(i) for i in range(spec.num_clients)]
         return partition(
-            self.dataset.train_y, self.dataset.test_y, spec.target_balance_ratios, spec.subset_fractions, spec.seed
+            self.dataset.train_y, self.dataset.test_y, spec.target_balance_ratios, spec.subset_fractions, spec.seed,
+            spec.member_test_split,
         )
 
+    def member_partition(self, client_index: int) -> ClientPartition:
+        """Member ``client_index``'s partition: the one rule both sides call.
+
+        Explicit ratio lists: ``fedland.partition`` over every client (computed
+        once). A partition scheme: ``fedland.partition_scheme.scheme_member`` for
+        this member alone (the most recent ``DERIVED_CACHE`` are kept).
+        """
+        self._check_client(client_index)
+        spec = self.spec
+        if spec.partition is None:
+            return self.partitions[client_index]
+        with self._derived_lock:
+            cached = self._derived.get(client_index)
+            if cached is not None:
+                self._derived.move_to_end(client_index)
+                return cached
+        derived = scheme_member(
+            spec.partition, DATASETS[spec.dataset_name], self._pools, client_index, spec.member_test_split
+        )
+        with self._derived_lock:
+            self._derived[client_index] = derived
+            while len(self._derived) > DERIVED_CACHE:
+                self._derived.popitem(last=False)
+        return derived
+
+    def member_partitions(self, client_indices: Sequence[int]) -> list[ClientPartition]:
+        """The partitions of these members, in the order given."""
+        return [self.member_partition(i) for i in client_indices]
+
+    @functools.cached_property
+    def _pools(self) -> ClassPools:
+        return ClassPools.of_labels(self.dataset.train_y, self.dataset.test_y, self.spec.num_classes)
+
     def client_data(self, client_index: int) -> ClientData:
-        """Client ``client_index``'s train and test examples."""
-        part = self.partitions[self._check_client(client_index)]
+        """Client ``client_index``'s train and test examples: views of the dataset's images, not copies."""
+        part = self.member_partition(client_index)
         train, test = torch.from_numpy(part.train_indices), torch.from_numpy(part.test_indices)
         data = self.dataset
-        return ClientData(client_index, data.train_x[train], data.train_y[train], data.test_x[test], data.test_y[test])
+        return ClientData(
+            client_index, data.train_x.subset(train), data.train_y[train], data.test_x.subset(test), data.test_y[test]
+        )
 
     # -- landscape subsets ------------------------------------------------------
 
     def landscape_indices(self, client_index: int) -> np.ndarray:
         """Indices into the client's train partition of its landscape subset (ascending)."""
-        part = self.partitions[self._check_client(client_index)]
+        part = self.member_partition(client_index)
         return landscape_subset(part.num_train, self.spec.landscape.num_samples, (self.spec.seed, client_index))
 
     def landscape_batch(self, client_index: int) -> list[Batch]:
         """The client's landscape subset of its own train data, as one batch."""
-        part = self.partitions[self._check_client(client_index)]
+        part = self.member_partition(client_index)
         chosen = torch.from_numpy(part.train_indices[self.landscape_indices(client_index)])
         return [(self.dataset.train_x[chosen], self.dataset.train_y[chosen])]
 

@@ -7,14 +7,20 @@ each row sums to 1. Fractions have 4 decimals.
 
 ``fraction=None`` (the default) picks the largest common fraction on a 1e-4
 grid that is feasible; an explicit ``fraction`` is used as given, and an
-infeasible one raises ``ValueError`` naming ``fraction`` and the largest that
-fits. Randomness comes from ``numpy.random.default_rng(seed)`` only.
+infeasible one raises ``ValueError`` naming ``fraction`` and the bound it
+crossed: the smallest fraction that works when it is too small (a client would
+get no local test sample), the largest that fits when it is too large (a class
+runs out). Randomness comes from ``numpy.random.default_rng(seed)`` only.
+
+These generators list every member (explicit ratio lists, disjoint members);
+for large federations name the scheme in the spec instead
+(``fedland.partition_scheme``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -85,25 +91,42 @@ def shards(
 
 
 def quantity_skew(
-    num_clients: int, alpha: float, seed: int, dataset: str = "MNIST", min_fraction: float = 0.01
+    num_clients: int, alpha: float, seed: int, dataset: str = "MNIST", min_fraction: float | None = None
 ) -> Scheme:
     """Natural class frequencies for all, unequal sizes: shares ~ Dir(alpha) over clients.
 
     Fractions are the Dirichlet shares divided by the largest one (so the
     largest client gets the largest feasible fraction), floored at
-    ``min_fraction``. Small ``alpha`` means very unequal sizes.
+    ``min_fraction``. Small ``alpha`` means very unequal sizes. The default
+    floor (``None``) is the smallest on a 1e-4 grid at which every client gets
+    a local test sample: a share of ~1e-5 of the largest client would
+    otherwise leave a client with a handful of training samples and no test
+    sample (at 100 clients and alpha 0.5 the floor comes out near 0.02).
     """
     info = dataset_info(dataset)
     _check_num_clients(num_clients)
     if not alpha > 0:
         raise ValueError(f"alpha: must be > 0, got {alpha!r}")
-    if not 0 < min_fraction <= 1:
+    if min_fraction is not None and not 0 < min_fraction <= 1:
         raise ValueError(f"min_fraction: must be in (0, 1], got {min_fraction!r}")
     rng = np.random.default_rng(seed)
     shares = rng.dirichlet(np.full(num_clients, float(alpha)))
-    relative = np.maximum(shares / shares.max(), min_fraction)
     natural = _rounded_row(np.asarray(info.train_class_counts, dtype=np.float64))
-    return _with_fractions(info, [natural] * num_clients, [float(f) for f in relative], None)
+    ratios = [natural] * num_clients
+
+    def relative(floor: float) -> list[float]:
+        return [float(f) for f in np.maximum(shares / shares.max(), floor)]
+
+    if min_fraction is None:
+        def works(step: int) -> bool:  # every client gets a test sample at the largest scale the classes allow
+            floored = relative(step / 10_000)
+            return _feasible(info, ratios, _scaled(floored, _largest_scale(info, ratios, floored)))
+
+        step = _smallest_step(works, 10_000)
+        if step is None:
+            raise ValueError("min_fraction: no floor in (0, 1] gives every client a local test sample")
+        min_fraction = step / 10_000
+    return _with_fractions(info, ratios, relative(min_fraction), None)
 
 
 def centralized(dataset: str = "MNIST") -> Scheme:
@@ -141,11 +164,22 @@ def _with_fractions(
             plan_counts(info.train_class_counts, info.test_class_counts, ratios, fractions)
         except PartitionError as error:
             largest = _largest_scale(info, ratios, relative)
-            raise ValueError(f"fraction: {fraction} is infeasible ({error}); the largest that fits is {largest}") from None
+            smallest = _smallest_step(lambda step: _feasible(info, ratios, _scaled(relative, step / 10_000)),
+                                      round(largest * 10_000))
+            if smallest is None:
+                raise ValueError(f"fraction: {fraction} is infeasible ({error}); no fraction fits") from None
+            if fraction < smallest / 10_000:
+                raise ValueError(
+                    f"fraction: {fraction} is too small ({error}); the smallest that works is {smallest / 10_000}"
+                ) from None
+            raise ValueError(f"fraction: {fraction} is too large ({error}); the largest that fits is {largest}") from None
         return ratios, fractions
     scale = _largest_scale(info, ratios, relative)
-    if scale == 0:
-        raise ValueError("fraction: no fraction in (0, 1] is feasible for these clients")
+    if scale == 0 or not _feasible(info, ratios, _scaled(relative, scale)):
+        raise ValueError(
+            "fraction: no fraction in (0, 1] is feasible for these clients (at the largest that fits the classes, "
+            "some client gets no local test sample: use fewer clients)"
+        )
     return ratios, _scaled(relative, scale)
 
 
@@ -153,22 +187,45 @@ def _scaled(relative: Sequence[float], scale: float) -> list[float]:
     return [max(round(r * scale, 4), 1e-4) for r in relative]
 
 
-def _largest_scale(info: DatasetInfo, ratios: list[list[float]], relative: Sequence[float]) -> float:
-    """Bisect on a 1e-4 grid for the largest common scale whose plan is feasible (0.0 if none)."""
+def _feasible(info: DatasetInfo, ratios: list[list[float]], fractions: list[float], require_test: bool = True) -> bool:
+    try:
+        plan_counts(info.train_class_counts, info.test_class_counts, ratios, fractions, require_test=require_test)
+    except PartitionError:
+        return False
+    return True
 
-    def feasible(step: int) -> bool:
-        try:
-            plan_counts(info.train_class_counts, info.test_class_counts, ratios, _scaled(relative, step / 10_000))
-        except PartitionError:
-            return False
-        return True
 
-    if feasible(10_000):
-        return 1.0
-    low, high = 0, 10_000  # feasible(low) holds (or low == 0), feasible(high) fails
+def _smallest_step(feasible: Callable[[int], bool], high: int) -> int | None:
+    """Bisect on a 1e-4 grid for the smallest step in [1, high] that is feasible, feasible(high) assumed monotone."""
+    if high < 1 or not feasible(high):
+        return None
+    low = 0  # feasible(low) fails (or low == 0), feasible(high) holds
     while high - low > 1:
         middle = (low + high) // 2
         if feasible(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _largest_scale(info: DatasetInfo, ratios: list[list[float]], relative: Sequence[float]) -> float:
+    """Bisect on a 1e-4 grid for the largest common scale at which no class runs out (0.0 if none).
+
+    Only the classes' supply bounds it from above (more samples never make a
+    class last longer), so the bisection is sound; whether every client also
+    gets a local test sample at that scale is the caller's check.
+    """
+
+    def fits(step: int) -> bool:
+        return _feasible(info, ratios, _scaled(relative, step / 10_000), require_test=False)
+
+    if fits(10_000):
+        return 1.0
+    low, high = 0, 10_000  # fits(low) holds (or low == 0), fits(high) fails
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
             low = middle
         else:
             high = middle

@@ -34,6 +34,7 @@ from fedland.datasets import DATASETS
 from fedland.generalization import pac_bayes_typical_draws
 from fedland.models import MODEL_INPUT_SHAPES, MODEL_NAMES, build_model
 from fedland.partition import PartitionError, plan_counts
+from fedland.partition_scheme import TEST_SPLITS, PartitionScheme
 from fedland.strategies import STRATEGIES
 
 __all__ = [
@@ -337,6 +338,13 @@ class ExperimentSpec:
     ``replicates`` (1) runs the experiment over that many seeds, ``seed``,
     ``seed + 1``, ...: queued as one group (``fedland.replicates``), each copy
     carrying its ``replicate`` index.
+    Instead of these two lists, ``partition`` may name a scheme with its
+    parameters (``fedland.partition_scheme.PartitionScheme``: iid, dirichlet,
+    shards, quantity_skew; the member count and its own seed); members are then
+    derived one at a time and the lists stay empty. ``member_test_split`` says
+    how a member's local test set is drawn: ``proportional`` (its share of each
+    test class, the default), ``shared`` (the whole test split) or ``none`` (no
+    local test set, so no local test metrics).
     ``landscape`` holds the loss-landscape measurement settings.
     ``augment`` switches the seeded random crop and flip of training batches
     (``fedland.augment``; never applied to evaluation); ``None`` takes the
@@ -359,8 +367,10 @@ class ExperimentSpec:
     keys only when set, so older documents read back unchanged).
     """
 
-    target_balance_ratios: Sequence[Sequence[float]]
-    subset_fractions: Sequence[float]
+    target_balance_ratios: Sequence[Sequence[float]] = ()
+    subset_fractions: Sequence[float] = ()
+    partition: PartitionScheme | None = None
+    member_test_split: str = "proportional"
     description: str = ""
     dataset_name: str = "MNIST"
     model: str = "FedNet"
@@ -388,7 +398,8 @@ class ExperimentSpec:
 
     @property
     def num_clients(self) -> int:
-        return len(self.target_balance_ratios)
+        """Members of the federation: the scheme's count, or one per row of ``target_balance_ratios``."""
+        return self.partition.members if self.partition is not None else len(self.target_balance_ratios)
 
     @property
     def num_classes(self) -> int:
@@ -416,8 +427,13 @@ class ExperimentSpec:
             "dataset_name": self.dataset_name,
             "model": self.model,
             "timestamp": self.timestamp,
-            "target_balance_ratios": [list(r) for r in self.target_balance_ratios],
-            "subset_fractions": list(self.subset_fractions),
+            **(
+                {"partition": self.partition.to_dict()} if self.partition is not None else {
+                    "target_balance_ratios": [list(r) for r in self.target_balance_ratios],
+                    "subset_fractions": list(self.subset_fractions),
+                }
+            ),
+            **({} if self.member_test_split == "proportional" else {"member_test_split": self.member_test_split}),
             "rounds": self.rounds,
             "local_epochs": self.local_epochs,
             "batch_size": self.batch_size,
@@ -457,9 +473,15 @@ class ExperimentSpec:
             if key not in names:
                 raise SpecError(str(key), f"unknown key; valid keys: {', '.join(sorted(names))}")
             kwargs[key] = value
-        for required in ("target_balance_ratios", "subset_fractions"):
-            if required not in kwargs:
-                raise SpecError(required, "missing (one entry per client)")
+        if "partition" in kwargs:
+            try:
+                kwargs["partition"] = PartitionScheme.from_dict(kwargs["partition"])
+            except PartitionError as error:
+                raise SpecError(error.field, error.rule) from None
+        else:
+            for required in ("target_balance_ratios", "subset_fractions"):
+                if required not in kwargs:
+                    raise SpecError(required, "missing (one entry per client, or name a partition scheme)")
         if "strategy" in kwargs:
             kwargs["strategy"] = StrategySpec.from_dict(kwargs["strategy"])
         if "landscape" in kwargs:
@@ -591,7 +613,38 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
         raise SpecError("landscape", f"must be a LandscapeSpec, got {type(spec.landscape).__name__}")
     _check_landscape_cost(spec.landscape, spec.model)
 
+    if spec.member_test_split not in TEST_SPLITS:
+        raise SpecError(
+            "member_test_split", f"must be one of {', '.join(TEST_SPLITS)}, got {spec.member_test_split!r}"
+        )
+    _validate_partition(spec, put)
+    _validate_participation(spec, put)
+    deadline = spec.round_timeout_s is not None  # a round may then close with min_reports updates
+    _check_strategy_fits(spec.strategy, spec.members_per_round, (spec.min_reports or 1) if deadline else None)
+
+
+def _validate_partition(spec: ExperimentSpec, put: Any) -> None:
+    """Either a partition scheme (checked against the dataset) or explicit ratio and fraction lists."""
     info = DATASETS[spec.dataset_name]
+    if spec.partition is not None:
+        if isinstance(spec.partition, Mapping):  # the JSON form, as from_dict reads it
+            try:
+                put("partition", PartitionScheme.from_dict(spec.partition))
+            except PartitionError as error:
+                raise SpecError(error.field, error.rule) from None
+        if not isinstance(spec.partition, PartitionScheme):
+            raise SpecError("partition", f"must be a PartitionScheme or its dict, got {type(spec.partition).__name__}")
+        if spec.target_balance_ratios or spec.subset_fractions:
+            raise SpecError(
+                "partition", "a partition scheme replaces target_balance_ratios and subset_fractions: give one or the other"
+            )
+        try:
+            spec.partition.check_dataset(info)
+        except PartitionError as error:
+            raise SpecError(error.field, error.rule) from None
+        put("target_balance_ratios", ())
+        put("subset_fractions", ())
+        return
     ratios = _ratio_table(spec.target_balance_ratios, info.num_classes)
     fractions = _fractions(spec.subset_fractions)
     if len(fractions) != len(ratios):
@@ -600,18 +653,18 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
             f"has {len(fractions)} entries but target_balance_ratios has {len(ratios)}: one per client",
         )
     try:
-        plan_counts(info.train_class_counts, info.test_class_counts, ratios, fractions)
+        plan_counts(
+            info.train_class_counts, info.test_class_counts, ratios, fractions,
+            require_test=spec.member_test_split == "proportional",
+        )
     except PartitionError as error:
         raise SpecError(error.field, error.rule) from None
     put("target_balance_ratios", ratios)
     put("subset_fractions", fractions)
-    _validate_participation(spec, put)
-    deadline = spec.round_timeout_s is not None  # a round may then close with min_reports updates
-    _check_strategy_fits(spec.strategy, spec.members_per_round, (spec.min_reports or 1) if deadline else None)
 
 
 def _validate_participation(spec: ExperimentSpec, put: Any) -> None:
-    num_clients = len(spec.target_balance_ratios)
+    num_clients = spec.num_clients
     per_round = spec.clients_per_round
     if per_round is not None:
         if _is_int(per_round):

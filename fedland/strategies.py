@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol, cast
 
 import numpy as np
@@ -49,10 +49,17 @@ NamedArrays = dict[str, np.ndarray]  # model weights or strategy state, by name 
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """One client's trained weights and the number of examples it trained on."""
+    """One client's trained weights and the number of examples it trained on.
+
+    ``message`` holds what a client algorithm sends its strategy besides the
+    weights (SCAFFOLD's control-variate difference, ``fedland.algorithms``), by
+    keys that contain ``/``; a strategy that reads it averages it with the same
+    num_examples weights (`weighted_mean_with_messages`).
+    """
 
     weights: Mapping[str, np.ndarray]
     num_examples: int
+    message: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 class Strategy(Protocol):
@@ -112,6 +119,18 @@ def weighted_mean(updates: Sequence[ClientUpdate]) -> NamedArrays:
         )
         for name in names
     }
+
+
+def weighted_mean_with_messages(updates: Sequence[ClientUpdate]) -> NamedArrays:
+    """`weighted_mean` of the weights and, under their own keys, of the messages (float64)."""
+    if not updates:
+        raise ValueError("updates: at least one client update is needed")
+    if any(set(update.message) != set(updates[0].message) for update in updates):
+        raise ValueError("updates: the messages' keys differ between updates")
+    if any(name in updates[0].weights for name in updates[0].message):
+        raise ValueError("updates: a message key is also a weight key")
+    messages = [ClientUpdate(weights=update.message, num_examples=update.num_examples) for update in updates]
+    return {**weighted_mean(updates), **(weighted_mean(messages) if updates[0].message else {})}
 
 
 STATISTIC_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")

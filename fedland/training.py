@@ -15,9 +15,13 @@ from torch.nn import functional as F
 
 from fedland._objective import evaluation_loop
 from fedland.augment import random_crop_flip
+from fedland.datasets import Images
 from fedland.device import resolve_device
 
-__all__ = ["Evaluation", "TrainReport", "batches", "evaluate", "train_local"]
+__all__ = ["Evaluation", "Inputs", "TrainReport", "batches", "evaluate", "train_local"]
+
+#: Inputs indexed one batch at a time: a tensor, or a dataset's ``Images`` (uint8, normalised per batch).
+Inputs = torch.Tensor | Images
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class TrainReport:
 
 
 def batches(
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     batch_size: int,
     generator: torch.Generator | None = None,
@@ -54,7 +58,7 @@ def batches(
     """Yield ``(inputs, targets)`` mini-batches, shuffled when a generator is given.
 
     Args:
-        x: inputs, first dimension is the example.
+        x: inputs, first dimension is the example (``Images`` become float32 batch by batch).
         y: targets, same length as ``x``.
         batch_size: examples per batch (the last batch may be smaller).
         generator: draws the shuffle order; ``None`` keeps the given order.
@@ -125,7 +129,7 @@ def _argmax_correct(logits: torch.Tensor, targets: torch.Tensor) -> int:
 
 def train_local(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     *,
     epochs: int,
@@ -145,7 +149,7 @@ def train_local(
 
     Args:
         model: the starting (global) model.
-        x: training inputs ``(N, ...)``.
+        x: training inputs ``(N, ...)``: a tensor or ``Images`` (normalised batch by batch).
         y: training targets ``(N,)`` int64.
         epochs: passes over the data.
         batch_size: examples per SGD step.
@@ -227,7 +231,7 @@ def _on_device(model: nn.Module, device: str | torch.device | None) -> nn.Module
 
 
 def _check_training_args(
-    x: torch.Tensor, y: torch.Tensor, epochs: int, learning_rate: float, momentum: float, prox_mu: float
+    x: Inputs, y: torch.Tensor, epochs: int, learning_rate: float, momentum: float, prox_mu: float
 ) -> None:
     if len(y) == 0:
         raise ValueError("y: no training examples")

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,8 @@ from reports.data import ExperimentData, list_experiment_ids, load_experiment
 from reports.figures import FigureKind
 from reports.page import FigureEntry, experiment_page, experiment_summary, index_page
 from reports.replicates import GROUP_HEADER, group_rows
-from reports.style import paper_style, vector_path
-from stack import records
+from reports.style import paper_style, raster_only, vector_path
+from stack import interrupts, records
 from stack.interrupts import exit_status, stop_on_signals
 from stack.settings import DEFAULT_REPORTS_DIR, StoreSettings
 
@@ -75,14 +76,26 @@ PENDING = "it is drawn after the accuracy, loss and tables of every experiment (
 FINISHED = ("finished", "failed")
 
 
+#: A running experiment's heavy figures (and the comparisons) are redrawn at most this often; its accuracy, loss
+#: and tables with every round, and its final figures as soon as it ends.
+LIVE_FIGURES_EVERY_S = 30.0
+#: The leading fields of ``records.progress_signature`` whose change redraws the quick parts: status, round, rounds
+#: stored, rounds measured (not each member's report within a round).
+QUICK_SIGNATURE = 4
+
+
 class Stopped(Exception):
     """A render left between two figures because its ``stop`` event was set."""
+
+
+class _GiveWay(Exception):
+    """A live render left between two figures: an experiment's final render is due."""
 
 
 def _figure_entry(kind: FigureKind, data: ExperimentData, out_dir: Path) -> FigureEntry:
     path = kind.render(data, out_dir)
     if path is not None:
-        return FigureEntry(kind.title, kind.caption_for(data), path.name)
+        return FigureEntry(kind.title, kind.caption_for(data), path.name, vector=vector_path(path).is_file())
     for stale in (out_dir / kind.file_name, vector_path(out_dir / kind.file_name)):
         stale.unlink(missing_ok=True)  # from an earlier report
     reason = _skip_reason(data, kind.needs_landscape, kind.reason_key)
@@ -94,7 +107,8 @@ def _figure_entry(kind: FigureKind, data: ExperimentData, out_dir: Path) -> Figu
 def _earlier_entry(kind: FigureKind, data: ExperimentData, out_dir: Path) -> FigureEntry:
     """A figure not drawn this time: the one an earlier render left, else a note that it comes next."""
     if (out_dir / kind.file_name).is_file():
-        return FigureEntry(kind.title, kind.caption_for(data), kind.file_name)
+        return FigureEntry(kind.title, kind.caption_for(data), kind.file_name,
+                           vector=vector_path(out_dir / kind.file_name).is_file())
     return FigureEntry(kind.title, kind.caption_for(data), None, PENDING, pending=True)
 
 
@@ -226,16 +240,28 @@ class _Watch:
         self.ids: list[str] = []
         self.index: Path | None = None
         self.polled_at = 0.0
+        self.rendering_live = False
+        self.drawn_at: dict[str, float] = {}  # experiment -> when its last full render started (monotonic)
+        self.compared_at = -math.inf
 
     def check_stop(self) -> None:
+        signalled = interrupts.requested()  # a signal whose exception Python swallowed (in a weakref callback)
+        if signalled is not None:
+            raise signalled
         if self.stop.is_set():
             raise Stopped
 
     def between(self) -> None:
-        """Before each heavy figure: stop if asked, and draw the quick parts of whatever changed meanwhile."""
+        """Before each heavy figure: stop if asked, and draw the quick parts of whatever changed meanwhile.
+
+        A live render gives way (``_GiveWay``) once an experiment's final render is due:
+        the final pages are what the run waits for.
+        """
         self.check_stop()
         if time.monotonic() - self.polled_at >= self.poll_interval_s:
             self.poll()
+            if self.rendering_live and any(self.is_final(i) for i in self.due):
+                raise _GiveWay
 
     def poll(self) -> None:
         """Read the signatures; redraw the quick parts and the index of what changed (every experiment first)."""
@@ -245,9 +271,13 @@ class _Watch:
         changed = []
         for experiment_id in self.ids:
             signature = records.progress_signature(self.db, experiment_id)
-            if self.seen.get(experiment_id) != signature:
+            seen = self.seen.get(experiment_id)
+            if seen != signature:
                 self.seen[experiment_id] = signature
-                changed.append(experiment_id)
+                if seen is None or seen[:QUICK_SIGNATURE] != signature[:QUICK_SIGNATURE]:
+                    changed.append(experiment_id)
+                else:  # a member's report or a measurement within the round: the next full render shows it
+                    self.due.setdefault(experiment_id, None)
         for experiment_id in changed:
             self.check_stop()
             data = load_experiment(self.db, experiment_id)
@@ -267,16 +297,40 @@ class _Watch:
     def compared(self) -> list[ExperimentData]:
         return [self.loaded[i] for i in self.ids if i in self.loaded]
 
-    def render_next(self) -> None:
-        """The full render (every figure) of the experiment that has waited longest."""
-        experiment_id = next(iter(self.due))
+    def is_final(self, experiment_id: str) -> bool:
+        return bool(self.seen[experiment_id][0] in FINISHED)
+
+    def next_due(self) -> str | None:
+        """The experiment whose full render comes next: a final one first, else the running one that waited longest
+        among those whose last full render started at least ``LIVE_FIGURES_EVERY_S`` ago; None if none may go now."""
+        final = next((i for i in self.due if self.is_final(i)), None)
+        if final is not None:
+            return final
+        now = time.monotonic()
+        return next((i for i in self.due if now - self.drawn_at.get(i, -math.inf) >= LIVE_FIGURES_EVERY_S), None)
+
+    def render_next(self, experiment_id: str) -> None:
+        """The full render (every figure) of ``experiment_id`` (see ``next_due``).
+
+        A live render draws PNGs only and gives way to a final render that becomes due.
+        """
         del self.due[experiment_id]
+        self.drawn_at[experiment_id] = time.monotonic()
         version = self.version[experiment_id]
         data = load_experiment(self.db, experiment_id)
         state = "final" if not data.running else "live"
         log.info("experiment %s: drawing the %s figures", experiment_id, state)
         out_dir = self.out / _directory_name(experiment_id)
-        entries = draw_figures(data, out_dir, between=self.between)
+        self.rendering_live = data.running
+        try:
+            with raster_only() if data.running else nullcontext():
+                entries = draw_figures(data, out_dir, between=self.between)
+        except _GiveWay:
+            self.due.setdefault(experiment_id, None)  # drawn again after the final renders
+            log.info("experiment %s: live figures put off for a final render", experiment_id)
+            return
+        finally:
+            self.rendering_live = False
         if self.version[experiment_id] == version:  # nothing newer was drawn meanwhile
             self.loaded[experiment_id] = data
             write_page(data, out_dir, entries)
@@ -290,11 +344,13 @@ class _Watch:
     def run(self, until_done: bool) -> Path | None:
         while True:
             self.poll()
-            while self.due:
+            while (experiment_id := self.next_due()) is not None:
                 self.check_stop()
-                self.render_next()
-            if self.comparisons_due:
+                self.render_next(experiment_id)
+            now = time.monotonic()
+            if self.comparisons_due and (self.finished() or now - self.compared_at >= LIVE_FIGURES_EVERY_S):
                 self.comparisons_due = False
+                self.compared_at = now
                 self.index = write_index(self.out, self.compared(), between=self.between)
             if until_done and self.finished() and not self.due and not self.comparisons_due:
                 return self.index
@@ -314,10 +370,12 @@ def watch_reports(
 ) -> Path | None:
     """Re-render the pages of experiments whose documents changed, polling every ``poll_interval_s``, until ``stop``.
 
-    Quick parts first: on each change the index and every changed experiment's
-    accuracy, loss and tables are redrawn before any other figure; then the other
-    figures, one experiment at a time (the one that waited longest first), with the
-    quick parts of whatever changed meanwhile redrawn between two figures.
+    Quick parts first: on each round stored (or status change) the index and every
+    changed experiment's accuracy, loss and tables are redrawn before any other
+    figure; then the other figures, one experiment at a time: an ended experiment's
+    final figures first (a live render gives way to them), a running experiment's
+    at most every ``LIVE_FIGURES_EVERY_S`` (the one that waited longest first, PNGs
+    only), with the quick parts of whatever changed meanwhile redrawn between two figures.
     ``experiment_ids`` None: every experiment in the store. With ``until_done`` it
     returns once every watched experiment is finished or failed (after rendering
     that state in full). ``stop`` is checked between figures. Returns the index page

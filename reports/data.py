@@ -77,7 +77,9 @@ class ExperimentData:
 
     @property
     def num_clients(self) -> int:
-        return max(len(self.spec.get("target_balance_ratios") or []), len(self.clients))
+        scheme = self.spec.get("partition")
+        listed = int(scheme.get("members") or 0) if isinstance(scheme, Mapping) else 0
+        return max(len(self.spec.get("target_balance_ratios") or []), listed, len(self.clients))
 
     @property
     def planned_rounds(self) -> int:

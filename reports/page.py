@@ -40,6 +40,7 @@ class FigureEntry:
     file_name: str | None
     reason: str | None = None
     pending: bool = False  # not drawn yet (a live render draws it after the quick parts), rather than skipped
+    vector: bool = True  # its vector copy is beside it (a live render writes PNGs only)
 
 
 #: Seconds between reloads of a page whose experiment is still running.
@@ -82,7 +83,7 @@ def _figures(entries: Sequence[FigureEntry]) -> str:
             parts.append(f'<p class="skipped">Skipped: {escape(entry.reason or "no data")}.</p>')
         else:
             vector = escape(vector_path(PurePosixPath(entry.file_name)).as_posix())
-            link = f' <a class="vector" href="{vector}">[{VECTOR_FORMAT.upper()}]</a>'
+            link = f' <a class="vector" href="{vector}">[{VECTOR_FORMAT.upper()}]</a>' if entry.vector else ""
             caption = f"<figcaption>{escape(entry.caption)}{link}</figcaption>"
             parts.append(f'<figure><img src="{escape(entry.file_name)}" alt="{escape(entry.title)}">{caption}</figure>')
     return "\n".join(parts)

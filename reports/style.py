@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -34,8 +35,9 @@ OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "
 LINE_STYLES: tuple[Any, ...] = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2)))
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 SEQUENTIAL = "viridis"  # surfaces and round scales: perceptually uniform, readable in greyscale
-#: Vector copies beside every PNG (what a paper includes).
+#: Vector copies beside every PNG of a final render (what a paper includes).
 VECTOR_FORMAT = "pdf"
+_VECTOR_COPIES: ContextVar[bool] = ContextVar("vector_copies", default=True)
 
 RC: dict[RcKeyType, Any] = {
     "font.size": 9.5,
@@ -109,10 +111,24 @@ def vector_path(path: PathT) -> PathT:
     return path.with_suffix("." + VECTOR_FORMAT)
 
 
+@contextmanager
+def raster_only() -> Iterator[None]:
+    """Within the block ``save`` writes the PNG alone (and removes an older vector copy): a live render's figures
+    are replaced a round later, and the PDF costs about as much again as the PNG; the final render writes both."""
+    token = _VECTOR_COPIES.set(False)
+    try:
+        yield
+    finally:
+        _VECTOR_COPIES.reset(token)
+
+
 def save(figure: Figure, path: Path) -> Path:
     """Write ``path`` (PNG) and its vector copy beside it, each atomically; returns the PNG's path."""
     with replaced(path) as temporary:
         figure.savefig(temporary, dpi=DPI, format="png")
+    if not _VECTOR_COPIES.get():
+        vector_path(path).unlink(missing_ok=True)  # a copy of an older state must not pass for this one
+        return path
     figure.set_layout_engine("none")  # keep the layout just computed: the PDF needs no second solve
     with replaced(vector_path(path)) as temporary:
         figure.savefig(temporary, format=VECTOR_FORMAT)

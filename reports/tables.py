@@ -16,7 +16,9 @@ numbers those exported together 0, 1, ... by creation). Values as stored; absent
   as JSON (``spec``).
 - ``partition``: experiment x member: ``subset_fraction``, ``target_ratio_<k>``,
   ``num_train``, ``num_test``, ``gini_index``, ``partition_digest``, ``train_class_<k>``,
-  ``test_class_<k>``, ``class_frequency_<k>``.
+  ``test_class_<k>``, ``class_frequency_<k>``. With a partition scheme (spec field
+  ``partition``) a member is stored once it is first selected, so only those members have
+  rows; their ``target_ratio_<k>`` is the scheme's class mix and ``subset_fraction`` is NaN.
 - ``landscape_settings``: experiment: the spec's landscape section.
 - ``measures``: experiment x round x member x model x measure (x index): every number of
   the ``rounds``, ``client_stats`` and ``landscapes`` documents (``reports.measures`` says how
@@ -39,7 +41,10 @@ from typing import Any
 import pandas as pd
 from pymongo.database import Database
 
+from fedland.datasets import DATASETS
+from fedland.partition_scheme import member_class_weights
 from fedland.replicates import replicate_group
+from fedland.spec import ExperimentSpec
 from reports.data import interpolation_curve, linear_barrier, path_dip, value_at
 from reports.measures import ArrayElement, Measure, flatten
 from stack import records
@@ -124,8 +129,7 @@ def _partition(study: records.StudyRecords, keys: Mapping[str, Mapping[str, str]
     rows = []
     for m in study.members:
         spec = specs[m.experiment_id]
-        ratios = spec.target_balance_ratios[m.client_index] if m.client_index < spec.num_clients else ()
-        fraction = spec.subset_fractions[m.client_index] if m.client_index < spec.num_clients else math.nan
+        ratios, fraction = _member_target(spec, m.client_index)
         rows.append({
             **keys[m.experiment_id], "member": m.client_index, "subset_fraction": fraction,
             **{f"target_ratio_{k}": ratio for k, ratio in enumerate(ratios)},
@@ -181,6 +185,16 @@ def _long(study: records.StudyRecords, keys: Mapping[str, Mapping[str, str]]) ->
     for column in [c for c in wide_arrays.columns if c.startswith("axis_")]:
         wide_arrays[column] = wide_arrays[column].astype("Int64")
     return {"measures": long, "arrays": wide_arrays}
+
+
+def _member_target(spec: ExperimentSpec, client_index: int) -> tuple[Sequence[float], float]:
+    """A member's target class ratios and subset fraction (a scheme's member has no fraction: NaN)."""
+    if not 0 <= client_index < spec.num_clients:
+        return (), math.nan
+    if spec.partition is not None:
+        weights = member_class_weights(spec.partition, DATASETS[spec.dataset_name], client_index)
+        return [float(w) for w in weights], math.nan
+    return spec.target_balance_ratios[client_index], spec.subset_fractions[client_index]
 
 
 def _number(doc: Any, *path: str | int) -> float:

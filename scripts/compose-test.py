@@ -442,10 +442,14 @@ def build_image(args: argparse.Namespace, stack: Stack) -> None:
     log(f"image {IMAGE} built once ({how}) in {time.monotonic() - started:.0f} s, {size / 1e6:.0f} MB")
 
 
+#: README's offline install: local IDX files (mounted at /src) into the data volume, verified and converted.
+INSTALL_MNIST = ("python", "-m", "stack.fetch_data", "--from", "/src", "--dataset", "MNIST")
+
+
 def prefill_data(stack: Stack, mnist_parent: Path) -> None:
     """README's offline step: fill the data volume from local IDX files, through Compose."""
     result = stack.c("run", "--rm", "--no-deps", "--pull", "never", "-v", f"{mnist_parent / 'mnist'}:/src:ro",
-                     "data-init", "sh", "-c", "mkdir -p /data/mnist && cp /src/*-ubyte* /data/mnist/")
+                     "data-init", *INSTALL_MNIST)
     log("data volume pre-filled through `docker compose run data-init`")
     check("not created by" not in result.stderr, result.stderr)
 
@@ -654,10 +658,9 @@ def swarm_main(args: argparse.Namespace, work: Path, compose: list[str], standin
         if args.mnist:  # Swarm makes <stack>_data on first use; make and fill it first (as data-init would)
             run("docker", "volume", "create", "--label", stack_label, f"{stack.name}_data")
             run("docker", "run", "--rm", "--network", "none", "-v", f"{stack.name}_data:/data",
-                "-v", f"{args.mnist / 'mnist'}:/src:ro", IMAGE, "sh", "-c",
-                "mkdir -p /data/mnist && cp /src/*-ubyte* /data/mnist/")
+                "-v", f"{args.mnist / 'mnist'}:/src:ro", "-e", "FEDLAND_DATA_DIR=/data", IMAGE, *INSTALL_MNIST)
             run(*clients, "run", "--rm", "--no-deps", "--pull", "never", "-v", f"{args.mnist / 'mnist'}:/src:ro",
-                "data-init", "sh", "-c", "mkdir -p /data/mnist && cp /src/*-ubyte* /data/mnist/", env=clients_env)
+                "data-init", *INSTALL_MNIST, env=clients_env)
         rendered = stack.c("config", "--format", "json").stdout
         endpoint_mode = "vip" if ipvs_available() else "dnsrr"
         stack_file = run(sys.executable, str(REPO / "scripts" / "swarm-stack.py"), "--endpoint-mode", endpoint_mode,

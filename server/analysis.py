@@ -1,6 +1,6 @@
 """The experiment's analysis: what a report draws that needs a model evaluated, computed once and stored.
 
-Run on the measurement thread (`server.measurements.LandscapeWorker`): the
+Run in the experiment's measurement lane (`server.measurements.LandscapeWorker`): the
 initial model's evaluation when the experiment is queued, and, before the
 experiment is marked finished, the PCA trajectory of its global models and the
 Hessian spectral densities of its last measured round. Each is a `landscapes`
@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedland.hessian import spectral_density
+from fedland.measure import density_document, member_densities
 from fedland.plan import ExperimentPlan
 from fedland.slices import loss_slice_2d
 from fedland.strategies import NamedArrays
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 TRAJECTORY_SAMPLES = 1000
 TRAJECTORY_GRID = 21  # points per axis of the contour grid (odd: the final model is a grid point)
 TRAJECTORY_MARGIN = 1.25  # the grid's half-width over the farthest round's coordinate
-DENSITY_PROBES, DENSITY_STEPS, DENSITY_POINTS = 3, 40, 400  # stochastic Lanczos quadrature (Ghorbani et al. 2019)
 DENSITY_MAX_MEMBERS = 8  # participants (lowest indices first) whose local and received models get a density
 
 
@@ -156,24 +156,35 @@ def round_densities(
         return None
     server_round = measured[-1]
     seed = plan.spec.seed
-    loss_fn = nn.CrossEntropyLoss()
     received = plan.model(weights[server_round - 1]).eval()  # the global model the members trained from
     aggregate = plan.model(weights[server_round]).eval()
-    curves = [_density("global", None, aggregate, plan.analysis_batch(plan.spec.landscape.num_samples), loss_fn, seed)]
+    curves = [_curve("global", None, density_document(
+        aggregate, plan.analysis_batch(plan.spec.landscape.num_samples), seed))]
     members = [s for s in store.stats_of_round(experiment_id, server_round)
                if s.weights_file_id and s.client_index < plan.spec.num_clients]
     for stats in sorted(members, key=lambda s: s.client_index)[:DENSITY_MAX_MEMBERS]:
-        local = plan.model(wire.decode(store.load_client_model(str(stats.weights_file_id)))).eval()
-        batch = plan.landscape_batch(stats.client_index)
-        curves.append(_density("global", stats.client_index, received, batch, loss_fn, seed))
-        curves.append(_density("local", stats.client_index, local, batch, loss_fn, seed))
+        member = _worker_densities(stats.stats.get("landscape"))
+        if member is None:  # a worker of an earlier release, or its densities failed: computed here
+            local = plan.model(wire.decode(store.load_client_model(str(stats.weights_file_id)))).eval()
+            member = member_densities(received, local, plan.landscape_batch(stats.client_index), seed)
+        curves.append(_curve("global", stats.client_index, member["global"]))
+        curves.append(_curve("local", stats.client_index, member["local"]))
     return SpectralDensities(server_round, int(plan.spec.landscape.num_samples), tuple(curves))
 
 
-def _density(kind: str, client_index: int | None, model: nn.Module, data: Sequence[tuple[torch.Tensor, torch.Tensor]],
-             loss_fn: nn.Module, seed: int) -> DensityCurve:
-    result = spectral_density(model, loss_fn, data, num_probes=DENSITY_PROBES, lanczos_steps=DENSITY_STEPS, seed=seed,
-                              grid_points=DENSITY_POINTS)
-    density = np.asarray(result.density, dtype=np.float64)
-    return DensityCurve(kind, client_index, tuple(float(v) for v in np.asarray(result.grid, dtype=np.float64)),
-                        tuple(float(v) for v in np.where(np.isfinite(density), density, 0.0)))
+def _worker_densities(landscape: Any) -> Mapping[str, Mapping[str, Sequence[float]]] | None:
+    """The member's densities its worker measured in the last round (`fedland.measure.member_densities`), if whole."""
+    densities = landscape.get("densities") if isinstance(landscape, Mapping) else None
+    if not isinstance(densities, Mapping):
+        return None
+    for kind in ("global", "local"):
+        curve = densities.get(kind)
+        if not (isinstance(curve, Mapping) and isinstance(curve.get("grid"), list)
+                and isinstance(curve.get("density"), list) and len(curve["grid"]) == len(curve["density"]) > 0):
+            return None
+    return densities
+
+
+def _curve(kind: str, client_index: int | None, document: Mapping[str, Sequence[float]]) -> DensityCurve:
+    return DensityCurve(kind, client_index, tuple(float(v) for v in document["grid"]),
+                        tuple(float(v) for v in document["density"]))

@@ -45,6 +45,7 @@ def create_app(
         max_workers=settings.max_workers,
         credentials=credentials,
         clock=clock,
+        measure_threads=settings.measure_threads,
     )
     if recover:
         coordinator.recover()

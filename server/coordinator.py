@@ -33,6 +33,7 @@ from fedland.replicates import expand_replicates
 from fedland.spec import ExperimentSpec, fingerprint
 from server.auth import Credentials, new_worker_secret
 from server.errors import Invalid, NotFound, Throttled
+from server.measurements import DEFAULT_THREADS as DEFAULT_MEASURE_THREADS
 from server.measurements import LandscapeWorker
 from server.resources import Resources
 from server.rounds import Rounds, RoundState
@@ -88,6 +89,7 @@ class Coordinator:
         max_workers: int = 1024,
         credentials: Credentials | None = None,
         clock: Callable[[], float] = time.time,
+        measure_threads: int = DEFAULT_MEASURE_THREADS,
     ) -> None:
         self.store = store
         self.max_workers = max_workers
@@ -96,8 +98,8 @@ class Coordinator:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.retry_after_s = retry_after_s
         self.clock = clock
-        #: Measures the landscape of aggregated rounds on one background thread.
-        self.measurements = LandscapeWorker(store, resources)
+        #: Measures the landscape of aggregated rounds in the background (one lane per experiment).
+        self.measurements = LandscapeWorker(store, resources, measure_threads)
         self.rounds = Rounds(store, resources, self.measurements, clock=clock, on_change=self._changed)
         self._seen: dict[str, float] = {}  # worker -> last request (the clock's time)
         self._in_flight: dict[str, int] = {}  # worker -> its requests being served (never reaped meanwhile)
@@ -125,7 +127,7 @@ class Coordinator:
         self._timer.start()
 
     def close(self) -> bool:
-        """Stop the timer and the measurement thread (queued measurements are dropped; see `recover`).
+        """Stop the timer and the measurement threads (queued measurements are dropped; see `recover`).
 
         Workers long-polling for a task get their answer at once (``wait``). False if a
         measurement is still running after a short wait (`LandscapeWorker.close`).

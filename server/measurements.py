@@ -1,4 +1,4 @@
-"""The server's background landscape measurements and analysis: one thread, each scheduled round once.
+"""The server's background landscape measurements and analysis: one lane per experiment, each scheduled round once.
 
 The coordinator writes a round's `rounds` document and advances the experiment
 first, then queues the round here, so clients start the next round while the
@@ -11,6 +11,12 @@ landscape and everything its report draws. A
 restart drops queued rounds; `queue_unmeasured` finds them again. A measurement
 cut off by a store outage is measured again once the store answers (with backoff,
 up to `RETRY_MAX_S` between tries), never stored as an error.
+
+Each experiment's jobs run one after another, in the order queued (its rounds,
+then its final job); different experiments' jobs run side by side on up to
+`threads` threads (`FEDLAND_MEASURE_THREADS`, default 2), so one experiment's
+analysis never holds back another's rounds, and the end of a run uses every core
+the idle workers leave.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -32,15 +39,82 @@ log = logging.getLogger(__name__)
 
 RETRY_FIRST_S = 1.0  # after a store outage cut a measurement off: first wait, doubled up to RETRY_MAX_S
 RETRY_MAX_S = 30.0
+DEFAULT_THREADS = 2
+
+
+class Lanes:
+    """Jobs by key on a thread pool: a key's jobs run one at a time, in the order submitted; up to `threads` keys at once.
+
+    ``submit`` returns the job's future. ``shutdown`` cancels every job not started
+    (their futures end cancelled) and refuses new ones (RuntimeError, as an
+    executor does); running jobs finish on their own.
+    """
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._waiting: dict[str, deque[tuple[Future[None], Callable[[], None]]]] = {}  # key -> after its running job
+        self._unstarted: set[Future[None]] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, key: str, job: Callable[[], None]) -> Future[None]:
+        future: Future[None] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot submit after shutdown")
+            self._unstarted.add(future)
+            waiting = self._waiting.get(key)
+            if waiting is not None:  # a job of this key runs: this one follows it
+                waiting.append((future, job))
+                return future
+            self._waiting[key] = deque()
+        self._start(key, future, job)
+        return future
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            unstarted, self._unstarted = self._unstarted, set()
+        for future in unstarted:
+            future.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _start(self, key: str, future: Future[None], job: Callable[[], None]) -> None:
+        def run() -> None:
+            with self._lock:
+                self._unstarted.discard(future)
+            try:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        job()
+                        future.set_result(None)
+                    except BaseException as error:  # noqa: BLE001 - handed to the future, as an executor does
+                        future.set_exception(error)
+            finally:
+                self._next(key)
+
+        try:
+            self._executor.submit(run)
+        except RuntimeError:  # shut down meanwhile: `shutdown` cancelled the future
+            future.cancel()
+
+    def _next(self, key: str) -> None:
+        with self._lock:
+            waiting = self._waiting[key]
+            if not waiting or self._closed:
+                del self._waiting[key]
+                return
+            future, job = waiting.popleft()
+        self._start(key, future, job)
 
 
 class LandscapeWorker:
     """Measures stored rounds on one background thread; a job never kills the thread."""
 
-    def __init__(self, store: Store, resources: Resources) -> None:
+    def __init__(self, store: Store, resources: Resources, threads: int = DEFAULT_THREADS) -> None:
         self.store = store
         self.resources = resources
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landscape")
+        self.lanes = Lanes(threads, "landscape")  # one lane per experiment
         self._pending: dict[tuple[str, int], Future[None]] = {}
         self._finishing: dict[str, Future[None]] = {}  # experiment -> its final job (`finish_then`)
         self._lock = threading.Lock()
@@ -54,7 +128,7 @@ class LandscapeWorker:
         for it, and the next start measures that round again.
         """
         self._closed.set()  # a measurement waiting for the store gives up
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.lanes.shutdown()
         with self._lock:
             running = [*self._pending.values(), *self._finishing.values()]
         return not wait_futures(running, timeout=timeout_s).not_done
@@ -66,7 +140,7 @@ class LandscapeWorker:
             if key in self._pending:
                 return
             try:
-                future = self.executor.submit(self._measure_safely, experiment_id, server_round)
+                future = self.lanes.submit(experiment_id, lambda: self._measure_safely(experiment_id, server_round))
             except RuntimeError:  # closed: the next start recovers it
                 log.info("experiment %s round %d: measurement not queued, shutting down", experiment_id, server_round)
                 return
@@ -86,7 +160,7 @@ class LandscapeWorker:
             if key in self._pending:
                 return
             try:
-                future = self.executor.submit(self._evaluate_initial_safely, experiment)
+                future = self.lanes.submit(experiment.id, lambda: self._evaluate_initial_safely(experiment))
             except RuntimeError:  # closed: the next start recovers it
                 log.info("experiment %s: initial evaluation not queued, shutting down", experiment.id)
                 return
@@ -106,9 +180,9 @@ class LandscapeWorker:
             self._measure_safely(experiment.id, server_round)
 
     def finish_then(self, experiment: ExperimentRecord, then: Callable[[], None]) -> None:
-        """On the measurement thread, after the rounds queued so far: any unmeasured round, then `then` (dropped after `close`)."""
+        """In the experiment's lane, after its rounds queued so far: any unmeasured round, then `then` (dropped after `close`)."""
 
-        def job() -> None:  # the rounds queued before it are done: one thread, first in first out
+        def job() -> None:  # the experiment's rounds queued before it are done: its lane is first in, first out
             def finish() -> None:
                 try:
                     self._measure_missing(experiment)
@@ -123,7 +197,7 @@ class LandscapeWorker:
 
         with self._lock:
             try:
-                future = self.executor.submit(job)
+                future = self.lanes.submit(experiment.id, job)
             except RuntimeError:  # closed: the next start finishes it (`Rounds.recover`)
                 log.info("experiment %s: not finished, shutting down", experiment.id)
                 return

@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,20 @@ class Resources:
             return plan
 
     def partition_summary(self, spec: ExperimentSpec) -> list[dict[str, Any]]:
-        """Per client: class counts, frequencies, Gini, sizes and partition digest on the real labels."""
+        """The members stored when the experiment is queued: per client, its partition's statistics.
+
+        Explicit ratio lists: every client (class counts, frequencies, Gini,
+        sizes and partition digest on the real labels). A partition scheme:
+        none; its members are stored when first selected (`member_summaries`),
+        so queueing 100,000 members writes nothing per member.
+        """
+        if spec.partition is not None:
+            return []
         return [part.to_stats() for part in self.plan(spec).partitions]
+
+    def member_summaries(self, spec: ExperimentSpec, client_indices: Sequence[int]) -> list[dict[str, Any]]:
+        """The statistics of these members' partitions (derived one by one for a scheme)."""
+        return [part.to_stats() for part in self.plan(spec).member_partitions(client_indices)]
 
     def initial_weights(self, spec: ExperimentSpec) -> NamedArrays:
         """The round-0 model: `build_model(spec.model, spec.seed)`."""

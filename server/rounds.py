@@ -28,7 +28,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,7 @@ from stack.records import (
     ClientModelFile,
     ClientStatsRecord,
     ExperimentRecord,
+    MemberRecord,
     ModelFile,
     RefusedUpdateRecord,
     RoundRecord,
@@ -186,8 +187,8 @@ class Rounds:
     def open(self, experiment: ExperimentRecord, *, recovering: bool = False) -> RoundState | None:
         """Start tracking the experiment's current round (pending: its selected members)."""
         spec, experiment_id, server_round = experiment.spec, experiment.id, experiment.current_round
-        members = self.store.members(experiment_id)
         selected = selected_members(spec, server_round)
+        members = self._selected_members(experiment_id, spec, selected)
         averages = STRATEGIES[spec.strategy.name].averages  # the class says it: nothing to build
         state = RoundState(
             spec=spec,
@@ -216,6 +217,19 @@ class Rounds:
             self._experiments[experiment_id] = experiment
             self.states[experiment_id] = state
         return state
+
+    def _selected_members(self, experiment_id: str, spec: ExperimentSpec, selected: Sequence[int]) -> list[MemberRecord]:
+        """The round's members as stored; a scheme's members selected for the first time are stored now."""
+        members = self.store.members(experiment_id, selected)
+        if spec.partition is not None and len(members) < len(selected):
+            known = {m.client_index for m in members}
+            missing = [i for i in selected if i not in known]
+            self.store.add_members([
+                MemberRecord.of_partition(experiment_id, stats)
+                for stats in self.resources.member_summaries(spec, missing)
+            ])
+            members = self.store.members(experiment_id, selected)
+        return members
 
     def _last_workers(self, experiment_id: str, server_round: int) -> dict[int, str]:
         """Member -> the worker that trained it in the previous round (a worker is offered its members again)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gridfs
@@ -18,6 +18,7 @@ import pymongo.errors
 from bson import ObjectId
 from pymongo import ReturnDocument
 from pymongo.database import Database
+from pymongo.errors import BulkWriteError
 
 from stack import records
 from stack.records import (
@@ -36,6 +37,8 @@ from stack.settings import StoreTimeouts
 from stack.store_upgrade import add_fingerprints
 
 log = logging.getLogger(__name__)
+
+DUPLICATE_KEY = 11000  # MongoDB's error code of a unique index refusing an insert
 
 #: The store did not answer in time (the HTTP layer answers 503 with Retry-After).
 StoreUnavailable = pymongo.errors.ConnectionFailure
@@ -169,9 +172,19 @@ class Store:
         doc = self.db[records.MEMBERS].find_one(MemberRecord.key(experiment_id, client_index))
         return None if doc is None else MemberRecord.from_doc(doc)
 
-    def members(self, experiment_id: str) -> list[MemberRecord]:
-        """Every member of the experiment, by client_index."""
-        return records.read_members(self.db, experiment_id)
+    def members(self, experiment_id: str, client_indices: Sequence[int] | None = None) -> list[MemberRecord]:
+        """The stored members of the experiment (all, or these), by client_index."""
+        return records.read_members(self.db, experiment_id, client_indices)
+
+    def add_members(self, members: Sequence[MemberRecord]) -> None:
+        """Store the members not stored yet (a scheme's members are stored when first selected); keep the others."""
+        if not members:
+            return
+        try:
+            self.db[records.MEMBERS].insert_many([member.to_doc() for member in members], ordered=False)
+        except BulkWriteError as error:  # a concurrent open stored some of them first: theirs stand
+            if any(failure.get("code") != DUPLICATE_KEY for failure in error.details.get("writeErrors", [])):
+                raise
 
     def assign_member(self, experiment_id: str, client_index: int, worker_id: str, server_round: int, now: float) -> None:
         """Record that `worker_id` trains the member in `server_round` (the coordinator decided it)."""

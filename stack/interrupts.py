@@ -13,6 +13,7 @@ take, and every writer cleans up in ``finally`` (see ``reports.atomic``).
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -37,8 +38,23 @@ def exit_status(error: KeyboardInterrupt) -> int:
     return error.exit_status if isinstance(error, Interrupted) else 128 + signal.SIGINT
 
 
+_requested: list[int] = []  # the signal that asked for the stop, once one has
+
+
+def requested() -> Interrupted | None:
+    """The stop a signal asked for within ``stop_on_signals``, if any (None: no signal yet).
+
+    The handler's exception can be lost: a signal that arrives while Python runs a
+    ``__del__`` or a weakref callback raises there, and Python drops it (within
+    ``stop_on_signals`` without printing it). Code that checks between long steps
+    calls this too, so such a stop still happens.
+    """
+    return Interrupted(_requested[-1]) if _requested else None
+
+
 def _raise(signum: int, frame: FrameType | None) -> None:
     ignore_signals()  # one stop: a second Ctrl-C must not cut the cleanup short
+    _requested.append(signum)
     raise Interrupted(signum)
 
 
@@ -52,9 +68,19 @@ def stop_on_signals() -> Iterator[None]:
     # a signal ignored from the start stays ignored (a background job of a shell, nohup)
     previous = {signum: signal.signal(signum, _raise) for signum in SIGNALS
                 if signal.getsignal(signum) is not signal.SIG_IGN}
+    previous_hook = sys.unraisablehook
+
+    def unraisable(hook_args: sys.UnraisableHookArgs) -> None:
+        if not isinstance(hook_args.exc_value, Interrupted):  # a dropped stop is not an error: `requested` has it
+            previous_hook(hook_args)
+
+    sys.unraisablehook = unraisable
+    _requested.clear()
     try:
         yield
     finally:
+        _requested.clear()
+        sys.unraisablehook = previous_hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

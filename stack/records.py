@@ -795,8 +795,14 @@ def experiment_ids(db: Database[Document], statuses: Sequence[str] | None = None
     return [str(doc["_id"]) for doc in _sorted(cursor, [("created_at", 1), ("_id", 1)])]
 
 
-def read_members(db: Database[Document], experiment_id: str) -> list[MemberRecord]:
-    cursor = db[MEMBERS].find(MemberRecord.key(experiment_id))
+def read_members(
+    db: Database[Document], experiment_id: str, client_indices: Sequence[int] | None = None
+) -> list[MemberRecord]:
+    """The experiment's stored members (all, or those of `client_indices`), by client_index."""
+    where = MemberRecord.key(experiment_id)
+    if client_indices is not None:
+        where["client_index"] = {"$in": [int(i) for i in client_indices]}
+    cursor = db[MEMBERS].find(where)
     return [MemberRecord.from_doc(doc) for doc in _sorted(cursor, [("client_index", 1)])]
 
 

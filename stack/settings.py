@@ -173,6 +173,7 @@ class ServerSettings:
     header_timeout_s: float = 5.0  # a request's headers must be in this long after its first byte (or the connect)
     body_timeout_s: float = 10.0  # a request's body may pause this long (and must then average 16 KiB/s)
     idle_timeout_s: float = 60.0  # a kept-alive connection with no request open is closed after this
+    measure_threads: int = 2  # landscape measurements and analyses of different experiments at once
 
     def __post_init__(self) -> None:
         if self.token == self.worker_token:
@@ -214,6 +215,7 @@ class ServerSettings:
             header_timeout_s=_positive_float(env, "FEDLAND_HEADER_TIMEOUT_S", cls.header_timeout_s),
             body_timeout_s=_positive_float(env, "FEDLAND_BODY_TIMEOUT_S", cls.body_timeout_s),
             idle_timeout_s=_positive_float(env, "FEDLAND_IDLE_TIMEOUT_S", cls.idle_timeout_s),
+            measure_threads=_int(env, "FEDLAND_MEASURE_THREADS", cls.measure_threads, low=1, high=64),
         )
 
 

@@ -44,9 +44,12 @@ def write_tiny(name: str, directory: Path, train_per_class: int = 6, test_per_cl
         ]
         files = []
         for data_file, array in zip(real.files, arrays):
-            packed = gzip.compress(_idx(array), mtime=0)
+            content = _idx(array)
+            packed = gzip.compress(content, mtime=0)
             (target / data_file.served_name).write_bytes(packed)
-            files.append(dataclasses.replace(data_file, archive_md5=hashlib.md5(packed).hexdigest()))
+            files.append(dataclasses.replace(
+                data_file, md5=hashlib.md5(content).hexdigest(), archive_md5=hashlib.md5(packed).hexdigest()
+            ))
     else:
         train_members, test_members, label_bytes = CIFAR_MEMBERS[real.layout]
         buffer = io.BytesIO()

@@ -24,7 +24,7 @@ from client.work import run_round
 from fedland.datasets import load_dataset
 from fedland.device import resolve_device
 from fedland.hessian import top_eigenvalues
-from fedland.measure import EIGEN_MAX_ITER, EIGEN_TOL, landscape_subset, mean_loss
+from fedland.measure import EIGEN_MAX_ITER, EIGEN_TOL, landscape_subset, mean_loss, member_densities
 from fedland.models import build_model
 from fedland.partition import partition
 from fedland.plan import ClientData, ExperimentPlan
@@ -98,7 +98,8 @@ def check_documents(stack: LocalStack, store: Store, experiment_id: str, spec: E
     reports = {(s.round, s.client_index): s for s in records.read_client_stats(stack.db, experiment_id)}
     for stats in reports.values():
         doc = stats.stats["landscape"]
-        assert set(doc) == {"num_samples", "duration_s", "global", "local", "interpolation", "update"}, doc
+        last_round = {"densities"} if stats.round == spec.rounds else set()  # the analysis' member densities
+        assert set(doc) == {"num_samples", "duration_s", "global", "local", "interpolation", "update"} | last_round, doc
         assert doc["num_samples"] == LSPEC.num_samples and doc["duration_s"] > 0
         assert_metrics(doc["global"], LSPEC.top_k)
         assert_metrics(doc["local"], LSPEC.top_k)
@@ -235,6 +236,19 @@ def check_analysis(store: Store, experiment_id: str, spec: ExperimentSpec, data_
     assert analysis.spectral_densities is not None and analysis.spectral_densities.round == spec.rounds
     curves = [(c.model, -1 if c.client_index is None else c.client_index) for c in analysis.spectral_densities.curves]
     assert sorted(curves) == sorted([("global", -1)] + [(m, i) for i in range(spec.num_clients) for m in ("global", "local")])
+    # the members' curves were measured by their workers in the last round: the same as from the stored models
+    plan = Resources(data_dir).plan(spec)
+    received_id = store.global_model_id(experiment_id, spec.rounds - 1)
+    assert received_id is not None
+    received = plan.model(wire.decode(store.load_model(received_id))).eval()
+    for stats in store.stats_of_round(experiment_id, spec.rounds):
+        assert set(stats.stats["landscape"]["densities"]) == {"global", "local"}
+        local = plan.model(wire.decode(store.load_client_model(str(stats.weights_file_id)))).eval()
+        expected = member_densities(received, local, plan.landscape_batch(stats.client_index), spec.seed)
+        for curve in analysis.spectral_densities.curves:
+            if curve.client_index == stats.client_index:
+                np.testing.assert_allclose(curve.grid, expected[curve.model]["grid"], rtol=1e-5, atol=1e-7)
+                np.testing.assert_allclose(curve.density, expected[curve.model]["density"], rtol=1e-4, atol=1e-7)
 
 
 def _weights(seed: int) -> dict[str, np.ndarray]:
@@ -285,7 +299,9 @@ def test_a_failing_measurement_is_stored_as_an_error(
     assert doc == {"error": "FloatingPointError: injected failure"}
 
     mnist = load_dataset("MNIST", data_dir)
-    data = ClientData(0, mnist.train_x[:64], mnist.train_y[:64], mnist.test_x[:32], mnist.test_y[:32])
+    data = ClientData(
+        0, mnist.train_x.subset(range(64)), mnist.train_y[:64], mnist.test_x.subset(range(32)), mnist.test_y[:32]
+    )
     global_model = build_model("FedNet", 0)
     before = copy.deepcopy(global_model.state_dict())
     result = run_round(ExperimentPlan(spec, mnist), data, global_model, 1, fetch_s=0.0, device=DEVICE)

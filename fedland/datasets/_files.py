@@ -60,35 +60,99 @@ def find_file(directory: Path, data_file: DataFile) -> Path | None:
     return None
 
 
-def read_verified(path: Path, data_file: DataFile, compressed: bool | None = None) -> bytes:
-    """Return the content of ``path`` (decompressed when gzipped) after checking its md5.
+def read_verified(path: Path, data_file: DataFile, compressed: bool | None = None, *, as_served: bool = False) -> bytes:
+    """Return the content of ``path`` (decompressed when gzipped) after checking it is the official one.
 
-    ``compressed`` defaults to: the file is gzip-served and ``path`` ends in ``.gz``.
+    A gzip file is accepted when its decompressed content has the official
+    content md5 (``md5``), whatever its own bytes (a re-compressed copy, such as
+    Debian's ``dataset-fashion-mnist``), or when it is the file as published
+    (``archive_md5``). ``as_served`` (a download) asks for the published file's
+    own md5 when it is known. ``compressed`` defaults to: the file is
+    gzip-served and ``path`` ends in ``.gz``.
 
     Raises:
-        DatasetIntegrityError: unreadable, not gzip, or a digest mismatch; names the file and the fix.
+        DatasetIntegrityError: unreadable, not gzip, or not the official content; names the file and the fix.
     """
-    fix = f"delete it and run again to download it, or replace it with the original {data_file.served_name}"
     if compressed is None:
         compressed = data_file.gzipped and path.name.endswith(".gz")
     try:
         raw = path.read_bytes()
-        if compressed and data_file.archive_md5 is not None:
-            _check_digest(path, hashlib.md5(raw).hexdigest(), data_file.archive_md5, "its", fix)
         content = gzip.decompress(raw) if compressed else raw
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
-        raise DatasetIntegrityError(f"{path} is corrupted ({error}); {fix}") from error
+        raise DatasetIntegrityError(f"{path} is corrupted ({error}); {_fix(data_file)}") from error
+    archive_digest = hashlib.md5(raw).hexdigest() if data_file.archive_md5 is not None else None
+    if as_served and archive_digest is not None and archive_digest != data_file.archive_md5:
+        raise DatasetIntegrityError(
+            f"{path} is not the official {data_file.served_name}: its md5 is {archive_digest}, "
+            f"expected {data_file.archive_md5}"
+        )
     if data_file.md5 is not None:
+        content_digest = archive_digest if content is raw and archive_digest else hashlib.md5(content).hexdigest()
+        if content_digest == data_file.md5:
+            return content
+        if compressed and archive_digest is not None and archive_digest == data_file.archive_md5:
+            return content  # the published .gz itself (its content digest is then the official one too)
         which = "its decompressed content's" if compressed else "its"
-        _check_digest(path, hashlib.md5(content).hexdigest(), data_file.md5, which, fix)
-    elif not compressed and data_file.archive_md5 is not None:
-        _check_digest(path, hashlib.md5(raw).hexdigest(), data_file.archive_md5, "its", fix)
+        raise DatasetIntegrityError(
+            f"{path} is not the official {data_file.name}: {which} md5 is {content_digest}, "
+            f"expected {data_file.md5}; {_fix(data_file)}"
+        )
+    if data_file.archive_md5 is not None and archive_digest != data_file.archive_md5:
+        raise DatasetIntegrityError(
+            f"{path} is not the official {data_file.served_name}: its md5 is {archive_digest}, "
+            f"expected {data_file.archive_md5}; {_fix(data_file)}"
+        )
     return content
 
 
-def _check_digest(path: Path, digest: str, expected: str, which: str, fix: str) -> None:
-    if digest != expected:
-        raise DatasetIntegrityError(f"{path} is corrupted: {which} md5 is {digest}, expected {expected}; {fix}")
+def check_verified(path: Path, data_file: DataFile) -> None:
+    """Check ``path`` as ``read_verified`` does, streaming it: no more than a chunk is held in memory.
+
+    Raises:
+        DatasetIntegrityError: as ``read_verified``.
+    """
+    compressed = data_file.gzipped and path.name.endswith(".gz")
+    raw_md5, content_md5 = hashlib.md5(), hashlib.md5()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                raw_md5.update(chunk)
+        if compressed:
+            with gzip.open(path, "rb") as stream:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    content_md5.update(chunk)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DatasetIntegrityError(f"{path} is corrupted ({error}); {_fix(data_file)}") from error
+    archive_digest = raw_md5.hexdigest()
+    content_digest = content_md5.hexdigest() if compressed else archive_digest
+    if data_file.md5 is not None:
+        if content_digest == data_file.md5 or (compressed and archive_digest == data_file.archive_md5):
+            return
+        which = "its decompressed content's" if compressed else "its"
+        raise DatasetIntegrityError(
+            f"{path} is not the official {data_file.name}: {which} md5 is {content_digest}, "
+            f"expected {data_file.md5}; {_fix(data_file)}"
+        )
+    if data_file.archive_md5 is not None and archive_digest != data_file.archive_md5:
+        raise DatasetIntegrityError(
+            f"{path} is not the official {data_file.served_name}: its md5 is {archive_digest}, "
+            f"expected {data_file.archive_md5}; {_fix(data_file)}"
+        )
+
+
+def _fix(data_file: DataFile) -> str:
+    return (
+        f"replace it with an official copy of {data_file.served_name} "
+        f"(`python -m stack.fetch_data --from DIR` installs one from a folder), or delete it to download it again"
+    )
+
+
+def content_digest(data_file: DataFile) -> str:
+    """The digest a verified file is recorded under: the official content md5, else the published file's."""
+    digest = data_file.md5 or data_file.archive_md5
+    if digest is None:
+        raise ValueError(f"files: {data_file.name} has neither an md5 nor an archive_md5")
+    return digest
 
 
 def download(
@@ -130,7 +194,7 @@ def fetch(url: str, target: Path, data_file: DataFile) -> None:
                 while chunk := response.read(1 << 16):
                     out.write(chunk)
                     advance(len(chunk))
-        read_verified(partial, data_file, compressed=data_file.gzipped)
+        read_verified(partial, data_file, compressed=data_file.gzipped, as_served=True)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

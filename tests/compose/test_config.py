@@ -387,6 +387,7 @@ def test_client_service_can_be_scaled(config_name: str, request: pytest.FixtureR
     data_init = config["services"]["data-init"]
     assert data_init["restart"] == "no"
     assert [v["source"] for v in data_init["volumes"]] == [v["source"] for v in client["volumes"]]
+    assert not any(v.get("read_only", False) for v in data_init["volumes"])  # it writes the one compact copy
 
 
 def test_clients_file_points_clients_at_the_given_server(clients_config: dict[str, Any]) -> None:

@@ -114,7 +114,7 @@ def test_other_refusals_name_their_field() -> None:
         plan_counts([100, 120, 90, 90], [20] * 4, [[0.25] * 4, [0.5, 0.25, 0.25]], [0.1, 0.1])
     with pytest.raises(PartitionError, match=r"subset_fractions\[0\]: client 0 would get 0 training samples"):
         partition(TRAIN, TEST, [[0.25] * 4], [0.001], seed=0)
-    with pytest.raises(PartitionError, match=r"subset_fractions\[0\]: client 0 would get 0 test samples"):
+    with pytest.raises(PartitionError, match=r"subset_fractions\[0\]: client 0 would get 0 local test samples"):
         partition(TRAIN, TEST, [[1.0, 0, 0, 0]], [0.005], seed=0)  # 2 train samples -> 0.4 test
     with pytest.raises(PartitionError, match=r"subset_fractions\[2\]: must be a number in \(0, 1\]"):
         partition(TRAIN, TEST, RATIOS, [1.0, 0.5, 1.5], seed=0)
@@ -175,3 +175,11 @@ def test_real_mnist_non_iid_partition(scheme) -> None:
     assert plan_counts(DATASETS["MNIST"].train_class_counts, DATASETS["MNIST"].test_class_counts, ratios, fractions)[
         0
     ] == [p.class_counts for p in parts]
+
+
+def test_a_fraction_too_small_for_one_sample_quotes_the_smallest_that_gives_one() -> None:
+    totals, ratios = [6000] * 10, [[0.1] * 10] * 100  # floor(N / k) = 600
+    with pytest.raises(PartitionError, match=r"fraction 0\.0008 of floor\(N / k\) = 600\); the smallest that gives one is 0\.0009"):
+        plan_counts(totals, [1000] * 10, ratios, [0.0008] * 100)
+    train_counts, _ = plan_counts(totals, [1000] * 10, ratios, [0.0009] * 100, require_test=False)
+    assert all(sum(counts) == 1 for counts in train_counts)

@@ -78,8 +78,27 @@ def test_iid_uses_natural_frequencies_and_nearly_all_data() -> None:
 
 def test_iid_explicit_fraction_is_kept_or_refused() -> None:
     assert iid(4, fraction=0.5)[1] == [0.5] * 4
-    with pytest.raises(ValueError, match=r"^fraction: 1.0 is infeasible .* the largest that fits is 0\.99"):
+    with pytest.raises(ValueError, match=r"^fraction: 1.0 is too large .* the largest that fits is 0\.99"):
         iid(10, fraction=1.0)
+
+
+def test_a_too_small_fraction_quotes_the_smallest_that_works() -> None:
+    with pytest.raises(ValueError, match=r"^fraction: 0.0001 is too small .* the smallest that works is ") as raised:
+        dirichlet(100, alpha=0.5, seed=0, fraction=0.0001)
+    smallest = float(str(raised.value).rsplit(" ", 1)[1])
+    ratios, fractions = dirichlet(100, alpha=0.5, seed=0, fraction=smallest)
+    assert feasible(ratios, fractions)
+    with pytest.raises(ValueError, match="too small"):
+        dirichlet(100, alpha=0.5, seed=0, fraction=round(smallest - 1e-4, 4))
+
+
+def test_quantity_skew_at_100_clients_gives_every_client_a_test_sample() -> None:
+    ratios, fractions = quantity_skew(100, alpha=0.5, seed=0)
+    train_counts, test_counts = plan_counts(MNIST.train_class_counts, MNIST.test_class_counts, ratios, fractions)
+    assert min(sum(counts) for counts in test_counts) >= 1
+    assert max(fractions) > 0.5 and len(set(fractions)) > 20  # still skewed: the floor only lifts the smallest
+    smallest = min(range(100), key=lambda i: fractions[i])
+    assert sum(test_counts[smallest]) == 1  # the floor is no higher than a test sample needs
 
 
 def test_shards_give_each_client_k_classes_in_equal_parts() -> None:

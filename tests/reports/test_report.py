@@ -358,8 +358,9 @@ def test_a_render_draws_the_stored_analysis_and_evaluates_no_model(
 
     from fedland.datasets import load_dataset
     from fedland.hessian import spectral_density
+    from fedland.measure import DENSITY_PROBES, DENSITY_STEPS
     from fedland.plan import ExperimentPlan
-    from server.analysis import DENSITY_PROBES, DENSITY_STEPS, TRAJECTORY_SAMPLES
+    from server.analysis import TRAJECTORY_SAMPLES
     from server.measurements import LandscapeWorker
     from server.resources import Resources
 
@@ -397,7 +398,7 @@ def test_a_render_draws_the_stored_analysis_and_evaluates_no_model(
     models = {r: weights(spec, r) for r in range(spec.rounds + 1)}  # the stored global models (see insert_experiment)
     initial = plan.model(models[0]).eval()
     with torch.no_grad():
-        logits = initial(dataset.test_x)  # (10000, classes): the whole test split at once
+        logits = initial(dataset.test_x[:])  # (10000, classes): the whole test split at once
     assert data.extras.round0 == pytest.approx({
         "test_loss": float(F.cross_entropy(logits, dataset.test_y)),
         "test_accuracy": float((logits.argmax(1) == dataset.test_y).float().mean())}, rel=1e-5)

@@ -18,7 +18,7 @@ from reports import watch_reports
 from reports.atomic import TEMP_SUFFIX, replaced, write_text
 from server.store import Store
 from tests.helpers import ROOT, assert_pages_intact, wait_until
-from tests.reports.test_report import NO_DATA, two_experiments
+from tests.reports.test_report import NO_DATA, Links, two_experiments
 
 
 def test_a_file_is_replaced_whole_or_left_as_it_was(tmp_path: Path) -> None:
@@ -88,3 +88,34 @@ def test_report_watch_stopped_mid_render_exits_at_once_with_the_pages_intact(
     assert "terminate called" not in output and "Traceback" not in output, output
     assert "report: stopped" in output
     assert_pages_intact(out)
+
+
+def test_final_renders_come_before_live_ones_and_live_figures_are_png_only(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    running_id, finished_id = two_experiments(store)  # the running one comes first in the store's order
+    store.db["experiments"].update_one({"_id": running_id}, {"$set": {"status": "running"}})
+    caplog.set_level(logging.INFO, logger="reports")
+    stop = threading.Event()
+
+    def messages() -> list[str]:
+        return [record.getMessage() for record in caplog.records if record.name == "reports"]
+
+    watcher = threading.Thread(target=watch_reports, args=(store.db, None, tmp_path, stop),
+                               kwargs=dict(poll_interval_s=0.2, data_dir=NO_DATA, until_done=False), daemon=True)
+    watcher.start()
+    try:
+        wait_until(lambda: any(f"{running_id}: live figures in" in m for m in messages()), 120,
+                   "the running experiment's live figures", lambda: "\n".join(messages()))
+    finally:
+        stop.set()
+        watcher.join(timeout=60)
+    assert not watcher.is_alive()
+    drawn = [m for m in messages() if "drawing the" in m]
+    assert drawn[0] == f"experiment {finished_id}: drawing the final figures", drawn
+    live, final = tmp_path / running_id, tmp_path / finished_id
+    assert sorted(p.name for p in live.glob("*.png")) and not list(live.glob("*.pdf"))
+    assert sorted(p.stem for p in final.glob("*.pdf")) == sorted(p.stem for p in final.glob("*.png"))
+    live_links, final_links = (Links((d / "index.html").read_text(encoding="utf-8")) for d in (live, final))
+    assert live_links.images and not live_links.vectors  # no link to a PDF that a live render did not write
+    assert sorted(final_links.vectors) == sorted(i.replace(".png", ".pdf") for i in final_links.images)

@@ -378,7 +378,11 @@ def test_measurements_of_broken_or_deleted_rounds_leave_the_worker_alive(
 
     # queued while the worker is busy; then round 1's updates vanish and the experiment fails
     gate = threading.Event()
-    blocker = coordinator.measurements.executor.submit(gate.wait)
+
+    def block() -> None:
+        assert gate.wait(300)
+
+    blocker = coordinator.measurements.lanes.submit(experiment_id, block)  # the experiment's lane waits for it
     for server_round in (1, 2, 3):
         coordinator.measurements.queue(experiment_id, server_round)
     for stats in store.stats_of_round(experiment_id, 1):
@@ -386,7 +390,7 @@ def test_measurements_of_broken_or_deleted_rounds_leave_the_worker_alive(
         store.delete_client_model(stats.weights_file_id)
     store.update_experiment(experiment_id, {"status": "failed", "error": "stopped by the test"})
     gate.set()
-    assert coordinator.measurements.wait(timeout_s=300) and blocker.result() is True
+    assert coordinator.measurements.wait(timeout_s=300) and blocker.result() is None
     after = landscapes_of(store, experiment_id)
     assert after[1] is not None and after[1]["error"].startswith("NoFile")  # stored as an error, like any failed measurement
     for server_round in (2, 3):  # the rounds are real: measured as before
@@ -395,16 +399,19 @@ def test_measurements_of_broken_or_deleted_rounds_leave_the_worker_alive(
     # queued, then the whole experiment is deleted
     store.db[records.ROUNDS].update_one({"experiment_id": experiment_id, "round": 2}, {"$unset": {"landscape": ""}})
     gate.clear()
-    blocker = coordinator.measurements.executor.submit(gate.wait)
+    blocker = coordinator.measurements.lanes.submit(experiment_id, block)
     coordinator.measurements.queue(experiment_id, 2)
     store.db[records.EXPERIMENTS].delete_one({"_id": experiment_id})
     gate.set()
     assert coordinator.measurements.wait(timeout_s=300)
     deleted_round = store.get_round(experiment_id, 2)
     assert deleted_round is None or deleted_round.landscape is None
-    # the same worker thread still takes jobs
-    name = coordinator.measurements.executor.submit(lambda: threading.current_thread().name).result(timeout=60)
-    assert name.startswith("landscape")
+    assert blocker.result() is None
+    # the measurement threads still take jobs
+    names: list[str] = []
+    coordinator.measurements.lanes.submit(experiment_id, lambda: names.append(threading.current_thread().name)
+                                          ).result(timeout=60)
+    assert names[0].startswith("landscape")
     coordinator.close()
 
 
