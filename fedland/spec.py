@@ -34,7 +34,7 @@ from fedland.algorithm_spec import ClientAlgorithmSpec, check_pairing
 from fedland.algorithms import cyclical_learning_rate
 from fedland.components import is_import_path, resolve_model, resolve_strategy
 from fedland.datasets import DATASETS
-from fedland.generalization import pac_bayes_max_rises
+from fedland.generalization import pac_bayes_typical_draws
 from fedland.models import MODEL_INPUT_SHAPES
 from fedland.partition import PartitionError, plan_counts
 from fedland.partition_scheme import TEST_SPLITS, PartitionScheme
@@ -77,12 +77,13 @@ LANDSCAPE_MAX: dict[str, float] = {
     "grid_points": 101,
     "sharpness_rho": 100.0,
     "grid_radius": 1_000.0,
-    "pac_bayes_samples": 64,
+    "pac_bayes_samples": 4_096,
     "pac_bayes_steps": 64,
     "power_iterations": 1_000,
 }
 #: Cost bound of one landscape measurement, in sample x parameter products
-#: (``LandscapeSpec.cost``): about a minute on one CPU core; the defaults cost 6.0e9 on FedNet.
+#: (``LandscapeSpec.cost``): about a minute on one CPU core; the defaults cost 6.2e10 on FedNet, most of it
+#: the 128 PAC-Bayes draws (heavier models lower ``pac_bayes_samples``, widening sigma's interval).
 LANDSCAPE_COST_BUDGET = 1e11
 #: Memory bound of the Hessian trace's probe block: trace_probes x parameters x 8 bytes.
 LANDSCAPE_MEMORY_BUDGET_BYTES = 1 << 30
@@ -274,8 +275,8 @@ class LandscapeSpec:
     grid_points: int = 9
     grid_radius: float = 1.0
     pac_bayes_deviation: float = 0.1
-    pac_bayes_samples: int = 4
-    pac_bayes_steps: int = 8
+    pac_bayes_samples: int = 128  # the interval on sigma within +-10% on FedNet (README "PAC-Bayes")
+    pac_bayes_steps: int = 10
     power_iterations: int = 30
 
     def __post_init__(self) -> None:
@@ -286,6 +287,8 @@ class LandscapeSpec:
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise SpecError(f"landscape.{name}", f"must be a positive integer, got {value!r}")
+        if self.pac_bayes_samples < 2:
+            raise SpecError("landscape.pac_bayes_samples", f"must be >= 2 (sigma's interval needs a spread), got {self.pac_bayes_samples}")
         if self.trace_probes < 4:
             raise SpecError("landscape.trace_probes", f"Hutch++ needs at least 4 products, got {self.trace_probes}")
         if not _is_int(self.interpolation_points) or self.interpolation_points < 2:
@@ -317,11 +320,11 @@ class LandscapeSpec:
 
         A Hessian-vector product counts twice (forward and backward), a loss
         evaluation (grid point, interpolation alpha, sharpness, a PAC-Bayes
-        noise draw: two variants, `pac_bayes_max_rises` scales each) once; the
+        noise draw: two variants, `pac_bayes_typical_draws` each) once; the
         spectral norms' power iterations cost two matrix products per layer each.
         """
         products = LANCZOS_PRODUCTS + self.trace_probes
-        pac_bayes = 2 * self.pac_bayes_samples * pac_bayes_max_rises(self.pac_bayes_steps)
+        pac_bayes = 2 * pac_bayes_typical_draws(self.pac_bayes_samples, self.pac_bayes_steps)
         evaluations = self.grid_points**2 + self.interpolation_points + 2 + pac_bayes
         return float(self.num_samples) * num_params * (2 * products + evaluations) + 2.0 * self.power_iterations * num_params
 
@@ -356,6 +359,9 @@ class ExperimentSpec:
     frequency per class, summing to 1) and ``subset_fractions[i]`` the share of
     ``floor(N / num_clients)`` training samples it gets (see
     ``fedland.partition``). ``seed`` seeds the partition and the initial model.
+    ``replicates`` (1) runs the experiment over that many seeds, ``seed``,
+    ``seed + 1``, ...: queued as one group (``fedland.replicates``), each copy
+    carrying its ``replicate`` index.
     Instead of these two lists, ``partition`` may name a scheme with its
     parameters (``fedland.partition_scheme.PartitionScheme``: iid, dirichlet,
     shards, quantity_skew; the member count and its own seed); members are then
@@ -405,6 +411,8 @@ class ExperimentSpec:
     strategy: StrategySpec = field(default_factory=StrategySpec)
     client_algorithm: ClientAlgorithmSpec = field(default_factory=ClientAlgorithmSpec)
     seed: int = 0
+    replicates: int = 1  # the same experiment over this many seeds (fedland.replicates)
+    replicate: int | None = None  # which of them, set when queued: runs with the first seed + replicate
     augment: bool | None = None
     landscape: LandscapeSpec = field(default_factory=LandscapeSpec)
     clients_per_round: int | float | None = None
@@ -416,6 +424,7 @@ class ExperimentSpec:
 
     def __post_init__(self) -> None:
         _validate_and_normalise(self)
+        _check_replicates(self)
 
     @property
     def num_clients(self) -> int:
@@ -477,6 +486,8 @@ class ExperimentSpec:
             "strategy": self.strategy.to_dict(),
             **({} if self.client_algorithm.is_default else {"client_algorithm": self.client_algorithm.to_dict()}),
             "seed": self.seed,
+            **({} if self.replicates == 1 else {"replicates": self.replicates}),
+            **({} if self.replicate is None else {"replicate": self.replicate}),
             "augment": self.augment,
             "landscape": self.landscape.to_dict(),
             **{
@@ -580,6 +591,19 @@ def load_specs(path: str | Path) -> list[ExperimentSpec]:
 
 
 # --- validation ------------------------------------------------------------
+
+
+def _check_replicates(spec: ExperimentSpec) -> None:
+    from fedland.replicates import MAX_REPLICATES
+
+    if not _is_int(spec.replicates) or not 1 <= spec.replicates <= MAX_REPLICATES:
+        raise SpecError("replicates", f"must be an integer in [1, {MAX_REPLICATES}], got {spec.replicates!r}")
+    if spec.replicate is not None and (not _is_int(spec.replicate) or not 0 <= spec.replicate < spec.replicates):
+        raise SpecError("replicate", f"must be an integer in [0, replicates), got {spec.replicate!r}")
+    first_seed = spec.seed - (spec.replicate or 0)
+    if first_seed < 0 or first_seed + spec.replicates - 1 > INT64_MAX:
+        raise SpecError("seed", f"the replicates' seeds {first_seed}..{first_seed + spec.replicates - 1} must lie in "
+                                "[0, 2**63 - 1]")
 
 
 def _validate_and_normalise(spec: ExperimentSpec) -> None:
@@ -770,7 +794,7 @@ def _check_landscape_cost(lspec: LandscapeSpec, model: str) -> None:
         raise SpecError(
             "landscape",
             f"one measurement of {model} ({num_params} parameters) costs {cost:.3g} sample x parameter products; "
-            f"the bound is {LANDSCAPE_COST_BUDGET:.3g}: lower num_samples, trace_probes or grid_points",
+            f"the bound is {LANDSCAPE_COST_BUDGET:.3g}: lower num_samples, trace_probes, grid_points or pac_bayes_samples",
         )
     memory = lspec.trace_probes * num_params * 8
     if memory > LANDSCAPE_MEMORY_BUDGET_BYTES:

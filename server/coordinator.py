@@ -29,6 +29,7 @@ from typing import Any
 
 from bson import ObjectId
 
+from fedland.replicates import expand_replicates
 from fedland.spec import ExperimentSpec, fingerprint
 from server.auth import Credentials, new_worker_secret
 from server.errors import Invalid, NotFound, Throttled
@@ -179,6 +180,8 @@ class Coordinator:
         repeated within `body`; `fresh` queues every spec anew. A resumed
         experiment goes on from its stored rounds (the server holds its round:
         opened when it was queued, or rebuilt by `recover`). `resumed` names them.
+        A spec with `replicates = n` is queued as its n replicates
+        (`fedland.replicates.expand_replicates`), their ids in replicate order.
         """
         specs = parse_specs(body)
         with self.store.submit_lock:  # no identical submit inserts between the search and the insert
@@ -189,7 +192,8 @@ class Coordinator:
         first_of: dict[str, int] = {}  # fingerprint -> index in `prepared`: a spec repeated in one submit
         resumed: list[str] = []
         prepared: list[tuple[ExperimentSpec, list[dict[str, Any]], bytes]] = []  # spec, members, initial model
-        for position, spec in enumerate(specs):
+        replicas = [(position, replica) for position, spec in enumerate(specs) for replica in expand_replicates(spec)]
+        for position, spec in replicas:  # `position`: the spec's index in `body`, for errors
             identity = fingerprint(spec)
             twin = None if fresh else self.store.unfinished_twin(identity)
             if twin is not None:

@@ -164,6 +164,7 @@ class ExperimentRecord:
     error: str | None = None  # why it failed
 
     def to_doc(self) -> Document:
+        from fedland.replicates import replicate_group
         from fedland.spec import fingerprint
 
         return {
@@ -177,12 +178,13 @@ class ExperimentRecord:
             "finished_at": to_date(self.finished_at),
             "error": self.error,
             "fingerprint": fingerprint(self.spec),  # derived from the spec, stored to find a twin by one query
+            "group_id": replicate_group(self.spec),  # derived too: the replicates across seeds, by one query
             "spec": self.spec.with_id(self.id).to_dict(),
         }
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> ExperimentRecord:
-        """The record of a stored document; its `fingerprint` is not read (the spec gives it)."""
+        """The record of a stored document; its `fingerprint` and `group_id` are not read (the spec gives them)."""
         from fedland.spec import ExperimentSpec
 
         experiment_id = str(doc["_id"])

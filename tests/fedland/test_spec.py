@@ -51,8 +51,8 @@ def spec_dict(**changes: Any) -> dict[str, Any]:
             "grid_points": 11,
             "grid_radius": 1.0,
             "pac_bayes_deviation": 0.1,
-            "pac_bayes_samples": 4,
-            "pac_bayes_steps": 8,
+            "pac_bayes_samples": 128,
+            "pac_bayes_steps": 10,
             "power_iterations": 30,
         },
     }
@@ -213,6 +213,7 @@ timestamp = "2025-01-02T03:04:05+00:00"
 target_balance_ratios = [[0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]]
 subset_fractions = [0.9]
 model = "FedCNN"
+landscape = { pac_bayes_samples = 16 }
 [experiments.strategy]
 name = "FedProx"
 params = { mu = 0.1 }
