@@ -32,7 +32,7 @@ torch.set_num_threads(1)  # as the child processes (FEDLAND_TORCH_THREADS=1)
 
 CHEAP = LandscapeSpec(
     every=2, num_samples=64, top_k=1, trace_probes=4, interpolation_points=3, grid_points=3,
-    pac_bayes_samples=1, pac_bayes_steps=2, power_iterations=5,
+    pac_bayes_samples=2, pac_bayes_steps=2, power_iterations=5,
 )
 
 WORKSPACE = {
