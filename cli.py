@@ -17,7 +17,7 @@ from launch.launcher import RunOptions, prepare, queue_only, run_local
 from launch.processes import Child, child_env
 from stack.api_client import ApiError
 from stack.interrupts import exit_status, stop_on_signals
-from stack.settings import DEFAULT_REPORTS_DIR, LauncherSettings, StoreSettings, configure_logging
+from stack.settings import DEFAULT_REPORTS_DIR, LauncherSettings, StoreSettings, configure_logging, use_workspace
 
 COMMANDS = ("run", "report", "export", "upgrade-store")
 
@@ -140,6 +140,7 @@ def main(experiments: Sequence[ExperimentSpec], argv: Sequence[str] | None = Non
     env = os.environ
     try:
         settings = LauncherSettings.from_env(env, mongo_uri=getattr(args, "store_uri", None))
+        use_workspace(settings.workspace)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

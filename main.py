@@ -58,6 +58,18 @@ EXPERIMENTS: list[ExperimentSpec] = [
         strategy=StrategySpec("FedProx", {"mu": 0.01}),
         **COMMON, **SGD,
     ),
+    *(  # the non-IID pair over 3 seeds (42, 43, 44), small and short: the reports show mean and 95% interval
+        ExperimentSpec(
+            description=f"non-IID unbalanced, 3 clients, {name}, 3 seeds",
+            target_balance_ratios=NON_IID_RATIOS,
+            subset_fractions=[0.05, 0.05, 0.05],
+            strategy=strategy,
+            replicates=3,
+            landscape=LandscapeSpec(every=3),
+            **{**COMMON, "rounds": 3}, **SGD,
+        )
+        for name, strategy in (("FedAvg", StrategySpec("FedAvg")), ("FedProx mu=0.01", StrategySpec("FedProx", {"mu": 0.01})))
+    ),
     ExperimentSpec(
         description="Dirichlet alpha=0.5, 3 clients, FedAvg",
         target_balance_ratios=DIRICHLET_RATIOS,

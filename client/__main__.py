@@ -13,7 +13,7 @@ from types import FrameType
 from client.loop import ClientLoop, make_transport_factory
 from client.work import LocalData, PartitionMismatch
 from fedland.device import resolve_device
-from stack.settings import ClientSettings, configure_logging, set_torch_threads
+from stack.settings import ClientSettings, configure_logging, set_torch_threads, use_workspace
 
 log = logging.getLogger("client")
 
@@ -26,6 +26,7 @@ def main() -> int:
         return 2
     configure_logging(settings.log_level, tag=f"[client {os.getpid()}] ")
     set_torch_threads(settings.torch_threads)
+    use_workspace(settings.workspace)
 
     stop = threading.Event()
 

@@ -20,9 +20,11 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from client.work import LocalData, load_weights, run_round
-from fedland.spec import ExperimentSpec
+from client.work import LocalData, MemberInputs, load_weights, run_round
+from fedland.components import is_import_path
+from fedland.spec import ExperimentSpec, SpecError
 from stack.api_client import ApiError, Conflict, Registration, Stopped, Transport, UnknownWorker
+from stack.settings import WORKSPACE_VARIABLE
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +160,17 @@ class ClientLoop:
         experiment_id = str(task["experiment_id"])
         client_index = int(task["client_index"])
         server_round = int(task["round"])
-        spec = self._spec(experiment_id, task.get("spec"))
+        try:
+            spec = self._spec(experiment_id, task.get("spec"))
+        except SpecError as error:
+            # the server accepted this spec: this worker's environment lacks what it names (a component
+            # by import path, most often); the experiment fails with the reason instead of waiting forever
+            log.error("experiment %s: cannot build its spec here: %s", experiment_id, error)
+            self.transport.report_failure(
+                experiment_id, server_round, client_index,
+                f"{error} (on host {socket.gethostname()}; {WORKSPACE_VARIABLE}={os.environ.get(WORKSPACE_VARIABLE, '')!r})",
+            )
+            return
         plan = self.local_data.plan(experiment_id, spec)
         data = self.local_data.client_data(experiment_id, plan, client_index, str(task["partition_digest"]))
         log.info("experiment %s round %d/%d as client %d", experiment_id, server_round, spec.rounds, client_index)
@@ -166,11 +178,28 @@ class ClientLoop:
         started = time.perf_counter()
         payload = self.transport.fetch_model(experiment_id, server_round)
         global_model = load_weights(plan, payload)
-        fetch_s = time.perf_counter() - started
         if self.stop.is_set():
             return
+        inputs = None
+        if not spec.client_algorithm.is_default:  # plain SGD keeps no state and needs no payload
+            inputs = MemberInputs.decode(self.transport.fetch_member_inputs(experiment_id, server_round, client_index))
+        fetch_s = time.perf_counter() - started
         previous = self.local_data.previous_global(experiment_id, client_index, server_round)
-        result = run_round(plan, data, global_model, server_round, fetch_s, previous, device=self.local_data.device)
+        try:
+            result = run_round(
+                plan, data, global_model, server_round, fetch_s, previous, device=self.local_data.device, inputs=inputs
+            )
+        except Exception as error:
+            brought = [name for name in (spec.model, spec.client_algorithm.name) if is_import_path(name)]
+            if not brought:
+                raise
+            # the researcher's code raised: every worker would, so the experiment fails with the reason
+            log.exception("experiment %s round %d: training with %s failed", experiment_id, server_round, brought)
+            self.transport.report_failure(
+                experiment_id, server_round, client_index,
+                f"training with {', '.join(brought)} raised {type(error).__name__}: {error}",
+            )
+            return
         self.local_data.remember_global(experiment_id, client_index, server_round, global_model)
         if self.stop.is_set():
             log.info("stopping: abandoning round %d of experiment %s", server_round, experiment_id)
@@ -182,7 +211,7 @@ class ClientLoop:
             "stats": result.stats,
         }
         try:
-            answer = self.transport.post_update(experiment_id, server_round, meta, result.weights)
+            answer = self.transport.post_update(experiment_id, server_round, meta, result.weights, result.state)
         except Conflict as error:
             log.warning("update for experiment %s round %d refused: %s", experiment_id, server_round, error)
             return

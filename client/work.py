@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
+from fedland.algorithms import LocalHyperparameters, MemberData
 from fedland.datasets import load_dataset
 from fedland.device import resolve_device
 from fedland.generalization import generalization_gap
 from fedland.measure import measure_client_round, member_densities
 from fedland.plan import ClientData, ExperimentPlan
 from fedland.spec import ExperimentSpec
-from fedland.training import Evaluation, batches, evaluate, train_local
+from fedland.training import Evaluation, batches, evaluate
 from stack import wire
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,21 @@ class RoundResult:
     weights: bytes  # safetensors of the local model
     num_examples: int
     stats: dict[str, Any]
+    state: bytes | None = None  # the client algorithm's new state and message (stack.wire.encode_member_state), if any
+
+
+@dataclass(frozen=True)
+class MemberInputs:
+    """What the member's client algorithm starts a round from: its own state and the strategy's round payload."""
+
+    state: dict[str, Any] = field(default_factory=dict)
+    round_state: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> MemberInputs:
+        """From the server's safetensors (``stack.wire.encode_member_inputs``)."""
+        state, round_state = wire.split(wire.decode(payload), wire.STATE_PREFIX, wire.ROUND_PREFIX)
+        return cls(state, round_state)
 
 
 def run_round(
@@ -154,6 +170,7 @@ def run_round(
     previous_global: StateDict | None = None,
     *,
     device: str | torch.device = "cpu",
+    inputs: MemberInputs | None = None,
 ) -> RoundResult:
     """Evaluate the global model, train locally, evaluate the local model; time each step.
 
@@ -162,7 +179,9 @@ def run_round(
     the round goes on). `previous_global` is the global model this client trained
     from in the round before, if any (for `cosine_to_previous_update`). Everything
     is computed on `device` (FEDLAND_DEVICE; `global_model` is not moved, a copy is);
-    the returned weights are CPU tensors either way.
+    the returned weights are CPU tensors either way. Training goes through the
+    spec's client algorithm (``fedland.algorithms.ClientAlgorithm``), started
+    from ``inputs`` (its state and the strategy's payload; empty when None).
     """
     spec = plan.spec
     where = resolve_device(device)
@@ -174,19 +193,21 @@ def run_round(
     started = time.perf_counter()
     global_stats = _measure(global_model, data)
     evaluated = time.perf_counter()
-    local_model, report = train_local(
-        global_model,
-        data.train_x,
-        data.train_y,
+    algorithm = spec.client_algorithm.build(spec.strategy.prox_mu)
+    hyper = LocalHyperparameters(
         epochs=spec.local_epochs,
         batch_size=spec.batch_size,
-        learning_rate=spec.learning_rate,
+        learning_rate=spec.round_learning_rate(server_round),
         momentum=spec.momentum,
-        seed=seed,
-        prox_mu=spec.strategy.prox_mu,
         augment=bool(spec.augment),
-        device=where,
+        device=str(where),
     )
+    inputs = inputs or MemberInputs()
+    result = algorithm.train(
+        global_model, MemberData(data.train_x, data.train_y),
+        seed=seed, hyper=hyper, state=inputs.state, round_state=inputs.round_state,
+    )
+    local_model, report = result.model, result.report
     trained = time.perf_counter()
     local_stats = _measure(local_model, data)
     done = time.perf_counter()
@@ -211,7 +232,8 @@ def run_round(
     if landscape is not None:
         stats["landscape"] = landscape
     weights = {name: tensor.detach().cpu() for name, tensor in local_model.state_dict().items()}
-    return RoundResult(wire.encode(weights), num_examples, stats)
+    state = wire.encode_member_state(result.state, result.message) if result.state or result.message else None
+    return RoundResult(wire.encode(weights), num_examples, stats, state)
 
 
 def _landscape(

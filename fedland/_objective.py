@@ -51,6 +51,28 @@ def check_finite(value: float | Tensor, what: str = "loss") -> None:
         raise NonFiniteLossError(f"{what}: is not finite (NaN or inf) at the model; no metric is defined there")
 
 
+def check_real(value: object, name: str, *, minimum: float = 0.0, inclusive: bool = False) -> float:
+    """``value`` as a float, or ``ValueError`` naming ``name`` unless it is a finite number > ``minimum``.
+
+    ``inclusive``: ``>= minimum`` instead. NaN and inf are refused: a radius, a
+    tolerance or a width of NaN or inf has no meaning, and a comparison with NaN
+    is always false, so it would slip past ``<= 0``.
+    """
+    rule = ">=" if inclusive else ">"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+        value < minimum if inclusive else value <= minimum
+    ):
+        raise ValueError(f"{name}: must be a finite number {rule} {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def check_int(value: object, name: str, *, minimum: int = 1) -> int:
+    """``value``, or ``ValueError`` naming ``name`` unless it is an integer >= ``minimum`` (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def loss_name(loss_fn: LossFn) -> str:
     """A short name of a loss function for error messages (``CrossEntropyLoss()``, ``cross_entropy``)."""
     if isinstance(loss_fn, nn.Module):
@@ -168,7 +190,7 @@ def evaluation_loop(
                 inputs, targets = inputs.to(device), targets.to(device)
             outputs = run(inputs)
             n = int(inputs.shape[0])
-            loss = float(loss_fn(outputs, targets))
+            loss = float(scalar_loss(loss_fn, outputs, targets))
             total += loss * n if reduction == "mean" else loss
             count += n
             if correct is not None and right is not None:
@@ -232,10 +254,11 @@ class Objective:
         chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         group_size: int = DEFAULT_GROUP_SIZE,
     ) -> None:
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError("chunk_size: must be >= 1 or None")
-        if group_size < 1:
-            raise ValueError("group_size: must be >= 1")
+        if chunk_size is not None:
+            check_int(chunk_size, "chunk_size")
+        check_int(group_size, "group_size")
+        if not callable(loss_fn):
+            raise ValueError(f"loss_fn: must be callable, got {loss_fn!r}")
         self.model = model
         self.loss_fn = loss_fn
         params = trainable_parameters(model)
@@ -266,7 +289,11 @@ class Objective:
             if t.shape != s:
                 raise ValueError(f"{field}: {n!r} has shape {tuple(t.shape)}, expected {tuple(s)}")
             out.append(t.detach().reshape(-1).to(self.dtype))
-        return torch.cat(out)
+        flat = torch.cat(out)
+        # a direction must be finite; another model's weights are checked by its loss (the non-finite error)
+        if not field.startswith("model") and not bool(torch.isfinite(flat).all()):
+            raise ValueError(f"{field}: must be finite (it holds NaN or inf)")
+        return flat
 
     def group_loss(
         self, theta: Tensor, group: _Group, buffers: Mapping[str, Tensor] | None = None

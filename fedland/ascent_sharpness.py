@@ -20,12 +20,22 @@ invariant to every per-coordinate rescaling of the parameters up to ``eta``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from fedland._objective import DEFAULT_CHUNK_SIZE, Batch, LossFn, Objective, preserved
+from fedland._objective import (
+    DEFAULT_CHUNK_SIZE,
+    Batch,
+    LossFn,
+    NonFiniteLossError,
+    Objective,
+    check_int,
+    check_real,
+    preserved,
+)
 
 
 def _ascent(objective: Objective, rho: float, steps: int, scale: torch.Tensor) -> float:
@@ -33,11 +43,13 @@ def _ascent(objective: Objective, rho: float, steps: int, scale: torch.Tensor) -
     theta = objective.theta
     base, grad = objective.gradient(theta)
     delta = torch.zeros_like(theta)
-    best = -float("inf")
+    best = -math.inf
     for t in range(steps):
         direction = scale * grad
         norm = float(direction.norm())
         if norm == 0.0:
+            break
+        if not math.isfinite(norm):  # the loss overflowed on the way: no direction to follow beyond it
             break
         delta = delta + (2.0 * rho / steps) * direction / norm
         length = float(delta.norm())
@@ -48,8 +60,14 @@ def _ascent(objective: Objective, rho: float, steps: int, scale: torch.Tensor) -
             loss, _ = objective.evaluate(point)
         else:
             loss, grad = _gradient_anywhere(objective, point)
+        if math.isnan(loss):  # max() would pass over it and report a smaller rise
+            raise NonFiniteLossError(
+                f"loss: is NaN at ascent step {t + 1} inside the ball (radius {rho:g}); the sharpness is undefined"
+            )
         best = max(best, loss)
-    return 0.0 if best == -float("inf") else best - base
+        if best == math.inf:  # the loss overflowed inside the ball: the rise is unbounded
+            break
+    return 0.0 if best == -math.inf else best - base
 
 
 def _gradient_anywhere(objective: Objective, point: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -66,12 +84,9 @@ def _gradient_anywhere(objective: Objective, point: torch.Tensor) -> tuple[float
 
 
 def _check(rho: float, steps: int, eta: float) -> None:
-    if not rho > 0:
-        raise ValueError("rho: must be > 0")
-    if steps < 1:
-        raise ValueError("steps: must be >= 1")
-    if not eta >= 0:
-        raise ValueError("eta: must be >= 0")
+    check_real(rho, "rho")
+    check_int(steps, "steps")
+    check_real(eta, "eta", inclusive=True)
 
 
 def adaptive_sharpness(

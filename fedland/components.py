@@ -39,7 +39,7 @@ from fedland.algorithms import CLIENT_ALGORITHMS
 from fedland.datasets import DATASETS, Images, load_dataset
 from fedland.models import _MODELS as _MODEL_FACTORIES
 from fedland.models import MODEL_INPUT_SHAPES, MODEL_NAMES, build_model
-from fedland.strategies import STRATEGIES
+from fedland.strategies import STRATEGIES, Strategy
 
 __all__ = [
     "COMPONENT_KINDS",
@@ -143,8 +143,8 @@ def resolve_dataset(name: str, field: str = "dataset_name") -> DatasetSource:
     return source
 
 
-def resolve_strategy(name: str, field: str = "strategy.name") -> Callable[..., Any]:
-    factory: Callable[..., Any] = resolve("strategy", name, field)
+def resolve_strategy(name: str, field: str = "strategy.name") -> type[Strategy]:
+    factory: type[Strategy] = resolve("strategy", name, field)
     return factory
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedland._objective import Batch, LossFn, Objective, _Group, check_finite, preserved
+from fedland._objective import Batch, LossFn, Objective, _Group, check_finite, check_int, preserved
 from fedland.hessian import (
     RETAIN_GRAPH_MAX_SAMPLES,
     EigenResult,
@@ -145,7 +145,10 @@ class FisherOperator(_JacobianOperator):
     """Empirical Fisher products ``F v = (1/N) sum_i g_i (g_i . v)`` of the per-example losses."""
 
     def _build(self, leaf: Tensor, group: _Group) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        losses = self._objective.example_losses(self._objective.outputs(leaf, group), group)  # (n_group,)
+        outputs = self._objective.outputs(leaf, group)
+        with torch.no_grad():  # the per-example losses below hide a reduction="none" loss: check the batches'
+            self._objective.outputs_loss(outputs.detach(), group)
+        losses = self._objective.example_losses(outputs, group)  # (n_group,)
         check_finite(float(losses.detach().sum()))
         n = self._objective.num_examples
         return losses, lambda a: a / n
@@ -254,6 +257,7 @@ def layer_top_eigenvalues(
     Returns:
         Group name -> :class:`~fedland.hessian.EigenResult` (vectors over the group's parameters).
     """
+    check_int(k, "k")
     with preserved(model):
         wanted = dict(groups) if groups is not None else layer_groups(model)
         if not wanted:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fedland import _krylov
-from fedland._objective import Batch, LossFn, Objective, check_finite, preserved
+from fedland._objective import Batch, LossFn, Objective, check_finite, check_int, check_real, preserved
 
 logger = logging.getLogger(__name__)
 
@@ -243,18 +243,14 @@ def top_eigenvalues(
 
 
 def _check_eigen_arguments(k: int, method: str, tol: float, max_iter: int, check_steps: int) -> None:
-    if k < 1:
-        raise ValueError("k: must be >= 1")
-    if tol <= 0:
-        raise ValueError("tol: must be > 0")
-    if max_iter < 1:
-        raise ValueError("max_iter: must be >= 1")
+    check_int(k, "k")
+    check_real(tol, "tol")
+    check_int(max_iter, "max_iter")
     if method not in ("lanczos", "power"):
         raise ValueError("method: must be 'lanczos' or 'power'")
     if method == "lanczos" and max_iter < k:
         raise ValueError(f"max_iter: must be >= k ({k}): Lanczos spends at least one product per eigenvalue")
-    if check_steps < 0:
-        raise ValueError("check_steps: must be >= 0")
+    check_int(check_steps, "check_steps", minimum=0)
 
 
 def operator_top_eigenvalues(
@@ -344,6 +340,7 @@ def hessian_trace(
     minimum = {"hutch++": 4, "hutchinson": 2}
     if method not in minimum:
         raise ValueError("method: must be 'hutch++' or 'hutchinson'")
+    check_int(num_hvps, "num_hvps")
     if num_hvps < minimum[method]:
         raise ValueError(f"num_hvps: must be >= {minimum[method]} for {method}")
     with preserved(model):
@@ -362,6 +359,7 @@ def operator_trace(
     minimum = {"hutch++": 4, "hutchinson": 2}
     if method not in minimum:
         raise ValueError("method: must be 'hutch++' or 'hutchinson'")
+    check_int(num_hvps, "num_hvps")
     if num_hvps < minimum[method]:
         raise ValueError(f"num_hvps: must be >= {minimum[method]} for {method}")
     generator = torch.Generator().manual_seed(seed)
@@ -430,14 +428,11 @@ def operator_spectral_density(
     seed: int = 0,
 ) -> SpectralDensity:
     """:func:`spectral_density` of an existing operator (the Hessian, a GGN, a Fisher, a parameter subset)."""
-    if num_probes < 1:
-        raise ValueError("num_probes: must be >= 1")
-    if lanczos_steps < 1:
-        raise ValueError("lanczos_steps: must be >= 1")
-    if grid_points < 2:
-        raise ValueError("grid_points: must be >= 2")
-    if sigma is not None and sigma <= 0:
-        raise ValueError("sigma: must be > 0")
+    check_int(num_probes, "num_probes")
+    check_int(lanczos_steps, "lanczos_steps")
+    check_int(grid_points, "grid_points", minimum=2)
+    if sigma is not None:
+        check_real(sigma, "sigma")
     used = op.num_hvps
     generator = torch.Generator().manual_seed(seed)
     nodes, weights, _ = _krylov.slq_nodes(op.matvec, op.dim, lanczos_steps, num_probes, generator, op.params)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedland.generalization import pac_bayes_max_rises
+from fedland.generalization import pac_bayes_typical_draws
 
 if TYPE_CHECKING:
     from fedland.spec import LandscapeSpec
@@ -85,8 +85,8 @@ def model_costs() -> dict[str, ModelCost]:
 
 
 def pac_bayes_evaluations(lspec: LandscapeSpec) -> int:
-    """Forward passes over the subset of one model's PAC-Bayes flatness (plain and magnitude-aware): its bound."""
-    return 2 * lspec.pac_bayes_samples * pac_bayes_max_rises(lspec.pac_bayes_steps)
+    """Forward passes over the subset of one model's PAC-Bayes flatness (plain and magnitude-aware, sequential draws)."""
+    return 2 * pac_bayes_typical_draws(lspec.pac_bayes_samples, lspec.pac_bayes_steps)
 
 
 def _model_measure_s(cost: ModelCost, lspec: LandscapeSpec, num_samples: int) -> float:
@@ -172,11 +172,15 @@ def resolve_landscape(
 
     ``members`` train each round for ``local_epochs`` epochs over ``member_samples`` samples on average;
     the server's subset is drawn from ``held_out_samples``. ``every`` is at most ``max_every`` (the last
-    round is measured anyway). Switched off, the unset values take 1 and ``DEFAULT_NUM_SAMPLES``.
+    round is measured anyway). Switched off, the unset values take 1 and ``DEFAULT_NUM_SAMPLES``. A model
+    without a calibration entry (named by import path) gets the cheapest schedule for what is unset: the last
+    round only (``max_every``) on ``MIN_BUDGET_SAMPLES``.
     """
     if not lspec.enabled or (lspec.every is not None and lspec.num_samples is not None):
         return dataclasses.replace(lspec, every=lspec.every or 1, num_samples=lspec.num_samples or DEFAULT_NUM_SAMPLES)
-    cost = model_costs()[model]
+    cost = model_costs().get(model)
+    if cost is None:  # a model of the researcher's own (an import path): no calibration, so the cheapest schedule
+        return dataclasses.replace(lspec, every=lspec.every or max_every, num_samples=lspec.num_samples or MIN_BUDGET_SAMPLES)
 
     def measurement_s(num_samples: int) -> float:
         member = max(1, min(num_samples, math.floor(member_samples)))

@@ -44,6 +44,8 @@ __all__ = [
     "landscape_subset",
     "mean_loss",
     "measure_client_round",
+    "MEASUREMENT_FLAGS",
+    "cosine_or_none",
     "measure_generalization",
     "measure_model",
     "member_densities",
@@ -66,6 +68,10 @@ EIGEN_MAX_ITER = 60
 #: The spectral densities of the experiment's analysis: stochastic Lanczos quadrature (Ghorbani et al. 2019) with
 #: this many probes and Lanczos steps, evaluated on this many grid points.
 DENSITY_PROBES, DENSITY_STEPS, DENSITY_POINTS = 3, 40, 400
+
+
+#: The keys of a measurement document that hold a boolean (all other leaves are numbers, null or a name).
+MEASUREMENT_FLAGS = frozenset({"saturated", "top_eigenvalues_converged"})
 
 
 def landscape_subset(num_examples: int, num_samples: int, seed: int | Sequence[int]) -> np.ndarray:
@@ -113,7 +119,7 @@ def measure_model(
         seed: seeds the Lanczos start and the trace probes.
 
     Returns:
-        ``{"loss", "accuracy", "grad_norm", "top_eigenvalues": [top_k], "trace",
+        ``{"loss", "accuracy", "grad_norm", "top_eigenvalues": [top_k], "top_eigenvalues_converged", "trace",
         "trace_stderr", "sharpness", "generalization"}``; ``generalization`` is
         ``measure_generalization``'s document. Every value None (and a warning
         logged) when the loss or its gradient is not finite at the model.
@@ -123,7 +129,8 @@ def measure_model(
     except NonFiniteLossError as error:
         log.warning("measure_model: %s; stored as None", error)
         keys = ("loss", "accuracy", "grad_norm", "trace", "trace_stderr", "sharpness")
-        return {**{k: None for k in keys}, "top_eigenvalues": [None] * lspec.top_k, "generalization": None}
+        return {**{k: None for k in keys}, "top_eigenvalues": [None] * lspec.top_k, "top_eigenvalues_converged": None,
+                "generalization": None}
 
 
 def _measure_model(
@@ -144,6 +151,7 @@ def _measure_model(
         "accuracy": finite_or_none(accuracy),
         "grad_norm": finite_or_none(norm),
         "top_eigenvalues": [finite_or_none(v) for v in eigen.values],
+        "top_eigenvalues_converged": bool(eigen.converged),
         "trace": finite_or_none(trace.estimate),
         "trace_stderr": finite_or_none(trace.std_error),
         "sharpness": finite_or_none(sharp),
@@ -159,9 +167,12 @@ def measure_generalization(model: nn.Module, batches: Iterable[Batch], lspec: La
     ``magnitude_aware=True``) and ``weight_norms(model, power_iterations=lspec.power_iterations, seed=seed)``.
 
     Returns:
-        ``{"pac_bayes": {"sigma", "flatness", "bound", "deviation"}, "pac_bayes_magnitude": {...},
+        ``{"pac_bayes": {"saturated", "sigma", "sigma_low", "sigma_high", "flatness", "flatness_low",
+        "flatness_high", "bound", "deviation", "deviation_stderr"}, "pac_bayes_magnitude": {...},
         "norms": {"frobenius_sum", "spectral_sum", "log_frobenius_product", "log_spectral_product",
-        "layers": [{"name", "frobenius", "spectral"}]}}``.
+        "layers": [{"name", "frobenius", "spectral"}]}}``. The ``_low``/``_high`` pairs are the 95%
+        interval (``PacBayes``); every PAC-Bayes number is None when ``saturated`` (the search ran into
+        an end of its range: the value would measure the range, not the model).
     """
     out: dict[str, Any] = {}
     for key, magnitude in (("pac_bayes", False), ("pac_bayes_magnitude", True)):
@@ -169,11 +180,20 @@ def measure_generalization(model: nn.Module, batches: Iterable[Batch], lspec: La
             model, zero_one_error, batches, deviation=lspec.pac_bayes_deviation, samples=lspec.pac_bayes_samples,
             steps=lspec.pac_bayes_steps, magnitude_aware=magnitude, seed=seed,
         )
+        # saturated: the search measured its own range, not the model; no number is stored for it
+        number = (lambda value: None) if result.saturated else finite_or_none
+        low, high = result.flatness_interval
         out[key] = {
-            "sigma": finite_or_none(result.sigma),
-            "flatness": finite_or_none(result.flatness),
-            "bound": finite_or_none(result.bound),
-            "deviation": finite_or_none(result.deviation_at_sigma),
+            "saturated": result.saturated,
+            "sigma": number(result.sigma),
+            "sigma_low": number(result.sigma_low),
+            "sigma_high": number(result.sigma_high),
+            "flatness": number(result.flatness),
+            "flatness_low": number(low),
+            "flatness_high": number(high),
+            "bound": number(result.bound),
+            "deviation": number(result.deviation_at_sigma),
+            "deviation_stderr": number(result.deviation_stderr),
         }
     norms = weight_norms(model, power_iterations=lspec.power_iterations, seed=seed)
     out["norms"] = {
@@ -232,7 +252,7 @@ def measure_client_round(
     if previous_global_weights is not None:
         # global - previous, over the global model's trainable parameters (buffers in the weights are ignored)
         previous_update = {n: -t for n, t in model_direction(global_model, previous_global_weights).items()}
-        previous = finite_or_none(cosine_similarity(update, previous_update))
+        previous = cosine_or_none(update, previous_update)
     return {
         "num_samples": sum(int(y.shape[0]) for _, y in data),
         "global": measure_model(global_model, loss_fn, data, lspec, seed),
@@ -243,7 +263,7 @@ def measure_client_round(
             "barrier": None if path is None else finite_or_none(path.barrier),
         },
         "update": {
-            "distance": finite_or_none(distance(local_model, global_model)),
+            "distance": _none_if_not_finite(lambda: distance(local_model, global_model)),
             "cosine_to_previous_update": previous,
         },
         "duration_s": time.perf_counter() - started,
@@ -440,6 +460,18 @@ def _class_scores_correct(outputs: Tensor, targets: Tensor) -> int | None:
     if outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point():
         return int((outputs.argmax(dim=1) == targets).sum())
     return None
+
+
+def cosine_or_none(a: Any, b: Any, reference: Any = None) -> float | None:
+    """``cosine_similarity(a, b, reference)``, None where it is NaN or a weight is not finite."""
+    return _none_if_not_finite(lambda: cosine_similarity(a, b, reference))
+
+
+def _none_if_not_finite(call: Callable[[], float]) -> float | None:
+    try:
+        return finite_or_none(call())
+    except NonFiniteLossError:
+        return None
 
 
 def finite_or_none(value: Any) -> float | None:

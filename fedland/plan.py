@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedland.components import resolve_model
 from fedland.datasets import DATASETS, Dataset, Images
 from fedland.measure import landscape_subset
-from fedland.models import build_model
 from fedland.partition import ClientPartition, partition
 from fedland.partition_scheme import ClassPools, scheme_member
 from fedland.spec import ExperimentSpec
@@ -171,7 +171,7 @@ class ExperimentPlan:
         Raises:
             ValueError: ``weights`` lacks a key of the model, has an extra one, or a shape differs.
         """
-        model = build_model(self.spec.model, seed=self.spec.seed, num_classes=self.spec.num_classes)
+        model = resolve_model(self.spec.model).build(self.spec.seed, self.spec.num_classes)
         if weights is None:
             return model
         expected = model.state_dict()

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from fedland._objective import DEFAULT_CHUNK_SIZE, Batch, LossFn, Objective, preserved
+from fedland._objective import DEFAULT_CHUNK_SIZE, Batch, LossFn, Objective, check_finite, check_real, preserved
 
 ModelOrParams = nn.Module | Mapping[str, Tensor]  # a model, or tensors by parameter name
 
@@ -40,8 +40,7 @@ def sharpness(
     Returns:
         The loss increase; 0.0 at a point where the gradient vanishes.
     """
-    if rho <= 0:
-        raise ValueError("rho: must be > 0")
+    check_real(rho, "rho")
     with preserved(model):
         objective = Objective(model, loss_fn, data, chunk_size=chunk_size)
         loss, grad = objective.gradient(objective.theta)
@@ -67,8 +66,10 @@ def path_norm(model: nn.Module, input_shape: Sequence[int]) -> float:
         model: not modified.
         input_shape: shape of one input without the batch dimension, e.g. ``(1, 28, 28)``.
     """
-    if not input_shape or any(int(s) < 1 for s in input_shape):
+    if not input_shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in input_shape):
         raise ValueError("input_shape: must be a non-empty sequence of positive sizes")
+    for name, param in model.named_parameters():
+        check_finite(param.detach(), f"weights: {name!r}")
     state: dict[str, Tensor] = {}
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
@@ -125,6 +126,8 @@ def _pair(a: ModelOrParams, b: ModelOrParams, reference: ModelOrParams | None) -
             if values[n].shape != sides["a"][n].shape:
                 raise ValueError(f"{field}: {n!r} has shape {tuple(values[n].shape)}, expected {tuple(sides['a'][n].shape)}")
     flat = {k: torch.cat([v[n].reshape(-1).double().cpu() for n in names]) for k, v in sides.items()}
+    for field, vector in flat.items():
+        check_finite(vector, f"{field}: weights")
     if reference is not None:
         return flat["a"] - flat["reference"], flat["b"] - flat["reference"]
     return flat["a"], flat["b"]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedland._objective import DEFAULT_CHUNK_SIZE, Batch, LossFn, Objective, check_finite, preserved
+from fedland._objective import DEFAULT_CHUNK_SIZE, Batch, LossFn, Objective, check_finite, check_real, preserved
 from fedland.directions import Norm, random_direction
 
 logger = logging.getLogger(__name__)
@@ -79,9 +79,8 @@ class Interpolation:
 
 def centered_grid(radius: float, num_points: int) -> np.ndarray:
     """``np.linspace(-radius, radius, num_points)`` with the middle point exactly 0."""
-    if radius <= 0:
-        raise ValueError("radius: must be > 0")
-    if num_points < 1 or num_points % 2 == 0:
+    check_real(radius, "radius")
+    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1 or num_points % 2 == 0:
         raise ValueError("num_points: must be a positive odd number, so the model itself is a grid point")
     grid = np.linspace(-radius, radius, num_points)
     grid[num_points // 2] = 0.0
@@ -190,8 +189,8 @@ def interpolate(
         chunk_size: samples per forward call.
     """
     grid = np.linspace(0.0, 1.0, 11) if alphas is None else np.asarray(alphas, dtype=np.float64)
-    if grid.ndim != 1 or not (np.any(grid == 0.0) and np.any(grid == 1.0)):
-        raise ValueError("alphas: must be a 1-D sequence containing 0 and 1")
+    if grid.ndim != 1 or not (np.any(grid == 0.0) and np.any(grid == 1.0)) or not np.isfinite(grid).all():
+        raise ValueError("alphas: must be a 1-D sequence of finite numbers containing 0 and 1")
     with preserved(model_a), preserved(model_b):
         objective = Objective(model_a, loss_fn, data, chunk_size=chunk_size)
         theta_b = objective.flatten(dict(model_b.named_parameters()), "model_b")

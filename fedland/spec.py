@@ -30,12 +30,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedland.algorithm_spec import ClientAlgorithmSpec, check_pairing
+from fedland.algorithms import cyclical_learning_rate
+from fedland.components import is_import_path, resolve_model, resolve_strategy
 from fedland.datasets import DATASETS
 from fedland.landscape_budget import DEFAULT_BUDGET, ModelCost, member_measurement_s, model_costs, resolve_landscape
-from fedland.models import MODEL_INPUT_SHAPES, MODEL_NAMES, build_model
+from fedland.models import MODEL_INPUT_SHAPES
 from fedland.partition import PartitionError, client_sizes, plan_counts
 from fedland.partition_scheme import TEST_SPLITS, PartitionScheme
-from fedland.strategies import STRATEGIES
 
 __all__ = [
     "STORE_KEYS",
@@ -75,13 +77,13 @@ LANDSCAPE_MAX: dict[str, float] = {
     "grid_points": 101,
     "sharpness_rho": 100.0,
     "grid_radius": 1_000.0,
-    "pac_bayes_samples": 64,
+    "pac_bayes_samples": 4_096,
     "pac_bayes_steps": 64,
     "power_iterations": 1_000,
 }
-#: Cost bound of one member's landscape measurement, in calibrated CPU seconds (four hours of one core;
-#: ``fedland.landscape_budget.member_measurement_s`` on ``num_samples`` samples; ResNet18 on 128 takes ~1 hour).
-LANDSCAPE_COST_BUDGET_S = 14_400.0
+#: Cost bound of one member's landscape measurement, in calibrated CPU seconds (a day of one core;
+#: ``fedland.landscape_budget.member_measurement_s``; ResNet18's defaults take ~7 hours with 128 PAC-Bayes draws).
+LANDSCAPE_COST_BUDGET_S = 86_400.0
 #: The largest ``landscape.budget``: measurement may take at most this many times the training CPU.
 MAX_LANDSCAPE_BUDGET = 100.0
 #: Memory bound of the Hessian trace's probe block: trace_probes x parameters x 8 bytes.
@@ -156,6 +158,16 @@ STRATEGY_PARAMS: dict[str, dict[str, StrategyParam]] = {
         "num_malicious": StrategyParam(0, "an integer >= 0", lambda v: _is_int(v) and 0 <= v <= INT64_MAX),
         "num_selected": StrategyParam(1, "an integer >= 1", lambda v: _is_int(v) and 1 <= v <= INT64_MAX),
     },
+    # the server halves of fedland.algorithms (participation comes from the experiment: make_strategy)
+    "SCAFFOLD": {"server_learning_rate": _param(_POSITIVE, 1.0)},
+    "FedDyn": {"alpha": _param(_POSITIVE, 0.01)},
+    "FedSWA": {
+        "start_round": StrategyParam(_REQUIRED, "an integer >= 1", lambda v: _is_int(v) and 1 <= v <= MAX_ROUNDS),
+        "cycle_length": StrategyParam(1, "an integer >= 1", lambda v: _is_int(v) and 1 <= v <= MAX_ROUNDS),
+        "lr_min": StrategyParam(
+            None, "null (a constant learning rate) or a finite number > 0", lambda v: v is None or _POSITIVE.check(v)
+        ),
+    },
 }
 STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGY_PARAMS)
 # Robust strategies (STRATEGIES[name].averages is False) need every update of a round
@@ -173,13 +185,23 @@ class StrategySpec:
 
     Unknown parameters and values outside a parameter's rule raise ``SpecError``;
     ``FedProx`` requires ``params["mu"] >= 0`` (clients read it: ``prox_mu``).
-    ``resolved_params`` adds the defaults of the parameters not given.
+    ``resolved_params`` adds the defaults of the parameters not given. A name
+    ``"package.module:Class"`` is resolved (``fedland.components``) and built
+    with ``params`` as given, which its class checks.
     """
 
     name: str = "FedAvg"
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.name, str) and is_import_path(self.name):
+            object.__setattr__(self, "params", _json_object(self.params, "strategy.params"))
+            factory = _resolved(resolve_strategy, self.name, "strategy.name")
+            try:
+                factory(**self.params)
+            except (TypeError, ValueError) as error:
+                raise SpecError("strategy.params", f"refused by {self.name}: {error}") from None
+            return
         if self.name not in STRATEGY_NAMES:
             raise SpecError("strategy.name", f"unknown strategy {self.name!r}; valid: {', '.join(STRATEGY_NAMES)}")
         object.__setattr__(self, "params", _json_object(self.params, "strategy.params"))
@@ -198,6 +220,8 @@ class StrategySpec:
     @property
     def resolved_params(self) -> dict[str, Any]:
         """Every parameter of the strategy: the given ones, and the defaults of the rest."""
+        if self.name not in STRATEGY_PARAMS:
+            return dict(self.params)
         return {param: self.params.get(param, rule.default) for param, rule in STRATEGY_PARAMS[self.name].items()}
 
     @property
@@ -255,8 +279,8 @@ class LandscapeSpec:
     grid_points: int = 9
     grid_radius: float = 1.0
     pac_bayes_deviation: float = 0.1
-    pac_bayes_samples: int = 4
-    pac_bayes_steps: int = 8
+    pac_bayes_samples: int = 128  # the interval on sigma within +-10% on FedNet (README "PAC-Bayes")
+    pac_bayes_steps: int = 10
     power_iterations: int = 30
 
     def __post_init__(self) -> None:
@@ -269,6 +293,8 @@ class LandscapeSpec:
                 continue  # chosen by the budget
             if not _is_int(value) or value <= 0:
                 raise SpecError(f"landscape.{name}", f"must be a positive integer, got {value!r}")
+        if self.pac_bayes_samples < 2:
+            raise SpecError("landscape.pac_bayes_samples", f"must be >= 2 (sigma's interval needs a spread), got {self.pac_bayes_samples}")
         if self.trace_probes < 4:
             raise SpecError("landscape.trace_probes", f"Hutch++ needs at least 4 products, got {self.trace_probes}")
         if not _is_int(self.interpolation_points) or self.interpolation_points < 2:
@@ -348,6 +374,9 @@ class ExperimentSpec:
     frequency per class, summing to 1) and ``subset_fractions[i]`` the share of
     ``floor(N / num_clients)`` training samples it gets (see
     ``fedland.partition``). ``seed`` seeds the partition and the initial model.
+    ``replicates`` (1) runs the experiment over that many seeds, ``seed``,
+    ``seed + 1``, ...: queued as one group (``fedland.replicates``), each copy
+    carrying its ``replicate`` index.
     Instead of these two lists, ``partition`` may name a scheme with its
     parameters (``fedland.partition_scheme.PartitionScheme``: iid, dirichlet,
     shards, quantity_skew; the member count and its own seed); members are then
@@ -373,8 +402,13 @@ class ExperimentSpec:
     (``fedland.strategies.relative_distance``); the server refuses, records
     and reassigns an update beyond it. ``None`` turns screening off (robust
     aggregation stays a choice of ``strategy``).
+    ``client_algorithm`` is the members' local training
+    (``fedland.algorithm_spec.ClientAlgorithmSpec``; default plain SGD). ``model``
+    and ``strategy.name`` may be import paths ``"package.module:attr"``
+    (``fedland.components``).
     Lists are stored as tuples; ``to_dict`` gives lists back (the participation
-    keys only when set, so older documents read back unchanged).
+    keys and a non-default client algorithm only when set, so older documents
+    read back unchanged).
     """
 
     target_balance_ratios: Sequence[Sequence[float]] = ()
@@ -390,7 +424,10 @@ class ExperimentSpec:
     learning_rate: float = 0.01
     momentum: float = 0.0
     strategy: StrategySpec = field(default_factory=StrategySpec)
+    client_algorithm: ClientAlgorithmSpec = field(default_factory=ClientAlgorithmSpec)
     seed: int = 0
+    replicates: int = 1  # the same experiment over this many seeds (fedland.replicates)
+    replicate: int | None = None  # which of them, set when queued: runs with the first seed + replicate
     augment: bool | None = None
     landscape: LandscapeSpec = field(default_factory=LandscapeSpec)
     clients_per_round: int | float | None = None
@@ -402,6 +439,7 @@ class ExperimentSpec:
 
     def __post_init__(self) -> None:
         _validate_and_normalise(self)
+        _check_replicates(self)
 
     @property
     def num_clients(self) -> int:
@@ -421,6 +459,20 @@ class ExperimentSpec:
         if isinstance(self.clients_per_round, int):
             return self.clients_per_round
         return max(1, math.floor(self.clients_per_round * self.num_clients + 1e-9))
+
+    @property
+    def participation(self) -> float:
+        """Members per round over the federation's size (SCAFFOLD's and FedDyn's server step)."""
+        return self.members_per_round / self.num_clients
+
+    def round_learning_rate(self, server_round: int) -> float:
+        """The clients' learning rate in round ``server_round``: FedSWA's cyclical one, else ``learning_rate``."""
+        if self.strategy.name == "FedSWA" and self.strategy.params.get("lr_min") is not None:
+            params = self.strategy.resolved_params
+            return cyclical_learning_rate(
+                server_round, params["start_round"], params["cycle_length"], self.learning_rate, params["lr_min"]
+            )
+        return self.learning_rate
 
     def with_id(self, experiment_id: str) -> ExperimentSpec:
         """Return a copy carrying the id the store assigned."""
@@ -447,7 +499,10 @@ class ExperimentSpec:
             "learning_rate": self.learning_rate,
             "momentum": self.momentum,
             "strategy": self.strategy.to_dict(),
+            **({} if self.client_algorithm.is_default else {"client_algorithm": self.client_algorithm.to_dict()}),
             "seed": self.seed,
+            **({} if self.replicates == 1 else {"replicates": self.replicates}),
+            **({} if self.replicate is None else {"replicate": self.replicate}),
             "augment": self.augment,
             "landscape": self.landscape.to_dict(),
             **{
@@ -491,6 +546,8 @@ class ExperimentSpec:
             kwargs["strategy"] = StrategySpec.from_dict(kwargs["strategy"])
         if "landscape" in kwargs:
             kwargs["landscape"] = LandscapeSpec.from_dict(kwargs["landscape"])
+        if "client_algorithm" in kwargs:
+            kwargs["client_algorithm"] = ClientAlgorithmSpec.from_dict(kwargs["client_algorithm"])
         return cls(**kwargs)
 
 
@@ -551,6 +608,19 @@ def load_specs(path: str | Path) -> list[ExperimentSpec]:
 # --- validation ------------------------------------------------------------
 
 
+def _check_replicates(spec: ExperimentSpec) -> None:
+    from fedland.replicates import MAX_REPLICATES
+
+    if not _is_int(spec.replicates) or not 1 <= spec.replicates <= MAX_REPLICATES:
+        raise SpecError("replicates", f"must be an integer in [1, {MAX_REPLICATES}], got {spec.replicates!r}")
+    if spec.replicate is not None and (not _is_int(spec.replicate) or not 0 <= spec.replicate < spec.replicates):
+        raise SpecError("replicate", f"must be an integer in [0, replicates), got {spec.replicate!r}")
+    first_seed = spec.seed - (spec.replicate or 0)
+    if first_seed < 0 or first_seed + spec.replicates - 1 > INT64_MAX:
+        raise SpecError("seed", f"the replicates' seeds {first_seed}..{first_seed + spec.replicates - 1} must lie in "
+                                "[0, 2**63 - 1]")
+
+
 def _validate_and_normalise(spec: ExperimentSpec) -> None:
     def put(name: str, value: Any) -> None:
         object.__setattr__(spec, name, value)
@@ -571,14 +641,13 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
         raise SpecError("timestamp", f"must be an ISO 8601 string, got {spec.timestamp!r}") from None
     if not isinstance(spec.dataset_name, str) or spec.dataset_name not in DATASETS:
         raise SpecError("dataset_name", f"unknown dataset {spec.dataset_name!r}; valid: {', '.join(DATASETS)}")
-    if not isinstance(spec.model, str) or spec.model not in MODEL_NAMES:
-        raise SpecError("model", f"unknown model {spec.model!r}; valid: {', '.join(MODEL_NAMES)}")
+    model_shape = _resolved(resolve_model, spec.model, "model").input_shape
     dataset = DATASETS[spec.dataset_name]
-    if MODEL_INPUT_SHAPES[spec.model] != dataset.input_shape:
+    if model_shape != dataset.input_shape:
         fitting = [name for name, shape in MODEL_INPUT_SHAPES.items() if shape == dataset.input_shape]
         raise SpecError(
             "model",
-            f"{spec.model} takes inputs of shape {MODEL_INPUT_SHAPES[spec.model]} but {spec.dataset_name} images "
+            f"{spec.model} takes inputs of shape {model_shape} but {spec.dataset_name} images "
             f"have shape {dataset.input_shape}; models for {spec.dataset_name}: {', '.join(fitting)}",
         )
     if spec.augment is None:
@@ -587,6 +656,11 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
         raise SpecError("augment", f"must be true, false or null (the dataset's default), got {spec.augment!r}")
     if not isinstance(spec.strategy, StrategySpec):
         raise SpecError("strategy", f"must be a StrategySpec, got {type(spec.strategy).__name__}")
+    if not isinstance(spec.client_algorithm, ClientAlgorithmSpec):
+        raise SpecError(
+            "client_algorithm", f"must be a ClientAlgorithmSpec, got {type(spec.client_algorithm).__name__}"
+        )
+    check_pairing(spec.strategy.name, spec.strategy.resolved_params, spec.client_algorithm)
     for name, high in (("rounds", MAX_ROUNDS), ("local_epochs", MAX_LOCAL_EPOCHS), ("batch_size", MAX_BATCH_SIZE)):
         value = getattr(spec, name)
         if not _is_int(value) or not 0 < value <= high:
@@ -598,6 +672,9 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
             "learning_rate", f"must be a finite number > 0 and at most {MAX_LEARNING_RATE:g}, got {spec.learning_rate!r}"
         )
     put("learning_rate", float(spec.learning_rate))
+    lr_min = spec.strategy.params.get("lr_min") if spec.strategy.name == "FedSWA" else None
+    if lr_min is not None and lr_min > spec.learning_rate:
+        raise SpecError("strategy.params.lr_min", f"must be at most learning_rate = {spec.learning_rate!r}, got {lr_min!r}")
     if not _is_real(spec.momentum) or not 0 <= spec.momentum < 1:
         raise SpecError("momentum", f"must be a number in [0, 1), got {spec.momentum!r}")
     put("momentum", float(spec.momentum))
@@ -701,7 +778,7 @@ def _check_strategy_fits(strategy: StrategySpec, num_updates: int, fewest: int |
 
     A round brings `num_updates`, or with a deadline anything from `fewest` up.
     """
-    if not STRATEGIES[strategy.name].averages and num_updates > ROBUST_MAX_UPDATES:
+    if not resolve_strategy(strategy.name).averages and num_updates > ROBUST_MAX_UPDATES:
         raise SpecError(
             "clients_per_round",
             f"{strategy.name} holds every update of a round in memory: at most {ROBUST_MAX_UPDATES} members per "
@@ -741,8 +818,8 @@ def _check_landscape_cost(lspec: LandscapeSpec, model: str) -> None:
     """Refuse landscape settings too costly for the model (LANDSCAPE_COST_BUDGET_S, LANDSCAPE_MEMORY_BUDGET_BYTES)."""
     if not lspec.enabled:
         return
-    cost: ModelCost = model_costs()[model]
-    seconds = member_measurement_s(cost, lspec, lspec.subset_size)
+    cost: ModelCost | None = model_costs().get(model)  # None: a model named by import path, not calibrated
+    seconds = 0.0 if cost is None else member_measurement_s(cost, lspec, lspec.subset_size)
     if seconds > LANDSCAPE_COST_BUDGET_S:
         raise SpecError(
             "landscape",
@@ -762,8 +839,19 @@ def _check_landscape_cost(lspec: LandscapeSpec, model: str) -> None:
 
 @functools.cache
 def num_parameters(model: str) -> int:
-    """Number of parameters of the named model (built once per process)."""
-    return sum(p.numel() for p in build_model(model, 0).parameters())
+    """Number of parameters of the named model, a built-in or an import path (built once per process)."""
+    return sum(p.numel() for p in resolve_model(model).build(0, 10).parameters())
+
+
+def _resolved(resolver: Callable[[str, str], Any], name: Any, field_name: str) -> Any:
+    """``resolver(name, field_name)`` with its ``ValueError`` as a ``SpecError`` naming the field."""
+    if not isinstance(name, str):
+        raise SpecError(field_name, f"must be a name or an import path 'package.module:attr', got {name!r}")
+    try:
+        return resolver(name, field_name)
+    except ValueError as error:
+        where, _, rule = str(error).partition(": ")
+        raise SpecError(where or field_name, rule or str(error)) from None
 
 
 def _ratio_table(value: Any, num_classes: int) -> tuple[tuple[float, ...], ...]:

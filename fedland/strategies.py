@@ -28,8 +28,10 @@ FedTrimmedAvg, Krum) need every update of the round at once: their
 `fedland.spec.ROBUST_MAX_UPDATES` members per round for them.
 
 `STRATEGIES` maps each spec name (`fedland.spec.STRATEGY_PARAMS`, which holds
-the parameters and their rules) to its class, named as in the spec;
-`make_strategy` builds one from a `StrategySpec`.
+the parameters and their rules) to its class, named as in the spec (the server
+halves of the client algorithms too: ``SCAFFOLD`` and ``FedDyn`` are
+``fedland.algorithms``' `ScaffoldStrategy` and `FedDynStrategy`, ``FedSWA`` its
+`SWA` over FedAvg); `make_strategy` builds one from a `StrategySpec`.
 """
 
 from __future__ import annotations
@@ -430,7 +432,28 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "Krum": Krum,
 }
 
+# The server halves of the client algorithms, through the same contract (fedland.algorithms
+# imports this module first, so its modules find every name above defined).
+from fedland.algorithms.feddyn import FedDynStrategy  # noqa: E402
+from fedland.algorithms.scaffold import ScaffoldStrategy  # noqa: E402
+from fedland.algorithms.swa import FedSWA  # noqa: E402
 
-def make_strategy(spec: StrategySpec) -> Strategy:
-    """Build the strategy a (valid, hence checked) `StrategySpec` names, with every parameter resolved."""
-    return STRATEGIES[spec.name](**spec.resolved_params)
+STRATEGIES.update({"SCAFFOLD": ScaffoldStrategy, "FedDyn": FedDynStrategy, "FedSWA": FedSWA})
+#: Strategies built with the experiment's participation (members per round over num_clients), not a spec parameter.
+PARTICIPATION_STRATEGIES = ("SCAFFOLD", "FedDyn")
+
+
+def make_strategy(spec: StrategySpec, participation: float = 1.0) -> Strategy:
+    """Build the strategy a (valid, hence checked) `StrategySpec` names, with every parameter resolved.
+
+    A built-in name or an import path, through ``fedland.components.resolve``;
+    ``participation`` (members per round over the federation's size) goes to
+    SCAFFOLD and FedDyn (``ExperimentSpec.participation``).
+    """
+    from fedland.components import resolve_strategy  # it imports this module
+
+    params = dict(spec.resolved_params)
+    if spec.name in PARTICIPATION_STRATEGIES:
+        params["participation"] = participation
+    strategy: Strategy = resolve_strategy(spec.name)(**params)
+    return strategy

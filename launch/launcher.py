@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedland.datasets import verify_dataset
+from fedland.replicates import expand_replicates
 from fedland.spec import ExperimentSpec, SpecError
 from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
 from launch.progress import Progress, summary_table
@@ -56,9 +57,10 @@ def default_workers(specs: Sequence[ExperimentSpec]) -> int:
 
 
 def prepare(specs: Sequence[ExperimentSpec], rounds: int | None, only: str | None) -> list[ExperimentSpec]:
-    """Filter by `only` (a substring of the description), override rounds, and validate all.
+    """Filter by `only` (a substring of the description), override rounds, validate all, expand replicates.
 
-    Raises ValueError listing every invalid experiment; nothing is submitted then.
+    A spec with `replicates = n` becomes its n replicates here, so that the ids
+    the server answers line up with the specs shown. Raises ValueError listing every invalid experiment; nothing is submitted then.
     """
     chosen = [s for s in specs if only is None or only.lower() in _description(s).lower()]
     if not chosen:
@@ -71,7 +73,7 @@ def prepare(specs: Sequence[ExperimentSpec], rounds: int | None, only: str | Non
             data["rounds"] = rounds
         try:
             spec = ExperimentSpec.from_dict(data)
-            valid.append(spec)
+            valid.extend(expand_replicates(spec))
         except SpecError as error:
             errors.append(f"experiment {position} ({_description(spec)!r}): {error}")
     if errors:
@@ -80,7 +82,9 @@ def prepare(specs: Sequence[ExperimentSpec], rounds: int | None, only: str | Non
 
 
 def _description(spec: ExperimentSpec) -> str:
-    return str(getattr(spec, "description", "") or "")
+    text = str(getattr(spec, "description", "") or "")
+    replicate = getattr(spec, "replicate", None)
+    return text if replicate is None else f"{text} [seed {spec.seed}, replicate {replicate + 1}/{spec.replicates}]"
 
 
 def make_transport(url: str, token: str, stop: threading.Event | None = None) -> Transport:

@@ -22,6 +22,7 @@ class Progress:
         self.enabled = enabled
         self._last: dict[str, dict[str, Any]] = {}
         self._bars: dict[str, tqdm] = {}
+        self._labels = {experiment_id: _label(spec) for experiment_id, spec in zip(ids, specs)}
         if enabled:
             width = max(len(_label(s)) for s in specs)
             for position, (experiment_id, spec) in enumerate(zip(ids, specs)):
@@ -54,7 +55,8 @@ class Progress:
                     bar.update(done - bar.n)
                 bar.set_postfix_str(postfix, refresh=True)
             elif (summary.get("status"), last) != (previous.get("status"), previous.get("last_round") or {}):
-                log.info("%s: round %d/%s, %s", summary.get("description") or experiment_id, done,
+                label = self._labels.get(experiment_id) or summary.get("description") or experiment_id
+                log.info("%s: round %d/%s, %s", label, done,
                          summary.get("rounds"), postfix)
 
     def last_round(self, experiment_id: str) -> dict[str, Any]:
@@ -75,7 +77,9 @@ class Progress:
 
 def _label(spec: ExperimentSpec) -> str:
     text = str(getattr(spec, "description", "") or "experiment")
-    return text if len(text) <= 48 else text[:45] + "..."
+    text = text if len(text) <= 48 else text[:45] + "..."
+    replicate = getattr(spec, "replicate", None)
+    return text if replicate is None else f"{text} [seed {spec.seed}]"  # replicates differ only in the seed
 
 
 def _duration_s(doc: Mapping[str, Any]) -> float | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -34,6 +35,7 @@ from reports.compare import COMPARISONS, comparison
 from reports.data import ExperimentData, list_experiment_ids, load_experiment
 from reports.figures import FigureKind
 from reports.page import FigureEntry, experiment_page, experiment_summary, index_page
+from reports.replicates import GROUP_HEADER, group_rows
 from reports.style import paper_style, raster_only, vector_path
 from stack import interrupts, records
 from stack.interrupts import exit_status, stop_on_signals
@@ -72,6 +74,14 @@ QUICK_FIGURES = frozenset(
     kind.file_name for kind in EXPERIMENT_FIGURES if not kind.needs_landscape and kind.reason_key is None)
 PENDING = "it is drawn after the accuracy, loss and tables of every experiment (this page reloads itself)"
 FINISHED = ("finished", "failed")
+
+
+#: A running experiment's heavy figures (and the comparisons) are redrawn at most this often; its accuracy, loss
+#: and tables with every round, and its final figures as soon as it ends.
+LIVE_FIGURES_EVERY_S = 30.0
+#: The leading fields of ``records.progress_signature`` whose change redraws the quick parts: status, round, rounds
+#: stored, rounds measured (not each member's report within a round).
+QUICK_SIGNATURE = 4
 
 
 class Stopped(Exception):
@@ -211,7 +221,8 @@ def write_index(out: Path, compared: Sequence[ExperimentData], *, figures: bool 
         except (OSError, ValueError):
             log.warning("unreadable %s: left out of the index", summary)
     rows.sort(key=lambda row: (str(row.get("created_at") or ""), str(row.get("experiment_id"))))
-    return atomic.write_text(out / "index.html", index_page(rows, entries, len(compared)))
+    page = index_page(rows, entries, len(compared), group_rows(compared), GROUP_HEADER)
+    return atomic.write_text(out / "index.html", page)
 
 
 class _Watch:
@@ -230,6 +241,8 @@ class _Watch:
         self.index: Path | None = None
         self.polled_at = 0.0
         self.rendering_live = False
+        self.drawn_at: dict[str, float] = {}  # experiment -> when its last full render started (monotonic)
+        self.compared_at = -math.inf
 
     def check_stop(self) -> None:
         signalled = interrupts.requested()  # a signal whose exception Python swallowed (in a weakref callback)
@@ -258,9 +271,13 @@ class _Watch:
         changed = []
         for experiment_id in self.ids:
             signature = records.progress_signature(self.db, experiment_id)
-            if self.seen.get(experiment_id) != signature:
+            seen = self.seen.get(experiment_id)
+            if seen != signature:
                 self.seen[experiment_id] = signature
-                changed.append(experiment_id)
+                if seen is None or seen[:QUICK_SIGNATURE] != signature[:QUICK_SIGNATURE]:
+                    changed.append(experiment_id)
+                else:  # a member's report or a measurement within the round: the next full render shows it
+                    self.due.setdefault(experiment_id, None)
         for experiment_id in changed:
             self.check_stop()
             data = load_experiment(self.db, experiment_id)
@@ -283,13 +300,22 @@ class _Watch:
     def is_final(self, experiment_id: str) -> bool:
         return bool(self.seen[experiment_id][0] in FINISHED)
 
-    def render_next(self) -> None:
-        """The full render (every figure) of the experiment that has waited longest, final renders first.
+    def next_due(self) -> str | None:
+        """The experiment whose full render comes next: a final one first, else the running one that waited longest
+        among those whose last full render started at least ``LIVE_FIGURES_EVERY_S`` ago; None if none may go now."""
+        final = next((i for i in self.due if self.is_final(i)), None)
+        if final is not None:
+            return final
+        now = time.monotonic()
+        return next((i for i in self.due if now - self.drawn_at.get(i, -math.inf) >= LIVE_FIGURES_EVERY_S), None)
+
+    def render_next(self, experiment_id: str) -> None:
+        """The full render (every figure) of ``experiment_id`` (see ``next_due``).
 
         A live render draws PNGs only and gives way to a final render that becomes due.
         """
-        experiment_id = next((i for i in self.due if self.is_final(i)), next(iter(self.due)))
         del self.due[experiment_id]
+        self.drawn_at[experiment_id] = time.monotonic()
         version = self.version[experiment_id]
         data = load_experiment(self.db, experiment_id)
         state = "final" if not data.running else "live"
@@ -318,11 +344,13 @@ class _Watch:
     def run(self, until_done: bool) -> Path | None:
         while True:
             self.poll()
-            while self.due:
+            while (experiment_id := self.next_due()) is not None:
                 self.check_stop()
-                self.render_next()
-            if self.comparisons_due:
+                self.render_next(experiment_id)
+            now = time.monotonic()
+            if self.comparisons_due and (self.finished() or now - self.compared_at >= LIVE_FIGURES_EVERY_S):
                 self.comparisons_due = False
+                self.compared_at = now
                 self.index = write_index(self.out, self.compared(), between=self.between)
             if until_done and self.finished() and not self.due and not self.comparisons_due:
                 return self.index
@@ -342,10 +370,12 @@ def watch_reports(
 ) -> Path | None:
     """Re-render the pages of experiments whose documents changed, polling every ``poll_interval_s``, until ``stop``.
 
-    Quick parts first: on each change the index and every changed experiment's
-    accuracy, loss and tables are redrawn before any other figure; then the other
-    figures, one experiment at a time (the one that waited longest first), with the
-    quick parts of whatever changed meanwhile redrawn between two figures.
+    Quick parts first: on each round stored (or status change) the index and every
+    changed experiment's accuracy, loss and tables are redrawn before any other
+    figure; then the other figures, one experiment at a time: an ended experiment's
+    final figures first (a live render gives way to them), a running experiment's
+    at most every ``LIVE_FIGURES_EVERY_S`` (the one that waited longest first, PNGs
+    only), with the quick parts of whatever changed meanwhile redrawn between two figures.
     ``experiment_ids`` None: every experiment in the store. With ``until_done`` it
     returns once every watched experiment is finished or failed (after rendering
     that state in full). ``stop`` is checked between figures. Returns the index page

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reports import report_main
-from stack.settings import DEFAULT_REPORTS_DIR, LauncherSettings, configure_logging
+from stack.settings import DEFAULT_REPORTS_DIR, LauncherSettings, configure_logging, use_workspace
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = LauncherSettings.from_env(os.environ)
+        use_workspace(settings.workspace)
         threads = int(os.environ.get("FEDLAND_TORCH_THREADS", "1"))
     except ValueError as error:
         print(f"reports: bad configuration: {error}", file=sys.stderr)

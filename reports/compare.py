@@ -6,11 +6,13 @@ one), so lines that coincide, and greyscale prints, still tell them apart.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from reports.data import BARRIER_DEFINITION, ExperimentData, Series
+from reports.replicates import Band, band, groups
 from reports.style import integer_rounds, new_figure, save, series_style, use_log_scale
 
 DODGE = 0.04  # rounds between neighbouring experiments' points, so identical values stay visible
@@ -62,21 +64,48 @@ def labels(experiments: Sequence[ExperimentData]) -> list[str]:
 
 
 def comparison(kind: Comparison, experiments: Sequence[ExperimentData], out_dir: Path) -> Path | None:
-    """Draw one comparison; None when no experiment has the value."""
-    lines = [(label, kind.series(e)) for label, e in zip(labels(experiments), experiments)]
-    if not any(series for _, series in lines):
+    """Draw one comparison; None when no experiment has the value.
+
+    Replicates across seeds (`reports.replicates.groups`) are one line: their
+    mean per round, with a shaded 95% interval of that mean.
+    """
+    grouped = groups(experiments)
+    names = dict(zip((e.experiment_id for e in experiments), labels(experiments)))
+    lines: list[tuple[str, Series, Band | None]] = []
+    for members in grouped:
+        if len(members) == 1:
+            lines.append((names[members[0].experiment_id], kind.series(members[0]), None))
+        else:
+            spread = band(members, kind.series)
+            label = f"{members[0].label} (mean of {len(members)} seeds ± 95% interval)"
+            lines.append((label, Series(spread.rounds, spread.means), spread))
+    if not any(series for _, series, _ in lines):
         return None
     figure, (ax,) = new_figure(1, width=7.5, height=4.4)
     values: list[float] = []
     centre = (len(lines) - 1) / 2
-    for position, (label, series) in enumerate(lines):
+    for position, (label, series, line_band) in enumerate(lines):
         if series:
             shift = (position - centre) * DODGE
+            style = series_style(position, len(lines))
             # later experiments underneath, with larger markers: a line hidden under another still shows its rings
-            ax.plot([r + shift for r in series.rounds], series.values, label=label, linewidth=1.5,
-                    markersize=4 + 6 * (len(lines) - 1 - position) / max(len(lines) - 1, 1),
-                    zorder=2 + position, **series_style(position, len(lines)))
+            drawn = ax.plot([r + shift for r in series.rounds], series.values, label=label, linewidth=1.5,
+                            markersize=4 + 6 * (len(lines) - 1 - position) / max(len(lines) - 1, 1),
+                            zorder=2 + position, **style)
             values += series.values
+            if line_band is not None:
+                known = [(r + shift, m - h, m + h)
+                         for r, m, h in zip(line_band.rounds, line_band.means, line_band.half_widths)
+                         if not math.isnan(h)]
+                if known:
+                    xs, lows, highs = [k[0] for k in known], [k[1] for k in known], [k[2] for k in known]
+                    colour = drawn[0].get_color()
+                    ax.fill_between(xs, lows, highs, color=colour, alpha=0.2, linewidth=0, zorder=1 + position)
+                    # bars as well: a round measured alone (a band of zero width) still shows its interval
+                    ax.errorbar(xs, [(lo + hi) / 2 for lo, hi in zip(lows, highs)],
+                                yerr=[(hi - lo) / 2 for lo, hi in zip(lows, highs)], fmt="none", ecolor=colour,
+                                elinewidth=1.0, capsize=3, zorder=2 + position)
+                    values += lows + highs
     if "accuracy" in kind.file_name:
         ax.set_ylim(top=1.0)
     elif not use_log_scale(ax, values) and min(values) >= 0:
@@ -85,5 +114,6 @@ def comparison(kind: Comparison, experiments: Sequence[ExperimentData], out_dir:
     ax.set_title(kind.title)
     ax.set_ylabel(kind.ylabel)
     integer_rounds(ax)
-    figure.legend(loc="outside lower center", fontsize="small", ncol=1 if len(lines) > 4 else 2, frameon=False)
+    one_column = len(lines) > 4 or max(len(label) for label, _, _ in lines) > 45  # long labels side by side get cut
+    figure.legend(loc="outside lower center", fontsize="small", ncol=1 if one_column else 2, frameon=False)
     return save(figure, out_dir / kind.file_name)

@@ -162,6 +162,14 @@ class ExperimentData:
     def stats_of(self, server_round: int) -> list[Document]:
         return [doc for doc in self.client_stats if doc["round"] == server_round]
 
+    def unconverged(self, client_index: int | None, model: str = "global") -> Series:
+        """The top eigenvalues whose search did not converge, by round: a client's, or the server's (None)."""
+        docs = self.rounds if client_index is None else [d for d in self.client_stats if d["client_index"] == client_index]
+        return _series(
+            (d["round"], value_at(d, ("landscape", model, "top_eigenvalues", 0)))
+            for d in docs if _get(d, ("landscape", model, "top_eigenvalues_converged")) is False
+        )
+
 
 def value_at(doc: Any, path: Path_) -> float | None:
     """The finite number at ``path`` in a document, or None."""
@@ -213,6 +221,21 @@ def path_dip(alphas: Sequence[float], losses: Sequence[float]) -> float | None:
     """How far the loss path sinks below that straight line: ``min over alpha`` of the same difference (<= 0)."""
     heights = _above_line(alphas, losses)
     return None if heights is None else min(heights)
+
+
+def pac_bayes_text(doc: Any, path: Path_, decimals: int = 3) -> str:
+    """A stored PAC-Bayes document as text: ``sigma [low, high]`` (95%), "saturated", or "–" when absent."""
+    entry = _get(doc, path)
+    if not isinstance(entry, Mapping):
+        return "–"
+    if entry.get("saturated") is True:
+        return "saturated"
+    sigma, low, high = (value_at(entry, (key,)) for key in ("sigma", "sigma_low", "sigma_high"))
+    if sigma is None:
+        return "–"
+    if low is None:
+        return f"{sigma:.{decimals}g}"
+    return f"{sigma:.{decimals}g} [{low:.{decimals}g}, {'∞' if high is None else f'{high:.{decimals}g}'}]"
 
 
 def _get(doc: Any, path: Path_) -> Any:

@@ -38,6 +38,9 @@ SERVER_STYLE: dict[str, Any] = dict(
     color=GLOBAL_COLOUR, linestyle="-", marker="D", markersize=3.5, linewidth=1.8, zorder=5
 )
 DODGE = 0.07  # rounds: horizontal offset between clients' error bars
+#: Drawn over an eigenvalue whose Lanczos search stopped before converging (`top_eigenvalues_converged` false).
+UNCONVERGED_STYLE: dict[str, Any] = dict(color="red", linestyle="none", marker="x", markersize=10, markeredgewidth=2,
+                                         zorder=7)
 
 
 @dataclass(frozen=True)
@@ -146,12 +149,14 @@ def curvature(data: ExperimentData, out_dir: Path) -> Path | None:
                     values += _errorbars(ax, series, errors, shift, color=colour, **style)
                 else:
                     values += plot(ax, series, shift, color=colour, **style)
+                    plot(ax, shifted(data.unconverged(i, model), by), shift, **UNCONVERGED_STYLE)
         server = data.round_series(("landscape", "global", *metric))
         if metric == ("trace",):
             values += _errorbars(ax, server, data.round_series(("landscape", "global", "trace_stderr")), 0.0,
                                  **SERVER_STYLE)
         else:
             values += plot(ax, server, **SERVER_STYLE)
+            plot(ax, data.unconverged(None), **UNCONVERGED_STYLE)
         use_log_scale(ax, values)
         ax.set_title(name + (" ± 1 standard error" if metric == ("trace",) else ""))
         ax.set_ylabel("eigenvalue" if metric == top else "trace")
@@ -163,6 +168,7 @@ def curvature(data: ExperimentData, out_dir: Path) -> Path | None:
                                                                         if k != "color"}),
         ("local model trained in round r,\nclient's train subset", LOCAL_STYLE),
         ("global model after round r (clients train\nfrom it in r+1), client's train subset", GLOBAL_STYLE),
+        ("λ1 whose eigenvalue search did not converge", UNCONVERGED_STYLE),
     ])
     figure.suptitle(f"{data.label}: curvature", fontsize="medium")
     return save(figure, out_dir / "curvature.png")

@@ -11,7 +11,7 @@ from typing import Any
 
 from matplotlib.colors import to_hex
 
-from reports.data import ExperimentData, interpolation_curve, linear_barrier, value_at
+from reports.data import ExperimentData, interpolation_curve, linear_barrier, pac_bayes_text, value_at
 from reports.style import VECTOR_FORMAT, client_colour, vector_path
 
 CSS = """
@@ -128,9 +128,11 @@ def _summary(data: ExperimentData) -> str:
         if landscape_round is not None:
             curve = interpolation_curve(measured)
             row += [
-                _number(value_at(measured, ("landscape", "local", "top_eigenvalues", 0)), 2),
-                _number(value_at(measured, ("landscape", "global", "top_eigenvalues", 0)), 2),
-                _number(value_at(measured, ("landscape", "local", "trace")), 2),
+                _eigenvalue(measured, "local"),
+                _eigenvalue(measured, "global"),
+                _with_error(value_at(measured, ("landscape", "local", "trace")),
+                            value_at(measured, ("landscape", "local", "trace_stderr")), 2),
+                escape(pac_bayes_text(measured, ("landscape", "local", "generalization", "pac_bayes"))),
                 _number(linear_barrier(*curve) if curve is not None else None, 4),
                 _number(_entry(round_doc, "client_alignment", i, "cosine"), 4, sign=True),
                 _number(_entry(round_doc, "leave_one_out", i, "delta_test_accuracy"), 4, sign=True),
@@ -140,15 +142,29 @@ def _summary(data: ExperimentData) -> str:
     note = ("received: the global model the client started the round from; local: its model after training; "
             "both on the client's test data")
     if landscape_round is not None:
-        header += ["λ1 local", "λ1 received", "trace local", "barrier", "alignment", "LOO Δ acc."]
+        header += ["λ1 local", "λ1 received", "trace local", "PAC-Bayes σ local", "barrier", "alignment",
+                   "LOO Δ acc."]
         parts.append(
             f"<p>Clients in round {stats_round} ({note}); landscape columns from round {landscape_round}, the last "
-            "measured (train subset; barrier: the largest height of the global → local loss path above the straight line between its endpoint losses).</p>"
+            "measured (train subset; barrier: the largest height of the global → local loss path above the straight line between its endpoint losses). "
+            "λ1 marked “not converged” when its eigenvalue search stopped first; trace ± its standard error; "
+            "PAC-Bayes σ with its 95% interval, or “saturated” when the 0-1 error could not be shown to rise "
+            "by the deviation at any noise scale tried (no number is then meaningful).</p>"
         )
     else:
         parts.append(f"<p>Clients in round {stats_round} ({note}).</p>")
     parts.append(_table(header, rows))
     return "\n".join(parts)
+
+
+def _eigenvalue(measured: dict[str, Any], model: str) -> str:
+    text = _number(value_at(measured, ("landscape", model, "top_eigenvalues", 0)), 2)
+    converged = ((measured.get("landscape") or {}).get(model) or {}).get("top_eigenvalues_converged")
+    return text + " (not converged)" if converged is False else text
+
+
+def _with_error(value: float | None, error: float | None, decimals: int) -> str:
+    return _number(value, decimals) + ("" if value is None or error is None else f" ± {_number(error, decimals)}")
 
 
 def _entry(round_doc: dict[str, Any], key: str, client_index: int, field: str) -> float | None:
@@ -217,8 +233,9 @@ def experiment_summary(data: ExperimentData, href: str) -> dict[str, Any]:
     }
 
 
-def index_page(experiments: Sequence[Mapping[str, Any]], figures: Sequence[FigureEntry], compared: int) -> str:
-    """The HTML of the index: a table linking every experiment page, then the comparison figures."""
+def index_page(experiments: Sequence[Mapping[str, Any]], figures: Sequence[FigureEntry], compared: int,
+               replicate_rows: Sequence[Sequence[str]] = (), replicate_header: Sequence[str] = ()) -> str:
+    """The HTML of the index: a table linking every experiment page, the replicate groups, the comparison figures."""
     rows = []
     for row in experiments:
         rows.append([
@@ -240,8 +257,14 @@ def index_page(experiments: Sequence[Mapping[str, Any]], figures: Sequence[Figur
         "<h1>fedland experiments</h1>",
         f'<p class="live">Live: this page reloads every {REFRESH_S} s while an experiment runs.</p>' if running else "",
         table,
+        ("<h2>Replicates across seeds</h2><p>Experiments that differ only in their seed, as one row: each value "
+         "is the mean over the seeds ± the half width of its 95% Student-t interval (n: seeds with the value). "
+         "A saturated PAC-Bayes search has no σ and is counted apart.</p>"
+         + _table(replicate_header, [[escape(c) for c in row] for row in replicate_rows], text_columns=2))
+        if replicate_rows else "",
         f"<p>Comparison of the {compared} experiments of the latest report: one line per experiment, labelled by "
-        "description; each has its own colour, line style and marker, and points are offset horizontally by a few "
+        "description (replicates across seeds: one line, their mean, shaded by its 95% interval); "
+        "each has its own colour, line style and marker, and points are offset horizontally by a few "
         "hundredths of a round so identical values stay visible. Every figure also as "
         f"{VECTOR_FORMAT.upper()}.</p>" if compared else "",
         _figures(figures),

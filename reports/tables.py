@@ -5,10 +5,11 @@
         tables = load_tables(db)              # every experiment; or load_tables(db, ["65a1..."])
     tables["measures"]                        # every stored number, one row each
 
-Every table opens on ``experiment_id`` and ``group_id`` (`group_id`: the spec's
-`fedland.spec.fingerprint` with the seed set aside, first 16 hex digits: the
-replicates of one study across seeds share it; ``replicate`` numbers those
-exported together 0, 1, ... by creation). Values as stored; absent or null values are NaN.
+Every table opens on ``experiment_id`` and ``group_id`` (`group_id`:
+`fedland.replicates.replicate_group`, the spec's fingerprint with the seed and
+replicate index set aside, first 16 hex digits: the replicates of one study
+across seeds share it; ``replicate`` is a queued group's replicate index, else
+numbers those exported together 0, 1, ... by creation). Values as stored; absent or null values are NaN.
 
 - ``experiments``: experiment: status, times (seconds since the epoch), the spec's
   fields (nested ones dotted: ``strategy.name``, ``strategy.params.mu``), the whole spec
@@ -43,6 +44,7 @@ from pymongo.database import Database
 
 from fedland.datasets import DATASETS
 from fedland.partition_scheme import member_class_weights
+from fedland.replicates import replicate_group
 from fedland.spec import ExperimentSpec
 from reports.data import interpolation_curve, linear_barrier, path_dip, value_at
 from reports.measures import ArrayElement, Measure, flatten
@@ -64,11 +66,7 @@ KEYS = ("experiment_id", "group_id")
 
 def group_id(spec: Any) -> str:
     """The replicate group of an experiment: its spec's fingerprint with the seed set aside (16 hex digits)."""
-    from dataclasses import replace
-
-    from fedland.spec import fingerprint
-
-    return fingerprint(replace(spec, seed=0))[:16]
+    return replicate_group(spec)
 
 
 def spec_fields(spec: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -113,7 +111,8 @@ def _experiments(study: records.StudyRecords, groups: Mapping[str, str]) -> pd.D
     seen: dict[str, int] = {}
     rows = []
     for e in sorted(study.experiments, key=lambda e: (e.created_at, e.id)):
-        replicate = seen[groups[e.id]] = seen.get(groups[e.id], -1) + 1
+        by_creation = seen[groups[e.id]] = seen.get(groups[e.id], -1) + 1
+        replicate = by_creation if e.spec.replicate is None else e.spec.replicate  # a queued group's own index
         rows.append({
             "experiment_id": e.id, "group_id": groups[e.id], "replicate": replicate,
             "description": e.spec.description, "status": e.status, "error": e.error,

@@ -24,7 +24,7 @@ from server.api import app_credentials, coordinator_of, create_app
 from server.store import Store
 from server.wsgi import ConnectionTimeouts, GuardedServer
 from stack.embedded import EmbeddedMongo, StoreUnreachable, check_reachable
-from stack.settings import ServerSettings, configure_logging, set_torch_threads
+from stack.settings import ServerSettings, configure_logging, set_torch_threads, use_workspace
 
 log = logging.getLogger("server")
 
@@ -52,6 +52,7 @@ def main() -> int:
             print(f"server: {error}", file=sys.stderr)
             return 2
     configure_logging(settings.log_level)
+    use_workspace(settings.workspace)
     set_torch_threads(settings.torch_threads)
     with contextlib.ExitStack() as stack:
         uri = settings.mongo_uri

@@ -202,6 +202,34 @@ def global_model(experiment_id: str, server_round: int) -> Response:
     return Response(data, status=200, mimetype="application/octet-stream")
 
 
+@api.get("/experiments/<experiment_id>/rounds/<int:server_round>/members/<int:client_index>/state")
+def member_inputs(experiment_id: str, server_round: int, client_index: int) -> Response:
+    """What the member's client algorithm starts the round from (its state, the strategy's payload): safetensors."""
+    principal: Principal = request.environ[PRINCIPAL]
+    data = _coordinator().member_inputs(
+        check_id(experiment_id, "experiment_id"), server_round, client_index, str(principal.worker_id)
+    )
+    return Response(data, status=200, mimetype="application/octet-stream")
+
+
+MAX_REASON_CHARS = 4_000
+
+
+@api.post("/experiments/<experiment_id>/rounds/<int:server_round>/members/<int:client_index>/failure")
+def member_failure(experiment_id: str, server_round: int, client_index: int) -> Response:
+    """JSON ``{"error": text}``: the worker holding the member cannot run the experiment; it fails with that text."""
+    body = _json_body()
+    reason = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(reason, str) or not reason.strip():
+        raise Invalid("error", "must be a non-empty string saying why the member cannot be trained")
+    principal: Principal = request.environ[PRINCIPAL]
+    _coordinator().member_failed(
+        check_id(experiment_id, "experiment_id"), server_round, client_index, str(principal.worker_id),
+        reason[:MAX_REASON_CHARS],
+    )
+    return jsonify({"failed": True})
+
+
 @api.post("/experiments/<experiment_id>/rounds/<int:server_round>/updates")
 def submit_update(experiment_id: str, server_round: int) -> tuple[Response, int]:
     check_id(experiment_id, "experiment_id")
@@ -216,5 +244,7 @@ def submit_update(experiment_id: str, server_round: int) -> tuple[Response, int]
     upload = request.files.get("weights")
     if upload is None:
         raise Invalid("weights", "multipart file 'weights' (safetensors) is missing")
-    result = _coordinator().submit_update(experiment_id, server_round, meta, upload.read())
+    state_upload = request.files.get("state")  # a client algorithm's new state and message, if it has any
+    state_data = None if state_upload is None else state_upload.read()
+    result = _coordinator().submit_update(experiment_id, server_round, meta, upload.read(), state_data)
     return jsonify(result), 202

@@ -36,6 +36,7 @@ _PREFIX = "/api/v1"
 _WORKER_ROUTE = re.compile(r"/workers/([^/]+)/(?:heartbeat|task)/?")
 _UPDATES = re.compile(r"/experiments/[^/]+/rounds/[^/]+/updates/?")
 _MODEL = re.compile(r"/experiments/[^/]+/rounds/[^/]+/model/?")
+_MEMBER_STATE = re.compile(r"/experiments/[^/]+/rounds/[^/]+/members/[^/]+/(?:state|failure)/?")
 _EXPERIMENT = re.compile(r"/experiments/[^/]+/?")
 
 
@@ -132,7 +133,7 @@ def _route(path: str) -> str:
 def route_roles(path: str) -> tuple[str, ...]:
     """The roles that may call `path` (unquoted)."""
     route = _route(path)
-    if _WORKER_ROUTE.fullmatch(route) or _UPDATES.fullmatch(route):
+    if _WORKER_ROUTE.fullmatch(route) or _UPDATES.fullmatch(route) or _MEMBER_STATE.fullmatch(route):
         return (WORKER,)
     if route.rstrip("/") == "/workers":
         return (ENROLMENT,)

@@ -29,6 +29,7 @@ from typing import Any
 
 from bson import ObjectId
 
+from fedland.replicates import expand_replicates
 from fedland.spec import ExperimentSpec, fingerprint
 from server.auth import Credentials, new_worker_secret
 from server.errors import Invalid, NotFound, Throttled
@@ -179,6 +180,8 @@ class Coordinator:
         repeated within `body`; `fresh` queues every spec anew. A resumed
         experiment goes on from its stored rounds (the server holds its round:
         opened when it was queued, or rebuilt by `recover`). `resumed` names them.
+        A spec with `replicates = n` is queued as its n replicates
+        (`fedland.replicates.expand_replicates`), their ids in replicate order.
         """
         specs = parse_specs(body)
         with self.store.submit_lock:  # no identical submit inserts between the search and the insert
@@ -189,7 +192,8 @@ class Coordinator:
         first_of: dict[str, int] = {}  # fingerprint -> index in `prepared`: a spec repeated in one submit
         resumed: list[str] = []
         prepared: list[tuple[ExperimentSpec, list[dict[str, Any]], bytes]] = []  # spec, members, initial model
-        for position, spec in enumerate(specs):
+        replicas = [(position, replica) for position, spec in enumerate(specs) for replica in expand_replicates(spec)]
+        for position, spec in replicas:  # `position`: the spec's index in `body`, for errors
             identity = fingerprint(spec)
             twin = None if fresh else self.store.unfinished_twin(identity)
             if twin is not None:
@@ -522,10 +526,22 @@ class Coordinator:
         """The safetensors model that round `server_round` trains from (round 1: the initial model)."""
         return self.rounds.global_model(experiment_id, server_round)
 
-    def submit_update(self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes) -> Answer:
-        """Accept one member's weights and stats for a round; aggregates when the round is complete."""
+    def member_inputs(self, experiment_id: str, server_round: int, client_index: int, worker_id: str) -> bytes:
+        """The member's client-algorithm state and the strategy's round payload, for the worker holding it."""
+        with self._serving(worker_id):
+            return self.rounds.member_inputs(experiment_id, server_round, client_index, worker_id)
+
+    def member_failed(self, experiment_id: str, server_round: int, client_index: int, worker_id: str, reason: str) -> None:
+        """The worker holding the member cannot run the experiment: the experiment fails with its reason."""
+        with self._serving(worker_id):
+            self.rounds.member_failed(experiment_id, server_round, client_index, worker_id, reason)
+
+    def submit_update(
+        self, experiment_id: str, server_round: int, meta: Any, weights_data: bytes, state_data: bytes | None = None
+    ) -> Answer:
+        """Accept one member's weights, stats (and client-algorithm state) for a round; aggregates when complete."""
         worker_id = meta.get("worker_id") if isinstance(meta, Mapping) else None
         if not isinstance(worker_id, str):
-            return self.rounds.accept(experiment_id, server_round, meta, weights_data)  # refuses the meta
+            return self.rounds.accept(experiment_id, server_round, meta, weights_data, state_data)  # refuses the meta
         with self._serving(worker_id):
-            return self.rounds.accept(experiment_id, server_round, meta, weights_data)
+            return self.rounds.accept(experiment_id, server_round, meta, weights_data, state_data)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from fedland.device import resolve_device
 from fedland.measure import (
     PAIRWISE_MAX_MEMBERS,
+    cosine_or_none,
     finite_or_none,
     flatness_gap_document,
     gap_document,
@@ -38,7 +39,7 @@ from fedland.measure import (
     pairwise_barriers,
     pca_surface,
 )
-from fedland.scalars import cosine_similarity, gradient_dissimilarity
+from fedland.scalars import gradient_dissimilarity
 from fedland.spec import ExperimentSpec
 from fedland.strategies import ClientUpdate, NamedArrays, make_strategy
 from server.resources import Resources
@@ -173,7 +174,7 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
     device = resolve_device(resources.device)
     previous_model, global_model = plan.model(previous).to(device), plan.model(new_global).to(device)
     local_models = [plan.model(update.weights).to(device) for update in updates]
-    strategy = make_strategy(spec.strategy)
+    strategy = make_strategy(spec.strategy, spec.participation)
     client_batches = [plan.landscape_batch(i) for i in client_indices]  # each participant's subset, built once
 
     def evaluate(weights: NamedArrays) -> tuple[float, float]:
@@ -190,7 +191,7 @@ def _measure_round(store: Store, resources: Resources, aggregated: AggregatedRou
         "num_samples": int(held_out[0][1].shape[0]),
         "global": measure_model(global_model, F.cross_entropy, held_out, lspec, seed),
         "client_alignment": [
-            {"client_index": int(i), "cosine": finite_or_none(cosine_similarity(local, global_model, previous_model))}
+            {"client_index": int(i), "cosine": cosine_or_none(local, global_model, previous_model)}
             for i, local in zip(client_indices, local_models)
         ],
         "gradient_dissimilarity": finite_or_none(

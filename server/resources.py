@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from fedland.components import resolve_model
 from fedland.datasets import load_dataset
-from fedland.models import build_model
 from fedland.plan import ExperimentPlan
 from fedland.spec import ExperimentSpec
 from fedland.strategies import NamedArrays
@@ -79,7 +79,7 @@ class Resources:
         return [part.to_stats() for part in self.plan(spec).member_partitions(client_indices)]
 
     def initial_weights(self, spec: ExperimentSpec) -> NamedArrays:
-        """The round-0 model: `build_model(spec.model, spec.seed)`."""
+        """The round-0 model: `ExperimentPlan.model()` (the spec's model, by name or import path)."""
         return wire.from_module(self.plan(spec).model())
 
     def reference(self, model_name: str, num_classes: int = 10) -> NamedArrays:
@@ -87,7 +87,7 @@ class Resources:
         key = (model_name, num_classes)
         with self._references_lock:  # not the plans' lock: every update asks for it
             if key not in self._references:
-                self._references[key] = wire.from_module(build_model(model_name, 0, num_classes=num_classes))
+                self._references[key] = wire.from_module(resolve_model(model_name).build(0, num_classes))
             return self._references[key]
 
     def evaluate(self, spec: ExperimentSpec, weights: dict[str, np.ndarray]) -> Evaluation:

@@ -64,7 +64,12 @@ def load_round_inputs(
                 f"round {server_round} of experiment {experiment_id}: the update of client {stats.client_index} "
                 "was not kept"
             )
-        updates.append(ClientUpdate(wire.decode(store.load_client_model(stats.weights_file_id)), stats.num_examples))
+        message: NamedArrays = {}
+        if stats.state_file_id is not None:  # the client algorithm's message, aggregated with the weights
+            payload = wire.decode(store.load_member_state(stats.state_file_id))
+            _, message = wire.split(payload, wire.STATE_PREFIX, wire.MESSAGE_PREFIX)
+        weights = wire.decode(store.load_client_model(stats.weights_file_id))
+        updates.append(ClientUpdate(weights, stats.num_examples, message))
     return RoundInputs(
         previous=wire.decode(previous),
         state={} if state_id is None else wire.decode(store.load_model(state_id)),

@@ -32,9 +32,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedland.algorithms import round_payload
+from fedland.components import resolve_strategy
 from fedland.participation import selected_members
 from fedland.spec import ExperimentSpec
-from fedland.strategies import STRATEGIES, NamedArrays, RunningMean, make_strategy, relative_distance
+from fedland.strategies import NamedArrays, RunningMean, make_strategy, relative_distance
 from server.errors import Conflict, Invalid, NotFound, Refused
 from server.measurements import LandscapeWorker
 from server.resources import Resources
@@ -47,12 +49,15 @@ from stack.records import (
     ClientStatsRecord,
     ExperimentRecord,
     MemberRecord,
+    MemberStateFile,
     ModelFile,
     RefusedUpdateRecord,
     RoundRecord,
 )
 
 log = logging.getLogger(__name__)
+
+MEMBER_STATE_PARTS = (wire.STATE_PREFIX, wire.MESSAGE_PREFIX)  # a member-state file: its state, then its message
 
 MODEL_CACHE_ENTRIES = 64  # global models kept in memory for the workers' downloads (~0.2 MB each for FedNet)
 #: A worker holding a member this many times the round's longest report (per example) without reporting loses it.
@@ -189,7 +194,7 @@ class Rounds:
         spec, experiment_id, server_round = experiment.spec, experiment.id, experiment.current_round
         selected = selected_members(spec, server_round)
         members = self._selected_members(experiment_id, spec, selected)
-        averages = STRATEGIES[spec.strategy.name].averages  # the class says it: nothing to build
+        averages = resolve_strategy(spec.strategy.name).averages  # the class says it: nothing to build
         state = RoundState(
             spec=spec,
             experiment_id=experiment_id,
@@ -255,7 +260,8 @@ class Rounds:
                 self.store.unreport(state.experiment_id, index, state.server_round)
                 continue
             if state.mean is not None:
-                state.mean.add(wire.decode(self.store.load_client_model(stats.weights_file_id)), stats.num_examples)
+                weights = wire.decode(self.store.load_client_model(stats.weights_file_id))
+                state.mean.add({**weights, **self._message(stats)}, stats.num_examples)
             state.reported.add(index)
             state.folded.add(index)
             if stats.worker_id:
@@ -299,9 +305,46 @@ class Rounds:
         self.remember_model(experiment_id, server_round - 1, data, rounds)
         return data
 
+    def member_inputs(self, experiment_id: str, server_round: int, client_index: int, worker_id: str) -> bytes:
+        """What member `client_index` starts round `server_round` from, for the worker holding it.
+
+        Its client algorithm's state from its latest kept report before this round
+        (none in its first round) and the strategy's round payload
+        (``fedland.algorithms.round_payload`` of the state the round starts from),
+        as ``stack.wire.encode_member_inputs``.
+        """
+        experiment = self.experiment(experiment_id)
+        state = self._holding(experiment, server_round, client_index, worker_id)
+        spec = state.spec
+        state_id = self.store.member_state_id(experiment_id, client_index, server_round)
+        member_state: NamedArrays = {}
+        if state_id is not None:
+            member_state, _ = wire.split(wire.decode(self.store.load_member_state(state_id)), *MEMBER_STATE_PARTS)
+        strategy_state_id = self.store.strategy_state_id(experiment_id, server_round - 1)
+        strategy_state = {} if strategy_state_id is None else wire.decode(self.store.load_model(strategy_state_id))
+        payload = round_payload(make_strategy(spec.strategy, spec.participation), strategy_state)
+        return wire.encode_member_inputs(member_state, payload)
+
+    def member_failed(self, experiment_id: str, server_round: int, client_index: int, worker_id: str, reason: str) -> None:
+        """The worker holding a member cannot run the experiment (a component it cannot import): fail it, with why."""
+        experiment = self.experiment(experiment_id)
+        self._holding(experiment, server_round, client_index, worker_id)
+        log.error("experiment %s round %d: worker %s cannot train member %d: %s",
+                  experiment_id, server_round, worker_id, client_index, reason)
+        self.fail(experiment_id, f"round {server_round}: worker {worker_id} cannot train member {client_index}: {reason}")
+
+    def _message(self, stats: ClientStatsRecord) -> NamedArrays:
+        """The message the member's client algorithm sent with this report (empty if none)."""
+        if stats.state_file_id is None:
+            return {}
+        _, message = wire.split(wire.decode(self.store.load_member_state(stats.state_file_id)), *MEMBER_STATE_PARTS)
+        return message
+
     # updates ---------------------------------------------------------------
 
-    def accept(self, experiment_id: str, server_round: int, raw_meta: Any, weights_data: bytes) -> dict[str, bool]:
+    def accept(
+        self, experiment_id: str, server_round: int, raw_meta: Any, weights_data: bytes, state_data: bytes | None = None
+    ) -> dict[str, bool]:
         """Accept one member's update of the current round; closes and aggregates the round when complete.
 
         An update whose values the round cannot use (non-finite statistics or
@@ -340,6 +383,7 @@ class Rounds:
         except Refused as refusal:
             self.refuse(experiment_id, server_round, worker_id, index, refusal)
             raise
+        message = self._check_member_state(state_data, weights)
         with self.lock:  # the assignment may have moved while the weights were checked
             if state.closed or index in state.reported or state.assigned.get(index) != worker_id:
                 raise Conflict(f"member {index} is no longer assigned to worker {worker_id} in round {server_round}")
@@ -347,7 +391,7 @@ class Rounds:
             state.reported.add(index)
             assigned_at = state.assigned_at.pop(index, None)
         try:
-            self._store_update(state, meta, weights, weights_data)
+            self._store_update(state, meta, weights, weights_data, state_data, message)
         except BaseException:
             with state.fold_lock:
                 folded = index in state.folded
@@ -429,12 +473,54 @@ class Rounds:
         else:
             self.on_change(1)
 
-    def _store_update(self, state: RoundState, meta: UpdateMeta, weights: NamedArrays, weights_data: bytes) -> None:
+    def _check_member_state(self, state_data: bytes | None, weights: NamedArrays) -> NamedArrays:
+        """The message in a client algorithm's state upload (checked: finite, bounded, no weight key)."""
+        if state_data is None:
+            return {}
+        try:
+            state, message = wire.split(wire.decode(state_data), *MEMBER_STATE_PARTS)
+        except ValueError as error:
+            raise Invalid("state", str(error)) from None
+        clash = sorted(set(message) & set(weights))
+        if clash:
+            raise Invalid("state", f"message key {clash[0]!r} is also a weight key (message keys contain '/')")
+        try:
+            check_weights_bounded({**state, **message})
+        except Invalid as error:
+            raise Invalid("state", f"{error.field} {error.rule}") from None
+        return message
+
+    def _store_update(
+        self,
+        state: RoundState,
+        meta: UpdateMeta,
+        weights: NamedArrays,
+        weights_data: bytes,
+        state_data: bytes | None = None,
+        message: NamedArrays | None = None,
+    ) -> None:
         experiment_id, server_round, index = state.experiment_id, state.server_round, meta.client_index
         file_id = (
             self.store.save_client_model(weights_data, ClientModelFile(experiment_id, server_round, index))
             if state.durable else None
         )
+        try:
+            state_file_id = (
+                None if state_data is None
+                else self.store.save_member_state(state_data, MemberStateFile(experiment_id, server_round, index))
+            )
+        except BaseException:
+            if file_id is not None:
+                undo_files([file_id], self.store.delete_client_model)
+            raise
+        written = [file_id] if file_id is not None else []
+
+        def undo() -> None:
+            if written:
+                undo_files(written, self.store.delete_client_model)
+            if state_file_id is not None:
+                undo_files([state_file_id], self.store.delete_member_state)
+
         stats = ClientStatsRecord(
             experiment_id=experiment_id,
             round=server_round,
@@ -444,6 +530,7 @@ class Rounds:
             num_examples=meta.num_examples,
             weights_file_id=file_id,
             stats=meta.stats,
+            state_file_id=state_file_id,
         )
         try:
             try:
@@ -458,23 +545,22 @@ class Rounds:
                 for stale in self.store.delete_client_stats(experiment_id, server_round, index):
                     if stale.weights_file_id is not None and stale.weights_file_id != file_id:
                         undo_files([stale.weights_file_id], self.store.delete_client_model)
+                    if stale.state_file_id is not None and stale.state_file_id != state_file_id:
+                        undo_files([stale.state_file_id], self.store.delete_member_state)
                 self.store.insert_client_stats(stats)
         except DuplicateError:
-            if file_id is not None:
-                self.store.delete_client_model(file_id)
+            undo()
             raise Conflict(f"member {index} already reported round {server_round}") from None
         except BaseException:  # a refused or failed insert leaves no file behind
-            if file_id is not None:
-                undo_files([file_id], self.store.delete_client_model)
+            undo()
             raise
         with state.fold_lock:
             if state.closed:  # closed by its deadline meanwhile: a straggler
                 self.store.unreport(experiment_id, index, server_round)
-                if file_id is not None:
-                    undo_files([file_id], self.store.delete_client_model)
+                undo()
                 raise Conflict(f"round {server_round} closed at its deadline before member {index}'s update")
-            if state.mean is not None:
-                state.mean.add(weights, meta.num_examples)
+            if state.mean is not None:  # the message (e.g. SCAFFOLD's control delta) is averaged like the weights
+                state.mean.add({**weights, **(message or {})}, meta.num_examples)
             state.folded.add(index)
         with self.lock:
             state.last_worker[index] = meta.worker_id
@@ -607,7 +693,7 @@ class Rounds:
         started = time.perf_counter()
         spec, experiment_id, server_round = state.spec, state.experiment_id, state.server_round
         participants = sorted(state.folded)
-        strategy = make_strategy(spec.strategy)
+        strategy = make_strategy(spec.strategy, spec.participation)
         inputs = load_round_inputs(  # the averaging strategies' updates are already in the running mean
             self.store, experiment_id, server_round, participants if state.mean is None else [],
             previous=self._cached_model(experiment_id, server_round - 1),

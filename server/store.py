@@ -28,6 +28,7 @@ from stack.records import (
     ExperimentRecord,
     LandscapeRecord,
     MemberRecord,
+    MemberStateFile,
     ModelFile,
     RefusedUpdateRecord,
     RoundRecord,
@@ -78,6 +79,7 @@ class Store:
         self.submit_lock = threading.Lock()
         self.models = gridfs.GridFSBucket(self.db, bucket_name=records.MODELS)
         self.client_models = gridfs.GridFSBucket(self.db, bucket_name=records.CLIENT_MODELS)
+        self.member_states = gridfs.GridFSBucket(self.db, bucket_name=records.MEMBER_STATES)
 
     def close(self) -> None:
         if self._client is not None:
@@ -358,6 +360,33 @@ class Store:
         except gridfs.errors.NoFile:
             pass
 
+    def save_member_state(self, data: bytes, file: MemberStateFile) -> str:
+        """Store a member's client-algorithm state and message (its `ClientStatsRecord` then references it)."""
+        return str(self.member_states.upload_from_stream(file.filename, data, metadata=file.metadata()))
+
+    def load_member_state(self, file_id: str) -> bytes:
+        return bytes(self.member_states.open_download_stream(ObjectId(file_id)).read())
+
+    def delete_member_state(self, file_id: str) -> None:
+        try:
+            self.member_states.delete(ObjectId(file_id))
+        except gridfs.errors.NoFile:
+            pass
+
+    def member_state_id(self, experiment_id: str, client_index: int, before_round: int) -> str | None:
+        """The state file of the member's latest kept report before round `before_round`, or None (a first round).
+
+        Reports are kept only for updates that count (`Rounds.recover` removes the
+        others), so a member that trains a round again starts from the same state.
+        """
+        query = {**ClientStatsRecord.key(experiment_id), "client_index": client_index, "round": {"$lt": before_round}}
+        kept = [
+            (int(doc["round"]), str(doc["state_file_id"]))
+            for doc in self.db[records.CLIENT_STATS].find(query, {"round": 1, "state_file_id": 1})
+            if doc.get("state_file_id") is not None
+        ]
+        return max(kept)[1] if kept else None
+
     def delete_orphan_files(self) -> int:
         """Delete GridFS files no document references, and chunks of no file; returns the files deleted.
 
@@ -372,10 +401,9 @@ class Store:
             for key in ("model_file_id", "strategy_state_file_id"):
                 if doc.get(key) is not None:
                     referenced_models.add(str(doc[key]))
-        referenced_updates = {
-            str(doc["weights_file_id"]) for doc in self.db[records.CLIENT_STATS].find({}, {"weights_file_id": 1})
-            if doc.get("weights_file_id") is not None
-        }
+        reports = list(self.db[records.CLIENT_STATS].find({}, {"weights_file_id": 1, "state_file_id": 1}))
+        referenced_updates = {str(doc["weights_file_id"]) for doc in reports if doc.get("weights_file_id") is not None}
+        referenced_states = {str(doc["state_file_id"]) for doc in reports if doc.get("state_file_id") is not None}
 
         def round_zero(file: Mapping[str, Any]) -> bool:
             try:
@@ -388,6 +416,7 @@ class Store:
         for name, bucket, keep in (
             (records.MODELS, self.models, lambda f: str(f["_id"]) in referenced_models or round_zero(f)),
             (records.CLIENT_MODELS, self.client_models, lambda f: str(f["_id"]) in referenced_updates),
+            (records.MEMBER_STATES, self.member_states, lambda f: str(f["_id"]) in referenced_states),
         ):
             files_collection = self.db[records.files_collection(name)]
             for file in list(files_collection.find({}, {"_id": 1, "metadata": 1})):

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fedland.measure import MEASUREMENT_FLAGS
 from fedland.spec import INT64_MAX, MAX_DESCRIPTION_CHARS, ExperimentSpec, SpecError
 from fedland.strategies import is_statistic
 from server.errors import Invalid, Refused, TooLarge
@@ -190,7 +191,8 @@ def check_stats(stats: Any, *, max_epochs: int) -> dict[str, Any]:
     ``generalization_gap`` ``{loss, accuracy}``),
     ``train_loss_per_epoch`` (at most `max_epochs` numbers) and ``landscape``
     (identifier keys over numbers, nulls, lists of numbers or objects, nested
-    objects, a string only under ``name``; or
+    objects, a string only under ``name``, a boolean only under a key of
+    ``fedland.measure.MEASUREMENT_FLAGS``; or
     ``{"error": text}``). At most `MAX_STATS_BYTES` as JSON.
     """
     field = "meta.stats"
@@ -268,6 +270,8 @@ def _numeric_tree(value: Mapping[str, Any], path: str) -> None:
             for key, child in item.items():
                 _identifier(key, where)
                 if key == "name" and isinstance(child, str):  # e.g. a layer's name in per-layer norms
+                    continue
+                if key in MEASUREMENT_FLAGS and isinstance(child, bool):  # e.g. a saturated PAC-Bayes search
                     continue
                 stack.append((child, f"{where}.{key}"))
         elif isinstance(item, list):

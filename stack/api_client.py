@@ -186,15 +186,32 @@ class Transport:
         _check(response, 200)
         return response.content
 
+    def fetch_member_inputs(self, experiment_id: str, server_round: int, client_index: int) -> bytes:
+        """Safetensors of what the member's client algorithm starts the round from (``stack.wire.encode_member_inputs``)."""
+        response = self.request("GET", f"/experiments/{experiment_id}/rounds/{server_round}/members/{client_index}/state")
+        _check(response, 200)
+        return response.content
+
+    def report_failure(self, experiment_id: str, server_round: int, client_index: int, error: str) -> None:
+        """Tell the server this worker cannot train the member (e.g. a component it cannot import)."""
+        response = self.request(
+            "POST", f"/experiments/{experiment_id}/rounds/{server_round}/members/{client_index}/failure",
+            json={"error": error},
+        )
+        _json(response, 200)
+
     def post_update(
-        self, experiment_id: str, server_round: int, meta: dict[str, Any], weights: bytes
+        self, experiment_id: str, server_round: int, meta: dict[str, Any], weights: bytes, state: bytes | None = None
     ) -> dict[str, Any]:
-        """Send a client update; raises `Conflict` on 409."""
+        """Send a client update (with its client algorithm's state and message, if any); raises `Conflict` on 409."""
+        files = {"weights": ("weights.safetensors", weights, "application/octet-stream")}
+        if state is not None:
+            files["state"] = ("state.safetensors", state, "application/octet-stream")
         response = self.request(
             "POST",
             f"/experiments/{experiment_id}/rounds/{server_round}/updates",
             data={"meta": json.dumps(meta)},
-            files={"weights": ("weights.safetensors", weights, "application/octet-stream")},
+            files=files,
         )
         if response.status_code == 409:
             raise Conflict(_error_message(response))

@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # imported where a spec is parsed: reading the other records 
 __all__ = [
     "ACTIVE",
     "CLIENT_MODELS",
+    "MEMBER_STATES",
+    "MemberStateFile",
     "CLIENT_STATS",
     "COLLECTIONS",
     "DONE",
@@ -83,6 +85,7 @@ COLLECTIONS = (EXPERIMENTS, MEMBERS, WORKERS, CLIENT_STATS, ROUNDS, LANDSCAPES, 
 # GridFS buckets ----------------------------------------------------------------
 MODELS = "models"  # ModelFile: a global model after a round (0: the initial one), or a strategy's state
 CLIENT_MODELS = "client_models"  # ClientModelFile: a member's update the server needs later
+MEMBER_STATES = "member_states"  # MemberStateFile: a member's client-algorithm state and message after a round
 
 #: The schema `to_doc` writes. Version 1 (no `store_info`) is the previous release's.
 SCHEMA_VERSION = 2
@@ -161,6 +164,7 @@ class ExperimentRecord:
     error: str | None = None  # why it failed
 
     def to_doc(self) -> Document:
+        from fedland.replicates import replicate_group
         from fedland.spec import fingerprint
 
         return {
@@ -174,12 +178,13 @@ class ExperimentRecord:
             "finished_at": to_date(self.finished_at),
             "error": self.error,
             "fingerprint": fingerprint(self.spec),  # derived from the spec, stored to find a twin by one query
+            "group_id": replicate_group(self.spec),  # derived too: the replicates across seeds, by one query
             "spec": self.spec.with_id(self.id).to_dict(),
         }
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> ExperimentRecord:
-        """The record of a stored document; its `fingerprint` is not read (the spec gives it)."""
+        """The record of a stored document; its `fingerprint` and `group_id` are not read (the spec gives them)."""
         from fedland.spec import ExperimentSpec
 
         experiment_id = str(doc["_id"])
@@ -362,6 +367,8 @@ class ClientStatsRecord:
     num_examples: int
     weights_file_id: str | None = None  # GridFS `client_models`; None: the update lives only in the round's sum
     stats: Mapping[str, Any] = field(default_factory=dict)
+    # GridFS `member_states`: the client algorithm's new state and message (None: it sent none; not written then)
+    state_file_id: str | None = None
 
     DATES: ClassVar[frozenset[str]] = frozenset({"received_at"})
 
@@ -374,6 +381,7 @@ class ClientStatsRecord:
             "received_at": to_date(self.received_at),
             "num_examples": self.num_examples,
             "weights_file_id": self.weights_file_id,
+            **({} if self.state_file_id is None else {"state_file_id": self.state_file_id}),
             **{key: _plain(self.stats[key]) for key in STATS_KEYS if key in self.stats},
         }
 
@@ -389,6 +397,7 @@ class ClientStatsRecord:
             num_examples=int(doc["num_examples"]),
             weights_file_id=None if file_id is None else str(file_id),
             stats={key: doc[key] for key in STATS_KEYS if key in doc},
+            state_file_id=None if doc.get("state_file_id") is None else str(doc["state_file_id"]),
         )
 
     @property
@@ -698,6 +707,27 @@ class ModelFile:
     def query(experiment_id: str, server_round: int, kind: str) -> Document:
         """The filter of a bucket's files collection that finds these files."""
         return {"metadata.experiment_id": experiment_id, "metadata.round": server_round, "metadata.kind": kind}
+
+
+@dataclass(frozen=True)
+class MemberStateFile:
+    """The metadata of a `member_states` file: what member `client_index`'s client algorithm returned in `round`.
+
+    The file holds its new persistent state and its message to the strategy
+    (``stack.wire.encode_member_state``); the member's `ClientStatsRecord` of that
+    round references it (``state_file_id``), so it lives and goes with the update.
+    """
+
+    experiment_id: str
+    round: int
+    client_index: int
+
+    @property
+    def filename(self) -> str:
+        return f"{self.experiment_id}-client{self.client_index}-state-{self.round}.safetensors"
+
+    def metadata(self) -> Document:
+        return {"experiment_id": self.experiment_id, "round": self.round, "client_index": self.client_index}
 
 
 @dataclass(frozen=True)

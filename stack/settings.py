@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,16 @@ def _device(env: Mapping[str, str]) -> str:
     return value
 
 
+WORKSPACE_VARIABLE = "FEDLAND_WORKSPACE"
+
+
+def _workspace(env: Mapping[str, str]) -> Path | None:
+    raw = env.get(WORKSPACE_VARIABLE, "").strip()
+    if not raw:
+        return None
+    return Path(raw).expanduser().resolve()
+
+
 def _data_dir(env: Mapping[str, str]) -> Path:
     return Path(_text(env, "FEDLAND_DATA_DIR", str(DEFAULT_DATA_DIR)))
 
@@ -174,6 +185,7 @@ class ServerSettings:
     body_timeout_s: float = 10.0  # a request's body may pause this long (and must then average 16 KiB/s)
     idle_timeout_s: float = 60.0  # a kept-alive connection with no request open is closed after this
     measure_threads: int = 2  # landscape measurements and analyses of different experiments at once
+    workspace: Path | None = None  # FEDLAND_WORKSPACE: the folder of the researcher's components (use_workspace)
 
     def __post_init__(self) -> None:
         if self.token == self.worker_token:
@@ -216,6 +228,7 @@ class ServerSettings:
             body_timeout_s=_positive_float(env, "FEDLAND_BODY_TIMEOUT_S", cls.body_timeout_s),
             idle_timeout_s=_positive_float(env, "FEDLAND_IDLE_TIMEOUT_S", cls.idle_timeout_s),
             measure_threads=_int(env, "FEDLAND_MEASURE_THREADS", cls.measure_threads, low=1, high=64),
+            workspace=_workspace(env),
         )
 
 
@@ -229,6 +242,7 @@ class ClientSettings:
     torch_threads: int = 1
     log_level: str = "INFO"
     device: str = "cpu"  # of training, evaluation and landscape measurements
+    workspace: Path | None = None  # FEDLAND_WORKSPACE: the folder of the researcher's components (use_workspace)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ClientSettings:
@@ -240,6 +254,7 @@ class ClientSettings:
             torch_threads=_int(env, "FEDLAND_TORCH_THREADS", cls.torch_threads, low=1),
             log_level=_log_level(env),
             device=_device(env),
+            workspace=_workspace(env),
         )
 
 
@@ -277,6 +292,7 @@ class LauncherSettings:
     log_dir: Path = DEFAULT_LOG_DIR
     log_level: str = "INFO"
     token: str | None = None  # only to queue on a running server (--server)
+    workspace: Path | None = None  # FEDLAND_WORKSPACE, passed on to the server and workers it starts
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, mongo_uri: str | None = None) -> LauncherSettings:
@@ -287,7 +303,22 @@ class LauncherSettings:
             log_dir=Path(_text(env, "FEDLAND_LOG_DIR", str(DEFAULT_LOG_DIR))),
             log_level=_log_level(env),
             token=env.get("FEDLAND_TOKEN", "").strip() or None,
+            workspace=_workspace(env),
         )
+
+
+def use_workspace(folder: Path | None) -> None:
+    """Put the researcher's workspace folder (``FEDLAND_WORKSPACE``, read by the settings) first on ``sys.path``.
+
+    The one place components named by import path (``fedland.components``) are
+    found besides the installed packages: server, workers, reports and the
+    launcher call this at start, so all of them import the same code. A folder
+    that is not there is logged (its components then fail to import, naming it).
+    """
+    if folder is not None and not folder.is_dir():
+        logging.getLogger(__name__).warning("%s=%s is not a directory", WORKSPACE_VARIABLE, folder)
+    if folder is not None and str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 
 def configure_logging(level: str = "INFO", tag: str = "") -> None:

@@ -35,6 +35,34 @@ def decode(data: bytes) -> NamedArrays:
         raise ValueError(f"weights: not a valid safetensors payload ({error})") from None
 
 
+STATE_PREFIX = "state/"  # a member's persistent client-algorithm state, in a member-state payload
+MESSAGE_PREFIX = "message/"  # its message to the server strategy
+ROUND_PREFIX = "round/"  # the strategy's round payload, in what a member's round starts from
+
+
+def encode_member_state(state: Mapping[str, object], message: Mapping[str, object]) -> bytes:
+    """A client algorithm's new state and message as one safetensors payload (keys prefixed)."""
+    return encode({**{STATE_PREFIX + k: v for k, v in state.items()}, **{MESSAGE_PREFIX + k: v for k, v in message.items()}})
+
+
+def encode_member_inputs(state: Mapping[str, object], round_state: Mapping[str, object]) -> bytes:
+    """What a member's round starts from: its stored state and the strategy's round payload (keys prefixed)."""
+    return encode({**{STATE_PREFIX + k: v for k, v in state.items()}, **{ROUND_PREFIX + k: v for k, v in round_state.items()}})
+
+
+def split(arrays: Mapping[str, np.ndarray], *prefixes: str) -> tuple[NamedArrays, ...]:
+    """The arrays under each prefix, the prefix removed; ValueError naming a key under none of them."""
+    parts: tuple[NamedArrays, ...] = tuple({} for _ in prefixes)
+    for key, value in arrays.items():
+        for part, prefix in zip(parts, prefixes):
+            if key.startswith(prefix) and len(key) > len(prefix):
+                part[key[len(prefix):]] = value
+                break
+        else:
+            raise ValueError(f"state: key {key!r} is under none of {', '.join(prefixes)}")
+    return parts
+
+
 def check_compatible(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:
     """Raise ValueError naming the key if `weights` differ from `reference` in layout or hold NaN/Inf."""
     missing = sorted(set(reference) - set(weights))

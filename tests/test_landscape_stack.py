@@ -50,10 +50,16 @@ GENERALIZATION_KEYS = {"pac_bayes", "pac_bayes_magnitude", "norms"}
 
 
 def assert_metrics(block: dict[str, Any], top_k: int) -> None:
-    assert set(block) == METRIC_KEYS | {"generalization"}
+    assert set(block) == METRIC_KEYS | {"generalization", "top_eigenvalues_converged"}
+    assert isinstance(block["top_eigenvalues_converged"], bool)
     assert set(block["generalization"]) == GENERALIZATION_KEYS
     for key in ("pac_bayes", "pac_bayes_magnitude"):
-        assert all(finite(block["generalization"][key][k]) for k in ("sigma", "flatness", "bound", "deviation"))
+        pac_bayes = block["generalization"][key]
+        if pac_bayes["saturated"]:  # a model near chance: no number stands for it
+            assert all(value is None for name, value in pac_bayes.items() if name != "saturated")
+        else:
+            assert all(finite(pac_bayes[k]) for k in ("sigma", "sigma_low", "flatness", "bound", "deviation"))
+            assert pac_bayes["sigma_low"] <= pac_bayes["sigma"] <= (pac_bayes["sigma_high"] or math.inf)
     norms = block["generalization"]["norms"]
     assert all(finite(norms[k]) for k in ("frobenius_sum", "spectral_sum", "log_frobenius_product"))
     assert all(finite(layer["spectral"]) and layer["spectral"] <= layer["frobenius"] + 1e-9 for layer in norms["layers"])

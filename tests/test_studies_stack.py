@@ -34,7 +34,7 @@ torch.set_num_threads(1)
 
 LSPEC = LandscapeSpec(
     every=1, num_samples=32, top_k=1, trace_probes=4, interpolation_points=3, grid_points=3,
-    pac_bayes_samples=1, pac_bayes_steps=8, power_iterations=5,
+    pac_bayes_samples=2, pac_bayes_steps=8, power_iterations=5,
 )
 RUNS = [  # every new dataset and every new model once
     ("FashionMNIST", "FedCNN"),
@@ -64,6 +64,9 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _every_number_finite(value: Any, where: str) -> None:
+    if isinstance(value, dict) and value.get("saturated") is True:  # a PAC-Bayes search near chance: no numbers
+        assert all(item is None for key, item in value.items() if key != "saturated"), where
+        return
     if isinstance(value, dict):
         for key, item in value.items():
             if key != "error":

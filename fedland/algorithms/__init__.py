@@ -9,6 +9,8 @@ parameters (``SCAFFOLD`` and ``FedDyn`` need their server strategies,
 
 from __future__ import annotations
 
+# fedland.strategies registers the server halves below in STRATEGIES: it must be imported first
+import fedland.strategies  # noqa: F401  isort: skip
 from fedland.algorithms.contract import (
     ClientAlgorithm,
     LocalHyperparameters,
@@ -21,7 +23,7 @@ from fedland.algorithms.feddyn import FedDyn, FedDynStrategy
 from fedland.algorithms.sam import FedASAM, FedSAM
 from fedland.algorithms.scaffold import Scaffold, ScaffoldStrategy
 from fedland.algorithms.sgd import SGD
-from fedland.algorithms.swa import SWA, cyclical_learning_rate, is_averaged_round, swa_weights
+from fedland.algorithms.swa import SWA, FedSWA, cyclical_learning_rate, is_averaged_round, swa_weights
 
 __all__ = [
     "CLIENT_ALGORITHMS",
@@ -32,6 +34,7 @@ __all__ = [
     "FedDyn",
     "FedDynStrategy",
     "FedSAM",
+    "FedSWA",
     "LocalHyperparameters",
     "LocalResult",
     "MemberData",

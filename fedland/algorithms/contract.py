@@ -41,7 +41,7 @@ from torch.nn import functional as F
 
 from fedland.device import resolve_device
 from fedland.strategies import NamedArrays
-from fedland.training import TrainReport, batches
+from fedland.training import Inputs, TrainReport, batches
 
 __all__ = [
     "ClientAlgorithm",
@@ -54,9 +54,9 @@ __all__ = [
 
 @dataclass(frozen=True, eq=False)
 class MemberData:
-    """One member's training examples: inputs ``(N, ...)`` and int64 targets ``(N,)``."""
+    """One member's training examples: inputs ``(N, ...)`` (a tensor or compact ``Images``) and int64 targets ``(N,)``."""
 
-    x: torch.Tensor
+    x: Inputs
     y: torch.Tensor
 
     def __post_init__(self) -> None:

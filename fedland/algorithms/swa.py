@@ -27,9 +27,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedland.strategies import ClientUpdate, NamedArrays, Strategy, _cast_like
+from fedland.strategies import ClientUpdate, FedAvg, NamedArrays, Strategy, _cast_like
 
-__all__ = ["SWA", "cyclical_learning_rate", "is_averaged_round", "swa_weights"]
+__all__ = ["SWA", "FedSWA", "cyclical_learning_rate", "is_averaged_round", "swa_weights"]
 
 BASE = "base/"
 ROUND = "swa/round"
@@ -121,6 +121,18 @@ class SWA:
             COUNT: np.asarray(count, dtype=np.int64),
             **averaged,
         }
+
+
+class FedSWA(SWA):
+    """`SWA` over FedAvg, as a spec names it (``FedSWA``).
+
+    ``lr_min`` (None: a constant learning rate) is the clients' cyclical
+    schedule (`cyclical_learning_rate`, from the spec's ``learning_rate``), which
+    ``fedland.spec.ExperimentSpec.round_learning_rate`` applies; the server half ignores it.
+    """
+
+    def __init__(self, start_round: int, cycle_length: int = 1, lr_min: float | None = None) -> None:
+        super().__init__(base=FedAvg(), start_round=start_round, cycle_length=cycle_length)
 
 
 def _base_state(state: Mapping[str, np.ndarray]) -> NamedArrays:

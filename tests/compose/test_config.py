@@ -371,7 +371,8 @@ def test_server_publishes_one_port_and_starts_after_its_dependencies(stack_confi
     ]
     assert server["depends_on"]["mongo"]["condition"] == "service_healthy"
     assert server["depends_on"]["data-init"]["condition"] == "service_completed_successfully"
-    assert {v["target"]: v.get("read_only", False) for v in server["volumes"]} == {"/data": True}
+    assert {v["target"]: v.get("read_only", False) for v in server["volumes"]} == {"/data": True, "/workspace": True}
+    assert environment["FEDLAND_WORKSPACE"] == "/workspace"
 
 
 @pytest.mark.parametrize("config_name", ["stack_config", "clients_config"])
@@ -381,12 +382,14 @@ def test_client_service_can_be_scaled(config_name: str, request: pytest.FixtureR
     for per_replica in ("container_name", "ports", "hostname", "mac_address"):
         assert per_replica not in client, per_replica
     assert client["deploy"]["replicas"] >= 1
-    assert {v["target"]: v.get("read_only", False) for v in client["volumes"]} == {"/data": True}
+    # the researcher's components: the same host folder as the server's, read-only
+    assert {v["target"]: v.get("read_only", False) for v in client["volumes"]} == {"/data": True, "/workspace": True}
+    assert client["environment"]["FEDLAND_WORKSPACE"] == "/workspace"
     assert client["depends_on"]["data-init"]["condition"] == "service_completed_successfully"
     assert client["environment"]["FEDLAND_TORCH_THREADS"] == "1"
     data_init = config["services"]["data-init"]
     assert data_init["restart"] == "no"
-    assert [v["source"] for v in data_init["volumes"]] == [v["source"] for v in client["volumes"]]
+    assert [v["source"] for v in data_init["volumes"]] == [v["source"] for v in client["volumes"] if v["target"] == "/data"]
     assert not any(v.get("read_only", False) for v in data_init["volumes"])  # it writes the one compact copy
 
 

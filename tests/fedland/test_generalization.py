@@ -97,3 +97,57 @@ def test_norms_match_dense_references() -> None:
 
 def test_generalization_gap_signs() -> None:
     assert generalization_gap(0.2, 0.95, 0.5, 0.9) == pytest.approx({"loss": 0.3, "accuracy": 0.05})
+
+
+def test_sigma_interval_covers_the_analytic_sigma_at_its_stated_confidence() -> None:
+    # The zero-residual linear model's expected rise is sigma^2 mean_x ||x||^2: sigma* is known exactly.
+    model, data = _linear_regression()
+    x = data[0][0]
+    deviation = 0.3
+    analytic = math.sqrt(deviation / float((x**2).sum(dim=1).mean()))
+    results = [pac_bayes_flatness(model, _mse, data, deviation=deviation, samples=32, steps=14, seed=s) for s in range(60)]
+    covered = sum(r.sigma_low <= analytic <= r.sigma_high for r in results)
+    assert covered >= 51  # 95% of 60 is 57; 51 or more has probability > 0.99 at 95% coverage
+    assert all(r.sigma_low <= r.sigma <= r.sigma_high and not r.saturated for r in results)
+    # the interval is about as wide as the spread of sigma over seeds says
+    sigmas = torch.tensor([r.sigma for r in results], dtype=torch.float64)
+    spread = float(sigmas.std()) / float(sigmas.mean())
+    half_widths = [r.relative_half_width for r in results]
+    assert 1.0 * spread < sum(half_widths) / len(half_widths) < 3.5 * spread  # 1.96 standard deviations expected
+
+
+def test_a_model_at_chance_is_saturated_not_flat(data_dir: str) -> None:
+    """At chance accuracy the 0-1 error cannot rise by 0.1: sigma runs to its cap, flagged, never a number."""
+    from fedland.datasets import load_dataset
+    from fedland.measure import measure_generalization
+    from fedland.spec import LandscapeSpec
+
+    data = load_dataset("MNIST", data_dir, download=False)
+    batches = [(data.train_x[:256], data.train_y[:256])]
+    model = build_model("FedNet", seed=0)  # untrained: about 90% error
+    for magnitude in (False, True):
+        result = pac_bayes_flatness(model, zero_one_error, batches, samples=16, magnitude_aware=magnitude)
+        assert result.base_loss > 0.85 and result.saturated
+        assert result.sigma == 2.0**16 and result.sigma_high == math.inf and result.relative_half_width == math.inf
+    document = measure_generalization(model, batches, LandscapeSpec(pac_bayes_samples=16), seed=0)
+    for key in ("pac_bayes", "pac_bayes_magnitude"):
+        assert document[key]["saturated"] is True
+        assert all(value is None for name, value in document[key].items() if name != "saturated")
+
+
+def test_the_default_interval_is_within_ten_percent_on_the_example_model(data_dir: str) -> None:
+    """FedNet after one epoch on 2,000 MNIST images, measured on 256 others as the stack does."""
+    from fedland.datasets import load_dataset
+    from fedland.training import train_local
+
+    data = load_dataset("MNIST", data_dir, download=False)
+    model, _ = train_local(build_model("FedNet", seed=0), data.train_x[:2000], data.train_y[:2000], epochs=1,
+                           batch_size=32, learning_rate=0.05, momentum=0.5, seed=0)
+    batches = [(data.train_x[5000:5256], data.train_y[5000:5256])]
+    for magnitude in (False, True):
+        result = pac_bayes_flatness(model, zero_one_error, batches, magnitude_aware=magnitude, seed=1)
+        assert not result.saturated and 0.15 < result.base_loss < 0.4
+        assert result.relative_half_width <= 0.10
+        assert result.draws <= 2 * 128 * (10 + 4)  # the typical cost the spec's budget counts, with room
+        low, high = result.flatness_interval
+        assert low <= result.flatness <= high

@@ -36,8 +36,8 @@ def test_defaults_are_the_documented_ones() -> None:
         "grid_points": 9,
         "grid_radius": 1.0,
         "pac_bayes_deviation": 0.1,
-        "pac_bayes_samples": 4,
-        "pac_bayes_steps": 8,
+        "pac_bayes_samples": 128,
+        "pac_bayes_steps": 10,
         "power_iterations": 30,
     }
     spec = ExperimentSpec.from_dict({k: v for k, v in experiment().items() if k != "landscape"})
@@ -114,7 +114,7 @@ OVER_BOUND = [
     ({"grid_points": 103}, "landscape.grid_points", "at most 101"),
     ({"sharpness_rho": 1e308}, "landscape.sharpness_rho", "at most 100"),
     ({"grid_radius": 1e308}, "landscape.grid_radius", "at most 1000"),
-    ({"pac_bayes_samples": 10**6}, "landscape.pac_bayes_samples", "at most 64"),
+    ({"pac_bayes_samples": 10**6}, "landscape.pac_bayes_samples", "at most 4096"),
     ({"pac_bayes_steps": 10**6}, "landscape.pac_bayes_steps", "at most 64"),
     ({"power_iterations": 10**7}, "landscape.power_iterations", "at most 1000"),
 ]

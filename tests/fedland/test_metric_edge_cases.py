@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fedland.ascent_sharpness import adaptive_sharpness, worst_case_sharpness
 from fedland.curvature import curvature_operator, flatness_gap, layer_top_eigenvalues
+from fedland.generalization import generalization_gap, pac_bayes_flatness, weight_norms, zero_one_error
 from fedland.hessian import (
     HessianOperator,
     hessian_trace,
@@ -202,3 +203,136 @@ def test_attention_models_work_on_cpu(bare: bool, dtype: torch.dtype) -> None:
         with sdpa_kernel(SDPBackend.MATH):  # the reference needs the math backend too
             dense = dense_hessian(model, LOSS, data)
         np.testing.assert_allclose(result.values, torch.linalg.eigvalsh(dense).flip(0)[:2].numpy(), rtol=1e-4)
+
+
+# 7. misuse the checks used to let through: each a ValueError naming the argument
+
+def test_radius_nan_or_inf_is_a_value_error_naming_rho() -> None:
+    model, data = tiny_mlp(), make_data((4,), [8])
+    for bad in (math.nan, math.inf, -math.inf, 0.0, -0.1):
+        for call in (
+            lambda: sharpness(model, LOSS, data, rho=bad),
+            lambda: adaptive_sharpness(model, LOSS, data, rho=bad),
+            lambda: worst_case_sharpness(model, LOSS, data, rho=bad),
+        ):
+            with pytest.raises(ValueError, match=r"^rho: must be a finite number > 0"):
+                call()
+
+
+@pytest.mark.parametrize(
+    ("field", "call"),
+    [
+        ("eta", lambda m, d: adaptive_sharpness(m, LOSS, d, eta=math.nan)),
+        ("eta", lambda m, d: worst_case_sharpness(m, LOSS, d, eta=math.inf)),
+        ("steps", lambda m, d: worst_case_sharpness(m, LOSS, d, steps=0)),
+        ("steps", lambda m, d: adaptive_sharpness(m, LOSS, d, steps=1.5)),  # type: ignore[arg-type]
+        ("tol", lambda m, d: top_eigenvalues(m, LOSS, d, tol=math.nan)),
+        ("tol", lambda m, d: layer_top_eigenvalues(m, LOSS, d, tol=math.inf)),
+        ("tol", lambda m, d: flatness_gap(m, [m], LOSS, [d], tol=math.nan)),
+        ("k", lambda m, d: layer_top_eigenvalues(m, LOSS, d, k=0)),
+        ("max_iter", lambda m, d: top_eigenvalues(m, LOSS, d, max_iter=2.5)),  # type: ignore[arg-type]
+        ("num_hvps", lambda m, d: hessian_trace(m, LOSS, d, num_hvps=6.5)),  # type: ignore[arg-type]
+        ("sigma", lambda m, d: spectral_density(m, LOSS, d, num_probes=1, lanczos_steps=3, sigma=math.inf)),
+        ("num_probes", lambda m, d: spectral_density(m, LOSS, d, num_probes=0)),
+        ("radius", lambda m, d: loss_slice_1d(m, LOSS, d, radius=math.nan, num_points=3)),
+        ("radius", lambda m, d: loss_slice_2d(m, LOSS, d, radius=math.inf, num_points=3)),
+        ("chunk_size", lambda m, d: gradient_norm(m, LOSS, d, chunk_size=0)),
+        ("alphas", lambda m, d: interpolate(m, tiny_mlp(1), LOSS, d, alphas=[0.0, math.nan, 1.0])),
+        ("direction", lambda m, d: loss_slice_1d(
+            m, LOSS, d, {n: torch.full_like(p, math.inf) for n, p in m.named_parameters()}, num_points=3)),
+        ("vector", lambda m, d: hessian_vector_product(
+            m, LOSS, d, {n: torch.full_like(p, math.nan) for n, p in m.named_parameters()})),
+        ("deviation", lambda m, d: pac_bayes_flatness(m, zero_one_error, d, deviation=math.inf)),
+        ("sigma_max", lambda m, d: pac_bayes_flatness(m, zero_one_error, d, sigma_max=math.nan)),
+        ("samples", lambda m, d: pac_bayes_flatness(m, zero_one_error, d, samples=1)),
+        ("power_iterations", lambda m, d: weight_norms(m, power_iterations=0)),
+        ("train_loss", lambda m, d: generalization_gap(math.nan, 0.5, 1.0, 0.4)),
+        ("test_accuracy", lambda m, d: generalization_gap(0.1, 0.5, 1.0, "0.4")),  # type: ignore[arg-type]
+    ],
+)
+def test_each_bad_argument_is_a_value_error_naming_it(field: str, call: object) -> None:
+    model, data = tiny_mlp(), make_data((4,), [8])
+    with pytest.raises(ValueError, match=rf"^{field}: "):
+        call(model, data)  # type: ignore[operator]
+
+
+def test_a_nan_loss_inside_the_sharpness_ball_is_the_non_finite_error() -> None:
+    """The ascent used to pass over NaN losses (max() ignores them) and report the rise of the finite points."""
+    from fedland._objective import NonFiniteLossError
+
+    model, data = tiny_mlp(), make_data((4,), [8])
+    with torch.no_grad():
+        base_outputs = model(data[0][0]).clone()
+
+    def nan_away_from_the_model(outputs: Tensor, targets: Tensor) -> Tensor:
+        moved = (outputs - base_outputs).abs().max() > 1e-3  # finite at the model, NaN once it moves
+        return nn.functional.cross_entropy(outputs, targets) * torch.where(moved, math.nan, 1.0)
+
+    for call in (
+        lambda: worst_case_sharpness(model, nan_away_from_the_model, data, rho=1.0, steps=3),
+        lambda: adaptive_sharpness(model, nan_away_from_the_model, data, rho=1.0, steps=3),
+    ):
+        with pytest.raises(NonFiniteLossError, match=r"^loss: is NaN at ascent step 1 inside the ball"):
+            call()
+    assert worst_case_sharpness(model, LOSS, data, rho=1.0, steps=3) > 0  # the same ascent with a finite loss
+
+
+def test_fisher_refuses_a_per_example_loss() -> None:
+    """Per-example losses of one example each are scalars: the Fisher used to accept reduction='none'."""
+    from fedland.curvature import FisherOperator
+
+    model, data = tiny_mlp(), make_data((4,), [16, 16])
+    per_example = nn.CrossEntropyLoss(reduction="none")
+    message = r"^loss_fn: CrossEntropyLoss\(\) must return a scalar \(mean-reduced\) loss, got \(16,\)"
+    with pytest.raises(ValueError, match=message):
+        FisherOperator(model, per_example, data).matvec(torch.ones(51))
+    with pytest.raises(ValueError, match=message):
+        layer_top_eigenvalues(model, per_example, data, curvature="fisher")
+    with pytest.raises(ValueError, match=message):
+        flatness_gap(model, [model], per_example, [data], curvature="fisher")
+    assert layer_top_eigenvalues(model, LOSS, data, curvature="fisher")["0"].values[0] > 0  # a mean loss works
+
+
+def test_pac_bayes_refuses_a_per_example_loss_by_name() -> None:
+    model, data = tiny_mlp(), make_data((4,), [16])
+    with pytest.raises(ValueError, match=r"^loss_fn: CrossEntropyLoss\(\) must return a scalar"):
+        pac_bayes_flatness(model, nn.CrossEntropyLoss(reduction="none"), data)
+
+    def per_example_error(outputs: Tensor, targets: Tensor) -> Tensor:
+        return (outputs.argmax(dim=1) != targets).float()
+
+    with pytest.raises(ValueError, match=r"^loss_fn: .*per_example_error must return a scalar"):
+        pac_bayes_flatness(model, per_example_error, data)
+
+
+def test_pac_bayes_on_nan_weights_or_inputs_is_the_non_finite_error() -> None:
+    """The 0-1 error of NaN outputs is finite: it used to give sigma 0 and flatness inf."""
+    from fedland._objective import NonFiniteLossError
+
+    model, data = tiny_mlp(), make_data((4,), [16])
+    with pytest.raises(NonFiniteLossError, match=r"^weights: is not finite"):
+        pac_bayes_flatness(_nan_model(), zero_one_error, data)
+    for bad in (math.nan, math.inf):
+        inputs = data[0][0].clone()
+        inputs[3, 1] = bad
+        with pytest.raises(NonFiniteLossError, match=r"^inputs: is not finite"):
+            pac_bayes_flatness(model, zero_one_error, [(inputs, data[0][1])])
+    with pytest.raises(NonFiniteLossError, match=r"^loss: is not finite"):
+        pac_bayes_flatness(model, lambda outputs, targets: LOSS(outputs, targets) * math.inf, data)
+
+
+def test_weight_measures_refuse_non_finite_weights() -> None:
+    from fedland._objective import NonFiniteLossError
+    from fedland.scalars import cosine_similarity, distance, path_norm
+
+    finite, broken = tiny_mlp(), _nan_model()
+    for call in (
+        lambda: weight_norms(broken),
+        lambda: path_norm(broken, (4,)),
+        lambda: distance(finite, broken),
+        lambda: cosine_similarity(broken, finite),
+        lambda: cosine_similarity(finite, finite, broken.state_dict()),
+    ):
+        with pytest.raises(NonFiniteLossError, match="weights"):
+            call()
+    assert distance(finite, finite) == 0.0

@@ -51,8 +51,8 @@ def spec_dict(**changes: Any) -> dict[str, Any]:
             "grid_points": 11,
             "grid_radius": 1.0,
             "pac_bayes_deviation": 0.1,
-            "pac_bayes_samples": 4,
-            "pac_bayes_steps": 8,
+            "pac_bayes_samples": 128,
+            "pac_bayes_steps": 10,
             "power_iterations": 30,
         },
     }
@@ -104,7 +104,7 @@ BAD_INPUTS = [
     ({"dataset_name": "CIFAR10"}, "model", "FedNet takes inputs of shape (1, 28, 28) but CIFAR10 images have shape (3, 32, 32)"),
     ({"model": "ResNet20"}, "model", "ResNet20 takes inputs of shape (3, 32, 32) but MNIST images"),
     ({"augment": "yes"}, "augment", "must be true, false or null"),
-    ({"model": "ResNet"}, "model", "unknown model 'ResNet'; valid: FedNet, FedCNN"),
+    ({"model": "ResNet"}, "model", "unknown model 'ResNet'; built-ins: FedNet, FedCNN"),
     ({"strategy": {"name": "FedSGD"}}, "strategy.name", "valid: " + ", ".join(STRATEGY_NAMES)),
     ({"strategy": {"name": "FedProx", "params": {}}}, "strategy.params.mu", "mu >= 0"),
     ({"strategy": {"name": "FedProx", "params": {"mu": -1}}}, "strategy.params.mu", "mu >= 0"),
@@ -124,7 +124,7 @@ BAD_INPUTS = [
     ({"learning_rate": 1e308}, "learning_rate", "at most 100"),
     ({"description": "x" * 10_001}, "description", "the limit is 10000"),
     ({"dataset_name": {"$gt": ""}}, "dataset_name", "unknown dataset"),
-    ({"model": ["FedNet"]}, "model", "unknown model"),
+    ({"model": ["FedNet"]}, "model", "must be a name or an import path"),
     ({"timestamp": "yesterday"}, "timestamp", "ISO 8601"),
     ({"landscape": [1, 2]}, "landscape", "must be an object"),
     ({"subset_fractions": [0.5, 0.25, 0.00001]}, "subset_fractions[2]", "would get 0 training samples"),
@@ -214,6 +214,7 @@ timestamp = "2025-01-02T03:04:05+00:00"
 target_balance_ratios = [[0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]]
 subset_fractions = [0.9]
 model = "FedCNN"
+landscape = { pac_bayes_samples = 16 }
 [experiments.strategy]
 name = "FedProx"
 params = { mu = 0.1 }

@@ -8,8 +8,10 @@ import math
 import numpy as np
 import pytest
 
+from fedland.algorithms import SWA, FedDynStrategy, ScaffoldStrategy
 from fedland.spec import STRATEGY_PARAMS, SpecError, StrategySpec
 from fedland.strategies import (
+    PARTICIPATION_STRATEGIES,
     STRATEGIES,
     ClientUpdate,
     FedAdam,
@@ -184,7 +186,8 @@ def test_bad_updates_are_refused() -> None:
 
 def test_make_strategy_builds_every_named_strategy_with_params() -> None:
     assert set(STRATEGIES) == {
-        "FedAvg", "FedAvgM", "FedProx", "FedAdam", "FedYogi", "FedAdagrad", "FedMedian", "FedTrimmedAvg", "Krum"
+        "FedAvg", "FedAvgM", "FedProx", "FedAdam", "FedYogi", "FedAdagrad", "FedMedian", "FedTrimmedAvg", "Krum",
+        "SCAFFOLD", "FedDyn", "FedSWA",
     }
     assert make_strategy(StrategySpec("FedAvgM", {"server_momentum": 0.5})) == FedAvgM(1.0, 0.5)
     assert make_strategy(StrategySpec("FedProx", {"mu": 0.1})) == FedProx(mu=0.1)
@@ -197,7 +200,19 @@ def test_make_strategy_builds_every_named_strategy_with_params() -> None:
 def test_every_spec_strategy_builds_and_takes_exactly_the_spec_parameters() -> None:
     assert set(STRATEGIES) == set(STRATEGY_PARAMS)
     for name, cls in STRATEGIES.items():
-        assert set(inspect.signature(cls).parameters) == set(STRATEGY_PARAMS[name]), name
+        # participation is the experiment's (make_strategy passes it), not a spec parameter
+        taken = set(inspect.signature(cls).parameters) - ({"participation"} if name in PARTICIPATION_STRATEGIES else set())
+        assert taken == set(STRATEGY_PARAMS[name]), name
+
+
+def test_server_halves_of_the_client_algorithms_are_built_with_the_experiments_participation() -> None:
+    assert make_strategy(StrategySpec("SCAFFOLD"), 0.25) == ScaffoldStrategy(participation=0.25)
+    assert make_strategy(StrategySpec("SCAFFOLD", {"server_learning_rate": 0.5})) == ScaffoldStrategy(1.0, 0.5)
+    assert make_strategy(StrategySpec("FedDyn", {"alpha": 0.1}), 0.5) == FedDynStrategy(alpha=0.1, participation=0.5)
+    swa = make_strategy(StrategySpec("FedSWA", {"start_round": 3, "cycle_length": 2}))
+    assert isinstance(swa, SWA) and (swa.start_round, swa.cycle_length, swa.base) == (3, 2, FedAvg())
+    with pytest.raises(SpecError, match="start_round"):
+        StrategySpec("FedSWA")
 
 
 def test_krum_with_too_few_clients_is_refused_by_the_spec() -> None:
@@ -306,9 +321,12 @@ ROBUST = {"FedMedian", "FedTrimmedAvg", "Krum"}
 
 def test_each_class_is_named_as_in_the_spec() -> None:
     assert set(STRATEGIES) == set(STRATEGY_PARAMS)
+    required: dict[str, dict[str, float]] = {"FedProx": {"mu": 0.0}, "FedSWA": {"start_round": 1}}
+    # the server halves of SCAFFOLD and FedDyn: their client halves (fedland.algorithms) hold the plain names
+    renamed = {"SCAFFOLD": "ScaffoldStrategy", "FedDyn": "FedDynStrategy"}
     for name, cls in STRATEGIES.items():
-        assert cls.__name__ == name
-        assert type(make_strategy(StrategySpec(name, {"mu": 0.0} if name == "FedProx" else {}))) is cls
+        assert cls.__name__ == renamed.get(name, name)
+        assert type(make_strategy(StrategySpec(name, required.get(name, {})))) is cls
 
 
 def test_only_the_robust_strategies_do_not_average() -> None:
@@ -334,7 +352,11 @@ def _random_round(seed: int) -> tuple[dict[str, np.ndarray], list[ClientUpdate],
     return global_weights, updates, state
 
 
-@pytest.mark.parametrize("name", sorted(set(STRATEGIES) - ROBUST))
+# the server halves of the client algorithms: tests/fedland/test_algorithm_strategies.py
+ALGORITHM_HALVES = {"SCAFFOLD", "FedDyn", "FedSWA"}
+
+
+@pytest.mark.parametrize("name", sorted(set(STRATEGIES) - ROBUST - ALGORITHM_HALVES))
 def test_an_averaging_strategy_gives_the_same_bits_from_the_mean_as_from_the_updates(name: str) -> None:
     strategy = make_strategy(StrategySpec(name, {"mu": 0.01} if name == "FedProx" else {}))
     global_weights, updates, state = _random_round(0)

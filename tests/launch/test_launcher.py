@@ -36,6 +36,16 @@ def test_prepare_overrides_rounds_and_filters_by_description() -> None:
     assert [s.description for s in prepare(specs, rounds=None, only="IID")] == ["IID a", "non-IID b", "IID c"]
 
 
+def test_prepare_expands_replicates_so_the_ids_line_up_with_the_specs() -> None:
+    import dataclasses
+
+    replicated = dataclasses.replace(spec("pair", rounds=4), seed=7, replicates=3)
+    prepared = prepare([spec("single"), replicated], rounds=2, only=None)
+    assert [(s.description, s.seed, s.replicate, s.rounds) for s in prepared] == [
+        ("single", 0, None, 2), ("pair", 7, 0, 2), ("pair", 8, 1, 2), ("pair", 9, 2, 2)]
+    assert prepare(prepared, rounds=None, only=None) == prepared  # already expanded: unchanged
+
+
 def test_prepare_lists_every_invalid_experiment() -> None:
     with pytest.raises(ValueError) as raised:
         prepare([spec("first"), spec("second")], rounds=0, only=None)

@@ -187,7 +187,7 @@ def test_a_real_run_exports_every_measure(local_stack: Callable[..., LocalStack]
     """Two rounds of a measured 2-member federation on real MNIST: PAC-Bayes, norms, surfaces, barriers."""
     stack = local_stack()
     lspec = LandscapeSpec(every=1, num_samples=64, top_k=2, trace_probes=4, interpolation_points=3, grid_points=3,
-                          pac_bayes_samples=1, pac_bayes_steps=2, power_iterations=5)
+                          pac_bayes_samples=2, pac_bayes_steps=2, power_iterations=5)
     [experiment_id] = stack.api.submit_experiments([small_spec(2, rounds=2, fraction=0.02, landscape=lspec)])
     stack.add_clients(2)
     assert stack.wait_done(experiment_id, timeout_s=240).status == "finished"
@@ -325,3 +325,20 @@ def test_export_command_line_writes_tables_and_models(store: Store, mongo_uri: s
     assert "wrote 10 models" in done.stdout  # rounds 0..3, and 2 members x 3 rounds
     assert set(pd.read_parquet(tmp_path / "out" / "measures.parquet")["experiment_id"]) == {measured_id}
     assert (tmp_path / "out" / "models" / measured_id / "round_0_global.safetensors").is_file()
+
+
+def test_a_queued_group_exports_its_group_and_replicate_index(store: Store) -> None:
+    from fedland.replicates import expand_replicates, replicate_group
+
+    measured_id, plain_id = two_experiments(store)
+    stored = records.read_experiment(store.db, measured_id)
+    assert stored is not None
+    replicated = dataclasses.replace(stored.spec, id=None, seed=10, replicates=3)
+    for replica in reversed(expand_replicates(replicated)):  # created last-first: the index is the spec's, not the order
+        insert_experiment(store, f"exp-replica-{replica.replicate}", replica)
+    experiments = load_tables(store.db)["experiments"].set_index("experiment_id")
+    replicas = [f"exp-replica-{r}" for r in range(3)]
+    assert list(experiments.loc[replicas, "replicate"]) == [0, 1, 2]
+    assert list(experiments.loc[replicas, "seed"]) == [10, 11, 12]
+    assert set(experiments.loc[replicas, "group_id"]) == {replicate_group(replicated)}
+    assert experiments.loc[measured_id, "group_id"] != replicate_group(replicated)  # replicates=3 is another study

@@ -129,3 +129,21 @@ def test_the_transport_reads_resumed_ids_and_asks_for_fresh_ones(
     assert again[0] == first[0] and again[1] != first[0] and again.resumed == (first[0],)
     assert fresh.resumed == () and fresh[0] not in (*first, *again)
     assert experiment_count(store) == 3
+
+
+def test_a_replicated_spec_is_queued_as_its_group_and_resumed_as_one(
+    api: Api, store: Store, make_spec: Callable[..., dict[str, Any]]
+) -> None:
+    from fedland.replicates import replicate_group
+
+    response = api.post("/experiments", json=make_spec(rounds=3, seed=5, replicates=3))
+    assert response.status_code == 201, response.text
+    ids = response.json()["ids"]
+    assert len(set(ids)) == 3 and experiment_count(store) == 3
+    stored = {doc["_id"]: doc for doc in store.db[records.EXPERIMENTS].find({})}
+    experiments = [records.ExperimentRecord.from_doc(stored[i]) for i in ids]
+    assert [(e.spec.seed, e.spec.replicate) for e in experiments] == [(5, 0), (6, 1), (7, 2)]
+    groups = {stored[i]["group_id"] for i in ids}
+    assert groups == {replicate_group(experiments[0].spec)}
+    again = api.post("/experiments", json=make_spec(rounds=3, seed=5, replicates=3))
+    assert again.json() == {"ids": ids, "resumed": ids} and experiment_count(store) == 3

@@ -118,3 +118,45 @@ def test_delete_orphan_files_keeps_exactly_the_referenced_ones(store: Store) -> 
     }
     assert files == kept
     assert store.delete_orphan_files() == 0  # idempotent
+
+
+def test_a_members_state_is_its_latest_kept_report_before_the_round_and_survives_a_restart(
+    store: Store, mongo_uri: str, mongo_db_name: str
+) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from stack import wire
+    from stack.records import MemberStateFile
+
+    add_members(store, "e1", 2)
+
+    def report(client_index: int, server_round: int, count: int) -> str:
+        data = wire.encode_member_state({"count": np.asarray(count)}, {"delta/w": np.full(2, float(count))})
+        file_id = store.save_member_state(data, MemberStateFile("e1", server_round, client_index))
+        store.insert_client_stats(dataclasses.replace(stats("e1", client_index, server_round), state_file_id=file_id))
+        return file_id
+
+    first, second = report(0, 1, 1), report(0, 3, 3)
+    store.insert_client_stats(stats("e1", 0, 4))  # a report without state (e.g. plain SGD) does not hide the last one
+    report(1, 2, 20)
+    assert store.member_state_id("e1", 0, 1) is None  # its first round
+    assert store.member_state_id("e1", 0, 2) == store.member_state_id("e1", 0, 3) == first
+    assert store.member_state_id("e1", 0, 4) == store.member_state_id("e1", 0, 9) == second
+    restarted = Store(mongo_uri, mongo_db_name)  # a new server process reads the same
+    try:
+        state, message = wire.split(
+            wire.decode(restarted.load_member_state(str(restarted.member_state_id("e1", 1, 3)))), "state/", "message/"
+        )
+        assert int(state["count"]) == 20 and message["delta/w"].tolist() == [20.0, 20.0]
+        assert restarted.member_state_id("e1", 1, 2) is None
+    finally:
+        restarted.close()
+    # a report lost with a restart takes its state with it: the member trains again from the one before
+    store.unreport("e1", 0, 3)
+    assert store.member_state_id("e1", 0, 4) == first
+    assert store.delete_orphan_files() == 1  # the lost report's state file
+    assert {str(f["_id"]) for f in store.db[records.files_collection(records.MEMBER_STATES)].find()} == {
+        first, store.member_state_id("e1", 1, 3)
+    }

@@ -137,12 +137,19 @@ def test_what_the_client_sends_passes() -> None:
         ({"landscape": {"x": [[1]]}}, "meta.stats.landscape.x[0]"),
         ({"landscape": {"error": "x", "trace": 1}}, "meta.stats.landscape.error"),
         ({"landscape": {"x": 2**63}}, "meta.stats.landscape.x"),
+        ({"landscape": {"global": {"trace": True}}}, "meta.stats.landscape.global.trace"),
     ],
 )
 def test_stats_are_typed(stats: Any, field: str) -> None:
     with pytest.raises(Invalid) as caught:
         check_stats(stats, max_epochs=2)
     assert caught.value.field == field
+
+
+def test_the_flags_of_a_measurement_are_booleans_only_under_their_keys() -> None:
+    landscape = {"global": {"top_eigenvalues": [3.0], "top_eigenvalues_converged": False,
+                            "generalization": {"pac_bayes": {"saturated": True, "sigma": None}}}}
+    assert check_stats({"landscape": landscape}, max_epochs=1)["landscape"] == landscape
 
 
 def test_stats_are_size_bounded() -> None:
