@@ -131,9 +131,9 @@ def test_costly_settings_are_refused_by_their_calibrated_cost() -> None:
     from fedland import spec as spec_module
 
     assert spec_module.num_parameters("FedNet") == 784 * 64 + 64 + 64 * 32 + 32 + 32 * 10 + 10
-    # FedCNN on 20,000 samples is affordable; 16x the PAC-Bayes draws (each within its bound) are not
+    # FedCNN on 20,000 samples is affordable; ~20x the PAC-Bayes draws (each setting within its bound) are not
     fedcnn = model_costs()["FedCNN"]
-    heavy: dict[str, Any] = {"pac_bayes_samples": 64, "pac_bayes_steps": 64}
+    heavy: dict[str, Any] = {"pac_bayes_samples": 512, "pac_bayes_steps": 64}
     assert member_measurement_s(fedcnn, LandscapeSpec(), 20_000) < spec_module.LANDSCAPE_COST_BUDGET_S / 2
     assert member_measurement_s(fedcnn, LandscapeSpec(**heavy), 20_000) > 2 * spec_module.LANDSCAPE_COST_BUDGET_S
     ExperimentSpec.from_dict({**experiment(num_samples=20_000), "model": "FedCNN"})
