@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,7 +116,9 @@ def test_server_restart_resumes_on_the_same_store(local_stack: Callable[..., Loc
     stack.server.wait(10)
     done_before = len(records.read_rounds(stack.db, experiment_id))
     assert done_before < rounds
-    time.sleep(1.0)  # clients meet a dead port and back off
+    wait_until(  # the clients meet a dead port (after their current step) and back off
+        lambda: "retry" in "".join(c.log_path.read_text() for c in stack.clients), 300, "a client retrying", stack.logs
+    )
     stack.start_server()
     stack.wait_done(experiment_id)
     assert_complete(stack, experiment_id, num_clients=2, rounds=rounds)
