@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -130,12 +131,16 @@ def _measure(model: torch.nn.Module, data: ClientData) -> dict[str, Any]:
     if int(data.test_y.shape[0]) == 0:  # absent, not zero: no test metric and no generalisation gap
         return {"train_loss": float(train.loss), "train_accuracy": float(train.accuracy)}
     test: Evaluation = evaluate(model, batches(data.test_x, data.test_y, EVAL_BATCH_SIZE))
+    if math.isfinite(train.loss) and math.isfinite(test.loss):
+        gap = generalization_gap(train.loss, train.accuracy, test.loss, test.accuracy)
+    else:  # a diverged model: its update goes to the server as it is, which refuses it naming the statistic
+        gap = {"loss": float(test.loss) - float(train.loss), "accuracy": float(train.accuracy) - float(test.accuracy)}
     return {
         "train_loss": float(train.loss),
         "train_accuracy": float(train.accuracy),
         "test_loss": float(test.loss),
         "test_accuracy": float(test.accuracy),
-        "generalization_gap": generalization_gap(train.loss, train.accuracy, test.loss, test.accuracy),
+        "generalization_gap": gap,
     }
 
 

@@ -213,6 +213,8 @@ def gap_document(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch]
     """``generalization_gap`` of ``model`` between two datasets (cross-entropy and accuracy, eval mode)."""
     train_loss, train_accuracy = mean_loss(model, F.cross_entropy, train)
     test_loss, test_accuracy = mean_loss(model, F.cross_entropy, test)
+    if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+        return {"loss": None, "accuracy": None}  # no gap at a model whose loss is not finite
     gap = generalization_gap(train_loss, train_accuracy or 0.0, test_loss, test_accuracy or 0.0)
     return {key: finite_or_none(value) for key, value in gap.items()}
 
