@@ -93,7 +93,8 @@ class _GiveWay(Exception):
 
 
 def _figure_entry(kind: FigureKind, data: ExperimentData, out_dir: Path) -> FigureEntry:
-    path = kind.render(data, out_dir)
+    with interrupts.deferred():  # a stop comes after the figure: matplotlib garbles an exception raised within it
+        path = kind.render(data, out_dir)
     if path is not None:
         return FigureEntry(kind.title, kind.caption_for(data), path.name, vector=vector_path(path).is_file())
     for stale in (out_dir / kind.file_name, vector_path(out_dir / kind.file_name)):
@@ -207,7 +208,8 @@ def write_index(out: Path, compared: Sequence[ExperimentData], *, figures: bool 
                 continue
             if between is not None:
                 between()
-            path = comparison(kind, compared, out / "comparison")
+            with interrupts.deferred():
+                path = comparison(kind, compared, out / "comparison")
             if path is None:
                 for stale in (earlier, vector_path(earlier)):
                     stale.unlink(missing_ok=True)

@@ -39,6 +39,7 @@ def exit_status(error: KeyboardInterrupt) -> int:
 
 
 _requested: list[int] = []  # the signal that asked for the stop, once one has
+_deferring: list[None] = []  # one entry per ``deferred`` block the main thread is in
 
 
 def requested() -> Interrupted | None:
@@ -55,7 +56,28 @@ def requested() -> Interrupted | None:
 def _raise(signum: int, frame: FrameType | None) -> None:
     ignore_signals()  # one stop: a second Ctrl-C must not cut the cleanup short
     _requested.append(signum)
-    raise Interrupted(signum)
+    if not _deferring:
+        raise Interrupted(signum)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Within the block a stop is recorded, not raised; it is raised when the block ends.
+
+    For code that turns an exception raised inside it into another one: matplotlib's
+    C++ extensions report an exception raised while they call back into Python as
+    "Invalid bounding box", and its PDF writer prints one it meets while closing a
+    stream. A report's figure is drawn within this block: it takes a second or two,
+    and a stop then comes between two figures.
+    """
+    _deferring.append(None)
+    try:
+        yield
+    finally:
+        _deferring.pop()
+    signalled = requested()
+    if signalled is not None and not _deferring:
+        raise signalled
 
 
 @contextmanager

@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 
-from stack.interrupts import Interrupted, exit_status, requested, stop_on_signals
+from stack.interrupts import Interrupted, deferred, exit_status, requested, stop_on_signals
 
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -22,6 +22,21 @@ def test_a_signal_raises_interrupted_with_its_exit_status(signum: int, status: i
     assert exit_status(raised.value) == status
     assert signal.getsignal(signum) is before  # the previous handler is back
     assert exit_status(KeyboardInterrupt()) == 130
+
+
+def test_a_signal_within_a_deferred_block_raises_when_the_outermost_block_ends() -> None:
+    finished = []
+    with pytest.raises(Interrupted) as raised, stop_on_signals():
+        with deferred():
+            with deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                finished.append("inner")  # the handler recorded the stop and returned
+            finished.append("outer")  # the inner block's end does not raise either
+        raise AssertionError("the outermost block's end raises")
+    assert finished == ["inner", "outer"]
+    assert exit_status(raised.value) == 143
+    with stop_on_signals(), deferred():
+        pass  # no signal: the block ends quietly, and the earlier stop is forgotten
 
 
 def test_a_signal_ignored_before_stays_ignored() -> None:
