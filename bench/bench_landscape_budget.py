@@ -35,6 +35,7 @@ from fedland.hessian import HessianOperator
 from fedland.landscape_budget import (
     COSTS_FILE,
     ModelCost,
+    measured_rounds,
     member_measurement_s,
     model_costs,
     round_training_s,
@@ -89,9 +90,12 @@ def calibrate(model_name: str, samples: int, train_batches: int, repeats: int) -
                      hvp_s=hvp_s / samples)
 
 
+ROUNDS = 100  # the default federation's rounds
+
+
 def default_spec(model: str, members: int) -> ExperimentSpec:
     """The default experiment of the model on its dataset: iid members, every member each round."""
-    return ExperimentSpec(dataset_name=dataset_for(model), model=model, rounds=100,
+    return ExperimentSpec(dataset_name=dataset_for(model), model=model, rounds=ROUNDS,
                           partition=PartitionScheme(scheme="iid", members=members))
 
 
@@ -122,9 +126,10 @@ def main() -> None:
         model_costs.cache_clear()
         print(f"wrote {COSTS_FILE}")
 
-    print(f"\nat the defaults ({args.members} iid members, all per round, 1 local epoch, budget 25%):")
-    print(f"{'model':<17} {'every':>5} {'samples':>7} {'train s/round':>13} {'landscape s/measured':>20} "
-          f"{'landscape s/round':>17} {'share':>6}")
+    print(f"\nat the defaults ({args.members} iid members, all per round, 1 local epoch, {ROUNDS} rounds, "
+          "budget 25%; share: the measured rounds' CPU against all rounds' training):")
+    print(f"{'model':<17} {'every':>5} {'measured':>8} {'samples':>7} {'member PAC-Bayes':>16} {'train s/round':>13} "
+          f"{'landscape s/measured':>20} {'landscape s/round':>17} {'share':>6}")
     for name in args.models:
         spec = default_spec(name, args.members)
         lspec, info = spec.landscape, DATASETS[spec.dataset_name]
@@ -134,9 +139,12 @@ def main() -> None:
         train_s = round_training_s(cost, spec.members_per_round, spec.local_epochs, member)
         measured_s = spec.members_per_round * member_measurement_s(cost, lspec, subset) + server_measurement_s(
             cost, lspec, min(lspec.subset_size, sum(info.test_class_counts)), spec.members_per_round, subset)
-        per_round = measured_s / (lspec.every or 1)
-        print(f"{name:<17} {lspec.every:>5} {lspec.subset_size:>7} {train_s:>13.0f} {measured_s:>20.0f} "
-              f"{per_round:>17.0f} {per_round / train_s:>6.1%}", flush=True)
+        assert lspec.every is not None
+        times = measured_rounds(spec.rounds, lspec.every)
+        per_round = times * measured_s / spec.rounds
+        member_pac_bayes = "on" if lspec.member_pac_bayes else "off"
+        print(f"{name:<17} {lspec.every:>5} {times:>8} {lspec.subset_size:>7} {member_pac_bayes:>16} {train_s:>13.0f} "
+              f"{measured_s:>20.0f} {per_round:>17.0f} {per_round / train_s:>6.1%}", flush=True)
     for name in args.check:
         spec = default_spec(name, args.members)
         info, lspec = DATASETS[spec.dataset_name], spec.landscape

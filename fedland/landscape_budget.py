@@ -15,14 +15,17 @@ the held-out subset; with at most ``PAIRWISE_MAX_MEMBERS`` participants the
 pairwise barriers and the flatness gap too). A round's training costs
 ``members x local_epochs x samples x train_s``.
 
-``fit_schedule`` is the rule: with ``budget`` the share of a round's training
-CPU that measurement may take (averaged over the rounds between two
-measurements), it picks the largest ``num_samples`` in
-``[MIN_BUDGET_SAMPLES, DEFAULT_NUM_SAMPLES]`` that fits when every round is
+``fit_schedule`` is the rule: with ``budget`` the share of the experiment's
+training CPU that measurement may take (the measured rounds, the last one
+included, against all rounds' training), it picks the largest ``num_samples``
+in ``[MIN_BUDGET_SAMPLES, DEFAULT_NUM_SAMPLES]`` that fits when every round is
 measured, then the smallest ``every`` that fits with it. A value the user
 gave is kept and only the other one is chosen; with both given the budget
 changes nothing. ``resolve_landscape`` applies it to a spec's landscape
-section; ``fedland.spec`` calls it, so the stored spec holds the resolved
+section. The members' PAC-Bayes flatness (``member_pac_bayes``) is most of a
+member's measurement; left unset, it is kept when the schedule with it fits
+and measures at least half as many rounds as the schedule without it, else
+left out. ``fedland.spec`` calls it, so the stored spec holds the resolved
 values and server, workers and reports read the same schedule.
 """
 
@@ -50,6 +53,7 @@ __all__ = [
     "MIN_BUDGET_SAMPLES",
     "ModelCost",
     "fit_schedule",
+    "measured_rounds",
     "member_measurement_s",
     "model_costs",
     "pac_bayes_evaluations",
@@ -89,17 +93,18 @@ def pac_bayes_evaluations(lspec: LandscapeSpec) -> int:
     return 2 * pac_bayes_typical_draws(lspec.pac_bayes_samples, lspec.pac_bayes_steps)
 
 
-def _model_measure_s(cost: ModelCost, lspec: LandscapeSpec, num_samples: int) -> float:
+def _model_measure_s(cost: ModelCost, lspec: LandscapeSpec, num_samples: int, *, pac_bayes: bool = True) -> float:
     """``fedland.measure.measure_model``: a gradient, the Lanczos and trace products, sharpness, PAC-Bayes."""
     products = LANCZOS_PRODUCTS + lspec.trace_probes
-    forwards = 1 + pac_bayes_evaluations(lspec)
+    forwards = 1 + (pac_bayes_evaluations(lspec) if pac_bayes else 0)
     return num_samples * (cost.gradient_s + products * cost.hvp_s + forwards * cost.forward_s)
 
 
 def member_measurement_s(cost: ModelCost, lspec: LandscapeSpec, num_samples: int) -> float:
     """Seconds of one member's measurement on ``num_samples`` samples (``measure_client_round``)."""
     interpolation = lspec.interpolation_points * num_samples * cost.forward_s
-    return 2 * _model_measure_s(cost, lspec, num_samples) + interpolation
+    pac_bayes = lspec.member_pac_bayes is not False
+    return 2 * _model_measure_s(cost, lspec, num_samples, pac_bayes=pac_bayes) + interpolation
 
 
 def server_measurement_s(
@@ -120,41 +125,55 @@ def round_training_s(cost: ModelCost, members: int, local_epochs: int, member_sa
     return members * local_epochs * member_samples * cost.train_s
 
 
+def measured_rounds(rounds: int, every: int) -> int:
+    """Rounds measured in an experiment of ``rounds`` rounds: every ``every``-th and the last (``ceil``)."""
+    return -(-rounds // every)
+
+
 def fit_schedule(
     measurement_s: Callable[[int], float],
     round_train_s: float,
     budget: float,
+    rounds: int,
     *,
     every: int | None = None,
     num_samples: int | None = None,
 ) -> tuple[int, int]:
     """The ``(every, num_samples)`` that keeps measurement within ``budget`` of the training CPU.
 
+    The experiment's measurement, ``measured_rounds(rounds, every) x measurement_s(num_samples)``, is
+    held within ``budget x round_train_s x rounds`` (the last round is measured whatever ``every`` is).
+
     Args:
         measurement_s: seconds of one measured round on a given ``num_samples`` (non-decreasing).
         round_train_s: seconds of one round's training.
-        budget: the share of the training CPU measurement may take, averaged over ``every`` rounds.
+        budget: the share of the training CPU measurement may take, over the experiment.
+        rounds: the experiment's rounds.
         every: the user's value, kept as given (then only ``num_samples`` is chosen).
         num_samples: the user's value, kept as given (then only ``every`` is chosen).
 
     Returns:
         ``num_samples``: the user's, else the largest in ``[MIN_BUDGET_SAMPLES, DEFAULT_NUM_SAMPLES]``
-        with ``measurement_s(num_samples) <= budget x round_train_s x (every or 1)`` (the smallest when
-        none fits); ``every``: the user's, else the smallest (at least 1) with
-        ``measurement_s(num_samples) <= budget x round_train_s x every``.
+        that fits when measured every ``every`` rounds (every round when ``every`` is not given; the
+        smallest when none fits); ``every``: the user's, else the smallest in ``[1, rounds]`` that fits
+        with it (``rounds`` when even the last round alone does not).
     """
-    allowance = budget * round_train_s
+    allowance = budget * round_train_s * rounds
     if num_samples is None:
+        times = measured_rounds(rounds, every or 1)
         low, high = MIN_BUDGET_SAMPLES, DEFAULT_NUM_SAMPLES
         while low < high:  # the largest that fits, by bisection (measurement_s grows with the samples)
             middle = (low + high + 1) // 2
-            if measurement_s(middle) <= allowance * (every or 1):
+            if times * measurement_s(middle) <= allowance:
                 low = middle
             else:
                 high = middle - 1
         num_samples = low
     if every is None:
-        every = max(1, math.ceil(measurement_s(num_samples) / allowance - 1e-9)) if allowance > 0 else 1
+        seconds = measurement_s(num_samples)
+        affordable = min(rounds, math.floor(allowance / seconds * (1 + 1e-12))) if seconds > 0 else rounds
+        # the smallest every with ceil(rounds / every) <= affordable
+        every = measured_rounds(rounds, affordable) if affordable >= 1 else rounds
     return every, num_samples
 
 
@@ -168,28 +187,48 @@ def resolve_landscape(
     held_out_samples: int,
     max_every: int,
 ) -> LandscapeSpec:
-    """``lspec`` with ``every`` and ``num_samples`` set: the given values, the rest by ``fit_schedule``.
+    """``lspec`` with ``every``, ``num_samples`` and ``member_pac_bayes`` set: the given values, the rest fitted.
 
     ``members`` train each round for ``local_epochs`` epochs over ``member_samples`` samples on average;
     the server's subset is drawn from ``held_out_samples``. ``every`` is at most ``max_every`` (the last
-    round is measured anyway). Switched off, the unset values take 1 and ``DEFAULT_NUM_SAMPLES``. A model
-    without a calibration entry (named by import path) gets the cheapest schedule for what is unset: the last
-    round only (``max_every``) on ``MIN_BUDGET_SAMPLES``.
+    round is measured anyway), the experiment's rounds. ``every`` and ``num_samples`` come from
+    ``fit_schedule``; an unset ``member_pac_bayes`` is on when the schedule with it keeps measurement
+    within the budget and measures at least half as many rounds as the schedule without it, else off. Switched off,
+    or with ``every`` and ``num_samples`` both given, the budget changes nothing: the unset values take 1,
+    ``DEFAULT_NUM_SAMPLES`` and on. A model without a calibration entry (named by import path) gets the
+    cheapest schedule for what is unset: the last round only (``max_every``) on ``MIN_BUDGET_SAMPLES``,
+    without the members' PAC-Bayes.
     """
     if not lspec.enabled or (lspec.every is not None and lspec.num_samples is not None):
-        return dataclasses.replace(lspec, every=lspec.every or 1, num_samples=lspec.num_samples or DEFAULT_NUM_SAMPLES)
+        return dataclasses.replace(lspec, every=lspec.every or 1, num_samples=lspec.num_samples or DEFAULT_NUM_SAMPLES,
+                                   member_pac_bayes=lspec.member_pac_bayes is not False)
     cost = model_costs().get(model)
     if cost is None:  # a model of the researcher's own (an import path): no calibration, so the cheapest schedule
-        return dataclasses.replace(lspec, every=lspec.every or max_every, num_samples=lspec.num_samples or MIN_BUDGET_SAMPLES)
-
-    def measurement_s(num_samples: int) -> float:
-        member = max(1, min(num_samples, math.floor(member_samples)))
-        held_out = min(num_samples, held_out_samples)
-        return members * member_measurement_s(cost, lspec, member) + server_measurement_s(
-            cost, lspec, held_out, members, member
-        )
-
+        return dataclasses.replace(lspec, every=lspec.every or max_every, num_samples=lspec.num_samples or MIN_BUDGET_SAMPLES,
+                                   member_pac_bayes=bool(lspec.member_pac_bayes))
     train_s = round_training_s(cost, members, local_epochs, member_samples)
-    every, num_samples = fit_schedule(measurement_s, train_s, lspec.budget, every=lspec.every,
-                                      num_samples=lspec.num_samples)
-    return dataclasses.replace(lspec, every=min(every, max_every), num_samples=num_samples)
+
+    def fitted(member_pac_bayes: bool) -> tuple[LandscapeSpec, bool]:
+        candidate = dataclasses.replace(lspec, member_pac_bayes=member_pac_bayes)
+
+        def measurement_s(num_samples: int) -> float:
+            member = max(1, min(num_samples, math.floor(member_samples)))
+            held_out = min(num_samples, held_out_samples)
+            return members * member_measurement_s(cost, candidate, member) + server_measurement_s(
+                cost, candidate, held_out, members, member
+            )
+
+        every, num_samples = fit_schedule(measurement_s, train_s, lspec.budget, max_every, every=lspec.every,
+                                          num_samples=lspec.num_samples)
+        every = min(every, max_every)
+        spent = measured_rounds(max_every, every) * measurement_s(num_samples)
+        fits = spent <= lspec.budget * train_s * max_every * (1 + 1e-9)
+        return dataclasses.replace(candidate, every=every, num_samples=num_samples), fits
+
+    if lspec.member_pac_bayes is not None:
+        return fitted(lspec.member_pac_bayes)[0]
+    with_members, fits = fitted(True)
+    without = fitted(False)[0]
+    assert with_members.every is not None and without.every is not None  # fitted
+    often_enough = 2 * measured_rounds(max_every, with_members.every) >= measured_rounds(max_every, without.every)
+    return with_members if fits and often_enough else without

@@ -102,6 +102,8 @@ def measure_model(
     batches: Iterable[Batch],
     lspec: LandscapeSpec,
     seed: int,
+    *,
+    pac_bayes: bool = True,
 ) -> dict[str, Any]:
     """Loss, accuracy and curvature scalars of one model on fixed data.
 
@@ -117,6 +119,7 @@ def measure_model(
         batches: the data; read once.
         lspec: ``top_k``, ``trace_probes`` and ``sharpness_rho`` are used.
         seed: seeds the Lanczos start and the trace probes.
+        pac_bayes: False leaves the PAC-Bayes flatness out of ``generalization`` (``measure_generalization``).
 
     Returns:
         ``{"loss", "accuracy", "grad_norm", "top_eigenvalues": [top_k], "top_eigenvalues_converged", "trace",
@@ -125,7 +128,7 @@ def measure_model(
         logged) when the loss or its gradient is not finite at the model.
     """
     try:
-        return _measure_model(model, loss_fn, batches, lspec, seed)
+        return _measure_model(model, loss_fn, batches, lspec, seed, pac_bayes)
     except NonFiniteLossError as error:
         log.warning("measure_model: %s; stored as None", error)
         keys = ("loss", "accuracy", "grad_norm", "trace", "trace_stderr", "sharpness")
@@ -134,7 +137,7 @@ def measure_model(
 
 
 def _measure_model(
-    model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], lspec: LandscapeSpec, seed: int
+    model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], lspec: LandscapeSpec, seed: int, pac_bayes: bool
 ) -> dict[str, Any]:
     with preserved(model):
         op = HessianOperator(model, loss_fn, batches)
@@ -155,11 +158,13 @@ def _measure_model(
         "trace": finite_or_none(trace.estimate),
         "trace_stderr": finite_or_none(trace.std_error),
         "sharpness": finite_or_none(sharp),
-        "generalization": measure_generalization(model, batches, lspec, seed),
+        "generalization": measure_generalization(model, batches, lspec, seed, pac_bayes=pac_bayes),
     }
 
 
-def measure_generalization(model: nn.Module, batches: Iterable[Batch], lspec: LandscapeSpec, seed: int) -> dict[str, Any]:
+def measure_generalization(
+    model: nn.Module, batches: Iterable[Batch], lspec: LandscapeSpec, seed: int, *, pac_bayes: bool = True
+) -> dict[str, Any]:
     """PAC-Bayes flatness (plain and magnitude-aware, on the 0-1 error) and weight norms of one model.
 
     Uses ``pac_bayes_flatness(model, zero_one_error, batches, deviation=lspec.pac_bayes_deviation,
@@ -172,10 +177,11 @@ def measure_generalization(model: nn.Module, batches: Iterable[Batch], lspec: La
         "norms": {"frobenius_sum", "spectral_sum", "log_frobenius_product", "log_spectral_product",
         "layers": [{"name", "frobenius", "spectral"}]}}``. The ``_low``/``_high`` pairs are the 95%
         interval (``PacBayes``); every PAC-Bayes number is None when ``saturated`` (the search ran into
-        an end of its range: the value would measure the range, not the model).
+        an end of its range: the value would measure the range, not the model). Without ``pac_bayes`` the
+        two PAC-Bayes entries are absent (not measured).
     """
     out: dict[str, Any] = {}
-    for key, magnitude in (("pac_bayes", False), ("pac_bayes_magnitude", True)):
+    for key, magnitude in (("pac_bayes", False), ("pac_bayes_magnitude", True)) if pac_bayes else ():
         result = pac_bayes_flatness(
             model, zero_one_error, batches, deviation=lspec.pac_bayes_deviation, samples=lspec.pac_bayes_samples,
             steps=lspec.pac_bayes_steps, magnitude_aware=magnitude, seed=seed,
@@ -242,9 +248,11 @@ def measure_client_round(
         loss_fn: mean-reduced loss; cross-entropy by default.
 
     Returns:
-        ``{"num_samples", "duration_s", "global", "local", "interpolation", "update"}``.
+        ``{"num_samples", "duration_s", "global", "local", "interpolation", "update"}``; the PAC-Bayes
+        flatness of both models only when ``lspec.member_pac_bayes`` is not False.
     """
     started = time.perf_counter()
+    pac_bayes = lspec.member_pac_bayes is not False
     data = materialize(batches)
     alphas = np.linspace(0.0, 1.0, lspec.interpolation_points)
     chunk = auto_chunk_size(global_model, data[0][0])
@@ -257,8 +265,8 @@ def measure_client_round(
         previous = cosine_or_none(update, previous_update)
     return {
         "num_samples": sum(int(y.shape[0]) for _, y in data),
-        "global": measure_model(global_model, loss_fn, data, lspec, seed),
-        "local": measure_model(local_model, loss_fn, data, lspec, seed),
+        "global": measure_model(global_model, loss_fn, data, lspec, seed, pac_bayes=pac_bayes),
+        "local": measure_model(local_model, loss_fn, data, lspec, seed, pac_bayes=pac_bayes),
         "interpolation": {
             "alphas": [float(a) for a in alphas],
             "losses": [None] * len(alphas) if path is None else [finite_or_none(v) for v in path.losses],

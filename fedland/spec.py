@@ -263,7 +263,11 @@ class LandscapeSpec:
     weight noise that defines the PAC-Bayes sigma, ``pac_bayes_samples`` the
     noise draws per trial sigma, ``pac_bayes_steps`` the bisection steps and
     ``power_iterations`` the steps of each layer's spectral norm (see
-    ``fedland.generalization``).
+    ``fedland.generalization``). ``member_pac_bayes``: whether the members
+    measure the PAC-Bayes flatness of their two models too (the server always
+    measures the global model's). It is most of a member's measurement (128
+    draws at each noise scale tried): left unset, the budget keeps it when the
+    schedule with it measures at least half as many rounds as without it.
 
     The defaults: 12 trace products, a 9 x 9 surface, and a budget of 25%.
     """
@@ -282,10 +286,14 @@ class LandscapeSpec:
     pac_bayes_samples: int = 128  # the interval on sigma within +-10% on FedNet (README "PAC-Bayes")
     pac_bayes_steps: int = 10
     power_iterations: int = 30
+    member_pac_bayes: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise SpecError("landscape.enabled", f"must be true or false, got {self.enabled!r}")
+        if self.member_pac_bayes is not None and not isinstance(self.member_pac_bayes, bool):
+            raise SpecError("landscape.member_pac_bayes",
+                            f"must be true, false or null (the budget decides), got {self.member_pac_bayes!r}")
         for name in ("every", "num_samples", "top_k", "trace_probes", "pac_bayes_samples", "pac_bayes_steps",
                      "power_iterations"):
             value = getattr(self, name)
@@ -344,10 +352,13 @@ class LandscapeSpec:
         return server_round % self.every == 0 or server_round == rounds
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a dict; ``budget`` only when not the default, so older documents read back unchanged."""
+        """The fields as a dict; ``budget`` only when not the default and ``member_pac_bayes`` only when off,
+        so older documents (members measured it) read back unchanged."""
         data = dataclasses.asdict(self)
         if self.budget == DEFAULT_BUDGET:
             del data["budget"]
+        if data["member_pac_bayes"] is not False:
+            del data["member_pac_bayes"]
         return data
 
     @classmethod

@@ -149,12 +149,20 @@ def _summary(data: ExperimentData) -> str:
             "measured (train subset; barrier: the largest height of the global → local loss path above the straight line between its endpoint losses). "
             "λ1 marked “not converged” when its eigenvalue search stopped first; trace ± its standard error; "
             "PAC-Bayes σ with its 95% interval, or “saturated” when the 0-1 error could not be shown to rise "
-            "by the deviation at any noise scale tried (no number is then meaningful).</p>"
+            f"by the deviation at any noise scale tried (no number is then meaningful).{_member_pac_bayes_note(data)}</p>"
         )
     else:
         parts.append(f"<p>Clients in round {stats_round} ({note}).</p>")
     parts.append(_table(header, rows))
     return "\n".join(parts)
+
+
+def _member_pac_bayes_note(data: ExperimentData) -> str:
+    """Why the members' PAC-Bayes column is empty, when the spec left it out."""
+    if (data.spec.get("landscape") or {}).get("member_pac_bayes") is not False:
+        return ""
+    return (" The members' PAC-Bayes σ was not measured (landscape.member_pac_bayes is false: the landscape budget "
+            "leaves it out when it would cut the measured rounds by more than half); the global model's is.")
 
 
 def _eigenvalue(measured: dict[str, Any], model: str) -> str:

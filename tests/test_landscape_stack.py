@@ -308,3 +308,26 @@ def test_a_failing_measurement_is_stored_as_an_error(
     assert result.stats["landscape"] == doc
     assert all(torch.equal(before[k], v) for k, v in global_model.state_dict().items())
     assert math.isfinite(result.stats["local"]["test_loss"])  # the round itself went on
+
+
+def test_without_the_members_pac_bayes_the_worker_leaves_it_out_and_the_server_measures_the_global_model(
+    store: Store, data_dir: Path
+) -> None:
+    lean = LandscapeSpec(every=1, num_samples=32, top_k=1, trace_probes=4, interpolation_points=3, grid_points=3,
+                         pac_bayes_samples=4, pac_bayes_steps=4, member_pac_bayes=False)
+    spec = ExperimentSpec.from_dict(small_spec(1, rounds=1, fraction=0.01, landscape=lean))
+    stored = ExperimentSpec.from_dict(spec.to_dict())  # as server and worker read it back from the store
+    assert stored.landscape.member_pac_bayes is False
+    mnist = load_dataset("MNIST", data_dir)
+    data = ClientData(
+        0, mnist.train_x.subset(range(64)), mnist.train_y[:64], mnist.test_x.subset(range(32)), mnist.test_y[:32]
+    )
+    result = run_round(ExperimentPlan(stored, mnist), data, build_model("FedNet", 0), 1, fetch_s=0.0, device=DEVICE)
+    member = result.stats["landscape"]
+    for which in ("global", "local"):
+        assert set(member[which]["generalization"]) == {"norms"}  # measured without PAC-Bayes ...
+        assert finite(member[which]["top_eigenvalues"][0]) and finite(member[which]["trace"])  # ... the rest as ever
+    updates = [ClientUpdate(_weights(1), 64)]
+    aggregated = AggregatedRound(stored, "exp", 1, _weights(0), {}, updates, [0], _weights(1), (1.0, 0.5))
+    server_doc = measure_round(store, Resources(data_dir, device=str(DEVICE)), aggregated)
+    assert set(server_doc["global"]["generalization"]) == GENERALIZATION_KEYS  # the global model's PAC-Bayes stays

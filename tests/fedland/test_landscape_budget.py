@@ -14,6 +14,7 @@ from fedland.datasets import DATASETS
 from fedland.landscape_budget import (
     DEFAULT_BUDGET,
     fit_schedule,
+    measured_rounds,
     member_measurement_s,
     model_costs,
     round_training_s,
@@ -33,7 +34,7 @@ def per_sample(seconds: float) -> Any:
 
 @pytest.mark.parametrize(
     ("measurement", "train_s", "budget", "given", "expected"),
-    [
+    [  # over 1,000 rounds (divisible by the every chosen: the last round costs nothing extra)
         (per_sample(1.0), 1000.0, 0.25, {}, (1, 250)),  # 250 samples fit every round
         (per_sample(1.0), 2000.0, 0.25, {}, (1, 256)),  # all 256 fit
         (per_sample(1.0), 400.0, 0.25, {}, (2, 128)),  # 128 samples cost 128 s > 100: every other round
@@ -48,7 +49,25 @@ def per_sample(seconds: float) -> Any:
 def test_the_rule_picks_samples_then_every(
     measurement: Any, train_s: float, budget: float, given: dict[str, int], expected: tuple[int, int]
 ) -> None:
-    assert fit_schedule(measurement, train_s, budget, **given) == expected
+    assert fit_schedule(measurement, train_s, budget, 1000, **given) == expected
+
+
+@pytest.mark.parametrize(
+    ("rounds", "train_s", "expected"),
+    [
+        (100, 40.0, (15, 128)),  # 1,000 s allow 7 measurements of 128 s: rounds 15, 30, ..., 90 and 100
+        (100, 5.12, (100, 128)),  # 128 s allowed: the last round alone
+        (100, 5.0, (100, 128)),  # not even the last round fits: measured once, the least samples
+        (7, 1000.0, (1, 250)),  # 250 s a round: 250 samples every round
+    ],
+)
+def test_the_last_round_counts_against_the_budget(rounds: int, train_s: float, expected: tuple[int, int]) -> None:
+    every, num_samples = fit_schedule(per_sample(1.0), train_s, 0.25, rounds)
+    assert (every, num_samples) == expected
+    if measured_rounds(rounds, every) * num_samples <= 0.25 * train_s * rounds and every > 1:
+        # the smallest every that fits: one less measures one round too many
+        assert measured_rounds(rounds, every - 1) * num_samples > 0.25 * train_s * rounds
+    assert [measured_rounds(r, e) for r, e in ((100, 15), (100, 100), (90, 15), (1, 1))] == [7, 1, 6, 1]
 
 
 def test_the_table_holds_every_built_in_model() -> None:
@@ -67,29 +86,68 @@ def test_the_table_holds_every_built_in_model() -> None:
     assert member_measurement_s(costs["ResNet20"], lspec, 256) > 2 * member_measurement_s(costs["CifarCNN"], lspec, 256)
 
 
-def default_experiment(model: str, **changes: Any) -> ExperimentSpec:
+def default_experiment(model: str, rounds: int = 1000, **changes: Any) -> ExperimentSpec:
     dataset = next(n for n in ("MNIST", "CIFAR10") if DATASETS[n].input_shape == MODEL_INPUT_SHAPES[model])
-    return ExperimentSpec(dataset_name=dataset, model=model, rounds=1000,
+    return ExperimentSpec(dataset_name=dataset, model=model, rounds=rounds,
                           partition=PartitionScheme(scheme="iid", members=10), **changes)
 
 
-@pytest.mark.parametrize("model", MODEL_NAMES)
-def test_the_defaults_keep_measurement_within_a_quarter_of_training(model: str) -> None:
-    spec = default_experiment(model)
+def measured_round_s(spec: ExperimentSpec) -> float:
     lspec, info = spec.landscape, DATASETS[spec.dataset_name]
     assert spec.partition is not None
-    member = spec.partition.member_samples(info)
-    cost = model_costs()[model]
-    assert lspec.every is not None and 128 <= lspec.subset_size <= 256
-    members = spec.members_per_round
+    member, members = spec.partition.member_samples(info), spec.members_per_round
     subset = min(lspec.subset_size, member)
-    measured_round_s = members * member_measurement_s(cost, lspec, subset) + server_measurement_s(
+    cost = model_costs()[spec.model]
+    return members * member_measurement_s(cost, lspec, subset) + server_measurement_s(
         cost, lspec, lspec.subset_size, members, subset
     )
-    share = measured_round_s / lspec.every / round_training_s(cost, members, spec.local_epochs, member)
-    assert share <= DEFAULT_BUDGET
+
+
+@pytest.mark.parametrize("rounds", [20, 100, 1000])
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_the_defaults_keep_measurement_within_a_quarter_of_training(model: str, rounds: int) -> None:
+    spec = default_experiment(model, rounds)
+    lspec, info = spec.landscape, DATASETS[spec.dataset_name]
+    assert spec.partition is not None and lspec.every is not None and 128 <= lspec.subset_size <= 256
+    train_s = rounds * round_training_s(model_costs()[model], spec.members_per_round, spec.local_epochs,
+                                        spec.partition.member_samples(info))
+    share = measured_rounds(rounds, lspec.every) * measured_round_s(spec) / train_s
+    if share > DEFAULT_BUDGET:  # a short run whose last round alone does not fit: measured once, at the least
+        assert (lspec.every, lspec.subset_size, lspec.member_pac_bayes) == (rounds, 128, False)
+        assert rounds == 20
+        return
     if lspec.every > 1:  # measuring one round more often would break the budget
-        assert measured_round_s / (lspec.every - 1) / round_training_s(cost, members, 1, member) > DEFAULT_BUDGET
+        assert measured_rounds(rounds, lspec.every - 1) * measured_round_s(spec) / train_s > DEFAULT_BUDGET
+    # the members' PAC-Bayes is kept only when it costs at most half the measured rounds
+    other = default_experiment(model, rounds, landscape=LandscapeSpec(member_pac_bayes=not lspec.member_pac_bayes))
+    assert other.landscape.every is not None
+    with_it, without_it = (lspec, other.landscape) if lspec.member_pac_bayes else (other.landscape, lspec)
+    assert with_it.every is not None and without_it.every is not None
+    half_as_often = 2 * measured_rounds(rounds, with_it.every) >= measured_rounds(rounds, without_it.every)
+    fits = measured_rounds(rounds, with_it.every) * measured_round_s(
+        default_experiment(model, rounds, landscape=LandscapeSpec(member_pac_bayes=True))) <= DEFAULT_BUDGET * train_s
+    assert lspec.member_pac_bayes == (half_as_often and fits)
+
+
+def test_the_members_pac_bayes_is_most_of_their_measurement_and_the_user_wins() -> None:
+    cost, lspec = model_costs()["FedCNN"], LandscapeSpec()
+    with_it = member_measurement_s(cost, lspec, 128)
+    without = member_measurement_s(cost, dataclasses.replace(lspec, member_pac_bayes=False), 128)
+    assert without < with_it / 4
+    small = default_experiment("FedNet", 20, landscape=LandscapeSpec(budget=50.0)).landscape  # a loose budget keeps it
+    large = default_experiment("ResNet18", 100).landscape  # the default does not
+    assert (small.member_pac_bayes, large.member_pac_bayes) == (True, False)
+    forced = default_experiment("ResNet18", 100, landscape=LandscapeSpec(member_pac_bayes=True)).landscape
+    assert forced.member_pac_bayes is True and forced.every == 100  # measured once, the last round
+    off = default_experiment("FedNet", 20, landscape=LandscapeSpec(member_pac_bayes=False))
+    assert off.to_dict()["landscape"]["member_pac_bayes"] is False
+    assert ExperimentSpec.from_dict(json.loads(json.dumps(off.to_dict()))) == off
+    on = default_experiment("FedNet", 20, landscape=LandscapeSpec(budget=50.0))
+    assert "member_pac_bayes" not in on.to_dict()["landscape"]  # as the documents before it: on
+    assert ExperimentSpec.from_dict(json.loads(json.dumps(on.to_dict()))) == on
+    with pytest.raises(SpecError) as caught:
+        LandscapeSpec.from_dict({"member_pac_bayes": "yes"})
+    assert caught.value.field == "landscape.member_pac_bayes"
 
 
 def test_a_larger_budget_measures_more_often_and_the_user_wins() -> None:

@@ -41,7 +41,7 @@ def test_defaults_are_the_documented_ones() -> None:
         "power_iterations": 30,
     }
     spec = ExperimentSpec.from_dict({k: v for k, v in experiment().items() if k != "landscape"})
-    assert dataclasses.replace(spec.landscape, every=None, num_samples=None) == LandscapeSpec()
+    assert dataclasses.replace(spec.landscape, every=None, num_samples=None, member_pac_bayes=None) == LandscapeSpec()
     assert spec.landscape.every == 7 and spec.landscape.num_samples == 128  # resolved: only the last round
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.landscape.every = 3  # type: ignore[misc]
@@ -49,7 +49,8 @@ def test_defaults_are_the_documented_ones() -> None:
 
 def test_partial_dict_fills_defaults_and_round_trips_through_json() -> None:
     spec = ExperimentSpec.from_dict(experiment(every=3, num_samples=64, top_k=4, grid_radius=2))
-    assert spec.landscape == LandscapeSpec(every=3, num_samples=64, top_k=4, grid_radius=2.0)
+    # both every and num_samples given: the budget changes nothing, the members measure PAC-Bayes too
+    assert spec.landscape == LandscapeSpec(every=3, num_samples=64, top_k=4, grid_radius=2.0, member_pac_bayes=True)
     assert isinstance(spec.landscape.grid_radius, float)
     data = json.loads(json.dumps(spec.to_dict()))
     assert data["landscape"] == {
@@ -133,7 +134,7 @@ def test_costly_settings_are_refused_by_their_calibrated_cost() -> None:
     assert spec_module.num_parameters("FedNet") == 784 * 64 + 64 + 64 * 32 + 32 + 32 * 10 + 10
     # FedCNN on 20,000 samples is affordable; ~20x the PAC-Bayes draws (each setting within its bound) are not
     fedcnn = model_costs()["FedCNN"]
-    heavy: dict[str, Any] = {"pac_bayes_samples": 512, "pac_bayes_steps": 64}
+    heavy: dict[str, Any] = {"pac_bayes_samples": 512, "pac_bayes_steps": 64, "member_pac_bayes": True}
     assert member_measurement_s(fedcnn, LandscapeSpec(), 20_000) < spec_module.LANDSCAPE_COST_BUDGET_S / 2
     assert member_measurement_s(fedcnn, LandscapeSpec(**heavy), 20_000) > 2 * spec_module.LANDSCAPE_COST_BUDGET_S
     ExperimentSpec.from_dict({**experiment(num_samples=20_000), "model": "FedCNN"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import cast
 
@@ -116,6 +117,16 @@ def test_client_round_document() -> None:
     # the global model did not move since the previous round: the cosine is undefined, stored as null
     same = measure_client_round(global_model, local, global_model.state_dict(), DATA, LSPEC, seed=5, loss_fn=LOSS)
     assert same["update"]["cosine_to_previous_update"] is None
+
+    # without the members' PAC-Bayes: the same document less the two PAC-Bayes entries of each model
+    assert {"pac_bayes", "pac_bayes_magnitude", "norms"} <= set(doc["local"]["generalization"])
+    lean = measure_client_round(global_model, local, previous.state_dict(), DATA,
+                                dataclasses.replace(LSPEC, member_pac_bayes=False), seed=5, loss_fn=LOSS)
+    for which in ("global", "local"):
+        full = doc[which]
+        expected_generalization = {k: v for k, v in full["generalization"].items() if not k.startswith("pac_bayes")}
+        assert lean[which] == {**full, "generalization": expected_generalization}
+        assert set(expected_generalization) == {"norms"}
 
 
 def _reference_plane(updates: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -73,8 +73,9 @@ def test_python_construction_has_readable_defaults() -> None:
     spec = ExperimentSpec(target_balance_ratios=[UNIFORM], subset_fractions=[0.5])
     assert (spec.dataset_name, spec.model, spec.strategy.name, spec.id) == ("MNIST", "FedNet", "FedAvg", None)
     # the default landscape section, with its schedule resolved from the budget
-    assert dataclasses.replace(spec.landscape, every=None, num_samples=None) == LandscapeSpec()
+    assert dataclasses.replace(spec.landscape, every=None, num_samples=None, member_pac_bayes=None) == LandscapeSpec()
     assert spec.landscape.every is not None and spec.landscape.scheduled(spec.rounds, spec.rounds)
+    assert isinstance(spec.landscape.member_pac_bayes, bool)
     assert spec.strategy.prox_mu == 0.0
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", spec.timestamp)
     assert spec.with_id("abc").id == "abc" and spec.id is None

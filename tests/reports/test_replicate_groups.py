@@ -89,3 +89,23 @@ def test_pac_bayes_shows_its_interval_or_saturated_and_unconverged_eigenvalues_a
     saturated = study()[2]
     assert pac_bayes_text(saturated.rounds[0], ("landscape", "global", "generalization", "pac_bayes")) == "saturated"
     assert replica.unconverged(None).rounds == (2,) and replica.unconverged(None).values == (20.0,)
+
+
+@pytest.mark.parametrize("member_pac_bayes", [False, True])
+def test_the_client_table_says_why_the_members_pac_bayes_is_missing(member_pac_bayes: bool) -> None:
+    from fedland.spec import LandscapeSpec
+    from reports.page import _summary
+
+    spec = ExperimentSpec(target_balance_ratios=[[0.1] * 10], subset_fractions=[0.1], rounds=1, seed=1,
+                          landscape=LandscapeSpec(member_pac_bayes=member_pac_bayes))
+    generalization: dict[str, Any] = {"norms": {}}
+    if spec.landscape.member_pac_bayes:
+        generalization["pac_bayes"] = {"saturated": False, "sigma": 0.05, "sigma_low": 0.04, "sigma_high": 0.06}
+    stats = {"round": 1, "client_index": 0, "global": {"test_accuracy": 0.5}, "local": {"test_accuracy": 0.6},
+             "landscape": {"local": {"top_eigenvalues": [3.0], "generalization": generalization}}}
+    data = ExperimentData("e", "", "finished", None, spec.to_dict(), (), ({"round": 1, "test_accuracy": 0.5},),
+                          (stats,), ())
+    page = _summary(data)
+    note = "The members' PAC-Bayes σ was not measured (landscape.member_pac_bayes is false"
+    assert (note in page) == (member_pac_bayes is False)
+    assert ("0.05 [0.04, 0.06]" in page) == member_pac_bayes
