@@ -63,7 +63,14 @@ POLL_S = 0.5
 
 # A: 3 members, 30 rounds of ~2,000 images each, long enough that a worker is
 # caught mid-round and killed, and the server restarted while A still runs;
-# B: 4 members (members are not workers: any number of workers serves them).
+# B: 4 members (members are not workers: any number of workers serves them), with
+# the model and client algorithm of the example workspace (examples/, mounted at
+# /workspace), named by import path.
+WORKSPACE = REPO / "examples"
+OWN_COMPONENTS = {
+    "model": "fedland_examples.nets:SmallCNN",
+    "client_algorithm": {"name": "fedland_examples.algorithms:ClippedSGD", "max_norm": 1.0},
+}
 EXPERIMENTS = {
     "experiments": [
         {
@@ -76,6 +83,7 @@ EXPERIMENTS = {
                 "every": 100, "num_samples": 32, "top_k": 1, "trace_probes": 4,
                 "interpolation_points": 3, "grid_points": 3,
             },
+            **(OWN_COMPONENTS if name == "B" else {}),
         }
         for name, clients, rounds, fraction, seed in (("A", 3, 30, 0.1, 1), ("B", 4, 2, 0.02, 2))
     ]
@@ -86,6 +94,9 @@ CHECK_DOCUMENTS = r"""
 import json, os, struct, sys
 import bson, gridfs, pymongo
 from stack import records
+from stack.settings import WORKSPACE_VARIABLE, use_workspace
+from pathlib import Path
+use_workspace(Path(os.environ[WORKSPACE_VARIABLE]))  # experiment B's components, as the server imports them
 client = pymongo.MongoClient(os.environ["FEDLAND_MONGO_URI"], serverSelectionTimeoutMS=10000,
                              connectTimeoutMS=10000, socketTimeoutMS=30000)
 db = client[os.environ["FEDLAND_DB"]]
@@ -104,6 +115,7 @@ for e in records.read_experiments(db):
                              "meta_round": files[0].metadata.get("round") if files else None})
     report.append({
         "id": eid, "description": e.spec.description, "status": e.status, "clients": clients, "rounds": rounds,
+        "model": e.spec.model, "client_algorithm": e.spec.client_algorithm.to_dict(),
         "round_numbers": sorted(r.round for r in round_records), "client_stats": pairs, "round_models": round_models,
         "accuracies": [r.test_accuracy for r in round_records],
         "landscapes_last_round": db[records.LANDSCAPES].count_documents({"experiment_id": eid, "round": rounds}),
@@ -292,7 +304,7 @@ class Stack:
 
     def queue(self, experiments_file: Path) -> None:
         """README: FEDLAND_TOKEN=... python main.py --server URL (from a checkout with the project)."""
-        env = {**os.environ, "FEDLAND_TOKEN": self.token}
+        env = {**os.environ, "FEDLAND_TOKEN": self.token, "FEDLAND_WORKSPACE": str(WORKSPACE)}  # B's components
         result = run(sys.executable, str(REPO / "main.py"), "--server", self.url, "--experiments",
                      str(experiments_file), env=env, timeout=120)
         log(f"queued: {result.stdout.strip() or result.stderr.strip()}")
@@ -535,6 +547,10 @@ def check_documents(stack: Stack) -> None:
                   f"{e['description']}: the GridFS model of round {model['round']}: {model}")
         check(all(0 <= accuracy <= 1 for accuracy in e["accuracies"]), f"accuracies {e['accuracies']}")
         check(e["landscapes_last_round"] > 0, f"{e['description']}: no landscape of the last round")
+        if e["description"].startswith("compose test B:"):  # run on the mounted workspace's components
+            check((e["model"], e["client_algorithm"]) == (OWN_COMPONENTS["model"], OWN_COMPONENTS["client_algorithm"]),
+                  f"{e['description']}: stored model {e['model']}, client algorithm {e['client_algorithm']}")
+            log(f"{e['description']}: {e['model']} and {e['client_algorithm']['name']} from the mounted workspace")
         log(f"{e['description']}: rounds {rounds}/{rounds} once each, client_stats {len(e['client_stats'])} "
             f"= {n} x {rounds} once each, {len(e['round_models'])} round models in GridFS "
             f"({e['round_models'][0]['bytes']} bytes), accuracy {e['accuracies'][-1]:.3f}")
