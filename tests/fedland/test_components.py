@@ -23,6 +23,7 @@ from fedland.components import (
     resolve_strategy,
 )
 from fedland.models import build_model
+from fedland.partition_scheme import PartitionScheme
 from fedland.spec import ExperimentSpec, SpecError
 from fedland.strategies import STRATEGIES, ClientUpdate, FedAvg
 
@@ -196,7 +197,7 @@ def test_a_dataset_by_import_path_loads_its_arrays(lab: str, tmp_path: Path) -> 
     dataset = resolve_dataset(f"{lab}.data:blobs")
     assert (dataset.name, dataset.num_classes, dataset.input_shape) == (f"{lab}.data:blobs", 3, (1, 4, 4))
     assert (dataset.train_class_counts, dataset.test_class_counts, dataset.augment) == ((3, 3, 3), (1, 1, 1), True)
-    assert resolve_dataset(f"{lab}.data:Blobs") == dataset.__class__(f"{lab}.data:Blobs", *dataset_facts(dataset), None)
+    assert dataset_facts(resolve_dataset(f"{lab}.data:Blobs")) == dataset_facts(dataset)  # a class: its instance
     loaded = dataset.load(tmp_path)
     assert loaded.name == f"{lab}.data:blobs" and loaded.info is dataset
     g = torch.Generator().manual_seed(0)  # the lab's own draw, repeated: float images come back as they are
@@ -252,7 +253,7 @@ def test_a_spec_checks_a_dataset_by_import_path_when_it_is_made(lab: str) -> Non
     with pytest.raises(SpecError, match=rf"^partition.classes_per_member: must be at most 3 \(the classes of {lab}.data:blobs\)"):
         ExperimentSpec(
             dataset_name=f"{lab}.data:blobs", model=f"{lab}.nets:TinyNet",
-            partition={"scheme": "shards", "members": 2, "classes_per_member": 4},
+            partition=PartitionScheme(scheme="shards", members=2, classes_per_member=4),
         )
     with pytest.raises(SpecError, match=r"^target_balance_ratios\[0\]: has 2 entries but the dataset has 3 classes"):
         ExperimentSpec(
