@@ -282,6 +282,8 @@ def test_the_example_workspace_runs_through_the_stack(
     stack.client_env["FEDLAND_WORKSPACE"] = str(EXAMPLES)
     spec = two_round_spec(
         model="fedland_examples.nets:SmallCNN",
+        dataset_name="fedland_examples.data:Bars",
+        subset_fractions=[0.2, 0.2],
         client_algorithm={"name": "fedland_examples.algorithms:ClippedSGD", "max_norm": 0.5},
     )
     [experiment_id] = stack.api.submit_experiments([spec])
@@ -295,7 +297,10 @@ def test_the_example_workspace_runs_through_the_stack(
     for stats in store.stats_of_round(experiment_id, 2):
         assert stats.landscape is not None and "error" not in stats.landscape
         assert finite(stats.landscape["local"]["top_eigenvalues"][0])
-    assert records.read_rounds(stack.db, experiment_id)[-1].landscape is not None
+    last = records.read_rounds(stack.db, experiment_id)[-1]
+    assert last.num_test == 500 and last.landscape is not None  # Bars: 10 x 50 test images
+    # Bars' 3000 train images, 2 IID members of 20% of 3000 / 2: 300 = 10 x 30 each
+    assert [m.class_counts for m in records.read_members(stack.db, experiment_id)] == [(30,) * 10] * 2
 
 
 def test_scaffold_control_variates_survive_a_server_restart(local_stack: Callable[..., LocalStack]) -> None:
