@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from fedland.algorithms import CLIENT_ALGORITHMS
-from fedland.datasets import DATASETS, Dataset, Images, load_dataset
+from fedland.datasets import DATASETS, Dataset, Images, load_dataset, verify_dataset
 from fedland.models import _MODELS as _MODEL_FACTORIES
 from fedland.models import MODEL_INPUT_SHAPES, MODEL_NAMES, build_model
 from fedland.strategies import STRATEGIES, Strategy
@@ -139,7 +139,7 @@ class DatasetComponent:
                 arrays of another shape, dtype, label range or class counts than declared.
             DatasetMissingError, DatasetIntegrityError: a built-in's files (``fedland.datasets.load_dataset``).
         """
-        if self.name in DATASETS:
+        if isinstance(self.source, _BuiltinDataset):
             arrays = self.source.load(data_dir)  # the built-ins' own errors say which file and how to fix it
         else:
             try:
@@ -155,6 +155,18 @@ class DatasetComponent:
         train_y = self._labels(arrays[1], len(train_x), self.train_class_counts, "train")
         test_y = self._labels(arrays[3], len(test_x), self.test_class_counts, "test")
         return Dataset(info=self, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+
+    def verify(self, data_dir: str | os.PathLike[str]) -> None:
+        """Make sure the dataset loads from ``data_dir``, keeping nothing loaded (a launcher's check before it starts).
+
+        A built-in: its files downloaded once when absent, verified and converted
+        (``fedland.datasets.verify_dataset``); a dataset by import path: loaded once
+        and checked (`load`). Raises the errors of `load`.
+        """
+        if isinstance(self.source, _BuiltinDataset):
+            verify_dataset(self.name, data_dir)
+        else:
+            self.load(data_dir)
 
     def _images(self, images: Any, split: str) -> Images:
         if isinstance(images, torch.Tensor) and images.dtype == torch.float32:

@@ -235,6 +235,8 @@ def test_a_dataset_whose_arrays_break_its_declaration_is_refused_at_load(lab: st
     dataset = resolve_dataset(f"{lab}.data:{attr}")  # the declaration itself is well formed
     with pytest.raises(ValueError, match=f"^dataset_name: '{lab}.data:{attr}'{message}"):
         dataset.load("/no/such/dir")
+    with pytest.raises(ValueError, match=f"^dataset_name: '{lab}.data:{attr}'{message}"):
+        dataset.verify("/no/such/dir")  # the launcher's check before it starts anything
 
 
 def test_a_spec_checks_a_dataset_by_import_path_when_it_is_made(lab: str) -> None:
