@@ -7,13 +7,14 @@ of component a spec names:
   ``(batch, num_classes)``, with an ``input_shape`` attribute ``(channels, height, width)``
   (a class attribute of a module class works). Checked by building it for 2
   classes and running a zero batch of that shape through it (global RNG untouched).
-* ``"dataset"``: an object (or a class, built without arguments) with ``num_classes`` (int >= 2), ``input_shape``, the
-  per-class sample counts ``train_class_counts`` / ``test_class_counts`` its
-  ``load`` returns, an optional bool ``augment`` (default ``False``) and
-  ``load(data_dir) -> (train_x, train_y, test_x, test_y)`` (`DatasetSource`); not
-  loaded when resolved (the spec checks partitions against the declared counts),
-  and checked against them each time `DatasetComponent.load` loads it. The
-  built-ins wrap ``fedland.datasets``.
+* ``"dataset"``: an object (or a class, built without arguments) with
+  ``num_classes`` (int >= 2), ``input_shape``, the per-class sample counts
+  ``train_class_counts`` / ``test_class_counts`` its ``load`` returns, an optional
+  bool ``augment`` (default ``False``) and ``load(data_dir) -> (train_x, train_y,
+  test_x, test_y)`` (`DatasetSource`). Resolved into a `DatasetComponent`, not
+  loaded (the spec checks partitions against the declared counts); its arrays are
+  checked against them each time `DatasetComponent.load` loads it. The built-ins
+  wrap ``fedland.datasets``.
 * ``"strategy"``: a class, built with the spec's parameters, that follows
   ``fedland.strategies.Strategy``: a bool class attribute ``averages``, methods
   ``aggregate`` and ``aggregate_mean``.
@@ -169,16 +170,19 @@ class DatasetComponent:
             self.load(data_dir)
 
     def _images(self, images: Any, split: str) -> Images:
-        if isinstance(images, torch.Tensor) and images.dtype == torch.float32:
-            pixels = images.detach().cpu().contiguous().numpy()
-            images = Images(pixels, (0.0,) * pixels.shape[1], (1.0,) * pixels.shape[1]) if pixels.ndim == 4 else None
-        if not isinstance(images, Images) or tuple(images.shape[1:]) != self.input_shape:
-            got = tuple(images.shape) if isinstance(images, (Images, torch.Tensor)) else type(images).__name__
-            raise ValueError(
-                f"dataset_name: {self.name!r}.load's {split}_x must be float32 (N, *input_shape) = "
-                f"(N, {', '.join(map(str, self.input_shape))}) images, got {got}"
-            )
-        return images
+        if isinstance(images, torch.Tensor) and images.dtype == torch.float32 and images.ndim == 4:
+            pixels = images.detach().cpu().contiguous().numpy()  # (N, C, H, W), used as they are: mean 0, std 1
+            images = Images(pixels, (0.0,) * pixels.shape[1], (1.0,) * pixels.shape[1])
+        if isinstance(images, Images) and tuple(images.shape[1:]) == self.input_shape:
+            return images
+        if isinstance(images, (Images, torch.Tensor)):
+            got = f"{images.dtype} {tuple(images.shape)}"
+        else:
+            got = type(images).__name__
+        raise ValueError(
+            f"dataset_name: {self.name!r}.load's {split}_x must be float32 (N, *input_shape) = "
+            f"(N, {', '.join(map(str, self.input_shape))}) images, got {got}"
+        )
 
     def _labels(self, labels: Any, num_images: int, declared: tuple[int, ...], split: str) -> torch.Tensor:
         name = f"dataset_name: {self.name!r}.load's {split}_y"

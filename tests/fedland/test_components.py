@@ -87,6 +87,11 @@ LAB_PACKAGE = {
         class WrongShape(Blobs):
             input_shape = (1, 5, 5)
 
+        class DoubleImages(Blobs):
+            def load(self, data_dir):
+                x, y, tx, ty = super().load(data_dir)
+                return x.double(), y, tx, ty
+
         class FloatLabels(Blobs):
             def load(self, data_dir):
                 x, y, tx, ty = super().load(data_dir)
@@ -227,7 +232,8 @@ def test_a_dataset_that_breaks_the_contract_is_refused(lab: str, attr: str, mess
 
 @pytest.mark.parametrize(("attr", "message"), [
     ("Miscounted", r"\.load's train_y has class counts \(3, 3, 3\), but train_class_counts declares \(4, 3, 2\)"),
-    ("WrongShape", r"\.load's train_x must be float32 \(N, \*input_shape\) = \(N, 1, 5, 5\) images, got \(9, 1, 4, 4\)"),
+    ("WrongShape", r"\.load's train_x must be float32 \(N, \*input_shape\) = \(N, 1, 5, 5\) images, got torch.float32 \(9, 1, 4, 4\)"),
+    ("DoubleImages", r"\.load's train_x must be float32 .* images, got torch.float64 \(9, 1, 4, 4\)"),
     ("FloatLabels", r"\.load's train_y must be a 1-d integer tensor, got torch.float32 \(9,\)"),
     ("NoFiles", r"\.load\('/no/such/dir'\) raised FileNotFoundError\('/no/such/dir/blobs.npz'\)"),
 ])
