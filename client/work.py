@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from fedland.algorithms import LocalHyperparameters, MemberData
-from fedland.datasets import load_dataset
 from fedland.device import resolve_device
 from fedland.generalization import generalization_gap
 from fedland.measure import measure_client_round, member_densities
@@ -53,7 +52,8 @@ class LocalData:
     of the members it trained (views of the shared images: at most
     `MEMBER_CACHE_BYTES` of labels and indices), and the global model each member
     last trained from. The dataset itself is cached per process by
-    ``load_dataset`` (a few entries), its images memory-mapped from the compact copy.
+    ``load_dataset`` (a few entries), its images memory-mapped from the compact copy
+    (a dataset named by import path: loaded once per plan, ``spec.dataset.load``).
     """
 
     data_dir: Path
@@ -69,7 +69,7 @@ class LocalData:
     def plan(self, experiment_id: str, spec: ExperimentSpec) -> ExperimentPlan:
         """The experiment's plan (cached: see the class docstring)."""
         if experiment_id not in self._plans:
-            self._plans[experiment_id] = ExperimentPlan(spec, load_dataset(spec.dataset_name, self.data_dir))
+            self._plans[experiment_id] = ExperimentPlan(spec, spec.dataset.load(self.data_dir))
             while len(self._plans) > self.max_plans:
                 gone, _ = self._plans.popitem(last=False)
                 self._last_global = {key: last for key, last in self._last_global.items() if key[0] != gone}

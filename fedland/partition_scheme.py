@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from fedland.datasets import DatasetInfo
+from fedland.datasets import DatasetCounts
 from fedland.partition import ClientPartition, PartitionError, class_counts_for, gini_coefficient
 
 __all__ = [
@@ -116,7 +116,7 @@ class PartitionScheme:
                 f"{_FIELD}.samples_per_member", f"must be a positive integer, got {self.samples_per_member!r}"
             )
 
-    def check_dataset(self, info: DatasetInfo) -> None:
+    def check_dataset(self, info: DatasetCounts) -> None:
         """Refuse parameters the dataset cannot serve (``PartitionError`` naming the field and the rule)."""
         if self.classes_per_member is not None and self.classes_per_member > info.num_classes:
             raise PartitionError(
@@ -131,7 +131,7 @@ class PartitionScheme:
                 f"can be drawn without replacement), got {self.samples_per_member}",
             )
 
-    def member_samples(self, info: DatasetInfo) -> int:
+    def member_samples(self, info: DatasetCounts) -> int:
         """The training samples of a member (the mean size, for quantity_skew): the given or the default value."""
         if self.samples_per_member is not None:
             return self.samples_per_member
@@ -178,7 +178,7 @@ class ClassPools:
         )
 
 
-def member_class_weights(scheme: PartitionScheme, info: DatasetInfo, client_index: int) -> np.ndarray:
+def member_class_weights(scheme: PartitionScheme, info: DatasetCounts, client_index: int) -> np.ndarray:
     """Member ``client_index``'s class weights (its target class mix, summing to 1) under the scheme."""
     _check_index(scheme, client_index)
     num_classes = info.num_classes
@@ -198,7 +198,7 @@ def member_class_weights(scheme: PartitionScheme, info: DatasetInfo, client_inde
 
 
 def scheme_member(
-    scheme: PartitionScheme, info: DatasetInfo, pools: ClassPools, client_index: int, test_split: str
+    scheme: PartitionScheme, info: DatasetCounts, pools: ClassPools, client_index: int, test_split: str
 ) -> ClientPartition:
     """Member ``client_index``'s partition under the scheme (see the module docstring for the rule).
 
@@ -240,7 +240,7 @@ def scheme_member(
     )
 
 
-def _member_size(scheme: PartitionScheme, info: DatasetInfo, client_index: int) -> int:
+def _member_size(scheme: PartitionScheme, info: DatasetCounts, client_index: int) -> int:
     mean = scheme.member_samples(info)
     if scheme.scheme != "quantity_skew":
         return mean

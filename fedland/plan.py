@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fedland.components import resolve_model
-from fedland.datasets import DATASETS, Dataset, Images
+from fedland.datasets import Dataset, Images
 from fedland.measure import landscape_subset
 from fedland.partition import ClientPartition, partition
 from fedland.partition_scheme import ClassPools, scheme_member
@@ -60,7 +60,7 @@ class ClientData:
 
 
 class ExperimentPlan:
-    """What the client and the server agree on for one experiment (spec + dataset)."""
+    """What the client and the server agree on for one experiment (spec + dataset: ``spec.dataset.load(data_dir)``)."""
 
     def __init__(self, spec: ExperimentSpec, dataset: Dataset) -> None:
         if dataset.name != spec.dataset_name:
@@ -97,9 +97,7 @@ class ExperimentPlan:
             if cached is not None:
                 self._derived.move_to_end(client_index)
                 return cached
-        derived = scheme_member(
-            spec.partition, DATASETS[spec.dataset_name], self._pools, client_index, spec.member_test_split
-        )
+        derived = scheme_member(spec.partition, self.dataset.info, self._pools, client_index, spec.member_test_split)
         with self._derived_lock:
             self._derived[client_index] = derived
             while len(self._derived) > DERIVED_CACHE:

@@ -15,6 +15,9 @@ runs out). Randomness comes from ``numpy.random.default_rng(seed)`` only.
 These generators list every member (explicit ratio lists, disjoint members);
 for large federations name the scheme in the spec instead
 (``fedland.partition_scheme``).
+
+``dataset`` is a spec's ``dataset_name``: a built-in or an import path
+(``fedland.components.resolve_dataset``; its declared class counts, nothing loaded).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from fedland.datasets import DatasetInfo, dataset_info
+from fedland.components import DatasetComponent, resolve_dataset
 from fedland.partition import PartitionError, plan_counts
 
 __all__ = ["centralized", "dirichlet", "iid", "quantity_skew", "shards"]
@@ -40,7 +43,7 @@ def iid(num_clients: int, dataset: str = "MNIST", fraction: float | None = None)
     used: MNIST's rarest class (5, 9.0%) caps uniform clients at fraction
     ~0.90, natural ones reach ~0.99 (rounding leaves a few samples over).
     """
-    info = dataset_info(dataset)
+    info = resolve_dataset(dataset)
     _check_num_clients(num_clients)
     natural = _rounded_row(np.asarray(info.train_class_counts, dtype=np.float64))
     return _with_fractions(info, [natural] * num_clients, [1.0] * num_clients, fraction)
@@ -54,7 +57,7 @@ def dirichlet(
     Small ``alpha`` (0.1) gives clients dominated by one or two classes, large
     ``alpha`` (100) nearly uniform ones.
     """
-    info = dataset_info(dataset)
+    info = resolve_dataset(dataset)
     _check_num_clients(num_clients)
     if not alpha > 0:
         raise ValueError(f"alpha: must be > 0, got {alpha!r}")
@@ -73,7 +76,7 @@ def shards(
     possible equally often (each client takes the least-used classes, ties
     broken at random).
     """
-    info = dataset_info(dataset)
+    info = resolve_dataset(dataset)
     _check_num_clients(num_clients)
     if not 1 <= classes_per_client <= info.num_classes:
         raise ValueError(f"classes_per_client: must be in [1, {info.num_classes}], got {classes_per_client!r}")
@@ -103,7 +106,7 @@ def quantity_skew(
     otherwise leave a client with a handful of training samples and no test
     sample (at 100 clients and alpha 0.5 the floor comes out near 0.02).
     """
-    info = dataset_info(dataset)
+    info = resolve_dataset(dataset)
     _check_num_clients(num_clients)
     if not alpha > 0:
         raise ValueError(f"alpha: must be > 0, got {alpha!r}")
@@ -131,7 +134,7 @@ def quantity_skew(
 
 def centralized(dataset: str = "MNIST") -> Scheme:
     """One client holding the whole dataset: exact class frequencies, fraction 1.0."""
-    info = dataset_info(dataset)
+    info = resolve_dataset(dataset)
     counts = np.asarray(info.train_class_counts, dtype=np.float64)
     # More decimals than DECIMALS so largest remainder gives back exactly each class count.
     ratios = [_rounded_row(counts, decimals=12)]
@@ -153,7 +156,7 @@ def _rounded_row(weights: np.ndarray, decimals: int = DECIMALS) -> list[float]:
 
 
 def _with_fractions(
-    info: DatasetInfo, ratios: list[list[float]], relative: Sequence[float], fraction: float | None
+    info: DatasetComponent, ratios: list[list[float]], relative: Sequence[float], fraction: float | None
 ) -> Scheme:
     """Scale ``relative`` sizes by ``fraction``, or by the largest feasible common factor."""
     if fraction is not None:
@@ -187,7 +190,7 @@ def _scaled(relative: Sequence[float], scale: float) -> list[float]:
     return [max(round(r * scale, 4), 1e-4) for r in relative]
 
 
-def _feasible(info: DatasetInfo, ratios: list[list[float]], fractions: list[float], require_test: bool = True) -> bool:
+def _feasible(info: DatasetComponent, ratios: list[list[float]], fractions: list[float], require_test: bool = True) -> bool:
     try:
         plan_counts(info.train_class_counts, info.test_class_counts, ratios, fractions, require_test=require_test)
     except PartitionError:
@@ -209,7 +212,7 @@ def _smallest_step(feasible: Callable[[int], bool], high: int) -> int | None:
     return high
 
 
-def _largest_scale(info: DatasetInfo, ratios: list[list[float]], relative: Sequence[float]) -> float:
+def _largest_scale(info: DatasetComponent, ratios: list[list[float]], relative: Sequence[float]) -> float:
     """Bisect on a 1e-4 grid for the largest common scale at which no class runs out (0.0 if none).
 
     Only the classes' supply bounds it from above (more samples never make a

@@ -32,8 +32,7 @@ from typing import Any
 
 from fedland.algorithm_spec import ClientAlgorithmSpec, check_pairing
 from fedland.algorithms import cyclical_learning_rate
-from fedland.components import is_import_path, resolve_model, resolve_strategy
-from fedland.datasets import DATASETS
+from fedland.components import DatasetComponent, is_import_path, resolve_dataset, resolve_model, resolve_strategy
 from fedland.landscape_budget import DEFAULT_BUDGET, ModelCost, member_measurement_s, model_costs, resolve_landscape
 from fedland.models import MODEL_INPUT_SHAPES
 from fedland.partition import PartitionError, client_sizes, plan_counts
@@ -460,7 +459,12 @@ class ExperimentSpec:
     @property
     def num_classes(self) -> int:
         """Classes of the dataset: the width of the model's output."""
-        return DATASETS[self.dataset_name].num_classes
+        return self.dataset.num_classes
+
+    @property
+    def dataset(self) -> DatasetComponent:
+        """The dataset ``dataset_name`` names (a built-in or an import path): its facts and ``load(data_dir)``."""
+        return _dataset(self.dataset_name)
 
     @property
     def members_per_round(self) -> int:
@@ -650,10 +654,8 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
         datetime.fromisoformat(spec.timestamp)
     except ValueError:
         raise SpecError("timestamp", f"must be an ISO 8601 string, got {spec.timestamp!r}") from None
-    if not isinstance(spec.dataset_name, str) or spec.dataset_name not in DATASETS:
-        raise SpecError("dataset_name", f"unknown dataset {spec.dataset_name!r}; valid: {', '.join(DATASETS)}")
+    dataset: DatasetComponent = _resolved(lambda name, _: _dataset(name), spec.dataset_name, "dataset_name")
     model_shape = _resolved(resolve_model, spec.model, "model").input_shape
-    dataset = DATASETS[spec.dataset_name]
     if model_shape != dataset.input_shape:
         fitting = [name for name, shape in MODEL_INPUT_SHAPES.items() if shape == dataset.input_shape]
         raise SpecError(
@@ -705,8 +707,8 @@ def _validate_and_normalise(spec: ExperimentSpec) -> None:
 
 
 def _validate_partition(spec: ExperimentSpec, put: Any) -> None:
-    """Either a partition scheme (checked against the dataset) or explicit ratio and fraction lists."""
-    info = DATASETS[spec.dataset_name]
+    """Either a partition scheme (checked against the dataset's class counts) or explicit ratio and fraction lists."""
+    info = spec.dataset
     if spec.partition is not None:
         if isinstance(spec.partition, Mapping):  # the JSON form, as from_dict reads it
             try:
@@ -813,7 +815,7 @@ def _check_strategy_fits(strategy: StrategySpec, num_updates: int, fewest: int |
 
 def _resolved_landscape(spec: ExperimentSpec) -> LandscapeSpec:
     """The landscape section with ``every`` and ``num_samples`` fitted to its budget on this federation."""
-    info = DATASETS[spec.dataset_name]
+    info = spec.dataset
     if spec.partition is not None:
         member_samples: float = spec.partition.member_samples(info)
     else:
@@ -852,6 +854,12 @@ def _check_landscape_cost(lspec: LandscapeSpec, model: str) -> None:
 def num_parameters(model: str) -> int:
     """Number of parameters of the named model, a built-in or an import path (built once per process)."""
     return sum(p.numel() for p in resolve_model(model).build(0, 10).parameters())
+
+
+@functools.lru_cache(maxsize=64)
+def _dataset(name: str) -> DatasetComponent:
+    """``resolve_dataset(name)``, once per process (``num_classes`` and the checks ask it often)."""
+    return resolve_dataset(name)
 
 
 def _resolved(resolver: Callable[[str, str], Any], name: Any, field_name: str) -> Any:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedland.datasets import verify_dataset
+from fedland.components import resolve_dataset
 from fedland.replicates import expand_replicates
 from fedland.spec import ExperimentSpec, SpecError
 from launch.processes import Child, child_env, start_clients, start_server, stop_all, wait_healthy
@@ -260,7 +260,7 @@ def run_local(
     """
     for name in sorted({spec.dataset_name for spec in specs}):
         try:
-            verify_dataset(name, data_dir)  # download once here, not in every client; nothing stays loaded
+            resolve_dataset(name).verify(data_dir)  # download once here, not in every client; nothing stays loaded
         except (OSError, ValueError) as error:  # missing (and not downloadable) or corrupted files
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -42,7 +42,6 @@ from typing import Any
 import pandas as pd
 from pymongo.database import Database
 
-from fedland.datasets import DATASETS
 from fedland.partition_scheme import member_class_weights
 from fedland.replicates import replicate_group
 from fedland.spec import ExperimentSpec
@@ -193,7 +192,7 @@ def _member_target(spec: ExperimentSpec, client_index: int) -> tuple[Sequence[fl
     if not 0 <= client_index < spec.num_clients:
         return (), math.nan
     if spec.partition is not None:
-        weights = member_class_weights(spec.partition, DATASETS[spec.dataset_name], client_index)
+        weights = member_class_weights(spec.partition, spec.dataset, client_index)
         return [float(w) for w in weights], math.nan
     return spec.target_balance_ratios[client_index], spec.subset_fractions[client_index]
 

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from fedland.components import resolve_model
-from fedland.datasets import load_dataset
 from fedland.plan import ExperimentPlan
 from fedland.spec import ExperimentSpec
 from fedland.strategies import NamedArrays
@@ -41,9 +40,9 @@ class Resources:
         self._lock = threading.Lock()  # the plans
         self._references_lock = threading.Lock()
 
-    def load(self, dataset_name: str) -> None:
-        """Load (and verify) a dataset now, so that a later request does not."""
-        load_dataset(dataset_name, self.data_dir)  # cached per process by fedland
+    def load(self, spec: ExperimentSpec) -> None:
+        """Load (and verify) the experiment's dataset now, so that a later request does not wait for it."""
+        spec.dataset.load(self.data_dir)  # a built-in's files: cached per process by fedland
 
     def plan(self, spec: ExperimentSpec) -> ExperimentPlan:
         """The experiment's plan, built on first use and kept for the next rounds."""
@@ -54,7 +53,7 @@ class Resources:
                 self._plans.move_to_end(key)
                 return plan
         # built outside the lock (a dataset load, a partition): other experiments' requests go on meanwhile
-        built = ExperimentPlan(spec, load_dataset(spec.dataset_name, self.data_dir))
+        built = ExperimentPlan(spec, spec.dataset.load(self.data_dir))
         with self._lock:
             plan = self._plans.setdefault(key, built)  # a concurrent build of the same plan: keep the first
             self._plans.move_to_end(key)

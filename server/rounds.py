@@ -820,7 +820,7 @@ class Rounds:
         """
         aggregated = 0
         for experiment in self.store.active_experiments():
-            self.resources.load(experiment.spec.dataset_name)  # load now, not in a request
+            self.resources.load(experiment.spec)  # load now, not in a request
             server_round = experiment.current_round
             if experiment.status == "running" and self.store.get_round(experiment.id, server_round) is not None:
                 with self.lock:

@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ)
         log.info(
             "%s ready in %s: %d train, %d test examples",
             name,
-            data_dir / dataset.info.directory,
+            data_dir / DATASETS[name].directory,
             len(dataset.train_y),
             len(dataset.test_y),
         )

@@ -1,8 +1,8 @@
 """Client algorithms and components by import path through the running stack.
 
 Real `python -m server` and `python -m client` processes on the nx-27017 store
-(tests/helpers.py `LocalStack`), FedNet or a workspace model on an MNIST subset,
-2 members, 2 rounds, a cheap landscape in the last round.
+(tests/helpers.py `LocalStack`), FedNet or a workspace model on an MNIST subset
+(or a workspace dataset), 2 members, 2 rounds, a cheap landscape in the last round.
 """
 
 from __future__ import annotations
@@ -78,6 +78,31 @@ WORKSPACE = {
             def train(self, model, data, *, seed, hyper, state, round_state):
                 raise RuntimeError("the lab's step diverged on purpose")
     """,
+    "data.py": """
+        import torch
+
+        class Quadrants:
+            '''Four classes of 28x28 images: one bright quadrant (the class) in seeded noise.'''
+
+            num_classes = 4
+            input_shape = (1, 28, 28)
+            train_class_counts = (60, 60, 60, 60)
+            test_class_counts = (20, 20, 20, 20)
+
+            def load(self, data_dir):
+                generator = torch.Generator().manual_seed(5)
+                train_x, train_y = self.split(60, generator)
+                test_x, test_y = self.split(20, generator)
+                return train_x, train_y, test_x, test_y
+
+            def split(self, per_class, generator):
+                labels = torch.arange(4 * per_class) % 4
+                images = 0.5 * torch.randn(len(labels), 1, 28, 28, generator=generator)
+                for label in range(4):
+                    row, col = divmod(label, 2)
+                    images[labels == label, :, 14 * row : 14 * row + 14, 14 * col : 14 * col + 14] += 1.0
+                return images, labels
+    """,
     "aggregation.py": """
         from dataclasses import dataclass
         from fedland.strategies import FedAvg
@@ -91,7 +116,7 @@ WORKSPACE = {
 
 @pytest.fixture
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, str]]:
-    """A workspace folder holding a package (model, client algorithm, strategy); on this process's path too."""
+    """A workspace folder holding a package (model, dataset, client algorithm, strategy); on this process's path too."""
     folder = tmp_path / "workspace"
     name = "lab_" + "".join(c if c.isalnum() else "_" for c in tmp_path.name)
     (folder / name).mkdir(parents=True)
@@ -123,6 +148,9 @@ def test_components_by_import_path_run_through_the_stack(
     stack.client_env["FEDLAND_WORKSPACE"] = str(folder)
     spec = two_round_spec(
         model=f"{lab}.nets:TinyCNN",
+        dataset_name=f"{lab}.data:Quadrants",
+        target_balance_ratios=[[0.25] * 4] * 2,
+        subset_fractions=[1.0, 1.0],
         strategy={"name": f"{lab}.aggregation:PlainMean"},
         client_algorithm={"name": f"{lab}.algos:CountingSGD", "start": 10},
     )
@@ -130,6 +158,10 @@ def test_components_by_import_path_run_through_the_stack(
     stack.add_clients(2)
     stack.wait_done(experiment_id, timeout_s=180)
     assert_complete(stack, experiment_id, num_clients=2, rounds=2)
+    # the workspace's 4 x 60 train, 4 x 20 test images: half the train split per member, IID: 240 / 2 = 120 =
+    # 4 x 30, and its test share in proportion (80 / 2 = 40 = 4 x 10)
+    members = records.read_members(stack.db, experiment_id)
+    assert [(m.class_counts, m.test_class_counts) for m in members] == [((30,) * 4, (10,) * 4)] * 2
     store = Store.from_database(stack.db)
     for stats in records.read_client_stats(stack.db, experiment_id):
         # the state went to the server after round 1 and came back for round 2
@@ -143,7 +175,9 @@ def test_components_by_import_path_run_through_the_stack(
     assert model_id is not None
     weights = wire.decode(store.load_model(model_id))
     assert set(weights) == {"conv.weight", "conv.bias", "fc.weight", "fc.bias"}  # the workspace's model
-    assert records.read_rounds(stack.db, experiment_id)[-1].landscape is not None
+    assert weights["fc.weight"].shape == (4, 4 * 7 * 7)  # ... built for the workspace dataset's 4 classes
+    last = records.read_rounds(stack.db, experiment_id)[-1]
+    assert last.num_test == 80 and last.landscape is not None  # evaluated on the workspace dataset's test split
 
 
 ALGORITHMS: dict[str, dict[str, Any]] = {
@@ -248,6 +282,8 @@ def test_the_example_workspace_runs_through_the_stack(
     stack.client_env["FEDLAND_WORKSPACE"] = str(EXAMPLES)
     spec = two_round_spec(
         model="fedland_examples.nets:SmallCNN",
+        dataset_name="fedland_examples.data:Bars",
+        subset_fractions=[0.2, 0.2],
         client_algorithm={"name": "fedland_examples.algorithms:ClippedSGD", "max_norm": 0.5},
     )
     [experiment_id] = stack.api.submit_experiments([spec])
@@ -261,7 +297,10 @@ def test_the_example_workspace_runs_through_the_stack(
     for stats in store.stats_of_round(experiment_id, 2):
         assert stats.landscape is not None and "error" not in stats.landscape
         assert finite(stats.landscape["local"]["top_eigenvalues"][0])
-    assert records.read_rounds(stack.db, experiment_id)[-1].landscape is not None
+    last = records.read_rounds(stack.db, experiment_id)[-1]
+    assert last.num_test == 500 and last.landscape is not None  # Bars: 10 x 50 test images
+    # Bars' 3000 train images, 2 IID members of 20% of 3000 / 2: 300 = 10 x 30 each
+    assert [m.class_counts for m in records.read_members(stack.db, experiment_id)] == [(30,) * 10] * 2
 
 
 def test_scaffold_control_variates_survive_a_server_restart(local_stack: Callable[..., LocalStack]) -> None:

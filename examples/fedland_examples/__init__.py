@@ -1,1 +1,1 @@
-"""Example components for a fedland workspace: a model, a client algorithm (see examples/README.md)."""
+"""Example components for a fedland workspace: a model, a dataset, a client algorithm (see examples/README.md)."""

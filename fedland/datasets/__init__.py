@@ -30,6 +30,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ __all__ = [
     "DatasetIntegrityError",
     "DatasetMissingError",
     "DataFile",
+    "DatasetCounts",
     "Images",
     "dataset_info",
     "install_dataset",
@@ -69,6 +71,23 @@ DATA_DIR_VARIABLE = "FEDLAND_DATA_DIR"
 INSTALL_COMMAND = "python -m stack.fetch_data --from DIR --dataset {name}"
 #: Layouts ``load_dataset`` can read: four IDX files, or one CIFAR binary archive.
 LAYOUTS = ("idx", "cifar10-binary", "cifar100-binary")
+
+
+class DatasetCounts(Protocol):
+    """What partitions need of a dataset: its name, classes and per-class sample counts (``DatasetInfo``,
+    ``fedland.components.DatasetComponent``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def train_class_counts(self) -> tuple[int, ...]: ...
+
+    @property
+    def test_class_counts(self) -> tuple[int, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -208,16 +227,16 @@ CIFAR_MEMBERS: dict[str, tuple[tuple[str, ...], tuple[str, ...], int]] = {
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A loaded dataset: uint8 images normalised per batch, int64 labels.
+    """A loaded dataset: images normalised per batch, int64 labels.
 
-    ``train_x``/``test_x`` are ``Images`` over the shared memory-mapped copy:
+    ``train_x``/``test_x`` are ``Images`` (a built-in's: over the shared memory-mapped copy):
     index them (``x[batch_indices]``, ``x[a:b]``) to get float32 tensors, or
     ``subset`` them for a view. The labels are small tensors shared by every
     caller in the process (``load_dataset`` caches the dataset): treat them as
     read-only.
     """
 
-    info: DatasetInfo
+    info: DatasetCounts  # a built-in's DatasetInfo (load_dataset), or the spec's DatasetComponent
     train_x: Images  # (N, C, H, W), float32 normalised when indexed
     train_y: torch.Tensor  # (N,) int64
     test_x: Images  # (N_test, C, H, W), float32 normalised when indexed

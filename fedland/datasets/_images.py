@@ -1,4 +1,4 @@
-"""``Images``: read-only uint8 images that become normalised float32 only when indexed (one batch at a time)."""
+"""``Images``: read-only images (uint8 or float32) that become normalised float32 only when indexed (one batch at a time)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import torch
 
 
 class Images:
-    """Images ``(N, C, H, W)`` kept as uint8 (usually a shared memory map), normalised per access.
+    """Images ``(N, C, H, W)`` kept as uint8 (usually a shared memory map) or float32, normalised per access.
 
     Indexing (an int, a slice, an index array or tensor) returns a float32
-    tensor of the chosen images, ``(pixel / 255 - mean_c) / std_c``: the same
-    values, bit for bit, as normalising the whole split up front. ``subset``
+    tensor of the chosen images, ``(pixel / 255 - mean_c) / std_c`` (float32
+    pixels: ``(pixel - mean_c) / std_c``, without the 255): the same values,
+    bit for bit, as normalising the whole split up front. ``subset``
     returns a view (an index array into the same pixels), never a copy of them.
     """
 
@@ -27,8 +28,8 @@ class Images:
         std: Sequence[float],
         indices: np.ndarray | None = None,
     ) -> None:
-        if pixels.dtype != np.uint8 or pixels.ndim != 4:
-            raise ValueError(f"pixels: must be uint8 (N, C, H, W), got {pixels.dtype} {pixels.shape}")
+        if pixels.dtype not in (np.uint8, np.float32) or pixels.ndim != 4:
+            raise ValueError(f"pixels: must be uint8 or float32 (N, C, H, W), got {pixels.dtype} {pixels.shape}")
         if not len(mean) == len(std) == pixels.shape[1]:
             raise ValueError(f"mean/std: need one entry per channel ({pixels.shape[1]}), got {len(mean)}/{len(std)}")
         self._pixels = pixels
@@ -50,7 +51,7 @@ class Images:
 
     @property
     def pixels(self) -> np.ndarray:
-        """The uint8 images this view chooses from, ``(N_all, C, H, W)``; read-only."""
+        """The images (uint8 or float32) this view chooses from, ``(N_all, C, H, W)``; read-only."""
         return self._pixels
 
     @property
@@ -74,7 +75,9 @@ class Images:
         return self._normalised(torch.from_numpy(chosen))
 
     def _normalised(self, pixels: torch.Tensor) -> torch.Tensor:
-        values = pixels.to(torch.float32).div_(255.0)
+        values = pixels.to(torch.float32)
+        if pixels.dtype == torch.uint8:
+            values = values.div_(255.0)
         if len(self._mean) == 1:  # scalar arithmetic, as the single-channel datasets always were
             return values.sub_(self._mean[0]).div_(self._std[0])
         shape = (len(self._mean), 1, 1)
@@ -83,7 +86,7 @@ class Images:
         return values.sub_(mean).div_(std)
 
     def __repr__(self) -> str:
-        return f"Images(shape={tuple(self.shape)}, uint8 -> float32 per batch)"
+        return f"Images(shape={tuple(self.shape)}, {self._pixels.dtype} -> float32 per batch)"
 
 
 def _as_numpy_index(index: Any) -> Any:

@@ -13,6 +13,7 @@ import torch
 
 from fedland.algorithms import CLIENT_ALGORITHMS, LocalHyperparameters, MemberData, Scaffold
 from fedland.components import (
+    DatasetComponent,
     ModelComponent,
     is_import_path,
     resolve,
@@ -22,6 +23,8 @@ from fedland.components import (
     resolve_strategy,
 )
 from fedland.models import build_model
+from fedland.partition_scheme import PartitionScheme
+from fedland.spec import ExperimentSpec, SpecError
 from fedland.strategies import STRATEGIES, ClientUpdate, FedAvg
 
 torch.set_num_threads(1)
@@ -59,6 +62,9 @@ LAB_PACKAGE = {
         class Blobs:
             num_classes = 3
             input_shape = (1, 4, 4)
+            train_class_counts = (3, 3, 3)
+            test_class_counts = (1, 1, 1)
+            augment = True
 
             def load(self, data_dir):
                 g = torch.Generator().manual_seed(0)
@@ -68,6 +74,36 @@ LAB_PACKAGE = {
 
         blobs = Blobs()
         one_class = type("OneClass", (), {"num_classes": 1, "input_shape": (1, 4, 4), "load": lambda self, d: None})()
+
+        class Uncounted(Blobs):
+            train_class_counts = None
+
+        class ShortCounts(Blobs):
+            test_class_counts = (1, 1)
+
+        class Miscounted(Blobs):
+            train_class_counts = (4, 3, 2)
+
+        class WrongShape(Blobs):
+            input_shape = (1, 5, 5)
+
+        class DoubleImages(Blobs):
+            def load(self, data_dir):
+                x, y, tx, ty = super().load(data_dir)
+                return x.double(), y, tx, ty
+
+        class FloatLabels(Blobs):
+            def load(self, data_dir):
+                x, y, tx, ty = super().load(data_dir)
+                return x, y.float(), tx, ty
+
+        class NoFiles(Blobs):
+            def load(self, data_dir):
+                raise FileNotFoundError(f"{data_dir}/blobs.npz")
+
+        class NeedsArguments(Blobs):
+            def __init__(self, size):
+                self.size = size
     """,
     "algos.py": """
         from fedland.algorithms import LocalResult, local_sgd
@@ -163,14 +199,80 @@ def test_import_failures_name_the_field_and_the_path(lab: str) -> None:
 
 
 def test_a_dataset_by_import_path_loads_its_arrays(lab: str, tmp_path: Path) -> None:
-    source = resolve_dataset(f"{lab}.data:blobs")
-    assert source.num_classes == 3 and source.input_shape == (1, 4, 4)
-    train_x, train_y, test_x, test_y = source.load(tmp_path)
-    assert train_x.shape == (9, 1, 4, 4) and test_y.tolist() == [0, 1, 2]
-    with pytest.raises(ValueError, match="^dataset_name: .*needs num_classes, an integer >= 2; got 1"):
-        resolve_dataset(f"{lab}.data:one_class")
-    with pytest.raises(ValueError, match="^dataset_name: .*needs num_classes"):
-        resolve_dataset(f"{lab}.data:Blobs.load")
+    dataset = resolve_dataset(f"{lab}.data:blobs")
+    assert (dataset.name, dataset.num_classes, dataset.input_shape) == (f"{lab}.data:blobs", 3, (1, 4, 4))
+    assert (dataset.train_class_counts, dataset.test_class_counts, dataset.augment) == ((3, 3, 3), (1, 1, 1), True)
+    assert dataset_facts(resolve_dataset(f"{lab}.data:Blobs")) == dataset_facts(dataset)  # a class: its instance
+    loaded = dataset.load(tmp_path)
+    assert loaded.name == f"{lab}.data:blobs" and loaded.info is dataset
+    g = torch.Generator().manual_seed(0)  # the lab's own draw, repeated: float images come back as they are
+    expected = torch.randn(12, 1, 4, 4, generator=g) + (torch.arange(12) % 3).view(-1, 1, 1, 1)
+    assert torch.equal(loaded.train_x[np.arange(9)], expected[:9]) and torch.equal(loaded.test_x[0:3], expected[9:])
+    assert loaded.train_y.dtype == torch.int64 and loaded.test_y.tolist() == [0, 1, 2]
+    assert torch.equal(loaded.train_x.subset(np.array([4, 1]))[np.arange(2)], expected[[4, 1]])
+
+
+def dataset_facts(dataset: DatasetComponent) -> tuple[object, ...]:
+    return (
+        dataset.num_classes, dataset.input_shape, dataset.train_class_counts, dataset.test_class_counts, dataset.augment
+    )
+
+
+@pytest.mark.parametrize(("attr", "message"), [
+    ("one_class", "needs num_classes, an integer >= 2; got 1"),
+    ("Blobs.load", "needs num_classes"),
+    ("Uncounted", r"needs train_class_counts, 3 non-negative ints \(one per class, .*got None"),
+    ("ShortCounts", r"needs test_class_counts, 3 non-negative ints .*got \(1, 1\)"),
+    ("NeedsArguments", "is a class; building it without arguments raised TypeError"),
+])
+def test_a_dataset_that_breaks_the_contract_is_refused(lab: str, attr: str, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^dataset_name: '{lab}.data:{attr}' .*{message}"):
+        resolve_dataset(f"{lab}.data:{attr}")
+
+
+@pytest.mark.parametrize(("attr", "message"), [
+    ("Miscounted", r"\.load's train_y has class counts \(3, 3, 3\), but train_class_counts declares \(4, 3, 2\)"),
+    ("WrongShape", r"\.load's train_x must be float32 \(N, \*input_shape\) = \(N, 1, 5, 5\) images, got torch.float32 \(9, 1, 4, 4\)"),
+    ("DoubleImages", r"\.load's train_x must be float32 .* images, got torch.float64 \(9, 1, 4, 4\)"),
+    ("FloatLabels", r"\.load's train_y must be a 1-d integer tensor, got torch.float32 \(9,\)"),
+    ("NoFiles", r"\.load\('/no/such/dir'\) raised FileNotFoundError\('/no/such/dir/blobs.npz'\)"),
+])
+def test_a_dataset_whose_arrays_break_its_declaration_is_refused_at_load(lab: str, attr: str, message: str) -> None:
+    dataset = resolve_dataset(f"{lab}.data:{attr}")  # the declaration itself is well formed
+    with pytest.raises(ValueError, match=f"^dataset_name: '{lab}.data:{attr}'{message}"):
+        dataset.load("/no/such/dir")
+    with pytest.raises(ValueError, match=f"^dataset_name: '{lab}.data:{attr}'{message}"):
+        dataset.verify("/no/such/dir")  # the launcher's check before it starts anything
+
+
+def test_a_spec_checks_a_dataset_by_import_path_when_it_is_made(lab: str) -> None:
+    spec = ExperimentSpec(
+        dataset_name=f"{lab}.data:blobs", model=f"{lab}.nets:TinyNet",
+        target_balance_ratios=[[1 / 3] * 3], subset_fractions=[1.0],
+    )
+    assert (spec.num_classes, spec.augment, spec.dataset.num_train) == (3, True, 9)  # augment: the dataset's default
+    with pytest.raises(SpecError, match=rf"^dataset_name: cannot import module '{lab}.absent' of '{lab}.absent:Data'"):
+        ExperimentSpec(dataset_name=f"{lab}.absent:Data", target_balance_ratios=[[1.0] * 10], subset_fractions=[0.1])
+    with pytest.raises(SpecError, match=rf"^dataset_name: '{lab}.data:Uncounted' needs train_class_counts"):
+        ExperimentSpec(dataset_name=f"{lab}.data:Uncounted", target_balance_ratios=[[1 / 3] * 3], subset_fractions=[1.0])
+    with pytest.raises(SpecError, match=rf"^model: FedNet takes inputs of shape \(1, 28, 28\) but '?{lab}.data:blobs"):
+        ExperimentSpec(dataset_name=f"{lab}.data:blobs", target_balance_ratios=[[1 / 3] * 3], subset_fractions=[1.0])
+    # partition feasibility against the declared counts, at submission
+    with pytest.raises(SpecError, match=rf"^partition.classes_per_member: must be at most 3 \(the classes of {lab}.data:blobs\)"):
+        ExperimentSpec(
+            dataset_name=f"{lab}.data:blobs", model=f"{lab}.nets:TinyNet",
+            partition=PartitionScheme(scheme="shards", members=2, classes_per_member=4),
+        )
+    with pytest.raises(SpecError, match=r"^target_balance_ratios\[0\]: has 2 entries but the dataset has 3 classes"):
+        ExperimentSpec(
+            dataset_name=f"{lab}.data:blobs", model=f"{lab}.nets:TinyNet",
+            target_balance_ratios=[[0.5, 0.5]], subset_fractions=[1.0],
+        )
+    with pytest.raises(SpecError, match=r"client 0 needs 9 samples of class 0 but only 3 exist in the train split"):
+        ExperimentSpec(
+            dataset_name=f"{lab}.data:blobs", model=f"{lab}.nets:TinyNet",
+            target_balance_ratios=[[1.0, 0.0, 0.0]], subset_fractions=[1.0],
+        )
 
 
 def test_a_strategy_by_import_path_meets_the_strategy_protocol(lab: str) -> None:

@@ -124,7 +124,7 @@ BAD_INPUTS = [
     ({"batch_size": 2**63 - 1}, "batch_size", "at most 65536"),
     ({"learning_rate": 1e308}, "learning_rate", "at most 100"),
     ({"description": "x" * 10_001}, "description", "the limit is 10000"),
-    ({"dataset_name": {"$gt": ""}}, "dataset_name", "unknown dataset"),
+    ({"dataset_name": {"$gt": ""}}, "dataset_name", "must be a name or an import path"),
     ({"model": ["FedNet"]}, "model", "must be a name or an import path"),
     ({"timestamp": "yesterday"}, "timestamp", "ISO 8601"),
     ({"landscape": [1, 2]}, "landscape", "must be an object"),

@@ -111,3 +111,36 @@ def test_bad_data_files_stop_the_run_before_anything_starts(
     assert launcher_main([spec("one")], ["--no-reports"]) == 2
     assert "train-images-idx3-ubyte" in capsys.readouterr().err
     assert not (tmp_path / "store").exists()  # no store, server or client was started
+
+
+MISCOUNTED = '''
+import torch
+
+
+class Miscounted:
+    """Declares 5 train images of class 1, loads 4."""
+
+    num_classes = 2
+    input_shape = (1, 28, 28)
+    train_class_counts = (4, 5)
+    test_class_counts = (2, 2)
+
+    def load(self, data_dir):
+        return torch.zeros(8, 1, 28, 28), torch.arange(8) % 2, torch.zeros(4, 1, 28, 28), torch.arange(4) % 2
+'''
+
+
+def test_a_dataset_that_loads_other_counts_than_declared_stops_the_run_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    package = "lab_" + "".join(c if c.isalnum() else "_" for c in tmp_path.name)
+    (tmp_path / f"{package}.py").write_text(MISCOUNTED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FEDLAND_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("FEDLAND_STORE_DIR", str(tmp_path / "store"))
+    made = ExperimentSpec(  # declared counts are feasible: the spec accepts it
+        dataset_name=f"{package}:Miscounted", target_balance_ratios=[[0.5, 0.5]], subset_fractions=[0.5]
+    )
+    assert launcher_main([made], ["--no-reports"]) == 2
+    assert "train_y has class counts (4, 4), but train_class_counts declares (4, 5)" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()  # no store, server or client was started
