@@ -49,10 +49,10 @@ def test_the_study_runs_and_its_report_puts_the_three_side_by_side(
     local_stack: Callable[..., LocalStack], tmp_path: Path
 ) -> None:
     specs = []
-    for spec in load_specs(FILE):  # as written, but 2 rounds: the landscape is measured in the last one
-        data = spec.to_dict()
-        data["rounds"] = 2
-        specs.append(ExperimentSpec.from_dict(data))
+    for written in load_specs(FILE):  # as written, but 2 rounds: the landscape is measured in the last one
+        shortened = written.to_dict()
+        shortened["rounds"] = 2
+        specs.append(ExperimentSpec.from_dict(shortened))
     stack = local_stack()
     ids = list(stack.api.submit_experiments([spec.to_dict() for spec in specs]))
     stack.add_clients(2)
