@@ -64,11 +64,12 @@ POLL_S = 0.5
 # A: 3 members, 30 rounds of ~2,000 images each, long enough that a worker is
 # caught mid-round and killed, and the server restarted while A still runs;
 # B: 4 members (members are not workers: any number of workers serves them), with
-# the model and client algorithm of the example workspace (examples/, mounted at
-# /workspace), named by import path.
+# the model, dataset and client algorithm of the example workspace (examples/,
+# mounted at /workspace), named by import path.
 WORKSPACE = REPO / "examples"
 OWN_COMPONENTS = {
     "model": "fedland_examples.nets:SmallCNN",
+    "dataset_name": "fedland_examples.data:Bars",
     "client_algorithm": {"name": "fedland_examples.algorithms:ClippedSGD", "max_norm": 1.0},
 }
 EXPERIMENTS = {
@@ -85,7 +86,7 @@ EXPERIMENTS = {
             },
             **(OWN_COMPONENTS if name == "B" else {}),
         }
-        for name, clients, rounds, fraction, seed in (("A", 3, 30, 0.1, 1), ("B", 4, 2, 0.02, 2))
+        for name, clients, rounds, fraction, seed in (("A", 3, 30, 0.1, 1), ("B", 4, 2, 0.5, 2))
     ]
 }
 
@@ -115,7 +116,7 @@ for e in records.read_experiments(db):
                              "meta_round": files[0].metadata.get("round") if files else None})
     report.append({
         "id": eid, "description": e.spec.description, "status": e.status, "clients": clients, "rounds": rounds,
-        "model": e.spec.model, "client_algorithm": e.spec.client_algorithm.to_dict(),
+        "model": e.spec.model, "dataset_name": e.spec.dataset_name, "client_algorithm": e.spec.client_algorithm.to_dict(),
         "round_numbers": sorted(r.round for r in round_records), "client_stats": pairs, "round_models": round_models,
         "accuracies": [r.test_accuracy for r in round_records],
         "landscapes_last_round": db[records.LANDSCAPES].count_documents({"experiment_id": eid, "round": rounds}),
@@ -548,9 +549,10 @@ def check_documents(stack: Stack) -> None:
         check(all(0 <= accuracy <= 1 for accuracy in e["accuracies"]), f"accuracies {e['accuracies']}")
         check(e["landscapes_last_round"] > 0, f"{e['description']}: no landscape of the last round")
         if e["description"].startswith("compose test B:"):  # run on the mounted workspace's components
-            check((e["model"], e["client_algorithm"]) == (OWN_COMPONENTS["model"], OWN_COMPONENTS["client_algorithm"]),
-                  f"{e['description']}: stored model {e['model']}, client algorithm {e['client_algorithm']}")
-            log(f"{e['description']}: {e['model']} and {e['client_algorithm']['name']} from the mounted workspace")
+            stored = {key: e[key] for key in OWN_COMPONENTS}
+            check(stored == OWN_COMPONENTS, f"{e['description']}: stored components {stored}")
+            log(f"{e['description']}: {e['model']}, {e['dataset_name']} and {e['client_algorithm']['name']} "
+                "from the mounted workspace")
         log(f"{e['description']}: rounds {rounds}/{rounds} once each, client_stats {len(e['client_stats'])} "
             f"= {n} x {rounds} once each, {len(e['round_models'])} round models in GridFS "
             f"({e['round_models'][0]['bytes']} bytes), accuracy {e['accuracies'][-1]:.3f}")
